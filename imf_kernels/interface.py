@@ -1,0 +1,49 @@
+"""The launcher interface every backend implements, one module per op family.
+
+A backend is a package `imf_kernels/<backend>/` with modules `group_norm`, `attention` and `loss`, each
+exposing the functions below with exactly these signatures. The public ops in `imf_kernels.api` wrap them in
+autograd Functions that are the same for every backend, so a new backend is new launcher files plus one
+registry line in `imf_kernels.dispatch`.
+
+Besides the launchers, each family module exposes
+    not_supported_reasons(op, args) -> list[str]
+where `op` is the public op name (`group_norm_act`, `group_norm_act_jvp`, `attention`, `attention_jvp`,
+`imf_loss`, `meanflow_loss`) and `args` the public op's arguments by name (tensors and options); an empty list
+means the launcher takes the call, otherwise each string says in words why not (xformers-style), e.g.
+"attention: Lk=5000 > 4096 supported by triton". And each backend package's `__init__.py` exposes
+    unavailable_reason() -> str | None        # None when the backend can run here, else why not
+    not_supported_reasons(op, args) -> list[str]   # delegates to the family module
+
+Conventions shared by every launcher:
+- inputs arrive validated by `imf_kernels.api` (rank, dtype, device, contiguity, shapes); launchers still
+  assert the rules only their hardware enforces (e.g. Triton: tl.dot dims >= 16, power-of-2 blocks);
+- outputs have the dtype of `x` / `q` / `u`; saved statistics (mean, rstd, lse) and per-sample losses are
+  float32; accumulation is float32 for every input dtype;
+- optional arguments are `None` when absent, and the matching gradient is returned as `None`.
+
+group_norm (DESIGN 4.3), x: (B, C, H, W), G = num_groups divides C, weight/bias: (C,), scale/shift: (B, C):
+    y = act(h), h = (GN(x) * weight + bias) * (1 + scale) + shift, act in {"silu", "none"}
+
+    gn_act_fwd(x, num_groups, weight, bias, scale, shift, eps, act) -> (y, mean, rstd)
+        mean, rstd: (B, G) float32
+    gn_act_jvp_fwd(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act)
+        -> (y, dy, mean, rstd)          # dscale/dshift may be None (zero tangent)
+    gn_act_bwd(grad_y, x, num_groups, weight, bias, scale, shift, mean, rstd, act)
+        -> (grad_x, grad_weight, grad_bias, grad_scale, grad_shift)   # None where the input is None
+
+attention (DESIGN 4.3), q: (B, H, Lq, D), k, v: (B, H, Lk, D); s = scale * q k^T, p = softmax(s), o = p v:
+    attention_fwd(q, k, v, scale) -> (o, lse)                 # lse: (B, H, Lq) float32, log-sum-exp of s
+    attention_jvp_fwd(q, k, v, dq, dk, dv, scale) -> (o, do, lse)   # dk/dv may be None (zero tangent)
+    attention_bwd(grad_o, q, k, v, o, lse, scale) -> (grad_q, grad_k, grad_v)
+
+loss (DESIGN 2.2 / 2.3), u, du, v, v_target: (B, ...) same shape; t, r: (B,) float32;
+per-sample sums over all non-batch dims; weights w = 1 / (L + c)^p are constants (stop-gradient):
+    imf_loss_fwd(u, du, v, v_target, t, r, c, p) -> (loss_u, loss_v, w_u, w_v)   # each (B,) float32
+        V = u + (t - r) du;  loss_u = sum((V - v_target)^2);  loss_v = sum((v - v_target)^2)
+        total loss = mean_b(w_u * loss_u + w_v * loss_v)
+    imf_loss_bwd(grad_total, u, du, v, v_target, t, r, w_u, w_v) -> (grad_u, grad_v)
+        grad_total: 0-d float32 tensor (gradient of the mean); grad_u = grad_total * 2 w_u (V - v_target) / B
+    meanflow_loss_fwd(u, du, v_target, t, r, c, p) -> (loss, w)                      # each (B,) float32
+        u_tgt = v_target - clip(t - r, 0, 1) du;  loss = sum((u - u_tgt)^2);  total = mean_b(w * loss)
+    meanflow_loss_bwd(grad_total, u, du, v_target, t, r, w) -> grad_u
+"""
