@@ -1,0 +1,513 @@
+"""Triton attention: o = softmax(c q k^T) v, its tangent (DESIGN 4.3) and the FlashAttention-2 backward.
+
+Per query row, s_j = c q.k_j, p = softmax(s): o = sum_j p_j v_j, lse = log sum_j exp(s_j), and with
+ds_j = c (dq.k_j + q.dk_j): do = sum_j p_j ds_j v_j - (sum_j p_j ds_j) o + sum_j p_j dv_j.
+Memory floor (B, H, L, D): forward reads q, k, v and writes o, lse; forward-with-tangent also reads dq, dk, dv
+and writes do; backward reads q, k, v, o, dO, lse and writes dq, dk, dv. Everything else stays on chip.
+
+Exponentials are exp2 with log2(e) folded into the scale; lse is stored in natural-log units.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128)
+MAX_LK = 4096
+# Contexts up to this many tokens (after padding to a power of two >= 16) are one tile: no KV loop.
+SHORT_CONTEXT_MAX = 64
+MIN_DOT = 16
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tile(
+    q,
+    dq,
+    k_ptrs,
+    v_ptrs,
+    dk_ptrs,
+    dv_ptrs,
+    kv_mask,
+    col_valid,
+    m_i,
+    l_i,
+    acc,
+    dacc,
+    rs,
+    qk_scale2,
+    scale,
+    TANGENT: tl.constexpr,
+    HAS_DK: tl.constexpr,
+    HAS_DV: tl.constexpr,
+):
+    """One KV tile of the online softmax: rescale every accumulator by exp2(m_old - m_new), then
+    acc += e V, dacc += (e * dS) V + e dV, rs += rowsum(e * dS), with e = exp2(s2 - m_new)."""
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    s2 = tl.dot(q, tl.trans(k)) * qk_scale2
+    s2 = tl.where(col_valid[None, :], s2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    alpha = tl.exp2(m_i - m_new)
+    e = tl.exp2(s2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(e, 1)
+    acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v)
+    if TANGENT:
+        ds = tl.dot(dq, tl.trans(k))
+        if HAS_DK:
+            dk = tl.load(dk_ptrs, mask=kv_mask, other=0.0)
+            ds += tl.dot(q, tl.trans(dk))
+        e_ds = e * (ds * scale)
+        rs = rs * alpha + tl.sum(e_ds, 1)
+        dacc = dacc * alpha[:, None] + tl.dot(e_ds.to(v.dtype), v)
+        if HAS_DV:
+            dv = tl.load(dv_ptrs, mask=kv_mask, other=0.0)
+            dacc += tl.dot(e.to(dv.dtype), dv)
+    return m_new, l_i, acc, dacc, rs
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    DQ,
+    DK,
+    DV,
+    O,
+    DO,
+    LSE,
+    Lq,
+    Lk,
+    qk_scale2,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    TANGENT: tl.constexpr,
+    HAS_DK: tl.constexpr,
+    HAS_DV: tl.constexpr,
+):
+    """Grid (cdiv(Lq, BLOCK_M), B * H). o, lse and, if TANGENT, do for BLOCK_M query rows.
+    SINGLE_TILE: the whole context is one BLOCK_N tile (Lk <= BLOCK_N), no KV loop."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_mask = rows < Lq
+    q_off = bh * Lq * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]
+    kv_base = bh * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + cols[None, :]
+
+    q = tl.load(Q + q_off, mask=row_mask[:, None], other=0.0)
+    dq = q
+    if TANGENT:
+        dq = tl.load(DQ + q_off, mask=row_mask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    rs = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dacc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    if SINGLE_TILE:
+        col_valid = offs_n < Lk
+        m_i, l_i, acc, dacc, rs = _fwd_tile(
+            q, dq, K + kv_base, V + kv_base, DK + kv_base, DV + kv_base, col_valid[:, None], col_valid,
+            m_i, l_i, acc, dacc, rs, qk_scale2, scale, TANGENT, HAS_DK, HAS_DV,
+        )  # fmt: skip
+    else:
+        for start_n in range(0, Lk, BLOCK_N):
+            col_valid = start_n + offs_n < Lk
+            kv_off = kv_base + start_n * HEAD_DIM
+            m_i, l_i, acc, dacc, rs = _fwd_tile(
+                q, dq, K + kv_off, V + kv_off, DK + kv_off, DV + kv_off, col_valid[:, None], col_valid,
+                m_i, l_i, acc, dacc, rs, qk_scale2, scale, TANGENT, HAS_DK, HAS_DV,
+            )  # fmt: skip
+
+    inv_l = 1.0 / l_i
+    o = acc * inv_l[:, None]
+    tl.store(O + q_off, o.to(O.dtype.element_ty), mask=row_mask[:, None])
+    # lse in natural-log units: log(l * 2^m) = (m + log2 l) * ln 2.
+    tl.store(LSE + bh * Lq + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=row_mask)
+    if TANGENT:
+        do = (dacc - rs[:, None] * o) * inv_l[:, None]
+        tl.store(DO + q_off, do.to(DO.dtype.element_ty), mask=row_mask[:, None])
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, GRAD_O, DELTA, Lq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O), float32: the softmax backward's row correction."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    row_mask = rows < Lq
+    off = bh * Lq * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]
+    o = tl.load(O + off, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    grad_o = tl.load(GRAD_O + off, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * Lq + rows, tl.sum(o * grad_o, 1), mask=row_mask)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    GRAD_O,
+    LSE,
+    DELTA,
+    GRAD_K,
+    GRAD_V,
+    Lq,
+    Lk,
+    qk_scale2,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(Lk, BLOCK_N), B * H): one KV block loops over every query block, in transposed form
+    (rows = keys): p^T = exp2(c2 k q^T - lse2), dV = p^T dO, dp^T = V dO^T, dK = c (p^T * (dp^T - delta)) Q."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, HEAD_DIM)
+    offs_m = tl.arange(0, BLOCK_M)
+    key_mask = keys < Lk
+    kv_off = bh * Lk * HEAD_DIM + keys[:, None] * HEAD_DIM + cols[None, :]
+    k = tl.load(K + kv_off, mask=key_mask[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=key_mask[:, None], other=0.0)
+    grad_k = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    grad_v = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    for start_m in range(0, Lq, BLOCK_M):
+        rows = start_m + offs_m
+        row_mask = rows < Lq
+        q_off = bh * Lq * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]
+        q = tl.load(Q + q_off, mask=row_mask[:, None], other=0.0)
+        grad_o = tl.load(GRAD_O + q_off, mask=row_mask[:, None], other=0.0)
+        # Padded query rows get lse = +inf, hence p = 0.
+        lse2 = tl.load(LSE + bh * Lq + rows, mask=row_mask, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + bh * Lq + rows, mask=row_mask, other=0.0)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale2 - lse2[None, :])
+        grad_v += tl.dot(p_t.to(grad_o.dtype), grad_o)
+        dp_t = tl.dot(v, tl.trans(grad_o))
+        ds_t = p_t * (dp_t - delta[None, :])
+        grad_k += tl.dot(ds_t.to(q.dtype), q)
+
+    tl.store(GRAD_K + kv_off, (grad_k * scale).to(GRAD_K.dtype.element_ty), mask=key_mask[:, None])
+    tl.store(GRAD_V + kv_off, grad_v.to(GRAD_V.dtype.element_ty), mask=key_mask[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    GRAD_O,
+    LSE,
+    DELTA,
+    GRAD_Q,
+    Lq,
+    Lk,
+    qk_scale2,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(Lq, BLOCK_M), B * H): p = exp2(c2 q k^T - lse2), dp = dO V^T, dQ = c (p * (dp - delta)) K."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_mask = rows < Lq
+    q_off = bh * Lq * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]
+    q = tl.load(Q + q_off, mask=row_mask[:, None], other=0.0)
+    grad_o = tl.load(GRAD_O + q_off, mask=row_mask[:, None], other=0.0)
+    lse2 = tl.load(LSE + bh * Lq + rows, mask=row_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * Lq + rows, mask=row_mask, other=0.0)
+    grad_q = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    for start_n in range(0, Lk, BLOCK_N):
+        keys = start_n + offs_n
+        key_mask = keys < Lk
+        kv_off = bh * Lk * HEAD_DIM + keys[:, None] * HEAD_DIM + cols[None, :]
+        k = tl.load(K + kv_off, mask=key_mask[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=key_mask[:, None], other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale2 - lse2[:, None])
+        p = tl.where(key_mask[None, :], p, 0.0)
+        dp = tl.dot(grad_o, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        grad_q += tl.dot(ds.to(k.dtype), k)
+
+    tl.store(GRAD_Q + q_off, (grad_q * scale).to(GRAD_Q.dtype.element_ty), mask=row_mask[:, None])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Block configurations
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes and launch options of one kernel launch. block_m tiles queries, block_n keys."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    single_tile: bool = False
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(MIN_DOT, triton.next_power_of_2(n))
+
+
+def is_short_context(Lk: int) -> bool:
+    """Cross-attention contexts (20-24 tokens) fit one tile of <= 64 keys."""
+    return _pow2_at_least_16(Lk) <= SHORT_CONTEXT_MAX
+
+
+def pick_config(
+    kind: str, Lq: int, Lk: int, D: int, dtype: torch.dtype, *, kv_loop: bool | None = None
+) -> BlockConfig:
+    """Deterministic tiles for `kind` in {"fwd", "jvp", "bwd_dkdv", "bwd_dq"}.
+
+    `kv_loop=None` picks the single-tile path for short contexts; True/False forces it (tests use True to
+    run the online-softmax loop at small Lk). The tangent pass holds three (BLOCK_M, D) float32
+    accumulators, so it takes half the query rows at D = 128; the backward holds two per tile.
+    """
+    if kind not in ("fwd", "jvp", "bwd_dkdv", "bwd_dq"):
+        raise ValueError(f"attention (triton): unknown kernel kind {kind!r}")
+    single = is_short_context(Lk) if kv_loop is None else not kv_loop
+    block_m_cap = 32 if (kind in ("jvp", "bwd_dq", "bwd_dkdv") and D == 128) else 64
+    block_m = min(block_m_cap, _pow2_at_least_16(Lq))
+    num_warps = 8 if D == 128 else 4
+    if single:
+        block_n = _pow2_at_least_16(Lk)
+        if block_n > SHORT_CONTEXT_MAX:
+            raise ValueError(f"attention (triton): Lk={Lk} is too long for the single-tile path")
+        # The single-tile forward has no loop to pipeline; the backward kernels still loop once or more.
+        return BlockConfig(
+            block_m, block_n, num_warps, 1 if kind in ("fwd", "jvp") else 2, kind in ("fwd", "jvp")
+        )
+    block_n = min(64 if D <= 64 else 32, _pow2_at_least_16(Lk))
+    return BlockConfig(block_m, block_n, num_warps, 2)
+
+
+def check_config(cfg: BlockConfig, D: int, Lk: int) -> None:
+    """The GPU's rules that the interpreter does not enforce: every tl.dot dimension >= 16, power-of-2 blocks."""
+    for name, value in (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n), ("head dim D", D)):
+        if value < MIN_DOT:
+            raise ValueError(
+                f"attention (triton): {name}={value} < {MIN_DOT}: every tl.dot dimension must be >= 16 on a GPU"
+            )
+        if value & (value - 1):
+            raise ValueError(f"attention (triton): {name}={value} is not a power of two")
+    if cfg.single_tile and Lk > cfg.block_n:
+        raise ValueError(f"attention (triton): single-tile path needs Lk={Lk} <= BLOCK_N={cfg.block_n}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launchers (imf_kernels.interface)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _launch_fwd(q, k, v, dq, dk, dv, scale: float, cfg: BlockConfig):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    check_config(cfg, D, Lk)
+    tangent = dq is not None
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    do = torch.empty_like(q) if tangent else o
+    grid = (triton.cdiv(Lq, cfg.block_m), B * H)
+    # Absent tangents are never read (constexpr flags); any tensor of the right dtype fills their slot.
+    _attn_fwd_kernel[grid](
+        q, k, v, dq if tangent else q, dk if dk is not None else k, dv if dv is not None else v,
+        o, do, lse, Lq, Lk, scale * LOG2E, scale,
+        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
+        TANGENT=tangent, HAS_DK=dk is not None, HAS_DV=dv is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return o, (do if tangent else None), lse
+
+
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """o = softmax(scale q k^T) v and lse (B, H, Lq) float32."""
+    cfg = pick_config("fwd", q.shape[2], k.shape[2], q.shape[3], q.dtype)
+    o, _, lse = _launch_fwd(q, k, v, None, None, None, scale, cfg)
+    return o, lse
+
+
+def attention_jvp_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor | None,
+    dv: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, do, lse) in one pass; dk/dv None mean zero tangents."""
+    cfg = pick_config("jvp", q.shape[2], k.shape[2], q.shape[3], q.dtype)
+    return _launch_fwd(q, k, v, dq, dk, dv, scale, cfg)
+
+
+def _launch_bwd(grad_o, q, k, v, o, lse, scale: float, cfg_dkdv: BlockConfig, cfg_dq: BlockConfig):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    check_config(cfg_dkdv, D, Lk)
+    check_config(cfg_dq, D, Lk)
+    grad_o = grad_o.contiguous()
+    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _attn_bwd_delta_kernel[(triton.cdiv(Lq, cfg_dq.block_m), B * H)](
+        o, grad_o, delta, Lq, HEAD_DIM=D, BLOCK_M=cfg_dq.block_m, num_warps=cfg_dq.num_warps, num_stages=1
+    )
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg_dkdv.block_n), B * H)](
+        q, k, v, grad_o, lse, delta, grad_k, grad_v, Lq, Lk, scale * LOG2E, scale,
+        HEAD_DIM=D, BLOCK_M=cfg_dkdv.block_m, BLOCK_N=cfg_dkdv.block_n,
+        num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages,
+    )  # fmt: skip
+    _attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg_dq.block_m), B * H)](
+        q, k, v, grad_o, lse, delta, grad_q, Lq, Lk, scale * LOG2E, scale,
+        HEAD_DIM=D, BLOCK_M=cfg_dq.block_m, BLOCK_N=cfg_dq.block_n,
+        num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages,
+    )  # fmt: skip
+    return grad_q, grad_k, grad_v
+
+
+def attention_bwd(
+    grad_o: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_q, grad_k, grad_v) of the primal from the saved lse, FlashAttention-2 style, no atomics."""
+    Lq, Lk, D = q.shape[2], k.shape[2], q.shape[3]
+    cfg_dkdv = pick_config("bwd_dkdv", Lq, Lk, D, q.dtype)
+    cfg_dq = pick_config("bwd_dq", Lq, Lk, D, q.dtype)
+    return _launch_bwd(grad_o, q, k, v, o, lse, scale, cfg_dkdv, cfg_dq)
+
+
+def not_supported_reasons(op: str, args: dict) -> list[str]:
+    """Why the Triton launchers cannot take this call, in words; empty when they can."""
+    if op not in ("attention", "attention_jvp"):
+        return [f"{op}: not an attention op"]
+    q, k = args["q"], args["k"]
+    reasons = []
+    interpreted = _interpreted()
+    dtypes = (torch.float32, torch.float16) if interpreted else (torch.float32, torch.float16, torch.bfloat16)
+    if q.dtype not in dtypes:
+        where = "the Triton interpreter" if interpreted else "triton"
+        reasons.append(
+            f"{op}: dtype {q.dtype} not supported by {where} (accepts {', '.join(map(str, dtypes))})"
+        )
+    if q.device.type != "cuda" and not interpreted:
+        reasons.append(f"{op}: device {q.device} needs CUDA (or TRITON_INTERPRET=1 for CPU tensors)")
+    if q.shape[-1] not in HEAD_DIMS:
+        reasons.append(f"{op}: head dim D={q.shape[-1]} not in {HEAD_DIMS} supported by triton")
+    if k.shape[2] > MAX_LK:
+        reasons.append(f"{op}: Lk={k.shape[2]} > {MAX_LK} supported by triton")
+    return reasons
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (static GPU evidence without a GPU)
+# --------------------------------------------------------------------------------------------------------
+
+# (Lq, Lk, D) of the attention layers of the `latent-b` and `cifar` presets: cross-attention reads the 20 or
+# 24 context tokens; self-attention runs at the lowest resolutions.
+AOT_SHAPES = (
+    *[(lq, lk, 64) for lq in (1024, 256, 64) for lk in (20, 24)],
+    *[(lq, lq, 64) for lq in (256, 64)],
+    *[(lq, lk, d) for d in (32, 64) for lq in (1024, 256, 64) for lk in (20, 24)],
+    *[(lq, lq, d) for d in (32, 64) for lq in (256, 64)],
+)
+
+_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def aot_specs(
+    shapes=AOT_SHAPES, dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+) -> list[dict]:
+    """Every (kernel, signature, constexprs, num_warps, num_stages) the launchers pick for these (Lq, Lk, D)
+    shapes and dtypes, deduplicated. Each spec compiles for sm_90 with
+    `triton.compile(ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"]),
+    target=GPUTarget("cuda", 90, 32), options={"num_warps": ..., "num_stages": ...})`."""
+    specs: dict[tuple, dict] = {}
+
+    def add(name, fn, signature, constexprs, cfg):
+        key = (name, tuple(signature.items()), tuple(constexprs.items()), cfg.num_warps, cfg.num_stages)
+        specs[key] = {
+            "name": name,
+            "fn": fn,
+            "signature": {**signature, **{arg: "constexpr" for arg in constexprs}},
+            "constexprs": constexprs,
+            "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages,
+        }
+
+    for Lq, Lk, D in shapes:
+        for dtype in dtypes:
+            ptr = "*" + _TRITON_TYPE[dtype]
+            scalars = {"Lq": "i32", "Lk": "i32", "qk_scale2": "fp32", "scale": "fp32"}
+            fwd_sig = {a: ptr for a in ("Q", "K", "V", "DQ", "DK", "DV", "O", "DO")}
+            fwd_sig.update(LSE="*fp32", **scalars)
+            for kind, flags in (("fwd", [(False, False, False)]), ("jvp", _JVP_FLAGS)):
+                cfg = pick_config(kind, Lq, Lk, D, dtype)
+                check_config(cfg, D, Lk)
+                for tangent, has_dk, has_dv in flags:
+                    constexprs = dict(
+                        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
+                        TANGENT=tangent, HAS_DK=has_dk, HAS_DV=has_dv,
+                    )  # fmt: skip
+                    add(f"attn_{kind}", _attn_fwd_kernel, fwd_sig, constexprs, cfg)
+            cfg_dkdv = pick_config("bwd_dkdv", Lq, Lk, D, dtype)
+            cfg_dq = pick_config("bwd_dq", Lq, Lk, D, dtype)
+            check_config(cfg_dkdv, D, Lk)
+            check_config(cfg_dq, D, Lk)
+            add(
+                "attn_bwd_delta",
+                _attn_bwd_delta_kernel,
+                {"O": ptr, "GRAD_O": ptr, "DELTA": "*fp32", "Lq": "i32"},
+                dict(HEAD_DIM=D, BLOCK_M=cfg_dq.block_m),
+                BlockConfig(cfg_dq.block_m, cfg_dq.block_n, cfg_dq.num_warps, 1),
+            )
+            bwd_sig = {a: ptr for a in ("Q", "K", "V", "GRAD_O")}
+            bwd_sig.update(LSE="*fp32", DELTA="*fp32")
+            dkdv_sig = {**bwd_sig, "GRAD_K": ptr, "GRAD_V": ptr, **scalars}
+            dq_sig = {**bwd_sig, "GRAD_Q": ptr, **scalars}
+            for name, fn, sig, cfg in (
+                ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, dkdv_sig, cfg_dkdv),
+                ("attn_bwd_dq", _attn_bwd_dq_kernel, dq_sig, cfg_dq),
+            ):
+                add(name, fn, sig, dict(HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg)
+    return list(specs.values())
+
+
+# (TANGENT, HAS_DK, HAS_DV) combinations the tangent launcher can pick.
+_JVP_FLAGS = [(True, has_dk, has_dv) for has_dk in (True, False) for has_dv in (True, False)]
