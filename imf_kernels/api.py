@@ -1,0 +1,537 @@
+"""The public ops (DESIGN 4.1) and the autograd contract shared by every backend (DESIGN 4.2).
+
+Each op checks its arguments, asks `imf_kernels.dispatch` for a backend, and runs that backend's launchers
+(`imf_kernels.interface`) inside one of the autograd Functions below. The Functions take the backend's
+family module as their first argument, so the contract is written once:
+- primal outputs are differentiable in every primal input and parameter; tangents, statistics (mean, rstd,
+  lse) and per-sample losses are outputs marked non-differentiable (MeanFlow's stop-gradient);
+- `group_norm_act` and `attention` are ctx-free Functions (`forward`, `setup_context`, `jvp`), so they also
+  work inside `torch.func.jvp` and `torch.autograd.forward_ad`;
+- the fused `*_jvp` ops save what the primal backward needs (x or q, k, v and mean/rstd or o/lse), nothing
+  for the tangent.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from imf_kernels import dispatch
+
+ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ACTIVATIONS = ("silu", "none")
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+
+
+def _fail(op: str, message: str) -> None:
+    raise ValueError(f"{op}: {message}")
+
+
+def _check_tensor(op: str, name: str, value: Any, ndim: int | None, layout: str) -> Tensor:
+    """A contiguous floating tensor of `ndim` dims (`layout` names them, e.g. "(B, C, H, W)")."""
+    if not isinstance(value, Tensor):
+        _fail(op, f"{name} must be a tensor {layout}, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        _fail(op, f"{name} must be {ndim}-D {layout}, got shape {tuple(value.shape)}")
+    if value.dtype not in ACCEPTED_DTYPES:
+        accepted = ", ".join(str(dtype).removeprefix("torch.") for dtype in ACCEPTED_DTYPES)
+        _fail(op, f"{name} must have dtype {accepted}, got {str(value.dtype).removeprefix('torch.')}")
+    if value.numel() == 0:
+        _fail(op, f"{name} must not be empty, got shape {tuple(value.shape)}")
+    if not value.is_contiguous():
+        _fail(op, f"{name} must be contiguous (call .contiguous()), got strides {value.stride()}")
+    return value
+
+
+def _check_like(
+    op: str, name: str, value: Any, shape: tuple[int, ...], layout: str, anchor_name: str, anchor: Tensor
+) -> Tensor:
+    """A tensor of the given shape with the dtype and device of `anchor`."""
+    _check_tensor(op, name, value, len(shape), layout)
+    if tuple(value.shape) != shape:
+        _fail(op, f"{name} must have shape {layout} = {shape}, got {tuple(value.shape)}")
+    if value.dtype != anchor.dtype:
+        _fail(op, f"{name} must have the dtype of {anchor_name} ({anchor.dtype}), got {value.dtype}")
+    if value.device != anchor.device:
+        _fail(op, f"{name} must be on the device of {anchor_name} ({anchor.device}), got {value.device}")
+    return value
+
+
+def _check_optional_like(
+    op: str, name: str, value: Any, shape: tuple[int, ...], layout: str, anchor_name: str, anchor: Tensor
+) -> None:
+    if value is not None:
+        _check_like(op, name, value, shape, layout, anchor_name, anchor)
+
+
+def _check_number(op: str, name: str, value: Any, minimum: float, strict: bool) -> float:
+    """A finite real number >= minimum (> minimum when strict)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(op, f"{name} must be a finite number, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        _fail(op, f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _check_group_norm(op: str, args: dict[str, Any]) -> None:
+    x = _check_tensor(op, "x", args["x"], 4, "(B, C, H, W)")
+    batch, channels = x.shape[:2]
+    num_groups = args["num_groups"]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        _fail(op, f"num_groups must be a positive int, got {num_groups!r}")
+    if channels % num_groups:
+        _fail(op, f"num_groups={num_groups} must divide the {channels} channels of x")
+    for name in ("weight", "bias"):
+        _check_optional_like(op, name, args[name], (channels,), "(C,)", "x", x)
+    for name in ("scale", "shift"):
+        _check_optional_like(op, name, args[name], (batch, channels), "(B, C)", "x", x)
+    args["eps"] = _check_number(op, "eps", args["eps"], 0.0, strict=True)
+    if args["act"] not in ACTIVATIONS:
+        _fail(op, f"act must be one of {', '.join(map(repr, ACTIVATIONS))}, got {args['act']!r}")
+    if "dx" in args:
+        _check_like(op, "dx", args["dx"], tuple(x.shape), "(B, C, H, W) like x", "x", x)
+        for name in ("scale", "shift"):
+            tangent = args["d" + name]
+            if tangent is not None and args[name] is None:
+                _fail(op, f"d{name} needs {name} (pass {name}=torch.zeros(B, C) for a zero {name})")
+            _check_optional_like(op, "d" + name, tangent, (batch, channels), "(B, C)", "x", x)
+
+
+def _check_attention(op: str, args: dict[str, Any]) -> None:
+    q = _check_tensor(op, "q", args["q"], 4, "(B, H, Lq, D)")
+    batch, heads, _, head_dim = q.shape
+    k = _check_tensor(op, "k", args["k"], 4, "(B, H, Lk, D)")
+    key_shape = (batch, heads, k.shape[2], head_dim)
+    _check_like(op, "k", k, key_shape, "(B, H, Lk, D) with B, H, D of q", "q", q)
+    _check_like(op, "v", args["v"], key_shape, "(B, H, Lk, D) like k", "q", q)
+    scale = args["scale"]
+    args["scale"] = head_dim**-0.5 if scale is None else _check_number(op, "scale", scale, 0.0, strict=True)
+    if "dq" in args:
+        _check_like(op, "dq", args["dq"], tuple(q.shape), "(B, H, Lq, D) like q", "q", q)
+        _check_optional_like(op, "dk", args["dk"], key_shape, "(B, H, Lk, D) like k", "q", q)
+        _check_optional_like(op, "dv", args["dv"], key_shape, "(B, H, Lk, D) like v", "q", q)
+
+
+def _check_loss(op: str, args: dict[str, Any], names: tuple[str, ...]) -> None:
+    u = _check_tensor(op, "u", args["u"], None, "(B, ...)")
+    if u.dim() < 2:
+        _fail(op, f"u must be (B, ...) with at least one dim after the batch, got shape {tuple(u.shape)}")
+    for name in names[1:]:
+        _check_like(op, name, args[name], tuple(u.shape), "(B, ...) like u", "u", u)
+    for name in ("t", "r"):
+        time = args[name]
+        if not isinstance(time, Tensor) or tuple(time.shape) != (u.shape[0],) or not time.is_floating_point():
+            got = tuple(time.shape) if isinstance(time, Tensor) else type(time).__name__
+            _fail(op, f"{name} must be a floating tensor of shape (B,) = ({u.shape[0]},), got {got}")
+        if time.device != u.device:
+            _fail(op, f"{name} must be on the device of u ({u.device}), got {time.device}")
+        args[name] = time.detach().to(torch.float32).contiguous()  # a constant of the loss
+    args["c"] = _check_number(op, "c", args["c"], 0.0, strict=False)
+    args["p"] = _check_number(op, "p", args["p"], 0.0, strict=False)
+
+
+# ----------------------------------------------------------------------------------------- autograd Functions
+
+
+def _zero_if_none(tangent: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if tangent is None else tangent
+
+
+def _gn_weight_tangent(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    dweight: Tensor,
+    act: str,
+) -> Tensor:
+    """The part of dy that comes from a tangent of weight: act'(h) * xh * dweight * (1 + scale).
+
+    Only forward-mode AD over the parameters needs it (e.g. torch.func.jvp over a whole module), so it is
+    plain composite PyTorch rather than a launcher.
+    """
+    batch, channels = x.shape[:2]
+    xg = x.reshape(batch, num_groups, -1).to(mean.dtype)
+    xh = ((xg - mean[..., None]) * rstd[..., None]).view(batch, channels, -1)
+    dh = xh * dweight.to(xh.dtype)[:, None]
+    a = xh if weight is None else xh * weight.to(xh.dtype)[:, None]
+    if bias is not None:
+        a = a + bias.to(xh.dtype)[:, None]
+    if scale is not None:
+        one_plus_s = 1 + scale.to(xh.dtype)[..., None]
+        dh, a = dh * one_plus_s, a * one_plus_s
+    if act == "silu":
+        h = a if shift is None else a + shift.to(xh.dtype)[..., None]
+        sig = torch.sigmoid(h)
+        dh = dh * sig * (1 + h * (1 - sig))
+    return dh.view_as(x)
+
+
+class _GroupNormAct(torch.autograd.Function):
+    """(y, mean, rstd) = launcher(x, ...); differentiable in x, weight, bias, scale, shift."""
+
+    @staticmethod
+    def forward(family, x, num_groups, weight, bias, scale, shift, eps, act):
+        return family.gn_act_fwd(x, num_groups, weight, bias, scale, shift, eps, act)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        family, x, num_groups, weight, bias, scale, shift, eps, act = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.family, ctx.num_groups, ctx.eps, ctx.act = family, num_groups, eps, act
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.save_for_forward(x, weight, bias, scale, shift, mean, rstd)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        grads = ctx.family.gn_act_bwd(
+            grad_y.contiguous(), x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, ctx.act
+        )
+        grad_x, grad_weight, grad_bias, grad_scale, grad_shift = grads
+        return None, grad_x, None, grad_weight, grad_bias, grad_scale, grad_shift, None, None
+
+    @staticmethod
+    def jvp(ctx, _family, dx, _num_groups, dweight, dbias, dscale, dshift, _eps, _act):
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        if dbias is not None:
+            # a bias tangent enters h like a shift tangent, times (1 + scale)
+            dbias_h = dbias.expand(x.shape[0], -1) if scale is None else dbias * (1 + scale)
+            dshift = dbias_h if dshift is None else dshift + dbias_h
+            shift = torch.zeros_like(dbias_h) if shift is None else shift
+        _, dy, _, _ = ctx.family.gn_act_jvp_fwd(
+            x,
+            _zero_if_none(dx, x).contiguous(),
+            ctx.num_groups,
+            weight,
+            bias,
+            scale,
+            shift,
+            None if dscale is None else dscale.contiguous(),
+            None if dshift is None else dshift.contiguous(),
+            ctx.eps,
+            ctx.act,
+        )
+        if dweight is not None:
+            weight_part = _gn_weight_tangent(
+                x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, dweight, ctx.act
+            )
+            dy = (dy.to(weight_part.dtype) + weight_part).to(x.dtype)
+        return dy, None, None
+
+
+class _GroupNormActJvp(torch.autograd.Function):
+    """(y, dy, mean, rstd) = launcher(x, dx, ...); y differentiable as in _GroupNormAct, dy constant."""
+
+    @staticmethod
+    def forward(family, x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act):
+        return family.gn_act_jvp_fwd(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        family, x, _, num_groups, weight, bias, scale, shift, _, _, _, act = inputs
+        _, dy, mean, rstd = output
+        ctx.mark_non_differentiable(dy, mean, rstd)
+        ctx.family, ctx.num_groups, ctx.act = family, num_groups, act
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _grad_dy, _grad_mean, _grad_rstd):
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        grads = ctx.family.gn_act_bwd(
+            grad_y.contiguous(), x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, ctx.act
+        )
+        grad_x, grad_weight, grad_bias, grad_scale, grad_shift = grads
+        return (
+            None,
+            grad_x,
+            None,
+            None,
+            grad_weight,
+            grad_bias,
+            grad_scale,
+            grad_shift,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class _Attention(torch.autograd.Function):
+    """(o, lse) = launcher(q, k, v); differentiable in q, k, v."""
+
+    @staticmethod
+    def forward(family, q, k, v, scale):
+        return family.attention_fwd(q, k, v, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        family, q, k, v, scale = inputs
+        o, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.family, ctx.scale = family, scale
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_forward(q, k, v)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_o, _grad_lse):
+        q, k, v, o, lse = ctx.saved_tensors
+        grad_q, grad_k, grad_v = ctx.family.attention_bwd(grad_o.contiguous(), q, k, v, o, lse, ctx.scale)
+        return None, grad_q, grad_k, grad_v, None
+
+    @staticmethod
+    def jvp(ctx, _family, dq, dk, dv, _scale):
+        q, k, v = ctx.saved_tensors
+        _, do, _ = ctx.family.attention_jvp_fwd(
+            q,
+            k,
+            v,
+            _zero_if_none(dq, q).contiguous(),
+            None if dk is None else dk.contiguous(),
+            None if dv is None else dv.contiguous(),
+            ctx.scale,
+        )
+        return do, None
+
+
+class _AttentionJvp(torch.autograd.Function):
+    """(o, do, lse) = launcher(q, k, v, dq, dk, dv); o differentiable in q, k, v, do constant."""
+
+    @staticmethod
+    def forward(family, q, k, v, dq, dk, dv, scale):
+        return family.attention_jvp_fwd(q, k, v, dq, dk, dv, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        family, q, k, v, _, _, _, scale = inputs
+        o, do, lse = output
+        ctx.mark_non_differentiable(do, lse)
+        ctx.family, ctx.scale = family, scale
+        ctx.save_for_backward(q, k, v, o, lse)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_o, _grad_do, _grad_lse):
+        q, k, v, o, lse = ctx.saved_tensors
+        grad_q, grad_k, grad_v = ctx.family.attention_bwd(grad_o.contiguous(), q, k, v, o, lse, ctx.scale)
+        return None, grad_q, grad_k, grad_v, None, None, None, None
+
+
+class _ImfLoss(torch.autograd.Function):
+    """(loss, loss_u, loss_v) with loss = mean_b(w_u loss_u + w_v loss_v); differentiable in u and v only."""
+
+    @staticmethod
+    def forward(family, u, du, v, v_target, t, r, c, p):
+        loss_u, loss_v, w_u, w_v = family.imf_loss_fwd(u, du, v, v_target, t, r, c, p)
+        return (w_u * loss_u + w_v * loss_v).mean(), loss_u, loss_v, w_u, w_v
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        family, u, du, v, v_target, t, r, _, _ = inputs
+        _, loss_u, loss_v, w_u, w_v = output
+        ctx.mark_non_differentiable(loss_u, loss_v, w_u, w_v)
+        ctx.family = family
+        ctx.save_for_backward(u, du, v, v_target, t, r, w_u, w_v)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *_grad_constants):
+        u, du, v, v_target, t, r, w_u, w_v = ctx.saved_tensors
+        grad_total = grad_loss.to(w_u.dtype).reshape(())
+        grad_u, grad_v = ctx.family.imf_loss_bwd(grad_total, u, du, v, v_target, t, r, w_u, w_v)
+        return None, grad_u, None, grad_v, None, None, None, None, None
+
+
+class _MeanflowLoss(torch.autograd.Function):
+    """(loss, loss_per_sample) with loss = mean_b(w L); differentiable in u only."""
+
+    @staticmethod
+    def forward(family, u, du, v_target, t, r, c, p):
+        loss_per_sample, w = family.meanflow_loss_fwd(u, du, v_target, t, r, c, p)
+        return (w * loss_per_sample).mean(), loss_per_sample, w
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        family, u, du, v_target, t, r, _, _ = inputs
+        _, loss_per_sample, w = output
+        ctx.mark_non_differentiable(loss_per_sample, w)
+        ctx.family = family
+        ctx.save_for_backward(u, du, v_target, t, r, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *_grad_constants):
+        u, du, v_target, t, r, w = ctx.saved_tensors
+        grad_total = grad_loss.to(w.dtype).reshape(())
+        grad_u = ctx.family.meanflow_loss_bwd(grad_total, u, du, v_target, t, r, w)
+        return None, grad_u, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------ public ops
+
+
+def group_norm_act(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    eps: float = 1e-5,
+    act: str = "silu",
+    backend: str | None = None,
+) -> Tensor:
+    """y = act((GroupNorm(x) * weight + bias) * (1 + scale) + shift), x (B, C, H, W), scale/shift (B, C).
+
+    act is "silu" or "none". Works under autograd, torch.func.jvp and torch.autograd.forward_ad.
+    """
+    op = "group_norm_act"
+    args = dict(
+        x=x, num_groups=num_groups, weight=weight, bias=bias, scale=scale, shift=shift, eps=eps, act=act
+    )
+    _check_group_norm(op, args)
+    _, family = dispatch.select(op, args, backend)
+    y, _, _ = _GroupNormAct.apply(family, x, num_groups, weight, bias, scale, shift, args["eps"], act)
+    return y
+
+
+def group_norm_act_jvp(
+    x: Tensor,
+    dx: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    dscale: Tensor | None = None,
+    dshift: Tensor | None = None,
+    eps: float = 1e-5,
+    act: str = "silu",
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(y, dy): group_norm_act and its tangent along (dx, dscale, dshift) in one pass; dy has no graph."""
+    op = "group_norm_act_jvp"
+    args = dict(
+        x=x,
+        dx=dx,
+        num_groups=num_groups,
+        weight=weight,
+        bias=bias,
+        scale=scale,
+        shift=shift,
+        dscale=dscale,
+        dshift=dshift,
+        eps=eps,
+        act=act,
+    )
+    _check_group_norm(op, args)
+    _, family = dispatch.select(op, args, backend)
+    y, dy, _, _ = _GroupNormActJvp.apply(
+        family, x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, args["eps"], act
+    )
+    return y, dy
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str | None = None
+) -> Tensor:
+    """o = softmax(scale q k^T) v, q (B, H, Lq, D), k and v (B, H, Lk, D); scale 1/sqrt(D) by default.
+
+    Works under autograd, torch.func.jvp and torch.autograd.forward_ad.
+    """
+    op = "attention"
+    args = dict(q=q, k=k, v=v, scale=scale)
+    _check_attention(op, args)
+    _, family = dispatch.select(op, args, backend)
+    o, _ = _Attention.apply(family, q, k, v, args["scale"])
+    return o
+
+
+def attention_jvp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dq: Tensor,
+    dk: Tensor | None = None,
+    dv: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(o, do): attention and its tangent along (dq, dk, dv) in one pass (None: zero); do has no graph."""
+    op = "attention_jvp"
+    args = dict(q=q, k=k, v=v, dq=dq, dk=dk, dv=dv, scale=scale)
+    _check_attention(op, args)
+    _, family = dispatch.select(op, args, backend)
+    o, do, _ = _AttentionJvp.apply(family, q, k, v, dq, dk, dv, args["scale"])
+    return o, do
+
+
+def imf_loss(
+    u: Tensor,
+    du: Tensor,
+    v: Tensor,
+    v_target: Tensor,
+    t: Tensor,
+    r: Tensor,
+    *,
+    c: float = 0.01,
+    p: float = 1.0,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The iMF loss of DESIGN 2.2: mean_b(L_u / sg(L_u + c)^p + L_v / sg(L_v + c)^p), V = u + (t - r) du.
+
+    Returns (loss, stats): loss a 0-d float32 tensor with gradients into u and v only (du, v_target, t, r are
+    constants); stats {"loss_u", "loss_v"}: batch means of the per-sample sums, detached.
+    """
+    op = "imf_loss"
+    args = dict(u=u, du=du, v=v, v_target=v_target, t=t, r=r, c=c, p=p)
+    _check_loss(op, args, ("u", "du", "v", "v_target"))
+    _, family = dispatch.select(op, args, backend)
+    loss, loss_u, loss_v, _, _ = _ImfLoss.apply(
+        family, u, du, v, v_target, args["t"], args["r"], args["c"], args["p"]
+    )
+    return loss, {"loss_u": loss_u.mean(), "loss_v": loss_v.mean()}
+
+
+def meanflow_loss(
+    u: Tensor,
+    du: Tensor,
+    v_target: Tensor,
+    t: Tensor,
+    r: Tensor,
+    *,
+    c: float = 0.01,
+    p: float = 1.0,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The MeanFlow loss of DESIGN 2.3: mean_b(L / sg(L + c)^p), L = sum (u - sg(v_target - h du))^2.
+
+    Here h = clip(t - r, 0, 1). Returns (loss, stats): loss a 0-d float32 tensor with gradients into u only; stats {"loss"}: the batch
+    mean of the per-sample sums, detached.
+    """
+    op = "meanflow_loss"
+    args = dict(u=u, du=du, v_target=v_target, t=t, r=r, c=c, p=p)
+    _check_loss(op, args, ("u", "du", "v_target"))
+    _, family = dispatch.select(op, args, backend)
+    loss, loss_per_sample, _ = _MeanflowLoss.apply(
+        family, u, du, v_target, args["t"], args["r"], args["c"], args["p"]
+    )
+    return loss, {"loss": loss_per_sample.mean()}

@@ -1,0 +1,153 @@
+"""Backend registry and selection.
+
+A backend is a package `imf_kernels/<package>/` with `unavailable_reason()`, `not_supported_reasons(op, args)`
+and one module per op family holding the launchers of `imf_kernels.interface`. `BACKENDS` lists them in
+priority order; adding a backend is one line here. Backend packages are imported lazily, on first use, so a
+missing extension or a missing GPU is a reason in `backends()`, never an import-time crash.
+
+The backend of a call is, first match wins: the op's `backend=` argument, the innermost `use_backend(name)`
+block, the environment variable `IMF_KERNELS_BACKEND`, else `auto`. `auto` picks the first GPU backend
+(cuda, then triton) that takes a call on CUDA tensors, and `torch` for everything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import importlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import torch
+
+# name -> package, in priority order.
+BACKENDS: dict[str, str] = {
+    "cuda": "imf_kernels.cuda",
+    "triton": "imf_kernels.triton",
+    "torch": "imf_kernels.torch_ops",
+}
+# Backends that `auto` considers for CPU tensors (the Triton interpreter is for tests, not for speed).
+AUTO_CPU_BACKENDS: tuple[str, ...] = ("torch",)
+
+# public op -> family module inside each backend package
+OP_FAMILIES: dict[str, str] = {
+    "group_norm_act": "group_norm",
+    "group_norm_act_jvp": "group_norm",
+    "attention": "attention",
+    "attention_jvp": "attention",
+    "imf_loss": "loss",
+    "meanflow_loss": "loss",
+}
+
+ENV_VAR = "IMF_KERNELS_BACKEND"
+AUTO = "auto"
+
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("imf_kernels_backend", default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    """One row of `backends()`: whether the backend can run on this machine, and if not, why."""
+
+    name: str
+    usable: bool
+    reason: str | None
+
+
+def _check_name(name: str, source: str) -> str:
+    if name != AUTO and name not in BACKENDS:
+        accepted = ", ".join([AUTO, *BACKENDS])
+        raise ValueError(f"{source}: unknown backend {name!r}; accepted: {accepted}")
+    return name
+
+
+def _import_package(name: str) -> tuple[ModuleType | None, str | None]:
+    """The backend package, or None and the reason it cannot be imported."""
+    package = BACKENDS[name]
+    try:
+        return importlib.import_module(package), None
+    except ImportError as error:  # e.g. the package or its compiled extension is not there
+        return None, f"cannot import {package} ({error})"
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None when backend `name` can run on this machine, else why not."""
+    module, reason = _import_package(_check_name(name, "unavailable_reason"))
+    if module is None:
+        return reason
+    if not hasattr(module, "unavailable_reason"):  # e.g. a package whose developer has not finished it
+        return f"{module.__name__} has no unavailable_reason()"
+    return module.unavailable_reason()
+
+
+def backends() -> list[BackendStatus]:
+    """Every registered backend, in priority order, with whether it is usable here and why not."""
+    statuses = []
+    for name in BACKENDS:
+        reason = unavailable_reason(name)
+        statuses.append(BackendStatus(name=name, usable=reason is None, reason=reason))
+    return statuses
+
+
+def not_supported_reasons(name: str, op: str, args: dict[str, Any]) -> list[str]:
+    """Why backend `name` cannot take this call of `op` (empty when it can)."""
+    reason = unavailable_reason(name)
+    if reason is not None:
+        return [reason]
+    module, _ = _import_package(name)
+    return list(module.not_supported_reasons(op, args))
+
+
+def family_module(name: str, op: str) -> ModuleType:
+    """The module of backend `name` that holds the launchers of `op`."""
+    return importlib.import_module(f"{BACKENDS[name]}.{OP_FAMILIES[op]}")
+
+
+def current_backend() -> str:
+    """The default backend of this context: `use_backend`, else $IMF_KERNELS_BACKEND, else auto."""
+    name = _current.get()
+    if name is not None:
+        return name
+    return _check_name(os.environ.get(ENV_VAR, AUTO) or AUTO, f"${ENV_VAR}")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the block on backend `name` (or `auto`) unless a call names its own backend."""
+    token = _current.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def _device_of(args: dict[str, Any]) -> torch.device:
+    for value in args.values():
+        if isinstance(value, torch.Tensor):
+            return value.device
+    raise ValueError("dispatch: the call has no tensor argument")
+
+
+def select(op: str, args: dict[str, Any], backend: str | None = None) -> tuple[str, ModuleType]:
+    """The backend that runs this call of `op` and its family module; ValueError with every reason if none."""
+    name = _check_name(backend, op) if backend is not None else current_backend()
+    if name != AUTO:
+        reasons = not_supported_reasons(name, op, args)
+        if reasons:
+            raise ValueError(f"{op}: backend {name!r} cannot take this call: " + "; ".join(reasons))
+        return name, family_module(name, op)
+
+    on_gpu = _device_of(args).type == "cuda"
+    refusals = []
+    for candidate in BACKENDS:
+        if not on_gpu and candidate not in AUTO_CPU_BACKENDS:
+            refusals.append(f"{candidate}: auto uses it only for CUDA tensors (name it to run it on CPU)")
+            continue
+        reasons = not_supported_reasons(candidate, op, args)
+        if not reasons:
+            return candidate, family_module(candidate, op)
+        refusals.append(f"{candidate}: " + "; ".join(reasons))
+    raise ValueError(f"{op}: no backend takes this call: " + " | ".join(refusals))
