@@ -1,0 +1,146 @@
+// Host launchers of the CUDA kernels, called by bindings.cpp with raw pointers and the caller's stream.
+// The .cu files see no ATen: they compile in seconds, and bindings.cpp owns every torch-level check.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace imf {
+
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+
+// group_norm.cu. x: (B, C, HW) of `dtype`; weight/bias: (C,), scale/shift/dscale/dshift: (B, C), all float32
+// and null when absent. dx null selects the primal kernel. mean/rstd: (B, G) float32.
+struct GroupNormFwdParams {
+  DType dtype;
+  int64_t batch, channels, groups, hw;
+  float eps;
+  bool silu;
+  bool vectorized;  // 16-byte loads: hw % (16 / sizeof(T)) == 0 and every tensor pointer 16-byte aligned
+  const void* x;
+  const void* dx;
+  const float* weight;
+  const float* bias;
+  const float* scale;
+  const float* shift;
+  const float* dscale;
+  const float* dshift;
+  void* y;
+  void* dy;
+  float* mean;
+  float* rstd;
+};
+
+// Writes grad_x and, per (sample, channel), sum_gh = sum_hw gh and sum_gh_xh = sum_hw gh * xh, where gh is the
+// gradient at h (before the activation); the parameter gradients follow from these (B, C) sums in Python.
+struct GroupNormBwdParams {
+  DType dtype;
+  int64_t batch, channels, groups, hw;
+  bool silu;
+  bool vectorized;
+  const void* grad_y;
+  const void* x;
+  const float* weight;
+  const float* bias;
+  const float* scale;
+  const float* shift;
+  const float* mean;
+  const float* rstd;
+  void* grad_x;
+  float* sum_gh;
+  float* sum_gh_xh;
+};
+
+void group_norm_act_fwd(const GroupNormFwdParams& params, cudaStream_t stream);
+void group_norm_act_bwd(const GroupNormBwdParams& params, cudaStream_t stream);
+// Dynamic shared memory of the backward kernel (two floats per channel of a group).
+int64_t group_norm_bwd_smem_bytes(int64_t channels_per_group);
+
+// attention.cu. q: (BH, Lq, D), k, v: (BH, Lk, D), Lk <= kMaxKeys, D in {32, 64, 128}; tangents null when
+// absent (dq null selects the primal kernel); lse: (BH, Lq) float32.
+constexpr int kAttentionMaxKeys = 64;
+
+struct AttentionFwdParams {
+  DType dtype;
+  int64_t batch_heads, lq;
+  int lk, head_dim;
+  float scale;
+  bool vectorized;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* dq;
+  const void* dk;
+  const void* dv;
+  void* o;
+  void* d_o;
+  float* lse;
+};
+
+// grad_k_partial, grad_v_partial: (BH, num_splits, Lk, D) float32, one slice per block of query rows, summed
+// over the split axis by the caller.
+struct AttentionBwdParams {
+  DType dtype;
+  int64_t batch_heads, lq;
+  int lk, head_dim, num_splits;
+  float scale;
+  bool vectorized;
+  const void* grad_o;
+  const void* q;
+  const void* k;
+  const void* v;
+  const float* lse;
+  void* grad_q;
+  float* grad_k_partial;
+  float* grad_v_partial;
+};
+
+void attention_fwd(const AttentionFwdParams& params, cudaStream_t stream);
+void attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);
+int64_t attention_fwd_smem_bytes(int lk, int head_dim, bool tangent, bool has_dk, bool has_dv);
+int64_t attention_bwd_smem_bytes(int lk, int head_dim);
+
+// loss.cu. u, du, v, v_target: (B, N) of `dtype`; t, r: (B,) float32. The residual of the u-head is
+// u + coef * du - v_target, coef = t - r (iMF) or clip(t - r, 0, 1) (MeanFlow, where v and the v-head terms
+// are absent: v, loss_v, w_v, grad_v are null).
+struct LossFwdParams {
+  DType dtype;
+  int64_t batch, numel;
+  float c, power;  // w = (L + c)^-power
+  bool meanflow;
+  bool vectorized;
+  const void* u;
+  const void* du;
+  const void* v;
+  const void* v_target;
+  const float* t;
+  const float* r;
+  float* loss_u;
+  float* loss_v;
+  float* w_u;
+  float* w_v;
+};
+
+struct LossBwdParams {
+  DType dtype;
+  int64_t batch, numel;
+  bool meanflow;
+  bool vectorized;
+  const float* grad_total;  // 0-d, read on the device: no host synchronisation
+  const void* u;
+  const void* du;
+  const void* v;
+  const void* v_target;
+  const float* t;
+  const float* r;
+  const float* w_u;
+  const float* w_v;
+  void* grad_u;
+  void* grad_v;
+};
+
+void loss_fwd(const LossFwdParams& params, cudaStream_t stream);
+void loss_bwd(const LossBwdParams& params, cudaStream_t stream);
+
+}  // namespace imf
