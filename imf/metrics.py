@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -217,18 +218,22 @@ class DigitsClassifier(nn.Module):
         except (OSError, SafetensorError, RuntimeError, ValueError):
             pass  # missing, corrupt or mismatched weights: retrain below
         model = cls.train_new(seed=seed, split_seed=split_seed)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=file.name + ".", suffix=".tmp", dir=file.parent)
-        os.close(handle)
+        metadata = dict(expected, test_accuracy=f"{model.test_accuracy:.6f}")
+        weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
         try:
-            metadata = dict(expected, test_accuracy=f"{model.test_accuracy:.6f}")
-            weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-            save_file(weights, temp_name, metadata=metadata)
-            os.chmod(temp_name, 0o644)  # mkstemp creates 0600; a cache is fine to share read-only
-            os.replace(temp_name, file)  # atomic: a reader never sees a half-written file
-        finally:
-            if os.path.exists(temp_name):
-                os.remove(temp_name)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            descriptor, temp_name = tempfile.mkstemp(prefix=file.name + ".", suffix=".tmp", dir=file.parent)
+            os.close(descriptor)
+            try:
+                save_file(weights, temp_name, metadata=metadata)
+                os.chmod(temp_name, 0o644)  # mkstemp creates 0600; a cache is fine to share read-only
+                os.replace(temp_name, file)  # atomic: a reader never sees a half-written file
+            finally:
+                if os.path.exists(temp_name):
+                    os.remove(temp_name)
+        except OSError as error:
+            # The cache only saves time: a read-only or full disk costs a retrain next time, nothing more.
+            warnings.warn(f"DigitsClassifier: could not cache weights at {file}: {error}", stacklevel=2)
         return model
 
 

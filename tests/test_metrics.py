@@ -206,6 +206,15 @@ def test_classifier_cache_retrains_when_unusable(classifier, cache, tmp_path, mo
     assert torch.equal(reloaded.head.weight, classifier.head.weight)
 
 
+def test_classifier_cache_write_failure_only_warns(classifier, tmp_path, monkeypatch):
+    (tmp_path / "not_a_folder").write_bytes(b"")
+    file = tmp_path / "not_a_folder" / "digits_classifier.safetensors"
+    monkeypatch.setattr(DigitsClassifier, "train_new", classmethod(lambda cls, **kwargs: classifier))
+    with pytest.warns(UserWarning, match="could not cache weights"):
+        assert DigitsClassifier.pretrained(path=file) is classifier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"]
+
+
 def test_classifier_input_check(classifier):
     with pytest.raises(ValueError, match=r"x must be \(N, 1, 8, 8\) in \[-1, 1\], got shape \(2, 64\)"):
         classifier.predict(torch.zeros(2, 64))
