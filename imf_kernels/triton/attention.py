@@ -182,7 +182,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Lk, BLOCK_N), B * H): one KV block loops over every query block, in transposed form
-    (rows = keys): p^T = exp2(c2 k q^T - lse2), dV = p^T dO, dp^T = V dO^T, dK = c (p^T * (dp^T - delta)) Q."""
+    (rows = keys): p^T = exp2(c2 k q^T - lse2), dV = p^T dO, dp^T = V dO^T,
+    dK = c (p^T * (dp^T - delta)) Q."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -201,7 +202,7 @@ def _attn_bwd_dkdv_kernel(
         q_off = bh * Lq * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]
         q = tl.load(Q + q_off, mask=row_mask[:, None], other=0.0)
         grad_o = tl.load(GRAD_O + q_off, mask=row_mask[:, None], other=0.0)
-        # Padded query rows get lse = +inf, hence p = 0.
+        # Padded query rows load q = dO = 0 and lse = +inf: p = 0, so they add nothing to dK, dV.
         lse2 = tl.load(LSE + bh * Lq + rows, mask=row_mask, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + bh * Lq + rows, mask=row_mask, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale2 - lse2[None, :])
@@ -231,7 +232,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(Lq, BLOCK_M), B * H): p = exp2(c2 q k^T - lse2), dp = dO V^T, dQ = c (p * (dp - delta)) K."""
+    """Grid (cdiv(Lq, BLOCK_M), B * H): p = exp2(c2 q k^T - lse2), dp = dO V^T,
+    dQ = c (p * (dp - delta)) K."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -251,8 +253,8 @@ def _attn_bwd_dq_kernel(
         kv_off = bh * Lk * HEAD_DIM + keys[:, None] * HEAD_DIM + cols[None, :]
         k = tl.load(K + kv_off, mask=key_mask[:, None], other=0.0)
         v = tl.load(V + kv_off, mask=key_mask[:, None], other=0.0)
+        # Padded keys load k = v = 0: their dp is 0 and their ds column multiplies k = 0, so no mask on p.
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale2 - lse2[:, None])
-        p = tl.where(key_mask[None, :], p, 0.0)
         dp = tl.dot(grad_o, tl.trans(v))
         ds = p * (dp - delta[:, None])
         grad_q += tl.dot(ds.to(k.dtype), k)
@@ -285,39 +287,63 @@ def is_short_context(Lk: int) -> bool:
     return _pow2_at_least_16(Lk) <= SHORT_CONTEXT_MAX
 
 
+# (kind, D, fp32 inputs) -> (BLOCK_M, BLOCK_N of the KV loop, its num_warps, longest padded context taken as
+# one tile, that path's num_warps). The largest tiles that compile for sm_90 without register spills
+# (`cuobjdump -res-usage` over `aot_specs`, triton 3.8): the tangent pass holds three (BLOCK_M, D) float32
+# accumulators plus dq, so it takes narrower tiles than the primal; fp32 operands need twice the registers.
+_HALF, _FP32 = False, True
+_TILES = {
+    **{("fwd", d, _HALF): (64, 64, 4, 64, 8 if d == 128 else 4) for d in HEAD_DIMS},
+    **{("fwd", d, _FP32): (64, 32, 4, 64, 8 if d == 128 else 4) for d in HEAD_DIMS},
+    **{("jvp", d, _HALF): (64, 32, 4, 64, 4) for d in (16, 32)},
+    ("jvp", 64, _HALF): (64, 32, 8, 64, 8),
+    ("jvp", 128, _HALF): (64, 16, 4, 16, 4),
+    **{("jvp", d, _FP32): (64, 32, 8, 64, 8) for d in (16, 32)},
+    ("jvp", 64, _FP32): (64, 16, 8, 32, 8),
+    ("jvp", 128, _FP32): (16, 16, 4, 16, 4),
+    **{("bwd", d, _HALF): (64, 64, 4, 64, 4) for d in (16, 32, 64)},
+    ("bwd", 128, _HALF): (32, 32, 8, 64, 8),
+    **{("bwd", d, _FP32): (64, 64, 4, 64, 4) for d in (16, 32)},
+    ("bwd", 64, _FP32): (64, 64, 8, 64, 8),
+    ("bwd", 128, _FP32): (32, 32, 8, 32, 8),
+}
+
+
 def pick_config(
     kind: str, Lq: int, Lk: int, D: int, dtype: torch.dtype, *, kv_loop: bool | None = None
 ) -> BlockConfig:
-    """Deterministic tiles for `kind` in {"fwd", "jvp", "bwd_dkdv", "bwd_dq"}.
+    """Deterministic tiles for `kind` in {"fwd", "jvp", "bwd_dkdv", "bwd_dq"} from the `_TILES` table.
 
-    `kv_loop=None` picks the single-tile path for short contexts; True/False forces it (tests use True to
-    run the online-softmax loop at small Lk). The tangent pass holds three (BLOCK_M, D) float32
-    accumulators, so it takes half the query rows at D = 128; the backward holds two per tile.
+    `kv_loop=None` takes the single-tile path when the context padded to a power of two >= 16 fits one tile;
+    True/False forces the choice (tests use True to run the online-softmax loop at small Lk). The backward
+    kernels always loop (dK/dV over query blocks, dQ over KV blocks); a short context is one KV block there.
     """
     if kind not in ("fwd", "jvp", "bwd_dkdv", "bwd_dq"):
         raise ValueError(f"attention (triton): unknown kernel kind {kind!r}")
-    single = is_short_context(Lk) if kv_loop is None else not kv_loop
-    block_m_cap = 32 if (kind in ("jvp", "bwd_dq", "bwd_dkdv") and D == 128) else 64
-    block_m = min(block_m_cap, _pow2_at_least_16(Lq))
-    num_warps = 8 if D == 128 else 4
+    if D not in HEAD_DIMS:
+        raise ValueError(f"attention (triton): head dim D={D} not in {HEAD_DIMS}")
+    block_m, loop_n, loop_warps, single_max, single_warps = _TILES[(kind[:3], D, dtype == torch.float32)]
+    padded_lk = _pow2_at_least_16(Lk)
+    block_m = min(block_m, _pow2_at_least_16(Lq))
+    single = padded_lk <= single_max if kv_loop is None else not kv_loop
+    if kind.startswith("bwd"):
+        block_n = padded_lk if single else min(loop_n, padded_lk)
+        return BlockConfig(block_m, block_n, single_warps if single else loop_warps, 2)
     if single:
-        block_n = _pow2_at_least_16(Lk)
-        if block_n > SHORT_CONTEXT_MAX:
+        if padded_lk > SHORT_CONTEXT_MAX:
             raise ValueError(f"attention (triton): Lk={Lk} is too long for the single-tile path")
-        # The single-tile forward has no loop to pipeline; the backward kernels still loop once or more.
-        return BlockConfig(
-            block_m, block_n, num_warps, 1 if kind in ("fwd", "jvp") else 2, kind in ("fwd", "jvp")
-        )
-    block_n = min(64 if D <= 64 else 32, _pow2_at_least_16(Lk))
-    return BlockConfig(block_m, block_n, num_warps, 2)
+        # No loop, nothing to pipeline.
+        return BlockConfig(block_m, padded_lk, single_warps, 1, single_tile=True)
+    return BlockConfig(block_m, min(loop_n, padded_lk), loop_warps, 2)
 
 
 def check_config(cfg: BlockConfig, D: int, Lk: int) -> None:
-    """The GPU's rules that the interpreter does not enforce: every tl.dot dimension >= 16, power-of-2 blocks."""
+    """The GPU's rules the interpreter does not enforce: every tl.dot dimension >= 16, power-of-2 blocks."""
     for name, value in (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n), ("head dim D", D)):
         if value < MIN_DOT:
             raise ValueError(
-                f"attention (triton): {name}={value} < {MIN_DOT}: every tl.dot dimension must be >= 16 on a GPU"
+                f"attention (triton): {name}={value} < {MIN_DOT}: "
+                f"every tl.dot dimension must be >= {MIN_DOT} on a GPU"
             )
         if value & (value - 1):
             raise ValueError(f"attention (triton): {name}={value} is not a power of two")
@@ -452,12 +478,15 @@ _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 
 
 def aot_specs(
-    shapes=AOT_SHAPES, dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+    shapes: tuple[tuple[int, int, int], ...] = AOT_SHAPES,
+    dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32),
 ) -> list[dict]:
-    """Every (kernel, signature, constexprs, num_warps, num_stages) the launchers pick for these (Lq, Lk, D)
-    shapes and dtypes, deduplicated. Each spec compiles for sm_90 with
-    `triton.compile(ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"]),
-    target=GPUTarget("cuda", 90, 32), options={"num_warps": ..., "num_stages": ...})`."""
+    """Every kernel launch the launchers pick for these (Lq, Lk, D) shapes and dtypes, deduplicated, as
+    {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "divisible_by_16"}. Each compiles for
+    sm_90 with `triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+    options={"num_warps", "num_stages"})`, where attrs marks the `divisible_by_16` arguments with
+    [["tt.divisibility", 16]]; the signature names every argument, constexprs as "constexpr" (triton 3.6 and
+    3.8 take the same format). fp16 is left out by default: it picks exactly the tiles of bf16."""
     specs: dict[tuple, dict] = {}
 
     def add(name, fn, signature, constexprs, cfg):
@@ -469,6 +498,8 @@ def aot_specs(
             "constexprs": constexprs,
             "num_warps": cfg.num_warps,
             "num_stages": cfg.num_stages,
+            # torch allocations are 16-byte aligned, and the JIT specialises such pointers the same way.
+            "divisible_by_16": [arg for arg, kind in signature.items() if kind.startswith("*")],
         }
 
     for Lq, Lk, D in shapes:
