@@ -1,0 +1,98 @@
+"""Presets (DESIGN 3.4): the model, the objective and the training knobs of each, as plain dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from imf.model import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    steps: int = 4000
+    seed: int = 0
+
+
+@dataclass
+class Preset:
+    name: str
+    data: str
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: str = "imf"
+
+
+def _presets() -> dict[str, Preset]:
+    return {
+        "gauss": Preset(
+            name="gauss",
+            data="gauss",
+            model=ModelConfig(
+                width=32,
+                channel_mult=(1, 2),
+                context_dim=64,
+                condition_on_t=True,
+                cross_attn_resolutions=(8, 4),
+            ),
+        ),
+        "digits": Preset(
+            name="digits",
+            data="digits",
+            model=ModelConfig(
+                width=64,
+                channel_mult=(1, 2),
+                context_dim=128,
+                condition_on_t=True,
+                cross_attn_resolutions=(8, 4),
+            ),
+        ),
+        "cifar": Preset(
+            name="cifar",
+            data="folder",
+            model=ModelConfig(
+                image_channels=3,
+                image_size=32,
+                width=128,
+                channel_mult=(1, 2, 2),
+                num_res_blocks=2,
+                cross_attn_resolutions=(16, 8),
+                self_attn_resolutions=(8,),
+                context_dim=256,
+            ),
+            train=TrainConfig(lr=2e-4, ema_decay=0.9999, warmup_steps=1000, steps=200_000),
+        ),
+        "latent-b": Preset(
+            name="latent-b",
+            data="tensors",
+            model=ModelConfig(
+                image_channels=4,
+                image_size=32,
+                width=256,
+                channel_mult=(1, 2, 3),
+                num_res_blocks=2,
+                cross_attn_resolutions=(32, 16, 8),
+                self_attn_resolutions=(8,),
+                head_dim=64,
+                context_dim=512,
+                num_classes=1000,
+            ),
+            train=TrainConfig(lr=1e-4, ema_decay=0.9999, warmup_steps=5000, steps=400_000, batch_size=256),
+        ),
+    }
+
+
+PRESET_NAMES = tuple(_presets())
+
+
+def get_preset(name: str) -> Preset:
+    """A fresh copy of a preset (safe to modify)."""
+    presets = _presets()
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    return dataclasses.replace(presets[name])

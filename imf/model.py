@@ -1,0 +1,327 @@
+"""The iMF network: a U-Net whose conditions enter as context tokens read by cross-attention (DESIGN 3).
+
+u_theta(z, h, y, omega, t_min, t_max[, t]) predicts the average velocity over [r, t] with h = t - r; the auxiliary
+v-head predicts the instantaneous velocity v(z, t) from the same trunk features. Everything here is plain PyTorch
+(`F.group_norm`, `F.silu`, `F.conv2d`, softmax attention written out), so `torch.func.jvp` runs through it: that is
+the reference path every fused kernel is checked against.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    image_channels: int = 1
+    image_size: int = 8
+    width: int = 64
+    channel_mult: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    cross_attn_resolutions: tuple[int, ...] = (
+        8,
+        4,
+    )  # feature-map sizes with a CrossAttnBlock after each ResBlock
+    self_attn_resolutions: tuple[int, ...] = ()  # feature-map sizes with self-attention (lowest ones)
+    head_dim: int = 32
+    context_dim: int = 128
+    num_classes: int = 10
+    condition_on_t: bool = False  # also feed t as tokens (needed for low-dimensional data, DESIGN 2.1)
+    v_head: str = "aux"  # "aux": a copy of the last decoder level; "boundary": v = u(z, h=0)
+    tokens: dict[str, int] = field(
+        default_factory=lambda: {"class": 8, "omega": 4, "t_min": 2, "t_max": 2, "h": 4, "t": 4}
+    )
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(self.channel_mult)
+        self.cross_attn_resolutions = tuple(self.cross_attn_resolutions)
+        self.self_attn_resolutions = tuple(self.self_attn_resolutions)
+        if self.v_head not in ("aux", "boundary"):
+            raise ValueError(f"ModelConfig: v_head must be 'aux' or 'boundary', got {self.v_head!r}")
+        if self.image_size % (2 ** (len(self.channel_mult) - 1)) != 0:
+            raise ValueError(
+                f"ModelConfig: image_size {self.image_size} must be divisible by 2^(levels - 1) = "
+                f"{2 ** (len(self.channel_mult) - 1)}"
+            )
+
+
+class Cond(NamedTuple):
+    """The conditions of one call, each of shape (B,): h = t - r, class id (null = num_classes), guidance scale
+    omega >= 1, guidance interval [t_min, t_max], and t (used only when the model has condition_on_t)."""
+
+    h: torch.Tensor
+    y: torch.Tensor
+    omega: torch.Tensor
+    t_min: torch.Tensor
+    t_max: torch.Tensor
+    t: torch.Tensor | None = None
+
+
+def num_groups_for(channels: int) -> int:
+    """32 groups, or fewer when channels are few: the largest divisor of C that is <= min(32, C // 4)."""
+    g = max(1, min(32, channels // 4))
+    while channels % g:
+        g -= 1
+    return g
+
+
+def sinusoidal_embedding(x: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """[cos(f x), sin(f x)] with f = max_period^(-k / (dim/2)); raw value, no x1000 scaling (DESIGN 3.1)."""
+    half = dim // 2
+    dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for exact checks
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=x.device) / half)
+    args = x.to(dtype)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ScalarTokens(nn.Module):
+    """scalar -> sinusoidal(256) -> MLP(256 -> D, SiLU, D -> D) -> added to K learned tokens."""
+
+    def __init__(self, num_tokens: int, dim: int):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(num_tokens, dim) / math.sqrt(dim))
+        self.mlp = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        emb = self.mlp(sinusoidal_embedding(value).to(self.tokens.dtype))
+        return self.tokens[None] + emb[:, None]
+
+
+class ClassTokens(nn.Module):
+    """class id -> embedding table (num_classes + 1 rows, the last is the null class) -> added to K tokens."""
+
+    def __init__(self, num_tokens: int, num_classes: int, dim: int):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(num_tokens, dim) / math.sqrt(dim))
+        self.embed = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.tokens[None] + self.embed(y)[:, None]
+
+
+class Conditioning(nn.Module):
+    """All conditions as one context sequence (20 tokens, 24 with t), normalised once."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, k = cfg.context_dim, cfg.tokens
+        self.condition_on_t = cfg.condition_on_t
+        self.class_tokens = ClassTokens(k["class"], cfg.num_classes, d)
+        self.omega_tokens = ScalarTokens(k["omega"], d)
+        self.t_min_tokens = ScalarTokens(k["t_min"], d)
+        self.t_max_tokens = ScalarTokens(k["t_max"], d)
+        self.h_tokens = ScalarTokens(k["h"], d)
+        self.t_tokens = ScalarTokens(k["t"], d) if cfg.condition_on_t else None
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, cond: Cond) -> torch.Tensor:
+        parts = [
+            self.class_tokens(cond.y),
+            self.omega_tokens(1.0 - 1.0 / cond.omega),
+            self.t_min_tokens(cond.t_min),
+            self.t_max_tokens(cond.t_max),
+            self.h_tokens(cond.h),
+        ]
+        if self.t_tokens is not None:
+            if cond.t is None:
+                raise ValueError("model: this model has condition_on_t=True, so Cond.t must be given")
+            parts.append(self.t_tokens(cond.t))
+        return self.norm(torch.cat(parts, dim=1))
+
+
+def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, scale=None, shift=None) -> torch.Tensor:
+    """y = silu((GN(x) * weight + bias) * (1 + scale) + shift), the op `imf_kernels.group_norm_act` fuses."""
+    h = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    if scale is not None:
+        h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+    return F.silu(h)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, heads, L, d), written out so that torch.func.jvp runs through it."""
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * q.shape[-1] ** -0.5
+    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(dim=-1), v)
+
+
+class ResBlock(nn.Module):
+    """GN -> FiLM(pooled context) -> SiLU -> conv3x3 -> GN -> SiLU -> conv3x3, plus skip (1x1 when C changes)."""
+
+    def __init__(self, in_ch: int, out_ch: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups_for(in_ch), in_ch)
+        self.film = nn.Linear(context_dim, 2 * in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = nn.GroupNorm(num_groups_for(out_ch), out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        # FiLM starts as the identity and the residual branch as zero: the block starts as its skip path.
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor, ctx_pooled: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.film(ctx_pooled).chunk(2, dim=1)
+        h = self.conv1(group_norm_silu(x, self.norm1, scale, shift))
+        h = self.conv2(F.silu(F.group_norm(h, self.norm2.num_groups, self.norm2.weight, self.norm2.bias)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """GN -> q from feature-map tokens, k/v from the context (cross) or the map itself (self) -> multi-head
+    attention -> zero-initialised output projection, added as a residual."""
+
+    def __init__(self, channels: int, head_dim: int, context_dim: int | None):
+        super().__init__()
+        self.heads = max(1, channels // head_dim)
+        self.norm = nn.GroupNorm(num_groups_for(channels), channels)
+        self.to_q = nn.Linear(channels, channels)
+        kv_dim = channels if context_dim is None else context_dim
+        self.to_kv = nn.Linear(kv_dim, 2 * channels)
+        self.proj = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
+        b, c, hh, ww = x.shape
+        tokens = F.group_norm(x, self.norm.num_groups, self.norm.weight, self.norm.bias).flatten(2).transpose(1, 2)
+        source = tokens if ctx is None else ctx
+        q = self.to_q(tokens).view(b, hh * ww, self.heads, -1).transpose(1, 2)
+        k, v = self.to_kv(source).view(b, source.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        o = attention(q, k, v).transpose(1, 2).reshape(b, hh * ww, c)
+        return x + self.proj(o).transpose(1, 2).reshape(b, c, hh, ww)
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: ResBlocks, each followed by cross-attention where chosen."""
+
+    def __init__(self, in_chs: list[int], out_ch: int, context_dim: int, head_dim: int, cross_attn: bool):
+        super().__init__()
+        self.res = nn.ModuleList(ResBlock(c, out_ch, context_dim) for c in in_chs)
+        self.attn = nn.ModuleList(
+            AttnBlock(out_ch, head_dim, context_dim) if cross_attn else nn.Identity() for _ in in_chs
+        )
+
+
+class OutputLayer(nn.Module):
+    """GN -> SiLU -> conv3x3, zero-initialised."""
+
+    def __init__(self, channels: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(num_groups_for(channels), channels)
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(group_norm_silu(x, self.norm))
+
+
+class IMFNet(nn.Module):
+    """U-Net with in-context conditioning; `forward` returns (u, v), v from the aux head (or None)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, hd = cfg.context_dim, cfg.head_dim
+        chs = [cfg.width * m for m in cfg.channel_mult]
+        self.cond = Conditioning(cfg)
+        self.conv_in = nn.Conv2d(cfg.image_channels, cfg.width, 3, padding=1)
+
+        # Encoder: per level, num_res_blocks ResBlocks; a strided conv between levels. Every output is a skip.
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        skip_chs, ch, res = [cfg.width], cfg.width, cfg.image_size
+        for i, out_ch in enumerate(chs):
+            in_chs = [ch] + [out_ch] * (cfg.num_res_blocks - 1)
+            self.down.append(Level(in_chs, out_ch, d, hd, res in cfg.cross_attn_resolutions))
+            ch = out_ch
+            skip_chs += [ch] * cfg.num_res_blocks
+            if i < len(chs) - 1:
+                self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                skip_chs.append(ch)
+                res //= 2
+
+        self.mid1 = ResBlock(ch, ch, d)
+        self.mid_self_attn = AttnBlock(ch, hd, None) if res in cfg.self_attn_resolutions else None
+        self.mid_cross_attn = AttnBlock(ch, hd, d)
+        self.mid2 = ResBlock(ch, ch, d)
+
+        # Decoder: per level, num_res_blocks + 1 ResBlocks on [h, skip]; nearest-upsample + conv between levels.
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        self.up_skip_counts = []
+        for i, out_ch in reversed(list(enumerate(chs))):
+            in_chs = []
+            for _ in range(cfg.num_res_blocks + 1):
+                in_chs.append(ch + skip_chs.pop())
+                ch = out_ch
+            self.up.append(Level(in_chs, out_ch, d, hd, res in cfg.cross_attn_resolutions))
+            if i > 0:
+                self.upsample.append(nn.Conv2d(ch, ch, 3, padding=1))
+                res *= 2
+        self.out = OutputLayer(ch, cfg.image_channels)
+        if cfg.v_head == "aux":  # a copy of the last decoder level and the output layer, own weights
+            self.v_level = copy.deepcopy(self.up[-1])
+            self.v_out = copy.deepcopy(self.out)
+
+    def _run_level(self, level: Level, h, skips, ctx, pooled):
+        for res, attn in zip(level.res, level.attn, strict=True):
+            h = res(torch.cat([h, skips.pop()], dim=1), pooled)
+            h = attn(h, ctx) if isinstance(attn, AttnBlock) else h
+        return h
+
+    def trunk(self, z: torch.Tensor, cond: Cond):
+        """Everything up to the last decoder level: returns (features, skips of the last level, ctx, pooled)."""
+        ctx = self.cond(cond)
+        pooled = ctx.mean(dim=1)
+        h = self.conv_in(z)
+        skips = [h]
+        for i, level in enumerate(self.down):
+            for res, attn in zip(level.res, level.attn, strict=True):
+                h = res(h, pooled)
+                h = attn(h, ctx) if isinstance(attn, AttnBlock) else h
+                skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+                skips.append(h)
+        h = self.mid1(h, pooled)
+        if self.mid_self_attn is not None:
+            h = self.mid_self_attn(h, None)
+        h = self.mid2(self.mid_cross_attn(h, ctx), pooled)
+        for i, level in enumerate(self.up[:-1]):
+            h = self._run_level(level, h, skips, ctx, pooled)
+            h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return h, skips, ctx, pooled
+
+    def forward(self, z: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, skips, ctx, pooled = self.trunk(z, cond)
+        v = None
+        if self.cfg.v_head == "aux":
+            v = self.v_out(self._run_level(self.v_level, h, list(skips), ctx, pooled))
+        u = self.out(self._run_level(self.up[-1], h, skips, ctx, pooled))
+        return u, v
+
+    def u(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The average velocity only (sampling): the v-head is not run."""
+        h, skips, ctx, pooled = self.trunk(z, cond)
+        return self.out(self._run_level(self.up[-1], h, skips, ctx, pooled))
+
+    def v(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The instantaneous velocity: the aux head, or u at h = 0 for v_head="boundary" (cond.h is used as given,
+        callers pass h = 0)."""
+        if self.cfg.v_head == "boundary":
+            return self.u(z, cond)
+        h, skips, ctx, pooled = self.trunk(z, cond)
+        return self.v_out(self._run_level(self.v_level, h, skips, ctx, pooled))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,270 @@
+"""Training objectives behind one interface: `objective.loss(model, x, y, generator) -> (loss, metrics)`.
+
+- `IMFObjective`: Improved MeanFlow, DESIGN 2.2, exactly (the default).
+- `MeanFlowObjective`: the original MeanFlow, DESIGN 2.3 (CFG baked in at one training scale).
+- `FlowMatchingObjective`: r = t always, u(z, h=0) regressed on e - x.
+
+Each objective first draws its randomness (`draw`) and then computes the loss from those draws
+(`loss_from_draws`), so that tests can check the loss against the formulas written out step by step.
+The JVP here is the reference path: `torch.func.jvp` over the plain-PyTorch model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from imf.model import Cond
+
+Tensor = torch.Tensor
+
+
+def _col(a: Tensor, like: Tensor) -> Tensor:
+    """(B,) -> (B, 1, 1, ...) broadcastable against `like`."""
+    return a.view(-1, *([1] * (like.dim() - 1)))
+
+
+def per_sample_sum(a: Tensor) -> Tensor:
+    return a.flatten(1).sum(dim=1)
+
+
+def adaptive_weighted(loss: Tensor, c: float, p: float) -> Tensor:
+    """L / stopgrad(L + c)^p, per sample."""
+    return loss / (loss.detach() + c) ** p
+
+
+def time_dtype(x: Tensor) -> torch.dtype:
+    """Times and scales are float32, or float64 for float64 data (exact checks)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def sample_logit_normal_pair(x: Tensor, p_mean: float, p_std: float, generator) -> tuple[Tensor, Tensor]:
+    """t, r ~ sigmoid(N(p_mean, p_std)) independently, then ordered so that r <= t."""
+    b = x.shape[0]
+    a = torch.sigmoid(p_mean + p_std * torch.randn(b, generator=generator)).to(x.device, time_dtype(x))
+    c = torch.sigmoid(p_mean + p_std * torch.randn(b, generator=generator)).to(x.device, time_dtype(x))
+    return torch.maximum(a, c), torch.minimum(a, c)
+
+
+def model_jvp(model: nn.Module, z: Tensor, cond: Cond, dz: Tensor, *, u_only: bool = False):
+    """((u, v), (du, dv)) of the model along the tangent (dz, dh = 1, dt = 1 when the model takes t): the time
+    derivative d/dt u(z_t, r, t) with r fixed, through `torch.func.jvp` (the reference path)."""
+    ones = torch.ones_like(cond.h)
+    with_t = getattr(model, "cfg", None) is not None and model.cfg.condition_on_t
+
+    def f(z_, h_, t_):
+        c = cond._replace(h=h_, t=t_ if with_t else cond.t)
+        return model.u(z_, c) if u_only else model(z_, c)
+
+    t_in = cond.t if cond.t is not None else torch.zeros_like(cond.h)
+    return torch.func.jvp(f, (z, cond.h, t_in), (dz, ones, ones))
+
+
+@dataclass
+class IMFDraws:
+    """The randomness of one iMF step, all (B,) except e."""
+
+    t: Tensor
+    r: Tensor
+    e: Tensor
+    omega: Tensor
+    t_min: Tensor
+    t_max: Tensor
+    drop: Tensor  # bool: class dropout rows
+
+
+@dataclass
+class IMFObjective:
+    """DESIGN 2.2: the iMF loss, with the network's own guided velocity as the JVP tangent."""
+
+    p_mean: float = -0.4
+    p_std: float = 1.0
+    fm_fraction: float = 0.5
+    omega_max: float = 8.0  # omega = omega_max ** U(0, 1): log-uniform on [1, omega_max]
+    class_dropout: float = 0.1
+    c: float = 0.01
+    p: float = 1.0
+    name: str = "imf"
+
+    def draw(self, x: Tensor, generator: torch.Generator | None = None) -> IMFDraws:
+        b, dev = x.shape[0], x.device
+        t, r = sample_logit_normal_pair(x, self.p_mean, self.p_std, generator)
+        fm = torch.rand(b, generator=generator).to(dev) < self.fm_fraction
+        r = torch.where(fm, t, r)
+        e = torch.randn(x.shape, generator=generator).to(dev, x.dtype)
+        uniform = lambda: torch.rand(b, generator=generator).to(dev, time_dtype(x))
+        omega = self.omega_max ** uniform()
+        t_min = 0.5 * uniform()
+        t_max = 0.5 + 0.5 * uniform()
+        t_min = torch.where(fm, torch.zeros_like(t_min), t_min)
+        t_max = torch.where(fm, torch.ones_like(t_max), t_max)
+        drop = torch.rand(b, generator=generator).to(dev) < self.class_dropout
+        return IMFDraws(t, r, e, omega, t_min, t_max, drop)
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
+        return self.loss_from_draws(model, x, y, self.draw(x, generator))
+
+    @torch.no_grad()
+    def guided_target(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws):
+        """z, the guided target v_g (before class dropout) and the tangent v_c', from no-grad v-head calls."""
+        b = x.shape[0]
+        tb = _col(d.t, x)
+        z = (1 - tb) * x + tb * d.e
+        v_t = d.e - x
+        # omega' = omega inside the guidance interval, else 1 (on fm rows the interval is (0, 1): omega' = omega)
+        omega_p = torch.where((d.t_min <= d.t) & (d.t <= d.t_max), d.omega, torch.ones_like(d.omega))
+        # v_c, v_u and v_c' in one batched v-head call at h = 0, interval (0, 1); v_c' only where omega' != omega
+        differ = torch.nonzero(omega_p != d.omega).flatten()
+        null = torch.full_like(y, model.cfg.num_classes)
+        zero, one = torch.zeros_like(d.t), torch.ones_like(d.t)
+        idx = torch.cat([torch.arange(b, device=x.device), torch.arange(b, device=x.device), differ])
+        cond = Cond(
+            h=torch.zeros_like(d.t[idx]),
+            y=torch.cat([y, null, y[differ]]),
+            omega=torch.cat([d.omega, one, omega_p[differ]]),
+            t_min=zero[idx],
+            t_max=one[idx],
+            t=d.t[idx],
+        )
+        v_all = model.v(z[idx], cond)
+        v_c, v_u = v_all[:b], v_all[b : 2 * b]
+        v_cp = v_c.clone()
+        v_cp[differ] = v_all[2 * b :]
+        v_g = v_t + _col(1 - 1 / omega_p, x) * (v_cp - v_u)
+        return z, v_t, v_g, v_cp
+
+    def loss_from_draws(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws):
+        terms = self.terms(model, x, y, d)
+        return terms["loss"], {k: terms[k].detach().mean() for k in ("loss", "loss_u", "loss_v")}
+
+    def terms(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws) -> dict[str, Tensor]:
+        """Every intermediate of the step (for tests and diagnostics); `loss` is the scalar to minimise."""
+        z, v_t, v_g, v_cp = self.guided_target(model, x, y, d)
+        # class dropout after guidance: dropped rows are unconditional and regress onto e - x
+        y = torch.where(d.drop, torch.full_like(y, model.cfg.num_classes), y)
+        v_g = torch.where(_col(d.drop, x), v_t, v_g)
+        cond = Cond(h=d.t - d.r, y=y, omega=d.omega, t_min=d.t_min, t_max=d.t_max, t=d.t)
+        (u, v), (du, _) = model_jvp(model, z, cond, v_cp)
+        if v is None:  # v_head="boundary": v = u(z, h = 0), its own forward with grad
+            v = model.u(z, cond._replace(h=torch.zeros_like(d.t)))
+        V = u + _col(d.t - d.r, u) * du.detach()
+        loss_u = per_sample_sum((V - v_g) ** 2)
+        loss_v = per_sample_sum((v - v_g) ** 2)
+        loss = (adaptive_weighted(loss_u, self.c, self.p) + adaptive_weighted(loss_v, self.c, self.p)).mean()
+        return dict(
+            z=z,
+            v_t=v_t,
+            v_g=v_g,
+            v_cp=v_cp,
+            y=y,
+            u=u,
+            du=du.detach(),
+            v=v,
+            V=V,
+            loss_u=loss_u,
+            loss_v=loss_v,
+            loss=loss,
+        )
+
+
+@dataclass
+class MFDraws:
+    t: Tensor
+    r: Tensor
+    e: Tensor
+    drop: Tensor
+
+
+@dataclass
+class MeanFlowObjective:
+    """DESIGN 2.3: the original MeanFlow loss; CFG baked in at the effective scale omega / (1 - kappa), applied
+    where t lies in [cfg_t_min, cfg_t_max]. The network's omega and interval inputs are held at 1 and (0, 1)."""
+
+    p_mean: float = -0.4
+    p_std: float = 1.0
+    fm_fraction: float = 0.75
+    cfg_omega: float = 1.0
+    cfg_kappa: float = 0.5
+    cfg_t_min: float = 0.0
+    cfg_t_max: float = 1.0
+    class_dropout: float = 0.1
+    c: float = 0.01
+    p: float = 1.0
+    name: str = "mf"
+
+    def draw(self, x: Tensor, generator: torch.Generator | None = None) -> MFDraws:
+        b, dev = x.shape[0], x.device
+        t, r = sample_logit_normal_pair(x, self.p_mean, self.p_std, generator)
+        fm = torch.rand(b, generator=generator).to(dev) < self.fm_fraction
+        r = torch.where(fm, t, r)
+        e = torch.randn(x.shape, generator=generator).to(dev, x.dtype)
+        drop = torch.rand(b, generator=generator).to(dev) < self.class_dropout
+        return MFDraws(t, r, e, drop)
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
+        return self.loss_from_draws(model, x, y, self.draw(x, generator))
+
+    def loss_from_draws(self, model: nn.Module, x: Tensor, y: Tensor, d: MFDraws):
+        b = x.shape[0]
+        tb = _col(d.t, x)
+        z = (1 - tb) * x + tb * d.e
+        v_t = d.e - x
+        one, zero = torch.ones_like(d.t), torch.zeros_like(d.t)
+        null = torch.full_like(y, model.cfg.num_classes)
+        if self.cfg_kappa != 0.0 or self.cfg_omega != 1.0:
+            with torch.no_grad():  # v_c, v_u from the network itself at h = 0
+                both = Cond(
+                    zero.repeat(2),
+                    torch.cat([y, null]),
+                    one.repeat(2),
+                    zero.repeat(2),
+                    one.repeat(2),
+                    d.t.repeat(2),
+                )
+                v_c, v_u = model.u(torch.cat([z, z]), both).split(b)
+            v_cfg = self.cfg_omega * v_t + self.cfg_kappa * v_c + (1 - self.cfg_omega - self.cfg_kappa) * v_u
+            inside = (self.cfg_t_min <= d.t) & (d.t <= self.cfg_t_max)
+            v_g = torch.where(_col(inside, x), v_cfg, v_t)
+        else:
+            v_g = v_t
+        y = torch.where(d.drop, null, y)
+        v_g = torch.where(_col(d.drop, x), v_t, v_g)
+        cond = Cond(h=d.t - d.r, y=y, omega=one, t_min=zero, t_max=one, t=d.t)
+        u, du = model_jvp(model, z, cond, v_g, u_only=True)
+        u_tgt = (v_g - _col((d.t - d.r).clamp(0, 1), x) * du).detach()
+        loss_per = per_sample_sum((u - u_tgt) ** 2)
+        loss = adaptive_weighted(loss_per, self.c, self.p).mean()
+        return loss, {"loss": loss.detach(), "loss_u": loss_per.detach().mean()}
+
+
+@dataclass
+class FlowMatchingObjective:
+    """r = t always: u(z, h = 0) regressed on v_t = e - x (per-sample sum, batch mean); class dropout 0.1."""
+
+    p_mean: float = -0.4
+    p_std: float = 1.0
+    class_dropout: float = 0.1
+    name: str = "fm"
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
+        b, dev = x.shape[0], x.device
+        t = torch.sigmoid(self.p_mean + self.p_std * torch.randn(b, generator=generator)).to(dev, time_dtype(x))
+        e = torch.randn(x.shape, generator=generator).to(dev, x.dtype)
+        drop = torch.rand(b, generator=generator).to(dev) < self.class_dropout
+        y = torch.where(drop, torch.full_like(y, model.cfg.num_classes), y)
+        z = (1 - _col(t, x)) * x + _col(t, x) * e
+        one, zero = torch.ones_like(t), torch.zeros_like(t)
+        u = model.u(z, Cond(h=zero, y=y, omega=one, t_min=zero, t_max=one, t=t))
+        loss = per_sample_sum((u - (e - x)) ** 2).mean()
+        return loss, {"loss": loss.detach()}
+
+
+OBJECTIVES = {"imf": IMFObjective, "mf": MeanFlowObjective, "fm": FlowMatchingObjective}
+
+
+def make_objective(name: str, **kwargs):
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name](**kwargs)
