@@ -14,10 +14,13 @@ family module as their first argument, so the contract is written once:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch._C import _functorch
+from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 from torch.autograd.function import once_differentiable
 
 from imf_kernels import dispatch
@@ -139,6 +142,29 @@ def _check_loss(op: str, args: dict[str, Any], names: tuple[str, ...]) -> None:
 # ----------------------------------------------------------------------------------------- autograd Functions
 
 
+def _on_plain_tensors(launcher: Callable[..., Any], *args: Any) -> Any:
+    """launcher(*args), run below the innermost torch.func transform when one is active.
+
+    Inside torch.func.jvp / grad, `jvp` and `backward` see functorch wrappers (GradTrackingTensor), which a
+    Triton or CUDA kernel cannot read, and tensors the launcher allocates would be wrapped too. So the
+    launcher runs one level down on the tensors underneath, and its results are wrapped into the current
+    level again, as functorch does for a Function's forward (they need no derivative there: the rule is it).
+    """
+    if _functorch.maybe_current_level() is None:
+        return launcher(*args)
+    interpreter = retrieve_current_functorch_interpreter()
+    level = interpreter.level()
+    unwrapped = [_functorch._unwrap_for_grad(arg, level) if isinstance(arg, Tensor) else arg for arg in args]
+    with interpreter.lower():
+        results = launcher(*unwrapped)
+    if isinstance(results, Tensor):
+        return _functorch._wrap_for_grad(results, level)
+    return tuple(
+        _functorch._wrap_for_grad(result, level) if isinstance(result, Tensor) else result
+        for result in results
+    )
+
+
 def _zero_if_none(tangent: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if tangent is None else tangent
 
@@ -197,8 +223,18 @@ class _GroupNormAct(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
         x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-        grads = ctx.family.gn_act_bwd(
-            grad_y.contiguous(), x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, ctx.act
+        grads = _on_plain_tensors(
+            ctx.family.gn_act_bwd,
+            grad_y.contiguous(),
+            x,
+            ctx.num_groups,
+            weight,
+            bias,
+            scale,
+            shift,
+            mean,
+            rstd,
+            ctx.act,
         )
         grad_x, grad_weight, grad_bias, grad_scale, grad_shift = grads
         return None, grad_x, None, grad_weight, grad_bias, grad_scale, grad_shift, None, None
@@ -211,7 +247,8 @@ class _GroupNormAct(torch.autograd.Function):
             dbias_h = dbias.expand(x.shape[0], -1) if scale is None else dbias * (1 + scale)
             dshift = dbias_h if dshift is None else dshift + dbias_h
             shift = torch.zeros_like(dbias_h) if shift is None else shift
-        _, dy, _, _ = ctx.family.gn_act_jvp_fwd(
+        _, dy, _, _ = _on_plain_tensors(
+            ctx.family.gn_act_jvp_fwd,
             x,
             _zero_if_none(dx, x).contiguous(),
             ctx.num_groups,
@@ -251,8 +288,18 @@ class _GroupNormActJvp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y, _grad_dy, _grad_mean, _grad_rstd):
         x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-        grads = ctx.family.gn_act_bwd(
-            grad_y.contiguous(), x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, ctx.act
+        grads = _on_plain_tensors(
+            ctx.family.gn_act_bwd,
+            grad_y.contiguous(),
+            x,
+            ctx.num_groups,
+            weight,
+            bias,
+            scale,
+            shift,
+            mean,
+            rstd,
+            ctx.act,
         )
         grad_x, grad_weight, grad_bias, grad_scale, grad_shift = grads
         return (
@@ -291,13 +338,16 @@ class _Attention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_o, _grad_lse):
         q, k, v, o, lse = ctx.saved_tensors
-        grad_q, grad_k, grad_v = ctx.family.attention_bwd(grad_o.contiguous(), q, k, v, o, lse, ctx.scale)
+        grad_q, grad_k, grad_v = _on_plain_tensors(
+            ctx.family.attention_bwd, grad_o.contiguous(), q, k, v, o, lse, ctx.scale
+        )
         return None, grad_q, grad_k, grad_v, None
 
     @staticmethod
     def jvp(ctx, _family, dq, dk, dv, _scale):
         q, k, v = ctx.saved_tensors
-        _, do, _ = ctx.family.attention_jvp_fwd(
+        _, do, _ = _on_plain_tensors(
+            ctx.family.attention_jvp_fwd,
             q,
             k,
             v,
@@ -328,7 +378,9 @@ class _AttentionJvp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_o, _grad_do, _grad_lse):
         q, k, v, o, lse = ctx.saved_tensors
-        grad_q, grad_k, grad_v = ctx.family.attention_bwd(grad_o.contiguous(), q, k, v, o, lse, ctx.scale)
+        grad_q, grad_k, grad_v = _on_plain_tensors(
+            ctx.family.attention_bwd, grad_o.contiguous(), q, k, v, o, lse, ctx.scale
+        )
         return None, grad_q, grad_k, grad_v, None, None, None, None
 
 
@@ -353,7 +405,9 @@ class _ImfLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_grad_constants):
         u, du, v, v_target, t, r, w_u, w_v = ctx.saved_tensors
         grad_total = grad_loss.to(w_u.dtype).reshape(())
-        grad_u, grad_v = ctx.family.imf_loss_bwd(grad_total, u, du, v, v_target, t, r, w_u, w_v)
+        grad_u, grad_v = _on_plain_tensors(
+            ctx.family.imf_loss_bwd, grad_total, u, du, v, v_target, t, r, w_u, w_v
+        )
         return None, grad_u, None, grad_v, None, None, None, None, None
 
 
@@ -378,7 +432,7 @@ class _MeanflowLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_grad_constants):
         u, du, v_target, t, r, w = ctx.saved_tensors
         grad_total = grad_loss.to(w.dtype).reshape(())
-        grad_u = ctx.family.meanflow_loss_bwd(grad_total, u, du, v_target, t, r, w)
+        grad_u = _on_plain_tensors(ctx.family.meanflow_loss_bwd, grad_total, u, du, v_target, t, r, w)
         return None, grad_u, None, None, None, None, None, None
 
 
@@ -524,8 +578,8 @@ def meanflow_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The MeanFlow loss of DESIGN 2.3: mean_b(L / sg(L + c)^p), L = sum (u - sg(v_target - h du))^2.
 
-    Here h = clip(t - r, 0, 1). Returns (loss, stats): loss a 0-d float32 tensor with gradients into u only; stats {"loss"}: the batch
-    mean of the per-sample sums, detached.
+    Here h = clip(t - r, 0, 1). Returns (loss, stats): loss a 0-d float32 tensor with gradients into u
+    only; stats {"loss"}: the batch mean of the per-sample sums, detached.
     """
     op = "meanflow_loss"
     args = dict(u=u, du=du, v_target=v_target, t=t, r=r, c=c, p=p)

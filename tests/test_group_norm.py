@@ -1,0 +1,276 @@
+"""group_norm_act and group_norm_act_jvp on every backend against the float64 reference (DESIGN 4.3, 5).
+
+Each case checks y, dy and every gradient (dx, dweight, dbias, dscale, dshift): the kernel's error against
+float64 must be at most 2x the error of the reference computed in the kernel's dtype, plus a small floor.
+Memory the launchers allocate with `empty` is NaN-filled (deterministic mode), so an unwritten element fails.
+"""
+
+import re
+
+import pytest
+import torch
+
+import imf_kernels
+from imf_kernels import dispatch, reference
+
+BACKENDS = list(dispatch.BACKENDS)
+# (B, C, H, W, num_groups): C not a multiple of 32, odd maps, batch 1.
+SHAPES = [(2, 40, 8, 8, 8), (1, 40, 5, 7, 8), (3, 96, 3, 5, 32)]
+# The interpreter is slow: triton gets the first shapes only.
+INTERPRETED_SHAPES = SHAPES[:2]
+# name -> (weight and bias, scale and shift, act)
+VARIANTS = {
+    "modulated": (True, True, "silu"),
+    "affine": (True, False, "silu"),
+    "plain-linear": (False, False, "none"),
+}
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+PARAMETER_NAMES = ("weight", "bias", "scale", "shift")
+
+
+@pytest.fixture(autouse=True)
+def poison_empty():
+    """NaN-fill every torch.empty while a test runs, so an element a kernel forgets to write shows up."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = was_filling
+
+
+def skip_unless_runs(backend: str, op: str, args: dict) -> None:
+    """Skip with the backend's own words when it is not usable here or does not take this call."""
+    reasons = dispatch.not_supported_reasons(backend, op, args)
+    if reasons:
+        pytest.skip(f"{backend}: " + "; ".join(reasons))
+
+
+def cases(dtypes):
+    for backend in BACKENDS:
+        shapes = INTERPRETED_SHAPES if backend == "triton" else SHAPES
+        for shape in shapes:
+            for variant in VARIANTS:
+                for dtype in dtypes:
+                    yield pytest.param(backend, shape, variant, dtype, id=f"{backend}-{shape}-{variant}-{dtype}")
+
+
+def make_inputs(shape, variant, dtype, device="cpu"):
+    """Fresh random inputs: x, dx and the parameters present in this variant with their tangents."""
+    batch, channels, height, width, num_groups = shape
+    affine, modulated, act = VARIANTS[variant]
+
+    def randn(*size, offset=0.0):
+        return (torch.randn(*size, device=device) + offset).to(dtype)
+
+    inputs = {
+        "x": randn(batch, channels, height, width, offset=0.5),
+        "dx": randn(batch, channels, height, width),
+    }
+    if affine:
+        inputs["weight"] = randn(channels, offset=1.0)
+        inputs["bias"] = randn(channels)
+    if modulated:
+        inputs["scale"] = 0.5 * randn(batch, channels)
+        inputs["shift"] = randn(batch, channels)
+        inputs["dscale"] = randn(batch, channels)
+        inputs["dshift"] = randn(batch, channels)
+    return inputs, num_groups, act
+
+
+def call(fn, inputs, num_groups, act, with_tangent, **backend):
+    params = {name: inputs.get(name) for name in ("weight", "bias")}
+    modulation = {name: inputs.get(name) for name in ("scale", "shift")}
+    if with_tangent:
+        return fn(
+            inputs["x"],
+            inputs["dx"],
+            num_groups,
+            **params,
+            **modulation,
+            dscale=inputs.get("dscale"),
+            dshift=inputs.get("dshift"),
+            act=act,
+            **backend,
+        )
+    return fn(inputs["x"], num_groups, **params, **modulation, act=act, **backend)
+
+
+def primal_and_grads(fn, inputs, num_groups, act, with_tangent, grad_y, **backend):
+    """(y, dy or None, {name: gradient}) for one implementation; inputs are copied, never modified."""
+    inputs = {name: value.detach().clone() for name, value in inputs.items()}
+    leaves = {name: inputs[name].requires_grad_() for name in ("x", *PARAMETER_NAMES) if name in inputs}
+    out = call(fn, inputs, num_groups, act, with_tangent, **backend)
+    y, dy = out if with_tangent else (out, None)
+    grads = torch.autograd.grad(y, list(leaves.values()), grad_y.to(y.dtype))
+    return y, dy, dict(zip(leaves, grads, strict=True))
+
+
+def check_against_reference(backend, shape, variant, dtype, with_tangent, device="cpu"):
+    inputs, num_groups, act = make_inputs(shape, variant, dtype, device)
+    op = "group_norm_act_jvp" if with_tangent else "group_norm_act"
+    args = {name: inputs.get(name) for name in ("x", "weight", "bias", "scale", "shift")}
+    args.update(num_groups=num_groups, eps=1e-5, act=act)
+    if with_tangent:
+        args.update(dx=inputs["dx"], dscale=inputs.get("dscale"), dshift=inputs.get("dshift"))
+    skip_unless_runs(backend, op, args)
+
+    grad_y = torch.randn(inputs["x"].shape, device=device)
+    kernel_fn = imf_kernels.group_norm_act_jvp if with_tangent else imf_kernels.group_norm_act
+    reference_fn = reference.group_norm_act_jvp if with_tangent else reference.group_norm_act
+    kernel = primal_and_grads(kernel_fn, inputs, num_groups, act, with_tangent, grad_y, backend=backend)
+    inputs64 = {name: value.double() for name, value in inputs.items()}
+    truth = primal_and_grads(reference_fn, inputs64, num_groups, act, with_tangent, grad_y)
+    baseline = primal_and_grads(reference_fn, inputs, num_groups, act, with_tangent, grad_y)
+
+    floor = FLOOR[dtype]
+    reference.check_parity("y", kernel[0], truth[0], baseline[0], floor)
+    assert kernel[0].dtype == dtype
+    if with_tangent:
+        assert kernel[1].dtype == dtype and not kernel[1].requires_grad
+        reference.check_parity("dy", kernel[1], truth[1], baseline[1], floor)
+    for name, grad in kernel[2].items():
+        assert grad.dtype == dtype, name
+        reference.check_parity(f"grad_{name}", grad, truth[2][name], baseline[2][name], floor)
+
+
+@pytest.mark.parametrize(("backend", "shape", "variant", "dtype"), cases((torch.float32, torch.float16)))
+def test_group_norm_act_matches_reference(backend, shape, variant, dtype):
+    check_against_reference(backend, shape, variant, dtype, with_tangent=False)
+
+
+@pytest.mark.parametrize(("backend", "shape", "variant", "dtype"), cases((torch.float32, torch.float16)))
+def test_group_norm_act_jvp_matches_reference(backend, shape, variant, dtype):
+    check_against_reference(backend, shape, variant, dtype, with_tangent=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tangent_of_the_primal_op_under_torch_func_jvp(backend):
+    """torch.func.jvp through group_norm_act, tangents on every input and parameter, vs the reference."""
+    inputs, num_groups, act = make_inputs(SHAPES[1], "modulated", torch.float32)
+    args = {name: inputs[name] for name in ("x", "weight", "bias", "scale", "shift")}
+    skip_unless_runs(backend, "group_norm_act", {**args, "num_groups": num_groups, "eps": 1e-5, "act": act})
+    tangents = (inputs["dx"], torch.randn(40), torch.randn(40), inputs["dscale"], inputs["dshift"])
+
+    def kernel(x, weight, bias, scale, shift):
+        return imf_kernels.group_norm_act(x, num_groups, weight, bias, scale=scale, shift=shift, backend=backend)
+
+    def oracle(x, weight, bias, scale, shift):
+        return reference.group_norm_act(x, num_groups, weight, bias, scale=scale, shift=shift)
+
+    y, dy = torch.func.jvp(kernel, tuple(args.values()), tangents)
+    y64, dy64 = torch.func.jvp(oracle, tuple(a.double() for a in args.values()), tuple(t.double() for t in tangents))
+    y32, dy32 = torch.func.jvp(oracle, tuple(args.values()), tangents)
+    reference.check_parity("y", y, y64, y32, FLOOR[torch.float32])
+    reference.check_parity("dy", dy, dy64, dy32, FLOOR[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tangent_of_the_primal_op_under_forward_ad(backend):
+    """torch.autograd.forward_ad through group_norm_act (tangent on x only) equals the fused jvp op."""
+    inputs, num_groups, act = make_inputs(SHAPES[0], "affine", torch.float32)
+    args = {
+        "x": inputs["x"],
+        "weight": inputs["weight"],
+        "bias": inputs["bias"],
+        "scale": None,
+        "shift": None,
+    }
+    skip_unless_runs(backend, "group_norm_act", {**args, "num_groups": num_groups, "eps": 1e-5, "act": act})
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(inputs["x"], inputs["dx"])
+        out = imf_kernels.group_norm_act(dual, num_groups, inputs["weight"], inputs["bias"], backend=backend)
+        y, dy = torch.autograd.forward_ad.unpack_dual(out)
+    y64, dy64 = reference.group_norm_act_jvp(
+        inputs["x"].double(),
+        inputs["dx"].double(),
+        num_groups,
+        inputs["weight"].double(),
+        inputs["bias"].double(),
+    )
+    y32, dy32 = reference.group_norm_act_jvp(inputs["x"], inputs["dx"], num_groups, inputs["weight"], inputs["bias"])
+    reference.check_parity("y", y, y64, y32, FLOOR[torch.float32])
+    reference.check_parity("dy", dy, dy64, dy32, FLOOR[torch.float32])
+
+
+def test_statistics_survive_a_large_mean():
+    """Two-pass statistics: x = 1000 + N(0, 1) in float32 still normalises to the float64 answer."""
+    x = 1000 + torch.randn(2, 40, 5, 7)
+    y = imf_kernels.group_norm_act(x, 8, act="none", backend="torch")
+    y64 = reference.group_norm_act(x.double(), 8, act="none")
+    assert reference.max_error(y, y64) < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+BAD_CALLS = [
+    ("x rank", lambda: imf_kernels.group_norm_act(torch.randn(3, 5), 1), "x must be 4-D (B, C, H, W)"),
+    (
+        "groups",
+        lambda: imf_kernels.group_norm_act(torch.randn(1, 40, 2, 2), 7),
+        "num_groups=7 must divide the 40",
+    ),
+    (
+        "dtype",
+        lambda: imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2, torch.randn(8, dtype=torch.float16)),
+        "weight must have the dtype of x",
+    ),
+    (
+        "weight shape",
+        lambda: imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2, torch.randn(4)),
+        "weight must have shape (C,)",
+    ),
+    (
+        "scale shape",
+        lambda: imf_kernels.group_norm_act(torch.randn(2, 8, 2, 2), 2, scale=torch.randn(1, 8)),
+        "scale must have shape (B, C)",
+    ),
+    (
+        "contiguity",
+        lambda: imf_kernels.group_norm_act(torch.randn(1, 8, 2, 3).transpose(2, 3), 2),
+        "x must be contiguous",
+    ),
+    (
+        "integer x",
+        lambda: imf_kernels.group_norm_act(torch.ones(1, 8, 2, 2, dtype=torch.int64), 2),
+        "x must have dtype float16, bfloat16, float32, float64",
+    ),
+    ("act", lambda: imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2, act="gelu"), "act must be one of"),
+    ("eps", lambda: imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2, eps=0.0), "eps must be > 0"),
+    (
+        "dx shape",
+        lambda: imf_kernels.group_norm_act_jvp(torch.randn(1, 8, 2, 2), torch.randn(1, 8, 2, 3), 2),
+        "dx must have shape",
+    ),
+    (
+        "dscale without scale",
+        lambda: imf_kernels.group_norm_act_jvp(
+            torch.randn(1, 8, 2, 2), torch.randn(1, 8, 2, 2), 2, dscale=torch.randn(1, 8)
+        ),
+        "dscale needs scale",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "bad_call", "message"), BAD_CALLS, ids=[case for case, _, _ in BAD_CALLS])
+def test_bad_input_raises_a_clear_value_error(case, bad_call, message):
+    op = "group_norm_act_jvp" if case in ("dx shape", "dscale without scale") else "group_norm_act"
+    with pytest.raises(ValueError, match="^" + re.escape(f"{op}: {message}")):
+        bad_call()
+
+
+# ------------------------------------------------------------------------------------------------------ GPU
+
+# latent-b shapes: ResBlock GN at 32x32 and 16x16, 32 groups
+GPU_SHAPES = [(8, 256, 32, 32, 32), (8, 192, 16, 16, 32), (1, 40, 5, 7, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("with_tangent", [False, True], ids=["primal", "jvp"])
+def test_group_norm_act_on_gpu(backend, shape, dtype, with_tangent):
+    check_against_reference(backend, shape, "modulated", dtype, with_tangent, device="cuda")
