@@ -1,0 +1,230 @@
+"""attention and attention_jvp on every backend against the float64 reference (DESIGN 4.3, 5).
+
+Each case checks o, do and the gradients dq, dk, dv: the kernel's error against float64 must be at most 2x the
+error of the reference computed in the kernel's dtype, plus a small floor. Memory the launchers allocate with
+`empty` is NaN-filled (deterministic mode), so an unwritten element fails.
+"""
+
+import re
+
+import pytest
+import torch
+
+import imf_kernels
+from imf_kernels import dispatch, reference
+
+BACKENDS = list(dispatch.BACKENDS)
+# (B, H, Lq, Lk, D): Lq not a power of two, cross-attention contexts of 4 and 20 tokens, a 77-token context
+# that needs the KV loop, self-attention, batch 1.
+SHAPES = [(2, 2, 24, 4, 32), (1, 3, 37, 20, 64), (2, 1, 13, 77, 32), (1, 2, 50, 50, 64)]
+# The interpreter is slow: triton gets a short and a long context only.
+INTERPRETED_SHAPES = [(1, 2, 24, 20, 32), (1, 1, 13, 77, 64)]
+# name -> (scale, tangents on k and v)
+VARIANTS = {"default": (None, True), "scaled-dq-only": (0.3, False)}
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# A GPU's fp32 tl.dot / tensor-core path is TF32 (10-bit mantissa): its floor is set by that, not by fp32.
+GPU_FP32_FLOOR = 3e-3
+
+
+@pytest.fixture(autouse=True)
+def poison_empty():
+    """NaN-fill every torch.empty while a test runs, so an element a kernel forgets to write shows up."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = was_filling
+
+
+def skip_unless_runs(backend: str, op: str, args: dict) -> None:
+    """Skip with the backend's own words when it is not usable here or does not take this call."""
+    reasons = dispatch.not_supported_reasons(backend, op, args)
+    if reasons:
+        pytest.skip(f"{backend}: " + "; ".join(reasons))
+
+
+def cases(dtypes):
+    for backend in BACKENDS:
+        for shape in INTERPRETED_SHAPES if backend == "triton" else SHAPES:
+            for variant in VARIANTS:
+                for dtype in dtypes:
+                    yield pytest.param(backend, shape, variant, dtype, id=f"{backend}-{shape}-{variant}-{dtype}")
+
+
+def make_inputs(shape, dtype, device="cpu"):
+    """Fresh random q, k, v and tangents dq, dk, dv."""
+    batch, heads, len_q, len_k, head_dim = shape
+    sizes = {"q": len_q, "k": len_k, "v": len_k}
+    inputs = {name: torch.randn(batch, heads, length, head_dim, device=device) for name, length in sizes.items()}
+    inputs.update({"d" + name: torch.randn_like(inputs[name]) for name in sizes})
+    return {name: value.to(dtype) for name, value in inputs.items()}
+
+
+def primal_and_grads(fn, inputs, scale, with_tangent, grad_o, **backend):
+    """(o, do or None, {name: gradient}) for one implementation; inputs are copied, never modified."""
+    inputs = {name: value.detach().clone() for name, value in inputs.items()}
+    leaves = [inputs[name].requires_grad_() for name in ("q", "k", "v")]
+    if with_tangent:
+        o, do = fn(*leaves, inputs["dq"], inputs.get("dk"), inputs.get("dv"), scale=scale, **backend)
+    else:
+        o, do = fn(*leaves, scale=scale, **backend), None
+    grads = torch.autograd.grad(o, leaves, grad_o.to(o.dtype))
+    return o, do, dict(zip(("q", "k", "v"), grads, strict=True))
+
+
+def check_against_reference(backend, shape, variant, dtype, with_tangent, device="cpu"):
+    scale, key_tangents = VARIANTS[variant]
+    inputs = make_inputs(shape, dtype, device)
+    if not key_tangents:
+        del inputs["dk"], inputs["dv"]
+    op = "attention_jvp" if with_tangent else "attention"
+    args = {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"], "scale": scale}
+    if with_tangent:
+        args.update(dq=inputs["dq"], dk=inputs.get("dk"), dv=inputs.get("dv"))
+    skip_unless_runs(backend, op, args)
+
+    grad_o = torch.randn(inputs["q"].shape, device=device)
+    kernel_fn = imf_kernels.attention_jvp if with_tangent else imf_kernels.attention
+    reference_fn = reference.attention_jvp if with_tangent else reference.attention
+    kernel = primal_and_grads(kernel_fn, inputs, scale, with_tangent, grad_o, backend=backend)
+    inputs64 = {name: value.double() for name, value in inputs.items()}
+    truth = primal_and_grads(reference_fn, inputs64, scale, with_tangent, grad_o)
+    baseline = primal_and_grads(reference_fn, inputs, scale, with_tangent, grad_o)
+
+    floor = GPU_FP32_FLOOR if device == "cuda" and dtype == torch.float32 else FLOOR[dtype]
+    assert kernel[0].dtype == dtype
+    reference.check_parity("o", kernel[0], truth[0], baseline[0], floor)
+    if with_tangent:
+        assert kernel[1].dtype == dtype and not kernel[1].requires_grad
+        reference.check_parity("do", kernel[1], truth[1], baseline[1], floor)
+    for name, grad in kernel[2].items():
+        assert grad.dtype == dtype, name
+        reference.check_parity(f"grad_{name}", grad, truth[2][name], baseline[2][name], floor)
+
+
+@pytest.mark.parametrize(("backend", "shape", "variant", "dtype"), cases((torch.float32, torch.float16)))
+def test_attention_matches_reference(backend, shape, variant, dtype):
+    check_against_reference(backend, shape, variant, dtype, with_tangent=False)
+
+
+@pytest.mark.parametrize(("backend", "shape", "variant", "dtype"), cases((torch.float32, torch.float16)))
+def test_attention_jvp_matches_reference(backend, shape, variant, dtype):
+    check_against_reference(backend, shape, variant, dtype, with_tangent=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tangent_of_the_primal_op_under_torch_func_jvp(backend):
+    """torch.func.jvp through attention with a tangent on k only (dq and dv absent) vs the reference."""
+    inputs = make_inputs(INTERPRETED_SHAPES[0], torch.float32)
+    q, k, v, dk = inputs["q"], inputs["k"], inputs["v"], inputs["dk"]
+    skip_unless_runs(backend, "attention", {"q": q, "k": k, "v": v, "scale": None})
+    o, do = torch.func.jvp(lambda k: imf_kernels.attention(q, k, v, backend=backend), (k,), (dk,))
+    o64, do64 = reference.attention_jvp(q.double(), k.double(), v.double(), torch.zeros_like(q.double()), dk.double())
+    o32, do32 = reference.attention_jvp(q, k, v, torch.zeros_like(q), dk)
+    reference.check_parity("o", o, o64, o32, FLOOR[torch.float32])
+    reference.check_parity("do", do, do64, do32, FLOOR[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tangent_of_the_primal_op_under_forward_ad(backend):
+    """torch.autograd.forward_ad through attention, tangents on q, k and v, vs the reference."""
+    inputs = make_inputs(INTERPRETED_SHAPES[0], torch.float32)
+    skip_unless_runs(backend, "attention", {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"], "scale": None})
+    with torch.autograd.forward_ad.dual_level():
+        duals = [torch.autograd.forward_ad.make_dual(inputs[name], inputs["d" + name]) for name in "qkv"]
+        o, do = torch.autograd.forward_ad.unpack_dual(imf_kernels.attention(*duals, backend=backend))
+    truth = reference.attention_jvp(*(inputs[name].double() for name in ("q", "k", "v", "dq", "dk", "dv")))
+    baseline = reference.attention_jvp(*(inputs[name] for name in ("q", "k", "v", "dq", "dk", "dv")))
+    reference.check_parity("o", o, truth[0], baseline[0], FLOOR[torch.float32])
+    reference.check_parity("do", do, truth[1], baseline[1], FLOOR[torch.float32])
+
+
+def test_torch_backend_takes_any_context_length():
+    """The CPU path materialises the scores, so a context past every kernel's limit (4096) still runs."""
+    q, k, v = torch.randn(1, 1, 3, 16), torch.randn(1, 1, 5000, 16), torch.randn(1, 1, 5000, 16)
+    o = imf_kernels.attention(q, k, v, backend="torch")
+    reference.check_parity(
+        "o", o, reference.attention(q.double(), k.double(), v.double()), reference.attention(q, k, v), 1e-5
+    )
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def qkv(len_q=5, len_k=4, head_dim=8, **overrides):
+    tensors = {
+        "q": torch.randn(2, 3, len_q, head_dim),
+        "k": torch.randn(2, 3, len_k, head_dim),
+        "v": torch.randn(2, 3, len_k, head_dim),
+    }
+    tensors.update(overrides)
+    return tensors
+
+
+BAD_CALLS = [
+    ("q rank", lambda: imf_kernels.attention(**qkv(q=torch.randn(3, 5, 8))), "q must be 4-D (B, H, Lq, D)"),
+    ("k head dim", lambda: imf_kernels.attention(**qkv(k=torch.randn(2, 3, 4, 16))), "k must have shape"),
+    ("v length", lambda: imf_kernels.attention(**qkv(v=torch.randn(2, 3, 6, 8))), "v must have shape"),
+    (
+        "dtype",
+        lambda: imf_kernels.attention(**qkv(k=torch.randn(2, 3, 4, 8, dtype=torch.float16))),
+        "k must have the dtype of q",
+    ),
+    ("empty context", lambda: imf_kernels.attention(**qkv(len_k=0)), "k must not be empty"),
+    (
+        "contiguity",
+        lambda: imf_kernels.attention(**qkv(q=torch.randn(2, 5, 3, 8).transpose(1, 2))),
+        "q must be contiguous",
+    ),
+    ("scale", lambda: imf_kernels.attention(**qkv(), scale=-1.0), "scale must be > 0"),
+]
+
+
+@pytest.mark.parametrize(("case", "bad_call", "message"), BAD_CALLS, ids=[case for case, _, _ in BAD_CALLS])
+def test_bad_input_raises_a_clear_value_error(case, bad_call, message):
+    with pytest.raises(ValueError, match="^" + re.escape(f"attention: {message}")):
+        bad_call()
+
+
+def test_bad_tangent_raises_a_clear_value_error():
+    tensors = qkv()
+    with pytest.raises(ValueError, match=re.escape("attention_jvp: dk must have shape (B, H, Lk, D) like k")):
+        imf_kernels.attention_jvp(**tensors, dq=torch.randn_like(tensors["q"]), dk=torch.randn(2, 3, 5, 8))
+
+
+def test_a_context_longer_than_a_backend_takes_is_refused_in_words():
+    """Lk = 5000 is past DESIGN's 4..4096: a backend named for it either refuses with its reasons in the
+    ValueError or computes the right answer; auto (torch on CPU) always computes it."""
+    tensors = qkv(len_k=5000, head_dim=32)
+    truth = reference.attention(*(tensors[name].double() for name in "qkv"))
+    baseline = reference.attention(*(tensors[name] for name in "qkv"))
+    reference.check_parity("o", imf_kernels.attention(**tensors), truth, baseline, FLOOR[torch.float32])
+    for backend in BACKENDS:
+        reasons = dispatch.not_supported_reasons(backend, "attention", {**tensors, "scale": None})
+        if reasons:
+            with pytest.raises(ValueError, match=f"^attention: backend '{backend}' cannot take this call: "):
+                imf_kernels.attention(**tensors, backend=backend)
+            with pytest.raises(ValueError) as refusal:
+                imf_kernels.attention(**tensors, backend=backend)
+            assert all(reason in str(refusal.value) for reason in reasons)
+        else:
+            o = imf_kernels.attention(**tensors, backend=backend)
+            reference.check_parity(f"o ({backend})", o, truth, baseline, FLOOR[torch.float32])
+
+
+# ------------------------------------------------------------------------------------------------------ GPU
+
+# latent-b: cross-attention to the 20/24 context tokens at 32x32, self-attention at 16x16.
+GPU_SHAPES = [(8, 4, 1024, 24, 64), (8, 4, 1024, 20, 64), (8, 4, 256, 256, 64), (1, 3, 37, 77, 32)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("with_tangent", [False, True], ids=["primal", "jvp"])
+def test_attention_on_gpu(backend, shape, dtype, with_tangent):
+    check_against_reference(backend, shape, "default", dtype, with_tangent, device="cuda")
