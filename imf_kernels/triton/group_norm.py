@@ -1,0 +1,659 @@
+"""GroupNorm + modulation + SiLU in Triton (DESIGN 4.3): primal, forward-with-tangent and backward.
+
+y = act(h), h = xh alpha + beta, xh = (x - mean_g) rstd_g, alpha = w (1 + s), beta = b (1 + s) + shift;
+tangent dh = dxh alpha + xh (w ds) + (b ds + dshift), dxh = rstd (dx - mean_g(dx) - xh mean_g(xh dx)).
+Memory floor: read x (and dx, or grad_y) once, write y (and dy, or grad_x) once, plus O(B C) per channel.
+
+One program per (sample, group): the group is the contiguous slab x[b, g*C/G:(g+1)*C/G] seen as a
+[channels, H*W] tile. When it fits in registers it is loaded once (exact two-pass statistics in registers);
+otherwise a loop over H*W chunks merges per-chunk two-pass statistics (Chan's formula), a second loop writes.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INTERPRETER_DTYPES = (torch.float32, torch.float16)
+_TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# One group of C/G channels is one program; its channel column must fit one tile (see _pick_blocks).
+MAX_CHANNELS_PER_GROUP = 1024
+
+# Largest tile one program holds in registers, per pass: the forward keeps x; the tangent pass x, dx and
+# their products; the backward x, grad_y and the recomputed h. Larger groups are processed in chunks.
+_MAX_SINGLE_TILE = {"fwd": 8192, "jvp": 8192, "bwd": 8192}
+_CHUNK_TILE = {"fwd": 2048, "jvp": 2048, "bwd": 2048}
+_MAX_WARPS = 16
+
+
+@dataclass(frozen=True)
+class GNBlocks:
+    """Launch configuration of one GroupNorm pass."""
+
+    block_c: int  # channels of one group, padded to a power of two
+    block_hw: int  # spatial positions per tile (all of H*W when single_tile)
+    single_tile: bool  # the whole group is one register tile: one read of each input
+    num_warps: int
+
+
+def check_gpu_rules(blocks: GNBlocks) -> None:
+    """Rules the interpreter does not enforce but a GPU compiler does: tl.arange needs power-of-2 sizes."""
+    for name in ("block_c", "block_hw", "num_warps"):
+        value = getattr(blocks, name)
+        if value < 1 or value & (value - 1):
+            raise AssertionError(f"group_norm triton: {name}={value} must be a power of two")
+    if blocks.block_c * blocks.block_hw < 32 * blocks.num_warps and blocks.num_warps > 1:
+        raise AssertionError(f"group_norm triton: {blocks} has more threads than tile elements")
+
+
+def pick_blocks(channels_per_group: int, hw: int, dtype: torch.dtype, pass_name: str) -> GNBlocks:
+    """Deterministic launch configuration from the group shape, the dtype and the pass (fwd/jvp/bwd).
+
+    A thread owns two 16-byte vectors of each input (8 fp32 or 16 fp16/bf16 elements), which sets num_warps.
+    """
+    block_c = triton.next_power_of_2(channels_per_group)
+    hw_pow2 = triton.next_power_of_2(hw)
+    single_tile = block_c * hw_pow2 <= _MAX_SINGLE_TILE[pass_name]
+    if single_tile:
+        block_hw = hw_pow2
+    else:
+        block_hw = max(1, _CHUNK_TILE[pass_name] // block_c)
+    elements_per_thread = 2 * 16 // dtype.itemsize
+    num_warps = min(_MAX_WARPS, max(1, block_c * block_hw // (32 * elements_per_thread)))
+    blocks = GNBlocks(block_c, block_hw, single_tile, num_warps)
+    check_gpu_rules(blocks)
+    return blocks
+
+
+@triton.jit
+def _channel_coefficients(
+    weight_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    param_offs,
+    sample_channel_offs,
+    c_mask,
+    BLOCK_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+):
+    # Per-channel w, b, (1 + s) and h = xh * alpha + beta, alpha = w (1 + s), beta = b (1 + s) + shift.
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + param_offs, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + param_offs, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK_C], tl.float32)
+    if HAS_SCALE:
+        one_plus_s = 1.0 + tl.load(scale_ptr + sample_channel_offs, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        one_plus_s = tl.full([BLOCK_C], 1.0, tl.float32)
+    alpha = w * one_plus_s
+    beta = b * one_plus_s
+    if HAS_SHIFT:
+        beta += tl.load(shift_ptr + sample_channel_offs, mask=c_mask, other=0.0).to(tl.float32)
+    return w, b, one_plus_s, alpha, beta
+
+
+@triton.jit
+def _write_output_tile(
+    y_ptr,
+    dy_ptr,
+    offs,
+    mask,
+    xh,
+    dxh,
+    alpha,
+    beta,
+    gamma,
+    delta,
+    WITH_TANGENT: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+):
+    # h = xh alpha + beta, y = h sigmoid(h); dh = dxh alpha + xh gamma + delta,
+    # dy = dh sigmoid(h) (1 + h (1 - sigmoid(h))).
+    h = xh * alpha[:, None] + beta[:, None]
+    if ACT_SILU:
+        sig = tl.sigmoid(h)
+        y = h * sig
+    else:
+        y = h
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if WITH_TANGENT:
+        dh = dxh * alpha[:, None] + xh * gamma[:, None] + delta[:, None]
+        if ACT_SILU:
+            dy = dh * sig * (1.0 + h * (1.0 - sig))
+        else:
+            dy = dh
+        tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_fwd_kernel(
+    x_ptr,
+    dx_ptr,
+    y_ptr,
+    dy_ptr,
+    mean_ptr,
+    rstd_ptr,
+    weight_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    dscale_ptr,
+    dshift_ptr,
+    HW,
+    CPG,
+    G,
+    eps,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    WITH_TANGENT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_DSCALE: tl.constexpr,
+    HAS_DSHIFT: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+):
+    pid = tl.program_id(0)  # = b * G + g; the (b, g) slab is contiguous
+    # Scalar 64-bit group bases keep the per-element offsets 32-bit.
+    group_base = pid.to(tl.int64) * CPG * HW
+    x_ptr += group_base
+    dx_ptr += group_base
+    y_ptr += group_base
+    dy_ptr += group_base
+    c_offs = tl.arange(0, BLOCK_C)
+    hw_offs = tl.arange(0, BLOCK_HW)
+    c_mask = c_offs < CPG
+    sample_channel_offs = pid * CPG + c_offs  # index b * C + c of scale/shift
+    n = (CPG * HW).to(tl.float32)
+
+    w, b, one_plus_s, alpha, beta = _channel_coefficients(
+        weight_ptr,
+        bias_ptr,
+        scale_ptr,
+        shift_ptr,
+        (pid % G) * CPG + c_offs,
+        sample_channel_offs,
+        c_mask,
+        BLOCK_C,
+        HAS_WEIGHT,
+        HAS_BIAS,
+        HAS_SCALE,
+        HAS_SHIFT,
+    )
+    # dh = dxh alpha + xh gamma + delta with gamma = w ds, delta = b ds + dshift.
+    gamma = tl.zeros([BLOCK_C], tl.float32)
+    delta = tl.zeros([BLOCK_C], tl.float32)
+    if WITH_TANGENT:
+        if HAS_DSCALE:
+            dscale = tl.load(dscale_ptr + sample_channel_offs, mask=c_mask, other=0.0).to(tl.float32)
+            gamma = w * dscale
+            delta = b * dscale
+        if HAS_DSHIFT:
+            delta += tl.load(dshift_ptr + sample_channel_offs, mask=c_mask, other=0.0).to(tl.float32)
+
+    if SINGLE_TILE:
+        mask = c_mask[:, None] & (hw_offs < HW)[None, :]
+        offs = c_offs[:, None] * HW + hw_offs[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
+        x_centered = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(tl.sum(x_centered * x_centered, axis=1), axis=0) / n
+        rstd = 1.0 / tl.sqrt_rn(var + eps)
+        xh = x_centered * rstd
+        if WITH_TANGENT:
+            dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dx_mean = tl.sum(tl.sum(dx, axis=1), axis=0) / n
+            # mean_g(xh dx) = rstd * mean_g((x - mean) dx)
+            xh_dx_mean = rstd * tl.sum(tl.sum(x_centered * dx, axis=1), axis=0) / n
+            dxh = rstd * (dx - dx_mean - xh * xh_dx_mean)
+        else:
+            dxh = xh
+        _write_output_tile(y_ptr, dy_ptr, offs, mask, xh, dxh, alpha, beta, gamma, delta, WITH_TANGENT, ACT_SILU)
+    else:
+        # Pass 1: per-chunk two-pass moments merged with Chan's formula: mean, M2 = sum (x - mean)^2 and,
+        # with a tangent, the mean of dx and the co-moment sum (x - mean)(dx - mean_dx).
+        count = tl.full([], 0.0, tl.float32)
+        mean = tl.full([], 0.0, tl.float32)
+        m2 = tl.full([], 0.0, tl.float32)
+        dx_mean = tl.full([], 0.0, tl.float32)
+        comoment = tl.full([], 0.0, tl.float32)
+        for start in range(0, HW, BLOCK_HW):
+            hw = start + hw_offs
+            mask = c_mask[:, None] & (hw < HW)[None, :]
+            offs = c_offs[:, None] * HW + hw[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            chunk_count = (CPG * tl.minimum(HW - start, BLOCK_HW)).to(tl.float32)
+            chunk_mean = tl.sum(tl.sum(x, axis=1), axis=0) / chunk_count
+            x_centered = tl.where(mask, x - chunk_mean, 0.0)
+            chunk_m2 = tl.sum(tl.sum(x_centered * x_centered, axis=1), axis=0)
+            total = count + chunk_count
+            mean_delta = chunk_mean - mean
+            mean += mean_delta * (chunk_count / total)
+            m2 += chunk_m2 + mean_delta * mean_delta * (count * chunk_count / total)
+            if WITH_TANGENT:
+                dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                chunk_dx_mean = tl.sum(tl.sum(dx, axis=1), axis=0) / chunk_count
+                chunk_comoment = tl.sum(tl.sum(x_centered * dx, axis=1), axis=0)
+                dx_mean_delta = chunk_dx_mean - dx_mean
+                dx_mean += dx_mean_delta * (chunk_count / total)
+                comoment += chunk_comoment + mean_delta * dx_mean_delta * (count * chunk_count / total)
+            count = total
+        rstd = 1.0 / tl.sqrt_rn(m2 / n + eps)
+        xh_dx_mean = rstd * comoment / n
+        # Pass 2: normalise, modulate, activate, write.
+        for start in range(0, HW, BLOCK_HW):
+            hw = start + hw_offs
+            mask = c_mask[:, None] & (hw < HW)[None, :]
+            offs = c_offs[:, None] * HW + hw[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            xh = (x - mean) * rstd
+            if WITH_TANGENT:
+                dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                dxh = rstd * (dx - dx_mean - xh * xh_dx_mean)
+            else:
+                dxh = xh
+            _write_output_tile(y_ptr, dy_ptr, offs, mask, xh, dxh, alpha, beta, gamma, delta, WITH_TANGENT, ACT_SILU)
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, rstd)
+
+
+@triton.jit
+def _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU: tl.constexpr):
+    # xh and dL/dh = grad_y * act'(h), act'(h) = sigmoid(h) (1 + h (1 - sigmoid(h))) for SiLU.
+    xh = (x - mean) * rstd
+    if ACT_SILU:
+        h = xh * alpha[:, None] + beta[:, None]
+        sig = tl.sigmoid(h)
+        grad_h = grad_y * sig * (1.0 + h * (1.0 - sig))
+    else:
+        grad_h = grad_y
+    return xh, grad_h
+
+
+@triton.jit
+def _gn_bwd_kernel(
+    grad_y_ptr,
+    x_ptr,
+    grad_x_ptr,
+    mean_ptr,
+    rstd_ptr,
+    weight_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    grad_weight_partial_ptr,
+    grad_bias_partial_ptr,
+    grad_scale_ptr,
+    grad_shift_ptr,
+    HW,
+    CPG,
+    G,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+):
+    # With gh = dL/dh and per-channel sums S1 = sum_hw gh, S2 = sum_hw gh xh:
+    # grad_shift = S1, grad_scale = w S2 + b S1, grad_bias (per sample) = (1 + s) S1,
+    # grad_weight (per sample) = (1 + s) S2, and with g = alpha gh (= dL/dxh):
+    # grad_x = rstd (g - mean_g(g) - xh mean_g(g xh)), mean_g(g) = sum_c alpha S1 / n, mean_g(g xh) likewise.
+    pid = tl.program_id(0)
+    group_base = pid.to(tl.int64) * CPG * HW
+    grad_y_ptr += group_base
+    x_ptr += group_base
+    grad_x_ptr += group_base
+    c_offs = tl.arange(0, BLOCK_C)
+    hw_offs = tl.arange(0, BLOCK_HW)
+    c_mask = c_offs < CPG
+    sample_channel_offs = pid * CPG + c_offs
+    n = (CPG * HW).to(tl.float32)
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.load(rstd_ptr + pid)
+    w, b, one_plus_s, alpha, beta = _channel_coefficients(
+        weight_ptr,
+        bias_ptr,
+        scale_ptr,
+        shift_ptr,
+        (pid % G) * CPG + c_offs,
+        sample_channel_offs,
+        c_mask,
+        BLOCK_C,
+        HAS_WEIGHT,
+        HAS_BIAS,
+        HAS_SCALE,
+        HAS_SHIFT,
+    )
+
+    if SINGLE_TILE:
+        mask = c_mask[:, None] & (hw_offs < HW)[None, :]
+        offs = c_offs[:, None] * HW + hw_offs[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
+        sum_grad_h = tl.sum(grad_h, axis=1)
+        sum_grad_h_xh = tl.sum(grad_h * xh, axis=1)
+    else:
+        sum_grad_h = tl.zeros([BLOCK_C], tl.float32)
+        sum_grad_h_xh = tl.zeros([BLOCK_C], tl.float32)
+        for start in range(0, HW, BLOCK_HW):
+            hw = start + hw_offs
+            mask = c_mask[:, None] & (hw < HW)[None, :]
+            offs = c_offs[:, None] * HW + hw[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
+            sum_grad_h += tl.sum(grad_h, axis=1)
+            sum_grad_h_xh += tl.sum(grad_h * xh, axis=1)
+
+    if HAS_SHIFT:
+        tl.store(grad_shift_ptr + sample_channel_offs, sum_grad_h, mask=c_mask)
+    if HAS_SCALE:
+        tl.store(grad_scale_ptr + sample_channel_offs, w * sum_grad_h_xh + b * sum_grad_h, mask=c_mask)
+    if HAS_WEIGHT:
+        tl.store(grad_weight_partial_ptr + sample_channel_offs, one_plus_s * sum_grad_h_xh, mask=c_mask)
+    if HAS_BIAS:
+        tl.store(grad_bias_partial_ptr + sample_channel_offs, one_plus_s * sum_grad_h, mask=c_mask)
+
+    g_mean = tl.sum(tl.where(c_mask, alpha * sum_grad_h, 0.0), axis=0) / n
+    g_xh_mean = tl.sum(tl.where(c_mask, alpha * sum_grad_h_xh, 0.0), axis=0) / n
+    if SINGLE_TILE:
+        grad_x = rstd * (grad_h * alpha[:, None] - g_mean - xh * g_xh_mean)
+        tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    else:
+        for start in range(0, HW, BLOCK_HW):
+            hw = start + hw_offs
+            mask = c_mask[:, None] & (hw < HW)[None, :]
+            offs = c_offs[:, None] * HW + hw[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
+            grad_x = rstd * (grad_h * alpha[:, None] - g_mean - xh * g_xh_mean)
+            tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def not_supported_reasons(op: str, args: dict) -> list[str]:
+    """Why the Triton GroupNorm launchers cannot take this call (empty list: they can)."""
+    x = args["x"]
+    reasons = []
+    if x.device.type == "cuda":
+        if x.dtype not in _GPU_DTYPES:
+            reasons.append(f"{op}: dtype {x.dtype} not supported by triton (float32, float16, bfloat16)")
+    elif x.device.type == "cpu" and _interpreter_on():
+        if x.dtype not in _INTERPRETER_DTYPES:
+            reasons.append(f"{op}: dtype {x.dtype} not supported by the triton interpreter (float32, float16)")
+    else:
+        reasons.append(f"{op}: device {x.device.type} needs CUDA (or CPU with TRITON_INTERPRET=1) for triton")
+    if x.dim() == 4 and args["num_groups"] > 0 and x.shape[1] % args["num_groups"] == 0:
+        channels_per_group = x.shape[1] // args["num_groups"]
+        if channels_per_group > MAX_CHANNELS_PER_GROUP:
+            reasons.append(f"{op}: C/num_groups={channels_per_group} > {MAX_CHANNELS_PER_GROUP} supported by triton")
+    if args.get("act", "silu") not in ("silu", "none"):
+        reasons.append(f"{op}: act={args['act']!r} not supported by triton (silu, none)")
+    return reasons
+
+
+def _flags(weight, bias, scale, shift, act: str) -> dict:
+    return {
+        "HAS_WEIGHT": weight is not None,
+        "HAS_BIAS": bias is not None,
+        "HAS_SCALE": scale is not None,
+        "HAS_SHIFT": shift is not None,
+        "ACT_SILU": act == "silu",
+    }
+
+
+def _forward(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act):
+    batch, channels, height, width = x.shape
+    hw = height * width
+    channels_per_group = channels // num_groups
+    with_tangent = dx is not None
+    blocks = pick_blocks(channels_per_group, hw, x.dtype, "jvp" if with_tangent else "fwd")
+    y = torch.empty_like(x)
+    dy = torch.empty_like(x) if with_tangent else y
+    mean = torch.empty((batch, num_groups), device=x.device, dtype=torch.float32)
+    rstd = torch.empty((batch, num_groups), device=x.device, dtype=torch.float32)
+    # Absent optional tensors are never read (their HAS_* flag is off); x stands in as a valid pointer.
+    _gn_fwd_kernel[(batch * num_groups,)](
+        x,
+        dx if with_tangent else x,
+        y,
+        dy,
+        mean,
+        rstd,
+        *(t if t is not None else x for t in (weight, bias, scale, shift, dscale, dshift)),
+        hw,
+        channels_per_group,
+        num_groups,
+        eps,
+        BLOCK_C=blocks.block_c,
+        BLOCK_HW=blocks.block_hw,
+        SINGLE_TILE=blocks.single_tile,
+        WITH_TANGENT=with_tangent,
+        HAS_DSCALE=with_tangent and dscale is not None,
+        HAS_DSHIFT=with_tangent and dshift is not None,
+        num_warps=blocks.num_warps,
+        **_flags(weight, bias, scale, shift, act),
+    )
+    return y, (dy if with_tangent else None), mean, rstd
+
+
+def gn_act_fwd(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    eps: float,
+    act: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = act(GN(x) * weight + bias) * (1 + scale) + shift); returns (y, mean, rstd), stats (B, G) fp32."""
+    y, _, mean, rstd = _forward(x, None, num_groups, weight, bias, scale, shift, None, None, eps, act)
+    return y, mean, rstd
+
+
+def gn_act_jvp_fwd(
+    x: torch.Tensor,
+    dx: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    dscale: torch.Tensor | None,
+    dshift: torch.Tensor | None,
+    eps: float,
+    act: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, dy, mean, rstd) in one pass over x and dx; dscale/dshift None mean a zero tangent."""
+    return _forward(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act)
+
+
+def gn_act_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    act: str,
+) -> tuple[torch.Tensor, ...]:
+    """(grad_x, grad_weight, grad_bias, grad_scale, grad_shift), None where the input is None.
+
+    grad_weight and grad_bias are written per (sample, channel) in fp32 and summed over the batch here,
+    which keeps the result deterministic (no atomics).
+    """
+    batch, channels, height, width = x.shape
+    hw = height * width
+    channels_per_group = channels // num_groups
+    blocks = pick_blocks(channels_per_group, hw, x.dtype, "bwd")
+    grad_x = torch.empty_like(x)
+
+    def per_sample_channel(tensor):
+        if tensor is None:
+            return x  # never written: its HAS_* flag is off
+        return torch.empty((batch, channels), device=x.device, dtype=torch.float32)
+
+    grad_weight_partial = per_sample_channel(weight)
+    grad_bias_partial = per_sample_channel(bias)
+    grad_scale = per_sample_channel(scale)
+    grad_shift = per_sample_channel(shift)
+    _gn_bwd_kernel[(batch * num_groups,)](
+        grad_y,
+        x,
+        grad_x,
+        mean,
+        rstd,
+        *(t if t is not None else x for t in (weight, bias, scale, shift)),
+        grad_weight_partial,
+        grad_bias_partial,
+        grad_scale,
+        grad_shift,
+        hw,
+        channels_per_group,
+        num_groups,
+        BLOCK_C=blocks.block_c,
+        BLOCK_HW=blocks.block_hw,
+        SINGLE_TILE=blocks.single_tile,
+        num_warps=blocks.num_warps,
+        **_flags(weight, bias, scale, shift, act),
+    )
+    return (
+        grad_x,
+        None if weight is None else grad_weight_partial.sum(0).to(weight.dtype),
+        None if bias is None else grad_bias_partial.sum(0).to(bias.dtype),
+        None if scale is None else grad_scale.to(scale.dtype),
+        None if shift is None else grad_shift.to(shift.dtype),
+    )
+
+
+# (C, resolution) of the GroupNorm inputs of the U-Net (imf/model.py, 2 ResBlocks per level; decoder inputs
+# concatenate a skip) for the `latent-b` (width 256, mults (1, 2, 3)) and `cifar` (width 128, mults (1, 2, 2))
+# presets, all with 32 groups; at batch 8 and 64.
+_PRESET_LAYERS = {
+    "latent-b": (
+        (256, 32),
+        (512, 32),
+        (768, 32),
+        (256, 16),
+        (512, 16),
+        (768, 16),
+        (1024, 16),
+        (1280, 16),
+        (512, 8),
+        (768, 8),
+        (1280, 8),
+        (1536, 8),
+    ),
+    "cifar": (
+        (128, 32),
+        (256, 32),
+        (384, 32),
+        (128, 16),
+        (256, 16),
+        (384, 16),
+        (512, 16),
+        (256, 8),
+        (512, 8),
+    ),
+}
+AOT_SHAPES = tuple(
+    (batch, channels, res, res, 32)
+    for layers in _PRESET_LAYERS.values()
+    for channels, res in layers
+    for batch in (8, 64)
+)
+
+
+def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
+    """Ahead-of-time compile specs for every launch configuration the launchers pick for `shapes`.
+
+    `shapes`: iterable of (B, C, H, W, num_groups). One spec per (pass, dtype, blocks, H*W % 16 == 0), with
+    every option on (weight, bias, scale, shift, their tangents, SiLU): the variant with the most live
+    registers. `divisible_by_16` names the arguments the JIT would specialise as multiples of 16 (torch's
+    allocations are 16-byte aligned), so the compiled code vectorises as it will at run time.
+    """
+    all_options = {
+        "HAS_WEIGHT": True,
+        "HAS_BIAS": True,
+        "HAS_SCALE": True,
+        "HAS_SHIFT": True,
+        "ACT_SILU": True,
+    }
+    specs = {}
+    for _, channels, height, width, num_groups in shapes:
+        for dtype, type_name in _TRITON_DTYPE_NAMES.items():
+            for pass_name in ("fwd", "jvp", "bwd"):
+                blocks = pick_blocks(channels // num_groups, height * width, dtype, pass_name)
+                hw_aligned = height * width % 16 == 0
+                key = (pass_name, type_name, blocks, hw_aligned)
+                if key in specs:
+                    continue
+                constexprs = {
+                    "BLOCK_C": blocks.block_c,
+                    "BLOCK_HW": blocks.block_hw,
+                    "SINGLE_TILE": blocks.single_tile,
+                    **all_options,
+                }
+                if pass_name == "bwd":
+                    fn = _gn_bwd_kernel
+                else:
+                    fn = _gn_fwd_kernel
+                    with_tangent = pass_name == "jvp"
+                    constexprs.update(WITH_TANGENT=with_tangent, HAS_DSCALE=with_tangent, HAS_DSHIFT=with_tangent)
+                # Statistics and per-(sample, channel) gradient partials are fp32, the scalars i32/fp32,
+                # every other pointer has the input's dtype.
+                runtime_types = {
+                    "mean_ptr": "*fp32",
+                    "rstd_ptr": "*fp32",
+                    "grad_weight_partial_ptr": "*fp32",
+                    "grad_bias_partial_ptr": "*fp32",
+                    "grad_scale_ptr": "*fp32",
+                    "grad_shift_ptr": "*fp32",
+                    "HW": "i32",
+                    "CPG": "i32",
+                    "G": "i32",
+                    "eps": "fp32",
+                }
+                signature = {
+                    arg: "constexpr" if arg in constexprs else runtime_types.get(arg, f"*{type_name}")
+                    for arg in fn.arg_names
+                }
+                layout = "single" if blocks.single_tile else "chunked"
+                aligned = [arg for arg, kind in signature.items() if kind.startswith("*")]
+                if hw_aligned:
+                    aligned.append("HW")
+                specs[key] = {
+                    "name": f"gn_{pass_name}_{type_name}_c{blocks.block_c}_hw{blocks.block_hw}_{layout}",
+                    "fn": fn,
+                    "signature": signature,
+                    "constexprs": constexprs,
+                    "num_warps": blocks.num_warps,
+                    "num_stages": 1,
+                    "divisible_by_16": aligned,
+                }
+    return list(specs.values())

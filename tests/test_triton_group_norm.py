@@ -1,0 +1,257 @@
+"""Launcher-level parity of the Triton GroupNorm + modulation + SiLU kernels (DESIGN 4.3) with a float64
+reference: F.group_norm + modulation + SiLU, its tangent from torch.func.jvp, its gradients from autograd.
+
+The kernel's error must be at most 2x the error of the same reference run by PyTorch in the kernel's dtype,
+plus a small floor. Both layouts run: the single register tile and, with the tile limits lowered, the chunked
+loop (Chan-merged statistics, two passes) that large groups take on a GPU.
+"""
+
+import contextlib
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imf_kernels.triton import group_norm as triton_gn
+
+HAS_CUDA = torch.cuda.is_available()
+EPS = 1e-5
+# Error floor relative to the largest reference magnitude of each output: a few units in the last place of
+# fp32; half a unit (the output's own rounding) of fp16 and bf16.
+FLOOR = {torch.float32: 3e-7, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    height: int
+    width: int
+    options: tuple[str, ...]  # which of weight, bias, scale, shift, dscale, dshift are given
+    act: str
+    channels: int = 40
+    num_groups: int = 8
+
+
+ALL_OPTIONS = ("weight", "bias", "scale", "shift", "dscale", "dshift")
+CASES = [
+    Case(3, 8, 8, ALL_OPTIONS, "silu"),
+    Case(1, 5, 7, ALL_OPTIONS, "silu"),
+    Case(3, 5, 7, (), "silu"),
+    Case(1, 8, 8, ("weight", "bias"), "none"),
+    Case(3, 5, 7, ("weight", "scale", "dscale"), "none"),
+    Case(1, 5, 7, ("bias", "scale", "shift"), "silu"),
+]
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """torch.empty / empty_like return NaN-filled tensors: every output element must be written."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    torch.empty = lambda *args, **kwargs: poison(empty(*args, **kwargs))
+    torch.empty_like = lambda *args, **kwargs: poison(empty_like(*args, **kwargs))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def use_layout(layout: str, monkeypatch) -> None:
+    """The chunked layout at test sizes: tiles of at most 64 elements, chunks of 32 (4 H*W columns of 8)."""
+    if layout == "chunked":
+        monkeypatch.setattr(triton_gn, "_MAX_SINGLE_TILE", {"fwd": 64, "jvp": 64, "bwd": 64})
+        monkeypatch.setattr(triton_gn, "_CHUNK_TILE", {"fwd": 32, "jvp": 32, "bwd": 32})
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0, offset=0.0):
+        values = torch.randn(*shape, generator=generator, dtype=torch.float64) * scale + offset
+        return values.to(device=device, dtype=dtype)
+
+    shape = (case.batch, case.channels, case.height, case.width)
+    per_sample_channel = (case.batch, case.channels)
+    tensors = {
+        # A non-zero mean and a spread of scales per channel, so the statistics are not trivial.
+        "x": randn(*shape, scale=2.0, offset=1.5) * randn(1, case.channels, 1, 1, scale=0.5, offset=1.0),
+        "dx": randn(*shape),
+        "grad_y": randn(*shape),
+        "weight": randn(case.channels, scale=0.5, offset=1.0),
+        "bias": randn(case.channels, scale=0.5),
+        "scale": randn(*per_sample_channel, scale=0.3),
+        "shift": randn(*per_sample_channel, scale=0.5),
+        "dscale": randn(*per_sample_channel, scale=0.3),
+        "dshift": randn(*per_sample_channel, scale=0.5),
+    }
+    for name in ALL_OPTIONS:
+        if name not in case.options:
+            tensors[name] = None
+    return tensors
+
+
+def reference(case: Case, inputs: dict) -> dict:
+    """y, dy, mean, rstd and the gradients of sum(y * grad_y), computed by PyTorch in the inputs' dtype."""
+    x = inputs["x"]
+
+    def forward(x, weight=None, bias=None, scale=None, shift=None):
+        h = F.group_norm(x, case.num_groups, weight, bias, EPS)
+        if scale is not None:
+            h = h * (1 + scale[:, :, None, None])
+        if shift is not None:
+            h = h + shift[:, :, None, None]
+        return F.silu(h) if case.act == "silu" else h
+
+    # Tangent along (x, scale, shift); a missing dscale/dshift is a zero tangent. weight and bias are fixed.
+    moving = [name for name in ("x", "scale", "shift") if inputs[name] is not None]
+    tangent_of = {"x": inputs["dx"], "scale": inputs["dscale"], "shift": inputs["dshift"]}
+    y, dy = torch.func.jvp(
+        lambda *tensors: forward(
+            weight=inputs["weight"], bias=inputs["bias"], **dict(zip(moving, tensors, strict=True))
+        ),
+        tuple(inputs[name] for name in moving),
+        tuple(tangent_of[name] if tangent_of[name] is not None else torch.zeros_like(inputs[name]) for name in moving),
+    )
+    leaves = {
+        name: inputs[name].detach().clone().requires_grad_()
+        for name in ("x", "weight", "bias", "scale", "shift")
+        if inputs[name] is not None
+    }
+    forward(**leaves).backward(inputs["grad_y"])
+    _, mean, rstd = torch.ops.aten.native_group_norm(
+        x, None, None, case.batch, case.channels, case.height * case.width, case.num_groups, EPS
+    )
+    result = {"y": y, "dy": dy, "mean": mean, "rstd": rstd}
+    result.update({f"grad_{name}": leaf.grad for name, leaf in leaves.items()})
+    return result
+
+
+def assert_close_to_reference(name: str, kernel, exact, torch_same_dtype, dtype) -> None:
+    """|kernel - exact| <= 2 |torch_same_dtype - exact| + floor, as max errors over the output."""
+    assert kernel.shape == exact.shape, name
+    assert torch.isfinite(kernel).all(), f"{name}: non-finite values (an element was never written?)"
+    kernel_error = (kernel.double() - exact).abs().max().item()
+    torch_error = (torch_same_dtype.double() - exact).abs().max().item()
+    bound = 2 * torch_error + FLOOR[dtype] * max(1.0, exact.abs().max().item())
+    assert kernel_error <= bound, f"{name}: kernel error {kernel_error:.3g} > bound {bound:.3g}"
+
+
+def run_and_check(case: Case, dtype: torch.dtype, device: str, seed: int) -> None:
+    inputs = make_inputs(case, dtype, device, seed)
+    exact = reference(case, {k: v.double() if v is not None else None for k, v in inputs.items()})
+    same_dtype = reference(case, inputs)
+    params = [inputs[name] for name in ("weight", "bias", "scale", "shift")]
+    with poisoned_allocations():
+        y, mean, rstd = triton_gn.gn_act_fwd(inputs["x"], case.num_groups, *params, EPS, case.act)
+        y_jvp, dy, mean_jvp, rstd_jvp = triton_gn.gn_act_jvp_fwd(
+            inputs["x"],
+            inputs["dx"],
+            case.num_groups,
+            *params,
+            inputs["dscale"],
+            inputs["dshift"],
+            EPS,
+            case.act,
+        )
+        grads = triton_gn.gn_act_bwd(inputs["grad_y"], inputs["x"], case.num_groups, *params, mean, rstd, case.act)
+
+    assert y.dtype == dy.dtype == dtype
+    assert mean.dtype == rstd.dtype == torch.float32
+    assert mean.shape == rstd.shape == (case.batch, case.num_groups)
+    outputs = {"y": y, "dy": dy, "mean": mean, "rstd": rstd}
+    # The primal forward and the forward-with-tangent compute y and the statistics the same way.
+    assert torch.equal(y_jvp, y) and torch.equal(mean_jvp, mean) and torch.equal(rstd_jvp, rstd)
+    for name, grad in zip(("x", "weight", "bias", "scale", "shift"), grads, strict=True):
+        if inputs[name] is None:
+            assert grad is None, f"grad_{name} must be None when {name} is None"
+        else:
+            assert grad.dtype == inputs[name].dtype
+            outputs[f"grad_{name}"] = grad
+    assert outputs.keys() == exact.keys()
+    for name, value in outputs.items():
+        assert_close_to_reference(name, value, exact[name], same_dtype[name], dtype)
+
+
+# Every case in fp32 with the single tile; fp16 and the chunked layout on a subset (the interpreter is slow).
+PARITY_RUNS = [
+    *[(case, torch.float32, "single") for case in CASES],
+    *[(CASES[i], torch.float16, "single") for i in (0, 2, 3)],
+    *[(CASES[i], torch.float32, "chunked") for i in (0, 4)],
+    *[(CASES[i], torch.float16, "chunked") for i in (1, 5)],
+]
+
+
+def run_id(run) -> str:
+    case, dtype, layout = run
+    options = "-".join(case.options) or "plain"
+    return f"B{case.batch}_{case.height}x{case.width}_{options}_{case.act}_{str(dtype)[6:]}_{layout}"
+
+
+@pytest.mark.parametrize("run", PARITY_RUNS, ids=run_id)
+def test_group_norm_act_matches_reference(run, monkeypatch):
+    case, dtype, layout = run
+    use_layout(layout, monkeypatch)
+    device = "cuda" if HAS_CUDA else "cpu"
+    run_and_check(case, dtype, device, seed=zlib.crc32(run_id(run).encode()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    "shape", [(8, 256, 32, 32, 32), (8, 512, 32, 32, 32), (4, 1536, 8, 8, 32), (2, 384, 16, 16, 32)]
+)
+def test_group_norm_act_matches_reference_at_model_shapes(shape, dtype):
+    batch, channels, height, width, num_groups = shape
+    case = Case(batch, height, width, ALL_OPTIONS, "silu", channels, num_groups)
+    run_and_check(case, dtype, "cuda", seed=1)
+
+
+def test_block_picker_follows_gpu_rules():
+    # Exact configurations for the test and model shapes: (C/G, H*W) -> padded channels, columns, warps.
+    assert triton_gn.pick_blocks(5, 35, torch.float32, "fwd") == triton_gn.GNBlocks(8, 64, True, 2)
+    assert triton_gn.pick_blocks(8, 1024, torch.float32, "jvp") == triton_gn.GNBlocks(8, 1024, True, 16)
+    assert triton_gn.pick_blocks(8, 1024, torch.bfloat16, "bwd") == triton_gn.GNBlocks(8, 1024, True, 16)
+    assert triton_gn.pick_blocks(16, 1024, torch.float32, "fwd") == triton_gn.GNBlocks(16, 128, False, 8)
+    assert triton_gn.pick_blocks(48, 64, torch.float16, "jvp") == triton_gn.GNBlocks(64, 64, True, 8)
+    for channels_per_group in (1, 3, 5, 24, 40, 48, 1024):
+        for hw in (1, 35, 64, 1024, 4096):
+            for pass_name in ("fwd", "jvp", "bwd"):
+                blocks = triton_gn.pick_blocks(channels_per_group, hw, torch.float16, pass_name)
+                assert blocks.block_c >= channels_per_group
+                assert blocks.block_c * blocks.block_hw <= triton_gn._MAX_SINGLE_TILE[pass_name]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        triton_gn.GNBlocks(5, 64, True, 2),
+        triton_gn.GNBlocks(8, 48, False, 2),
+        triton_gn.GNBlocks(8, 64, True, 3),
+    ],
+)
+def test_gpu_rule_check_rejects_non_power_of_two(bad):
+    with pytest.raises(AssertionError, match="must be a power of two"):
+        triton_gn.check_gpu_rules(bad)
+
+
+def test_not_supported_reasons():
+    x = torch.randn(2, 40, 5, 7)
+    args = {"x": x, "num_groups": 8, "act": "silu"}
+    assert triton_gn.not_supported_reasons("group_norm_act", args) == []
+    assert triton_gn.not_supported_reasons("group_norm_act", {**args, "x": x.half()}) == []
+    assert triton_gn.not_supported_reasons("group_norm_act_jvp", {**args, "act": "gelu"}) == [
+        "group_norm_act_jvp: act='gelu' not supported by triton (silu, none)"
+    ]
+    wide = torch.randn(1, 2048, 1, 1)
+    assert triton_gn.not_supported_reasons("group_norm_act", {**args, "x": wide, "num_groups": 1}) == [
+        "group_norm_act: C/num_groups=2048 > 1024 supported by triton"
+    ]
+    if not HAS_CUDA:
+        assert triton_gn.not_supported_reasons("group_norm_act", {**args, "x": x.bfloat16()}) == [
+            "group_norm_act: dtype torch.bfloat16 not supported by the triton interpreter (float32, float16)"
+        ]
