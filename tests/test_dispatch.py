@@ -1,0 +1,209 @@
+"""Backend registry and selection (DESIGN 4.1): `backends()`, `use_backend`, `IMF_KERNELS_BACKEND`, `auto`,
+and the ValueErrors that list every reason a backend gives for not taking a call."""
+
+import importlib.util
+import re
+import sys
+import types
+
+import pytest
+import torch
+
+import imf_kernels
+from imf_kernels import dispatch, reference
+from imf_kernels.torch_ops import attention as torch_attention
+
+HAS_CUDA = torch.cuda.is_available()
+# One small fp32 call per family, which every backend must take on CPU (triton through the interpreter).
+_MAPS = {name: torch.randn(2, 3, 4) for name in ("u", "du", "v", "v_target")}
+SMALL_CALLS = {
+    "group_norm": (
+        "group_norm_act",
+        dict(
+            x=torch.randn(1, 40, 5, 7),
+            num_groups=8,
+            weight=None,
+            bias=None,
+            scale=None,
+            shift=None,
+            eps=1e-5,
+            act="silu",
+        ),
+    ),
+    "attention": (
+        "attention",
+        dict(q=torch.randn(1, 2, 24, 32), k=torch.randn(1, 2, 20, 32), v=torch.randn(1, 2, 20, 32), scale=None),
+    ),
+    "loss": ("imf_loss", dict(**_MAPS, t=torch.rand(2), r=0.1 * torch.rand(2), c=0.01, p=1.0)),
+}
+
+
+@pytest.fixture(autouse=True)
+def no_backend_env(monkeypatch):
+    """Each test starts from the default (auto) unless it sets the variable itself."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+
+
+def gn_args():
+    return dict(SMALL_CALLS["group_norm"][1])
+
+
+def test_backends_lists_every_backend_in_priority_order():
+    statuses = imf_kernels.backends()
+    assert [status.name for status in statuses] == ["cuda", "triton", "torch"]
+    for status in statuses:
+        assert isinstance(status, imf_kernels.BackendStatus)
+        assert status.usable == (status.reason is None)
+        assert status.usable or (isinstance(status.reason, str) and status.reason)
+
+
+def test_torch_and_triton_actually_run_here():
+    """CI must exercise torch always, and triton (through the interpreter) wherever its modules exist."""
+    usable = {status.name: status for status in imf_kernels.backends()}
+    assert usable["torch"].usable
+    for family, (op, args) in SMALL_CALLS.items():
+        assert dispatch.not_supported_reasons("torch", op, args) == []
+        if importlib.util.find_spec(f"imf_kernels.triton.{family}") is None:
+            continue
+        assert usable["triton"].usable, usable["triton"].reason
+        assert dispatch.not_supported_reasons("triton", op, args) == [], family
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without a GPU")
+def test_a_gpu_only_backend_refuses_cpu_tensors_in_words():
+    reason = dispatch.unavailable_reason("cuda")
+    assert reason
+    message = f"group_norm_act: backend 'cuda' cannot take this call: {reason}"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2, backend="cuda")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU triton is usable whatever TRITON_INTERPRET says")
+def test_triton_needs_the_interpreter_for_cpu_tensors(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in dispatch.unavailable_reason("triton")
+    with pytest.raises(
+        ValueError, match=r"^group_norm_act: backend 'triton' cannot take this call: .*TRITON_INTERPRET=1"
+    ):
+        imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2, backend="triton")
+
+
+def test_auto_runs_cpu_tensors_on_torch():
+    assert dispatch.current_backend() == "auto"
+    name, family = dispatch.select("group_norm_act", gn_args())
+    assert name == "torch" and family.__name__ == "imf_kernels.torch_ops.group_norm"
+
+
+def test_use_backend_sets_the_default_and_restores_it():
+    assert imf_kernels.current_backend() == "auto"
+    with imf_kernels.use_backend("torch"):
+        assert imf_kernels.current_backend() == "torch"
+        with imf_kernels.use_backend("cuda"):
+            assert imf_kernels.current_backend() == "cuda"
+            # an explicit backend= wins over the block
+            assert dispatch.select("group_norm_act", gn_args(), backend="torch")[0] == "torch"
+        assert imf_kernels.current_backend() == "torch"
+    assert imf_kernels.current_backend() == "auto"
+    with pytest.raises(RuntimeError), imf_kernels.use_backend("torch"):
+        raise RuntimeError("leaves the block early")
+    assert imf_kernels.current_backend() == "auto"
+
+
+def test_environment_variable_sets_the_default(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert imf_kernels.current_backend() == "torch"
+    with imf_kernels.use_backend("auto"):  # the block wins over the variable
+        assert imf_kernels.current_backend() == "auto"
+    monkeypatch.setenv(dispatch.ENV_VAR, "tpu")
+    with pytest.raises(ValueError, match=re.escape("$IMF_KERNELS_BACKEND: unknown backend 'tpu'; accepted: auto,")):
+        imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2)
+
+
+def test_unknown_backend_names_are_refused():
+    with pytest.raises(
+        ValueError, match=re.escape("use_backend: unknown backend 'tpu'; accepted: auto, cuda, triton, torch")
+    ):
+        with imf_kernels.use_backend("tpu"):
+            pass
+    with pytest.raises(ValueError, match=re.escape("attention: unknown backend 'tpu'")):
+        imf_kernels.attention(*torch.randn(3, 1, 1, 4, 8), backend="tpu")
+
+
+# ------------------------------------------------------------------------------ registry with stand-in backends
+
+
+def stand_in_backend(name, refuse, calls):
+    """A backend package whose attention launchers are torch's, counting calls; `refuse(op, args)` -> reasons."""
+    package = types.ModuleType(name)
+    package.unavailable_reason = lambda: None
+    package.not_supported_reasons = refuse
+    family = types.ModuleType(f"{name}.attention")
+    family.not_supported_reasons = refuse
+
+    def attention_fwd(*args):
+        calls.append("attention_fwd")
+        return torch_attention.attention_fwd(*args)
+
+    family.attention_fwd = attention_fwd
+    family.attention_bwd = torch_attention.attention_bwd
+    return {name: package, f"{name}.attention": family}
+
+
+def long_context_refusal(op, args):
+    length = args["k"].shape[2]
+    return [f"{op}: Lk={length} > 4096 supported by fake"] if length > 4096 else []
+
+
+@pytest.fixture
+def fake_backend(monkeypatch):
+    """A registry with a `fake` backend first; returns the list its launchers append to."""
+    calls = []
+    for module_name, module in stand_in_backend("imf_fake_backend", long_context_refusal, calls).items():
+        monkeypatch.setitem(sys.modules, module_name, module)
+    monkeypatch.setattr(dispatch, "BACKENDS", {"fake": "imf_fake_backend", **dispatch.BACKENDS})
+    return calls
+
+
+def test_the_chosen_backend_runs_the_op(fake_backend, monkeypatch):
+    q, k, v = torch.randn(3, 1, 2, 6, 16)
+    truth, baseline = reference.attention(q.double(), k.double(), v.double()), reference.attention(q, k, v)
+    with imf_kernels.use_backend("fake"):
+        reference.check_parity("o", imf_kernels.attention(q, k, v), truth, baseline, 1e-5)
+    assert fake_backend == ["attention_fwd"]
+    monkeypatch.setenv(dispatch.ENV_VAR, "fake")
+    reference.check_parity("o", imf_kernels.attention(q, k, v), truth, baseline, 1e-5)
+    assert fake_backend == ["attention_fwd"] * 2
+    imf_kernels.attention(q, k, v, backend="torch")
+    assert fake_backend == ["attention_fwd"] * 2
+
+
+def test_a_context_longer_than_the_chosen_backend_takes_is_refused(fake_backend):
+    q, k, v = torch.randn(1, 1, 3, 16), torch.randn(1, 1, 5000, 16), torch.randn(1, 1, 5000, 16)
+    message = "attention: backend 'fake' cannot take this call: attention: Lk=5000 > 4096 supported by fake"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        imf_kernels.attention(q, k, v, backend="fake")
+    assert fake_backend == []
+
+
+def test_auto_lists_every_backends_reasons_when_none_fits(monkeypatch):
+    """With the CPU backend replaced by one that refuses, auto names each backend and its reasons."""
+    refuse = lambda op, args: [f"{op}: refused by the stand-in"]  # noqa: E731
+    for module_name, module in stand_in_backend("imf_refusing_backend", refuse, []).items():
+        monkeypatch.setitem(sys.modules, module_name, module)
+    monkeypatch.setattr(dispatch, "BACKENDS", {**dispatch.BACKENDS, "torch": "imf_refusing_backend"})
+    with pytest.raises(ValueError) as refusal:
+        imf_kernels.attention(*torch.randn(3, 1, 1, 4, 8))
+    message = str(refusal.value)
+    assert message.startswith("attention: no backend takes this call: cuda: ")
+    assert "| triton: auto uses it only for CUDA tensors" in message or HAS_CUDA
+    assert message.endswith("| torch: attention: refused by the stand-in")
+
+
+def test_a_backend_that_cannot_be_imported_is_unusable_not_a_crash(monkeypatch):
+    monkeypatch.setattr(dispatch, "BACKENDS", {"broken": "imf_kernels_no_such_backend", **dispatch.BACKENDS})
+    statuses = {status.name: status for status in imf_kernels.backends()}
+    assert not statuses["broken"].usable
+    assert statuses["broken"].reason.startswith("cannot import imf_kernels_no_such_backend")
+    assert statuses["torch"].usable
+    with pytest.raises(ValueError, match=r"^group_norm_act: backend 'broken' cannot take this call: cannot import"):
+        imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2, backend="broken")
