@@ -18,7 +18,8 @@ Conventions shared by every launcher:
 - inputs arrive validated by `imf_kernels.api` (rank, dtype, device, contiguity, shapes); launchers still
   assert the rules only their hardware enforces (e.g. Triton: tl.dot dims >= 16, power-of-2 blocks);
 - outputs have the dtype of `x` / `q` / `u`; saved statistics (mean, rstd, lse) and per-sample losses are
-  float32; accumulation is float32 for every input dtype;
+  float32; accumulation is float32 for every input dtype (float16, bfloat16, float32; the `torch` backend also
+  takes float64 and then keeps statistics, losses and accumulation in float64);
 - optional arguments are `None` when absent, and the matching gradient is returned as `None`.
 
 group_norm (DESIGN 4.3), x: (B, C, H, W), G = num_groups divides C, weight/bias: (C,), scale/shift: (B, C):
