@@ -150,7 +150,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 // warp): P_ij = exp(s_ij - lse_i), dP_ij = grad_o_i.v_j, Delta_i = sum_j P_ij dP_ij, dS_ij = P_ij (dP_ij -
 // Delta_i), grad_q_i = scale sum_j dS_ij k_j. Per tile, each thread owns D / 4 (key, column) pairs and
 // accumulates grad_v_j += P_ij grad_o_i, grad_k_j += scale dS_ij q_i into registers (no atomics: the
-// split's partial sums are written once and summed by the caller).
+// split's partial sums are written once and summed by the caller). Launch bounds (kThreads, 1) let ptxas use
+// up to 255 registers: with the default it capped some D = 32 instantiations at 64 and spilled.
 template <typename T, int D, int kWidth>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttentionBwdParams p) {
   extern __shared__ float smem[];

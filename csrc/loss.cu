@@ -115,7 +115,8 @@ void loss_bwd(const LossBwdParams& params, cudaStream_t stream) {
     const int width = params.vectorized ? kVec16<T> : 1;
     const int64_t chunks = params.numel / width;
     const int64_t per_block = static_cast<int64_t>(kThreads) * kChunksPerThread;
-    const int64_t blocks_per_sample = std::min<int64_t>(std::max<int64_t>((chunks + per_block - 1) / per_block, 1), 65535);
+    const int64_t blocks_per_sample =
+        std::min<int64_t>(std::max<int64_t>((chunks + per_block - 1) / per_block, 1), 65535);
     const dim3 grid(static_cast<unsigned>(params.batch), static_cast<unsigned>(blocks_per_sample));
     if (params.vectorized) {
       loss_bwd_kernel<T, kVec16<T>><<<grid, kThreads, 0, stream>>>(params);
