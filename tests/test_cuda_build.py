@@ -5,14 +5,17 @@ the static checks a GPU would otherwise reveal only as slowness.
 - ptxas (`-Xptxas -v`, sm_90, the build's flags from setup.py) reports 0 bytes of spills for every kernel, and
   the built .so's resource usage (`cuobjdump -res-usage`) has no stack or local memory;
 - the SASS of every vectorised instantiation in the built .so holds 16-byte global loads (`LDG.E.128`).
-Skipped only where torch has no CUDA (then setup.py builds without the extension, by design).
+Skipped only where torch has no CUDA (then setup.py builds without the extension, by design, and says so once:
+the last test checks that message with nvcc hidden).
 """
 
 import ast
 import importlib
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 KERNEL_FILES = sorted(CSRC.glob("*.cu"))
 
-pytestmark = pytest.mark.skipif(torch.version.cuda is None, reason="torch has no CUDA: no extension is built")
+needs_cuda_torch = pytest.mark.skipif(torch.version.cuda is None, reason="torch has no CUDA: no extension is built")
 
 BINDINGS = (
     "group_norm_act_fwd",
@@ -87,6 +90,7 @@ def find_tool(name: str) -> str | None:
     return next((str(path) for path in candidates if path.is_file()), None)
 
 
+@needs_cuda_torch
 def test_extension_imports_and_registers_every_op():
     module = extension()
     missing = [name for name in BINDINGS if not hasattr(module, name)]
@@ -102,6 +106,7 @@ def test_extension_imports_and_registers_every_op():
     assert importlib.import_module("imf_kernels.cuda").unavailable_reason() == expected
 
 
+@needs_cuda_torch
 def test_reasons_name_what_cuda_cannot_take():
     backend = importlib.import_module("imf_kernels.cuda")
     x = torch.randn(2, 64, 4, 4, dtype=torch.float64)
@@ -125,6 +130,7 @@ def test_reasons_name_what_cuda_cannot_take():
     ]
 
 
+@needs_cuda_torch
 def test_shared_memory_fits_a100_and_h100():
     """Every supported (Lk, D) fits the opt-in shared memory of sm_80 (163 KiB) and sm_90 (227 KiB)."""
     module = extension()
@@ -184,6 +190,7 @@ def ptxas_reports(tmp_path_factory) -> dict[str, str]:
     return reports
 
 
+@needs_cuda_torch
 def test_ptxas_reports_no_spills(ptxas_reports):
     for name, report in ptxas_reports.items():
         # "Function properties for <mangled>" is followed by "<n> bytes stack frame, <s> bytes spill stores, ..."
@@ -208,6 +215,7 @@ def run_cuobjdump(flag: str, library: str) -> str:
     return result.stdout
 
 
+@needs_cuda_torch
 def test_built_kernels_use_no_local_memory(built_library):
     report = run_cuobjdump("-res-usage", built_library)
     usage = re.findall(r"Function (\S+):\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", report)
@@ -218,6 +226,7 @@ def test_built_kernels_use_no_local_memory(built_library):
     assert heavy == [], f"kernels with stack or local memory: {heavy}"
 
 
+@needs_cuda_torch
 def test_vectorised_kernels_issue_16_byte_loads(built_library):
     sass = run_cuobjdump("-sass", built_library)
     functions = re.split(r"\n\s*Function : ", sass)[1:]
@@ -242,3 +251,19 @@ def test_cuda_launchers_do_not_synchronise():
         source = (ROOT / "imf_kernels" / "cuda" / f"{family}.py").read_text()
         for forbidden in (".item(", ".cpu(", ".tolist(", "synchronize(", ".numpy("):
             assert forbidden not in source, f"imf_kernels/cuda/{family}.py calls {forbidden}"
+
+
+def test_setup_says_once_that_it_builds_without_cuda(tmp_path):
+    """With no nvcc (CUDA_HOME pointing nowhere) setup.py still runs, and says why there is no extension."""
+    environment = {**os.environ, "CUDA_HOME": str(tmp_path / "no-cuda")}
+    result = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--help"],
+        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    messages = [line for line in result.stderr.splitlines() if line.startswith("imf-kernels:")]
+    if torch.version.cuda is None:
+        reason = f"torch {torch.__version__} is a CPU build"
+    else:
+        reason = "nvcc not found (set CUDA_HOME)"
+    assert messages == [f"imf-kernels: building without the CUDA extension imf_kernels._C: {reason}"]
