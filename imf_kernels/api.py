@@ -160,8 +160,7 @@ def _on_plain_tensors(launcher: Callable[..., Any], *args: Any) -> Any:
     if isinstance(results, Tensor):
         return _functorch._wrap_for_grad(results, level)
     return tuple(
-        _functorch._wrap_for_grad(result, level) if isinstance(result, Tensor) else result
-        for result in results
+        _functorch._wrap_for_grad(result, level) if isinstance(result, Tensor) else result for result in results
     )
 
 
@@ -405,9 +404,7 @@ class _ImfLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_grad_constants):
         u, du, v, v_target, t, r, w_u, w_v = ctx.saved_tensors
         grad_total = grad_loss.to(w_u.dtype).reshape(())
-        grad_u, grad_v = _on_plain_tensors(
-            ctx.family.imf_loss_bwd, grad_total, u, du, v, v_target, t, r, w_u, w_v
-        )
+        grad_u, grad_v = _on_plain_tensors(ctx.family.imf_loss_bwd, grad_total, u, du, v, v_target, t, r, w_u, w_v)
         return None, grad_u, None, grad_v, None, None, None, None, None
 
 
@@ -456,9 +453,7 @@ def group_norm_act(
     act is "silu" or "none". Works under autograd, torch.func.jvp and torch.autograd.forward_ad.
     """
     op = "group_norm_act"
-    args = dict(
-        x=x, num_groups=num_groups, weight=weight, bias=bias, scale=scale, shift=shift, eps=eps, act=act
-    )
+    args = dict(x=x, num_groups=num_groups, weight=weight, bias=bias, scale=scale, shift=shift, eps=eps, act=act)
     _check_group_norm(op, args)
     _, family = dispatch.select(op, args, backend)
     y, _, _ = _GroupNormAct.apply(family, x, num_groups, weight, bias, scale, shift, args["eps"], act)
@@ -503,9 +498,7 @@ def group_norm_act_jvp(
     return y, dy
 
 
-def attention(
-    q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str | None = None
-) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str | None = None) -> Tensor:
     """o = softmax(scale q k^T) v, q (B, H, Lq, D), k and v (B, H, Lk, D); scale 1/sqrt(D) by default.
 
     Works under autograd, torch.func.jvp and torch.autograd.forward_ad.
@@ -559,9 +552,7 @@ def imf_loss(
     args = dict(u=u, du=du, v=v, v_target=v_target, t=t, r=r, c=c, p=p)
     _check_loss(op, args, ("u", "du", "v", "v_target"))
     _, family = dispatch.select(op, args, backend)
-    loss, loss_u, loss_v, _, _ = _ImfLoss.apply(
-        family, u, du, v, v_target, args["t"], args["r"], args["c"], args["p"]
-    )
+    loss, loss_u, loss_v, _, _ = _ImfLoss.apply(family, u, du, v, v_target, args["t"], args["r"], args["c"], args["p"])
     return loss, {"loss_u": loss_u.mean(), "loss_v": loss_v.mean()}
 
 
@@ -585,7 +576,5 @@ def meanflow_loss(
     args = dict(u=u, du=du, v_target=v_target, t=t, r=r, c=c, p=p)
     _check_loss(op, args, ("u", "du", "v_target"))
     _, family = dispatch.select(op, args, backend)
-    loss, loss_per_sample, _ = _MeanflowLoss.apply(
-        family, u, du, v_target, args["t"], args["r"], args["c"], args["p"]
-    )
+    loss, loss_per_sample, _ = _MeanflowLoss.apply(family, u, du, v_target, args["t"], args["r"], args["c"], args["p"])
     return loss, {"loss": loss_per_sample.mean()}

@@ -34,15 +34,11 @@ def group_norm_act(
     return F.silu(h) if act == "silu" else h
 
 
-def _jvp_over(
-    fn: Callable[..., Tensor], named: dict[str, tuple[Tensor, Tensor | None]]
-) -> tuple[Tensor, Tensor]:
+def _jvp_over(fn: Callable[..., Tensor], named: dict[str, tuple[Tensor, Tensor | None]]) -> tuple[Tensor, Tensor]:
     """torch.func.jvp of fn(**inputs) along the given tangents (zero where a tangent is None)."""
     names = list(named)
     primals = tuple(named[name][0] for name in names)
-    tangents = tuple(
-        torch.zeros_like(primal) if tangent is None else tangent for primal, tangent in named.values()
-    )
+    tangents = tuple(torch.zeros_like(primal) if tangent is None else tangent for primal, tangent in named.values())
     return torch.func.jvp(lambda *values: fn(**dict(zip(names, values, strict=True))), primals, tangents)
 
 
@@ -91,9 +87,7 @@ def attention_jvp(
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(o, do): attention and its tangent along (dq, dk, dv)."""
-    return _jvp_over(
-        lambda q, k, v: attention(q, k, v, scale=scale), {"q": (q, dq), "k": (k, dk), "v": (v, dv)}
-    )
+    return _jvp_over(lambda q, k, v: attention(q, k, v, scale=scale), {"q": (q, dq), "k": (k, dk), "v": (v, dv)})
 
 
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:

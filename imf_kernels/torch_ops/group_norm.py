@@ -76,9 +76,7 @@ def gn_act_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     batch, channels = x.shape[:2]
     xh, mean, rstd = _normalize(x, num_groups, eps)
-    _, _, _, alpha, beta = _channel_coefficients(
-        weight, bias, scale, shift, batch, channels, x.device, xh.dtype
-    )
+    _, _, _, alpha, beta = _channel_coefficients(weight, bias, scale, shift, batch, channels, x.device, xh.dtype)
     h = torch.addcmul(_per_group(beta, num_groups), xh, _per_group(alpha, num_groups))
     y = torch.nn.functional.silu(h) if act == "silu" else h
     return y.to(x.dtype).view_as(x), mean, rstd
@@ -142,9 +140,7 @@ def gn_act_bwd(
     batch, channels = x.shape[:2]
     xh = _recompute_xh(x, num_groups, mean, rstd)
     dtype = xh.dtype
-    w, b, one_plus_s, alpha, beta = _channel_coefficients(
-        weight, bias, scale, shift, batch, channels, x.device, dtype
-    )
+    w, b, one_plus_s, alpha, beta = _channel_coefficients(weight, bias, scale, shift, batch, channels, x.device, dtype)
     grad_h = grad_y.reshape(xh.shape).to(dtype)
     if act == "silu":
         h = torch.addcmul(_per_group(beta, num_groups), xh, _per_group(alpha, num_groups))

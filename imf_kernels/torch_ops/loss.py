@@ -30,9 +30,7 @@ def _sum_of_squares(diff: Tensor) -> Tensor:
     return torch.linalg.vecdot(flat, flat)
 
 
-def _imf_residuals(
-    u: Tensor, du: Tensor, v: Tensor, v_target: Tensor, t: Tensor, r: Tensor
-) -> tuple[Tensor, Tensor]:
+def _imf_residuals(u: Tensor, du: Tensor, v: Tensor, v_target: Tensor, t: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
     """(V - v_target, v - v_target) in the compute dtype."""
     dtype = _compute_dtype(u)
     target = v_target.to(dtype)
