@@ -27,13 +27,9 @@ def not_supported_reasons(op: str, args: dict[str, Any]) -> list[str]:
     batch, heads, lq, head_dim = q.shape
     lk = k.shape[2]
     if head_dim not in HEAD_DIMS:
-        reasons.append(
-            f"{op}: head dim D={head_dim} not supported by cuda ({', '.join(map(str, HEAD_DIMS))})"
-        )
+        reasons.append(f"{op}: head dim D={head_dim} not supported by cuda ({', '.join(map(str, HEAD_DIMS))})")
     if not 1 <= lk <= MAX_LK:
-        reasons.append(
-            f"{op}: Lk={lk} not supported by cuda (1 to {MAX_LK} context tokens, in shared memory)"
-        )
+        reasons.append(f"{op}: Lk={lk} not supported by cuda (1 to {MAX_LK} context tokens, in shared memory)")
     if batch * heads > MAX_GRID_X:
         reasons.append(f"{op}: B * H={batch * heads} > {MAX_GRID_X} blocks")
     if -(-lq // ROWS_PER_BLOCK) > MAX_GRID_Y:
@@ -64,9 +60,7 @@ def _forward(q, k, v, dq, dk, dv, scale):
     return o, do, lse
 
 
-def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse); lse (B, H, Lq) float32, the log-sum-exp of s = scale q k^T."""
     o, _, lse = _forward(q, k, v, None, None, None, scale)
     return o, lse
@@ -114,9 +108,7 @@ def attention_bwd(
     grad_q = _common.empty(tuple(q.shape), q.dtype, q.device)
     grad_k_partial = _common.empty((batch * heads, splits, lk, head_dim), torch.float32, q.device)
     grad_v_partial = _common.empty((batch * heads, splits, lk, head_dim), torch.float32, q.device)
-    _common.extension().attention_bwd(
-        grad_o, q, k, v, lse, float(scale), grad_q, grad_k_partial, grad_v_partial
-    )
+    _common.extension().attention_bwd(grad_o, q, k, v, lse, float(scale), grad_q, grad_k_partial, grad_v_partial)
     grad_k = grad_k_partial.sum(1).view(batch, heads, lk, head_dim).to(k.dtype)
     grad_v = grad_v_partial.sum(1).view(batch, heads, lk, head_dim).to(v.dtype)
     return grad_q, grad_k, grad_v

@@ -132,9 +132,7 @@ def gn_act_bwd(
         sum_gh,
         sum_gh_xh,
     )
-    sum_ga, sum_ga_xh = (
-        (sum_gh, sum_gh_xh) if scale32 is None else (sum_gh * (1 + scale32), sum_gh_xh * (1 + scale32))
-    )
+    sum_ga, sum_ga_xh = (sum_gh, sum_gh_xh) if scale32 is None else (sum_gh * (1 + scale32), sum_gh_xh * (1 + scale32))
     grad_weight = None if weight is None else sum_ga_xh.sum(0).to(weight.dtype)
     grad_bias = None if bias is None else sum_ga.sum(0).to(bias.dtype)
     grad_shift = None if shift is None else sum_gh.to(shift.dtype)

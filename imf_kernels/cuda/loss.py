@@ -60,9 +60,7 @@ def imf_loss_bwd(
     """(grad_u, grad_v): grad_total * 2 w (residual) / B, elementwise."""
     grad_u = _common.empty(tuple(u.shape), u.dtype, u.device)
     grad_v = _common.empty(tuple(v.shape), v.dtype, v.device)
-    _common.extension().loss_bwd(
-        _grad_total(grad_total, u.device), u, du, v, v_target, t, r, w_u, w_v, grad_u, grad_v
-    )
+    _common.extension().loss_bwd(_grad_total(grad_total, u.device), u, du, v, v_target, t, r, w_u, w_v, grad_u, grad_v)
     return grad_u, grad_v
 
 
@@ -92,7 +90,5 @@ def meanflow_loss_bwd(
 ) -> torch.Tensor:
     """grad_u = grad_total * 2 w (u - u_tgt) / B."""
     grad_u = _common.empty(tuple(u.shape), u.dtype, u.device)
-    _common.extension().loss_bwd(
-        _grad_total(grad_total, u.device), u, du, None, v_target, t, r, w, None, grad_u, None
-    )
+    _common.extension().loss_bwd(_grad_total(grad_total, u.device), u, du, None, v_target, t, r, w, None, grad_u, None)
     return grad_u
