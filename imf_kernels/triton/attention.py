@@ -2,10 +2,12 @@
 
 Per query row, s_j = c q.k_j, p = softmax(s): o = sum_j p_j v_j, lse = log sum_j exp(s_j), and with
 ds_j = c (dq.k_j + q.dk_j): do = sum_j p_j ds_j v_j - (sum_j p_j ds_j) o + sum_j p_j dv_j.
-Memory floor (B, H, L, D): forward reads q, k, v and writes o, lse; forward-with-tangent also reads dq, dk, dv
-and writes do; backward reads q, k, v, o, dO, lse and writes dq, dk, dv. Everything else stays on chip.
+Memory floor per (b, h), S bytes per element: forward (2 Lq + 2 Lk) D S + 4 Lq (q, k, v in; o, lse out);
+forward-with-tangent (4 Lq + 4 Lk) D S + 4 Lq (plus dq, dk, dv in, do out); backward (4 Lq + 4 Lk) D S + 4 Lq
+(q, k, v, o, dO, lse in; dq, dk, dv out). Scores and probabilities never leave the chip.
 
-Exponentials are exp2 with log2(e) folded into the scale; lse is stored in natural-log units.
+Exponentials are exp2 with log2(e) folded into the scale; lse is stored in natural-log units. Every tl.dot
+accumulates in fp32; with fp32 inputs a GPU runs it as TF32 (Triton's default), the interpreter exactly.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_LK = 4096
-# Contexts up to this many tokens (after padding to a power of two >= 16) are one tile: no KV loop.
+# Contexts up to this many tokens (after padding to a power of two >= 16) may be one tile: no KV loop.
+# Cross-attention reads 20-24 tokens.
 SHORT_CONTEXT_MAX = 64
 MIN_DOT = 16
+MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, which holds B * H
 
 
 def _interpreted() -> bool:
@@ -125,6 +129,7 @@ def _attn_fwd_kernel(
     dacc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     if SINGLE_TILE:
+        # One update from the empty state (alpha = 0): plain softmax over the padded context.
         col_valid = offs_n < Lk
         m_i, l_i, acc, dacc, rs = _fwd_tile(
             q, dq, K + kv_base, V + kv_base, DK + kv_base, DV + kv_base, col_valid[:, None], col_valid,
@@ -282,11 +287,6 @@ def _pow2_at_least_16(n: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(n))
 
 
-def is_short_context(Lk: int) -> bool:
-    """Cross-attention contexts (20-24 tokens) fit one tile of <= 64 keys."""
-    return _pow2_at_least_16(Lk) <= SHORT_CONTEXT_MAX
-
-
 # (kind, D, fp32 inputs) -> (BLOCK_M, BLOCK_N of the KV loop, its num_warps, longest padded context taken as
 # one tile, that path's num_warps). The largest tiles that compile for sm_90 without register spills
 # (`cuobjdump -res-usage` over `aot_specs`, triton 3.8): the tangent pass holds three (BLOCK_M, D) float32
@@ -303,15 +303,13 @@ _TILES = {
     ("jvp", 128, _FP32): (16, 16, 4, 16, 4),
     **{("bwd", d, _HALF): (64, 64, 4, 64, 4) for d in (16, 32, 64)},
     ("bwd", 128, _HALF): (32, 32, 8, 64, 8),
-    **{("bwd", d, _FP32): (64, 64, 4, 64, 4) for d in (16, 32)},
+    **{("bwd", d, _FP32): (32, 64, 4, 64, 4) for d in (16, 32)},
     ("bwd", 64, _FP32): (64, 64, 8, 64, 8),
     ("bwd", 128, _FP32): (32, 32, 8, 32, 8),
 }
 
 
-def pick_config(
-    kind: str, Lq: int, Lk: int, D: int, dtype: torch.dtype, *, kv_loop: bool | None = None
-) -> BlockConfig:
+def pick_config(kind: str, Lq: int, Lk: int, D: int, dtype: torch.dtype, *, kv_loop: bool | None = None) -> BlockConfig:
     """Deterministic tiles for `kind` in {"fwd", "jvp", "bwd_dkdv", "bwd_dq"} from the `_TILES` table.
 
     `kv_loop=None` takes the single-tile path when the context padded to a power of two >= 16 fits one tile;
@@ -342,8 +340,7 @@ def check_config(cfg: BlockConfig, D: int, Lk: int) -> None:
     for name, value in (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n), ("head dim D", D)):
         if value < MIN_DOT:
             raise ValueError(
-                f"attention (triton): {name}={value} < {MIN_DOT}: "
-                f"every tl.dot dimension must be >= {MIN_DOT} on a GPU"
+                f"attention (triton): {name}={value} < {MIN_DOT}: every tl.dot dimension must be >= {MIN_DOT} on a GPU"
             )
         if value & (value - 1):
             raise ValueError(f"attention (triton): {name}={value} is not a power of two")
@@ -376,9 +373,7 @@ def _launch_fwd(q, k, v, dq, dk, dv, scale: float, cfg: BlockConfig):
     return o, (do if tangent else None), lse
 
 
-def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """o = softmax(scale q k^T) v and lse (B, H, Lq) float32."""
     cfg = pick_config("fwd", q.shape[2], k.shape[2], q.shape[3], q.dtype)
     o, _, lse = _launch_fwd(q, k, v, None, None, None, scale, cfg)
@@ -449,15 +444,17 @@ def not_supported_reasons(op: str, args: dict) -> list[str]:
     dtypes = (torch.float32, torch.float16) if interpreted else (torch.float32, torch.float16, torch.bfloat16)
     if q.dtype not in dtypes:
         where = "the Triton interpreter" if interpreted else "triton"
-        reasons.append(
-            f"{op}: dtype {q.dtype} not supported by {where} (accepts {', '.join(map(str, dtypes))})"
-        )
+        reasons.append(f"{op}: dtype {q.dtype} not supported by {where} (accepts {', '.join(map(str, dtypes))})")
     if q.device.type != "cuda" and not interpreted:
         reasons.append(f"{op}: device {q.device} needs CUDA (or TRITON_INTERPRET=1 for CPU tensors)")
     if q.shape[-1] not in HEAD_DIMS:
         reasons.append(f"{op}: head dim D={q.shape[-1]} not in {HEAD_DIMS} supported by triton")
     if k.shape[2] > MAX_LK:
         reasons.append(f"{op}: Lk={k.shape[2]} > {MAX_LK} supported by triton")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        reasons.append(f"{op}: empty sequence (Lq={q.shape[2]}, Lk={k.shape[2]}) not supported by triton")
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        reasons.append(f"{op}: B * H = {q.shape[0] * q.shape[1]} > {MAX_GRID_Y} supported by triton")
     return reasons
 
 
