@@ -1,0 +1,162 @@
+"""Static GPU evidence without a GPU: every launch configuration the Triton launchers pick for the `latent-b`
+and `cifar` layer shapes compiles for sm_90 (H100) on this machine, and its cubin fits the card: shared memory
+<= 227 KiB per block, no local-memory spills, <= 255 registers (read with `cuobjdump -res-usage`).
+
+Each family module in `imf_kernels/triton/` that has `aot_specs()` takes part; a spec is a dict {"name",
+"fn", "signature", "constexprs", "num_warps", "num_stages"} and optionally "divisible_by_16" (argument names
+the JIT would specialise as multiples of 16). The interpreter (TRITON_INTERPRET=1, set by conftest without a
+GPU) replaces `triton.jit` functions and cannot compile, so the compilation runs in a subprocess with the
+variable removed: `python tests/test_triton_aot.py` prints a spec count, then one JSON row per spec.
+"""
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("group_norm", "loss", "attention")
+H100_MAX_SHARED_BYTES = 227 * 1024
+MAX_REGISTERS = 255
+RESOURCE_PATTERN = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def family_specs() -> list[tuple[str, dict]]:
+    """(family, spec) for every family module that exists and has aot_specs."""
+    specs = []
+    for family in FAMILIES:
+        try:
+            module = importlib.import_module(f"imf_kernels.triton.{family}")
+        except ModuleNotFoundError as error:
+            if error.name != f"imf_kernels.triton.{family}":
+                raise
+            continue
+        if hasattr(module, "aot_specs"):
+            specs += [(family, spec) for spec in module.aot_specs()]
+    return specs
+
+
+def _ast_source(spec: dict):
+    import triton
+
+    fn = spec["fn"]
+    attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in spec.get("divisible_by_16", ())}
+    return triton.compiler.ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
+
+
+def compile_spec(index: int) -> dict:
+    """Compile spec `index` of family_specs() for sm_90 and read its resource usage from the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    family, spec = family_specs()[index]
+    blocks = " ".join(f"{arg}={value}" for arg, value in spec["constexprs"].items() if arg.startswith("BLOCK"))
+    row = {"family": family, "name": spec["name"], "config": f"{blocks} warps={spec['num_warps']}"}
+    start = time.perf_counter()
+    try:
+        kernel = triton.compile(
+            _ast_source(spec),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]},
+        )
+    except Exception as error:  # every failure is reported as a row and fails the test
+        row["error"] = f"{type(error).__name__}: {error}"[:2000]
+        return row
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [str(cuobjdump), "-res-usage", cubin.name], capture_output=True, text=True, check=True
+        ).stdout
+    registers, stack, static_shared, local = map(int, RESOURCE_PATTERN.search(usage).groups())
+    # Triton allocates its scratch as dynamic shared memory, which the cubin's SHARED does not count.
+    row.update(
+        registers=registers,
+        stack=stack,
+        local=local,
+        shared=static_shared + kernel.metadata.shared,
+        seconds=round(time.perf_counter() - start, 2),
+    )
+    return row
+
+
+def main() -> None:
+    count = len(family_specs())
+    print(json.dumps({"spec_count": count}), flush=True)
+    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        for row in pool.map(compile_spec, range(count)):
+            print(json.dumps(row), flush=True)
+
+
+@pytest.fixture(scope="module")
+def compiled_rows() -> list[dict]:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, __file__], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    header, *rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == header["spec_count"]
+    return rows
+
+
+def test_every_spec_compiles_for_sm90_and_fits_h100(compiled_rows):
+    assert {"group_norm", "loss"} <= {row["family"] for row in compiled_rows}
+
+    print(f"\n{'kernel':40s} {'config':40s} {'regs':>4s} {'smem':>6s} {'local':>5s} {'stack':>5s} {'s':>5s}")
+    for row in compiled_rows:
+        if "error" in row:
+            print(f"{row['name']:40s} {row['config']:40s} FAILED {row['error'][:200]}")
+            continue
+        print(
+            f"{row['name']:40s} {row['config']:40s} {row['registers']:4d} {row['shared']:6d} "
+            f"{row['local']:5d} {row['stack']:5d} {row['seconds']:5.1f}"
+        )
+    failed = [f"{row['name']}: {row['error']}" for row in compiled_rows if "error" in row]
+    assert not failed, "\n".join(failed)
+    too_much_shared = [row["name"] for row in compiled_rows if row["shared"] > H100_MAX_SHARED_BYTES]
+    assert not too_much_shared, f"shared memory above 227 KiB: {too_much_shared}"
+    spilling = [row["name"] for row in compiled_rows if row["local"] or row["stack"]]
+    assert not spilling, f"local-memory spills (LOCAL or STACK > 0): {spilling}"
+    too_many_registers = [row["name"] for row in compiled_rows if row["registers"] > MAX_REGISTERS]
+    assert not too_many_registers, f"more than {MAX_REGISTERS} registers: {too_many_registers}"
+
+
+def test_specs_cover_every_config_picked_for_the_presets():
+    """Each (pass, blocks, num_warps) the launchers pick for the preset shapes, in every dtype, has a spec
+    (fp16 picks the blocks of bf16, so its bf16 spec covers it)."""
+    import torch
+
+    from imf_kernels.triton import group_norm, loss
+
+    gn_compiled = {
+        (spec["name"].split("_")[1], spec["constexprs"]["BLOCK_C"], spec["constexprs"]["BLOCK_HW"], spec["num_warps"])
+        for spec in group_norm.aot_specs()
+    }
+    loss_compiled = {
+        (spec["name"].split("_loss_")[1].split("_")[0], spec["constexprs"]["BLOCK"], spec["num_warps"])
+        for spec in loss.aot_specs()
+    }
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for _, channels, height, width, num_groups in group_norm.AOT_SHAPES:
+            for pass_name in ("fwd", "jvp", "bwd"):
+                blocks = group_norm.pick_blocks(channels // num_groups, height * width, dtype, pass_name)
+                assert (pass_name, blocks.block_c, blocks.block_hw, blocks.num_warps) in gn_compiled
+        for _, *sample in loss.AOT_SHAPES:
+            for pass_name in ("fwd", "bwd"):
+                block, num_warps = loss.pick_block(sample[0] * sample[1] * sample[2], dtype, pass_name)
+                assert (pass_name, block, num_warps) in loss_compiled
+
+
+if __name__ == "__main__":
+    main()
