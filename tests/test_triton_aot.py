@@ -150,7 +150,7 @@ def test_specs_cover_every_config_picked_for_the_presets():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for _, channels, height, width, num_groups in group_norm.AOT_SHAPES:
             for pass_name in ("fwd", "jvp", "bwd"):
-                blocks = group_norm.pick_blocks(channels // num_groups, height * width, dtype, pass_name)
+                blocks = group_norm.pick_blocks(channels // num_groups, height * width, dtype)
                 assert (pass_name, blocks.block_c, blocks.block_hw, blocks.num_warps) in gn_compiled
         for _, *sample in loss.AOT_SHAPES:
             for pass_name in ("fwd", "bwd"):

@@ -64,8 +64,8 @@ def poisoned_allocations():
 def use_layout(layout: str, monkeypatch) -> None:
     """The chunked layout at test sizes: tiles of at most 64 elements, chunks of 32 (4 H*W columns of 8)."""
     if layout == "chunked":
-        monkeypatch.setattr(triton_gn, "_MAX_SINGLE_TILE", {"fwd": 64, "jvp": 64, "bwd": 64})
-        monkeypatch.setattr(triton_gn, "_CHUNK_TILE", {"fwd": 32, "jvp": 32, "bwd": 32})
+        monkeypatch.setattr(triton_gn, "_MAX_SINGLE_TILE", 64)
+        monkeypatch.setattr(triton_gn, "_CHUNK_TILE", 32)
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int) -> dict:
@@ -219,17 +219,16 @@ def test_group_norm_act_matches_reference_at_model_shapes(shape, dtype):
 
 def test_block_picker_follows_gpu_rules():
     # Exact configurations for the test and model shapes: (C/G, H*W) -> padded channels, columns, warps.
-    assert triton_gn.pick_blocks(5, 35, torch.float32, "fwd") == triton_gn.GNBlocks(8, 64, True, 2)
-    assert triton_gn.pick_blocks(8, 1024, torch.float32, "jvp") == triton_gn.GNBlocks(8, 1024, True, 16)
-    assert triton_gn.pick_blocks(8, 1024, torch.bfloat16, "bwd") == triton_gn.GNBlocks(8, 1024, True, 16)
-    assert triton_gn.pick_blocks(16, 1024, torch.float32, "fwd") == triton_gn.GNBlocks(16, 128, False, 8)
-    assert triton_gn.pick_blocks(48, 64, torch.float16, "jvp") == triton_gn.GNBlocks(64, 64, True, 8)
+    assert triton_gn.pick_blocks(5, 35, torch.float32) == triton_gn.GNBlocks(8, 64, True, 2)
+    assert triton_gn.pick_blocks(8, 1024, torch.float32) == triton_gn.GNBlocks(8, 1024, True, 16)
+    assert triton_gn.pick_blocks(8, 1024, torch.bfloat16) == triton_gn.GNBlocks(8, 1024, True, 16)
+    assert triton_gn.pick_blocks(16, 1024, torch.float32) == triton_gn.GNBlocks(16, 128, False, 8)
+    assert triton_gn.pick_blocks(48, 64, torch.float16) == triton_gn.GNBlocks(64, 64, True, 8)
     for channels_per_group in (1, 3, 5, 24, 40, 48, 1024):
         for hw in (1, 35, 64, 1024, 4096):
-            for pass_name in ("fwd", "jvp", "bwd"):
-                blocks = triton_gn.pick_blocks(channels_per_group, hw, torch.float16, pass_name)
-                assert blocks.block_c >= channels_per_group
-                assert blocks.block_c * blocks.block_hw <= triton_gn._MAX_SINGLE_TILE[pass_name]
+            blocks = triton_gn.pick_blocks(channels_per_group, hw, torch.float16)
+            assert blocks.block_c >= channels_per_group
+            assert blocks.block_c * blocks.block_hw <= triton_gn._MAX_SINGLE_TILE
 
 
 @pytest.mark.parametrize(
