@@ -58,6 +58,21 @@ class GaussClasses:
         """The exact map from noise at t = 1 to data: x = mu_c + Q diag(sqrt(lam)) Q^T e (flat, float64)."""
         return self.flow_map(e.double().reshape(len(y), -1), torch.ones(len(y)), torch.zeros(len(y)), y)
 
+    def exact_samples(self, e: torch.Tensor, y: torch.Tensor, omega: float = 1.0) -> torch.Tensor:
+        """The exact map of noise e at t = 1 to t = 0 under guidance omega (closed form at omega = 1, else a fine
+        RK4 solve)."""
+        return self.one_step_map(e, y) if omega == 1.0 else self.guided_flow_map(e, 1.0, 0.0, y, omega)
+
+    def evaluation_set(self, n: int, omega: float, seed: int):
+        """(e, y, exact samples) for a fixed seed, cached: every evaluation of a run reuses the same noise."""
+        cache = self.__dict__.setdefault("_evaluation_sets", {})
+        if (n, omega, seed) not in cache:
+            gen = torch.Generator().manual_seed(seed)
+            y = torch.randint(0, self.num_classes, (n,), generator=gen)
+            e = torch.randn(n, self.dim, generator=gen, dtype=torch.float64)
+            cache[(n, omega, seed)] = (e, y, self.exact_samples(e, y, omega))
+        return cache[(n, omega, seed)]
+
     # --- exact conditional fields ------------------------------------------------------------------------------
     def _flat(self, z):
         return z.double().reshape(z.shape[0], -1)
@@ -153,9 +168,7 @@ def one_step_error(
     """Relative error of `steps`-step samples against the exact map of the same noise (guided for omega > 1)."""
     from imf.sampler import DEFAULT_INTERVAL, sample
 
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, data.num_classes, (n,), generator=gen)
-    e = torch.randn(n, data.dim, generator=gen, dtype=torch.float64)
+    e, y, x_star = data.evaluation_set(n, omega, seed)
     dev = next(model.parameters()).device
     x_hat = sample(
         model,
@@ -166,7 +179,6 @@ def one_step_error(
         steps=steps,
         euler=euler,
     ).cpu()
-    x_star = data.one_step_map(e, y) if omega == 1.0 else data.guided_flow_map(e, 1.0, 0.0, y, omega)
     return relative_error(x_hat, x_star, data.mu[y])
 
 

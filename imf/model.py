@@ -301,26 +301,29 @@ class IMFNet(nn.Module):
             h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return h, skips, ctx, pooled
 
+    def u_head(self, features) -> torch.Tensor:
+        h, skips, ctx, pooled = features
+        return self.out(self._run_level(self.up[-1], h, list(skips), ctx, pooled))
+
+    def v_head(self, features) -> torch.Tensor:
+        """The aux v-head on the trunk's features (v_head="aux" only)."""
+        h, skips, ctx, pooled = features
+        return self.v_out(self._run_level(self.v_level, h, list(skips), ctx, pooled))
+
     def forward(self, z: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h, skips, ctx, pooled = self.trunk(z, cond)
-        v = None
-        if self.cfg.v_head == "aux":
-            v = self.v_out(self._run_level(self.v_level, h, list(skips), ctx, pooled))
-        u = self.out(self._run_level(self.up[-1], h, skips, ctx, pooled))
-        return u, v
+        features = self.trunk(z, cond)
+        return self.u_head(features), self.v_head(features) if self.cfg.v_head == "aux" else None
 
     def u(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The average velocity only (sampling): the v-head is not run."""
-        h, skips, ctx, pooled = self.trunk(z, cond)
-        return self.out(self._run_level(self.up[-1], h, skips, ctx, pooled))
+        return self.u_head(self.trunk(z, cond))
 
     def v(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The instantaneous velocity: the aux head, or u at h = 0 for v_head="boundary" (cond.h is used as given,
         callers pass h = 0)."""
         if self.cfg.v_head == "boundary":
             return self.u(z, cond)
-        h, skips, ctx, pooled = self.trunk(z, cond)
-        return self.v_out(self._run_level(self.v_level, h, skips, ctx, pooled))
+        return self.v_head(self.trunk(z, cond))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -48,18 +48,32 @@ def sample_logit_normal_pair(x: Tensor, p_mean: float, p_std: float, generator) 
     return torch.maximum(a, c), torch.minimum(a, c)
 
 
-def model_jvp(model: nn.Module, z: Tensor, cond: Cond, dz: Tensor, *, u_only: bool = False):
-    """((u, v), (du, dv)) of the model along the tangent (dz, dh = 1, dt = 1 when the model takes t): the time
+def model_jvp(model: nn.Module, z: Tensor, cond: Cond, dz: Tensor) -> tuple[Tensor, Tensor]:
+    """(u, du): u and its derivative along the tangent (dz, dh = 1, dt = 1 when the model takes t), i.e. the time
     derivative d/dt u(z_t, r, t) with r fixed, through `torch.func.jvp` (the reference path)."""
     ones = torch.ones_like(cond.h)
-    with_t = getattr(model, "cfg", None) is not None and model.cfg.condition_on_t
+    with_t = model.cfg.condition_on_t
 
     def f(z_, h_, t_):
-        c = cond._replace(h=h_, t=t_ if with_t else cond.t)
-        return model.u(z_, c) if u_only else model(z_, c)
+        return model.u(z_, cond._replace(h=h_, t=t_ if with_t else cond.t))
 
     t_in = cond.t if cond.t is not None else torch.zeros_like(cond.h)
     return torch.func.jvp(f, (z, cond.h, t_in), (dz, ones, ones))
+
+
+def model_jvp_with_v(model: nn.Module, z: Tensor, cond: Cond, dz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(u, du, v): as `model_jvp`, plus the aux v-head's primal output from the same trunk pass (no tangent is
+    computed for the v-head: nothing needs it)."""
+    ones = torch.ones_like(cond.h)
+    with_t = model.cfg.condition_on_t
+
+    def f(z_, h_, t_):
+        features = model.trunk(z_, cond._replace(h=h_, t=t_ if with_t else cond.t))
+        return model.u_head(features), features
+
+    t_in = cond.t if cond.t is not None else torch.zeros_like(cond.h)
+    u, du, features = torch.func.jvp(f, (z, cond.h, t_in), (dz, ones, ones), has_aux=True)
+    return u, du, model.v_head(features)
 
 
 @dataclass
@@ -146,8 +160,10 @@ class IMFObjective:
         y = torch.where(d.drop, torch.full_like(y, model.cfg.num_classes), y)
         v_g = torch.where(_col(d.drop, x), v_t, v_g)
         cond = Cond(h=d.t - d.r, y=y, omega=d.omega, t_min=d.t_min, t_max=d.t_max, t=d.t)
-        (u, v), (du, _) = model_jvp(model, z, cond, v_cp)
-        if v is None:  # v_head="boundary": v = u(z, h = 0), its own forward with grad
+        if model.cfg.v_head == "aux":
+            u, du, v = model_jvp_with_v(model, z, cond, v_cp)
+        else:  # v_head="boundary": v = u(z, h = 0), its own forward with grad
+            u, du = model_jvp(model, z, cond, v_cp)
             v = model.u(z, cond._replace(h=torch.zeros_like(d.t)))
         V = u + _col(d.t - d.r, u) * du.detach()
         loss_u = per_sample_sum((V - v_g) ** 2)
@@ -232,7 +248,7 @@ class MeanFlowObjective:
         y = torch.where(d.drop, null, y)
         v_g = torch.where(_col(d.drop, x), v_t, v_g)
         cond = Cond(h=d.t - d.r, y=y, omega=one, t_min=zero, t_max=one, t=d.t)
-        u, du = model_jvp(model, z, cond, v_g, u_only=True)
+        u, du = model_jvp(model, z, cond, v_g)
         u_tgt = (v_g - _col((d.t - d.r).clamp(0, 1), x) * du).detach()
         loss_per = per_sample_sum((u - u_tgt) ** 2)
         loss = adaptive_weighted(loss_per, self.c, self.p).mean()
