@@ -1,16 +1,26 @@
-"""The training loop core: AdamW (betas 0.9/0.95, no weight decay), linear warm-up then constant lr, gradient
-clipping, EMA of the weights. One `Trainer.step()` is one objective step on one batch."""
+"""The training loop: AdamW (betas 0.9/0.95, no weight decay), linear warm-up then constant lr, gradient
+clipping, EMA of the weights, optional bf16 target evaluations, exact resume. One `Trainer.step()` is one
+objective step on one batch; `train()` is a whole run (data, model, progress bar, sample grids, checkpoints).
+
+Read top to bottom: EMA, the bf16 wrapper, the Trainer, the data streams, then `train()`.
+"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from imf.config import TrainConfig
+from imf.config import Preset, TrainConfig
+from imf.model import Cond, IMFNet, ModelConfig
 
 
 class EMA:
@@ -30,7 +40,36 @@ class EMA:
             e.copy_(b)
 
 
+class BF16Targets(nn.Module):
+    """Runs the model's no-grad calls (the objective's target evaluations: v_c, v_u, v_c') under bf16 autocast
+    and returns fp32; calls with grad enabled (the JVP pass the loss is built from) run untouched in fp32."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.inner = model
+        self.cfg = model.cfg
+
+    def _maybe_autocast(self, fn, z: torch.Tensor, cond: Cond):
+        if torch.is_grad_enabled():
+            return fn(z, cond)
+        with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16):
+            out = fn(z, cond)
+        return tuple(o if o is None else o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+    def forward(self, z: torch.Tensor, cond: Cond):
+        return self._maybe_autocast(self.inner, z, cond)
+
+    def u(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self._maybe_autocast(self.inner.u, z, cond)
+
+    def v(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self._maybe_autocast(self.inner.v, z, cond)
+
+
 class Trainer:
+    """`next_batch()` returns (x, y) on the model's device; if it also has `state_dict` / `load_state_dict`
+    (a `DataStream`), its position is part of the checkpoint. `generator` drives the objective's randomness."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -44,6 +83,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
         self.ema = EMA(model, cfg.ema_decay)
         self.step_count = 0
+        self._loss_model = BF16Targets(model) if cfg.bf16 else model
 
     def lr_at(self, step: int) -> float:
         return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
@@ -53,7 +93,7 @@ class Trainer:
         x, y = self.next_batch()
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step_count)
-        loss, metrics = self.objective.loss(self.model, x, y, self.generator)
+        loss, metrics = self.objective.loss(self._loss_model, x, y, self.generator)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -64,15 +104,258 @@ class Trainer:
         out["grad_norm"] = float(grad_norm)
         return out
 
-    def run(self, steps: int | None = None, seconds: float | None = None, callback=None) -> list[dict]:
-        """Steps until `steps` more steps or `seconds` of wall-clock have passed (whichever comes first)."""
+    def run(
+        self,
+        steps: int | None = None,
+        seconds: float | None = None,
+        callback: Callable[[Trainer, dict], None] | None = None,
+        progress: bool = False,
+    ) -> list[dict]:
+        """Steps until `steps` more steps or `seconds` of wall-clock have passed (whichever comes first).
+        `progress` shows a tqdm bar with the loss terms and the throughput in images per second."""
+        from tqdm.auto import tqdm
+
         history, start, done = [], time.perf_counter(), 0
-        while (steps is None or done < steps) and (seconds is None or time.perf_counter() - start < seconds):
-            metrics = self.step()
-            metrics["step"] = self.step_count
-            metrics["time"] = time.perf_counter() - start
-            history.append(metrics)
-            done += 1
-            if callback is not None:
-                callback(self, metrics)
+        bar = tqdm(total=steps, disable=not progress, unit="step", dynamic_ncols=True)
+        try:
+            while (steps is None or done < steps) and (seconds is None or time.perf_counter() - start < seconds):
+                metrics = self.step()
+                metrics["step"] = self.step_count
+                metrics["time"] = time.perf_counter() - start
+                history.append(metrics)
+                done += 1
+                bar.update(1)
+                bar.set_postfix(
+                    loss_u=f"{metrics.get('loss_u', metrics['loss']):.3g}",
+                    loss_v=f"{metrics.get('loss_v', float('nan')):.3g}",
+                    img_s=f"{done * self.cfg.batch_size / metrics['time']:.0f}",
+                    refresh=False,
+                )
+                if callback is not None:
+                    callback(self, metrics)
+        finally:
+            bar.close()
         return history
+
+    # --- exact resume -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next step depends on: weights, EMA, optimizer, step count, the objective's generator,
+        the global RNG and the data stream's position."""
+        data_state = getattr(self.next_batch, "state_dict", None)
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "step_count": self.step_count,
+            "generator": self.generator.get_state(),
+            "global_rng": torch.get_rng_state(),
+            "data": data_state() if data_state is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from imf.checkpoint import load_weights
+
+        load_weights(self.model, state["model"], "model weights")
+        load_weights(self.ema.model, state["ema"], "EMA weights")
+        self.opt.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step_count"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["global_rng"])
+        if state.get("data") is not None and hasattr(self.next_batch, "load_state_dict"):
+            self.next_batch.load_state_dict(state["data"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data streams: callable, resumable batch sources on the training device
+# --------------------------------------------------------------------------------------------------------
+
+
+class GaussBatches:
+    """Endless exact samples of the analytic Gaussian classes (DESIGN 6), drawn from their own generator."""
+
+    def __init__(self, batch_size: int, generator: torch.Generator):
+        from imf.gauss import GaussClasses
+
+        self.data = GaussClasses.from_digits()
+        self.batch_size, self.generator = batch_size, generator
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data.sample(self.batch_size, self.generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator_state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator_state"])
+
+
+class DataStream:
+    """`stream()` -> (x, y) on `device`; rows without labels get the null class. Delegates its state to the
+    underlying `InfiniteLoader` or `GaussBatches`."""
+
+    def __init__(self, source, num_classes: int, device: torch.device | str = "cpu"):
+        self.source, self.num_classes, self.device = source, num_classes, torch.device(device)
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = next(self.source)
+        if y is None:
+            y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long)
+        return x.to(self.device), y.to(self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state)
+
+
+def load_training_data(kind: str, path: str | os.PathLike | None = None, image_size: int | None = None):
+    """(x, y) in memory for the `digits`, `folder` and `tensors` data kinds; y may be None (unlabelled)."""
+    from imf.data import DataError, load_digits_tensor, load_image_folder, load_tensor_file
+
+    if kind == "digits":
+        return load_digits_tensor("train")
+    if path is None:
+        raise DataError(f"data {kind!r} needs a path: pass --data PATH")
+    if kind == "folder":
+        return load_image_folder(path, size=image_size)
+    if kind == "tensors":
+        return load_tensor_file(path)
+    raise DataError(f"unknown data kind {kind!r}; choose one of gauss, digits, folder, tensors")
+
+
+def make_stream(
+    preset: Preset,
+    data_path: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    data: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> DataStream:
+    """The preset's training stream, seeded from `preset.train.seed` (its own generator). Checks that the
+    data's shape and labels fit the model."""
+    from imf.data import DataError, InfiniteLoader
+
+    generator = torch.Generator().manual_seed(preset.train.seed + 1)
+    m = preset.model
+    if preset.data == "gauss":
+        return DataStream(GaussBatches(preset.train.batch_size, generator), m.num_classes, device)
+    x, y = data if data is not None else load_training_data(preset.data, data_path)
+    want = (m.image_channels, m.image_size, m.image_size)
+    if tuple(x.shape[1:]) != want:
+        raise DataError(
+            f"data has shape (C, H, W) = {tuple(x.shape[1:])} but the {preset.name!r} model takes {want}; "
+            "use --channels/--image-size or another preset"
+        )
+    if y is not None and int(y.max()) >= m.num_classes:
+        raise DataError(
+            f"data has class id {int(y.max())} but the model has {m.num_classes} classes; pass --num-classes"
+        )
+    return DataStream(InfiniteLoader(x, y, preset.train.batch_size, generator), m.num_classes, device)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Configs as JSON, and whole runs
+# --------------------------------------------------------------------------------------------------------
+
+
+def preset_to_dict(preset: Preset) -> dict[str, Any]:
+    return dataclasses.asdict(preset)
+
+
+def preset_from_dict(data: dict[str, Any]) -> Preset:
+    return Preset(
+        name=data["name"],
+        data=data["data"],
+        model=ModelConfig(**data["model"]),
+        train=TrainConfig(**data["train"]),
+        objective=data["objective"],
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """The global RNG (model initialisation); the objective and the data use their own generators."""
+    torch.manual_seed(seed)
+
+
+def build_trainer(preset: Preset, stream: DataStream, device: torch.device | str = "cpu") -> Trainer:
+    from imf.objectives import make_objective
+
+    seed_everything(preset.train.seed)
+    model = IMFNet(preset.model).to(device)
+    objective = make_objective(preset.objective)
+    return Trainer(model, objective, stream, preset.train, torch.Generator().manual_seed(preset.train.seed))
+
+
+@dataclasses.dataclass
+class RunResult:
+    trainer: Trainer
+    history: list[dict[str, float]]
+    seconds: float  # wall-clock of this invocation's training
+    stopped_by: str  # "steps" or "minutes"
+
+
+def train(
+    preset: Preset,
+    out: str | os.PathLike,
+    *,
+    data_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Trains `preset` until `preset.train.steps` total steps or `preset.train.minutes` of wall-clock, writing
+    checkpoints to `out` (every `checkpoint_every` steps and at the end) and sample grids to `out/samples`
+    (every `sample_every` steps and at the end). `resume` continues the checkpoint in `out` exactly."""
+    from imf.checkpoint import load_checkpoint, save_checkpoint
+    from imf.evaluate import class_omega_samples
+    from imf.plots import save_sample_grid
+
+    out = Path(out)
+    history: list[dict[str, float]] = []
+    if resume:
+        manifest, state = load_checkpoint(out)
+        saved = preset_from_dict(manifest["config"])
+        # The run's identity comes from the checkpoint; only the stopping rule may change on resume.
+        saved.train.steps, saved.train.minutes = preset.train.steps, preset.train.minutes
+        preset = saved
+        history = list(manifest.get("history", []))
+    stream = make_stream(preset, data_path, device)
+    trainer = build_trainer(preset, stream, device)
+    if resume:
+        trainer.load_state_dict(state)
+        log(f"resumed {out} at step {trainer.step_count}")
+    cfg = preset.train
+    config = preset_to_dict(preset)
+    classes = list(range(min(10, preset.model.num_classes)))
+    noise_generator = torch.Generator().manual_seed(cfg.seed + 2)
+    sample_noise = torch.randn(4 * len(classes), *_image_shape(preset), generator=noise_generator)
+
+    def write_samples(tr: Trainer) -> None:
+        """EMA weights, 1-NFE, omega 1, default interval: one row per class."""
+        samples = class_omega_samples(tr.ema.model, sample_noise, classes, [1.0])
+        save_sample_grid(samples, [1.0], classes, out / "samples" / f"step_{tr.step_count:08d}.png")
+
+    def save(tr: Trainer) -> None:
+        save_checkpoint(out, tr.state_dict(), config, history)
+
+    def callback(tr: Trainer, metrics: dict) -> None:
+        history.append({k: round(v, 6) if math.isfinite(v) else v for k, v in metrics.items() if k != "time"})
+        if cfg.sample_every and tr.step_count % cfg.sample_every == 0:
+            write_samples(tr)
+        if cfg.checkpoint_every and tr.step_count % cfg.checkpoint_every == 0:
+            save(tr)
+
+    remaining = max(0, cfg.steps - trainer.step_count)
+    seconds = None if cfg.minutes is None else 60.0 * cfg.minutes
+    start = time.perf_counter()
+    trainer.run(steps=remaining, seconds=seconds, callback=callback, progress=progress)
+    elapsed = time.perf_counter() - start
+    save(trainer)
+    write_samples(trainer)
+    stopped_by = "steps" if trainer.step_count >= cfg.steps else "minutes"
+    return RunResult(trainer, history, elapsed, stopped_by)
+
+
+def _image_shape(preset: Preset) -> tuple[int, int, int]:
+    m = preset.model
+    return (m.image_channels, m.image_size, m.image_size)

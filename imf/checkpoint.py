@@ -1,0 +1,200 @@
+"""Checkpoints: a folder holding safetensors weights (model, EMA, optimizer, RNG and data-loader state) and one
+JSON manifest, `checkpoint.json`, with the run's config, step count and loss history.
+
+Crash safety: every file is written to a temporary name and renamed into place (`os.replace` is atomic), the
+tensor files carry the step in their names, and the manifest that points at them is written last. A crash at
+any moment leaves either the previous manifest with its files, or the new one with its files; files that no
+manifest points at are removed after the new manifest is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "checkpoint.json"
+FORMAT_VERSION = 1
+_PARTS = ("model", "ema", "optimizer", "state")
+
+
+class CheckpointError(ValueError):
+    """A missing, corrupt or mismatched checkpoint: printed on one line by the CLI."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Calls `write(temp_name)` for a temporary file next to `path`, then renames it onto `path`, so a reader
+    never sees a half-written file and a crash leaves the old file in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    try:
+        write(temp_name)
+        os.chmod(temp_name, 0o644)  # mkstemp creates 0600
+        os.replace(temp_name, path)
+    finally:
+        if os.path.exists(temp_name):
+            os.remove(temp_name)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    def write(name: str) -> None:
+        with open(name, "w") as handle:
+            json.dump(data, handle, indent=1)
+            handle.write("\n")
+
+    atomic_write(path, write)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    atomic_write(path, lambda name: save_file(cpu, name))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: {path} is missing (the manifest points at it)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint: cannot read {path}: {error}") from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Optimizer and RNG state as flat tensors (safetensors holds tensors only; the rest goes into the manifest)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors = {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            tensors[f"{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, state["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list[dict]) -> dict:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    # JSON turned tuples (betas) into lists; give them back their type so the state compares equal
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in param_groups]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(
+    folder: str | os.PathLike,
+    trainer_state: dict[str, Any],
+    config: dict[str, Any],
+    history: list[dict[str, float]] | None = None,
+) -> Path:
+    """Writes `Trainer.state_dict()` plus the run config (JSON-able) and loss history to `folder`; returns the
+    manifest path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    step = int(trainer_state["step_count"])
+    opt_tensors, param_groups = _flatten_optimizer(trainer_state["optimizer"])
+    rng = {"generator": trainer_state["generator"], "global": trainer_state["global_rng"]}
+    data_state = dict(trainer_state.get("data") or {})
+    data_tensors = {k: v for k, v in data_state.items() if torch.is_tensor(v)}
+    rng.update({f"data.{k}": v for k, v in data_tensors.items()})
+    parts = {
+        "model": trainer_state["model"],
+        "ema": trainer_state["ema"],
+        "optimizer": opt_tensors,
+        "state": rng,
+    }
+    files = {}
+    for part, tensors in parts.items():
+        files[part] = f"{part}-{step:08d}.safetensors"
+        _save_tensors(folder / files[part], tensors)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "files": files,
+        "config": config,
+        "optimizer_param_groups": param_groups,
+        "data_state": {k: v for k, v in data_state.items() if not torch.is_tensor(v)},
+        "history": history or [],
+    }
+    write_json(folder / MANIFEST, manifest)  # the commit point
+    keep = set(files.values())
+    for stale in folder.glob("*.safetensors"):
+        if stale.name not in keep and stale.name.split("-")[0] in _PARTS:
+            stale.unlink()
+    return folder / MANIFEST
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint: {folder} is not a folder")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: no {MANIFEST} in {folder}; is this a checkpoint folder?")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint: {path} is corrupt: {error}") from None
+    missing = [k for k in ("format", "step", "files", "config") if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise CheckpointError(f"checkpoint: {path} lacks {', '.join(missing)}")
+    if manifest["format"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint: {path} has format {manifest['format']}, this version reads {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def load_checkpoint(folder: str | os.PathLike, parts: tuple[str, ...] = _PARTS) -> tuple[dict[str, Any], dict]:
+    """(manifest, trainer_state): the manifest and the tensors of the requested parts, assembled in the form
+    `Trainer.load_state_dict` takes (parts not requested are left out)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    loaded = {part: _load_tensors(folder / manifest["files"][part]) for part in parts}
+    state: dict[str, Any] = {"step_count": int(manifest["step"])}
+    if "model" in loaded:
+        state["model"] = loaded["model"]
+    if "ema" in loaded:
+        state["ema"] = loaded["ema"]
+    if "optimizer" in loaded:
+        state["optimizer"] = _unflatten_optimizer(loaded["optimizer"], manifest["optimizer_param_groups"])
+    if "state" in loaded:
+        rng = loaded["state"]
+        state["generator"] = rng["generator"]
+        state["global_rng"] = rng["global"]
+        data = dict(manifest.get("data_state") or {})
+        data.update({k[len("data.") :]: v for k, v in rng.items() if k.startswith("data.")})
+        state["data"] = data or None
+    return manifest, state
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """`model.load_state_dict(weights)` with a one-line error when the checkpoint does not fit the model."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint: {source} does not fit the model: {len(missing)} missing and {len(unexpected)} "
+            f"unexpected tensors (e.g. {(missing + unexpected)[0]})"
+        )
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"checkpoint: {source}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(weights)

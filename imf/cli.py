@@ -1,0 +1,451 @@
+"""The `imf` command: `train`, `sample`, `eval` and `demo` (run `imf COMMAND --help` for every flag).
+
+Problems with the user's input (a missing or corrupt checkpoint, an unknown preset, a class id out of range,
+omega < 1, an interval with t_min > t_max, unreadable data) print one line, `imf: error: ...`, to stderr and
+exit with code 2, before any output file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class CLIError(ValueError):
+    """A problem with the command line itself."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of argparse's usage block
+        self.exit(EXIT_USAGE, f"imf: error: {message} (see imf {self.prog.split(' ', 1)[-1]} --help)\n")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Flags
+# --------------------------------------------------------------------------------------------------------
+
+
+def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)",
+    )
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (each overrides the preset's value)")
+    g.add_argument("--steps", type=int, help="total optimizer steps to reach (a resumed run counts its old steps)")
+    g.add_argument("--minutes", type=float, help="wall-clock limit of this invocation's training, in minutes")
+    g.add_argument("--batch-size", type=int, help="images per step")
+    g.add_argument("--lr", type=float, help="peak learning rate of AdamW (betas 0.9/0.95, no weight decay)")
+    g.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warm-up")
+    g.add_argument("--ema-decay", type=float, help="EMA decay of the weights used for sampling")
+    g.add_argument("--grad-clip", type=float, help="gradient-norm clipping threshold")
+    g.add_argument("--seed", type=int, help="seed of the model initialisation, the objective's and the data's RNG")
+    g.add_argument("--width", type=int, help="base channel count of the U-Net")
+    g.add_argument("--objective", choices=("imf", "mf", "fm"), help="training objective (default: imf)")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast for the no-grad target evaluations (GPU)")
+    g.add_argument("--sample-every", type=int, help="steps between sample grids in OUT/samples (0: end only)")
+    g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (one is always written last)")
+
+
+def _add_guidance_flags(p: argparse.ArgumentParser, many: bool) -> None:
+    if many:
+        p.add_argument(
+            "--omegas", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="guidance scales, each >= 1"
+        )
+    else:
+        p.add_argument("--omega", type=float, default=1.0, help="guidance scale, >= 1 (1 = no guidance)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        nargs=2,
+        metavar=("T_MIN", "T_MAX"),
+        default=[0.4, 0.65],
+        help="guidance interval in t, 0 <= T_MIN <= T_MAX <= 1 (default 0.4 0.65, DESIGN 2.4)",
+    )
+    p.add_argument("--steps", dest="sample_steps", type=int, default=1, help="sampling steps (default 1 = 1-NFE)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="imf", description="Train and sample Improved MeanFlow (iMF) one-step models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a preset", description="Train a preset; checkpoints go to --out.")
+    p.add_argument("--preset", default="digits", help="gauss, digits, cifar or latent-b (default digits)")
+    p.add_argument("--data", help="image folder (cifar) or .npz/.safetensors file with x and y (latent-b)")
+    p.add_argument("--out", help="checkpoint folder (default runs/PRESET)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
+    p.add_argument("--channels", type=int, help="image channels of the model (user data)")
+    p.add_argument("--image-size", type=int, help="image height = width of the model (user data)")
+    p.add_argument("--num-classes", type=int, help="number of classes of the model (user data)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_training_flags(p)
+    _add_runtime_flags(p)
+
+    p = sub.add_parser(
+        "sample",
+        help="write a PNG grid of samples",
+        description="Sample a checkpoint: rows = classes, --per-class samples each, to a PNG.",
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint folder (holds checkpoint.json)")
+    p.add_argument("--out", required=True, help="output PNG file")
+    p.add_argument("--classes", type=int, nargs="+", help="class ids to draw (default: up to the first 10)")
+    p.add_argument("--per-class", type=int, default=8, help="samples per class (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    _add_guidance_flags(p, many=False)
+    _add_runtime_flags(p)
+
+    p = sub.add_parser(
+        "eval",
+        help="metrics over omega and the quality-diversity plot",
+        description="Evaluate a digits or gauss checkpoint at several omega: writes metrics.json and quality.png.",
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint folder")
+    p.add_argument("--out", help="folder for metrics.json and quality.png (default: CKPT/eval)")
+    p.add_argument("--n", type=int, default=1000, help="samples per omega (default 1000; FD wants >= 500)")
+    p.add_argument("--v-head-steps", type=int, default=32, help="Euler steps of the v-head sample (0: skip)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
+    _add_guidance_flags(p, many=True)
+    _add_runtime_flags(p)
+
+    p = sub.add_parser(
+        "demo",
+        help="train digits on the CPU, sample, evaluate, plot",
+        description="Train the digits preset from scratch (stops at --steps or --minutes), then write samples.png "
+        "(rows = classes, columns = omega 1, 2, 4, 8), loss.png, quality.png and metrics.json to --out.",
+    )
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo; replaced on rerun)")
+    p.add_argument("--steps", type=int, help="training steps (default: the digits preset's)")
+    p.add_argument("--minutes", type=float, default=6.0, help="wall-clock limit of training (default 6)")
+    p.add_argument("--width", type=int, help="base channel count of the U-Net (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="images per step (default: the preset's)")
+    p.add_argument("--n", type=int, default=1000, help="samples per omega for the metrics (default 1000)")
+    p.add_argument("--seed", type=int, help="seed (default: the preset's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_runtime_flags(p)
+    p.set_defaults(threads=1)  # measured: see the README; the step is too small for two threads to pay off
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checks of user input (all before any file is written)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise CLIError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_guidance(omegas: Sequence[float], interval: Sequence[float], steps: int) -> tuple[float, float]:
+    for omega in omegas:
+        if not omega >= 1.0:
+            raise CLIError(f"--omega must be >= 1 (1 = no guidance), got {omega:g}")
+    t_min, t_max = interval
+    if t_min > t_max:
+        raise CLIError(f"--interval: t_min {t_min:g} is greater than t_max {t_max:g}")
+    if not (0.0 <= t_min and t_max <= 1.0):
+        raise CLIError(f"--interval must lie in [0, 1], got {t_min:g} {t_max:g}")
+    _positive("steps", steps)
+    return float(t_min), float(t_max)
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise CLIError(f"--device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available here")
+    return device
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        _positive("threads", threads)
+        torch.set_num_threads(threads)
+
+
+def _preset_with_overrides(args: argparse.Namespace):
+    from imf.config import get_preset
+
+    try:
+        preset = get_preset(args.preset)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    t, m = preset.train, preset.model
+    for name in ("steps", "batch_size", "warmup_steps", "sample_every", "checkpoint_every"):
+        _positive(name.replace("_", "-"), getattr(args, name, None), allow_zero=name != "steps")
+    for name in ("minutes", "lr", "grad_clip", "width", "channels", "image_size", "num_classes"):
+        _positive(name.replace("_", "-"), getattr(args, name, None))
+    if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
+        raise CLIError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
+    for name in ("steps", "minutes", "batch_size", "lr", "warmup_steps", "ema_decay", "grad_clip", "seed"):
+        if getattr(args, name) is not None:
+            setattr(t, name, getattr(args, name))
+    for name in ("sample_every", "checkpoint_every"):
+        if getattr(args, name) is not None:
+            setattr(t, name, getattr(args, name))
+    t.bf16 = t.bf16 or args.bf16
+    if args.width is not None:
+        m.width = args.width
+    if args.channels is not None:
+        m.image_channels = args.channels
+    if args.image_size is not None:
+        m.image_size = args.image_size
+    if args.num_classes is not None:
+        m.num_classes = args.num_classes
+    if args.objective is not None:
+        preset.objective = args.objective
+    try:
+        m.__post_init__()  # re-checks the model config after the overrides
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    return preset
+
+
+def _load_model(ckpt: str, weights: str, device):
+    """(model on device in eval mode, preset, manifest) from a checkpoint folder."""
+    from imf.checkpoint import load_checkpoint, load_weights
+    from imf.model import IMFNet
+    from imf.train import preset_from_dict
+
+    manifest, state = load_checkpoint(ckpt, parts=(weights,))
+    try:
+        preset = preset_from_dict(manifest["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        from imf.checkpoint import CheckpointError
+
+        raise CheckpointError(f"checkpoint: {ckpt}/checkpoint.json has an unreadable config: {error}") from None
+    model = IMFNet(preset.model)
+    load_weights(model, state[weights], f"{ckpt} ({weights} weights)")
+    return model.to(device).eval(), preset, manifest
+
+
+# --------------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from imf.checkpoint import MANIFEST
+    from imf.train import train
+
+    preset = _preset_with_overrides(args)
+    device = _device(args.device)
+    _set_threads(args.threads)
+    out = Path(args.out or f"runs/{preset.name}")
+    if not args.resume and (out / MANIFEST).exists():
+        raise CLIError(f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out")
+    result = train(preset, out, data_path=args.data, resume=args.resume, device=device, progress=not args.no_progress)
+    last = result.history[-1] if result.history else {}
+    print(
+        f"trained to step {result.trainer.step_count} in {result.seconds:.0f} s (stopped by {result.stopped_by}); "
+        f"last loss_u {last.get('loss_u', float('nan')):.4g}; checkpoint: {out}"
+    )
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from imf.evaluate import class_omega_samples
+    from imf.plots import save_sample_grid
+
+    interval = _check_guidance([args.omega], args.interval, args.sample_steps)
+    _positive("per-class", args.per_class)
+    if Path(args.out).suffix.lower() != ".png":
+        raise CLIError(f"--out must be a .png file, got {args.out}")
+    device = _device(args.device)
+    _set_threads(args.threads)
+    model, _, _ = _load_model(args.ckpt, args.weights, device)
+    k = model.cfg.num_classes
+    classes = args.classes if args.classes is not None else list(range(min(k, 10)))
+    for c in classes:
+        if not 0 <= c < k:
+            raise CLIError(f"--classes: class id {c} is out of range; this model has {k} classes (0..{k - 1})")
+    noise = torch.randn(
+        len(classes) * args.per_class, model.cfg.image_channels, model.cfg.image_size, model.cfg.image_size,
+        generator=torch.Generator().manual_seed(args.seed),
+    )  # fmt: skip
+    samples = class_omega_samples(model, noise, classes, [args.omega], interval=interval, steps=args.sample_steps)
+    title = f"{args.sample_steps}-step samples, interval ({interval[0]:g}, {interval[1]:g}), {args.weights} weights"
+    save_sample_grid(samples, [args.omega], classes, args.out, title=title)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from imf.checkpoint import write_json
+    from imf.evaluate import evaluate
+    from imf.plots import save_quality_plot
+
+    interval = _check_guidance(args.omegas, args.interval, args.sample_steps)
+    _positive("n", args.n)
+    if args.n < 2:
+        raise CLIError(f"--n must be >= 2 (a Frechet distance needs a covariance), got {args.n}")
+    _positive("v-head-steps", args.v_head_steps, allow_zero=True)
+    device = _device(args.device)
+    _set_threads(args.threads)
+    model, preset, manifest = _load_model(args.ckpt, args.weights, device)
+    if preset.data not in ("digits", "gauss"):
+        raise CLIError(f"imf eval has metrics for the digits and gauss presets only, not {preset.name!r}")
+    result = evaluate(
+        model,
+        preset.data,
+        omegas=args.omegas,
+        n=args.n,
+        interval=interval,
+        steps=args.sample_steps,
+        v_head_steps=args.v_head_steps,
+        seed=args.seed,
+    )
+    result.update(checkpoint=str(args.ckpt), step=manifest["step"], weights=args.weights)
+    out = Path(args.out or Path(args.ckpt) / "eval")
+    write_json(out / "metrics.json", result)
+    save_quality_plot(result, out / "quality.png")
+    print(format_summary(result))
+    print(f"wrote {out / 'metrics.json'} and {out / 'quality.png'}")
+    return 0
+
+
+def format_summary(result: dict) -> str:
+    """A small table of the metrics per omega."""
+    s = result["sampler"]
+    lines = [f"{s['steps']}-step samples, interval ({s['interval'][0]:g}, {s['interval'][1]:g}), n = {s['n_samples']}"]
+    if result["data"] == "digits":
+        lines.append(f"{'omega':>6} {'class acc':>10} {'FD pixels':>10} {'FD features':>12}")
+        for r in result["per_omega"]:
+            lines.append(
+                f"{r['omega']:>6g} {100 * r['class_accuracy']:>9.1f}% {r['fd_pixel']:>10.3f} {r['fd_features']:>12.3f}"
+            )
+        floor = result["real_data_floor"]
+        lines.append(
+            f"{'real':>6} {100 * floor['class_accuracy']:>9.1f}% {floor['fd_pixel']:>10.3f} "
+            f"{floor['fd_features']:>12.3f}   (held-out real digits: the floor; accuracy = classifier's own)"
+        )
+        if "v_head_euler" in result:
+            v = result["v_head_euler"]
+            lines.append(
+                f"{'v-head':>6} {100 * v['class_accuracy']:>9.1f}% {v['fd_pixel']:>10.3f} {v['fd_features']:>12.3f}"
+                f"   ({v['steps']}-step Euler of the v-head, omega 1)"
+            )
+    else:
+        lines.append(f"{'omega':>6} {'sample error':>13}")
+        for r in result["per_omega"]:
+            lines.append(f"{r['omega']:>6g} {r['sample_error']:>13.4f}")
+        lines.append(f"u error (omega 1): {result['u_error']:.4f}")
+        if "v_head_euler" in result:
+            v = result["v_head_euler"]
+            lines.append(f"v-head {v['steps']}-step Euler sample error: {v['sample_error']:.4f}")
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import shutil
+
+    import torch
+
+    from imf.checkpoint import write_json
+    from imf.config import get_preset
+    from imf.evaluate import DEFAULT_OMEGAS, class_omega_samples, evaluate_digits
+    from imf.model import count_parameters
+    from imf.plots import save_loss_curve, save_quality_plot, save_sample_grid
+    from imf.sampler import DEFAULT_INTERVAL
+    from imf.train import train
+
+    preset = get_preset("digits")
+    for name in ("steps", "minutes", "width", "batch_size", "n"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    if args.n < 2:
+        raise CLIError(f"--n must be >= 2, got {args.n}")
+    for name in ("steps", "minutes", "batch_size", "seed"):
+        if getattr(args, name) is not None:
+            setattr(preset.train, name, getattr(args, name))
+    if args.width is not None:
+        preset.model.width = args.width
+    preset.train.checkpoint_every = 0  # one checkpoint, at the end
+    device = _device(args.device)
+    _set_threads(args.threads)
+    out = Path(args.out)
+    if out.exists():
+        if not (out / "checkpoint.json").exists() and any(out.iterdir()):
+            raise CLIError(f"{out} exists and is not a demo output folder; choose another --out")
+        shutil.rmtree(out)  # a rerun starts from scratch
+
+    started = time.perf_counter()
+    print(
+        f"imf demo: digits, iMF, {preset.train.steps} steps or {preset.train.minutes:g} minutes, batch "
+        f"{preset.train.batch_size}, width {preset.model.width}, {torch.get_num_threads()} thread(s), {device}"
+    )
+    result = train(preset, out, device=device, progress=not args.no_progress)
+    model = result.trainer.ema.model.eval()
+    print(
+        f"trained {count_parameters(model) / 1e6:.2f}M parameters for {result.trainer.step_count} steps in "
+        f"{result.seconds:.0f} s ({result.trainer.step_count / max(result.seconds, 1e-9):.2f} steps/s, "
+        f"stopped by {result.stopped_by})"
+    )
+    omegas = list(DEFAULT_OMEGAS)
+    noise = torch.randn(10 * 6, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    samples = class_omega_samples(model, noise, range(10), omegas, interval=DEFAULT_INTERVAL)
+    save_sample_grid(
+        samples,
+        omegas,
+        list(range(10)),
+        out / "samples.png",
+        title=f"1-NFE samples after {result.trainer.step_count} steps; interval {DEFAULT_INTERVAL}",
+    )
+    save_loss_curve(result.history, out / "loss.png")
+    metrics = evaluate_digits(model, omegas=omegas, n=args.n, interval=DEFAULT_INTERVAL)
+    metrics.update(
+        steps=result.trainer.step_count,
+        train_seconds=round(result.seconds, 1),
+        stopped_by=result.stopped_by,
+        parameters=count_parameters(model),
+        threads=torch.get_num_threads(),
+        weights="ema",
+    )
+    write_json(out / "metrics.json", metrics)
+    save_quality_plot(metrics, out / "quality.png")
+    print(format_summary(metrics))
+    print(f"wrote {out}/samples.png, loss.png, quality.png, metrics.json and the checkpoint ({out}/checkpoint.json)")
+    print(f"demo took {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from imf.checkpoint import CheckpointError
+    from imf.data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (CLIError, DataError, CheckpointError) as error:
+        print(f"imf: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("imf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
