@@ -1,9 +1,15 @@
 """The iMF network: a U-Net whose conditions enter as context tokens read by cross-attention (DESIGN 3).
 
 u_theta(z, h, y, omega, t_min, t_max[, t]) predicts the average velocity over [r, t] with h = t - r; the auxiliary
-v-head predicts the instantaneous velocity v(z, t) from the same trunk features. Everything here is plain PyTorch
-(`F.group_norm`, `F.silu`, `F.conv2d`, softmax attention written out), so `torch.func.jvp` runs through it: that is
-the reference path every fused kernel is checked against.
+v-head predicts the instantaneous velocity v(z, t) from the same trunk features.
+
+Two paths through the same modules and weights:
+- the reference path (`trunk`, `u_head`, `v_head`, `u`, `v`, and each module's `forward`): plain PyTorch
+  (`F.group_norm`, `F.silu`, `F.conv2d`, softmax attention written out), so `torch.func.jvp` runs through it; it is
+  the oracle every fused kernel is checked against;
+- the fused path (`IMFNet.forward`, `fused_u`, `fused_v`, and each module's `fused`): every layer takes an optional
+  tangent and returns (y, dy) in one pass (DESIGN 3.3), through `imf_kernels` ops and `imf.layers`. The primal
+  carries the autograd graph, the tangent none (it is MeanFlow's stop-gradient).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from imf import layers
 
 
 @dataclass
@@ -64,6 +72,27 @@ class Cond(NamedTuple):
     t: torch.Tensor | None = None
 
 
+class CondTangent(NamedTuple):
+    """The tangent of the conditions: only h (and t, with condition_on_t) move under the JVP (DESIGN 3.1); the
+    class, omega and the guidance interval are held fixed. None is a zero tangent."""
+
+    h: torch.Tensor | None = None
+    t: torch.Tensor | None = None
+
+
+class Features(NamedTuple):
+    """The fused trunk's outputs and their tangents (None without tangents): features entering the last decoder
+    level, the skips that level reads as (skip, dskip) pairs, the context and its mean over tokens."""
+
+    h: torch.Tensor
+    dh: torch.Tensor | None
+    skips: list[tuple[torch.Tensor, torch.Tensor | None]]
+    ctx: torch.Tensor
+    dctx: torch.Tensor | None
+    pooled: torch.Tensor
+    dpooled: torch.Tensor | None
+
+
 def num_groups_for(channels: int) -> int:
     """32 groups, or fewer when channels are few: the largest divisor of C that is <= min(32, C // 4)."""
     g = max(1, min(32, channels // 4))
@@ -92,6 +121,17 @@ class ScalarTokens(nn.Module):
     def forward(self, value: torch.Tensor) -> torch.Tensor:
         emb = self.mlp(sinusoidal_embedding(value).to(self.tokens.dtype))
         return self.tokens[None] + emb[:, None]
+
+    def fused(self, value: torch.Tensor, dvalue: torch.Tensor | None = None):
+        """(tokens, dtokens): the tangent is d/dvalue of the embedding pushed through the MLP, the same for all K."""
+        emb_in = sinusoidal_embedding(value).to(self.tokens.dtype)
+        demb_in = None if dvalue is None else layers.sinusoidal_embedding_tangent(value, dvalue).to(emb_in.dtype)
+        first, _, second = self.mlp
+        a, da = layers.linear(emb_in, first, demb_in)
+        a, da = layers.silu(a, da)
+        emb, demb = layers.linear(a, second, da)
+        tokens = self.tokens[None] + emb[:, None]
+        return tokens, None if demb is None else demb[:, None].expand(-1, self.tokens.shape[0], -1)
 
 
 class ClassTokens(nn.Module):
@@ -135,6 +175,26 @@ class Conditioning(nn.Module):
             parts.append(self.t_tokens(cond.t))
         return self.norm(torch.cat(parts, dim=1))
 
+    def fused(self, cond: Cond, dcond: CondTangent | None = None):
+        """(ctx, dctx): only the h and t tokens have a tangent; LayerNorm's tangent by hand (imf.layers)."""
+        if self.t_tokens is not None and cond.t is None:
+            raise ValueError("model: this model has condition_on_t=True, so Cond.t must be given")
+        fixed = [
+            self.class_tokens(cond.y),
+            self.omega_tokens(1.0 - 1.0 / cond.omega),
+            self.t_min_tokens(cond.t_min),
+            self.t_max_tokens(cond.t_max),
+        ]
+        moving = [self.h_tokens.fused(cond.h, None if dcond is None else dcond.h)]
+        if self.t_tokens is not None:
+            moving.append(self.t_tokens.fused(cond.t, None if dcond is None else dcond.t))
+        tokens = torch.cat(fixed + [part for part, _ in moving], dim=1)
+        if dcond is None:
+            return self.norm(tokens), None
+        dtokens = [torch.zeros_like(part) for part in fixed]
+        dtokens += [torch.zeros_like(part) if dpart is None else dpart for part, dpart in moving]
+        return layers.layer_norm(tokens, self.norm, torch.cat(dtokens, dim=1))
+
 
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, scale=None, shift=None) -> torch.Tensor:
     """y = silu((GN(x) * weight + bias) * (1 + scale) + shift), the op `imf_kernels.group_norm_act` fuses."""
@@ -173,6 +233,18 @@ class ResBlock(nn.Module):
         h = self.conv2(F.silu(F.group_norm(h, self.norm2.num_groups, self.norm2.weight, self.norm2.bias)))
         return self.skip(x) + h
 
+    def fused(self, x, pooled, dx=None, dpooled=None):
+        """(y, dy); dscale/dshift = W_film dpooled (no bias)."""
+        film, dfilm = layers.linear(pooled, self.film, dpooled)
+        scale, shift = (part.contiguous() for part in film.chunk(2, dim=1))
+        dscale, dshift = (None, None) if dfilm is None else (part.contiguous() for part in dfilm.chunk(2, dim=1))
+        h, dh = layers.group_norm_act(x, self.norm1, dx, scale=scale, shift=shift, dscale=dscale, dshift=dshift)
+        h, dh = layers.conv2d(h, self.conv1, dh)
+        h, dh = layers.group_norm_act(h, self.norm2, dh)
+        h, dh = layers.conv2d(h, self.conv2, dh)
+        skip, dskip = (x, dx) if isinstance(self.skip, nn.Identity) else layers.conv2d(x, self.skip, dx)
+        return skip + h, None if dh is None else dskip + dh
+
 
 class AttnBlock(nn.Module):
     """GN -> q from feature-map tokens, k/v from the context (cross) or the map itself (self) -> multi-head
@@ -197,6 +269,29 @@ class AttnBlock(nn.Module):
         k, v = self.to_kv(source).view(b, source.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         o = attention(q, k, v).transpose(1, 2).reshape(b, hh * ww, c)
         return x + self.proj(o).transpose(1, 2).reshape(b, c, hh, ww)
+
+    def fused(self, x, ctx, dx=None, dctx=None):
+        """(y, dy); for cross-attention dk = W_k dctx, dv = W_v dctx (None when the context does not move)."""
+        b, c, hh, ww = x.shape
+        normed, dnormed = layers.group_norm_act(x, self.norm, dx, act="none")
+        as_tokens = lambda a: None if a is None else a.flatten(2).transpose(1, 2)
+        tokens, dtokens = as_tokens(normed), as_tokens(dnormed)
+        source, dsource = (tokens, dtokens) if ctx is None else (ctx, dctx)
+        q, dq = layers.linear(tokens, self.to_q, dtokens)
+        kv, dkv = layers.linear(source, self.to_kv, dsource)
+        split_q = lambda a: None if a is None else a.view(b, hh * ww, self.heads, -1).transpose(1, 2).contiguous()
+        split_kv = lambda a: (
+            (None, None)
+            if a is None
+            else a.view(b, source.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+        )
+        k, v = split_kv(kv)
+        dk, dv = split_kv(dkv)
+        o, do = layers.attention(split_q(q), k, v, split_q(dq), dk, dv)
+        merge = lambda a: None if a is None else a.transpose(1, 2).reshape(b, hh * ww, c)
+        out, dout = layers.linear(merge(o), self.proj, merge(do))
+        as_map = lambda a: a.transpose(1, 2).reshape(b, c, hh, ww)
+        return x + as_map(out), None if dout is None else dx + as_map(dout)
 
 
 class Level(nn.Module):
@@ -223,9 +318,20 @@ class OutputLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(group_norm_silu(x, self.norm))
 
+    def fused(self, x, dx=None):
+        h, dh = layers.group_norm_act(x, self.norm, dx)
+        return layers.conv2d(h, self.conv, dh)
+
 
 class IMFNet(nn.Module):
-    """U-Net with in-context conditioning; `forward` returns (u, v), v from the aux head (or None)."""
+    """U-Net with in-context conditioning.
+
+    `forward(z, cond)` returns (u, v) and `forward(z, cond, dz, dcond)` returns (u, du, v), both through the fused
+    path; v comes from the aux head (None for v_head="boundary" or with_v=False). `u`, `v`, `trunk`, `u_head` and
+    `v_head` are the reference path (plain ops), `fused_u` and `fused_v` the fused primal for sampling and targets.
+    """
+
+    takes_tangents = True  # the objectives and the sampler use the fused path of models that have one
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -310,10 +416,6 @@ class IMFNet(nn.Module):
         h, skips, ctx, pooled = features
         return self.v_out(self._run_level(self.v_level, h, list(skips), ctx, pooled))
 
-    def forward(self, z: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, torch.Tensor | None]:
-        features = self.trunk(z, cond)
-        return self.u_head(features), self.v_head(features) if self.cfg.v_head == "aux" else None
-
     def u(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The average velocity only (sampling): the v-head is not run."""
         return self.u_head(self.trunk(z, cond))
@@ -324,6 +426,86 @@ class IMFNet(nn.Module):
         if self.cfg.v_head == "boundary":
             return self.u(z, cond)
         return self.v_head(self.trunk(z, cond))
+
+    # --- the fused path (DESIGN 3.3) -------------------------------------------------------------------------
+
+    def fused_trunk(
+        self, z: torch.Tensor, cond: Cond, dz: torch.Tensor | None = None, dcond: CondTangent | None = None
+    ) -> Features:
+        """`trunk` with tangents: every layer returns (y, dy) in one pass; dz None means no tangents at all."""
+        ctx, dctx = self.cond.fused(cond, dcond if dz is not None else None)
+        pooled, dpooled = ctx.mean(dim=1), None if dctx is None else dctx.mean(dim=1)
+        h, dh = layers.conv2d(z, self.conv_in, dz)
+        skips = [(h, dh)]
+        for i, level in enumerate(self.down):
+            for res, attn in zip(level.res, level.attn, strict=True):
+                h, dh = res.fused(h, pooled, dh, dpooled)
+                if isinstance(attn, AttnBlock):
+                    h, dh = attn.fused(h, ctx, dh, dctx)
+                skips.append((h, dh))
+            if i < len(self.downsample):
+                h, dh = layers.conv2d(h, self.downsample[i], dh)
+                skips.append((h, dh))
+        h, dh = self.mid1.fused(h, pooled, dh, dpooled)
+        if self.mid_self_attn is not None:
+            h, dh = self.mid_self_attn.fused(h, None, dh, None)
+        h, dh = self.mid_cross_attn.fused(h, ctx, dh, dctx)
+        h, dh = self.mid2.fused(h, pooled, dh, dpooled)
+        upsample = lambda a: None if a is None else F.interpolate(a, scale_factor=2.0, mode="nearest")
+        for i, level in enumerate(self.up[:-1]):
+            h, dh = self._fused_level(level, h, dh, skips, ctx, dctx, pooled, dpooled)
+            h, dh = layers.conv2d(upsample(h), self.upsample[i], upsample(dh))
+        return Features(h, dh, skips, ctx, dctx, pooled, dpooled)
+
+    def _fused_level(self, level: Level, h, dh, skips, ctx, dctx, pooled, dpooled):
+        for res, attn in zip(level.res, level.attn, strict=True):
+            skip, dskip = skips.pop()
+            h, dh = res.fused(
+                torch.cat([h, skip], dim=1), pooled, None if dh is None else torch.cat([dh, dskip], dim=1), dpooled
+            )
+            if isinstance(attn, AttnBlock):
+                h, dh = attn.fused(h, ctx, dh, dctx)
+        return h, dh
+
+    def _fused_head(self, level: Level, out: OutputLayer, f: Features, with_tangent: bool):
+        """The last decoder level and the output layer on the trunk's features, with or without their tangents."""
+        if with_tangent:
+            h, dh = self._fused_level(level, f.h, f.dh, list(f.skips), f.ctx, f.dctx, f.pooled, f.dpooled)
+        else:
+            skips = [(skip, None) for skip, _ in f.skips]
+            h, dh = self._fused_level(level, f.h, None, skips, f.ctx, None, f.pooled, None)
+        return out.fused(h, dh)
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        cond: Cond,
+        dz: torch.Tensor | None = None,
+        dcond: CondTangent | None = None,
+        *,
+        with_v: bool = True,
+    ):
+        """(u, v), or (u, du, v) when a tangent is given (dz None with dcond given: dz = 0). The v-head runs on the
+        same trunk pass, primal only (nothing needs its tangent)."""
+        with_tangent = dz is not None or dcond is not None
+        if with_tangent:
+            dz = torch.zeros_like(z) if dz is None else dz.detach().to(z.dtype)
+        features = self.fused_trunk(z, cond, dz, dcond)
+        u, du = self._fused_head(self.up[-1], self.out, features, with_tangent)
+        v = None
+        if with_v and self.cfg.v_head == "aux":
+            v, _ = self._fused_head(self.v_level, self.v_out, features, False)
+        return (u, du, v) if with_tangent else (u, v)
+
+    def fused_u(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """`u` through the fused primal ops (sampling): the v-head is not run."""
+        return self._fused_head(self.up[-1], self.out, self.fused_trunk(z, cond), False)[0]
+
+    def fused_v(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """`v` through the fused primal ops (the objectives' no-grad targets)."""
+        if self.cfg.v_head == "boundary":
+            return self.fused_u(z, cond)
+        return self._fused_head(self.v_level, self.v_out, self.fused_trunk(z, cond), False)[0]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,129 @@
+"""Tangent-aware layers for the fused forward-with-tangent of the U-Net (DESIGN 3.3).
+
+Each function takes a primal input `x` (with an autograd graph) and an optional tangent `dx` (no graph) and
+returns `(y, dy)`, `dy` None when `dx` is None. Tangents are MeanFlow's stop-gradient quantity: they are computed
+under `torch.no_grad()` (or by the `imf_kernels` `*_jvp` ops, whose tangents are non-differentiable), from
+detached weights, so the tangent half never reaches a weight gradient and no tangent graph is kept.
+
+- linear / conv: y = W x + b, dy = W dx (no bias on the tangent);
+- GroupNorm + modulation + SiLU and attention: the fused `imf_kernels` ops (backend by `imf_kernels` dispatch);
+- LayerNorm: dy = weight * rstd * (dx - mean(dx) - xh mean(xh dx)), written by hand (the context norm);
+- sinusoidal embedding: d/dx [cos(f x), sin(f x)] = [-f sin(f x), f cos(f x)] dx (tangent only).
+
+Under bf16 autocast, linear and conv outputs are bf16; the kernels get weights cast to the activations' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import imf_kernels
+
+Tensor = torch.Tensor
+MaybeTensor = Tensor | None
+
+
+def linear(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:
+    """(W x + b, W dx)."""
+    y = layer(x)
+    if dx is None:
+        return y, None
+    with torch.no_grad():
+        return y, F.linear(dx.to(y.dtype), layer.weight.to(y.dtype))
+
+
+def conv2d(x: Tensor, layer: nn.Conv2d, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:
+    """(conv(x, W) + b, conv(dx, W)): the tangent is its own no-grad call, so the weight gradient of the backward
+    pass covers the primal batch only."""
+    y = layer(x)
+    if dx is None:
+        return y, None
+    with torch.no_grad():
+        weight = layer.weight.to(y.dtype)
+        return y, F.conv2d(dx.to(y.dtype), weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def _cast(param: MaybeTensor, like: Tensor) -> MaybeTensor:
+    return None if param is None else param.to(like.dtype)
+
+
+def group_norm_act(
+    x: Tensor,
+    norm: nn.GroupNorm,
+    dx: MaybeTensor = None,
+    *,
+    scale: MaybeTensor = None,
+    shift: MaybeTensor = None,
+    dscale: MaybeTensor = None,
+    dshift: MaybeTensor = None,
+    act: str = "silu",
+) -> tuple[Tensor, MaybeTensor]:
+    """act((GN(x) * weight + bias) * (1 + scale) + shift) and its tangent, one `imf_kernels` call."""
+    weight, bias = _cast(norm.weight, x), _cast(norm.bias, x)
+    scale, shift = _cast(scale, x), _cast(shift, x)
+    if dx is None:
+        return imf_kernels.group_norm_act(
+            x, norm.num_groups, weight, bias, scale=scale, shift=shift, eps=norm.eps, act=act
+        ), None
+    return imf_kernels.group_norm_act_jvp(
+        x,
+        dx.to(x.dtype).contiguous(),
+        norm.num_groups,
+        weight,
+        bias,
+        scale=scale,
+        shift=shift,
+        dscale=_cast(dscale, x),
+        dshift=_cast(dshift, x),
+        eps=norm.eps,
+        act=act,
+    )
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, dq: MaybeTensor = None, dk: MaybeTensor = None, dv: MaybeTensor = None
+) -> tuple[Tensor, MaybeTensor]:
+    """softmax(q k^T / sqrt(d)) v over (B, heads, L, d) and its tangent, one `imf_kernels` call."""
+    if dq is None:
+        return imf_kernels.attention(q, k, v), None
+    return imf_kernels.attention_jvp(q, k, v, dq, dk, dv)
+
+
+def layer_norm(x: Tensor, norm: nn.LayerNorm, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:
+    """LayerNorm over the last dim; tangent dy = weight * rstd * (dx - mean(dx) - xh * mean(xh * dx))."""
+    y = norm(x)
+    if dx is None:
+        return y, None
+    with torch.no_grad():
+        xd = x.detach()
+        var, mean = torch.var_mean(xd, dim=-1, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + norm.eps)
+        xh = (xd - mean) * rstd
+        dxh = rstd * (dx - dx.mean(-1, keepdim=True) - xh * (xh * dx).mean(-1, keepdim=True))
+        return y, dxh if norm.weight is None else dxh * norm.weight.to(dxh.dtype)
+
+
+def silu(x: Tensor, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:
+    """silu(x) = x sigmoid(x); d silu = dx * sigmoid(x) * (1 + x (1 - sigmoid(x)))."""
+    y = F.silu(x)
+    if dx is None:
+        return y, None
+    with torch.no_grad():
+        xd = x.detach()
+        sig = torch.sigmoid(xd)
+        return y, dx * sig * (1 + xd * (1 - sig))
+
+
+def sinusoidal_embedding_tangent(x: Tensor, dx: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """The tangent of `imf.model.sinusoidal_embedding` [cos(f x), sin(f x)]: [-f sin(f x), f cos(f x)] dx."""
+    half = dim // 2
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.no_grad():
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=x.device) / half)
+        args = x.detach().to(dtype)[:, None] * freqs[None]
+        rate = dx.to(dtype)[:, None] * freqs[None]
+        return torch.cat([-torch.sin(args) * rate, torch.cos(args) * rate], dim=-1)
