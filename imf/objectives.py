@@ -6,17 +6,26 @@
 
 Each objective first draws its randomness (`draw`) and then computes the loss from those draws
 (`loss_from_draws`), so that tests can check the loss against the formulas written out step by step.
-The JVP here is the reference path: `torch.func.jvp` over the plain-PyTorch model.
+
+Two paths compute the same function (`jvp=` on each objective):
+- "fused" (default): the model's fused forward-with-tangent (`IMFNet.forward(z, cond, dz, dcond)`, DESIGN 3.3),
+  its fused primal for the no-grad targets, and the fused `imf_kernels` losses; the op backend follows
+  `imf_kernels` dispatch. A model without a fused path (`takes_tangents` absent, e.g. a hand-checkable test
+  network) goes through the reference path.
+- "reference": `torch.func.jvp` over the plain-PyTorch model (`model_jvp`, `model_jvp_with_v`), the oracle.
+`bf16=True` runs the no-grad target evaluations under bf16 autocast; the JVP pass and the loss stay fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from imf.model import Cond
+import imf_kernels
+from imf.model import Cond, CondTangent
 
 Tensor = torch.Tensor
 
@@ -33,6 +42,24 @@ def per_sample_sum(a: Tensor) -> Tensor:
 def adaptive_weighted(loss: Tensor, c: float, p: float) -> Tensor:
     """L / stopgrad(L + c)^p, per sample."""
     return loss / (loss.detach() + c) ** p
+
+
+JVP_PATHS = ("fused", "reference")
+
+
+def check_jvp_path(owner: str, jvp: str) -> None:
+    if jvp not in JVP_PATHS:
+        raise ValueError(f"{owner}: jvp must be one of {', '.join(map(repr, JVP_PATHS))}, got {jvp!r}")
+
+
+def runs_fused(model: nn.Module, jvp: str) -> bool:
+    """Whether this call takes the fused path: asked for, and the model has one."""
+    return jvp == "fused" and getattr(model, "takes_tangents", False)
+
+
+def target_autocast(bf16: bool, x: Tensor):
+    """bf16 autocast around the no-grad target evaluations (DESIGN 2.2), or nothing."""
+    return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def time_dtype(x: Tensor) -> torch.dtype:
@@ -76,6 +103,17 @@ def model_jvp_with_v(model: nn.Module, z: Tensor, cond: Cond, dz: Tensor) -> tup
     return u, du, model.v_head(features)
 
 
+def model_fused_jvp(
+    model: nn.Module, z: Tensor, cond: Cond, dz: Tensor, with_v: bool = True
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(u, du, v) as `model_jvp_with_v` along the same tangent (dz, dh = 1, dt = 1 when the model takes t), through
+    the model's fused forward-with-tangent: one ordinary `model(...)` call. v is None without an aux head or
+    with with_v=False."""
+    ones = torch.ones_like(cond.h)
+    dcond = CondTangent(h=ones, t=ones if model.cfg.condition_on_t else None)
+    return model(z, cond, dz, dcond, with_v=with_v)
+
+
 @dataclass
 class IMFDraws:
     """The randomness of one iMF step, all (B,) except e."""
@@ -100,7 +138,12 @@ class IMFObjective:
     class_dropout: float = 0.1
     c: float = 0.01
     p: float = 1.0
+    jvp: str = "fused"  # "fused" or "reference" (module docstring)
+    bf16: bool = False  # no-grad target evaluations under bf16 autocast; JVP and loss in fp32
     name: str = "imf"
+
+    def __post_init__(self) -> None:
+        check_jvp_path("IMFObjective", self.jvp)
 
     def draw(self, x: Tensor, generator: torch.Generator | None = None) -> IMFDraws:
         b, dev = x.shape[0], x.device
@@ -142,7 +185,9 @@ class IMFObjective:
             t_max=one[idx],
             t=d.t[idx],
         )
-        v_all = model.v(z[idx], cond)
+        with target_autocast(self.bf16, x):
+            v_all = (model.fused_v if runs_fused(model, self.jvp) else model.v)(z[idx], cond)
+        v_all = v_all.to(x.dtype)
         v_c, v_u = v_all[:b], v_all[b : 2 * b]
         v_cp = v_c.clone()
         v_cp[differ] = v_all[2 * b :]
@@ -150,21 +195,36 @@ class IMFObjective:
         return z, v_t, v_g, v_cp
 
     def loss_from_draws(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws):
+        if runs_fused(model, self.jvp):  # the fused loss kernel on the fused pass's outputs
+            _, _, v_g, _, _, u, du, v = self.outputs(model, x, y, d)
+            loss, stats = imf_kernels.imf_loss(u, du, v, v_g, d.t, d.r, c=self.c, p=self.p)
+            return loss, {"loss": loss.detach(), **stats}
         terms = self.terms(model, x, y, d)
         return terms["loss"], {k: terms[k].detach().mean() for k in ("loss", "loss_u", "loss_v")}
 
-    def terms(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws) -> dict[str, Tensor]:
-        """Every intermediate of the step (for tests and diagnostics); `loss` is the scalar to minimise."""
+    def outputs(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws):
+        """(z, v_t, v_g, v_cp, y, u, du, v): the targets after class dropout and the network's outputs."""
         z, v_t, v_g, v_cp = self.guided_target(model, x, y, d)
         # class dropout after guidance: dropped rows are unconditional and regress onto e - x
         y = torch.where(d.drop, torch.full_like(y, model.cfg.num_classes), y)
         v_g = torch.where(_col(d.drop, x), v_t, v_g)
         cond = Cond(h=d.t - d.r, y=y, omega=d.omega, t_min=d.t_min, t_max=d.t_max, t=d.t)
-        if model.cfg.v_head == "aux":
+        at_h0 = cond._replace(h=torch.zeros_like(d.t))
+        if runs_fused(model, self.jvp):
+            u, du, v = model_fused_jvp(model, z, cond, v_cp, with_v=model.cfg.v_head == "aux")
+            if model.cfg.v_head != "aux":  # v_head="boundary": v = u(z, h = 0), its own forward with grad
+                v, _ = model(z, at_h0, with_v=False)
+        elif model.cfg.v_head == "aux":
             u, du, v = model_jvp_with_v(model, z, cond, v_cp)
-        else:  # v_head="boundary": v = u(z, h = 0), its own forward with grad
+        else:
             u, du = model_jvp(model, z, cond, v_cp)
-            v = model.u(z, cond._replace(h=torch.zeros_like(d.t)))
+            v = model.u(z, at_h0)
+        return z, v_t, v_g, v_cp, y, u, du, v
+
+    def terms(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws) -> dict[str, Tensor]:
+        """Every intermediate of the step (for tests and diagnostics); `loss` is the scalar to minimise, here by
+        the plain formulas on either path's outputs."""
+        z, v_t, v_g, v_cp, y, u, du, v = self.outputs(model, x, y, d)
         V = u + _col(d.t - d.r, u) * du.detach()
         loss_u = per_sample_sum((V - v_g) ** 2)
         loss_v = per_sample_sum((v - v_g) ** 2)
@@ -208,7 +268,12 @@ class MeanFlowObjective:
     class_dropout: float = 0.1
     c: float = 0.01
     p: float = 1.0
+    jvp: str = "fused"  # "fused" or "reference" (module docstring)
+    bf16: bool = False  # no-grad target evaluations under bf16 autocast; JVP and loss in fp32
     name: str = "mf"
+
+    def __post_init__(self) -> None:
+        check_jvp_path("MeanFlowObjective", self.jvp)
 
     def draw(self, x: Tensor, generator: torch.Generator | None = None) -> MFDraws:
         b, dev = x.shape[0], x.device
@@ -229,8 +294,9 @@ class MeanFlowObjective:
         v_t = d.e - x
         one, zero = torch.ones_like(d.t), torch.zeros_like(d.t)
         null = torch.full_like(y, model.cfg.num_classes)
+        fused = runs_fused(model, self.jvp)
         if self.cfg_kappa != 0.0 or self.cfg_omega != 1.0:
-            with torch.no_grad():  # v_c, v_u from the network itself at h = 0
+            with torch.no_grad(), target_autocast(self.bf16, x):  # v_c, v_u from the network itself at h = 0
                 both = Cond(
                     zero.repeat(2),
                     torch.cat([y, null]),
@@ -239,7 +305,8 @@ class MeanFlowObjective:
                     one.repeat(2),
                     d.t.repeat(2),
                 )
-                v_c, v_u = model.u(torch.cat([z, z]), both).split(b)
+                v_both = (model.fused_u if fused else model.u)(torch.cat([z, z]), both)
+            v_c, v_u = v_both.to(x.dtype).split(b)
             v_cfg = self.cfg_omega * v_t + self.cfg_kappa * v_c + (1 - self.cfg_omega - self.cfg_kappa) * v_u
             inside = (self.cfg_t_min <= d.t) & (d.t <= self.cfg_t_max)
             v_g = torch.where(_col(inside, x), v_cfg, v_t)
@@ -248,6 +315,10 @@ class MeanFlowObjective:
         y = torch.where(d.drop, null, y)
         v_g = torch.where(_col(d.drop, x), v_t, v_g)
         cond = Cond(h=d.t - d.r, y=y, omega=one, t_min=zero, t_max=one, t=d.t)
+        if fused:
+            u, du, _ = model_fused_jvp(model, z, cond, v_g, with_v=False)
+            loss, stats = imf_kernels.meanflow_loss(u, du, v_g, d.t, d.r, c=self.c, p=self.p)
+            return loss, {"loss": loss.detach(), "loss_u": stats["loss"]}
         u, du = model_jvp(model, z, cond, v_g)
         u_tgt = (v_g - _col((d.t - d.r).clamp(0, 1), x) * du).detach()
         loss_per = per_sample_sum((u - u_tgt) ** 2)
@@ -262,7 +333,11 @@ class FlowMatchingObjective:
     p_mean: float = -0.4
     p_std: float = 1.0
     class_dropout: float = 0.1
+    jvp: str = "fused"  # which path runs u (FM has no JVP; the switch is the other objectives'): fused or reference
     name: str = "fm"
+
+    def __post_init__(self) -> None:
+        check_jvp_path("FlowMatchingObjective", self.jvp)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
         b, dev = x.shape[0], x.device
@@ -272,7 +347,8 @@ class FlowMatchingObjective:
         y = torch.where(drop, torch.full_like(y, model.cfg.num_classes), y)
         z = (1 - _col(t, x)) * x + _col(t, x) * e
         one, zero = torch.ones_like(t), torch.zeros_like(t)
-        u = model.u(z, Cond(h=zero, y=y, omega=one, t_min=zero, t_max=one, t=t))
+        cond = Cond(h=zero, y=y, omega=one, t_min=zero, t_max=one, t=t)
+        u = model(z, cond, with_v=False)[0] if runs_fused(model, self.jvp) else model.u(z, cond)
         loss = per_sample_sum((u - (e - x)) ** 2).mean()
         return loss, {"loss": loss.detach()}
 
