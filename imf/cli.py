@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -436,6 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from imf.checkpoint import CheckpointError
     from imf.data import DataError
 
+    # torch's forward-AD decompositions call the deprecated torch.jit.script on the first jvp: not the user's
+    # concern, and it would clutter the demo's output
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -1,0 +1,125 @@
+"""The `imf` command through subprocesses: a tiny train -> sample -> eval chain, the demo smoke run, and every
+kind of bad input giving one line on stderr, exit code 2 and no output written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imf.cli import build_parser
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY = ["--width", "8", "--batch-size", "8", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The subprocesses share one classifier cache (trained once) and run on one thread."""
+    return dict(os.environ, IMF_CACHE=str(tmp_path_factory.mktemp("cache")), OMP_NUM_THREADS="1")
+
+
+def imf(env, *args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "imf.cli", *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def ckpt(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "ckpt"
+    done = imf(env, "train", "--preset", "digits", "--steps", 2, *TINY, "--out", out, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "trained to step 2" in done.stdout
+    return out
+
+
+def test_help_explains_every_flag():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {"train", "sample", "eval", "demo"}
+    for name, sub in commands.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            for flag in action.option_strings:
+                assert flag in text, (name, flag)
+            assert action.help, (name, action.option_strings)  # every flag says what it does
+
+
+def test_console_script_help(env):
+    done = subprocess.run(["imf", "sample", "--help"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "--interval T_MIN T_MAX" in done.stdout
+
+
+def test_train_sample_eval_chain(env, ckpt, tmp_path):
+    manifest = json.loads((ckpt / "checkpoint.json").read_text())
+    assert manifest["step"] == 2 and manifest["config"]["model"]["width"] == 8
+
+    grid = tmp_path / "grid.png"
+    done = imf(env, "sample", "--ckpt", ckpt, "--omega", 4, "--interval", 0.4, 0.65, "--steps", 1, "--out", grid)
+    assert done.returncode == 0, done.stderr
+    assert grid.read_bytes()[:8] == PNG_SIGNATURE
+
+    out = tmp_path / "eval"
+    done = imf(env, "eval", "--ckpt", ckpt, "--omegas", 1, 2, "--n", 20, "--v-head-steps", 2, "--out", out)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["omega"] for r in metrics["per_omega"]] == [1.0, 2.0]
+    assert metrics["sampler"]["interval"] == [0.4, 0.65] and metrics["step"] == 2
+    assert (out / "quality.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "FD pixels" in done.stdout
+
+    # resume continues the same run: step count and config come from the checkpoint
+    done = imf(env, "train", "--out", ckpt, "--resume", "--steps", 3, "--threads", 1, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((ckpt / "checkpoint.json").read_text())["step"] == 3
+
+
+def test_demo_smoke(env, tmp_path):
+    out = tmp_path / "demo"
+    done = imf(env, "demo", "--steps", 2, *TINY, "--n", 20, "--out", out, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    for name in ("samples.png", "loss.png", "quality.png"):
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["omega"] for r in metrics["per_omega"]] == [1.0, 2.0, 4.0, 8.0]
+    assert metrics["steps"] == 2 and metrics["v_head_euler"]["steps"] == 32
+    assert "real" in done.stdout and "v-head" in done.stdout
+
+
+def write_mixed_folder(root):
+    for name, size in (("a.png", (8, 8)), ("b.png", (8, 9))):
+        Image.fromarray(np.zeros(size, dtype=np.uint8)).save(root / name)
+
+
+GRID = ["--out", "{tmp}/grid.png"]
+BAD_INPUT = [
+    ("missing checkpoint", ["sample", "--ckpt", "{tmp}/none", *GRID], "is not a folder"),
+    ("corrupt checkpoint", ["sample", "--ckpt", "{tmp}/bad", *GRID], "is corrupt"),
+    ("unknown preset", ["train", "--preset", "mnist", "--out", "{tmp}/run"], "unknown preset 'mnist'"),
+    ("class out of range", ["sample", "--ckpt", "{ckpt}", "--classes", "3", "12", *GRID], "class id 12"),
+    ("omega below 1", ["sample", "--ckpt", "{ckpt}", "--omega", "0.5", *GRID], "--omega must be >= 1"),
+    ("t_min > t_max", ["eval", "--ckpt", "{ckpt}", "--interval", "0.7", "0.3", "--out", "{tmp}"], "t_min 0.7 is"),
+    ("mixed image sizes", ["train", "--preset", "cifar", "--data", "{tmp}/mixed", "--out", "{tmp}/run"], "differ"),
+    ("existing run", ["train", "--out", "{ckpt}", "--steps", "9"], "already holds a checkpoint"),
+]
+
+
+@pytest.mark.parametrize("case, args, message", BAD_INPUT, ids=[case for case, _, _ in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(env, ckpt, tmp_path, case, args, message):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "checkpoint.json").write_text('{"format": 1, "step": ')
+    (tmp_path / "mixed").mkdir()
+    write_mixed_folder(tmp_path / "mixed")
+    (tmp_path / "grid.png").write_bytes(b"keep me")
+    before = {p: p.read_bytes() for p in list(tmp_path.rglob("*")) + list(ckpt.rglob("*")) if p.is_file()}
+
+    done = imf(env, *(a.format(tmp=tmp_path, ckpt=ckpt) for a in args))
+    assert done.returncode == 2, (case, done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imf: error: ") and message in lines[0], (case, done.stderr)
+    after = {p: p.read_bytes() for p in list(tmp_path.rglob("*")) + list(ckpt.rglob("*")) if p.is_file()}
+    assert after == before, case
