@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo; replaced on rerun)")
     p.add_argument("--steps", type=int, help="training steps (default: the digits preset's)")
-    p.add_argument("--minutes", type=float, default=6.0, help="wall-clock limit of training (default 6)")
+    p.add_argument("--minutes", type=float, default=5.0, help="wall-clock limit of training (default 5)")
     p.add_argument("--width", type=int, help="base channel count of the U-Net (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="images per step (default: the preset's)")
     p.add_argument("--n", type=int, default=1000, help="samples per omega for the metrics (default 1000)")
@@ -191,27 +191,26 @@ def _preset_with_overrides(args: argparse.Namespace):
     except ValueError as error:
         raise CLIError(str(error)) from None
     t, m = preset.train, preset.model
-    for name in ("steps", "batch_size", "warmup_steps", "sample_every", "checkpoint_every"):
-        _positive(name.replace("_", "-"), getattr(args, name, None), allow_zero=name != "steps")
-    for name in ("minutes", "lr", "grad_clip", "width", "channels", "image_size", "num_classes"):
-        _positive(name.replace("_", "-"), getattr(args, name, None))
+    for name in ("steps", "batch_size", "minutes", "lr", "grad_clip", "width", "channels", "image_size", "num_classes"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    for name in ("warmup_steps", "sample_every", "checkpoint_every"):
+        _positive(name.replace("_", "-"), getattr(args, name), allow_zero=True)
     if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
         raise CLIError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
-    for name in ("steps", "minutes", "batch_size", "lr", "warmup_steps", "ema_decay", "grad_clip", "seed"):
-        if getattr(args, name) is not None:
-            setattr(t, name, getattr(args, name))
-    for name in ("sample_every", "checkpoint_every"):
+    train_knobs = ("steps", "minutes", "batch_size", "lr", "warmup_steps", "ema_decay", "grad_clip", "seed")
+    for name in train_knobs + ("sample_every", "checkpoint_every"):
         if getattr(args, name) is not None:
             setattr(t, name, getattr(args, name))
     t.bf16 = t.bf16 or args.bf16
-    if args.width is not None:
-        m.width = args.width
-    if args.channels is not None:
-        m.image_channels = args.channels
-    if args.image_size is not None:
-        m.image_size = args.image_size
-    if args.num_classes is not None:
-        m.num_classes = args.num_classes
+    model_knobs = {
+        "width": "width",
+        "channels": "image_channels",
+        "image_size": "image_size",
+        "num_classes": "num_classes",
+    }
+    for flag, field in model_knobs.items():
+        if getattr(args, flag) is not None:
+            setattr(m, field, getattr(args, flag))
     if args.objective is not None:
         preset.objective = args.objective
     try:

@@ -16,6 +16,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     steps: int = 4000
+    cooldown: float = 0.0  # fraction of `steps` at the end over which the lr decays linearly to 0
     seed: int = 0
     minutes: float | None = None  # wall-clock limit: training stops at `steps` or here, whichever comes first
     bf16: bool = False  # autocast the no-grad target evaluations to bf16; the JVP pass and the loss stay fp32
@@ -48,13 +49,17 @@ def _presets() -> dict[str, Preset]:
         "digits": Preset(
             name="digits",
             data="digits",
+            # Sized for `imf demo`: 700 steps fit about 5 minutes on one CPU thread (0.45 s/step measured). At
+            # constant lr the EMA's 1-NFE pixel FD stalls near 1.48 (steps 600-750) while the raw weights sit
+            # at 2.4-3.0: weight noise dominates, so the last 30% of the steps decay the lr to 0.
             model=ModelConfig(
-                width=64,
+                width=32,
                 channel_mult=(1, 2),
                 context_dim=128,
                 condition_on_t=True,
                 cross_attn_resolutions=(8, 4),
             ),
+            train=TrainConfig(batch_size=64, lr=1e-3, warmup_steps=50, steps=700, cooldown=0.3),
         ),
         "cifar": Preset(
             name="cifar",

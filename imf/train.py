@@ -1,6 +1,7 @@
-"""The training loop: AdamW (betas 0.9/0.95, no weight decay), linear warm-up then constant lr, gradient
-clipping, EMA of the weights, optional bf16 target evaluations, exact resume. One `Trainer.step()` is one
-objective step on one batch; `train()` is a whole run (data, model, progress bar, sample grids, checkpoints).
+"""The training loop: AdamW (betas 0.9/0.95, no weight decay), linear warm-up, constant lr and an optional
+linear cool-down, gradient clipping, EMA of the weights, optional bf16 target evaluations, exact resume.
+`Trainer.step()` is one objective step on one batch; `train()` is a whole run (data, model, progress bar,
+sample grids, checkpoints).
 
 Read top to bottom: EMA, the bf16 wrapper, the Trainer, the data streams, then `train()`.
 """
@@ -86,7 +87,11 @@ class Trainer:
         self._loss_model = BF16Targets(model) if cfg.bf16 else model
 
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        """Linear warm-up, constant, then (with `cfg.cooldown` > 0) a linear decay that reaches 0 at `cfg.steps`."""
+        warmup = min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        cooldown_steps = self.cfg.cooldown * self.cfg.steps
+        cooldown = min(1.0, (self.cfg.steps - step) / cooldown_steps) if cooldown_steps > 0 else 1.0
+        return self.cfg.lr * warmup * max(0.0, cooldown)
 
     def step(self) -> dict[str, float]:
         self.model.train()

@@ -53,6 +53,13 @@ def test_first_step_is_clipped_adamw_with_warmup():
     assert [trainer.lr_at(s) for s in range(6)] == pytest.approx([0.0125, 0.025, 0.0375, 0.05, 0.05, 0.05])
 
 
+def test_lr_schedule_warmup_constant_cooldown():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, steps=20, cooldown=0.25)  # decays over the last 5 steps
+    trainer = Trainer(nn.Linear(2, 2), QuadraticObjective(), lambda: None, cfg)
+    got = [trainer.lr_at(s) for s in range(21)]
+    assert got == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 13 + [0.8, 0.6, 0.4, 0.2, 0.0])
+
+
 def test_ema_recursion_with_warm_start():
     torch.manual_seed(1)
     model = nn.Linear(4, 2).double()
