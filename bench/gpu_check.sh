@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine (DESIGN 7): build the CUDA extension for this GPU, run the whole test suite
+# (gpu tests included), run the kernel and training-step benchmarks, and keep a log and the results.
+#
+#   bash bench/gpu_check.sh                # everything
+#   bash bench/gpu_check.sh --skip-tests   # build + benchmarks only (when device time is short)
+#   bash bench/gpu_check.sh --quick        # build + tests + the benchmarks on the latent-b shapes only
+#
+# Installs nothing but this project (pip --no-deps --no-build-isolation): the machine needs torch, triton,
+# nvcc (CUDA_HOME, default /usr/local/cuda) and the test tools already. Every step runs even when an earlier
+# one fails; the summary at the end lists each step's exit status, and the script exits non-zero if any failed.
+# Results: bench/results/<device>.json (appended) and bench/results/gpu-check-<device>-<UTC time>.log.
+
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+skip_tests=0
+ops_args=()
+for arg in "$@"; do
+    case "$arg" in
+        --skip-tests) skip_tests=1 ;;
+        --quick) ops_args+=(--quick) ;;
+        *) echo "gpu_check.sh: unknown argument '$arg' (accepted: --skip-tests, --quick)" >&2; exit 2 ;;
+    esac
+done
+
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check.sh: torch sees no CUDA device; this command is for a GPU machine" >&2
+    exit 1
+fi
+# e.g. "9.0" on an H100/H200: the extension is built for this card only (fast, and what the tests load)
+arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+slug=$(cd bench && "$PYTHON" -c "import torch, common; print(common.device_slug(torch.device('cuda')))")
+mkdir -p bench/results
+log="bench/results/gpu-check-${slug}-$(date -u +%Y%m%dT%H%M%SZ).log"
+exec > >(tee -a "$log") 2>&1
+
+echo "== gpu_check: $(date -u) on $(hostname)"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+echo "commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+echo "TORCH_CUDA_ARCH_LIST=$arch CUDA_HOME=$CUDA_HOME"
+
+statuses=()
+run_step() {
+    local name=$1
+    shift
+    echo
+    echo "== $name: $*"
+    local started=$SECONDS
+    "$@"
+    local status=$?
+    statuses+=("$name: exit $status ($((SECONDS - started)) s)")
+    return 0
+}
+
+# The CUDA 13 torch wheels ship the CUDA headers the extension needs in nvidia/cu13/include (as the Makefile).
+cu13_include=$("$PYTHON" -c "import importlib.util as u, os; s = u.find_spec('nvidia'); \
+p = os.path.join(list(s.submodule_search_locations)[0], 'cu13', 'include') if s else ''; \
+print(p if p and os.path.isdir(p) else '')")
+export CPATH="${cu13_include:+$cu13_include:}${CPATH:-}"
+run_step build env TORCH_CUDA_ARCH_LIST="$arch" "$PYTHON" -m pip install -e . --no-build-isolation --no-deps
+run_step extension "$PYTHON" -c "import imf_kernels; [print(' ', s) for s in imf_kernels.backends()]"
+if [ "$skip_tests" = 0 ]; then
+    run_step tests "$PYTHON" -m pytest -q tests
+fi
+run_step ops "$PYTHON" bench/ops.py ${ops_args[@]+"${ops_args[@]}"}
+if [ -f bench/step.py ]; then
+    run_step step "$PYTHON" bench/step.py
+fi
+
+echo
+echo "== summary"
+failed=0
+for status in "${statuses[@]}"; do
+    echo "  $status"
+    case "$status" in *": exit 0 "*) ;; *) failed=1 ;; esac
+done
+echo "results: bench/results/${slug}.json (rows appended by this run)"
+echo "log:     $log"
+exit $failed

@@ -1,0 +1,310 @@
+"""The CPU-runnable kernel benchmarks, and checks of the benchmark code itself.
+
+    pytest bench --benchmark-only   # the timings: torch backend and the eager / func.jvp / compile baselines
+    pytest bench                    # the same, plus the checks below (shapes, byte counts, verdicts, files)
+
+Every timed variant is a case of `bench/ops.py` (the same code the script times), and every test asserts that
+the timed call computes the reference's outputs on the same inputs, so a benchmark never compares unlike work.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import common
+import ops
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from imf_kernels.torch_ops import attention as torch_attention
+from imf_kernels.torch_ops import group_norm as torch_group_norm
+from imf_kernels.torch_ops import loss as torch_loss
+
+CPU = torch.device("cpu")
+# Small, odd shapes: channels not a multiple of 32, lengths not powers of two.
+GN_SHAPE = ops.GroupNormShape(4, 48, 12, 12, 8)
+CROSS_SHAPE = ops.AttentionShape(2, 3, 40, 20, 32, "cross")
+SELF_SHAPE = ops.AttentionShape(2, 2, 50, 50, 16, "self")
+LOSS_SHAPE = ops.LossShape(6, 3, 10)
+# (family, shape, op, variant): the variant's outputs are checked against REFERENCE[op's pass]
+VARIANTS = [
+    *[("group_norm", GN_SHAPE, "gn.fwd", v) for v in ("torch", "eager", "compile")],
+    *[("group_norm", GN_SHAPE, "gn.jvp", v) for v in ("torch", "func.jvp")],
+    *[("group_norm", GN_SHAPE, "gn.bwd", v) for v in ("torch", "eager")],
+    *[("attention", CROSS_SHAPE, "attn.fwd", v) for v in ("torch", "eager", "compile")],
+    *[("attention", shape, "attn.jvp", v) for shape in (CROSS_SHAPE, SELF_SHAPE) for v in ("torch", "math-jvp")],
+    *[("attention", CROSS_SHAPE, "attn.bwd", v) for v in ("torch", "eager")],
+    *[("loss", LOSS_SHAPE, "imf_loss.fwd", v) for v in ("torch", "eager", "compile")],
+    *[("loss", LOSS_SHAPE, "imf_loss.bwd", v) for v in ("torch", "eager")],
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """As bench/ops.py on a CPU: one thread, so a shared machine's scheduler does not dominate the times."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _case(family: str, shape, op: str) -> ops.Case:
+    torch.manual_seed(0)
+    cases = ops.CASE_BUILDERS[family](shape, ("test",), CPU, torch.float32)
+    return next(case for case in cases if case.op == op)
+
+
+def _thunk(case: ops.Case, variant: str):
+    return case.run(variant) if variant == "torch" else case.baselines[variant][1]()
+
+
+def _tensors(result) -> list[torch.Tensor]:
+    """The tensors of an op's result: a tensor, a tuple of tensors, or (loss, stats dict)."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, dict):
+        return [result[key] for key in sorted(result)]
+    return [tensor for part in result for tensor in _tensors(part)]
+
+
+def _reference_name(op: str) -> str:
+    return "func.jvp" if op.endswith(".jvp") else "eager"
+
+
+@pytest.mark.parametrize(
+    "family, shape, op, variant", VARIANTS, ids=[f"{op}-{v}-{s.label.replace(' ', '_')}" for _, s, op, v in VARIANTS]
+)
+def test_bench(benchmark, family, shape, op, variant):
+    case = _case(family, shape, op)
+    thunk = _thunk(case, variant)  # compiles here, before the timed calls
+    benchmark.extra_info.update(op=op, shape=shape.label, variant=variant, floor_bytes=case.nbytes)
+    outputs = _tensors(benchmark(thunk))
+    expected = _tensors(_thunk(case, _reference_name(op))())
+    # A primal-only baseline of a .jvp op (eager, compile) computes the first output, the primal.
+    assert len(outputs) == len(expected) or (op.endswith(".jvp") and len(outputs) == 1)
+    for index, (actual, wanted) in enumerate(zip(outputs, expected, strict=False)):
+        error = (actual.double() - wanted.double()).abs().max().item()
+        assert error <= 1e-4 * max(1.0, wanted.abs().max().item()), f"{op} {variant} output {index}: error {error:.3g}"
+
+
+# ------------------------------------------------------------------------------------- the benchmark's own code
+
+
+class _LayerRecorder(TorchFunctionMode):
+    """Records the input shapes of F.group_norm and of the score einsum of imf.model.attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.group_norm, self.attention = collections.Counter(), collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.group_norm:
+            x, groups = args[0], args[1]
+            self.group_norm[ops.GroupNormShape(*x.shape, groups)] += 1
+        if func is torch.einsum and args[0] == "bhqd,bhkd->bhqk":
+            (batch, heads, lq, head_dim), lk = args[1].shape, args[2].shape[2]
+            self.attention[(batch, heads, lq, lk, head_dim)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("preset_name", ["latent-b", "cifar", "digits"])
+def test_model_layers_match_a_traced_forward(preset_name):
+    """ops.model_layers walks the U-Net as IMFNet builds it: the same shapes, as often, as the model's own
+    reference forward (trunk, u-head, v-head) on the meta device."""
+    from imf.config import get_preset
+    from imf.model import Cond, IMFNet
+
+    preset = get_preset(preset_name)
+    cfg, batch = preset.model, 3
+    recorder = _LayerRecorder()
+    with torch.device("meta"):
+        model = IMFNet(cfg)
+        z = torch.randn(batch, cfg.image_channels, cfg.image_size, cfg.image_size)
+        ones = torch.ones(batch)
+        cond = Cond(h=ones, y=torch.zeros(batch, dtype=torch.long), omega=ones, t_min=0 * ones, t_max=ones, t=ones)
+        with recorder:
+            features = model.trunk(z, cond)
+            model.u_head(features)
+            if cfg.v_head == "aux":
+                model.v_head(features)
+    layers = ops.model_layers(cfg, batch)
+    assert recorder.group_norm == layers.group_norm
+    attention = collections.Counter(
+        {(s.batch, s.heads, s.lq, s.lk, s.head_dim): n for s, n in layers.attention.items()}
+    )
+    assert recorder.attention == attention
+    assert sum(layers.group_norm.values()) > 0 and sum(layers.attention.values()) > 0
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.nbytes for t in tensors if t is not None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_floor_bytes_are_every_launcher_input_read_once_and_output_written_once(dtype):
+    """Each case's byte count equals the bytes of the tensors its torch launcher reads and writes."""
+    torch.manual_seed(0)
+    g, (b, c, h, w) = GN_SHAPE.groups, (GN_SHAPE.batch, GN_SHAPE.channels, GN_SHAPE.height, GN_SHAPE.width)
+    x, dx, grad_y = (torch.randn(b, c, h, w, dtype=dtype) for _ in range(3))
+    weight, bias = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    scale, shift, dscale, dshift = (torch.randn(b, c, dtype=dtype) for _ in range(4))
+    gn = {case.op: case.nbytes for case in ops.group_norm_cases(GN_SHAPE, ("test",), CPU, dtype)}
+    y, mean, rstd = torch_group_norm.gn_act_fwd(x, g, weight, bias, scale, shift, 1e-5, "silu")
+    assert gn["gn.fwd"] == _nbytes(x, weight, bias, scale, shift) + _nbytes(y, mean, rstd)
+    outputs = torch_group_norm.gn_act_jvp_fwd(x, dx, g, weight, bias, scale, shift, dscale, dshift, 1e-5, "silu")
+    assert gn["gn.jvp"] == _nbytes(x, dx, weight, bias, scale, shift, dscale, dshift) + _nbytes(*outputs)
+    grads = torch_group_norm.gn_act_bwd(grad_y, x, g, weight, bias, scale, shift, mean, rstd, "silu")
+    assert gn["gn.bwd"] == _nbytes(grad_y, x, weight, bias, scale, shift, mean, rstd) + _nbytes(*grads)
+
+    shape = CROSS_SHAPE
+    q, dq, grad_o = (torch.randn(shape.batch, shape.heads, shape.lq, shape.head_dim, dtype=dtype) for _ in range(3))
+    k, v, dk, dv = (torch.randn(shape.batch, shape.heads, shape.lk, shape.head_dim, dtype=dtype) for _ in range(4))
+    attn = {case.op: case.nbytes for case in ops.attention_cases(shape, ("test",), CPU, dtype)}
+    o, lse = torch_attention.attention_fwd(q, k, v, 0.2)
+    assert attn["attn.fwd"] == _nbytes(q, k, v) + _nbytes(o, lse)
+    assert attn["attn.jvp"] == _nbytes(q, k, v, dq, dk, dv) + _nbytes(
+        *torch_attention.attention_jvp_fwd(q, k, v, dq, dk, dv, 0.2)
+    )
+    grads = torch_attention.attention_bwd(grad_o, q, k, v, o, lse, 0.2)
+    assert attn["attn.bwd"] == _nbytes(grad_o, q, k, v, o, lse) + _nbytes(*grads)
+
+    shape = LOSS_SHAPE
+    u, du, v, v_target = (
+        torch.randn(shape.batch, shape.channels, shape.size, shape.size, dtype=dtype) for _ in range(4)
+    )
+    t = torch.rand(shape.batch)
+    r = t * torch.rand(shape.batch)
+    loss = {case.op: case.nbytes for case in ops.loss_cases(shape, ("test",), CPU, dtype)}
+    loss_u, loss_v, w_u, w_v = torch_loss.imf_loss_fwd(u, du, v, v_target, t, r, 0.01, 1.0)
+    assert loss["imf_loss.fwd"] == _nbytes(u, du, v, v_target, t, r) + _nbytes(loss_u, loss_v, w_u, w_v)
+    grads = torch_loss.imf_loss_bwd(torch.tensor(1.0), u, du, v, v_target, t, r, w_u, w_v)
+    assert loss["imf_loss.bwd"] == _nbytes(u, du, v, v_target, t, r, w_u, w_v) + _nbytes(*grads)
+    loss_per_sample, weight = torch_loss.meanflow_loss_fwd(u, du, v_target, t, r, 0.01, 1.0)
+    assert loss["mf_loss.fwd"] == _nbytes(u, du, v_target, t, r) + _nbytes(loss_per_sample, weight)
+    grad_u = torch_loss.meanflow_loss_bwd(torch.tensor(1.0), u, du, v_target, t, r, weight)
+    assert loss["mf_loss.bwd"] == _nbytes(u, du, v_target, t, r, weight) + _nbytes(grad_u)
+
+
+def test_attention_flops_are_4_b_h_lq_lk_d_and_3x_with_the_tangent():
+    shape = CROSS_SHAPE
+    flops = {case.op: case.flops for case in ops.attention_cases(shape, ("test",), CPU, torch.float32)}
+    forward = 4 * shape.batch * shape.heads * shape.lq * shape.lk * shape.head_dim
+    assert flops == {"attn.fwd": forward, "attn.jvp": 3 * forward, "attn.bwd": 2.5 * forward}
+
+
+def test_run_cases_rows_speedups_and_failures():
+    """Rows carry the case's floor bytes per second, the copy fraction and speed-up = baseline / backend time;
+    a variant that raises becomes a row with its reason, and a baseline shared by key is timed once."""
+    calls = collections.Counter()
+
+    def shared_baseline():
+        calls["shared"] += 1
+        return lambda: sum(range(20000))
+
+    def broken_backend(name):
+        raise ValueError(f"op: backend {name!r} cannot take this call: too large")
+
+    cases = [
+        ops.Case(
+            "x.fwd",
+            "s",
+            {},
+            ("test",),
+            10**6,
+            2e9,
+            lambda name: lambda: sum(range(2000)),
+            {"eager": ("k", shared_baseline)},
+        ),
+        ops.Case("x.jvp", "s", {}, ("test",), 10**6, None, broken_backend, {"eager": ("k", shared_baseline)}),
+    ]
+    rows = ops.run_cases(cases, ["torch"], CPU, budget_s=0.01, copy_gbps=2.0)
+    assert calls["shared"] == 1
+    by = {(row["op"], row["variant"]): row for row in rows}
+    backend, baseline = by[("x.fwd", "torch")], by[("x.fwd", "eager")]
+    assert backend["speedup"]["eager"] == pytest.approx(baseline["median_ms"] / backend["median_ms"])
+    assert backend["gbps"] == pytest.approx(1e6 / (backend["median_ms"] * 1e-3) / 1e9)
+    assert backend["copy_fraction"] == pytest.approx(backend["gbps"] / 2.0)
+    assert backend["tflops"] == pytest.approx(2e9 / (backend["median_ms"] * 1e-3) / 1e12)
+    failed = by[("x.jvp", "torch")]
+    assert failed["median_ms"] is None and failed["speedup"] == {}
+    assert failed["note"] == "ValueError: op: backend 'torch' cannot take this call: too large"
+    assert by[("x.jvp", "eager")]["median_ms"] == baseline["median_ms"]
+
+
+def _target_row(op, variant, sources, dims, copy_fraction=None, speedup=None, note=None, shape="s"):
+    return {
+        "op": op,
+        "variant": variant,
+        "sources": sources,
+        "dims": dims,
+        "shape": shape,
+        "copy_fraction": copy_fraction,
+        "speedup": speedup or {},
+        "note": note,
+    }
+
+
+def test_targets_take_the_worst_matching_shape_per_backend():
+    gn_target = ops.TARGETS[0]  # GroupNorm+SiLU forward-with-tangent >= 80% of copy bandwidth
+    rows = [
+        _target_row("gn.jvp", "triton", ["latent-b"], {}, copy_fraction=0.9, shape="big"),
+        _target_row("gn.jvp", "triton", ["latent-b", "cifar"], {}, copy_fraction=0.7, shape="small"),
+        _target_row("gn.jvp", "triton", ["sweep"], {}, copy_fraction=0.1, shape="sweep only"),
+        _target_row("gn.jvp", "cuda", ["latent-b"], {}, copy_fraction=0.85, shape="big"),
+        _target_row("gn.jvp", "cuda", ["latent-b"], {}, note="ValueError: no", shape="small"),
+        _target_row("gn.jvp", "eager", ["latent-b"], {}, copy_fraction=0.2),
+    ]
+    verdicts = {(v["target"], v["backend"]): v for v in ops.evaluate_targets(rows)}
+    triton = verdicts[(gn_target.text, "triton")]
+    assert (triton["value"], triton["shape"], triton["met"]) == (0.7, "small", False)
+    assert triton["status"] == "70% at small (MISSED)"
+    cuda = verdicts[(gn_target.text, "cuda")]
+    assert cuda["met"] is None and cuda["status"] == "not measured (small: ValueError: no)"
+    rows = [_target_row("gn.jvp", "cuda", ["latent-b"], {}, copy_fraction=0.8)]
+    assert {v["backend"]: v["met"] for v in ops.evaluate_targets(rows) if v["target"] == gn_target.text} == {
+        "cuda": True,
+        "triton": None,
+    }
+
+
+def test_cross_attention_target_reads_the_24_token_shape_and_the_math_jvp_speedup():
+    target = next(t for t in ops.TARGETS if t.metric == "speedup:math-jvp" and ("lk", 24) in t.dims)
+    dims = {"kind": "cross", "lq": 1024, "lk": 24}
+    rows = [
+        _target_row("attn.jvp", "cuda", ["latent-b(t)"], dims, speedup={"math-jvp": 6.0}),
+        _target_row("attn.jvp", "cuda", ["latent-b(t)"], {**dims, "lq": 256}, speedup={"math-jvp": 1.0}),
+        _target_row("attn.jvp", "cuda", ["latent-b"], {**dims, "lk": 20}, speedup={"math-jvp": 1.0}),
+    ]
+    verdict = next(v for v in ops.evaluate_targets(rows, ("cuda",)) if v["target"] == target.text)
+    assert (verdict["value"], verdict["met"], verdict["status"]) == (6.0, True, "6.00x at s (met)")
+
+
+def test_preset_layers_include_the_24_token_cross_attention_of_the_target():
+    layers = ops.preset_layers("latent-b")
+    assert {s.lk for s in layers["latent-b"].attention if s.kind == "cross"} == {20}
+    assert {(s.lq, s.lk) for s in layers["latent-b(t)"].attention} == {(1024, 24), (256, 24), (64, 24)}
+
+
+def test_measure_on_cpu_times_between_min_and_max_reps_after_warmup():
+    calls = []
+    timing = common.measure(lambda: calls.append(1), CPU, budget_s=0.0, warmup=2, min_reps=7, max_reps=50)
+    assert (timing.reps, len(calls)) == (7, 9)
+    timing = common.measure(lambda: calls.append(1), CPU, budget_s=10.0, warmup=0, min_reps=1, max_reps=12)
+    assert timing.reps == 12 and timing.median_ms >= 0
+
+
+def test_results_are_appended_one_tagged_row_per_line(tmp_path):
+    path = tmp_path / "results" / "cpu-test.json"
+    tags = common.run_tags(CPU, bench="ops")
+    assert {"bench", "device", "date", "commit", "dirty", "torch", "triton", "cuda", "python"} <= set(tags)
+    common.append_results(path, [{"op": "a", "median_ms": 1.0}], tags)
+    common.append_results(path, [{"op": "b"}, {"op": "c"}], {**tags, "date": "later"})
+    rows = json.loads(path.read_text())
+    assert [row["op"] for row in rows] == ["a", "b", "c"]
+    assert rows[0]["date"] == tags["date"] and rows[2]["date"] == "later"
+    assert all(row["device"] == common.device_name(CPU) and row["bench"] == "ops" for row in rows)
+    assert len(path.read_text().splitlines()) == 2 + len(rows)
+    assert common.device_slug(CPU) == common.results_path(CPU).stem
