@@ -6,8 +6,10 @@
 
 Timing rules (DESIGN 7): medians after warm-up. On a GPU each repetition is timed by its own pair of CUDA events
 after the L2 cache is flushed (a 256 MiB write, as `triton.testing.do_bench` does) and the GPU is held busy for a
-moment (`torch.cuda._sleep`), so the host has queued the whole call before its first kernel starts: the time is
-the GPU's, not Python's launch overhead, for every variant alike. On a CPU, `time.perf_counter` around each call.
+moment (`torch.cuda._sleep`), so the host has queued the call before its first kernel starts: the time is the
+GPU's, not Python's launch overhead, for every variant alike, as long as the host can keep ahead (a variant that
+launches many tiny kernels, e.g. torch.func.jvp at small shapes, is timed at the host's pace, as it runs).
+On a CPU, `time.perf_counter` around each call.
 
 Results: one JSON file per device, `bench/results/<device-slug>.json`, a list of rows (one per line), each row
 tagged with the device, date, commit and library versions, so numbers from different cards and runs never mix.

@@ -29,7 +29,7 @@ import argparse
 import collections
 import dataclasses
 import sys
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -224,7 +224,8 @@ class Case:
     nbytes: int
     flops: float | None
     run: Callable[[str], Thunk]  # backend name -> the timed call
-    baselines: dict[str, tuple[Hashable, Callable[[], Thunk]]]  # name -> (timing cache key, builder)
+    # name -> (key, builder); cases of one shape share inputs, so a baseline key is timed once per shape
+    baselines: dict[str, tuple[str, Callable[[], Thunk]]]
 
 
 def _compiled(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Thunk:
@@ -256,7 +257,6 @@ def group_norm_cases(shape: GroupNormShape, sources: tuple[str, ...], device, dt
     modulation = dict(scale=scale, shift=shift)
     params = (x, weight, bias, scale, shift)
     leaves = tuple(p.detach().clone().requires_grad_() for p in params)
-    key = ("gn", shape, dtype)
     e, e32 = _bytes(1, dtype), 4
     dims = dataclasses.asdict(shape)
 
@@ -279,7 +279,7 @@ def group_norm_cases(shape: GroupNormShape, sources: tuple[str, ...], device, dt
         y = K.group_norm_act(leaf_x, g, leaf_w, leaf_b, scale=leaf_s, shift=leaf_sh, backend=name)
         return _grad(y, leaves, grad_y)
 
-    forward_baselines = {"eager": ((key, "eager"), eager), "compile": ((key, "compile"), compiled)}
+    forward_baselines = {"eager": ("eager", eager), "compile": ("compile", compiled)}
     shared = dict(shape=shape.label, dims=dims, sources=sources, flops=None)
     return [
         # read x + weight, bias + scale, shift; write y + mean, rstd (fp32)
@@ -299,7 +299,7 @@ def group_norm_cases(shape: GroupNormShape, sources: tuple[str, ...], device, dt
                     x, dx, g, weight, bias, **modulation, dscale=dscale, dshift=dshift, backend=name
                 )
             ),
-            baselines={**forward_baselines, "func.jvp": ((key, "func.jvp"), func_jvp)},
+            baselines={**forward_baselines, "func.jvp": ("func.jvp", func_jvp)},
             **shared,
         ),
         # read grad_y, x + weight, bias + scale, shift + mean, rstd (fp32);
@@ -308,7 +308,7 @@ def group_norm_cases(shape: GroupNormShape, sources: tuple[str, ...], device, dt
             op="gn.bwd",
             nbytes=3 * n * e + 4 * c * e + 4 * b * c * e + 2 * b * g * e32,
             run=backend_backward,
-            baselines={"eager": ((key, "eager-bwd"), eager_backward)},
+            baselines={"eager": ("eager-bwd", eager_backward)},
             **shared,
         ),
     ]
@@ -499,13 +499,20 @@ def make_row(case: Case, variant: str, kind: str, timing: Any, note: str | None,
 
 
 def run_cases(
-    cases: list[Case], backends: list[str], device: torch.device, budget_s: float, copy_gbps: float
+    cases: list[Case],
+    backends: list[str],
+    device: torch.device,
+    budget_s: float,
+    copy_gbps: float,
+    skip_baselines: tuple[str, ...] = (),
 ) -> list[dict]:
     """Rows of every baseline and backend of the cases of one problem (baselines shared by key are timed once)."""
     rows, timed = [], {}
     for case in cases:
         baseline_ms = {}
         for name, (key, build) in case.baselines.items():
+            if name in skip_baselines:
+                continue
             if key not in timed:
                 timed[key] = _time(build, device, budget_s)
             timing, note = timed[key]
@@ -687,6 +694,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backends", nargs="+", help="default: every usable backend on a GPU, torch on a CPU")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1, see below)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines (compile time)")
     parser.add_argument("--budget", type=float, help="seconds of timed calls per variant (default 0.2 GPU, 0.3 CPU)")
     parser.add_argument("--out", help="results file (default bench/results/<device>.json)")
     parser.add_argument("--no-save", action="store_true", help="print only, write no results file")
@@ -745,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     for index, (family, shape, sources) in enumerate(problems, 1):
         console.print(f"[{index}/{len(problems)}] {family} {shape.label} [{','.join(sources)}]", markup=False)
         cases = CASE_BUILDERS[family](shape, sources, device, dtype)
-        for row in run_cases(cases, backends, device, budget_s, copy_gbps):
+        skip = ("compile",) if args.no_compile else ()
+        for row in run_cases(cases, backends, device, budget_s, copy_gbps, skip):
             rows.append({**row, "dtype": dtype_name})
         del cases
         if on_gpu:

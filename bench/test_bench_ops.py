@@ -232,6 +232,8 @@ def test_run_cases_rows_speedups_and_failures():
     assert failed["median_ms"] is None and failed["speedup"] == {}
     assert failed["note"] == "ValueError: op: backend 'torch' cannot take this call: too large"
     assert by[("x.jvp", "eager")]["median_ms"] == baseline["median_ms"]
+    rows = ops.run_cases(cases[:1], ["torch"], CPU, budget_s=0.0, copy_gbps=2.0, skip_baselines=("eager",))
+    assert [row["variant"] for row in rows] == ["torch"] and rows[0]["speedup"] == {}
 
 
 def _target_row(op, variant, sources, dims, copy_fraction=None, speedup=None, note=None, shape="s"):
