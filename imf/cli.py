@@ -31,13 +31,13 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+def _add_runtime_flags(p: argparse.ArgumentParser, threads: int | None = None) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
     p.add_argument(
         "--threads",
         type=int,
-        default=None,
-        help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)",
+        default=threads,
+        help=f"CPU threads for torch (default: {threads or 'one per core'}; on a busy machine 1 is much faster)",
     )
 
 
@@ -138,8 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="samples per omega for the metrics (default 1000)")
     p.add_argument("--seed", type=int, help="seed (default: the preset's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_runtime_flags(p)
-    p.set_defaults(threads=1)  # measured: see the README; the step is too small for two threads to pay off
+    _add_runtime_flags(p, threads=1)  # robust on a shared machine: two threads ran 6x slower on a loaded 2-core box
     return parser
 
 
