@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo; replaced on rerun)")
     p.add_argument("--steps", type=int, help="training steps (default: the digits preset's)")
-    p.add_argument("--minutes", type=float, default=5.0, help="wall-clock limit of training (default 5)")
+    p.add_argument("--minutes", type=float, default=5.5, help="wall-clock limit of training (default 5.5)")
     p.add_argument("--width", type=int, help="base channel count of the U-Net (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="images per step (default: the preset's)")
     p.add_argument("--n", type=int, default=1000, help="samples per omega for the metrics (default 1000)")
