@@ -9,7 +9,9 @@ after the L2 cache is flushed (a 256 MiB write, as `triton.testing.do_bench` doe
 moment (`torch.cuda._sleep`), so the host has queued the call before its first kernel starts: the time is the
 GPU's, not Python's launch overhead, for every variant alike, as long as the host can keep ahead (a variant that
 launches many tiny kernels, e.g. torch.func.jvp at small shapes, is timed at the host's pace, as it runs).
-On a CPU, `time.perf_counter` around each call.
+On a CPU, `clock` (default `time.perf_counter`) around each call; on a shared machine, run torch on one thread and
+pass `clock=time.thread_time`: that is the call's own work, what it would take alone on a core, where wall-clock
+medians swing with the other processes' load.
 
 Results: one JSON file per device, `bench/results/<device-slug>.json`, a list of rows (one per line), each row
 tagged with the device, date, commit and library versions, so numbers from different cards and runs never mix.
@@ -117,15 +119,17 @@ def run_tags(device: torch.device, bench: str) -> dict[str, Any]:
     }
 
 
-def _measure_cpu(fn: Callable[[], Any], budget_s: float, warmup: int, min_reps: int, max_reps: int) -> Timing:
+def _measure_cpu(
+    fn: Callable[[], Any], budget_s: float, warmup: int, min_reps: int, max_reps: int, clock: Callable[[], float]
+) -> Timing:
     for _ in range(warmup):
         fn()
     times = []
-    started = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - started < budget_s):
-        begin = time.perf_counter()
+    started = clock()
+    while len(times) < max_reps and (len(times) < min_reps or clock() - started < budget_s):
+        begin = clock()
         fn()
-        times.append((time.perf_counter() - begin) * 1e3)
+        times.append((clock() - begin) * 1e3)
     return Timing(statistics.median(times), len(times))
 
 
@@ -162,18 +166,25 @@ def measure(
     warmup: int = 3,
     min_reps: int = 5,
     max_reps: int = 100,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Timing:
     """The median time of fn() after `warmup` calls: min_reps to max_reps timed calls, about budget_s in all.
 
     `fn` must queue all its work on the current stream (GPU) or finish it (CPU); the rules are in the module
-    docstring. Compilation (torch.compile, Triton's JIT) belongs in the warm-up.
+    docstring; `clock` is the CPU's clock (a GPU is timed by CUDA events). Compilation (torch.compile, Triton's
+    JIT) belongs in the warm-up.
     """
     if is_cuda(device):
         return _measure_cuda(fn, torch.device(device), budget_s, warmup, min_reps, max_reps)
-    return _measure_cpu(fn, budget_s, warmup, min_reps, max_reps)
+    return _measure_cpu(fn, budget_s, warmup, min_reps, max_reps, clock)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int | None = None, budget_s: float = 0.5) -> tuple[float, Timing]:
+def copy_bandwidth(
+    device: torch.device,
+    nbytes: int | None = None,
+    budget_s: float = 0.5,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[float, Timing]:
     """(GB/s, timing) of dst.copy_(src) on `device`: nbytes read plus nbytes written, 1 GB = 1e9 bytes.
 
     The default size (512 MiB on a GPU, 64 MiB on a CPU) is far above any cache, so this is the memory
@@ -183,7 +194,7 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, budget_s: fl
         nbytes = 512 * 2**20 if is_cuda(device) else 64 * 2**20
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    timing = measure(lambda: dst.copy_(src), device, budget_s=budget_s)
+    timing = measure(lambda: dst.copy_(src), device, budget_s=budget_s, clock=clock)
     return 2 * nbytes / (timing.median_ms * 1e-3) / 1e9, timing
 
 

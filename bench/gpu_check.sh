@@ -38,7 +38,7 @@ log="bench/results/gpu-check-${slug}-$(date -u +%Y%m%dT%H%M%SZ).log"
 exec > >(tee -a "$log") 2>&1
 
 echo "== gpu_check: $(date -u) on $(hostname)"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 echo "commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
 "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 echo "TORCH_CUDA_ARCH_LIST=$arch CUDA_HOME=$CUDA_HOME"
@@ -62,7 +62,8 @@ p = os.path.join(list(s.submodule_search_locations)[0], 'cu13', 'include') if s 
 print(p if p and os.path.isdir(p) else '')")
 export CPATH="${cu13_include:+$cu13_include:}${CPATH:-}"
 run_step build env TORCH_CUDA_ARCH_LIST="$arch" "$PYTHON" -m pip install -e . --no-build-isolation --no-deps
-run_step extension "$PYTHON" -c "import imf_kernels; [print(' ', s) for s in imf_kernels.backends()]"
+# every backend (cuda, triton, torch) must be usable on a GPU machine; a failed build shows here by name
+run_step backends "$PYTHON" -c $'import sys, imf_kernels\nstatuses = imf_kernels.backends()\nfor status in statuses:\n    print(" ", status)\nsys.exit(0 if all(s.usable for s in statuses) else 1)'
 if [ "$skip_tests" = 0 ]; then
     run_step tests "$PYTHON" -m pytest -q tests
 fi

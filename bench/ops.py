@@ -1,7 +1,9 @@
 """Kernel microbenchmarks (DESIGN 7): each op x backend x shape against the plain-PyTorch baselines.
 
     python bench/ops.py            # GPU: latent-b + cifar layer shapes + a sweep, bf16; CPU: digits + gauss, fp32
-    python bench/ops.py --quick    # GPU: the latent-b shapes only; CPU: the digits shapes only (~1-3 minutes)
+    python bench/ops.py --quick    # GPU: the latent-b shapes only; CPU: the digits shapes only
+    python bench/ops.py --no-compile                       # without the torch.compile baselines (compile time)
+    python bench/ops.py --markdown bench/results/<device>.json   # the latest run as markdown, for BENCHMARKS.md
 
 Ops (rows): `gn.fwd` group_norm_act, `gn.jvp` group_norm_act_jvp, `gn.bwd` the backward of group_norm_act;
 `attn.fwd|jvp|bwd` the same for attention; `imf_loss.fwd|bwd`, `mf_loss.fwd|bwd` the fused losses. GroupNorm runs
@@ -20,7 +22,9 @@ Columns: median time; GB/s = floor bytes (every input read once + every output w
 each op below) / time; that as a fraction of a device-to-device copy measured in the same run; TFLOP/s for
 attention (forward 4 B H Lq Lk D, forward-with-tangent 3x that, backward 2.5x); speed-up = baseline time /
 backend time. The GPU targets of the issue are checked at the end from the same rows (bf16, latent-b shapes).
-Results are appended to bench/results/<device>.json (see bench/common.py).
+On a CPU the torch backend runs on one thread, timed by that thread's CPU time (the machine is shared; see
+bench/common.py); the Triton interpreter is for tests, not timings. Results are appended to
+bench/results/<device>.json.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ import argparse
 import collections
 import dataclasses
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import append_results, copy_bandwidth, is_cuda, measure, results_path, run_tags
+from common import append_results, copy_bandwidth, is_cuda, measure, read_results, results_path, run_tags
 from rich.console import Console
 from rich.table import Table
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -46,6 +51,8 @@ from imf_kernels import reference as R
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BASELINES = ("eager", "func.jvp", "compile", "sdpa-flash", "math-jvp")
 GPU_BACKENDS = ("cuda", "triton")
+# The CPU's clock: the calling thread's CPU time, which is all of a call's work on one torch thread.
+CPU_CLOCK = time.thread_time
 
 
 # ------------------------------------------------------------------------------------------------ layer shapes
@@ -194,12 +201,12 @@ def sweep_layers(device: torch.device) -> Layers:
                     AttentionShape(64, 8, 4096, 24, 64, "cross"): 1,
                 }
             ),
-            loss=collections.Counter({LossShape(256, 4, 64, 64): 1, LossShape(256, 16, 64, 64): 1}),
+            loss=collections.Counter({LossShape(256, 4, 64): 1, LossShape(256, 16, 64): 1}),
         )
     return Layers(
         group_norm=collections.Counter({GroupNormShape(8, 64, 32, 32, 16): 1}),
         attention=collections.Counter({AttentionShape(4, 4, 256, 256, 32, "self"): 1}),
-        loss=collections.Counter({LossShape(128, 3, 32, 32): 1}),
+        loss=collections.Counter({LossShape(128, 3, 32): 1}),
     )
 
 
@@ -466,7 +473,7 @@ def _first_line(error: BaseException) -> str:
 def _time(build: Callable[[], Thunk], device: torch.device, budget_s: float) -> tuple[Any, str | None]:
     """(timing, None), or (None, why not): a variant that cannot run is a row with its reason, not a crash."""
     try:
-        return measure(build(), device, budget_s=budget_s), None
+        return measure(build(), device, budget_s=budget_s, clock=CPU_CLOCK), None
     except Exception as error:  # noqa: BLE001 - any failure of one variant is reported in its row
         return None, _first_line(error)
 
@@ -666,6 +673,49 @@ def print_tables(console: Console, rows: list[dict]) -> None:
             console.print(f"  {row['op']} {row['shape']} {row['variant']}: {row['note']}", markup=False)
 
 
+def markdown_summary(rows: list[dict]) -> str:
+    """The latest ops run in a results file, as markdown for BENCHMARKS.md: its tags, the targets (GPU) and
+    every backend row with its speed-ups (a baseline's time is the backend's time times that speed-up)."""
+    runs = [row for row in rows if row.get("bench") == "ops"]
+    if not runs:
+        raise ValueError("markdown_summary: the results hold no rows of bench/ops.py")
+    latest = max(row["date"] for row in runs)
+    run = [row for row in runs if row["date"] == latest]
+    tags, copy = run[0], next(row for row in run if row["op"] == "copy")
+    cases = [row for row in run if row.get("kind") in ("backend", "baseline")]
+    dirty = " (+ uncommitted changes)" if tags["dirty"] else ""
+    lines = [
+        f"{tags['device']}, {tags['date']}, commit {tags['commit']}{dirty}, torch {tags['torch']}, "
+        f"triton {tags['triton']}, {cases[0]['dtype'] if cases else ''}; device-to-device copy "
+        f"{copy['gbps']:.1f} GB/s.",
+        "",
+    ]
+    targets = [row for row in run if row["op"] == "target"]
+    if targets:
+        lines += ["| target | backend | measured |", "|---|---|---|"]
+        lines += [f"| {row['target']} | {row['backend']} | {row['status']} |" for row in targets]
+        lines.append("")
+    baselines = [name for name in BASELINES if any(row["variant"] == name for row in cases)]
+    header = ["op", "shape", "from", "backend", "ms", "GB/s", "of copy", "TFLOP/s", *[f"vs {b}" for b in baselines]]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in cases:
+        if row["kind"] != "backend":
+            continue
+        cells = [row["op"], row["shape"], ",".join(row["sources"]), row["variant"]]
+        if row["median_ms"] is None:
+            cells += [f"not run: {row['note']}", "", "", ""]
+        else:
+            cells += [
+                _fmt(row["median_ms"], ".3f"),
+                _fmt(row["gbps"], ".1f"),
+                _fmt(row["copy_fraction"], ".0%"),
+                _fmt(row["tflops"], ".2f"),
+            ]
+        cells += [_fmt(row["speedup"].get(name), ".2f") + ("x" if name in row["speedup"] else "") for name in baselines]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------------- main
 
 
@@ -693,16 +743,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
     parser.add_argument("--backends", nargs="+", help="default: every usable backend on a GPU, torch on a CPU")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1, see below)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines (compile time)")
     parser.add_argument("--budget", type=float, help="seconds of timed calls per variant (default 0.2 GPU, 0.3 CPU)")
     parser.add_argument("--out", help="results file (default bench/results/<device>.json)")
     parser.add_argument("--no-save", action="store_true", help="print only, write no results file")
+    parser.add_argument("--markdown", metavar="RESULTS", help="print the latest run in a results file as markdown")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.markdown:
+        print(markdown_summary(read_results(args.markdown)), end="")
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     on_gpu = is_cuda(device)
     dtype_name = args.dtype or ("bf16" if on_gpu else "fp32")
@@ -717,9 +770,9 @@ def main(argv: list[str] | None = None) -> int:
         presets = ["digits"] if args.quick else ["digits", "gauss"]
     budget_s = args.budget or (0.2 if on_gpu else 0.3)
     if not on_gpu:
-        # One thread: on a shared CPU a second thread's barrier waits for a descheduled peer (a whole time
-        # slice), which swamps sub-millisecond ops; one thread measures the work, not the scheduler.
-        torch.set_num_threads(args.threads)
+        # One thread, timed by its own CPU time (CPU_CLOCK): on a shared machine a second thread's barrier
+        # waits for a descheduled peer, and wall-clock medians swing with the other processes' load.
+        torch.set_num_threads(1)
     console = Console(width=None if sys.stdout.isatty() else 200)
 
     tags = run_tags(device, bench="ops")
@@ -731,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"  backend {status.name}: {'usable' if status.usable else status.reason}", markup=False)
 
     torch.manual_seed(0)
-    copy_gbps, copy_timing = copy_bandwidth(device)
+    copy_gbps, copy_timing = copy_bandwidth(device, clock=CPU_CLOCK)
     console.print(f"device-to-device copy: {copy_gbps:.1f} GB/s ({copy_timing.median_ms:.3f} ms)")
     rows = [
         {

@@ -296,6 +296,9 @@ def test_measure_on_cpu_times_between_min_and_max_reps_after_warmup():
     assert (timing.reps, len(calls)) == (7, 9)
     timing = common.measure(lambda: calls.append(1), CPU, budget_s=10.0, warmup=0, min_reps=1, max_reps=12)
     assert timing.reps == 12 and timing.median_ms >= 0
+    ticks = iter(range(10**6))  # a clock that advances one second per reading: every call reads as 1000 ms
+    timing = common.measure(lambda: None, CPU, budget_s=100.0, min_reps=3, max_reps=4, clock=lambda: next(ticks))
+    assert (timing.median_ms, timing.reps) == (1000.0, 4)
 
 
 def test_results_are_appended_one_tagged_row_per_line(tmp_path):
@@ -310,3 +313,45 @@ def test_results_are_appended_one_tagged_row_per_line(tmp_path):
     assert all(row["device"] == common.device_name(CPU) and row["bench"] == "ops" for row in rows)
     assert len(path.read_text().splitlines()) == 2 + len(rows)
     assert common.device_slug(CPU) == common.results_path(CPU).stem
+
+
+def test_markdown_summary_shows_the_latest_run_with_targets_and_backend_rows(tmp_path):
+    path = tmp_path / "gpu.json"
+    tags = {"bench": "ops", "device": "Card", "commit": "abc", "dirty": False, "torch": "2.11", "triton": "3.6"}
+    copy = {"op": "copy", "kind": "reference", "gbps": 3000.0}
+    backend = {
+        "op": "gn.jvp",
+        "kind": "backend",
+        "dtype": "bf16",
+        "shape": "B1",
+        "sources": ["latent-b"],
+        "variant": "triton",
+        "median_ms": 0.5,
+        "gbps": 2500.0,
+        "copy_fraction": 2500 / 3000,
+        "tflops": None,
+        "speedup": {"func.jvp": 6.0},
+        "note": None,
+    }
+    baseline = {**backend, "kind": "baseline", "variant": "func.jvp", "median_ms": 3.0, "speedup": {}}
+    target = {"op": "target", "kind": "target", "target": "T", "backend": "triton", "status": "83% at B1 (met)"}
+    common.append_results(path, [copy, {**backend, "variant": "old"}], {**tags, "date": "2026-01-01T00:00:00+00:00"})
+    common.append_results(path, [copy, baseline, backend, target], {**tags, "date": "2026-02-01T00:00:00+00:00"})
+    summary = ops.markdown_summary(common.read_results(path))
+    assert summary.splitlines()[0].startswith("Card, 2026-02-01T00:00:00+00:00, commit abc, torch 2.11")
+    assert "| T | triton | 83% at B1 (met) |" in summary
+    assert "| gn.jvp | B1 | latent-b | triton | 0.500 | 2500.0 | 83% |  | 6.00x |" in summary
+    assert "| old |" not in summary and "| func.jvp | 3.000" not in summary
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_problems_of_a_default_run_are_distinct_shapes_with_every_source(device_type):
+    """The shape lists of both devices build (no tensors are made), and a shape two sources share runs once."""
+    layer_sets = {**ops.preset_layers("latent-b"), **ops.preset_layers("cifar")}
+    layer_sets["sweep"] = ops.sweep_layers(torch.device(device_type))
+    problems = ops.collect_problems(layer_sets)
+    assert len({(family, shape) for family, shape, _ in problems}) == len(problems)
+    assert {family for family, _, _ in problems} == {"group_norm", "attention", "loss"}
+    sources = {shape: names for _, shape, names in problems}
+    assert sources[ops.AttentionShape(256, 4, 1024, 24, 64, "cross")] == ("latent-b(t)",)
+    assert all(set(names) <= set(layer_sets) for names in sources.values())
