@@ -1,0 +1,407 @@
+"""Model-level benchmark (DESIGN 7): one training step of each path side by side, per preset and per backend.
+
+    python bench/step.py                       # CPU: digits preset, batch 128, 1 and 2 threads
+    python bench/step.py --quick               # smoke run: small batch, 2 repetitions, no torch.compile
+    python bench/step.py --preset latent-b     # GPU: bf16 targets, CUDA events, CUDA-graph sampling
+
+A step is: the objective's targets (no-grad v-head passes), the loss and its backward, on fixed draws (the same
+randomness for every variant, so torch.compile sees one shape); the AdamW update, identical for all, is not timed.
+Variants:
+  reference   iMF through torch.func.jvp over the plain-ops model, eager (the oracle path)
+  compiled    torch.compile of the reference step the way the official PyTorch MeanFlow code trains: primal with
+              grad, torch.func.jvp under no_grad (a second forward), the loss; the backward through AOTAutograd.
+              Compile time (the first calls) is reported separately and kept out of the timed region.
+  fused-<b>   iMF through the fused forward-with-tangent on imf_kernels backend <b> (every usable one)
+  fm, mf      flow matching and MeanFlow steps of the same model on the fused path (default backend)
+JVP overhead = (forward + tangent + backward) / (forward + backward) of the model on the same loss of u and v.
+Each variant runs in its own process (spawned). Peak memory is that of one warm step above what was held before it
+(model, inputs, compiled code): on CPU the peak RSS (reset through /proc/self/clear_refs), on GPU the allocator's.
+Times are medians over repetitions of wall-clock (CUDA-synchronised on GPU); on CPU the process CPU time is
+reported as a cross-check.
+Results: a rich table and bench/results/<device>-step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+TARGETS_CPU = dict(fused_vs_reference=0.75, overhead=1.6, fused_vs_compiled=1.0, imf_vs_fm=2.3)
+TARGETS_GPU = dict(fused_vs_reference=0.5, overhead=1.5, fused_vs_compiled=0.8, imf_vs_fm=2.3)
+
+
+# ------------------------------------------------------------------------------------------- the timed steps
+
+
+def official_style_loss(model, objective, x, y, d):
+    """The reference iMF loss as the official PyTorch MeanFlow code computes it: the targets, the primal u and v
+    with grad through the plain model, du from torch.func.jvp under no_grad, the loss by its formula."""
+    import torch
+
+    from imf.model import Cond
+    from imf.objectives import _col, adaptive_weighted, model_jvp, per_sample_sum
+
+    z, v_t, v_g, v_cp = objective.guided_target(model, x, y, d)
+    y = torch.where(d.drop, torch.full_like(y, model.cfg.num_classes), y)
+    v_g = torch.where(_col(d.drop, x), v_t, v_g)
+    cond = Cond(h=d.t - d.r, y=y, omega=d.omega, t_min=d.t_min, t_max=d.t_max, t=d.t)
+    features = model.trunk(z, cond)
+    u, v = model.u_head(features), model.v_head(features)
+    with torch.no_grad():
+        _, du = model_jvp(model, z, cond, v_cp)
+    loss_u = per_sample_sum((u + _col(d.t - d.r, u) * du - v_g) ** 2)
+    loss_v = per_sample_sum((v - v_g) ** 2)
+    return (
+        adaptive_weighted(loss_u, objective.c, objective.p) + adaptive_weighted(loss_v, objective.c, objective.p)
+    ).mean()
+
+
+def build(preset_name: str, batch: int, device: str, seed: int = 0):
+    import torch
+
+    from imf.config import get_preset
+    from imf.model import IMFNet
+    from imf.objectives import IMFObjective
+
+    torch.manual_seed(seed)
+    cfg = get_preset(preset_name).model
+    model = IMFNet(cfg).to(device)
+    with torch.no_grad():  # no zero-initialised layer: every branch computes something
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.image_channels, cfg.image_size, cfg.image_size, generator=gen).to(device)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device)
+    draws = IMFObjective().draw(x, torch.Generator().manual_seed(seed + 1))
+    return model, x, y, draws
+
+
+def make_step(variant: str, model, x, y, draws, bf16: bool):
+    """A no-argument function running one step of `variant` (loss and backward); also returns a label."""
+    import torch
+
+    import imf_kernels
+    from imf.model import Cond, CondTangent
+    from imf.objectives import FlowMatchingObjective, IMFObjective, MeanFlowObjective
+
+    def with_backward(loss_fn, backend=None):
+        def step():
+            model.zero_grad(set_to_none=True)
+            if backend is None:
+                loss = loss_fn()
+            else:
+                with imf_kernels.use_backend(backend):
+                    loss = loss_fn()
+            loss.backward()
+
+        return step
+
+    if variant == "reference":
+        objective = IMFObjective(jvp="reference", bf16=bf16)
+        return with_backward(lambda: objective.loss_from_draws(model, x, y, draws)[0])
+    if variant == "compiled":
+        objective = IMFObjective(jvp="reference", bf16=bf16)
+        compiled = torch.compile(official_style_loss)
+        return with_backward(lambda: compiled(model, objective, x, y, draws))
+    if variant.startswith("fused-"):
+        objective = IMFObjective(bf16=bf16)
+        return with_backward(lambda: objective.loss_from_draws(model, x, y, draws)[0], variant.removeprefix("fused-"))
+    if variant == "fm":
+        objective = FlowMatchingObjective()
+        return with_backward(lambda: objective.loss(model, x, y, torch.Generator().manual_seed(0))[0])
+    if variant == "mf":
+        objective = MeanFlowObjective(bf16=bf16)
+        mf_draws = objective.draw(x, torch.Generator().manual_seed(1))
+        return with_backward(lambda: objective.loss_from_draws(model, x, y, mf_draws)[0])
+
+    # forward(+tangent)+backward of the model alone, on sum(u g_u) + sum(v g_v): the JVP overhead's two terms
+    b = x.shape[0]
+    ones = torch.ones(b, device=x.device)
+    cond = Cond(h=draws.t - draws.r, y=y, omega=draws.omega, t_min=draws.t_min, t_max=draws.t_max, t=draws.t)
+    dz, g_u, g_v = (torch.randn_like(x) for _ in range(3))
+    if variant == "fwd-bwd":
+        return with_backward(lambda: sum((a * g).sum() for a, g in zip(model(x, cond), (g_u, g_v), strict=True)))
+    if variant == "fwd-tan-bwd":
+
+        def loss_fn():
+            u, du, v = model(x, cond, dz, CondTangent(ones, ones))
+            return (u * g_u).sum() + (v * g_v).sum()
+
+        return with_backward(loss_fn)
+    if variant == "ref-fwd-bwd":
+
+        def loss_fn():
+            features = model.trunk(x, cond)
+            return (model.u_head(features) * g_u).sum() + (model.v_head(features) * g_v).sum()
+
+        return with_backward(loss_fn)
+    if variant == "ref-fwd-tan-bwd":
+        from imf.objectives import model_jvp_with_v
+
+        def loss_fn():
+            u, du, v = model_jvp_with_v(model, x, cond, dz)
+            return (u * g_u).sum() + (v * g_v).sum()
+
+        return with_backward(loss_fn)
+    raise ValueError(f"bench/step.py: unknown variant {variant!r}")
+
+
+def _reset_peak(device: str) -> int:
+    """Reset the peak-memory counter and return the current usage: CUDA allocator stats on GPU; on CPU (Linux)
+    writing 5 to /proc/self/clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")
+    return _proc_status_bytes("VmRSS")
+
+
+def _peak_bytes(device: str) -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if device == "cuda" else _proc_status_bytes("VmHWM")
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"bench/step.py: no {field} in /proc/self/status")
+
+
+def run_variant(preset: str, batch: int, device: str, threads: int, variant: str, reps: int, bf16: bool) -> dict:
+    """In a fresh process: build, warm up (compile), then time `reps` steps."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model, x, y, draws = build(preset, batch, device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    step = make_step(variant, model, x, y, draws, bf16)
+    start = time.perf_counter()
+    for _ in range(3 if variant == "compiled" else 1):  # compiled: compile the forward and the backward graphs
+        step()
+    sync()
+    warmup_s = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    base = _reset_peak(device)  # the peak of a warm step over the model, inputs and compiled code
+    step()
+    sync()
+    peak = _peak_bytes(device) - base
+    wall, cpu = [], []
+    for _ in range(reps):
+        w0, c0 = time.perf_counter(), time.process_time()
+        step()
+        sync()
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return dict(
+        variant=variant,
+        threads=threads,
+        median_s=statistics.median(wall),
+        min_s=min(wall),
+        cpu_median_s=statistics.median(cpu),
+        warmup_s=warmup_s,
+        peak_mib=peak / 2**20,
+    )
+
+
+def run_sampling(preset: str, device: str, threads: int, reps: int, bf16: bool) -> dict:
+    """1-NFE sampling: throughput at batch 256 and batch-1 latency, fused and reference; CUDA graph on GPU."""
+    import types
+
+    import torch
+
+    from imf.sampler import CudaGraphSampler, sample
+
+    torch.set_num_threads(threads)
+    model, *_ = build(preset, 1, device)
+    cfg = model.cfg
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    reference_only = types.SimpleNamespace(u=model.u)  # no fused path: the sampler runs the plain ops
+    out = {}
+    for batch in (256, 1):
+        noise = torch.randn(batch, cfg.image_channels, cfg.image_size, cfg.image_size, device=device)
+        y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+        runners = {
+            "fused": lambda noise=noise, y=y: sample(model, noise, y, bf16=bf16),
+            "reference": lambda noise=noise, y=y: sample(reference_only, noise, y),
+        }
+        if device == "cuda":
+            graphed = CudaGraphSampler(model, tuple(noise.shape), bf16=bf16)
+            runners["fused+graph"] = lambda noise=noise, y=y, graphed=graphed: graphed(noise, y)
+        for name, fn in runners.items():
+            fn()
+            sync()
+            times = []
+            for _ in range(max(reps, 5)):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - t0)
+            median = statistics.median(times)
+            key = f"{name}@{batch}"
+            out[key] = dict(median_s=median, images_per_s=batch / median)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+
+
+def _child(queue, fn, args):
+    try:
+        queue.put(("ok", fn(*args)))
+    except Exception as error:  # reported as a row, not a crash of the whole run
+        queue.put(("error", f"{type(error).__name__}: {error}"))
+
+
+def in_child(fn, *args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, fn, args))
+    proc.start()
+    status, result = queue.get()
+    proc.join()
+    if status != "ok":
+        return {"error": result}
+    return result
+
+
+def usable_backends(device: str) -> list[str]:
+    import imf_kernels
+
+    names = [status.name for status in imf_kernels.backends() if status.usable]
+    # On CPU only `torch` is a fast path (the Triton interpreter and the CUDA extension are not).
+    return names if device == "cuda" else [name for name in names if name == "torch"]
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name().replace(" ", "-")
+    return f"cpu-{platform.machine()}"
+
+
+def ratios(rows: dict[str, dict], backend: str) -> dict[str, float]:
+    t = lambda name: rows.get(name, {}).get("median_s", float("nan"))
+    fused = t(f"fused-{backend}")
+    return dict(
+        fused_vs_reference=fused / t("reference"),
+        fused_vs_compiled=fused / t("compiled"),
+        overhead=t("fwd-tan-bwd") / t("fwd-bwd"),
+        reference_overhead=t("ref-fwd-tan-bwd") / t("ref-fwd-bwd"),
+        imf_vs_fm=fused / t("fm"),
+        mf_vs_fm=t("mf") / t("fm"),
+    )
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    on_gpu = torch.cuda.is_available()
+    parser.add_argument("--preset", default="latent-b" if on_gpu else "digits")
+    parser.add_argument("--batch", type=int, default=None, help="default: 128 on CPU, the preset's batch on GPU")
+    parser.add_argument("--threads", default="1,2", help="CPU thread counts, comma-separated")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=on_gpu, help="bf16 targets")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--quick", action="store_true", help="smoke run: batch 16, 2 reps, 1 thread, no compile")
+    parser.add_argument("--out", default=None, help="default: bench/results/<device>-step.json")
+    args = parser.parse_args()
+    device = "cuda" if on_gpu else "cpu"
+    if args.batch is None:
+        from imf.config import get_preset
+
+        args.batch = get_preset(args.preset).train.batch_size if on_gpu else 128
+    if args.quick:
+        args.batch, args.reps, args.threads, args.no_compile = 16, 2, "1", True
+    thread_counts = [int(n) for n in args.threads.split(",")] if device == "cpu" else [torch.get_num_threads()]
+    backends = usable_backends(device)
+    variants = ["reference", *(["compiled"] if not args.no_compile else []), *(f"fused-{b}" for b in backends)]
+    variants += ["fm", "mf", "fwd-bwd", "fwd-tan-bwd", "ref-fwd-bwd", "ref-fwd-tan-bwd"]
+
+    results = dict(
+        device=device_name(device),
+        torch=torch.__version__,
+        preset=args.preset,
+        batch=args.batch,
+        bf16=args.bf16,
+        reps=args.reps,
+        targets=TARGETS_GPU if on_gpu else TARGETS_CPU,
+        runs=[],
+    )
+    for threads in thread_counts:
+        rows = {}
+        for variant in variants:
+            rows[variant] = in_child(
+                run_variant, args.preset, args.batch, device, threads, variant, args.reps, args.bf16
+            )
+            print(f"[{threads} thread(s)] {variant}: {rows[variant]}", flush=True)
+        sampling = in_child(run_sampling, args.preset, device, threads, args.reps, args.bf16)
+        run = dict(threads=threads, steps=rows, sampling=sampling, ratios={b: ratios(rows, b) for b in backends})
+        results["runs"].append(run)
+        print_table(results, run)
+
+    out = Path(args.out or Path(__file__).parent / "results" / f"{results['device']}-step.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+def print_table(results: dict, run: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    title = f"{results['device']} {results['preset']} batch {results['batch']} threads {run['threads']}"
+    table = Table(title=title)
+    for column in ("variant", "median ms", "cpu ms", "warm-up s", "peak MiB"):
+        table.add_column(column, justify="right" if column != "variant" else "left")
+    for name, row in run["steps"].items():
+        if "error" in row:
+            table.add_row(name, row["error"][:80], "", "", "")
+            continue
+        table.add_row(
+            name,
+            f"{1e3 * row['median_s']:.1f}",
+            f"{1e3 * row['cpu_median_s']:.1f}",
+            f"{row['warmup_s']:.1f}",
+            f"{row['peak_mib']:.0f}",
+        )
+    console.print(table)
+    targets = results["targets"]
+    ratio_table = Table(title="ratios (target)")
+    ratio_table.add_column("backend")
+    for key in ("fused_vs_reference", "fused_vs_compiled", "overhead", "reference_overhead", "imf_vs_fm", "mf_vs_fm"):
+        ratio_table.add_column(f"{key} ({'<= ' + str(targets[key]) if key in targets else '-'})", justify="right")
+    for backend, values in run["ratios"].items():
+        cells = []
+        for key, value in values.items():
+            met = "" if key not in targets else (" ok" if value <= targets[key] else " MISSED")
+            cells.append(f"{value:.2f}{met}")
+        ratio_table.add_row(backend, *cells)
+    console.print(ratio_table)
+    sampling = Table(title="1-NFE sampling")
+    for column in ("runner@batch", "median ms", "images/s"):
+        sampling.add_column(column)
+    for key, row in run["sampling"].items():
+        if isinstance(row, dict):
+            sampling.add_row(key, f"{1e3 * row['median_s']:.2f}", f"{row['images_per_s']:.0f}")
+        else:
+            sampling.add_row(key, str(row), "")
+    console.print(sampling)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    main()
