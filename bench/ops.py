@@ -609,7 +609,7 @@ def evaluate_targets(rows: list[dict], backends: tuple[str, ...] = GPU_BACKENDS)
     verdicts = []
     for target in TARGETS:
         for backend in backends:
-            matching = [row for row in rows if row["variant"] == backend and target.matches(row)]
+            matching = [row for row in rows if row.get("variant") == backend and target.matches(row)]
             verdict = {"target": target.text, "backend": backend, "value": None, "shape": None, "met": None}
             if not matching:
                 verdict["status"] = "not measured (no matching row in this run)"
@@ -637,7 +637,7 @@ def print_tables(console: Console, rows: list[dict]) -> None:
     """One rich table per op family; baselines first, then backends with their speed-ups."""
     families = collections.OrderedDict()
     for row in rows:
-        if row["op"] != "copy":
+        if row.get("kind") in ("backend", "baseline"):
             families.setdefault(row["op"].split(".")[0], []).append(row)
     for family, family_rows in families.items():
         baselines = [name for name in BASELINES if any(row["variant"] == name for row in family_rows)]
@@ -670,7 +670,7 @@ def print_tables(console: Console, rows: list[dict]) -> None:
     if notes:
         console.print("[bold]not run:[/bold]")
         for row in notes:
-            console.print(f"  {row['op']} {row['shape']} {row['variant']}: {row['note']}", markup=False)
+            console.print(f"  {row['op']} {row['shape']} {row.get('variant', '')}: {row['note']}", markup=False)
 
 
 def markdown_summary(rows: list[dict]) -> str:
@@ -805,7 +805,13 @@ def main(argv: list[str] | None = None) -> int:
     problems = collect_problems(layer_sets)
     for index, (family, shape, sources) in enumerate(problems, 1):
         console.print(f"[{index}/{len(problems)}] {family} {shape.label} [{','.join(sources)}]", markup=False)
-        cases = CASE_BUILDERS[family](shape, sources, device, dtype)
+        try:
+            cases = CASE_BUILDERS[family](shape, sources, device, dtype)
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory for the inputs: say so, go on
+            note = _first_line(error)
+            console.print(f"  not run: {note}", markup=False)
+            rows.append({"op": family, "kind": "failed", "shape": shape.label, "dtype": dtype_name, "note": note})
+            continue
         skip = ("compile",) if args.no_compile else ()
         for row in run_cases(cases, backends, device, budget_s, copy_gbps, skip):
             rows.append({**row, "dtype": dtype_name})

@@ -355,3 +355,31 @@ def test_problems_of_a_default_run_are_distinct_shapes_with_every_source(device_
     sources = {shape: names for _, shape, names in problems}
     assert sources[ops.AttentionShape(256, 4, 1024, 24, 64, "cross")] == ("latent-b(t)",)
     assert all(set(names) <= set(layer_sets) for names in sources.values())
+
+
+def test_main_on_cpu_writes_tagged_rows_and_reports_a_shape_that_cannot_be_built(tmp_path, monkeypatch, capsys):
+    """A CPU run end to end (digits shapes, no compile, minimal timing): every attention and loss case has a row
+    per variant, a GroupNorm shape whose inputs cannot be made is one row with the reason, and the GPU targets
+    are said to be not evaluated."""
+
+    def out_of_memory(shape, sources, device, dtype):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setitem(ops.CASE_BUILDERS, "group_norm", out_of_memory)
+    path = tmp_path / "cpu.json"
+    argv = ["--cpu", "--presets", "digits", "--no-sweep", "--no-compile", "--budget", "0", "--out", str(path)]
+    assert ops.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "GPU targets: not evaluated" in printed
+    rows = common.read_results(path)
+    assert {row["bench"] for row in rows} == {"ops"} and len({row["date"] for row in rows}) == 1
+    failed = [row for row in rows if row["kind"] == "failed"]
+    gn_shapes = ops.preset_layers("digits")["digits"].group_norm
+    assert len(failed) == len(gn_shapes)
+    assert all(row["note"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB" for row in failed)
+    timed = [row for row in rows if row["kind"] in ("backend", "baseline")]
+    assert {row["op"] for row in timed} == {"attn.fwd", "attn.jvp", "attn.bwd"} | {
+        f"{loss}.{p}" for loss in ("imf_loss", "mf_loss") for p in ("fwd", "bwd")
+    }
+    assert all(row["median_ms"] > 0 and row["note"] is None for row in timed)
+    assert not any(row["variant"] == "compile" for row in timed)
