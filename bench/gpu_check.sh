@@ -4,12 +4,13 @@
 #
 #   bash bench/gpu_check.sh                # everything
 #   bash bench/gpu_check.sh --skip-tests   # build + benchmarks only (when device time is short)
-#   bash bench/gpu_check.sh --quick        # build + tests + the benchmarks on the latent-b shapes only
+#   bash bench/gpu_check.sh --quick        # build + tests + bench/ops.py on the latent-b shapes only
 #
 # Installs nothing but this project (pip --no-deps --no-build-isolation): the machine needs torch, triton,
 # nvcc (CUDA_HOME, default /usr/local/cuda) and the test tools already. Every step runs even when an earlier
 # one fails; the summary at the end lists each step's exit status, and the script exits non-zero if any failed.
-# Results: bench/results/<device>.json (appended) and bench/results/gpu-check-<device>-<UTC time>.log.
+# Results: bench/results/<device>.json (bench/ops.py appends), bench/step.py's files, and the log
+# bench/results/gpu-check-<device>-<UTC time>.log; the summary lists the files this run wrote.
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,7 @@ fi
 arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 slug=$(cd bench && "$PYTHON" -c "import torch, common; print(common.device_slug(torch.device('cuda')))")
 mkdir -p bench/results
+started_stamp=$(mktemp)  # files under bench/results newer than this are what this run wrote
 log="bench/results/gpu-check-${slug}-$(date -u +%Y%m%dT%H%M%SZ).log"
 exec > >(tee -a "$log") 2>&1
 
@@ -79,6 +81,8 @@ for status in "${statuses[@]}"; do
     echo "  $status"
     case "$status" in *": exit 0 "*) ;; *) failed=1 ;; esac
 done
-echo "results: bench/results/${slug}.json (rows appended by this run)"
-echo "log:     $log"
+echo "results written by this run:"
+find bench/results -type f -newer "$started_stamp" | sed 's/^/  /'
+rm -f "$started_stamp"
+echo "log: $log"
 exit $failed
