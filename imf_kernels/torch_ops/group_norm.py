@@ -2,7 +2,7 @@
 
 y = act(h), h = xh * alpha + beta with xh = (x - mean_g) * rstd_g, alpha = weight * (1 + scale),
 beta = bias * (1 + scale) + shift (per sample and channel). Floor: read x (and dx), write y (and dy); eager
-ops make about five passes each way; statistics in float32 (float64 for float64 inputs) by var_mean.
+ops make about five passes each way; statistics in float32 (float64 for float64 inputs) by ATen's group norm.
 """
 
 from typing import Any
@@ -43,12 +43,13 @@ def _channel_coefficients(
 
 
 def _normalize(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """xh of shape (B, G, C/G, H*W) in the compute dtype, and mean, rstd of shape (B, G)."""
+    """xh of shape (B, G, C/G, H*W) in the compute dtype, and mean, rstd of shape (B, G).
+
+    ATen's own group norm kernel (one fused pass; its moments are Welford-style, not E[x^2] - E[x]^2) is several
+    times faster on the CPU than var_mean plus the elementwise normalisation."""
     batch, channels = x.shape[:2]
-    xg = x.reshape(batch, num_groups, -1).to(_compute_dtype(x))
-    var, mean = torch.var_mean(xg, dim=-1, correction=0)  # two-pass/Welford, not E[x^2] - E[x]^2
-    rstd = torch.rsqrt(var + eps)
-    xh = (xg - mean[..., None]).mul_(rstd[..., None])
+    xc = x.to(_compute_dtype(x)).reshape(batch, channels, -1)
+    xh, mean, rstd = torch.native_group_norm(xc, None, None, batch, channels, xc.shape[-1], num_groups, eps)
     return xh.view(batch, num_groups, channels // num_groups, -1), mean, rstd
 
 
