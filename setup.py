@@ -25,6 +25,8 @@ def say(message: str) -> None:
 
 def missing_cuda_reason() -> str | None:
     """Why the extension cannot be built here, or None when CUDA torch and nvcc are present."""
+    if os.environ.get("IMF_BUILD_CUDA", "1") == "0":
+        return "IMF_BUILD_CUDA=0"
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME
@@ -74,6 +76,7 @@ setup(
     install_requires=[
         "torch>=2.11",
         "numpy",
+        "scipy",
         "scikit-learn",
         "safetensors",
         "tqdm",
