@@ -101,24 +101,25 @@ class GaussClasses:
         return torch.where(h > 0, u, self.velocity(z2, t, y))
 
     # --- unconditional and guided fields -----------------------------------------------------------------------
+    def _every_class(self, z: torch.Tensor, t: torch.Tensor):
+        """Eigenbasis coordinates w = Q_c^T (z - (1 - t) mu_c) and variances s^2 for every class: (B, K, n) each."""
+        z, t = self._flat(z), t.double().view(-1, 1, 1)
+        w = torch.einsum("knj,bkn->bkj", self.Q, z[:, None] - (1 - t) * self.mu[None])
+        s2 = (1 - t) ** 2 * self.lam[None] + t**2
+        return w, s2, t
+
     def log_density(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """log N(z; (1 - t) mu_c, S_t,c) for every class: (B, K)."""
-        z, t = self._flat(z), t.double().view(-1, 1, 1)
-        d = z[:, None] - (1 - t) * self.mu[None]  # (B, K, n)
-        w = torch.einsum("knj,bkn->bkj", self.Q, d)
-        s2 = (1 - t) ** 2 * self.lam[None] + t**2  # (B, K, n)
+        w, s2, _ = self._every_class(z, t)
         return -0.5 * ((w**2 / s2).sum(-1) + torch.log(s2).sum(-1) + self.dim * math.log(2 * math.pi))
 
     def unconditional_velocity(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v_u(z, t) = sum_c p(c | z_t) v(z, t | c), uniform class prior."""
-        z = self._flat(z)
-        b = z.shape[0]
-        post = torch.softmax(self.log_density(z, t), dim=1)  # (B, K)
-        v = torch.zeros_like(z)
-        for c in range(self.num_classes):
-            yc = torch.full((b,), c, dtype=torch.long)
-            v = v + post[:, c : c + 1] * self.velocity(z, t, yc)
-        return v
+        """v_u(z, t) = sum_c p(c | z_t) v(z, t | c), uniform class prior, all classes in one batched pass."""
+        w, s2, tt = self._every_class(z, t)
+        log_p = -0.5 * ((w**2 / s2).sum(-1) + torch.log(s2).sum(-1))  # the constant cancels in the softmax
+        post = torch.softmax(log_p, dim=1)  # (B, K)
+        v_every = -self.mu[None] + torch.einsum("knj,bkj->bkn", self.Q, (tt - (1 - tt) * self.lam[None]) / s2 * w)
+        return torch.einsum("bk,bkn->bn", post, v_every)
 
     def guided_velocity(self, z, t, y, omega: float) -> torch.Tensor:
         v_c = self.velocity(z, t, y)
