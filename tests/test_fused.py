@@ -1,0 +1,352 @@
+"""The fused forward-with-tangent (DESIGN 3.3) against the reference path (`torch.func.jvp` over plain ops), with
+the same weights and inputs: u, du, v, the loss and every parameter gradient, per preset and per backend; the
+fused sampler; the bf16 option; and a short training run through each path on `gauss`."""
+
+import copy
+
+import pytest
+import torch
+
+import imf_kernels
+from imf.config import get_preset
+from imf.gauss import GaussClasses, one_step_error
+from imf.model import Cond, CondTangent, IMFNet, ModelConfig
+from imf.objectives import (
+    FlowMatchingObjective,
+    IMFObjective,
+    MeanFlowObjective,
+    model_fused_jvp,
+    model_jvp,
+    model_jvp_with_v,
+)
+from imf.sampler import CudaGraphSampler, sample
+from imf_kernels import dispatch, reference
+
+FLOAT64_RTOL = 1e-9  # the two float64 paths differ by rounding only
+FLOOR = 1e-5  # float32 atol floor relative to max(1, max |expected|), as the op tests
+
+
+def randomised(cfg: ModelConfig, dtype=torch.float64, seed: int = 0) -> IMFNet:
+    """The model with every weight perturbed, so that the zero-initialised layers contribute to u, du and v."""
+    torch.manual_seed(seed)
+    net = IMFNet(cfg).to(dtype)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return net
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """Small enough for the Triton interpreter; head dim 16 (the smallest the Triton attention takes)."""
+    base = dict(
+        width=16,
+        channel_mult=(1, 2),
+        context_dim=16,
+        num_classes=4,
+        condition_on_t=True,
+        cross_attn_resolutions=(8, 4),
+        self_attn_resolutions=(4,),
+        head_dim=16,
+    )
+    return ModelConfig(**{**base, **overrides})
+
+
+def inputs(cfg: ModelConfig, n: int, dtype=torch.float64, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n, cfg.image_channels, cfg.image_size, cfg.image_size)
+    z = torch.randn(shape, generator=gen, dtype=dtype)
+    dz = torch.randn(shape, generator=gen, dtype=dtype)
+    a, b = torch.rand(n, generator=gen, dtype=dtype), torch.rand(n, generator=gen, dtype=dtype)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    y = torch.randint(0, cfg.num_classes + 1, (n,), generator=gen)  # the null class included
+    omega = 1 + 7 * torch.rand(n, generator=gen, dtype=dtype)
+    t_min, t_max = (
+        0.5 * torch.rand(n, generator=gen, dtype=dtype),
+        0.5 + 0.5 * torch.rand(n, generator=gen, dtype=dtype),
+    )
+    return z, dz, Cond(t - r, y, omega, t_min, t_max, t)
+
+
+def training_batch(cfg: ModelConfig, n: int, dtype=torch.float64, seed: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cfg.image_channels, cfg.image_size, cfg.image_size, generator=gen, dtype=dtype)
+    return x, torch.randint(0, cfg.num_classes, (n,), generator=gen)
+
+
+def loss_and_grads(objective, net, x, y, draws):
+    net.zero_grad(set_to_none=True)
+    loss, metrics = objective.loss_from_draws(net, x, y, draws)
+    loss.backward()
+    return loss.detach(), metrics, {name: p.grad.clone() for name, p in net.named_parameters()}
+
+
+def assert_close_everywhere(got: dict, want: dict, rtol: float, what: str) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        scale = want[name].abs().max().item()
+        torch.testing.assert_close(
+            got[name], want[name], rtol=rtol, atol=rtol * max(scale, 1e-12), msg=f"{what} {name}"
+        )
+
+
+# --------------------------------------------------------------------------- float64, torch backend, presets
+
+
+@pytest.mark.parametrize("preset", ["gauss", "digits"])
+def test_fused_outputs_match_reference_jvp_float64(preset):
+    cfg = get_preset(preset).model
+    net = randomised(cfg)
+    z, dz, cond = inputs(cfg, 3)
+    ones = torch.ones_like(cond.h)
+    with imf_kernels.use_backend("torch"):
+        u, du, v = net(z, cond, dz, CondTangent(ones, ones))
+    u_ref, du_ref, v_ref = model_jvp_with_v(net, z, cond, dz)
+    assert du.abs().max() > 1e-2 and not du.requires_grad  # a non-trivial tangent, and no graph on it
+    for name, got, want in (("u", u, u_ref), ("du", du, du_ref), ("v", v, v_ref)):
+        torch.testing.assert_close(got, want, rtol=FLOAT64_RTOL, atol=FLOAT64_RTOL * want.abs().max().item(), msg=name)
+    # the conditions' tangent alone (dz = 0) and dz alone (conditions fixed) add up to the joint tangent
+    _, du_cond, _ = net(z, cond, None, CondTangent(ones, ones))
+    _, du_z, _ = net(z, cond, dz)
+    torch.testing.assert_close(du_cond + du_z, du, rtol=FLOAT64_RTOL, atol=FLOAT64_RTOL * du.abs().max().item())
+    assert du_cond.abs().max() > 1e-3  # the h and t tokens really move
+
+
+@pytest.mark.parametrize("preset", ["gauss", "digits"])
+def test_imf_loss_and_every_gradient_match_reference_float64(preset):
+    cfg = get_preset(preset).model
+    net = randomised(cfg)
+    x, y = training_batch(cfg, 6)
+    fused, ref = IMFObjective(jvp="fused"), IMFObjective(jvp="reference")
+    draws = ref.draw(x, torch.Generator().manual_seed(3))
+    assert (draws.r < draws.t).any() and (draws.r == draws.t).any()
+    with imf_kernels.use_backend("torch"):
+        loss, metrics, grads = loss_and_grads(fused, net, x, y, draws)
+    loss_ref, metrics_ref, grads_ref = loss_and_grads(ref, net, x, y, draws)
+    # the fused loss kernel takes t and r in float32 (imf_kernels.imf_loss): h = t - r carries a 6e-8 rounding
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+    for key in ("loss_u", "loss_v"):
+        torch.testing.assert_close(metrics[key], metrics_ref[key], rtol=1e-6, atol=0, msg=key)
+    assert_close_everywhere(grads, grads_ref, 1e-6, f"{preset} grad")
+    # the terms (plain formulas on the fused pass's outputs) agree with the reference to float64 rounding
+    with imf_kernels.use_backend("torch"):
+        terms = fused.terms(net, x, y, draws)
+    terms_ref = ref.terms(net, x, y, draws)
+    for key in ("v_g", "v_cp", "u", "du", "v", "loss"):
+        torch.testing.assert_close(terms[key], terms_ref[key], rtol=FLOAT64_RTOL, atol=1e-12, msg=key)
+
+
+def test_meanflow_and_flow_matching_match_reference_float64():
+    cfg = tiny_config(v_head="boundary", head_dim=8)
+    net = randomised(cfg)
+    x, y = training_batch(cfg, 6)
+    mf = MeanFlowObjective(cfg_kappa=0.5, cfg_t_min=0.2, cfg_t_max=0.9)
+    draws = mf.draw(x, torch.Generator().manual_seed(4))
+    with imf_kernels.use_backend("torch"):
+        loss, _, grads = loss_and_grads(mf, net, x, y, draws)
+    loss_ref, _, grads_ref = loss_and_grads(MeanFlowObjective(**{**vars(mf), "jvp": "reference"}), net, x, y, draws)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+    assert_close_everywhere(grads, grads_ref, 1e-6, "mf grad")
+    # MF's (u, du) from the fused forward without the v-head equal torch.func.jvp's
+    z, dz, cond = inputs(cfg, 2)
+    u, du, v = model_fused_jvp(net, z, cond, dz, with_v=False)
+    u_ref, du_ref = model_jvp(net, z, cond, dz)
+    assert v is None
+    torch.testing.assert_close(du, du_ref, rtol=FLOAT64_RTOL, atol=FLOAT64_RTOL * du_ref.abs().max().item())
+
+    def fm_grads(jvp):
+        net.zero_grad(set_to_none=True)
+        loss, _ = FlowMatchingObjective(jvp=jvp).loss(net, x, y, torch.Generator().manual_seed(5))
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+
+    fm_loss, fm_g = fm_grads("fused")
+    fm_loss_ref, fm_g_ref = fm_grads("reference")
+    torch.testing.assert_close(fm_loss, fm_loss_ref, rtol=FLOAT64_RTOL, atol=0)
+    assert_close_everywhere(fm_g, fm_g_ref, FLOAT64_RTOL, "fm grad")
+
+
+def test_boundary_v_head_matches_reference_float64():
+    cfg = tiny_config(v_head="boundary", head_dim=8)
+    net = randomised(cfg)
+    x, y = training_batch(cfg, 5)
+    draws = IMFObjective().draw(x, torch.Generator().manual_seed(6))
+    with imf_kernels.use_backend("torch"):
+        loss, _, grads = loss_and_grads(IMFObjective(), net, x, y, draws)
+    loss_ref, _, grads_ref = loss_and_grads(IMFObjective(jvp="reference"), net, x, y, draws)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+    assert_close_everywhere(grads, grads_ref, 1e-6, "boundary grad")
+
+
+def test_tangent_never_reaches_a_weight_gradient():
+    """The gradient of a loss through u only is the same whether or not the tangent is computed alongside."""
+    cfg = tiny_config(head_dim=8)
+    net = randomised(cfg)
+    z, dz, cond = inputs(cfg, 3)
+    ones = torch.ones_like(cond.h)
+    weights = torch.randn_like(z)
+
+    def grads(**tangents):
+        net.zero_grad(set_to_none=True)
+        out = net(z, cond, **tangents)
+        (out[0] * weights).sum().backward()
+        return {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+
+    with_tangent, without = grads(dz=dz, dcond=CondTangent(ones, ones)), grads()
+    assert_close_everywhere(with_tangent, without, 1e-12, "grad")
+
+
+def test_bad_jvp_path_is_refused():
+    with pytest.raises(ValueError, match="IMFObjective: jvp must be one of 'fused', 'reference', got 'fast'"):
+        IMFObjective(jvp="fast")
+
+
+# --------------------------------------------------------------------------- float32, per backend
+
+
+def skip_unless_runs(backend: str, cfg: ModelConfig) -> None:
+    x = torch.randn(2, cfg.width, cfg.image_size, cfg.image_size)
+    gn_args = dict(x=x, num_groups=4, weight=None, bias=None, scale=None, shift=None, eps=1e-5, act="silu")
+    q = torch.randn(2, 1, 64, cfg.head_dim)
+    reasons = [
+        *dispatch.not_supported_reasons(backend, "group_norm_act", gn_args),
+        *dispatch.not_supported_reasons(backend, "attention", dict(q=q, k=q, v=q, scale=None)),
+    ]
+    if reasons:
+        pytest.skip(f"{backend}: " + "; ".join(dict.fromkeys(reasons)))
+
+
+def check_float32_backend(backend: str, cfg: ModelConfig, n: int, device: str = "cpu") -> None:
+    """u, du, v, the loss and every gradient of the fused path on `backend` in float32 against the float64
+    reference path, within 2x the error of the float32 reference path (FlashAttention's rule) plus a floor."""
+    skip_unless_runs(backend, cfg)
+    net64 = randomised(cfg).to(device)
+    net32 = copy.deepcopy(net64).float()
+    z, dz, cond = inputs(cfg, n)
+    as32 = lambda c: Cond(*(a.to(device, torch.float32) if a.is_floating_point() else a.to(device) for a in c))
+    z, dz, cond64 = z.to(device), dz.to(device), Cond(*(a.to(device) for a in cond))
+    ones = torch.ones(n, device=device)
+    with imf_kernels.use_backend(backend):
+        fused = net32(z.float(), as32(cond), dz.float(), CondTangent(ones, ones))
+    exact = model_jvp_with_v(net64, z, cond64, dz)
+    baseline = model_jvp_with_v(net32, z.float(), as32(cond), dz.float())
+    for name, got, want, base in zip(("u", "du", "v"), fused, exact, baseline, strict=True):
+        reference.check_parity(f"{backend} {name}", got.double(), want, base.double(), FLOOR)
+
+    x, y = training_batch(cfg, n)
+    x, y = x.to(device), y.to(device)
+    draws = IMFObjective().draw(x, torch.Generator().manual_seed(7))
+    draws32 = copy.deepcopy(draws)
+    for key, value in vars(draws32).items():
+        if value.is_floating_point():
+            setattr(draws32, key, value.float())
+    with imf_kernels.use_backend(backend):
+        loss, _, grads = loss_and_grads(IMFObjective(), net32, x.float(), y, draws32)
+    loss64, _, grads64 = loss_and_grads(IMFObjective(jvp="reference"), net64, x, y, draws)
+    loss32, _, grads32 = loss_and_grads(IMFObjective(jvp="reference"), net32, x.float(), y, draws32)
+    reference.check_parity(f"{backend} loss", loss.double(), loss64, loss32.double(), FLOOR)
+    for name in grads64:
+        reference.check_parity(
+            f"{backend} grad {name}", grads[name].double(), grads64[name], grads32[name].double(), FLOOR
+        )
+
+
+def test_torch_backend_float32():
+    check_float32_backend("torch", tiny_config(), 3)
+
+
+def test_triton_backend_under_the_interpreter():
+    """A tiny model (the interpreter runs every program in Python): every GN, attention and loss call on triton."""
+    check_float32_backend(
+        "triton", tiny_config(channel_mult=(1,), self_attn_resolutions=(), cross_attn_resolutions=(8,)), 2
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", list(dispatch.BACKENDS))
+@pytest.mark.parametrize("preset", ["gauss", "digits"])
+def test_every_backend_on_gpu(backend, preset):
+    check_float32_backend(backend, get_preset(preset).model, 8, device="cuda")
+
+
+# --------------------------------------------------------------------------- sampling and bf16
+
+
+def test_fused_sampler_matches_reference_loop():
+    cfg = tiny_config(head_dim=8)
+    net = randomised(cfg)
+    z, _, _ = inputs(cfg, 4)
+    y = torch.tensor([0, 1, 4, 2])
+    got = sample(net, z, y, omega=2.5, interval=(0.3, 0.7), steps=3)
+    full = lambda value: torch.full((4,), float(value), dtype=torch.float64)
+    want = z
+    for t, r in ((1.0, 2 / 3), (2 / 3, 1 / 3), (1 / 3, 0.0)):
+        cond = Cond(full(t - r), y, full(2.5), full(0.3), full(0.7), full(t))
+        with torch.no_grad():
+            want = want - (t - r) * net.u(want, cond)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # times are float32 in both (sampler's convention)
+
+
+def test_bf16_targets_run_in_bf16_and_stay_close():
+    cfg = tiny_config(head_dim=8)
+    net = randomised(cfg, dtype=torch.float32)
+    x, y = training_batch(cfg, 8, dtype=torch.float32)
+    draws = IMFObjective().draw(x, torch.Generator().manual_seed(8))
+    exact = IMFObjective(jvp="reference").guided_target(copy.deepcopy(net).double(), x.double(), y, draws)
+    fp32 = IMFObjective().guided_target(net, x, y, draws)
+    bf16 = IMFObjective(bf16=True).guided_target(net, x, y, draws)
+    assert bf16[3].dtype == torch.float32
+    rel = lambda a, b: float((a.double() - b).norm() / b.norm())
+    assert rel(fp32[3], exact[3]) < 1e-5 < rel(bf16[3], exact[3]) < 3e-2  # v_c' really ran in bf16, that far off
+    # the JVP pass and the loss stay fp32: same loss as without bf16 up to the targets' difference
+    loss, _ = IMFObjective(bf16=True).loss_from_draws(net, x, y, draws)
+    assert loss.dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_cuda_graph_sampler_matches_eager():
+    cfg = get_preset("digits").model
+    net = randomised(cfg, dtype=torch.float32).cuda()
+    noise = torch.randn(16, 1, 8, 8, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    graphed = CudaGraphSampler(net, tuple(noise.shape), steps=2)
+    for omega, interval in ((1.0, (0.4, 0.65)), (3.0, (0.1, 0.9))):  # runtime inputs, no recapture
+        want = sample(net, noise, y, omega=omega, interval=interval, steps=2)
+        torch.testing.assert_close(graphed(noise, y, omega=omega, interval=interval), want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- a training run through each path
+
+
+@pytest.mark.slow
+def test_training_on_gauss_matches_between_paths():
+    """200 iMF steps on `gauss` (a tiny model in float64) through each path from the same initialisation, data and
+    draws: the loss curves coincide, and so do the 1-NFE errors of the trained networks."""
+    data = GaussClasses.from_digits()
+    cfg = tiny_config(width=8, context_dim=16, num_classes=10, head_dim=8, self_attn_resolutions=())
+
+    def run(jvp: str):
+        net = randomised(cfg, seed=3)
+        with torch.no_grad():  # zero-initialised outputs, as the presets start
+            for module in (net.out.conv, net.v_out.conv):
+                module.weight.zero_()
+                module.bias.zero_()
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3, betas=(0.9, 0.95))
+        objective = IMFObjective(jvp=jvp)
+        gen, data_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+        losses = []
+        with imf_kernels.use_backend("torch"):
+            for _ in range(200):
+                x, y = data.sample(16, data_gen)
+                loss, _ = objective.loss(net, x.double(), y, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            return torch.tensor(losses), one_step_error(net.float(), data, n=256)
+
+    fused_losses, fused_error = run("fused")
+    ref_losses, ref_error = run("reference")
+    assert fused_losses[-40:].mean() < 0.5 * fused_losses[:10].mean()  # it trained
+    torch.testing.assert_close(fused_losses, ref_losses, rtol=1e-4, atol=0)
+    assert abs(fused_error - ref_error) < 1e-3 * ref_error, (fused_error, ref_error)
+    assert fused_error < 1.0  # better than the class mean
