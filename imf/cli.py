@@ -3,6 +3,11 @@
 Problems with the user's input (a missing or corrupt checkpoint, an unknown preset, a class id out of range,
 omega < 1, an interval with t_min > t_max, unreadable data) print one line, `imf: error: ...`, to stderr and
 exit with code 2, before any output file is written.
+
+`imf train` under `torchrun` (e.g. `torchrun --nproc_per_node 2 -m imf.cli train ...`) trains on every process
+(DDP, or FSDP2 with `--parallel fsdp`); rank 0 prints and writes. A NaN or inf loss prints one line naming the
+step and the last good checkpoint and exits with code 1 (`--skip-nonfinite` skips such steps instead).
+SIGINT/SIGTERM finish the current step, write a checkpoint, print where, and exit with code 0.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1  # training stopped on a non-finite loss
 
 
 class CLIError(ValueError):
@@ -90,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="image height = width of the model (user data)")
     p.add_argument("--num-classes", type=int, help="number of classes of the model (user data)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--parallel",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="under torchrun: DDP (default) or FSDP2 sharding; --batch-size is the global batch over all processes",
+    )
+    p.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip the update of a step whose loss is NaN or inf (default: stop, naming the last good checkpoint)",
+    )
     _add_training_flags(p)
     _add_runtime_flags(p)
 
@@ -249,6 +266,7 @@ def _load_model(ckpt: str, weights: str, device):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from imf.checkpoint import MANIFEST
+    from imf.distributed import init_distributed, shutdown
     from imf.train import train
 
     preset = _preset_with_overrides(args)
@@ -257,12 +275,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{preset.name}")
     if not args.resume and (out / MANIFEST).exists():
         raise CLIError(f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out")
-    result = train(preset, out, data_path=args.data, resume=args.resume, device=device, progress=not args.no_progress)
+    dist = init_distributed(device)
+    try:
+        if dist.enabled:
+            try:
+                dist.check_batch(preset.train.batch_size)
+            except ValueError as error:
+                raise CLIError(f"--batch-size: {error}") from None
+        result = train(
+            preset,
+            out,
+            data_path=args.data,
+            resume=args.resume,
+            device=device,
+            progress=not args.no_progress,
+            parallel=args.parallel,
+            skip_nonfinite=args.skip_nonfinite,
+        )
+    finally:
+        shutdown(dist)
     last = result.history[-1] if result.history else {}
-    print(
-        f"trained to step {result.trainer.step_count} in {result.seconds:.0f} s (stopped by {result.stopped_by}); "
-        f"last loss_u {last.get('loss_u', float('nan')):.4g}; checkpoint: {out}"
-    )
+    if dist.is_main:
+        print(
+            f"trained to step {result.trainer.step_count} in {result.seconds:.0f} s (stopped by {result.stopped_by}); "
+            f"last loss_u {last.get('loss_u', float('nan')):.4g}; checkpoint: {out}"
+        )
     return 0
 
 
@@ -438,6 +475,7 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "demo": 
 def main(argv: Sequence[str] | None = None) -> int:
     from imf.checkpoint import CheckpointError
     from imf.data import DataError
+    from imf.train import NonFiniteLossError
 
     # torch's forward-AD decompositions call the deprecated torch.jit.script on the first jvp: not the user's
     # concern, and it would clutter the demo's output
@@ -448,6 +486,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, DataError, CheckpointError) as error:
         print(f"imf: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except NonFiniteLossError as error:
+        print(f"imf: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("imf: interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,11 @@ linear cool-down, gradient clipping, EMA of the weights, optional bf16 target ev
 `Trainer.step()` is one objective step on one batch; `train()` is a whole run (data, model, progress bar,
 sample grids, checkpoints).
 
+Under `torchrun` the same code runs on every rank (DDP by default, FSDP2 as an option; `imf.distributed` says how
+a step is split so that N processes equal one process on the combined batch). Faults: a NaN or inf loss stops the
+run with a `NonFiniteLossError` naming the step and the last good checkpoint (or, with `skip_nonfinite`, skips the
+update); SIGINT/SIGTERM finish the current step, write a checkpoint and return.
+
 Read top to bottom: EMA, the bf16 wrapper, the Trainer, the data streams, then `train()`.
 """
 
@@ -12,6 +17,8 @@ import copy
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +28,21 @@ import torch
 import torch.nn as nn
 
 from imf.config import Preset, TrainConfig
+from imf.distributed import DistInfo, all_mean, any_rank, full_tensors, shard_like, shard_optimizer_state, slice_rows
 from imf.model import Cond, IMFNet, ModelConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of a step was NaN or inf. `checkpoint` is the last good checkpoint (folder and step), when known."""
+
+    def __init__(self, step: int, value: float, checkpoint: tuple[Path, int] | None = None, known: bool = False):
+        self.step, self.value, self.checkpoint = step, value, checkpoint
+        message = f"loss is {'NaN' if math.isnan(value) else value} at step {step}"
+        if checkpoint is not None:
+            message += f"; last good checkpoint: {checkpoint[0]} (step {checkpoint[1]})"
+        elif known:
+            message += "; last good checkpoint: none (no checkpoint was written before this step)"
+        super().__init__(message)
 
 
 class EMA:
@@ -36,9 +57,14 @@ class EMA:
         # warm-start: average over the steps seen so far while that is shorter than the EMA's horizon
         decay = min(self.decay, (1 + step) / (10 + step))
         for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach(), 1 - decay)
+            e.lerp_(_full(p.detach()), 1 - decay)
         for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
             e.copy_(b)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor; a collective), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 class BF16Targets(nn.Module):
@@ -69,7 +95,13 @@ class BF16Targets(nn.Module):
 
 class Trainer:
     """`next_batch()` returns (x, y) on the model's device; if it also has `state_dict` / `load_state_dict`
-    (a `DataStream`), its position is part of the checkpoint. `generator` drives the objective's randomness."""
+    (a `DataStream`), its position is part of the checkpoint. `generator` drives the objective's randomness.
+
+    With `dist` of world size > 1, `next_batch()` must return the same global batch on every rank (the same seeded
+    stream) and `cfg.batch_size` is that global batch; each rank trains on its slice through DDP (`parallel="ddp"`)
+    or FSDP2 (`parallel="fsdp"`). `self.model` is the module itself (sharded in place under FSDP2); its state_dict
+    holds whole tensors, so checkpoints do not depend on the world size or the mode.
+    `skip_nonfinite`: a NaN or inf loss skips the update instead of raising `NonFiniteLossError`."""
 
     def __init__(
         self,
@@ -78,13 +110,37 @@ class Trainer:
         next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
         cfg: TrainConfig,
         generator: torch.Generator | None = None,
+        *,
+        dist: DistInfo | None = None,
+        parallel: str = "ddp",
+        skip_nonfinite: bool = False,
     ):
+        from imf.distributed import PARALLEL_MODES, shard_fsdp, wrap_ddp
+
         self.model, self.objective, self.next_batch, self.cfg = model, objective, next_batch, cfg
         self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
+        self.dist = dist if dist is not None else DistInfo()
+        self.parallel, self.skip_nonfinite, self.skipped_steps = parallel, skip_nonfinite, 0
+        self.ema = EMA(model, cfg.ema_decay)  # a full copy on every rank, also under FSDP
+        self.train_model = model  # what the objective calls: the module, or its DDP / FSDP2 wrapper
+        if self.dist.enabled:
+            if parallel not in PARALLEL_MODES:
+                raise ValueError(f"Trainer: parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}")
+            self.dist.check_batch(cfg.batch_size)
+            if not hasattr(objective, "draw"):
+                raise ValueError(
+                    f"Trainer: objective {getattr(objective, 'name', objective)!r} has no draw(); distributed training "
+                    "draws the global batch's randomness once and gives each rank its rows"
+                )
+            if parallel == "fsdp":
+                self.train_model = shard_fsdp(model)
+            else:
+                # every parameter is in the graded pass only for iMF with the aux v-head
+                all_used = getattr(objective, "name", "") == "imf" and getattr(model.cfg, "v_head", "") == "aux"
+                self.train_model = wrap_ddp(model, self.dist, find_unused_parameters=not all_used)
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-        self.ema = EMA(model, cfg.ema_decay)
         self.step_count = 0
-        self._loss_model = BF16Targets(model) if cfg.bf16 else model
+        self._loss_model = BF16Targets(self.train_model) if cfg.bf16 else self.train_model
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, constant, then (with `cfg.cooldown` > 0) a linear decay that reaches 0 at `cfg.steps`."""
@@ -93,20 +149,39 @@ class Trainer:
         cooldown = min(1.0, (self.cfg.steps - step) / cooldown_steps) if cooldown_steps > 0 else 1.0
         return self.cfg.lr * warmup * max(0.0, cooldown)
 
+    def _loss(self, x: torch.Tensor, y: torch.Tensor):
+        if not self.dist.enabled:
+            return self.objective.loss(self._loss_model, x, y, self.generator)
+        # the global batch's draws from the shared generator, then this rank's rows (imf.distributed)
+        draws = self.objective.draw(x, self.generator)
+        rows = self.dist.rows(x.shape[0])
+        return self.objective.loss_from_draws(self._loss_model, x[rows], y[rows], slice_rows(draws, rows))
+
     def step(self) -> dict[str, float]:
-        self.model.train()
+        self.train_model.train()
         x, y = self.next_batch()
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step_count)
-        loss, metrics = self.objective.loss(self._loss_model, x, y, self.generator)
+        loss, metrics = self._loss(x, y)
+        loss_value = float(all_mean(loss.detach(), self.dist))  # the global batch's loss, the same on every rank
         self.opt.zero_grad(set_to_none=True)
+        if not math.isfinite(loss_value):
+            if not self.skip_nonfinite:
+                raise NonFiniteLossError(self.step_count + 1, loss_value)
+            if self.dist.enabled:  # a backward keeps DDP's / FSDP's per-step bookkeeping in step; its grads are dropped
+                (loss * 0).backward()
+                self.opt.zero_grad(set_to_none=True)
+            self.step_count += 1
+            self.skipped_steps += 1
+            return {"loss": loss_value, "skipped": 1.0}
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.ema.update(self.model, self.step_count)
         self.step_count += 1
         out = {k: float(v) for k, v in metrics.items()}
-        out["grad_norm"] = float(grad_norm)
+        out["loss"] = loss_value
+        out["grad_norm"] = float(_full(grad_norm))
         return out
 
     def run(
@@ -115,13 +190,15 @@ class Trainer:
         seconds: float | None = None,
         callback: Callable[[Trainer, dict], None] | None = None,
         progress: bool = False,
+        stop: Callable[[], bool] | None = None,
     ) -> list[dict]:
-        """Steps until `steps` more steps or `seconds` of wall-clock have passed (whichever comes first).
-        `progress` shows a tqdm bar with the loss terms and the throughput in images per second."""
+        """Steps until `steps` more steps or `seconds` of wall-clock have passed (whichever comes first), or until
+        `stop()` (asked after each step) says so. `progress` shows a tqdm bar (rank 0 only) with the loss terms and
+        the throughput in images per second."""
         from tqdm.auto import tqdm
 
         history, start, done = [], time.perf_counter(), 0
-        bar = tqdm(total=steps, disable=not progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=steps, disable=not progress or not self.dist.is_main, unit="step", dynamic_ncols=True)
         try:
             while (steps is None or done < steps) and (seconds is None or time.perf_counter() - start < seconds):
                 metrics = self.step()
@@ -138,6 +215,8 @@ class Trainer:
                 )
                 if callback is not None:
                     callback(self, metrics)
+                if stop is not None and stop():
+                    break
         finally:
             bar.close()
         return history
@@ -147,10 +226,10 @@ class Trainer:
         """Everything the next step depends on: weights, EMA, optimizer, step count, the objective's generator,
         the global RNG and the data stream's position."""
         data_state = getattr(self.next_batch, "state_dict", None)
-        return {
-            "model": self.model.state_dict(),
+        return {  # under FSDP2 the shards are gathered into whole tensors (call on every rank)
+            "model": full_tensors(self.model.state_dict()),
             "ema": self.ema.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            "optimizer": full_tensors(self.opt.state_dict()),
             "step_count": self.step_count,
             "generator": self.generator.get_state(),
             "global_rng": torch.get_rng_state(),
@@ -160,9 +239,9 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from imf.checkpoint import load_weights
 
-        load_weights(self.model, state["model"], "model weights")
+        load_weights(self.model, shard_like(state["model"], self.model.state_dict()), "model weights")
         load_weights(self.ema.model, state["ema"], "EMA weights")
-        self.opt.load_state_dict(state["optimizer"])
+        self.opt.load_state_dict(shard_optimizer_state(state["optimizer"], list(self.model.parameters())))
         self.step_count = int(state["step_count"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["global_rng"])
@@ -281,13 +360,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_trainer(preset: Preset, stream: DataStream, device: torch.device | str = "cpu") -> Trainer:
+def build_trainer(
+    preset: Preset,
+    stream: DataStream,
+    device: torch.device | str = "cpu",
+    *,
+    dist: DistInfo | None = None,
+    parallel: str = "ddp",
+    skip_nonfinite: bool = False,
+) -> Trainer:
     from imf.objectives import make_objective
 
-    seed_everything(preset.train.seed)
+    seed_everything(preset.train.seed)  # the same initial weights on every rank
     model = IMFNet(preset.model).to(device)
     objective = make_objective(preset.objective)
-    return Trainer(model, objective, stream, preset.train, torch.Generator().manual_seed(preset.train.seed))
+    generator = torch.Generator().manual_seed(preset.train.seed)
+    return Trainer(
+        model, objective, stream, preset.train, generator, dist=dist, parallel=parallel, skip_nonfinite=skip_nonfinite
+    )
 
 
 @dataclasses.dataclass
@@ -295,7 +385,32 @@ class RunResult:
     trainer: Trainer
     history: list[dict[str, float]]
     seconds: float  # wall-clock of this invocation's training
-    stopped_by: str  # "steps" or "minutes"
+    stopped_by: str  # "steps", "minutes", or the signal's name ("SIGTERM", "SIGINT")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _SignalFlag:
+    """Records SIGINT/SIGTERM instead of dying, so the loop can finish its step and write a checkpoint. Only the
+    main thread may install handlers; elsewhere this is a flag that never rises."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalFlag:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def _record(self, signum: int, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def train(
@@ -303,20 +418,36 @@ def train(
     out: str | os.PathLike,
     *,
     data_path: str | os.PathLike | None = None,
+    data: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     resume: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    parallel: str = "ddp",
+    skip_nonfinite: bool = False,
 ) -> RunResult:
     """Trains `preset` until `preset.train.steps` total steps or `preset.train.minutes` of wall-clock, writing
     checkpoints to `out` (every `checkpoint_every` steps and at the end) and sample grids to `out/samples`
-    (every `sample_every` steps and at the end). `resume` continues the checkpoint in `out` exactly."""
+    (every `sample_every` steps and at the end). `resume` continues the checkpoint in `out` exactly. `data` gives
+    the (x, y) tensors in memory instead of reading `data_path`.
+
+    Under `torchrun` every rank runs this: it joins the process group, trains its slice of each global batch
+    (`parallel` "ddp" or "fsdp"), and only rank 0 logs and writes files. A checkpoint resumes on any world size.
+    A NaN or inf loss raises `NonFiniteLossError` naming the step and the last good checkpoint, unless
+    `skip_nonfinite`; SIGINT/SIGTERM end the run after the current step with a checkpoint (`stopped_by` says
+    which signal)."""
     from imf.checkpoint import load_checkpoint, save_checkpoint
+    from imf.distributed import init_distributed, rank_device
     from imf.evaluate import class_omega_samples
     from imf.plots import save_sample_grid
 
     out = Path(out)
+    dist = init_distributed(device)
+    device = rank_device(device, dist)
+    if not dist.is_main:
+        log = lambda message: None  # noqa: E731 (rank 0 speaks for the job)
     history: list[dict[str, float]] = []
+    last_good: tuple[Path, int] | None = None
     if resume:
         manifest, state = load_checkpoint(out)
         saved = preset_from_dict(manifest["config"])
@@ -324,11 +455,12 @@ def train(
         saved.train.steps, saved.train.minutes = preset.train.steps, preset.train.minutes
         preset = saved
         history = list(manifest.get("history", []))
-    stream = make_stream(preset, data_path, device)
-    trainer = build_trainer(preset, stream, device)
+        last_good = (out, int(manifest["step"]))
+    stream = make_stream(preset, data_path, device, data=data)
+    trainer = build_trainer(preset, stream, device, dist=dist, parallel=parallel, skip_nonfinite=skip_nonfinite)
     if resume:
         trainer.load_state_dict(state)
-        log(f"resumed {out} at step {trainer.step_count}")
+        log(f"resumed {out} at step {trainer.step_count} on {dist.world_size} process(es)")
     cfg = preset.train
     config = preset_to_dict(preset)
     classes = list(range(min(10, preset.model.num_classes)))
@@ -337,14 +469,21 @@ def train(
 
     def write_samples(tr: Trainer) -> None:
         """EMA weights, 1-NFE, omega 1, default interval: one row per class."""
-        samples = class_omega_samples(tr.ema.model, sample_noise, classes, [1.0])
-        save_sample_grid(samples, [1.0], classes, out / "samples" / f"step_{tr.step_count:08d}.png")
+        if dist.is_main:
+            samples = class_omega_samples(tr.ema.model, sample_noise, classes, [1.0])
+            save_sample_grid(samples, [1.0], classes, out / "samples" / f"step_{tr.step_count:08d}.png")
 
     def save(tr: Trainer) -> None:
-        save_checkpoint(out, tr.state_dict(), config, history)
+        nonlocal last_good
+        state = tr.state_dict()  # on every rank: FSDP2 gathers the shards here
+        if dist.is_main:
+            save_checkpoint(out, state, config, history)
+        last_good = (out, tr.step_count)
 
     def callback(tr: Trainer, metrics: dict) -> None:
         history.append({k: round(v, 6) if math.isfinite(v) else v for k, v in metrics.items() if k != "time"})
+        if metrics.get("skipped"):
+            log(f"skipped step {tr.step_count}: loss is {metrics['loss']} (--skip-nonfinite)")
         if cfg.sample_every and tr.step_count % cfg.sample_every == 0:
             write_samples(tr)
         if cfg.checkpoint_every and tr.step_count % cfg.checkpoint_every == 0:
@@ -353,11 +492,35 @@ def train(
     remaining = max(0, cfg.steps - trainer.step_count)
     seconds = None if cfg.minutes is None else 60.0 * cfg.minutes
     start = time.perf_counter()
-    trainer.run(steps=remaining, seconds=seconds, callback=callback, progress=progress)
-    elapsed = time.perf_counter() - start
-    save(trainer)
-    write_samples(trainer)
-    stopped_by = "steps" if trainer.step_count >= cfg.steps else "minutes"
+    with _SignalFlag() as signals:
+
+        def stop() -> bool:
+            # every rank must agree (a signal may reach one rank, clocks differ), so the decision is all-reduced
+            late = dist.enabled and seconds is not None and time.perf_counter() - start >= seconds
+            return any_rank(signals.received is not None or late, dist, device)
+
+        try:
+            trainer.run(
+                steps=remaining,
+                seconds=None if dist.enabled else seconds,
+                callback=callback,
+                progress=progress,
+                stop=stop,
+            )
+        except NonFiniteLossError as error:
+            raise NonFiniteLossError(error.step, error.value, last_good, known=True) from None
+        elapsed = time.perf_counter() - start
+        save(trainer)
+        write_samples(trainer)
+    received = any_rank(signals.received is not None, dist, device)
+    if trainer.step_count >= cfg.steps:
+        stopped_by = "steps"
+    elif received:
+        name = signal.Signals(signals.received).name if signals.received is not None else "a signal"
+        stopped_by = name
+        log(f"stopped by {name} at step {trainer.step_count}; checkpoint: {out}")
+    else:
+        stopped_by = "minutes"
     return RunResult(trainer, history, elapsed, stopped_by)
 
 

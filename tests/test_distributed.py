@@ -1,0 +1,200 @@
+"""Multi-process training: 2 CPU processes on gloo through torchrun equal one process on the combined batch (DDP and
+FSDP2, the fused JVP path), a checkpoint from 2 processes resumes on 1, and the DDP wrapper refuses a graded call
+that would bypass the gradient all-reduce.
+
+This file is also the worker torchrun launches: `python -m torch.distributed.run ... tests/test_distributed.py OUT`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from imf.checkpoint import load_checkpoint
+from imf.config import get_preset
+from imf.distributed import DistInfo, init_distributed, shutdown, slice_rows
+from imf.model import Cond, IMFNet
+from imf.objectives import IMFDraws, make_objective
+from imf.train import Trainer, make_stream, train
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_gauss():
+    """The gauss preset at width 8: a step takes milliseconds; lr 1e-2 so that 3 steps move the weights visibly."""
+    preset = get_preset("gauss")
+    preset.model.width, preset.model.context_dim = 8, 16
+    t = preset.train
+    t.batch_size, t.steps, t.warmup_steps, t.lr, t.checkpoint_every = 8, STEPS, 1, 1e-2, 0
+    return preset
+
+
+def float64_trainer(dist: DistInfo | None = None, parallel: str = "ddp") -> Trainer:
+    """The tiny iMF run in float64 (fused JVP path), so that agreement is checked at float64 round-off: in float32,
+    Adam's division by sqrt(v) turns the round-off of near-zero gradients (behind the zero-initialised layers)
+    into visible parameter differences."""
+    preset = tiny_gauss()
+    stream = make_stream(preset)
+    torch.manual_seed(preset.train.seed)
+    model = IMFNet(preset.model).double()
+
+    def next_batch():
+        x, y = stream()
+        return x.double(), y
+
+    generator = torch.Generator().manual_seed(preset.train.seed)
+    return Trainer(model, make_objective("imf"), next_batch, preset.train, generator, dist=dist, parallel=parallel)
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def worker(out: str) -> None:
+    """Each rank: STEPS float64 steps under DDP, then under FSDP2; rank 0 saves both trainers' states."""
+    torch.set_num_threads(1)
+    dist = init_distributed("cpu")
+    assert dist.world_size == 2
+    for parallel in ("ddp", "fsdp"):
+        trainer = float64_trainer(dist, parallel)
+        history = trainer.run(steps=STEPS)
+        state = trainer.state_dict()  # whole tensors (gathered on every rank under FSDP2)
+        if dist.is_main:
+            torch.save({"state": state, "losses": [h["loss"] for h in history]}, f"{out}/{parallel}.pt")
+    shutdown(dist)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def single_float64():
+    trainer = float64_trainer()
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    history = trainer.run(steps=STEPS)
+    return trainer, initial, [h["loss"] for h in history]
+
+
+@pytest.fixture(scope="module")
+def worker_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("worker")
+    done = torchrun(__file__, str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_two_gloo_processes_equal_one_process_on_the_combined_batch(worker_out, single_float64):
+    single, initial, losses = single_float64
+    moved = max_difference(single.model.state_dict(), initial)
+    assert moved > 1e-2  # the weights really moved, so agreement is not trivial
+    for parallel in ("ddp", "fsdp"):
+        got = torch.load(worker_out / f"{parallel}.pt", weights_only=False)
+        assert got["losses"] == pytest.approx(losses, rel=1e-12, abs=0)
+        # a rank training on its half alone would be off by ~lr (1e-2) per step; round-off is ~1e-15
+        assert max_difference(got["state"]["model"], single.model.state_dict()) < 1e-10, parallel
+        assert max_difference(got["state"]["ema"], single.ema.model.state_dict()) < 1e-10, parallel
+        moments = {f"{i}.{k}": v for i, s in got["state"]["optimizer"]["state"].items() for k, v in s.items()}
+        expected = {f"{i}.{k}": v for i, s in single.opt.state_dict()["state"].items() for k, v in s.items()}
+        assert max_difference(moments, expected) < 1e-10, parallel
+        assert got["state"]["step_count"] == STEPS
+
+
+def test_fsdp_checkpoint_state_resumes_in_one_process(worker_out, single_float64):
+    """The FSDP2 run's gathered state loads into a plain single-process trainer, which then continues exactly as
+    the single-process run continues."""
+    state = torch.load(worker_out / "fsdp.pt", weights_only=False)["state"]
+    resumed = float64_trainer()
+    resumed.load_state_dict(state)
+    reference = float64_trainer()
+    reference.load_state_dict(single_float64[0].state_dict())
+    resumed.run(steps=2)
+    reference.run(steps=2)
+    assert max_difference(resumed.model.state_dict(), reference.model.state_dict()) < 1e-10
+
+
+def test_cli_under_torchrun_matches_one_process_and_resumes_on_another_world_size(tmp_path):
+    """`torchrun -m imf.cli train` in float32 (the user's path): 2 processes for STEPS steps, then resumed by one
+    process for 2 more, against one process for STEPS + 2 steps straight."""
+    flags = ["--preset", "gauss", "--width", "8", "--batch-size", "8", "--warmup-steps", "1", "--lr", "0.01"]
+    flags += ["--checkpoint-every", "0", "--threads", "1", "--no-progress", "--device", "cpu"]
+    two = tmp_path / "two"
+    done = torchrun("-m", "imf.cli", "train", *flags, "--steps", str(STEPS), "--out", str(two))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained to step 3") == 1  # rank 0 alone prints
+
+    preset = tiny_gauss()
+    preset.model.context_dim = get_preset("gauss").model.context_dim  # the CLI has no flag for it
+    one = train(preset, tmp_path / "one", progress=False, log=lambda m: None)
+    _, state = load_checkpoint(two)
+    # float32: Adam amplifies the round-off of near-zero gradients; measured 3.6e-5 against a 6e-3 update
+    assert max_difference(state["model"], one.trainer.model.state_dict()) < 3e-4
+    history = json.loads((two / "checkpoint.json").read_text())["history"]
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in one.history], rel=1e-5)
+
+    preset.train.steps = STEPS + 2
+    resumed = train(preset, two, resume=True, progress=False, log=lambda m: None)
+    straight = train(preset, tmp_path / "one", resume=True, progress=False, log=lambda m: None)
+    assert resumed.trainer.step_count == straight.trainer.step_count == STEPS + 2
+    assert max_difference(resumed.trainer.model.state_dict(), straight.trainer.model.state_dict()) < 3e-4
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo group of one process (in this process), enough to construct DDP."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_wrapper_exposes_no_grad_targets_and_refuses_graded_bypass(one_process_group):
+    from imf.distributed import wrap_ddp
+
+    torch.manual_seed(0)
+    model = IMFNet(tiny_gauss().model)
+    wrapped = wrap_ddp(model, DistInfo(), find_unused_parameters=False)
+    b = 3
+    one = torch.ones(b)
+    z = torch.randn(b, 1, 8, 8)
+    cond = Cond(h=0.3 * one, y=torch.arange(b), omega=2 * one, t_min=0.2 * one, t_max=0.7 * one, t=0.6 * one)
+    assert wrapped.cfg is model.cfg and wrapped.takes_tangents
+    with torch.no_grad():
+        assert torch.equal(wrapped.fused_v(z, cond), model.fused_v(z, cond))
+    with pytest.raises(RuntimeError, match=r"model\.u\(\.\.\.\) was called with grad enabled under DDP"):
+        wrapped.u(z, cond)
+    with pytest.raises(AttributeError):
+        wrapped.trunk  # noqa: B018 (the reference path's pieces are not forwarded)
+
+
+def test_slices_and_batch_check():
+    dist = DistInfo(rank=1, world_size=4)
+    assert dist.rows(12) == slice(3, 6)
+    with pytest.raises(ValueError, match="batch size 10 must be a multiple of the world size 4"):
+        dist.check_batch(10)
+    rows = torch.arange(8.0)
+    draws = IMFDraws(rows, rows + 1, torch.randn(8, 1, 2, 2), rows, rows, rows, rows > 3)
+    part = slice_rows(draws, slice(2, 4))
+    assert torch.equal(part.r, torch.tensor([3.0, 4.0])) and torch.equal(part.e, draws.e[2:4])
+    assert torch.equal(part.drop, torch.tensor([False, False]))
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
