@@ -4,7 +4,8 @@ JSON manifest, `checkpoint.json`, with the run's config, step count and loss his
 Crash safety: every file is written to a temporary name and renamed into place (`os.replace` is atomic), the
 tensor files carry the step in their names, and the manifest that points at them is written last. A crash at
 any moment leaves either the previous manifest with its files, or the new one with its files; files that no
-manifest points at are removed after the new manifest is in place.
+manifest points at, and the temporary files a killed writer left behind, are removed after the new manifest is
+in place.
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ def save_checkpoint(
     for stale in folder.glob("*.safetensors"):
         if stale.name not in keep and stale.name.split("-")[0] in _PARTS:
             stale.unlink()
+    for temp in folder.glob(".*.tmp"):  # atomic_write's temporaries, e.g. `.model-00000004.safetensors.x1y2.tmp`
+        if temp.name[1:].split("-")[0] in _PARTS or temp.name.startswith(f".{MANIFEST}."):
+            temp.unlink()
     return folder / MANIFEST
 
 
