@@ -13,6 +13,7 @@ SIGINT/SIGTERM finish the current step, write a checkpoint, print where, and exi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -487,7 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imf: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLossError as error:
-        print(f"imf: error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops; rank 0 speaks for the job
+            print(f"imf: error: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("imf: interrupted", file=sys.stderr)

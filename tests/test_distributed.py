@@ -42,21 +42,32 @@ def tiny_gauss():
     return preset
 
 
-def float64_trainer(dist: DistInfo | None = None, parallel: str = "ddp") -> Trainer:
+def float64_trainer(dist: DistInfo | None = None, parallel: str = "ddp", nan_at: int | None = None) -> Trainer:
     """The tiny iMF run in float64 (fused JVP path), so that agreement is checked at float64 round-off: in float32,
     Adam's division by sqrt(v) turns the round-off of near-zero gradients (behind the zero-initialised layers)
-    into visible parameter differences."""
+    into visible parameter differences. `nan_at`: that step's batch has a NaN in its last row (the last rank's
+    slice) and the trainer skips non-finite steps."""
     preset = tiny_gauss()
     stream = make_stream(preset)
     torch.manual_seed(preset.train.seed)
     model = IMFNet(preset.model).double()
+    calls = 0
 
     def next_batch():
+        nonlocal calls
+        calls += 1
         x, y = stream()
-        return x.double(), y
+        x = x.double()
+        if calls == nan_at:
+            x[-1, 0, 0, 0] = float("nan")
+        return x, y
 
     generator = torch.Generator().manual_seed(preset.train.seed)
-    return Trainer(model, make_objective("imf"), next_batch, preset.train, generator, dist=dist, parallel=parallel)
+    objective = make_objective("imf")
+    skip = nan_at is not None
+    return Trainer(
+        model, objective, next_batch, preset.train, generator, dist=dist, parallel=parallel, skip_nonfinite=skip
+    )
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -66,16 +77,17 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 120) -> subprocess.Com
 
 
 def worker(out: str) -> None:
-    """Each rank: STEPS float64 steps under DDP, then under FSDP2; rank 0 saves both trainers' states."""
+    """Each rank: STEPS float64 steps under DDP, then under FSDP2, then under DDP with a NaN at step 2 that only
+    rank 1's rows see (skipped); rank 0 saves the trainers' states."""
     torch.set_num_threads(1)
     dist = init_distributed("cpu")
     assert dist.world_size == 2
-    for parallel in ("ddp", "fsdp"):
-        trainer = float64_trainer(dist, parallel)
+    for name, parallel, nan_at in (("ddp", "ddp", None), ("fsdp", "fsdp", None), ("ddp_nan", "ddp", 2)):
+        trainer = float64_trainer(dist, parallel, nan_at)
         history = trainer.run(steps=STEPS)
         state = trainer.state_dict()  # whole tensors (gathered on every rank under FSDP2)
         if dist.is_main:
-            torch.save({"state": state, "losses": [h["loss"] for h in history]}, f"{out}/{parallel}.pt")
+            torch.save({"state": state, "losses": [h["loss"] for h in history]}, f"{out}/{name}.pt")
     shutdown(dist)
 
 
@@ -114,6 +126,18 @@ def test_two_gloo_processes_equal_one_process_on_the_combined_batch(worker_out, 
         expected = {f"{i}.{k}": v for i, s in single.opt.state_dict()["state"].items() for k, v in s.items()}
         assert max_difference(moments, expected) < 1e-10, parallel
         assert got["state"]["step_count"] == STEPS
+
+
+def test_a_nan_on_one_rank_is_skipped_on_every_rank_as_in_one_process(worker_out):
+    """Rank 1 alone sees the NaN row, yet the all-reduced loss is NaN on both ranks: both skip step 2 (DDP's
+    bookkeeping survives the skipped update) and the run equals one process skipping the same step."""
+    single = float64_trainer(nan_at=2)
+    losses = [h["loss"] for h in single.run(steps=STEPS)]
+    got = torch.load(worker_out / "ddp_nan.pt", weights_only=False)
+    assert single.skipped_steps == 1 and losses[1] != losses[1]  # NaN
+    assert got["losses"][1] != got["losses"][1]
+    assert got["losses"][::2] == pytest.approx(losses[::2], rel=1e-12, abs=0)
+    assert max_difference(got["state"]["model"], single.model.state_dict()) < 1e-10
 
 
 def test_fsdp_checkpoint_state_resumes_in_one_process(worker_out, single_float64):
