@@ -88,7 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="imf", description="Train and sample Improved MeanFlow (iMF) one-step models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train a preset", description="Train a preset; checkpoints go to --out.")
+    p = sub.add_parser(
+        "train",
+        help="train a preset",
+        description="Train a preset; checkpoints go to --out. Several processes: torchrun --nproc_per_node N "
+        "-m imf.cli train ... (DDP, or FSDP2 with --parallel fsdp; NCCL on GPUs, gloo on the CPU). SIGINT/SIGTERM "
+        "write a checkpoint and exit 0; a NaN or inf loss exits 1 naming the last good checkpoint.",
+    )
     p.add_argument("--preset", default="digits", help="gauss, digits, cifar or latent-b (default digits)")
     p.add_argument("--data", help="image folder (cifar) or .npz/.safetensors file with x and y (latent-b)")
     p.add_argument("--out", help="checkpoint folder (default runs/PRESET)")
