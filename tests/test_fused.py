@@ -333,20 +333,24 @@ def test_training_on_gauss_matches_between_paths():
         opt = torch.optim.Adam(net.parameters(), lr=3e-3, betas=(0.9, 0.95))
         objective = IMFObjective(jvp=jvp)
         gen, data_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-        losses = []
+        losses, raw = [], []
         with imf_kernels.use_backend("torch"):
             for _ in range(200):
                 x, y = data.sample(16, data_gen)
-                loss, _ = objective.loss(net, x.double(), y, gen)
+                loss, metrics = objective.loss(net, x.double(), y, gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 losses.append(loss.item())
-            return torch.tensor(losses), one_step_error(net.float(), data, n=256)
+                raw.append(float(metrics["loss_u"]))
+            return torch.tensor(losses), torch.tensor(raw), one_step_error(net.float(), data, n=256)
 
-    fused_losses, fused_error = run("fused")
-    ref_losses, ref_error = run("reference")
-    assert fused_losses[-40:].mean() < 0.5 * fused_losses[:10].mean()  # it trained
+    fused_losses, fused_raw, fused_error = run("fused")
+    ref_losses, ref_raw, ref_error = run("reference")
+    # The adaptively weighted loss L / sg(L + c) stays near 2 whatever the fit (L >> c here); the unweighted
+    # per-sample sum L_u is what falls as the network learns.
+    assert fused_raw[-40:].mean() < fused_raw[:10].mean()  # it trained
     torch.testing.assert_close(fused_losses, ref_losses, rtol=1e-4, atol=0)
+    torch.testing.assert_close(fused_raw, ref_raw, rtol=1e-4, atol=0)
     assert abs(fused_error - ref_error) < 1e-3 * ref_error, (fused_error, ref_error)
     assert fused_error < 1.0  # better than the class mean
