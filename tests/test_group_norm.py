@@ -28,17 +28,8 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 PARAMETER_NAMES = ("weight", "bias", "scale", "shift")
 
 
-@pytest.fixture(autouse=True)
-def poison_empty():
-    """NaN-fill every torch.empty while a test runs, so an element a kernel forgets to write shows up."""
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    was_filling = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
-    torch.utils.deterministic.fill_uninitialized_memory = was_filling
+# NaN-fill every torch.empty while a test runs (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 def skip_unless_runs(backend: str, op: str, args: dict) -> None:
