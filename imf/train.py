@@ -69,28 +69,40 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 class BF16Targets(nn.Module):
     """Runs the model's no-grad calls (the objective's target evaluations: v_c, v_u, v_c') under bf16 autocast
-    and returns fp32; calls with grad enabled (the JVP pass the loss is built from) run untouched in fp32."""
+    and returns fp32; calls with grad enabled (the JVP pass the loss is built from) run untouched in fp32.
+
+    It exposes what the objectives read from the model (`cfg`, `takes_tangents`) and the fused path's entry points
+    (`forward` with tangents, `fused_u`, `fused_v`), so a model with a fused forward-with-tangent keeps it: the
+    targets through the fused primal in bf16, the graded pass `model(z, cond, dz, dcond)` in fp32."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.inner = model
         self.cfg = model.cfg
+        self.takes_tangents = getattr(model, "takes_tangents", False)
 
-    def _maybe_autocast(self, fn, z: torch.Tensor, cond: Cond):
+    def _maybe_autocast(self, fn: Callable, z: torch.Tensor, *args: Any, **kwargs: Any):
         if torch.is_grad_enabled():
-            return fn(z, cond)
+            return fn(z, *args, **kwargs)
         with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16):
-            out = fn(z, cond)
+            out = fn(z, *args, **kwargs)
         return tuple(o if o is None else o.float() for o in out) if isinstance(out, tuple) else out.float()
 
-    def forward(self, z: torch.Tensor, cond: Cond):
-        return self._maybe_autocast(self.inner, z, cond)
+    def forward(self, z: torch.Tensor, cond: Cond, *args: Any, **kwargs: Any):
+        """The model's own forward: (u, v), or (u, du, v) with tangents (`IMFNet.forward`)."""
+        return self._maybe_autocast(self.inner, z, cond, *args, **kwargs)
 
     def u(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self._maybe_autocast(self.inner.u, z, cond)
 
     def v(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self._maybe_autocast(self.inner.v, z, cond)
+
+    def fused_u(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self._maybe_autocast(self.inner.fused_u, z, cond)
+
+    def fused_v(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self._maybe_autocast(self.inner.fused_v, z, cond)
 
 
 class Trainer:

@@ -1,6 +1,7 @@
 """The training loop: the AdamW step with warm-up and clipping against its formula, the EMA recursion, the bf16
 target wrapper, and whole runs through `train()` (stopping rules, files, exact resume from disk)."""
 
+import copy
 import json
 import math
 
@@ -10,6 +11,7 @@ import torch.nn as nn
 
 from imf.config import TrainConfig, get_preset
 from imf.model import Cond, IMFNet
+from imf.objectives import IMFObjective
 from imf.train import EMA, BF16Targets, Trainer, train
 
 
@@ -107,6 +109,49 @@ def test_bf16_targets_autocast_only_no_grad_calls():
     err_bf16 = float((v_bf16.double() - exact).norm() / exact.norm())
     err_fp32 = float((v.detach().double() - exact).norm() / exact.norm())
     assert err_fp32 < 1e-5 < err_bf16 < 3e-2  # it really ran in bf16, and only that far off
+
+
+def test_bf16_training_keeps_the_fused_path(monkeypatch):
+    """Trainer with bf16=True wraps the model in BF16Targets; the step must still take the fused forward-with-tangent
+    (no torch.func.jvp, no reference trunk) and give exactly the loss and gradients of the objective's own bf16
+    option on the bare model (targets in bf16, JVP pass and loss in fp32), within bf16 error of the fp32 step."""
+    preset = tiny_digits()
+    preset.train.bf16 = True
+    preset.train.grad_clip = 1e9  # no clipping: the step's gradients are compared below through the update
+    torch.manual_seed(3)
+    model = IMFNet(preset.model)
+    with torch.no_grad():  # non-zero output layers, so u, du and v are not identically 0
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    bare, fp32 = copy.deepcopy(model), copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 1, 8, 8, generator=gen), torch.randint(0, 10, (6,), generator=gen)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference path ran")
+
+    calls = []
+    fused_v = model.fused_v
+    monkeypatch.setattr(model, "fused_v", lambda *a: calls.append("fused_v") or fused_v(*a))
+    monkeypatch.setattr(model, "trunk", refuse)
+    monkeypatch.setattr(torch.func, "jvp", refuse)
+    trainer = Trainer(model, IMFObjective(), lambda: (x, y), preset.train)
+    assert isinstance(trainer._loss_model, BF16Targets) and trainer._loss_model.takes_tangents
+    loss, metrics = trainer._loss(x, y)
+    assert calls == ["fused_v"]  # the targets through the fused primal; the graded pass through model(...)
+    monkeypatch.undo()
+
+    want, want_metrics = IMFObjective(bf16=True).loss(bare, x, y, torch.Generator().manual_seed(preset.train.seed))
+    assert loss.dtype == torch.float32 and torch.equal(loss, want)
+    assert torch.equal(metrics["loss_u"], want_metrics["loss_u"])
+    loss.backward()
+    want.backward()
+    for (name, p), q in zip(model.named_parameters(), bare.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+    _, plain = IMFObjective().loss(fp32, x, y, torch.Generator().manual_seed(preset.train.seed))
+    # the weighted loss L / sg(L + c) is ~1 per term whatever L; the unweighted L_u shows the bf16 targets
+    rel = abs(float(metrics["loss_u"] - plain["loss_u"])) / float(plain["loss_u"])
+    assert 1e-6 < rel < 1e-2, rel  # bf16 entered the targets, and only that far
 
 
 def test_run_stops_at_steps_or_seconds():
