@@ -1,8 +1,10 @@
 """Compare the objectives fairly on `gauss` (analytic Gaussian classes, exact answers): same model code, same
-data stream, same optimizer, same budget; errors are 1-NFE relative errors against the exact map of the same noise.
+data stream, same optimizer, same budget; errors are relative errors of EMA samples against the exact map of the
+same noise (a one-step Euler sample of the exact field, i.e. the class mean, scores 1.0).
 
-    python bench/compare_objectives.py --minutes 10          # the issue's 10-minute budget per run
-    python bench/compare_objectives.py --minutes 2 --jobs 2  # a quick look
+    python bench/compare_objectives.py --minutes 10 --jobs 5   # the issue's 10-minute budget per run
+    python bench/compare_objectives.py --minutes 0.3 --jobs 2  # a quick look
+    python bench/compare_objectives.py --table RESULTS.jsonl   # the table of an earlier (or killed) run
 
 Runs (each its own process, one thread, so runs can share a machine; the clock is the process's CPU time, which
 is what the run would take alone on one core, so a loaded machine does not favour anyone):
@@ -11,96 +13,290 @@ is what the run would take alone on one core, so a loaded machine does not favou
                        both against the exact guided flow map (fine RK4 solve of v_u + 2 (v_c - v_u)), guidance
                        interval (0, 1) everywhere, as in the exact map
   (3) fm               = flow matching, sampled with 1, 2, 4, 16 and 64 Euler steps
-Each run is evaluated (EMA weights) every `--eval-every` steps and at the end of its budget: the table shows the
-errors at equal CPU time (end of budget) and at equal steps (the largest step count every run reached).
+Every model is sampled with the guidance-interval inputs it was trained on: MF and FM always saw (0, 1); iMF at
+omega 1 gets the sampler's default interior interval (the interval does not change the omega-1 target).
+
+Each run evaluates its EMA every `--eval-every` steps (1-NFE metrics only) and at the end of its budget (every
+metric); evaluations are not charged to the budget. Every evaluation is appended to the results file (JSON lines,
+flushed) as it happens, so a killed run leaves what it measured. Columns: "at equal CPU time" is each run's final
+evaluation; "at equal steps" is the largest checkpoint step that every run reached. FM's multi-step metrics at
+that step come from an EMA snapshot kept at each checkpoint and evaluated once all runs have finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+# run as `python bench/compare_objectives.py` from a checkout: the repository root holds the `imf` package (the
+# spawned runs re-import this file, so they get the same path)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+EVAL_SEED = 1234  # the same noise and labels for every evaluation of every run
+INTERIOR = (0.4, 0.65)  # imf.sampler.DEFAULT_INTERVAL, iMF's omega-1 sampling interval
+FULL = (0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """Sample with `omega` and `interval` in `steps` steps (Euler on the velocity, h = 0, when `euler`), score
+    against the exact map at guidance `target_omega`."""
+
+    key: str
+    omega: float
+    target_omega: float
+    interval: tuple[float, float]
+    steps: int = 1
+    euler: bool = False
+
+
 RUNS = {
-    "imf-w1": dict(objective="imf", kwargs=dict(omega_max=1.0), v_head="aux", evals=[(1.0, 1)]),
-    "mf": dict(objective="mf", kwargs=dict(cfg_kappa=0.0), v_head="boundary", evals=[(1.0, 1)]),
-    "imf": dict(objective="imf", kwargs={}, v_head="aux", evals=[(1.0, 1), (2.0, 1)]),
-    "mf-cfg2": dict(objective="mf", kwargs=dict(cfg_omega=1.0, cfg_kappa=0.5), v_head="boundary", evals=[(1.0, 1)]),
-    "fm": dict(objective="fm", kwargs={}, v_head="boundary", evals=[(1.0, s) for s in (1, 2, 4, 16, 64)]),
+    "imf-w1": dict(objective="imf", kwargs=dict(omega_max=1.0), v_head="aux", metrics=[Metric("w1", 1, 1, INTERIOR)]),
+    "mf": dict(objective="mf", kwargs=dict(cfg_kappa=0.0), v_head="boundary", metrics=[Metric("w1", 1, 1, FULL)]),
+    "imf": dict(
+        objective="imf",
+        kwargs={},
+        v_head="aux",
+        metrics=[Metric("w1", 1, 1, INTERIOR), Metric("w2", 2, 2, FULL)],
+    ),
+    # MF's guidance is baked in at training: sampled with omega input 1, scored against the omega-2 exact map
+    "mf-cfg2": dict(
+        objective="mf",
+        kwargs=dict(cfg_omega=1.0, cfg_kappa=0.5),
+        v_head="boundary",
+        metrics=[Metric("w2", 1, 2, FULL)],
+    ),
+    "fm": dict(
+        objective="fm",
+        kwargs={},
+        v_head="boundary",
+        metrics=[Metric(f"w1_s{s}", 1, 1, FULL, steps=s, euler=True) for s in (1, 2, 4, 16, 64)],
+    ),
 }
 
 
-def evaluate(name: str, model, data, n: int) -> dict[str, float]:
-    from imf.gauss import one_step_error
-
-    out = {}
-    for omega, steps in RUNS[name]["evals"]:
-        # the MF model's guidance is baked in at training: it is sampled with omega input 1 and scored against the
-        # guided (omega 2) exact map; everything else is scored at the omega it is sampled with
-        target_omega = 2.0 if name == "mf-cfg2" else omega
-        key = f"w{target_omega:g}" + (f"_s{steps}" if name == "fm" else "")
-        interval = (0.0, 1.0) if target_omega != 1.0 else None
-        if target_omega != omega:
-            err = _error_against(model, data, n, omega, target_omega, interval)
-        else:
-            err = one_step_error(model, data, n, omega=omega, interval=interval, steps=steps, euler=name == "fm")
-        out[key] = err
-    return out
+def checkpoint_metrics(name: str) -> list[Metric]:
+    """What is evaluated at every checkpoint: the 1-NFE metrics (the rest only at the end and at equal steps)."""
+    return [m for m in RUNS[name]["metrics"] if m.steps == 1]
 
 
 @torch.no_grad()
-def _error_against(model, data, n, sample_omega, target_omega, interval):
+def evaluate(model: torch.nn.Module, data, metrics: list[Metric], n: int) -> dict[str, float]:
     from imf.gauss import relative_error
     from imf.sampler import sample
 
-    e, y, x_star = data.evaluation_set(n, target_omega, 1234)
-    x_hat = sample(model, e.float().view(n, *data.image_shape), y, omega=sample_omega, interval=interval or (0, 1))
-    return relative_error(x_hat, x_star, data.mu[y])
+    out = {}
+    for m in metrics:
+        e, y, x_star = data.evaluation_set(n, m.target_omega, EVAL_SEED)
+        noise = e.float().view(n, *data.image_shape)
+        x_hat = sample(model, noise, y, omega=m.omega, interval=m.interval, steps=m.steps, euler=m.euler)
+        out[m.key] = relative_error(x_hat, x_star, data.mu[y])
+    return out
 
 
-def run_one(
-    name: str, minutes: float, max_steps: int | None, eval_every: int, batch: int, lr: float, n_eval: int, seed: int
-) -> dict:
-    torch.set_num_threads(1)
-    from imf.config import TrainConfig, get_preset
-    from imf.gauss import GaussClasses
+def append_record(path: str, record: dict) -> None:
+    """One JSON line, written with a single O_APPEND write (parallel runs share the file) and flushed to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def build_model(name: str) -> torch.nn.Module:
+    from imf.config import get_preset
     from imf.model import IMFNet
+
+    cfg = get_preset("gauss").model
+    cfg.v_head = RUNS[name]["v_head"]
+    return IMFNet(cfg)
+
+
+def snapshot_path(snapshots: str, name: str, step: int) -> Path:
+    return Path(snapshots) / f"{name}-{step}.pt"
+
+
+def run_one(name: str, args: dict, out: str, snapshots: str) -> None:
+    """Train one run for its CPU budget, appending every evaluation to `out`."""
+    torch.set_num_threads(1)
+    from imf.config import TrainConfig
+    from imf.gauss import GaussClasses
     from imf.objectives import make_objective
     from imf.train import Trainer
 
     spec = RUNS[name]
     data = GaussClasses.from_digits()
-    cfg = get_preset("gauss").model
-    cfg.v_head = spec["v_head"]
-    torch.manual_seed(seed)
-    model = IMFNet(cfg)
-    data_gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(args["seed"])
+    model = build_model(name)
+    data_gen = torch.Generator().manual_seed(args["seed"])
     trainer = Trainer(
         model,
         make_objective(spec["objective"], **spec["kwargs"]),
-        lambda: data.sample(batch, data_gen),
-        TrainConfig(batch_size=batch, lr=lr, warmup_steps=50, ema_decay=0.995, seed=seed),
+        lambda: data.sample(args["batch"], data_gen),
+        TrainConfig(batch_size=args["batch"], lr=args["lr"], warmup_steps=50, ema_decay=0.995, seed=args["seed"]),
     )
-    history, train_cpu = [], 0.0
-    budget = minutes * 60
+    # only runs with multi-step metrics need their checkpoints kept for the equal-steps evaluation
+    keep_snapshots = len(checkpoint_metrics(name)) < len(spec["metrics"])
+    wall_start, train_cpu = time.perf_counter(), 0.0
+    budget, max_steps = args["minutes"] * 60, args["steps"]
+
+    def record(final: bool) -> None:
+        metrics = spec["metrics"] if final else checkpoint_metrics(name)
+        errors = evaluate(trainer.ema.model, data, metrics, args["n_eval"])
+        step = trainer.step_count
+        append_record(
+            out,
+            {
+                "kind": "eval",
+                "run": name,
+                "step": step,
+                "cpu_s": round(train_cpu, 3),
+                "wall_s": round(time.perf_counter() - wall_start, 1),
+                "steps_per_cpu_s": step / max(train_cpu, 1e-9),
+                "final": final,
+                "errors": errors,
+            },
+        )
+        if keep_snapshots or final:
+            torch.save(trainer.ema.model.state_dict(), snapshot_path(snapshots, name, step))
+        shown = "  ".join(f"{k} {v:.3f}" for k, v in errors.items())
+        print(f"[{name}] step {step}  cpu {train_cpu:.0f}s{'  final' if final else ''}  {shown}", file=sys.stderr)
+
     while train_cpu < budget and (max_steps is None or trainer.step_count < max_steps):
         start = time.process_time()
         trainer.step()
         train_cpu += time.process_time() - start  # evaluation time is not charged to the run
-        if trainer.step_count % eval_every == 0:
-            history.append(
-                {"step": trainer.step_count, "cpu_s": train_cpu, **evaluate(name, trainer.ema.model, data, n_eval)}
+        if trainer.step_count % args["eval_every"] == 0:
+            record(final=False)
+    record(final=True)
+
+
+def read_records(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def equal_steps(records: list[dict], runs: list[str]) -> int | None:
+    """The largest step at which every run (of those that have evaluated at all: a run still going or killed
+    early may have nothing yet) has an evaluation."""
+    steps = [{r["step"] for r in records if r["kind"] == "eval" and r["run"] == name} for name in runs]
+    steps = [s for s in steps if s]
+    common = set.intersection(*steps) if steps else set()
+    return max(common) if common else None
+
+
+def errors_at(records: list[dict], name: str, step: int) -> dict[str, float]:
+    """Every error measured for `name` at `step` (checkpoint, final and post-run records merged)."""
+    out: dict[str, float] = {}
+    for r in records:
+        if r["kind"] == "eval" and r["run"] == name and r["step"] == step:
+            out.update(r["errors"])
+    return out
+
+
+def complete_equal_steps(out: str, snapshots: str, runs: list[str], n_eval: int) -> None:
+    """Evaluate, from the kept snapshots, the metrics that a run's checkpoint at the equal-steps point lacks."""
+    from imf.gauss import GaussClasses
+
+    torch.set_num_threads(1)
+    records = read_records(out)
+    common = equal_steps(records, runs)
+    if common is None:
+        return
+    data = None
+    for name in runs:
+        have = errors_at(records, name, common)
+        missing = [m for m in RUNS[name]["metrics"] if m.key not in have]
+        path = snapshot_path(snapshots, name, common)
+        if not missing or not path.exists():
+            continue
+        data = data or GaussClasses.from_digits()
+        model = build_model(name)
+        model.load_state_dict(torch.load(path))
+        errors = evaluate(model, data, missing, n_eval)
+        checkpoint = next(r for r in records if r["kind"] == "eval" and r["run"] == name and r["step"] == common)
+        append_record(
+            out,
+            {**checkpoint, "final": False, "errors": errors, "wall_s": None, "from_snapshot": True},
+        )
+        shown = "  ".join(f"{k} {v:.3f}" for k, v in errors.items())
+        print(f"[{name}] step {common}  (snapshot, equal steps)  {shown}", file=sys.stderr)
+
+
+def table_rows(records: list[dict]) -> tuple[dict, int | None, list[list[str]]]:
+    """(the run's header record, the equal-steps point, one row per run and metric)."""
+    header = next(r for r in records if r["kind"] == "args")
+    runs = header["args"]["runs"]
+    common = equal_steps(records, runs)
+    rows = []
+    for name in runs:
+        evals = [r for r in records if r["kind"] == "eval" and r["run"] == name]
+        final = next((r for r in evals if r["final"]), None)
+        last = max(evals, key=lambda r: r["step"], default=None)
+        at_common = errors_at(records, name, common) if common is not None else {}
+        for m in RUNS[name]["metrics"]:
+            rows.append(
+                [
+                    name,
+                    m.key,
+                    f"{last['steps_per_cpu_s']:.2f}" if last else "-",
+                    str(final["step"]) if final else f"({last['step']}, unfinished)" if last else "-",
+                    f"{final['cpu_s']:.0f}" if final else "-",
+                    f"{final['errors'][m.key]:.3f}" if final else "-",
+                    f"{at_common[m.key]:.3f}" if m.key in at_common else "-",
+                ]
             )
-    final = {"step": trainer.step_count, "cpu_s": train_cpu, **evaluate(name, trainer.ema.model, data, n_eval)}
-    return {
-        "name": name,
-        "steps_per_cpu_s": trainer.step_count / max(train_cpu, 1e-9),
-        "history": history,
-        "final": final,
-    }
+    return header, common, rows
+
+
+def print_table(path: str, markdown: bool) -> None:
+    header, common, rows = table_rows(read_records(path))
+    a = header["args"]
+    title = (
+        f"gauss, relative error of EMA samples against the exact map, {a['minutes']:g} CPU-min per run, "
+        f"batch {a['batch']}, lr {a['lr']:g}, n_eval {a['n_eval']} ({header['date']}, commit {header['commit']})"
+    )
+    columns = [
+        "run",
+        "metric",
+        "steps/CPU-s",
+        "steps",
+        "CPU-s",
+        "at equal CPU time",
+        f"at equal steps ({common if common is not None else '-'})",
+    ]
+    note = (
+        "metric: w<omega> = error against the exact map at that guidance scale (1-NFE); fm w1_s<N> = N Euler steps. "
+        "A one-step Euler sample of the exact field scores 1.0."
+    )
+    if markdown:
+        print(f"{title}\n\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        print(f"\n{note}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=160).print(table)
+    print(note)
 
 
 def main() -> None:
@@ -114,45 +310,55 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3, help="learning rate, the same for every run (default 2e-3)")
     ap.add_argument("--n-eval", type=int, default=512, help="noise samples per evaluation (default 512)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="write all results as JSON here")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results file, JSON lines, must not exist (default bench/results/compare_objectives-cpu-<UTC time>.jsonl)",
+    )
+    ap.add_argument("--snapshots", default=None, help="folder for EMA snapshots (default a temporary folder)")
+    ap.add_argument("--table", metavar="FILE", default=None, help="print the table of an existing results file")
+    ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
     args = ap.parse_args()
 
-    jobs = [
-        (r, args.minutes, args.steps, args.eval_every, args.batch, args.lr, args.n_eval, args.seed) for r in args.runs
-    ]
+    if args.table:
+        print_table(args.table, args.markdown)
+        return
+    if args.eval_every < 1:
+        ap.error(f"--eval-every must be >= 1, got {args.eval_every}")
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    out = args.out or str(
+        Path(__file__).resolve().parent / "results" / f"compare_objectives-cpu-{stamp:%Y%m%dT%H%M%S}.jsonl"
+    )
+    if os.path.exists(out):
+        ap.error(f"--out {out} exists; choose a new file (print its table with --table {out})")
+    snapshots = args.snapshots or tempfile.mkdtemp(prefix="compare_objectives-")
+    os.makedirs(snapshots, exist_ok=True)
+
+    from common import run_tags
+
+    tags = run_tags(torch.device("cpu"), bench="compare_objectives")
+    append_record(out, {"kind": "args", "args": vars(args), **tags})
+    print(f"results: {out}", file=sys.stderr)
+    run_args = dict(
+        minutes=args.minutes,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        batch=args.batch,
+        lr=args.lr,
+        n_eval=args.n_eval,
+        seed=args.seed,
+    )
+    jobs = [(name, run_args, out, snapshots) for name in args.runs]
     if args.jobs > 1:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
-            results = pool.starmap(run_one, jobs)
+            pool.starmap(run_one, jobs, chunksize=1)
     else:
-        results = [run_one(*j) for j in jobs]
-
-    common = min(r["final"]["step"] for r in results)
-    common -= common % args.eval_every
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"gauss, 1-NFE relative error (EMA), {args.minutes:g} CPU-min per run, batch {args.batch}")
-    for col in ("run", "metric", "steps/s", "steps", "at equal CPU time", f"at equal steps ({common})"):
-        table.add_column(col)
-    for r in results:
-        at_common = next((h for h in r["history"] if h["step"] == common), None)
-        for key in (k for k in r["final"] if k.startswith("w")):
-            table.add_row(
-                r["name"],
-                key,
-                f"{r['steps_per_cpu_s']:.2f}",
-                str(r["final"]["step"]),
-                f"{r['final'][key]:.3f}",
-                f"{at_common[key]:.3f}" if at_common else "-",
-            )
-    Console().print(table)
-    print(
-        "metric: w<omega> = error against the exact map at that guidance scale; fm _s<N> = N Euler steps. "
-        "A one-step Euler sample of the exact field scores 1.0."
-    )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
+        for job in jobs:
+            run_one(*job)
+    complete_equal_steps(out, snapshots, args.runs, args.n_eval)
+    if not args.snapshots:
+        shutil.rmtree(snapshots)
+    print_table(out, args.markdown)
 
 
 if __name__ == "__main__":
