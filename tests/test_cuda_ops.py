@@ -32,8 +32,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Floors relative to max|ref64| (outputs range from O(1e-4) loss weights to O(1e4) loss sums), added to 2x
 # PyTorch's same-dtype error.
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-# The triton tests' floors on a GPU (fp32 dots there are TF32).
-TRITON_ATOL = {torch.float32: 5e-3, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# The triton tests' floors on a GPU (tests/test_attention.py; fp32 dots there are full precision, "ieee").
+TRITON_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # The sanitizer run (`python tests/test_cuda_ops.py`) checks the cuda kernels alone.
 COMPARE_WITH_TRITON = True
 
@@ -67,7 +67,10 @@ def max_error(value, reference) -> float:
 
 
 def allowed_error(torch_value, reference, dtype, floors) -> float:
-    return 2 * max_error(torch_value, reference) + floors[dtype] * reference.abs().max().item()
+    """2x PyTorch's error in the same dtype plus a floor relative to max(1, max |reference|), as
+    `imf_kernels.reference.check_parity`: an exactly-zero reference (grad_q with one key: p = 1, dp = delta)
+    still allows the rounding of the terms that cancel."""
+    return 2 * max_error(torch_value, reference) + floors[dtype] * max(1.0, reference.abs().max().item())
 
 
 def assert_close(name, value, torch_value, reference, dtype):

@@ -204,10 +204,11 @@ def test_preset_shapes_take_the_expected_paths():
     bf16, fp32 = torch.bfloat16, torch.float32
     # latent-b cross-attention: 20/24 context tokens padded to one 32-key tile, no KV loop.
     assert attn.pick_config("jvp", 1024, 20, 64, bf16) == attn.BlockConfig(64, 32, 8, 1, single_tile=True)
-    assert attn.pick_config("fwd", 256, 24, 64, fp32) == attn.BlockConfig(64, 32, 4, 1, single_tile=True)
+    assert attn.pick_config("fwd", 256, 24, 64, fp32) == attn.BlockConfig(64, 32, 8, 1, single_tile=True)
     # self-attention at 16x16 loops over KV tiles.
     assert attn.pick_config("jvp", 256, 256, 64, bf16) == attn.BlockConfig(64, 32, 8, 2)
-    assert attn.pick_config("jvp", 256, 256, 64, fp32) == attn.BlockConfig(64, 16, 8, 2)
+    # fp32 runs tf32x3 dots (split operands): the narrowest tiles.
+    assert attn.pick_config("jvp", 256, 256, 64, fp32) == attn.BlockConfig(16, 16, 4, 2)
     assert attn.pick_config("bwd_dkdv", 1024, 24, 64, bf16) == attn.BlockConfig(64, 32, 4, 2)
 
 
@@ -305,9 +306,10 @@ def test_aot_specs_cover_every_launch_for_the_presets():
                 True,
                 False,
                 True,
+                attn.dot_precision(dtype),
             ) in picked
             cfg = attn.pick_config("bwd_dq", Lq, Lk, D, dtype)
-            assert ("attn_bwd_dq", ptr, D, cfg.block_m, cfg.block_n) in picked
+            assert ("attn_bwd_dq", ptr, D, cfg.block_m, cfg.block_n, attn.dot_precision(dtype)) in picked
     names = {s["name"] for s in specs}
     assert names == {"attn_fwd", "attn_jvp", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq"}
     assert {s["constexprs"].get("SINGLE_TILE") for s in specs if s["name"] == "attn_jvp"} == {True, False}

@@ -7,7 +7,9 @@ forward-with-tangent (4 Lq + 4 Lk) D S + 4 Lq (plus dq, dk, dv in, do out); back
 (q, k, v, o, dO, lse in; dq, dk, dv out). Scores and probabilities never leave the chip.
 
 Exponentials are exp2 with log2(e) folded into the scale; lse is stored in natural-log units. Every tl.dot
-accumulates in fp32; with fp32 inputs a GPU runs it as TF32 (Triton's default), the interpreter exactly.
+accumulates in fp32. fp32 inputs get fp32-accurate dots (`input_precision="tf32x3"`, DOT_PRECISION below: three
+tensor-core TF32 products of the split operands), as PyTorch's fp32 matmuls: Triton's default single TF32 pass
+rounds operands to 10 mantissa bits (~1e-3 error against PyTorch's ~1e-6), and "ieee" (CUDA-core FMAs) spills.
 """
 
 from __future__ import annotations
@@ -58,29 +60,30 @@ def _fwd_tile(
     TANGENT: tl.constexpr,
     HAS_DK: tl.constexpr,
     HAS_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One KV tile of the online softmax: rescale every accumulator by exp2(m_old - m_new), then
     acc += e V, dacc += (e * dS) V + e dV, rs += rowsum(e * dS), with e = exp2(s2 - m_new)."""
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    s2 = tl.dot(q, tl.trans(k)) * qk_scale2
+    s2 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2
     s2 = tl.where(col_valid[None, :], s2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s2, 1))
     alpha = tl.exp2(m_i - m_new)
     e = tl.exp2(s2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(e, 1)
-    acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=DOT_PRECISION)
     if TANGENT:
-        ds = tl.dot(dq, tl.trans(k))
+        ds = tl.dot(dq, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_DK:
             dk = tl.load(dk_ptrs, mask=kv_mask, other=0.0)
-            ds += tl.dot(q, tl.trans(dk))
+            ds += tl.dot(q, tl.trans(dk), input_precision=DOT_PRECISION)
         e_ds = e * (ds * scale)
         rs = rs * alpha + tl.sum(e_ds, 1)
-        dacc = dacc * alpha[:, None] + tl.dot(e_ds.to(v.dtype), v)
+        dacc = dacc * alpha[:, None] + tl.dot(e_ds.to(v.dtype), v, input_precision=DOT_PRECISION)
         if HAS_DV:
             dv = tl.load(dv_ptrs, mask=kv_mask, other=0.0)
-            dacc += tl.dot(e.to(dv.dtype), dv)
+            dacc += tl.dot(e.to(dv.dtype), dv, input_precision=DOT_PRECISION)
     return m_new, l_i, acc, dacc, rs
 
 
@@ -106,6 +109,7 @@ def _attn_fwd_kernel(
     TANGENT: tl.constexpr,
     HAS_DK: tl.constexpr,
     HAS_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(Lq, BLOCK_M), B * H). o, lse and, if TANGENT, do for BLOCK_M query rows.
     SINGLE_TILE: the whole context is one BLOCK_N tile (Lk <= BLOCK_N), no KV loop."""
@@ -133,7 +137,7 @@ def _attn_fwd_kernel(
         col_valid = offs_n < Lk
         m_i, l_i, acc, dacc, rs = _fwd_tile(
             q, dq, K + kv_base, V + kv_base, DK + kv_base, DV + kv_base, col_valid[:, None], col_valid,
-            m_i, l_i, acc, dacc, rs, qk_scale2, scale, TANGENT, HAS_DK, HAS_DV,
+            m_i, l_i, acc, dacc, rs, qk_scale2, scale, TANGENT, HAS_DK, HAS_DV, DOT_PRECISION,
         )  # fmt: skip
     else:
         for start_n in range(0, Lk, BLOCK_N):
@@ -141,7 +145,7 @@ def _attn_fwd_kernel(
             kv_off = kv_base + start_n * HEAD_DIM
             m_i, l_i, acc, dacc, rs = _fwd_tile(
                 q, dq, K + kv_off, V + kv_off, DK + kv_off, DV + kv_off, col_valid[:, None], col_valid,
-                m_i, l_i, acc, dacc, rs, qk_scale2, scale, TANGENT, HAS_DK, HAS_DV,
+                m_i, l_i, acc, dacc, rs, qk_scale2, scale, TANGENT, HAS_DK, HAS_DV, DOT_PRECISION,
             )  # fmt: skip
 
     inv_l = 1.0 / l_i
@@ -185,6 +189,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(Lk, BLOCK_N), B * H): one KV block loops over every query block, in transposed form
     (rows = keys): p^T = exp2(c2 k q^T - lse2), dV = p^T dO, dp^T = V dO^T,
@@ -210,11 +215,11 @@ def _attn_bwd_dkdv_kernel(
         # Padded query rows load q = dO = 0 and lse = +inf: p = 0, so they add nothing to dK, dV.
         lse2 = tl.load(LSE + bh * Lq + rows, mask=row_mask, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + bh * Lq + rows, mask=row_mask, other=0.0)
-        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale2 - lse2[None, :])
-        grad_v += tl.dot(p_t.to(grad_o.dtype), grad_o)
-        dp_t = tl.dot(v, tl.trans(grad_o))
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2 - lse2[None, :])
+        grad_v += tl.dot(p_t.to(grad_o.dtype), grad_o, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(grad_o), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        grad_k += tl.dot(ds_t.to(q.dtype), q)
+        grad_k += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
     tl.store(GRAD_K + kv_off, (grad_k * scale).to(GRAD_K.dtype.element_ty), mask=key_mask[:, None])
     tl.store(GRAD_V + kv_off, grad_v.to(GRAD_V.dtype.element_ty), mask=key_mask[:, None])
@@ -236,6 +241,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(Lq, BLOCK_M), B * H): p = exp2(c2 q k^T - lse2), dp = dO V^T,
     dQ = c (p * (dp - delta)) K."""
@@ -259,10 +265,10 @@ def _attn_bwd_dq_kernel(
         k = tl.load(K + kv_off, mask=key_mask[:, None], other=0.0)
         v = tl.load(V + kv_off, mask=key_mask[:, None], other=0.0)
         # Padded keys load k = v = 0: their dp is 0 and their ds column multiplies k = 0, so no mask on p.
-        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale2 - lse2[:, None])
-        dp = tl.dot(grad_o, tl.trans(v))
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2 - lse2[:, None])
+        dp = tl.dot(grad_o, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        grad_q += tl.dot(ds.to(k.dtype), k)
+        grad_q += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
     tl.store(GRAD_Q + q_off, (grad_q * scale).to(GRAD_Q.dtype.element_ty), mask=row_mask[:, None])
 
@@ -283,6 +289,13 @@ class BlockConfig:
     single_tile: bool = False
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """`input_precision` of every tl.dot: "tf32x3" for fp32 operands (one TF32 pass would cost ~1e-3 relative
+    error where PyTorch's fp32 attention has ~1e-6); fp16/bf16 products are exact in any mode, and "tf32" is
+    Triton's default."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
 def _pow2_at_least_16(n: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(n))
 
@@ -290,21 +303,25 @@ def _pow2_at_least_16(n: int) -> int:
 # (kind, D, fp32 inputs) -> (BLOCK_M, BLOCK_N of the KV loop, its num_warps, longest padded context taken as
 # one tile, that path's num_warps). The largest tiles that compile for sm_90 without register spills
 # (`cuobjdump -res-usage` over `aot_specs`, triton 3.8): the tangent pass holds three (BLOCK_M, D) float32
-# accumulators plus dq, so it takes narrower tiles than the primal; fp32 operands need twice the registers.
+# accumulators plus dq, so it takes narrower tiles than the primal; fp32 operands run "tf32x3" dots (each
+# operand split in two), which need the narrowest tiles.
 _HALF, _FP32 = False, True
 _TILES = {
     **{("fwd", d, _HALF): (64, 64, 4, 64, 8 if d == 128 else 4) for d in HEAD_DIMS},
-    **{("fwd", d, _FP32): (64, 32, 4, 64, 8 if d == 128 else 4) for d in HEAD_DIMS},
+    **{("fwd", d, _FP32): (64, 32, 4, 64, 8) for d in (16, 32, 64)},
+    ("fwd", 128, _FP32): (32, 16, 4, 32, 8),
     **{("jvp", d, _HALF): (64, 32, 4, 64, 4) for d in (16, 32)},
     ("jvp", 64, _HALF): (64, 32, 8, 64, 8),
     ("jvp", 128, _HALF): (64, 16, 4, 16, 4),
-    **{("jvp", d, _FP32): (64, 32, 8, 64, 8) for d in (16, 32)},
-    ("jvp", 64, _FP32): (64, 16, 8, 32, 8),
-    ("jvp", 128, _FP32): (16, 16, 4, 16, 4),
+    **{("jvp", d, _FP32): (16, 16, 4, 32, 4) for d in (16, 32)},
+    ("jvp", 64, _FP32): (16, 16, 4, 32, 4),
+    ("jvp", 128, _FP32): (16, 16, 8, 16, 8),
     **{("bwd", d, _HALF): (64, 64, 4, 64, 4) for d in (16, 32, 64)},
     ("bwd", 128, _HALF): (32, 32, 8, 64, 8),
-    **{("bwd", d, _FP32): (32, 64, 4, 64, 4) for d in (16, 32)},
-    ("bwd", 64, _FP32): (64, 64, 8, 64, 8),
+    # The dK/dV and dQ kernels may differ ("bwd_dkdv" / "bwd_dq" entries override "bwd").
+    **{("bwd_dkdv", d, _FP32): (16, 64, 4, 64, 4) for d in (16, 32)},
+    **{("bwd_dq", d, _FP32): (32, 32, 8, 32, 8) for d in (16, 32)},
+    ("bwd", 64, _FP32): (64, 32, 8, 32, 8),
     ("bwd", 128, _FP32): (32, 32, 8, 32, 8),
 }
 
@@ -320,7 +337,8 @@ def pick_config(kind: str, Lq: int, Lk: int, D: int, dtype: torch.dtype, *, kv_l
         raise ValueError(f"attention (triton): unknown kernel kind {kind!r}")
     if D not in HEAD_DIMS:
         raise ValueError(f"attention (triton): head dim D={D} not in {HEAD_DIMS}")
-    block_m, loop_n, loop_warps, single_max, single_warps = _TILES[(kind[:3], D, dtype == torch.float32)]
+    fp32 = dtype == torch.float32
+    block_m, loop_n, loop_warps, single_max, single_warps = _TILES.get((kind, D, fp32)) or _TILES[(kind[:3], D, fp32)]
     padded_lk = _pow2_at_least_16(Lk)
     block_m = min(block_m, _pow2_at_least_16(Lq))
     single = padded_lk <= single_max if kv_loop is None else not kv_loop
@@ -367,7 +385,7 @@ def _launch_fwd(q, k, v, dq, dk, dv, scale: float, cfg: BlockConfig):
         q, k, v, dq if tangent else q, dk if dk is not None else k, dv if dv is not None else v,
         o, do, lse, Lq, Lk, scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
-        TANGENT=tangent, HAS_DK=dk is not None, HAS_DV=dv is not None,
+        TANGENT=tangent, HAS_DK=dk is not None, HAS_DV=dv is not None, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return o, (do if tangent else None), lse
@@ -407,12 +425,12 @@ def _launch_bwd(grad_o, q, k, v, o, lse, scale: float, cfg_dkdv: BlockConfig, cf
     )
     _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg_dkdv.block_n), B * H)](
         q, k, v, grad_o, lse, delta, grad_k, grad_v, Lq, Lk, scale * LOG2E, scale,
-        HEAD_DIM=D, BLOCK_M=cfg_dkdv.block_m, BLOCK_N=cfg_dkdv.block_n,
+        HEAD_DIM=D, BLOCK_M=cfg_dkdv.block_m, BLOCK_N=cfg_dkdv.block_n, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages,
     )  # fmt: skip
     _attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg_dq.block_m), B * H)](
         q, k, v, grad_o, lse, delta, grad_q, Lq, Lk, scale * LOG2E, scale,
-        HEAD_DIM=D, BLOCK_M=cfg_dq.block_m, BLOCK_N=cfg_dq.block_n,
+        HEAD_DIM=D, BLOCK_M=cfg_dq.block_m, BLOCK_N=cfg_dq.block_n, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages,
     )  # fmt: skip
     return grad_q, grad_k, grad_v
@@ -509,7 +527,7 @@ def aot_specs(
                 for tangent, has_dk, has_dv in flags:
                     constexprs = dict(
                         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
-                        TANGENT=tangent, HAS_DK=has_dk, HAS_DV=has_dv,
+                        TANGENT=tangent, HAS_DK=has_dk, HAS_DV=has_dv, DOT_PRECISION=dot_precision(dtype),
                     )  # fmt: skip
                     add(f"attn_{kind}", _attn_fwd_kernel, fwd_sig, constexprs, cfg)
             cfg_dkdv = pick_config("bwd_dkdv", Lq, Lk, D, dtype)
@@ -531,7 +549,10 @@ def aot_specs(
                 ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, dkdv_sig, cfg_dkdv),
                 ("attn_bwd_dq", _attn_bwd_dq_kernel, dq_sig, cfg_dq),
             ):
-                add(name, fn, sig, dict(HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg)
+                constexprs = dict(
+                    HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(dtype)
+                )
+                add(name, fn, sig, constexprs, cfg)
     return list(specs.values())
 
 
