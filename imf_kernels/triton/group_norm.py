@@ -362,9 +362,10 @@ def _gn_bwd_kernel(
             sum_grad_h_xh += tl.sum(grad_h * xh, axis=1)
 
     if HAS_SHIFT:
-        tl.store(grad_shift_ptr + sample_channel_offs, sum_grad_h, mask=c_mask)
+        tl.store(grad_shift_ptr + sample_channel_offs, sum_grad_h.to(grad_shift_ptr.dtype.element_ty), mask=c_mask)
     if HAS_SCALE:
-        tl.store(grad_scale_ptr + sample_channel_offs, w * sum_grad_h_xh + b * sum_grad_h, mask=c_mask)
+        grad_scale = w * sum_grad_h_xh + b * sum_grad_h
+        tl.store(grad_scale_ptr + sample_channel_offs, grad_scale.to(grad_scale_ptr.dtype.element_ty), mask=c_mask)
     if HAS_WEIGHT:
         tl.store(grad_weight_partial_ptr + sample_channel_offs, one_plus_s * sum_grad_h_xh, mask=c_mask)
     if HAS_BIAS:
@@ -512,15 +513,16 @@ def gn_act_bwd(
     blocks = pick_blocks(channels_per_group, hw, x.dtype)
     grad_x = torch.empty_like(x)
 
-    def per_sample_channel(tensor):
-        if tensor is None:
-            return x  # never written: its HAS_* flag is off
-        return torch.empty((batch, channels), device=x.device, dtype=torch.float32)
-
-    grad_weight_partial = per_sample_channel(weight)
-    grad_bias_partial = per_sample_channel(bias)
-    grad_scale = per_sample_channel(scale)
-    grad_shift = per_sample_channel(shift)
+    # One launch after the kernel at most: grad_weight and grad_bias partials share one (2, B, C) fp32 buffer,
+    # summed over the batch in one call; grad_scale and grad_shift are per sample and written by the kernel
+    # directly in their own dtype. Absent outputs are never written (their HAS_* flag is off): x fills the slot.
+    partials = None
+    if weight is not None or bias is not None:
+        partials = torch.empty((2, batch, channels), device=x.device, dtype=torch.float32)
+    grad_weight_partial = partials[0] if weight is not None else x
+    grad_bias_partial = partials[1] if bias is not None else x
+    grad_scale = torch.empty((batch, channels), device=x.device, dtype=scale.dtype) if scale is not None else x
+    grad_shift = torch.empty((batch, channels), device=x.device, dtype=shift.dtype) if shift is not None else x
     _gn_bwd_kernel[(batch * num_groups,)](
         grad_y,
         x,
@@ -541,12 +543,17 @@ def gn_act_bwd(
         num_warps=blocks.num_warps,
         **_flags(weight, bias, scale, shift, act),
     )
+    grad_weight = grad_bias = None
+    if partials is not None:
+        sums = partials.sum(1)
+        grad_weight = None if weight is None else sums[0].to(weight.dtype)
+        grad_bias = None if bias is None else sums[1].to(bias.dtype)
     return (
         grad_x,
-        None if weight is None else grad_weight_partial.sum(0).to(weight.dtype),
-        None if bias is None else grad_bias_partial.sum(0).to(bias.dtype),
-        None if scale is None else grad_scale.to(scale.dtype),
-        None if shift is None else grad_shift.to(shift.dtype),
+        grad_weight,
+        grad_bias,
+        None if scale is None else grad_scale,
+        None if shift is None else grad_shift,
     )
 
 
@@ -624,15 +631,13 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                     fn = _gn_fwd_kernel
                     with_tangent = pass_name == "jvp"
                     constexprs.update(WITH_TANGENT=with_tangent, HAS_DSCALE=with_tangent, HAS_DSHIFT=with_tangent)
-                # Statistics and per-(sample, channel) gradient partials are fp32, the scalars i32/fp32,
-                # every other pointer has the input's dtype.
+                # Statistics and the grad_weight / grad_bias partials are fp32, the scalars i32/fp32, every
+                # other pointer (grad_scale, grad_shift included) has the input's dtype.
                 runtime_types = {
                     "mean_ptr": "*fp32",
                     "rstd_ptr": "*fp32",
                     "grad_weight_partial_ptr": "*fp32",
                     "grad_bias_partial_ptr": "*fp32",
-                    "grad_scale_ptr": "*fp32",
-                    "grad_shift_ptr": "*fp32",
                     "HW": "i32",
                     "CPG": "i32",
                     "G": "i32",
