@@ -19,7 +19,9 @@ Baselines (rows too), all plain PyTorch on the same inputs:
   math-jvp    torch.func.jvp of F.scaled_dot_product_attention on the math backend (attn.jvp)
 
 Columns: median time; GB/s = floor bytes (every input read once + every output written once, formulas next to
-each op below) / time; that as a fraction of a device-to-device copy measured in the same run; TFLOP/s for
+each op below) / time; that as a fraction of a device-to-device copy measured in the same run (512 MiB on a GPU:
+the memory's streaming bandwidth, what the targets use) and of a copy of the op's own floor bytes (what a kernel
+of that size can get, launch and tail included; small ops cannot reach the large copy's rate); TFLOP/s for
 attention (forward 4 B H Lq Lk D, forward-with-tangent 3x that, backward 2.5x); speed-up = baseline time /
 backend time. The GPU targets of the issue are checked at the end from the same rows (bf16, latent-b shapes).
 On a CPU the torch backend runs on one thread, timed by that thread's CPU time (the machine is shared; see
@@ -478,8 +480,23 @@ def _time(build: Callable[[], Thunk], device: torch.device, budget_s: float) -> 
         return None, _first_line(error)
 
 
-def make_row(case: Case, variant: str, kind: str, timing: Any, note: str | None, copy_gbps: float) -> dict:
-    """One results row; GB/s, copy fraction and TFLOP/s from the case's floor bytes and FLOPs."""
+_SAME_SIZE_COPY: dict[tuple[str, int], float] = {}
+
+
+def same_size_copy_gbps(device: torch.device, nbytes: int) -> float:
+    """GB/s of a device-to-device copy that moves the case's floor bytes (nbytes / 2 read + nbytes / 2 written),
+    measured once per size: what the memory system gives a kernel of this size, launch and tail included. A few
+    MB (the loss at latent-b shapes) cannot reach the bandwidth of the 512 MiB reference copy."""
+    key = (str(device), nbytes)
+    if key not in _SAME_SIZE_COPY:
+        _SAME_SIZE_COPY[key] = copy_bandwidth(device, nbytes=max(1, nbytes // 2), budget_s=0.1, clock=CPU_CLOCK)[0]
+    return _SAME_SIZE_COPY[key]
+
+
+def make_row(
+    case: Case, variant: str, kind: str, timing: Any, note: str | None, copy_gbps: float, same_copy_gbps: float
+) -> dict:
+    """One results row; GB/s, copy fractions and TFLOP/s from the case's floor bytes and FLOPs."""
     row = {
         "op": case.op,
         "shape": case.shape,
@@ -492,6 +509,7 @@ def make_row(case: Case, variant: str, kind: str, timing: Any, note: str | None,
         "bytes": case.nbytes,
         "gbps": None,
         "copy_fraction": None,
+        "same_copy_fraction": None,
         "tflops": None,
         "speedup": {},
         "note": note,
@@ -499,7 +517,13 @@ def make_row(case: Case, variant: str, kind: str, timing: Any, note: str | None,
     if timing is not None:
         seconds = timing.median_ms * 1e-3
         gbps = case.nbytes / seconds / 1e9
-        row.update(median_ms=timing.median_ms, reps=timing.reps, gbps=gbps, copy_fraction=gbps / copy_gbps)
+        row.update(
+            median_ms=timing.median_ms,
+            reps=timing.reps,
+            gbps=gbps,
+            copy_fraction=gbps / copy_gbps,
+            same_copy_fraction=gbps / same_copy_gbps,
+        )
         if case.flops is not None:
             row["tflops"] = case.flops / seconds / 1e12
     return row
@@ -516,6 +540,7 @@ def run_cases(
     """Rows of every baseline and backend of the cases of one problem (baselines shared by key are timed once)."""
     rows, timed = [], {}
     for case in cases:
+        same_copy = same_size_copy_gbps(device, case.nbytes)
         baseline_ms = {}
         for name, (key, build) in case.baselines.items():
             if name in skip_baselines:
@@ -523,12 +548,12 @@ def run_cases(
             if key not in timed:
                 timed[key] = _time(build, device, budget_s)
             timing, note = timed[key]
-            rows.append(make_row(case, name, "baseline", timing, note, copy_gbps))
+            rows.append(make_row(case, name, "baseline", timing, note, copy_gbps, same_copy))
             if timing is not None:
                 baseline_ms[name] = timing.median_ms
         for name in backends:
             timing, note = _time(lambda name=name, case=case: case.run(name), device, budget_s)
-            row = make_row(case, name, "backend", timing, note, copy_gbps)
+            row = make_row(case, name, "backend", timing, note, copy_gbps, same_copy)
             if timing is not None:
                 row["speedup"] = {base: ms / timing.median_ms for base, ms in baseline_ms.items()}
             rows.append(row)
@@ -643,7 +668,7 @@ def print_tables(console: Console, rows: list[dict]) -> None:
         baselines = [name for name in BASELINES if any(row["variant"] == name for row in family_rows)]
         has_flops = any(row["tflops"] is not None for row in family_rows)
         table = Table(title=family, show_lines=False)
-        for column in ("op", "shape", "variant", "ms", "GB/s", "of copy"):
+        for column in ("op", "shape", "variant", "ms", "GB/s", "of copy", "of same-size copy"):
             table.add_column(column, justify="left" if column in ("op", "shape", "variant") else "right")
         if has_flops:
             table.add_column("TFLOP/s", justify="right")
@@ -655,9 +680,14 @@ def print_tables(console: Console, rows: list[dict]) -> None:
                 table.add_section()
             previous = (row["op"], row["shape"])
             if row["median_ms"] is None:
-                cells = ["not run", "", ""]
+                cells = ["not run", "", "", ""]
             else:
-                cells = [_fmt(row["median_ms"], ".3f"), _fmt(row["gbps"], ".1f"), _fmt(row["copy_fraction"], ".0%")]
+                cells = [
+                    _fmt(row["median_ms"], ".3f"),
+                    _fmt(row["gbps"], ".1f"),
+                    _fmt(row["copy_fraction"], ".0%"),
+                    _fmt(row.get("same_copy_fraction"), ".0%"),
+                ]
             if has_flops:
                 cells.append(_fmt(row["tflops"], ".1f"))
             cells += [
@@ -696,19 +726,21 @@ def markdown_summary(rows: list[dict]) -> str:
         lines += [f"| {row['target']} | {row['backend']} | {row['status']} |" for row in targets]
         lines.append("")
     baselines = [name for name in BASELINES if any(row["variant"] == name for row in cases)]
-    header = ["op", "shape", "from", "backend", "ms", "GB/s", "of copy", "TFLOP/s", *[f"vs {b}" for b in baselines]]
+    header = ["op", "shape", "from", "backend", "ms", "GB/s", "of copy", "of same-size copy", "TFLOP/s"]
+    header += [f"vs {b}" for b in baselines]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in cases:
         if row["kind"] != "backend":
             continue
         cells = [row["op"], row["shape"], ",".join(row["sources"]), row["variant"]]
         if row["median_ms"] is None:
-            cells += [f"not run: {row['note']}", "", "", ""]
+            cells += [f"not run: {row['note']}", "", "", "", ""]
         else:
             cells += [
                 _fmt(row["median_ms"], ".3f"),
                 _fmt(row["gbps"], ".1f"),
                 _fmt(row["copy_fraction"], ".0%"),
+                _fmt(row.get("same_copy_fraction"), ".0%"),
                 _fmt(row["tflops"], ".2f"),
             ]
         cells += [_fmt(row["speedup"].get(name), ".2f") + ("x" if name in row["speedup"] else "") for name in baselines]

@@ -1,0 +1,217 @@
+"""Launch-configuration sweep of the Triton GroupNorm and attention kernels on a GPU (bf16, latent-b shapes).
+
+    python bench/tune_gpu.py [--out sweep.json] [--budget 0.05]
+
+For each layer shape and pass it times every candidate block configuration (the launcher's own choice marked
+`*`) with the same rules as bench/ops.py (CUDA events after an L2 flush, medians; bench/common.py), calling the
+launchers in `imf_kernels.triton` directly with their `pick_blocks` / `pick_config` replaced for the call. Prints
+the time, GB/s and fraction of a 512 MiB device-to-device copy of each, best first; writes every row as JSON.
+What the sweep finds goes into the launchers' tables by hand (and through tests/test_triton_aot.py's spill check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_bandwidth, device_name, measure  # noqa: E402
+
+# (C, H = W) of the latent-b GroupNorm layers that dominate its step (imf/model.py), batch 256, 32 groups.
+GN_SHAPES = ((256, 32), (768, 32), (512, 16), (1280, 16), (512, 8), (1536, 8))
+# (B, H, Lq, Lk, D): latent-b cross-attention at 32x32 and self-attention at 8x8 (bench/ops.py's rows).
+ATTN_SHAPES = ((256, 4, 1024, 24, 64), (256, 12, 64, 64, 64))
+DEADLINE: float | None = None  # perf_counter time after which no new config starts (--max-seconds)
+
+
+def out_of_time() -> bool:
+    return DEADLINE is not None and time.perf_counter() > DEADLINE
+
+
+def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
+    from imf_kernels.triton import group_norm as gn
+
+    block_c = 1 << (cpg - 1).bit_length()
+    hw2 = 1 << (hw - 1).bit_length()
+    total = block_c * hw2
+    vector = 16 // dtype.itemsize
+    out = []
+    if total <= 32768:
+        for warps in (4, 8, 16, 32):
+            if vector <= total // (32 * warps) <= 256:
+                out.append(gn.GNBlocks(block_c, hw2, True, warps))
+    for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16)):
+        block_hw = tile // block_c
+        if tile < total and 1 <= block_hw <= hw2 and tile // (32 * warps) >= vector:
+            out.append(gn.GNBlocks(block_c, block_hw, False, warps))
+    return out
+
+
+def sweep_group_norm(device, dtype, budget, copy_gbps, rows, batch=256, shapes=GN_SHAPES):
+    from imf_kernels.triton import group_norm as gn
+
+    original = gn.pick_blocks
+    for channels, res in shapes:
+        b, g = batch, 32
+        x, dx, grad_y = (torch.randn(b, channels, res, res, device=device, dtype=dtype) for _ in range(3))
+        weight = 1 + 0.1 * torch.randn(channels, device=device, dtype=dtype)
+        bias = 0.1 * torch.randn(channels, device=device, dtype=dtype)
+        scale, shift, dscale, dshift = (0.1 * torch.randn(b, channels, device=device, dtype=dtype) for _ in range(4))
+        n, e = x.numel(), x.element_size()
+        _, mean, rstd = gn.gn_act_fwd(x, g, weight, bias, scale, shift, 1e-5, "silu")
+        passes = {
+            "fwd": (2 * n * e, partial(gn.gn_act_fwd, x, g, weight, bias, scale, shift, 1e-5, "silu")),
+            "jvp": (
+                4 * n * e,
+                partial(gn.gn_act_jvp_fwd, x, dx, g, weight, bias, scale, shift, dscale, dshift, 1e-5, "silu"),
+            ),
+            "bwd": (3 * n * e, partial(gn.gn_act_bwd, grad_y, x, g, weight, bias, scale, shift, mean, rstd, "silu")),
+        }
+        default = original(channels // g, res * res, dtype)
+        for pass_name, (nbytes, fn) in passes.items():
+            for blocks in gn_candidates(channels // g, res * res, dtype):
+                if out_of_time():
+                    break
+                gn.pick_blocks = lambda *_, blocks=blocks: blocks
+                try:
+                    timing = measure(fn, device, budget_s=budget)
+                    ms, note = timing.median_ms, None
+                except Exception as error:  # noqa: BLE001 - a config that fails to compile is a row, not a stop
+                    ms, note = None, f"{type(error).__name__}: {str(error)[:200]}"
+                finally:
+                    gn.pick_blocks = original
+                rows.append(
+                    dict(
+                        family="group_norm",
+                        shape=f"B{b} C{channels} {res}x{res} G{g}",
+                        pass_=pass_name,
+                        config=f"c{blocks.block_c} hw{blocks.block_hw} {'single' if blocks.single_tile else 'chunk'}"
+                        f" w{blocks.num_warps}",
+                        default=blocks == default,
+                        ms=ms,
+                        gbps=None if ms is None else nbytes / ms / 1e6,
+                        copy_fraction=None if ms is None else nbytes / ms / 1e6 / copy_gbps,
+                        note=note,
+                    )
+                )
+        del x, dx, grad_y
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def sweep_attention(device, dtype, budget, copy_gbps, rows, shapes=ATTN_SHAPES):
+    from imf_kernels.triton import attention as attn
+
+    original = attn.pick_config
+    for b, h, lq, lk, d in shapes:
+        q, dq = (torch.randn(b, h, lq, d, device=device, dtype=dtype) for _ in range(2))
+        k, v, dk, dv = (torch.randn(b, h, lk, d, device=device, dtype=dtype) for _ in range(4))
+        scale = d**-0.5
+        e = q.element_size()
+        qn, kn = q.numel(), k.numel()
+        passes = {
+            "fwd": ((2 * qn + 2 * kn) * e, partial(attn.attention_fwd, q, k, v, scale)),
+            "jvp": ((4 * qn + 4 * kn) * e, partial(attn.attention_jvp_fwd, q, k, v, dq, dk, dv, scale)),
+        }
+        for pass_name, (nbytes, fn) in passes.items():
+            default = original(pass_name, lq, lk, d, dtype)
+            padded = max(16, 1 << (lk - 1).bit_length())
+            candidates = [
+                attn.BlockConfig(bm, padded, warps, 1, single_tile=True)
+                for bm in (32, 64, 128)
+                for warps in (2, 4, 8)
+                if padded <= attn.SHORT_CONTEXT_MAX
+            ]
+            candidates += [attn.BlockConfig(bm, bn, warps, stages) for bm, bn, warps, stages in (
+                (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3))
+                if bn <= padded]  # fmt: skip
+            for cfg in candidates:
+                if out_of_time():
+                    break
+                attn.pick_config = lambda *_, cfg=cfg, **__: cfg
+                try:
+                    timing = measure(fn, device, budget_s=budget)
+                    ms, note = timing.median_ms, None
+                except Exception as error:  # noqa: BLE001
+                    ms, note = None, f"{type(error).__name__}: {str(error)[:200]}"
+                finally:
+                    attn.pick_config = original
+                rows.append(
+                    dict(
+                        family="attention",
+                        shape=f"B{b} H{h} Lq{lq} Lk{lk} D{d}",
+                        pass_=pass_name,
+                        config=f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+                        f"{' single' if cfg.single_tile else ''}",
+                        default=cfg == default,
+                        ms=ms,
+                        gbps=None if ms is None else nbytes / ms / 1e6,
+                        copy_fraction=None if ms is None else nbytes / ms / 1e6 / copy_gbps,
+                        note=note,
+                    )
+                )
+        del q, dq, k, v, dk, dv
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="JSON rows (default: print only)")
+    parser.add_argument("--budget", type=float, default=0.05, help="seconds of timed calls per config")
+    parser.add_argument("--families", nargs="+", default=["group_norm", "attention"])
+    parser.add_argument(
+        "--max-seconds", type=float, default=None, help="stop starting new configs after this long (device leases)"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1, fp32, tiny shapes: checks the script runs"
+    )
+    args = parser.parse_args()
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        gn_kwargs, attn_kwargs = dict(batch=1, shapes=((256, 16),)), dict(shapes=((1, 1, 40, 24, 32),))
+    elif torch.cuda.is_available():
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        gn_kwargs, attn_kwargs = {}, {}
+    else:
+        print("tune_gpu.py: needs a CUDA device (or --smoke)", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    copy_gbps, _ = copy_bandwidth(device)
+    print(f"{device_name(device)}: device-to-device copy {copy_gbps:.1f} GB/s", flush=True)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    global DEADLINE
+    DEADLINE = None if args.max_seconds is None else started + args.max_seconds
+    if "group_norm" in args.families:
+        sweep_group_norm(device, dtype, args.budget, copy_gbps, rows, **gn_kwargs)
+    if "attention" in args.families:
+        sweep_attention(device, dtype, args.budget, copy_gbps, rows, **attn_kwargs)
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["family"], row["shape"], row["pass_"]), []).append(row)
+    for (family, shape, pass_name), group in groups.items():
+        print(f"\n{family} {pass_name} {shape}")
+        for row in sorted(group, key=lambda r: float("inf") if r["ms"] is None else r["ms"]):
+            mark = "*" if row["default"] else " "
+            if row["ms"] is None:
+                print(f"  {mark} {row['config']:32s} failed: {row['note']}")
+            else:
+                print(
+                    f"  {mark} {row['config']:32s} {row['ms'] * 1e3:8.1f} us {row['gbps']:7.0f} GB/s "
+                    f"{row['copy_fraction']:5.0%} of copy"
+                )
+    print(f"\nsweep took {time.perf_counter() - started:.0f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": device_name(device), "copy_gbps": copy_gbps, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
