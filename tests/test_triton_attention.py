@@ -10,6 +10,7 @@ TF32 floor below. Outputs the launcher allocates are NaN-poisoned first (torch.e
 
 import pytest
 import torch
+import triton
 
 from imf_kernels.triton import attention as attn
 
@@ -196,14 +197,20 @@ def test_picked_configs_obey_gpu_rules(D, dtype):
                 attn.check_config(cfg, D, Lk)
                 for block in (cfg.block_m, cfg.block_n):
                     assert block >= 16 and block & (block - 1) == 0, (kind, Lq, Lk, D, cfg)
-                assert cfg.single_tile == (kind in ("fwd", "jvp") and Lk <= cfg.block_n), (kind, Lk, cfg)
+                # single tile exactly when the padded context fits the table's single-tile limit (fp32 pads to
+                # 32, so fp32 D=128 jvp, limit 16, always loops: its single tile spills)
+                fp32 = dtype == torch.float32
+                limit = (attn._TILES.get((kind, D, fp32)) or attn._TILES[(kind[:3], D, fp32)])[3]
+                padded = max(32 if fp32 else 16, triton.next_power_of_2(Lk))
+                assert cfg.single_tile == (kind in ("fwd", "jvp") and padded <= limit), (kind, Lk, cfg)
+                assert not cfg.single_tile or Lk <= cfg.block_n
                 assert cfg == attn.pick_config(kind, Lq, Lk, D, dtype)  # deterministic
 
 
 def test_preset_shapes_take_the_expected_paths():
     bf16, fp32 = torch.bfloat16, torch.float32
     # latent-b cross-attention: 20/24 context tokens padded to one 32-key tile, no KV loop.
-    assert attn.pick_config("jvp", 1024, 20, 64, bf16) == attn.BlockConfig(64, 32, 8, 1, single_tile=True)
+    assert attn.pick_config("jvp", 1024, 20, 64, bf16) == attn.BlockConfig(64, 32, 4, 1, single_tile=True)
     assert attn.pick_config("fwd", 256, 24, 64, fp32) == attn.BlockConfig(64, 32, 8, 1, single_tile=True)
     # self-attention at 16x16 loops over KV tiles.
     assert attn.pick_config("jvp", 256, 256, 64, bf16) == attn.BlockConfig(64, 32, 8, 2)
@@ -313,3 +320,12 @@ def test_aot_specs_cover_every_launch_for_the_presets():
     names = {s["name"] for s in specs}
     assert names == {"attn_fwd", "attn_jvp", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq"}
     assert {s["constexprs"].get("SINGLE_TILE") for s in specs if s["name"] == "attn_jvp"} == {True, False}
+
+
+def test_fp32_pads_short_sequences_to_32():
+    """fp32 (tf32x3 dots) never takes a 16-wide tile for a short sequence: triton 3.6's backward over one
+    16-key tile made an illegal memory access on an H200; bf16 keeps 16."""
+    for kind in ("fwd", "jvp", "bwd_dkdv", "bwd_dq"):
+        assert attn.pick_config(kind, 65, 4, 64, torch.float32).block_n == 32
+        assert attn.pick_config(kind, 65, 4, 64, torch.bfloat16).block_n == 16
+    assert attn.pick_config("fwd", 1, 64, 64, torch.float32).block_m == 32

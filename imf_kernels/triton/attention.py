@@ -311,7 +311,9 @@ _TILES = {
     **{("fwd", d, _FP32): (64, 32, 4, 64, 8) for d in (16, 32, 64)},
     ("fwd", 128, _FP32): (32, 16, 4, 32, 8),
     **{("jvp", d, _HALF): (64, 32, 4, 64, 4) for d in (16, 32)},
-    ("jvp", 64, _HALF): (64, 32, 8, 64, 8),
+    # single-tile warps from bench/tune_gpu.py on an H200 (latent-b cross-attention, Lq 1024, Lk 24):
+    # 4 warps 191 us, 8 warps 300 us
+    ("jvp", 64, _HALF): (64, 32, 8, 64, 4),
     ("jvp", 128, _HALF): (64, 16, 4, 16, 4),
     **{("jvp", d, _FP32): (16, 16, 4, 32, 4) for d in (16, 32)},
     ("jvp", 64, _FP32): (16, 16, 4, 32, 4),
@@ -339,8 +341,11 @@ def pick_config(kind: str, Lq: int, Lk: int, D: int, dtype: torch.dtype, *, kv_l
         raise ValueError(f"attention (triton): head dim D={D} not in {HEAD_DIMS}")
     fp32 = dtype == torch.float32
     block_m, loop_n, loop_warps, single_max, single_warps = _TILES.get((kind, D, fp32)) or _TILES[(kind[:3], D, fp32)]
-    padded_lk = _pow2_at_least_16(Lk)
-    block_m = min(block_m, _pow2_at_least_16(Lq))
+    # fp32 pads short sequences to 32, not 16: with tf32x3 dots, triton 3.6's backward over a single 16-key tile
+    # made an illegal memory access on an H200 (2026-11-26; Lk = 4); padded to 32 every test shape passed.
+    min_pad = 2 * MIN_DOT if fp32 else MIN_DOT
+    padded_lk = max(min_pad, triton.next_power_of_2(Lk))
+    block_m = min(block_m, max(min_pad, triton.next_power_of_2(Lq)))
     single = padded_lk <= single_max if kv_loop is None else not kv_loop
     if kind.startswith("bwd"):
         block_n = padded_lk if single else min(loop_n, padded_lk)
