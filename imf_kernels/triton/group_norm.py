@@ -23,10 +23,16 @@ _AOT_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 # One group of C/G channels is one program; its channel column must fit one tile (see pick_blocks).
 MAX_CHANNELS_PER_GROUP = 1024
 
-# Largest group one program holds in registers (x, and dx or grad_y): at 16 warps every pass stays under
-# ~100 registers with no spills on sm_90 (tests/test_triton_aot.py). Larger groups loop over chunks.
-_MAX_SINGLE_TILE = 8192
+# Launch rules from bench/tune_gpu.py on an H200 (bf16, latent-b shapes, batch 256; 2026-11-26): a group of up to
+# 4096 (padded) elements is one register tile, 32 bf16 elements of each input per thread (C512 16x16 forward 74% of
+# copy bandwidth on 4 warps against 67% on 8). Larger groups loop over chunks: reading x twice from L2 beat one
+# 8192-element register tile (C256 32x32 tangent pass 213 us against 314 us, backward 195 us against 244 us).
+# Chunks are 2048 elements (16 per thread) for channel columns of up to 16, else 4096 on 16 warps (C768 32x32
+# backward 584 us against 670 us; 8 warps spill in the tangent pass). fp32 keeps 8 elements per thread (not
+# measured on a GPU; `tests/test_triton_aot.py` checks that nothing spills).
+_MAX_SINGLE_TILE = 4096
 _CHUNK_TILE = 2048
+_MIN_WARPS = 2
 _MAX_WARPS = 16
 
 
@@ -51,17 +57,20 @@ def check_gpu_rules(blocks: GNBlocks) -> None:
 def pick_blocks(channels_per_group: int, hw: int, dtype: torch.dtype) -> GNBlocks:
     """Deterministic launch configuration of every pass (fwd, jvp, bwd) from the group shape and the dtype.
 
-    A thread owns two 16-byte vectors of each input (8 fp32 or 16 fp16/bf16 elements), which sets num_warps.
+    The rules and the measurements behind them are next to _MAX_SINGLE_TILE.
     """
     block_c = triton.next_power_of_2(channels_per_group)
     hw_pow2 = triton.next_power_of_2(hw)
     single_tile = block_c * hw_pow2 <= _MAX_SINGLE_TILE
+    half = dtype.itemsize == 2
     if single_tile:
         block_hw = hw_pow2
+        elements_per_thread = 32 if half else 8
     else:
-        block_hw = max(1, _CHUNK_TILE // block_c)
-    elements_per_thread = 2 * 16 // dtype.itemsize
-    num_warps = min(_MAX_WARPS, max(1, block_c * block_hw // (32 * elements_per_thread)))
+        wide = block_c > 16
+        block_hw = max(1, (2 * _CHUNK_TILE if wide else _CHUNK_TILE) // block_c)
+        elements_per_thread = (8 if wide else 16) if half else 8
+    num_warps = min(_MAX_WARPS, max(_MIN_WARPS, block_c * block_hw // (32 * elements_per_thread)))
     blocks = GNBlocks(block_c, block_hw, single_tile, num_warps)
     check_gpu_rules(blocks)
     return blocks
