@@ -4,6 +4,9 @@ Each function takes a primal input `x` (with an autograd graph) and an optional 
 returns `(y, dy)`, `dy` None when `dx` is None. Tangents are MeanFlow's stop-gradient quantity: they are computed
 under `torch.no_grad()` (or by the `imf_kernels` `*_jvp` ops, whose tangents are non-differentiable), from
 detached weights, so the tangent half never reaches a weight gradient and no tangent graph is kept.
+The tangent may cover only the first m rows of the batch (`dx.shape[0] = m <= x.shape[0]`): `dy` then has m rows,
+and the fused ops run with tangent on those rows and primal-only on the rest (the objectives need du only where
+h = t - r != 0, about half the batch).
 
 - linear / conv: y = W x + b, dy = W dx (no bias on the tangent);
 - GroupNorm + modulation + SiLU and attention: the fused `imf_kernels` ops (backend by `imf_kernels` dispatch);
@@ -62,13 +65,23 @@ def group_norm_act(
     dshift: MaybeTensor = None,
     act: str = "silu",
 ) -> tuple[Tensor, MaybeTensor]:
-    """act((GN(x) * weight + bias) * (1 + scale) + shift) and its tangent, one `imf_kernels` call."""
+    """act((GN(x) * weight + bias) * (1 + scale) + shift) and its tangent, one `imf_kernels` call (two when the
+    tangent covers only the first rows)."""
     weight, bias = _cast(norm.weight, x), _cast(norm.bias, x)
     scale, shift = _cast(scale, x), _cast(shift, x)
     if dx is None:
         return imf_kernels.group_norm_act(
             x, norm.num_groups, weight, bias, scale=scale, shift=shift, eps=norm.eps, act=act
         ), None
+    m = dx.shape[0]
+    if m < x.shape[0]:  # a tangent on the first m rows only: the jvp op on those, the primal op on the rest
+        head = lambda a: None if a is None else a[:m]
+        tail = lambda a: None if a is None else a[m:]
+        y_head, dy = group_norm_act(
+            x[:m], norm, dx, scale=head(scale), shift=head(shift), dscale=dscale, dshift=dshift, act=act
+        )
+        y_rest, _ = group_norm_act(x[m:], norm, scale=tail(scale), shift=tail(shift), act=act)
+        return torch.cat([y_head, y_rest]), dy
     return imf_kernels.group_norm_act_jvp(
         x,
         dx.to(x.dtype).contiguous(),
@@ -87,9 +100,14 @@ def group_norm_act(
 def attention(
     q: Tensor, k: Tensor, v: Tensor, dq: MaybeTensor = None, dk: MaybeTensor = None, dv: MaybeTensor = None
 ) -> tuple[Tensor, MaybeTensor]:
-    """softmax(q k^T / sqrt(d)) v over (B, heads, L, d) and its tangent, one `imf_kernels` call."""
+    """softmax(q k^T / sqrt(d)) v over (B, heads, L, d) and its tangent, one `imf_kernels` call (two when the
+    tangent covers only the first rows)."""
     if dq is None:
         return imf_kernels.attention(q, k, v), None
+    m = dq.shape[0]
+    if m < q.shape[0]:  # a tangent on the first m rows only: the jvp op on those, the primal op on the rest
+        o_head, do = attention(q[:m], k[:m], v[:m], dq, dk, dv)
+        return torch.cat([o_head, imf_kernels.attention(q[m:], k[m:], v[m:])]), do
     return imf_kernels.attention_jvp(q, k, v, dq, dk, dv)
 
 
@@ -99,7 +117,7 @@ def layer_norm(x: Tensor, norm: nn.LayerNorm, dx: MaybeTensor = None) -> tuple[T
     if dx is None:
         return y, None
     with torch.no_grad():
-        xd = x.detach()
+        xd = x.detach()[: dx.shape[0]]
         var, mean = torch.var_mean(xd, dim=-1, keepdim=True, correction=0)
         rstd = torch.rsqrt(var + norm.eps)
         xh = (xd - mean) * rstd
@@ -113,7 +131,7 @@ def silu(x: Tensor, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:
     if dx is None:
         return y, None
     with torch.no_grad():
-        xd = x.detach()
+        xd = x.detach()[: dx.shape[0]]
         sig = torch.sigmoid(xd)
         return y, dx * sig * (1 + xd * (1 - sig))
 
@@ -124,6 +142,6 @@ def sinusoidal_embedding_tangent(x: Tensor, dx: Tensor, dim: int = 256, max_peri
     dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.no_grad():
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=x.device) / half)
-        args = x.detach().to(dtype)[:, None] * freqs[None]
+        args = x.detach()[: dx.shape[0]].to(dtype)[:, None] * freqs[None]
         rate = dx.to(dtype)[:, None] * freqs[None]
         return torch.cat([-torch.sin(args) * rate, torch.cos(args) * rate], dim=-1)

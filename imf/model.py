@@ -191,8 +191,13 @@ class Conditioning(nn.Module):
         tokens = torch.cat(fixed + [part for part, _ in moving], dim=1)
         if dcond is None:
             return self.norm(tokens), None
-        dtokens = [torch.zeros_like(part) for part in fixed]
-        dtokens += [torch.zeros_like(part) if dpart is None else dpart for part, dpart in moving]
+        moving_tangents = [dpart for _, dpart in moving if dpart is not None]
+        if not moving_tangents:  # nothing moves: a zero tangent
+            return self.norm(tokens), None
+        rows = moving_tangents[0].shape[0]  # the tangent may cover only the first rows (imf.layers)
+        zeros = lambda part: part.new_zeros(rows, *part.shape[1:])
+        dtokens = [zeros(part) for part in fixed]
+        dtokens += [zeros(part) if dpart is None else dpart for part, dpart in moving]
         return layers.layer_norm(tokens, self.norm, torch.cat(dtokens, dim=1))
 
 
@@ -279,18 +284,20 @@ class AttnBlock(nn.Module):
         source, dsource = (tokens, dtokens) if ctx is None else (ctx, dctx)
         q, dq = layers.linear(tokens, self.to_q, dtokens)
         kv, dkv = layers.linear(source, self.to_kv, dsource)
-        split_q = lambda a: None if a is None else a.view(b, hh * ww, self.heads, -1).transpose(1, 2).contiguous()
+        split_q = lambda a: (
+            None if a is None else a.view(a.shape[0], hh * ww, self.heads, -1).transpose(1, 2).contiguous()
+        )
         split_kv = lambda a: (
             (None, None)
             if a is None
-            else a.view(b, source.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+            else a.view(a.shape[0], source.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
         )
         k, v = split_kv(kv)
         dk, dv = split_kv(dkv)
         o, do = layers.attention(split_q(q), k, v, split_q(dq), dk, dv)
-        merge = lambda a: None if a is None else a.transpose(1, 2).reshape(b, hh * ww, c)
+        merge = lambda a: None if a is None else a.transpose(1, 2).reshape(a.shape[0], hh * ww, c)
         out, dout = layers.linear(merge(o), self.proj, merge(do))
-        as_map = lambda a: a.transpose(1, 2).reshape(b, c, hh, ww)
+        as_map = lambda a: a.transpose(1, 2).reshape(a.shape[0], c, hh, ww)
         return x + as_map(out), None if dout is None else dx + as_map(dout)
 
 
@@ -486,10 +493,16 @@ class IMFNet(nn.Module):
         with_v: bool = True,
     ):
         """(u, v), or (u, du, v) when a tangent is given (dz None with dcond given: dz = 0). The v-head runs on the
-        same trunk pass, primal only (nothing needs its tangent)."""
+        same trunk pass, primal only (nothing needs its tangent).
+
+        The tangent may cover only the first m rows: dz of shape (m, ...) and dcond's tensors of shape (m,), m <= B;
+        du then has m rows and the other rows run primal-only (`imf.layers`)."""
         with_tangent = dz is not None or dcond is not None
         if with_tangent:
-            dz = torch.zeros_like(z) if dz is None else dz.detach().to(z.dtype)
+            if dz is None:
+                rows = next((a.shape[0] for a in dcond if a is not None), z.shape[0])
+                dz = z.new_zeros(rows, *z.shape[1:])
+            dz = dz.detach().to(z.dtype)
         features = self.fused_trunk(z, cond, dz, dcond)
         u, du = self._fused_head(self.up[-1], self.out, features, with_tangent)
         v = None

@@ -104,14 +104,36 @@ def model_jvp_with_v(model: nn.Module, z: Tensor, cond: Cond, dz: Tensor) -> tup
 
 
 def model_fused_jvp(
-    model: nn.Module, z: Tensor, cond: Cond, dz: Tensor, with_v: bool = True
+    model: nn.Module, z: Tensor, cond: Cond, dz: Tensor, with_v: bool = True, rows: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(u, du, v) as `model_jvp_with_v` along the same tangent (dz, dh = 1, dt = 1 when the model takes t), through
     the model's fused forward-with-tangent: one ordinary `model(...)` call. v is None without an aux head or
-    with with_v=False."""
-    ones = torch.ones_like(cond.h)
-    dcond = CondTangent(h=ones, t=ones if model.cfg.condition_on_t else None)
-    return model(z, cond, dz, dcond, with_v=with_v)
+    with with_v=False.
+
+    `rows` (bool, (B,)): the rows whose du is needed. The losses use du times h = t - r, exactly 0 on the r = t
+    rows (half of an iMF batch, 3/4 of an MF one), so the tangent is computed on the other rows only (put first,
+    `IMFNet.forward`) and du is 0 on the rest; u and v are those of every row."""
+    b = z.shape[0]
+    count = b if rows is None else int(rows.sum())
+    if count == b:
+        order, tangent_rows = None, b
+    else:  # the rows that need du first (a stable sort keeps each group's order)
+        order = torch.argsort((~rows).to(torch.uint8), stable=True)
+        z, dz = z[order], dz[order[:count]]
+        cond = Cond(*(None if a is None else a[order] for a in cond))
+        tangent_rows = count
+    if tangent_rows == 0:
+        u, v = model(z, cond, with_v=with_v)
+        du = torch.zeros_like(u)
+    else:
+        ones = torch.ones(tangent_rows, dtype=cond.h.dtype, device=cond.h.device)
+        dcond = CondTangent(h=ones, t=ones if model.cfg.condition_on_t else None)
+        u, du, v = model(z, cond, dz, dcond, with_v=with_v)
+    if order is None:
+        return u, du, v
+    inverse = torch.argsort(order)
+    du = torch.cat([du, du.new_zeros(b - du.shape[0], *du.shape[1:])])[inverse]
+    return u[inverse], du, None if v is None else v[inverse]
 
 
 @dataclass
@@ -195,15 +217,16 @@ class IMFObjective:
         return z, v_t, v_g, v_cp
 
     def loss_from_draws(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws):
-        if runs_fused(model, self.jvp):  # the fused loss kernel on the fused pass's outputs
-            _, _, v_g, _, _, u, du, v = self.outputs(model, x, y, d)
+        if runs_fused(model, self.jvp):  # the fused loss kernel on the fused pass's outputs, du where h != 0
+            _, _, v_g, _, _, u, du, v = self.outputs(model, x, y, d, du_everywhere=False)
             loss, stats = imf_kernels.imf_loss(u, du, v, v_g, d.t, d.r, c=self.c, p=self.p)
             return loss, {"loss": loss.detach(), **stats}
         terms = self.terms(model, x, y, d)
         return terms["loss"], {k: terms[k].detach().mean() for k in ("loss", "loss_u", "loss_v")}
 
-    def outputs(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws):
-        """(z, v_t, v_g, v_cp, y, u, du, v): the targets after class dropout and the network's outputs."""
+    def outputs(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws, du_everywhere: bool = True):
+        """(z, v_t, v_g, v_cp, y, u, du, v): the targets after class dropout and the network's outputs. With
+        du_everywhere=False the fused path computes du only where h = t - r != 0 (0 elsewhere: the loss uses h du)."""
         z, v_t, v_g, v_cp = self.guided_target(model, x, y, d)
         # class dropout after guidance: dropped rows are unconditional and regress onto e - x
         y = torch.where(d.drop, torch.full_like(y, model.cfg.num_classes), y)
@@ -211,7 +234,8 @@ class IMFObjective:
         cond = Cond(h=d.t - d.r, y=y, omega=d.omega, t_min=d.t_min, t_max=d.t_max, t=d.t)
         at_h0 = cond._replace(h=torch.zeros_like(d.t))
         if runs_fused(model, self.jvp):
-            u, du, v = model_fused_jvp(model, z, cond, v_cp, with_v=model.cfg.v_head == "aux")
+            rows = None if du_everywhere else d.t != d.r
+            u, du, v = model_fused_jvp(model, z, cond, v_cp, with_v=model.cfg.v_head == "aux", rows=rows)
             if model.cfg.v_head != "aux":  # v_head="boundary": v = u(z, h = 0), its own forward with grad
                 v, _ = model(z, at_h0, with_v=False)
         elif model.cfg.v_head == "aux":
@@ -316,7 +340,7 @@ class MeanFlowObjective:
         v_g = torch.where(_col(d.drop, x), v_t, v_g)
         cond = Cond(h=d.t - d.r, y=y, omega=one, t_min=zero, t_max=one, t=d.t)
         if fused:
-            u, du, _ = model_fused_jvp(model, z, cond, v_g, with_v=False)
+            u, du, _ = model_fused_jvp(model, z, cond, v_g, with_v=False, rows=d.t != d.r)  # du where h != 0
             loss, stats = imf_kernels.meanflow_loss(u, du, v_g, d.t, d.r, c=self.c, p=self.p)
             return loss, {"loss": loss.detach(), "loss_u": stats["loss"]}
         u, du = model_jvp(model, z, cond, v_g)

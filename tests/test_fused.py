@@ -111,6 +111,34 @@ def test_fused_outputs_match_reference_jvp_float64(preset):
     assert du_cond.abs().max() > 1e-3  # the h and t tokens really move
 
 
+@pytest.mark.parametrize("config", ["digits", "self-attention"])
+def test_tangent_on_some_rows_only_float64(config):
+    """A tangent on the first m rows gives those rows' du of the whole-batch tangent and every row's u and v;
+    `model_fused_jvp(rows=...)` (what the losses call: du only where h != 0) gives du on the chosen rows, exactly 0
+    on the others, and u, v on all, in the original row order."""
+    cfg = get_preset("digits").model if config == "digits" else tiny_config(head_dim=8)
+    net = randomised(cfg)
+    z, dz, cond = inputs(cfg, 5)
+    ones = torch.ones_like(cond.h)
+    with imf_kernels.use_backend("torch"):
+        u, du, v = net(z, cond, dz, CondTangent(ones, ones))
+        u_head, du_head, v_head = net(z, cond, dz[:3], CondTangent(ones[:3], ones[:3]))
+        assert du_head.shape[0] == 3
+        close = lambda got, want, name: torch.testing.assert_close(
+            got, want, rtol=FLOAT64_RTOL, atol=FLOAT64_RTOL * want.abs().max().item(), msg=name
+        )
+        for name, got, want in (("u", u_head, u), ("du", du_head, du[:3]), ("v", v_head, v)):
+            close(got, want, f"leading rows: {name}")
+        for rows in ([True, False, True, False, True], [False] * 5, [True] * 5):
+            rows = torch.tensor(rows)
+            u_rows, du_rows, v_rows = model_fused_jvp(net, z, cond, dz, rows=rows)
+            close(u_rows, u, f"rows {rows.tolist()}: u")
+            close(v_rows, v, f"rows {rows.tolist()}: v")
+            if rows.any():
+                close(du_rows[rows], du[rows], f"rows {rows.tolist()}: du")
+            assert (du_rows[~rows] == 0).all()
+
+
 @pytest.mark.parametrize("preset", ["gauss", "digits"])
 def test_imf_loss_and_every_gradient_match_reference_float64(preset):
     cfg = get_preset(preset).model
