@@ -15,9 +15,14 @@ Variants:
   fm, mf      flow matching and MeanFlow steps of the same model on the fused path (default backend)
 JVP overhead = (forward + tangent + backward) / (forward + backward) of the model on the same loss of u and v.
 Each variant runs in its own process (spawned). Peak memory is that of one warm step above what was held before it
-(model, inputs, compiled code): on CPU the peak RSS (reset through /proc/self/clear_refs), on GPU the allocator's.
-Times are medians over repetitions of wall-clock (CUDA-synchronised on GPU); on CPU the process CPU time is
-reported as a cross-check.
+(model, inputs, compiled code): on GPU the allocator's, measured in the timing process; on CPU the peak RSS (reset
+through /proc/self/clear_refs), measured in a second process whose glibc maps every block over 64 KiB on its own
+and unmaps it when freed (MALLOC_MMAP_THRESHOLD_), so that the RSS tracks the live tensors. That setting costs a
+page fault per fresh page (it made every step 2-2.5x slower in CPU time), so the timing process runs with the
+default allocator, as training does.
+Times are medians over repetitions of wall-clock (CUDA-synchronised on GPU) and, on CPU, of the process CPU time;
+the ratios use CPU time on CPU (wall-clock medians on a shared machine swing with its load) and wall-clock on GPU.
+A variant that fails (e.g. torch.compile of the reference step) is a row with the reason, not a crashed run.
 Results: a rich table and bench/results/<device>-step.json.
 """
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -178,8 +184,11 @@ def _proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"bench/step.py: no {field} in /proc/self/status")
 
 
-def run_variant(preset: str, batch: int, device: str, threads: int, variant: str, reps: int, bf16: bool) -> dict:
-    """In a fresh process: build, warm up (compile), then time `reps` steps."""
+def run_variant(
+    preset: str, batch: int, device: str, threads: int, variant: str, reps: int, bf16: bool, timed: bool = True
+) -> dict:
+    """In a fresh process: build, warm up (compile), measure the peak memory of one step, then time `reps` steps
+    (none with timed=False: the CPU memory process)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -197,12 +206,14 @@ def run_variant(preset: str, batch: int, device: str, threads: int, variant: str
     sync()
     peak = _peak_bytes(device) - base
     wall, cpu = [], []
-    for _ in range(reps):
+    for _ in range(reps if timed else 0):
         w0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
+    if not timed:
+        return dict(peak_mib=peak / 2**20)
     return dict(
         variant=variant,
         threads=threads,
@@ -263,12 +274,36 @@ def _child(queue, fn, args):
         queue.put(("error", f"{type(error).__name__}: {error}"))
 
 
-def in_child(fn, *args):
+# glibc: blocks of 64 KiB and more get their own mapping, returned to the system when freed (module docstring)
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def in_child(fn, *args, env: dict[str, str] | None = None):
+    """fn(*args) in a spawned process with `env` added to its environment; {"error": reason} if it raised or died
+    (a crash in native code, e.g. an internal assert of the compiler, ends the process without a result)."""
+    import queue as queue_module
+
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, fn, args))
-    proc.start()
-    status, result = queue.get()
+    results = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(results, fn, args))
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    try:
+        proc.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+    while True:
+        try:
+            status, result = results.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                status, result = "error", f"the variant's process died (exit code {proc.exitcode})"
+                break
     proc.join()
     if status != "ok":
         return {"error": result}
@@ -291,8 +326,9 @@ def device_name(device: str) -> str:
     return f"cpu-{platform.machine()}"
 
 
-def ratios(rows: dict[str, dict], backend: str) -> dict[str, float]:
-    t = lambda name: rows.get(name, {}).get("median_s", float("nan"))
+def ratios(rows: dict[str, dict], backend: str, time_key: str) -> dict[str, float]:
+    """The targets' ratios from each variant's `time_key` median (NaN where a variant failed)."""
+    t = lambda name: rows.get(name, {}).get(time_key, float("nan"))
     fused = t(f"fused-{backend}")
     return dict(
         fused_vs_reference=fused / t("reference"),
@@ -338,17 +374,23 @@ def main() -> None:
         bf16=args.bf16,
         reps=args.reps,
         targets=TARGETS_GPU if on_gpu else TARGETS_CPU,
+        ratio_time="median_s" if on_gpu else "cpu_median_s",
         runs=[],
     )
     for threads in thread_counts:
         rows = {}
         for variant in variants:
-            rows[variant] = in_child(
-                run_variant, args.preset, args.batch, device, threads, variant, args.reps, args.bf16
-            )
+            config = (args.preset, args.batch, device, threads, variant, args.reps, args.bf16)
+            rows[variant] = in_child(run_variant, *config)
+            if device == "cpu" and "error" not in rows[variant]:
+                memory = in_child(run_variant, *config, False, env=MEMORY_ENV)
+                rows[variant]["peak_mib"] = memory.get("peak_mib", float("nan"))
+            if variant == "compiled" and "error" in rows[variant]:
+                rows[variant]["error"] = f"compile baseline unavailable: {rows[variant]['error']}"
             print(f"[{threads} thread(s)] {variant}: {rows[variant]}", flush=True)
         sampling = in_child(run_sampling, args.preset, device, threads, args.reps, args.bf16)
-        run = dict(threads=threads, steps=rows, sampling=sampling, ratios={b: ratios(rows, b) for b in backends})
+        ratio_rows = {b: ratios(rows, b, results["ratio_time"]) for b in backends}
+        run = dict(threads=threads, steps=rows, sampling=sampling, ratios=ratio_rows)
         results["runs"].append(run)
         print_table(results, run)
 
@@ -369,7 +411,7 @@ def print_table(results: dict, run: dict) -> None:
         table.add_column(column, justify="right" if column != "variant" else "left")
     for name, row in run["steps"].items():
         if "error" in row:
-            table.add_row(name, row["error"][:80], "", "", "")
+            table.add_row(name, row["error"][:300], "", "", "")
             continue
         table.add_row(
             name,
@@ -380,13 +422,17 @@ def print_table(results: dict, run: dict) -> None:
         )
     console.print(table)
     targets = results["targets"]
-    ratio_table = Table(title="ratios (target)")
+    basis = "CPU time" if results["ratio_time"] == "cpu_median_s" else "wall-clock"
+    ratio_table = Table(title=f"ratios by {basis} medians (target)")
     ratio_table.add_column("backend")
     for key in ("fused_vs_reference", "fused_vs_compiled", "overhead", "reference_overhead", "imf_vs_fm", "mf_vs_fm"):
         ratio_table.add_column(f"{key} ({'<= ' + str(targets[key]) if key in targets else '-'})", justify="right")
     for backend, values in run["ratios"].items():
         cells = []
         for key, value in values.items():
+            if math.isnan(value):  # a variant it needs failed (its row says why)
+                cells.append("n/a")
+                continue
             met = "" if key not in targets else (" ok" if value <= targets[key] else " MISSED")
             cells.append(f"{value:.2f}{met}")
         ratio_table.add_row(backend, *cells)
@@ -404,7 +450,4 @@ def print_table(results: dict, run: dict) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    # The variant processes inherit this: glibc then maps large blocks on their own and unmaps them when freed,
-    # so the peak RSS of a step tracks the tensors it holds rather than the allocator's earlier high-water mark.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     main()
