@@ -313,10 +313,11 @@ def test_aot_specs_cover_every_launch_for_the_presets():
                 True,
                 False,
                 True,
-                attn.dot_precision(dtype),
+                attn.dot_precision(dtype, "highest"),
             ) in picked
             cfg = attn.pick_config("bwd_dq", Lq, Lk, D, dtype)
-            assert ("attn_bwd_dq", ptr, D, cfg.block_m, cfg.block_n, attn.dot_precision(dtype)) in picked
+            for precision in attn.FP32_DOT_PRECISIONS if dtype == torch.float32 else ("tf32",):
+                assert ("attn_bwd_dq", ptr, D, cfg.block_m, cfg.block_n, precision) in picked
     names = {s["name"] for s in specs}
     assert names == {"attn_fwd", "attn_jvp", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq"}
     assert {s["constexprs"].get("SINGLE_TILE") for s in specs if s["name"] == "attn_jvp"} == {True, False}
@@ -329,3 +330,16 @@ def test_fp32_pads_short_sequences_to_32():
         assert attn.pick_config(kind, 65, 4, 64, torch.float32).block_n == 32
         assert attn.pick_config(kind, 65, 4, 64, torch.bfloat16).block_n == 16
     assert attn.pick_config("fwd", 1, 64, 64, torch.float32).block_m == 32
+
+
+def test_fp32_dots_follow_torch_float32_matmul_precision():
+    """fp32-accurate tf32x3 under PyTorch's default "highest"; one TF32 pass once the user allows TF32."""
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert attn.dot_precision(torch.float32) == "tf32x3"
+        torch.set_float32_matmul_precision("high")
+        assert attn.dot_precision(torch.float32) == "tf32"
+        assert attn.dot_precision(torch.bfloat16) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -10,6 +10,7 @@ Exponentials are exp2 with log2(e) folded into the scale; lse is stored in natur
 accumulates in fp32. fp32 inputs get fp32-accurate dots (`input_precision="tf32x3"`, DOT_PRECISION below: three
 tensor-core TF32 products of the split operands), as PyTorch's fp32 matmuls: Triton's default single TF32 pass
 rounds operands to 10 mantissa bits (~1e-3 error against PyTorch's ~1e-6), and "ieee" (CUDA-core FMAs) spills.
+Like PyTorch, one TF32 pass is used when `torch.set_float32_matmul_precision("high")` allows it.
 """
 
 from __future__ import annotations
@@ -289,11 +290,22 @@ class BlockConfig:
     single_tile: bool = False
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """`input_precision` of every tl.dot: "tf32x3" for fp32 operands (one TF32 pass would cost ~1e-3 relative
-    error where PyTorch's fp32 attention has ~1e-6); fp16/bf16 products are exact in any mode, and "tf32" is
-    Triton's default."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype, matmul_precision: str | None = None) -> str:
+    """`input_precision` of every tl.dot, following PyTorch's float32 matmul setting as its own matmuls do.
+
+    fp32 operands: "tf32x3" (fp32 accuracy; one TF32 pass costs ~1e-3 relative error where PyTorch's fp32
+    attention has ~1e-6) under the default `torch.get_float32_matmul_precision() == "highest"`, one "tf32" pass
+    when the user allowed TF32 ("high" or "medium"). fp16/bf16 products are exact in any mode; "tf32" is
+    Triton's default.
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    if matmul_precision is None:
+        matmul_precision = torch.get_float32_matmul_precision()
+    return "tf32x3" if matmul_precision == "highest" else "tf32"
+
+
+FP32_DOT_PRECISIONS = ("tf32x3", "tf32")
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -521,7 +533,11 @@ def aot_specs(
         }
 
     for Lq, Lk, D in shapes:
-        for dtype in dtypes:
+        for dtype, precision in [
+            (each, precision)
+            for each in dtypes
+            for precision in (FP32_DOT_PRECISIONS if each == torch.float32 else (dot_precision(each),))
+        ]:
             ptr = "*" + _TRITON_TYPE[dtype]
             scalars = {"Lq": "i32", "Lk": "i32", "qk_scale2": "fp32", "scale": "fp32"}
             fwd_sig = {a: ptr for a in ("Q", "K", "V", "DQ", "DK", "DV", "O", "DO")}
@@ -532,7 +548,7 @@ def aot_specs(
                 for tangent, has_dk, has_dv in flags:
                     constexprs = dict(
                         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
-                        TANGENT=tangent, HAS_DK=has_dk, HAS_DV=has_dv, DOT_PRECISION=dot_precision(dtype),
+                        TANGENT=tangent, HAS_DK=has_dk, HAS_DV=has_dv, DOT_PRECISION=precision,
                     )  # fmt: skip
                     add(f"attn_{kind}", _attn_fwd_kernel, fwd_sig, constexprs, cfg)
             cfg_dkdv = pick_config("bwd_dkdv", Lq, Lk, D, dtype)
@@ -554,9 +570,7 @@ def aot_specs(
                 ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, dkdv_sig, cfg_dkdv),
                 ("attn_bwd_dq", _attn_bwd_dq_kernel, dq_sig, cfg_dq),
             ):
-                constexprs = dict(
-                    HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(dtype)
-                )
+                constexprs = dict(HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=precision)
                 add(name, fn, sig, constexprs, cfg)
     return list(specs.values())
 
