@@ -213,7 +213,8 @@ def test_preset_shapes_take_the_expected_paths():
     assert attn.pick_config("jvp", 1024, 20, 64, bf16) == attn.BlockConfig(64, 32, 4, 1, single_tile=True)
     assert attn.pick_config("fwd", 256, 24, 64, fp32) == attn.BlockConfig(64, 32, 8, 1, single_tile=True)
     # self-attention at 16x16 loops over KV tiles.
-    assert attn.pick_config("jvp", 256, 256, 64, bf16) == attn.BlockConfig(64, 32, 8, 2)
+    assert attn.pick_config("jvp", 256, 256, 64, bf16) == attn.BlockConfig(64, 32, 4, 2)
+    assert attn.pick_config("jvp", 64, 64, 64, bf16) == attn.BlockConfig(64, 32, 4, 2)
     # fp32 runs tf32x3 dots (split operands): the narrowest tiles.
     assert attn.pick_config("jvp", 256, 256, 64, fp32) == attn.BlockConfig(16, 16, 4, 2)
     assert attn.pick_config("bwd_dkdv", 1024, 24, 64, bf16) == attn.BlockConfig(64, 32, 4, 2)
