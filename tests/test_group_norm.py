@@ -194,6 +194,80 @@ def test_statistics_survive_a_large_mean():
     assert reference.max_error(y, y64) < 1e-3
 
 
+# -------------------------------------------------------------------------------------- one value per group
+
+# Batch 1 with one value in each group: its variance is 0, so GN gives 0 and h = beta (F.group_norm refuses
+# this shape in training mode; the reference and the ops must not).
+ONE_VALUE_SHAPES = [(1, 4, 1, 1, 4), (1, 40, 1, 1, 40)]
+
+
+def one_value_per_group_formula(inputs, grad_y):
+    """(y, dy, gradients) of the definition when each group holds one value, in the dtype of the inputs.
+
+    xh = 0 and dxh = 0, so h = bias (1 + scale) + shift, dh = bias dscale + dshift, y = silu(h),
+    dy = silu'(h) dh with silu'(h) = sigmoid(h) (1 + h (1 - sigmoid(h))); for the cotangent grad_y,
+    g_h = silu'(h) grad_y: grad_x = grad_weight = 0, grad_bias = sum_b (1 + scale) g_h,
+    grad_scale = bias g_h, grad_shift = g_h.
+    """
+    bias, scale, shift = inputs["bias"], inputs["scale"], inputs["shift"]
+    h = bias * (1 + scale) + shift
+    sig = torch.sigmoid(h)
+    silu_slope = sig * (1 + h * (1 - sig))
+    dh = bias * inputs["dscale"] + inputs["dshift"]
+    g_h = silu_slope * grad_y.to(h.dtype).flatten(1)
+    grads = {
+        "x": torch.zeros_like(inputs["x"]),
+        "weight": torch.zeros_like(inputs["weight"]),
+        "bias": ((1 + scale) * g_h).sum(0),
+        "scale": bias * g_h,
+        "shift": g_h,
+    }
+    shape = inputs["x"].shape
+    return (h * sig).view(shape), (silu_slope * dh).view(shape), grads
+
+
+@pytest.mark.parametrize("shape", ONE_VALUE_SHAPES, ids=str)
+def test_reference_with_one_value_per_group(shape):
+    """The float64 reference equals the formula: y = act(beta), its tangent and every gradient."""
+    inputs, num_groups, act = make_inputs(shape, "modulated", torch.float64)
+    grad_y = torch.randn(inputs["x"].shape, dtype=torch.float64)
+    y, dy, grads = one_value_per_group_formula(inputs, grad_y)
+    params = {name: inputs[name] for name in PARAMETER_NAMES}
+    tangents = {name: inputs[name] for name in ("dscale", "dshift")}
+    ref_y, ref_dy = reference.group_norm_act_jvp(inputs["x"], inputs["dx"], num_groups, **params, **tangents)
+    _, _, ref_grads = primal_and_grads(reference.group_norm_act, inputs, num_groups, act, False, grad_y)
+    # ATen folds the normalisation into x * a + b, whose rounding rstd = eps^-1/2 ~ 316 amplifies: not exact.
+    assert reference.max_error(ref_y, y) < 1e-12
+    assert reference.max_error(ref_dy, dy) < 1e-12
+    for name, grad in ref_grads.items():
+        assert reference.max_error(grad, grads[name]) < 1e-12, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", ONE_VALUE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_one_value_per_group_on_each_backend(backend, shape, dtype):
+    """y, dy and the gradients against the float64 formula. The error baseline of y and dy is the formula in
+    the kernel's dtype (the float16 reference's tangent is NaN here: rstd^3 overflows); that of the gradients
+    is the reference's backward in the kernel's dtype, as everywhere in this file."""
+    inputs, num_groups, act = make_inputs(shape, "modulated", dtype)
+    args = {name: inputs[name] for name in ("x", "dx", *PARAMETER_NAMES, "dscale", "dshift")}
+    skip_unless_runs(backend, "group_norm_act_jvp", {**args, "num_groups": num_groups, "eps": 1e-5, "act": act})
+    grad_y = torch.randn(inputs["x"].shape)
+    truth = one_value_per_group_formula({name: value.double() for name, value in inputs.items()}, grad_y)
+    baseline = one_value_per_group_formula(inputs, grad_y)
+    floor = FLOOR[dtype]
+
+    y, dy = call(imf_kernels.group_norm_act_jvp, inputs, num_groups, act, True, backend=backend)
+    reference.check_parity("y", y, truth[0], baseline[0], floor)
+    reference.check_parity("dy", dy, truth[1], baseline[1], floor)
+    y, _, grads = primal_and_grads(imf_kernels.group_norm_act, inputs, num_groups, act, False, grad_y, backend=backend)
+    _, _, reference_grads = primal_and_grads(reference.group_norm_act, inputs, num_groups, act, False, grad_y)
+    reference.check_parity("y of group_norm_act", y, truth[0], baseline[0], floor)
+    for name, grad in grads.items():
+        reference.check_parity(f"grad_{name}", grad, truth[2][name], reference_grads[name], floor)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 BAD_CALLS = [
