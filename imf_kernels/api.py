@@ -9,10 +9,14 @@ family module as their first argument, so the contract is written once:
   work inside `torch.func.jvp` and `torch.autograd.forward_ad`;
 - the fused `*_jvp` ops save what the primal backward needs (x or q, k, v and mean/rstd or o/lse), nothing
   for the tangent.
+A call with nothing for autograd to record (e.g. sampling under torch.no_grad) runs the Function's forward
+directly (`_apply`): the same outputs without Function.apply's per-call Python. The checks build no message
+unless one fails, and dispatch caches its selections, so a call costs microseconds before its launcher.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +25,7 @@ import torch
 from torch import Tensor
 from torch._C import _functorch
 from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from imf_kernels import dispatch
@@ -36,41 +41,43 @@ def _fail(op: str, message: str) -> None:
     raise ValueError(f"{op}: {message}")
 
 
-def _check_tensor(op: str, name: str, value: Any, ndim: int | None, layout: str) -> Tensor:
-    """A contiguous floating tensor of `ndim` dims (`layout` names them, e.g. "(B, C, H, W)")."""
+def _check_tensor(
+    op: str,
+    name: str,
+    value: Any,
+    layout: str,
+    ndim: int | None = None,
+    shape: tuple[int, ...] | None = None,
+    like: tuple[str, torch.dtype, torch.device] | None = None,
+) -> Tensor:
+    """A contiguous, non-empty floating tensor of `ndim` dims (`layout` names them, e.g. "(B, C, H, W)"), or,
+    with like = (anchor name, its dtype, its device), of exactly `shape` with that dtype and device.
+    One pass over the tensor's properties; a message is built only when a check fails."""
     if not isinstance(value, Tensor):
         _fail(op, f"{name} must be a tensor {layout}, got {type(value).__name__}")
+    if shape is not None:
+        ndim = len(shape)
     if ndim is not None and value.dim() != ndim:
         _fail(op, f"{name} must be {ndim}-D {layout}, got shape {tuple(value.shape)}")
-    if value.dtype not in ACCEPTED_DTYPES:
-        accepted = ", ".join(str(dtype).removeprefix("torch.") for dtype in ACCEPTED_DTYPES)
-        _fail(op, f"{name} must have dtype {accepted}, got {str(value.dtype).removeprefix('torch.')}")
+    dtype = value.dtype
+    if dtype not in ACCEPTED_DTYPES:
+        accepted = ", ".join(str(accepted).removeprefix("torch.") for accepted in ACCEPTED_DTYPES)
+        _fail(op, f"{name} must have dtype {accepted}, got {str(dtype).removeprefix('torch.')}")
     if value.numel() == 0:
         _fail(op, f"{name} must not be empty, got shape {tuple(value.shape)}")
     if not value.is_contiguous():
         _fail(op, f"{name} must be contiguous (call .contiguous()), got strides {value.stride()}")
-    return value
-
-
-def _check_like(
-    op: str, name: str, value: Any, shape: tuple[int, ...], layout: str, anchor_name: str, anchor: Tensor
-) -> Tensor:
-    """A tensor of the given shape with the dtype and device of `anchor`."""
-    _check_tensor(op, name, value, len(shape), layout)
-    if tuple(value.shape) != shape:
+    if like is None:
+        return value
+    anchor_name, anchor_dtype, anchor_device = like
+    if value.shape != shape:
         _fail(op, f"{name} must have shape {layout} = {shape}, got {tuple(value.shape)}")
-    if value.dtype != anchor.dtype:
-        _fail(op, f"{name} must have the dtype of {anchor_name} ({anchor.dtype}), got {value.dtype}")
-    if value.device != anchor.device:
-        _fail(op, f"{name} must be on the device of {anchor_name} ({anchor.device}), got {value.device}")
+    if dtype != anchor_dtype:
+        _fail(op, f"{name} must have the dtype of {anchor_name} ({anchor_dtype}), got {dtype}")
+    device = value.device
+    if device != anchor_device:
+        _fail(op, f"{name} must be on the device of {anchor_name} ({anchor_device}), got {device}")
     return value
-
-
-def _check_optional_like(
-    op: str, name: str, value: Any, shape: tuple[int, ...], layout: str, anchor_name: str, anchor: Tensor
-) -> None:
-    if value is not None:
-        _check_like(op, name, value, shape, layout, anchor_name, anchor)
 
 
 def _check_number(op: str, name: str, value: Any, minimum: float, strict: bool) -> float:
@@ -83,58 +90,70 @@ def _check_number(op: str, name: str, value: Any, minimum: float, strict: bool) 
 
 
 def _check_group_norm(op: str, args: dict[str, Any]) -> None:
-    x = _check_tensor(op, "x", args["x"], 4, "(B, C, H, W)")
+    x = _check_tensor(op, "x", args["x"], "(B, C, H, W)", ndim=4)
     batch, channels = x.shape[:2]
     num_groups = args["num_groups"]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         _fail(op, f"num_groups must be a positive int, got {num_groups!r}")
     if channels % num_groups:
         _fail(op, f"num_groups={num_groups} must divide the {channels} channels of x")
+    per_channel, per_sample, like = (channels,), (batch, channels), ("x", x.dtype, x.device)
     for name in ("weight", "bias"):
-        _check_optional_like(op, name, args[name], (channels,), "(C,)", "x", x)
+        if args[name] is not None:
+            _check_tensor(op, name, args[name], "(C,)", shape=per_channel, like=like)
     for name in ("scale", "shift"):
-        _check_optional_like(op, name, args[name], (batch, channels), "(B, C)", "x", x)
+        if args[name] is not None:
+            _check_tensor(op, name, args[name], "(B, C)", shape=per_sample, like=like)
     args["eps"] = _check_number(op, "eps", args["eps"], 0.0, strict=True)
     if args["act"] not in ACTIVATIONS:
         _fail(op, f"act must be one of {', '.join(map(repr, ACTIVATIONS))}, got {args['act']!r}")
     if "dx" in args:
-        _check_like(op, "dx", args["dx"], tuple(x.shape), "(B, C, H, W) like x", "x", x)
+        layout = "(B, C, H, W) like x"
+        _check_tensor(op, "dx", args["dx"], layout, shape=tuple(x.shape), like=like)
         for name in ("scale", "shift"):
             tangent = args["d" + name]
-            if tangent is not None and args[name] is None:
+            if tangent is None:
+                continue
+            if args[name] is None:
                 _fail(op, f"d{name} needs {name} (pass {name}=torch.zeros(B, C) for a zero {name})")
-            _check_optional_like(op, "d" + name, tangent, (batch, channels), "(B, C)", "x", x)
+            _check_tensor(op, "d" + name, tangent, "(B, C)", shape=per_sample, like=like)
 
 
 def _check_attention(op: str, args: dict[str, Any]) -> None:
-    q = _check_tensor(op, "q", args["q"], 4, "(B, H, Lq, D)")
+    q = _check_tensor(op, "q", args["q"], "(B, H, Lq, D)", ndim=4)
     batch, heads, _, head_dim = q.shape
-    k = _check_tensor(op, "k", args["k"], 4, "(B, H, Lk, D)")
-    key_shape = (batch, heads, k.shape[2], head_dim)
-    _check_like(op, "k", k, key_shape, "(B, H, Lk, D) with B, H, D of q", "q", q)
-    _check_like(op, "v", args["v"], key_shape, "(B, H, Lk, D) like k", "q", q)
+    k = _check_tensor(op, "k", args["k"], "(B, H, Lk, D)", ndim=4)
+    key_shape, like = (batch, heads, k.shape[2], head_dim), ("q", q.dtype, q.device)
+    _check_tensor(op, "k", k, "(B, H, Lk, D) with B, H, D of q", shape=key_shape, like=like)
+    _check_tensor(op, "v", args["v"], "(B, H, Lk, D) like k", shape=key_shape, like=like)
     scale = args["scale"]
     args["scale"] = head_dim**-0.5 if scale is None else _check_number(op, "scale", scale, 0.0, strict=True)
     if "dq" in args:
-        _check_like(op, "dq", args["dq"], tuple(q.shape), "(B, H, Lq, D) like q", "q", q)
-        _check_optional_like(op, "dk", args["dk"], key_shape, "(B, H, Lk, D) like k", "q", q)
-        _check_optional_like(op, "dv", args["dv"], key_shape, "(B, H, Lk, D) like v", "q", q)
+        _check_tensor(op, "dq", args["dq"], "(B, H, Lq, D) like q", shape=tuple(q.shape), like=like)
+        for name, layout in (("dk", "(B, H, Lk, D) like k"), ("dv", "(B, H, Lk, D) like v")):
+            if args[name] is not None:
+                _check_tensor(op, name, args[name], layout, shape=key_shape, like=like)
 
 
 def _check_loss(op: str, args: dict[str, Any], names: tuple[str, ...]) -> None:
-    u = _check_tensor(op, "u", args["u"], None, "(B, ...)")
+    u = _check_tensor(op, "u", args["u"], "(B, ...)")
     if u.dim() < 2:
         _fail(op, f"u must be (B, ...) with at least one dim after the batch, got shape {tuple(u.shape)}")
+    shape, batch, device = tuple(u.shape), u.shape[0], u.device
+    like = ("u", u.dtype, device)
     for name in names[1:]:
-        _check_like(op, name, args[name], tuple(u.shape), "(B, ...) like u", "u", u)
+        _check_tensor(op, name, args[name], "(B, ...) like u", shape=shape, like=like)
     for name in ("t", "r"):
         time = args[name]
-        if not isinstance(time, Tensor) or tuple(time.shape) != (u.shape[0],) or not time.is_floating_point():
+        if not isinstance(time, Tensor) or time.shape != (batch,) or not time.is_floating_point():
             got = tuple(time.shape) if isinstance(time, Tensor) else type(time).__name__
-            _fail(op, f"{name} must be a floating tensor of shape (B,) = ({u.shape[0]},), got {got}")
-        if time.device != u.device:
-            _fail(op, f"{name} must be on the device of u ({u.device}), got {time.device}")
-        args[name] = time.detach().to(torch.float32).contiguous()  # a constant of the loss
+            _fail(op, f"{name} must be a floating tensor of shape (B,) = ({batch},), got {got}")
+        if time.device != device:
+            _fail(op, f"{name} must be on the device of u ({device}), got {time.device}")
+        time = time.detach()  # a constant of the loss
+        if time.dtype != torch.float32:
+            time = time.to(torch.float32)
+        args[name] = time.contiguous()
     args["c"] = _check_number(op, "c", args["c"], 0.0, strict=False)
     args["p"] = _check_number(op, "p", args["p"], 0.0, strict=False)
 
@@ -162,6 +181,34 @@ def _on_plain_tensors(launcher: Callable[..., Any], *args: Any) -> Any:
     return tuple(
         _functorch._wrap_for_grad(result, level) if isinstance(result, Tensor) else result for result in results
     )
+
+
+def _signature_once(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Store the signature of `function.forward` on it.
+
+    Function.apply binds its arguments with inspect.signature(forward) on every call (about 20 us of Python);
+    inspect returns a stored `__signature__` without building it again.
+    """
+    function.forward.__signature__ = inspect.signature(function.forward)
+    return function
+
+
+def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
+    """function.apply(*args), or function.forward(*args) when autograd has nothing to record.
+
+    Function.apply costs tens of microseconds of Python per call (binding, setup_context, saving tensors)
+    even when no output will need a gradient, more than the kernels take at batch 1. With grad mode off or no
+    tensor argument requiring grad, and no forward-AD level, torch.func transform or torch.compile trace
+    active, it returns what forward returns, without a graph; so forward is called directly.
+    """
+    if (
+        _functorch.maybe_current_level() is not None
+        or getattr(forward_ad, "_current_level", 0) >= 0  # -1 when no dual level is open
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and any(isinstance(arg, Tensor) and arg.requires_grad for arg in args))
+    ):
+        return function.apply(*args)
+    return function.forward(*args)
 
 
 def _zero_if_none(tangent: Tensor | None, like: Tensor) -> Tensor:
@@ -202,6 +249,7 @@ def _gn_weight_tangent(
     return dh.view_as(x)
 
 
+@_signature_once
 class _GroupNormAct(torch.autograd.Function):
     """(y, mean, rstd) = launcher(x, ...); differentiable in x, weight, bias, scale, shift."""
 
@@ -268,6 +316,7 @@ class _GroupNormAct(torch.autograd.Function):
         return dy, None, None
 
 
+@_signature_once
 class _GroupNormActJvp(torch.autograd.Function):
     """(y, dy, mean, rstd) = launcher(x, dx, ...); y differentiable as in _GroupNormAct, dy constant."""
 
@@ -317,6 +366,7 @@ class _GroupNormActJvp(torch.autograd.Function):
         )
 
 
+@_signature_once
 class _Attention(torch.autograd.Function):
     """(o, lse) = launcher(q, k, v); differentiable in q, k, v."""
 
@@ -358,6 +408,7 @@ class _Attention(torch.autograd.Function):
         return do, None
 
 
+@_signature_once
 class _AttentionJvp(torch.autograd.Function):
     """(o, do, lse) = launcher(q, k, v, dq, dk, dv); o differentiable in q, k, v, do constant."""
 
@@ -383,6 +434,7 @@ class _AttentionJvp(torch.autograd.Function):
         return None, grad_q, grad_k, grad_v, None, None, None, None
 
 
+@_signature_once
 class _ImfLoss(torch.autograd.Function):
     """(loss, loss_u, loss_v) with loss = mean_b(w_u loss_u + w_v loss_v); differentiable in u and v only."""
 
@@ -408,6 +460,7 @@ class _ImfLoss(torch.autograd.Function):
         return None, grad_u, None, grad_v, None, None, None, None, None
 
 
+@_signature_once
 class _MeanflowLoss(torch.autograd.Function):
     """(loss, loss_per_sample) with loss = mean_b(w L); differentiable in u only."""
 
@@ -456,7 +509,7 @@ def group_norm_act(
     args = dict(x=x, num_groups=num_groups, weight=weight, bias=bias, scale=scale, shift=shift, eps=eps, act=act)
     _check_group_norm(op, args)
     _, family = dispatch.select(op, args, backend)
-    y, _, _ = _GroupNormAct.apply(family, x, num_groups, weight, bias, scale, shift, args["eps"], act)
+    y, _, _ = _apply(_GroupNormAct, family, x, num_groups, weight, bias, scale, shift, args["eps"], act)
     return y
 
 
@@ -492,8 +545,8 @@ def group_norm_act_jvp(
     )
     _check_group_norm(op, args)
     _, family = dispatch.select(op, args, backend)
-    y, dy, _, _ = _GroupNormActJvp.apply(
-        family, x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, args["eps"], act
+    y, dy, _, _ = _apply(
+        _GroupNormActJvp, family, x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, args["eps"], act
     )
     return y, dy
 
@@ -507,7 +560,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, ba
     args = dict(q=q, k=k, v=v, scale=scale)
     _check_attention(op, args)
     _, family = dispatch.select(op, args, backend)
-    o, _ = _Attention.apply(family, q, k, v, args["scale"])
+    o, _ = _apply(_Attention, family, q, k, v, args["scale"])
     return o
 
 
@@ -527,7 +580,7 @@ def attention_jvp(
     args = dict(q=q, k=k, v=v, dq=dq, dk=dk, dv=dv, scale=scale)
     _check_attention(op, args)
     _, family = dispatch.select(op, args, backend)
-    o, do, _ = _AttentionJvp.apply(family, q, k, v, dq, dk, dv, args["scale"])
+    o, do, _ = _apply(_AttentionJvp, family, q, k, v, dq, dk, dv, args["scale"])
     return o, do
 
 
@@ -552,7 +605,9 @@ def imf_loss(
     args = dict(u=u, du=du, v=v, v_target=v_target, t=t, r=r, c=c, p=p)
     _check_loss(op, args, ("u", "du", "v", "v_target"))
     _, family = dispatch.select(op, args, backend)
-    loss, loss_u, loss_v, _, _ = _ImfLoss.apply(family, u, du, v, v_target, args["t"], args["r"], args["c"], args["p"])
+    loss, loss_u, loss_v, _, _ = _apply(
+        _ImfLoss, family, u, du, v, v_target, args["t"], args["r"], args["c"], args["p"]
+    )
     return loss, {"loss_u": loss_u.mean(), "loss_v": loss_v.mean()}
 
 
@@ -576,5 +631,7 @@ def meanflow_loss(
     args = dict(u=u, du=du, v_target=v_target, t=t, r=r, c=c, p=p)
     _check_loss(op, args, ("u", "du", "v_target"))
     _, family = dispatch.select(op, args, backend)
-    loss, loss_per_sample, _ = _MeanflowLoss.apply(family, u, du, v_target, args["t"], args["r"], args["c"], args["p"])
+    loss, loss_per_sample, _ = _apply(
+        _MeanflowLoss, family, u, du, v_target, args["t"], args["r"], args["c"], args["p"]
+    )
     return loss, {"loss": loss_per_sample.mean()}

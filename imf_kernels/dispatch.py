@@ -8,6 +8,12 @@ missing extension or a missing GPU is a reason in `backends()`, never an import-
 The backend of a call is, first match wins: the op's `backend=` argument, the innermost `use_backend(name)`
 block, the environment variable `IMF_KERNELS_BACKEND`, else `auto`. `auto` picks the first GPU backend
 (cuda, then triton) that takes a call on CUDA tensors, and `torch` for everything else.
+
+Selections are cached: a backend's `not_supported_reasons` depends only on the call's metadata (op, shapes,
+dtypes, devices, options) and on the environment variables in `BACKEND_ENV_VARS`, so a call that matches an
+earlier successful one in those, with the same requested backend (argument, block or variable, read on every
+call), reuses its answer without probing the backends again. `backends()` probes afresh and empties the cache;
+so does replacing `BACKENDS` (an edit in place needs `clear_cache()`). Refusals are never cached.
 """
 
 from __future__ import annotations
@@ -44,8 +50,17 @@ OP_FAMILIES: dict[str, str] = {
 
 ENV_VAR = "IMF_KERNELS_BACKEND"
 AUTO = "auto"
+# Environment variables the backends read when deciding whether they take a call (part of the cache key).
+BACKEND_ENV_VARS: tuple[str, ...] = ("TRITON_INTERPRET",)
 
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("imf_kernels_backend", default=None)
+
+# Successful selections: (requested backend, op, BACKEND_ENV_VARS values, argument names, argument metadata)
+# -> (backend name, family module), made with the registry `_cached_registry`.
+_selections: dict[tuple[Any, ...], tuple[str, ModuleType]] = {}
+_cached_registry: dict[str, str] = BACKENDS
+# A process that meets more distinct call signatures than this starts the cache over.
+MAX_CACHED_SELECTIONS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +98,16 @@ def unavailable_reason(name: str) -> str | None:
     return module.unavailable_reason()
 
 
+def clear_cache() -> None:
+    """Forget every cached selection (after changing a backend's environment or editing `BACKENDS`)."""
+    _selections.clear()
+
+
 def backends() -> list[BackendStatus]:
-    """Every registered backend, in priority order, with whether it is usable here and why not."""
+    """Every registered backend, in priority order, with whether it is usable here and why not.
+
+    It probes each backend afresh and forgets the cached selections, which were made before the probe."""
+    clear_cache()
     statuses = []
     for name in BACKENDS:
         reason = unavailable_reason(name)
@@ -131,9 +154,37 @@ def _device_of(args: dict[str, Any]) -> torch.device:
     raise ValueError("dispatch: the call has no tensor argument")
 
 
+def _cache_key(name: str, op: str, args: dict[str, Any]) -> tuple[Any, ...]:
+    """This call's key in `_selections`: what a backend may look at in deciding, never a tensor's values."""
+    metadata = [
+        (value.shape, value.dtype, value.device) if isinstance(value, torch.Tensor) else value
+        for value in args.values()
+    ]
+    return name, op, tuple(map(os.environ.get, BACKEND_ENV_VARS)), tuple(args), tuple(metadata)
+
+
 def select(op: str, args: dict[str, Any], backend: str | None = None) -> tuple[str, ModuleType]:
     """The backend that runs this call of `op` and its family module; ValueError with every reason if none."""
+    global _cached_registry
     name = _check_name(backend, op) if backend is not None else current_backend()
+    if _cached_registry is not BACKENDS:
+        _selections.clear()
+        _cached_registry = BACKENDS
+    key = _cache_key(name, op, args)
+    try:
+        selection = _selections.get(key)
+    except TypeError:  # an option that cannot be hashed: no caching for this call
+        return _probe(name, op, args)
+    if selection is None:
+        selection = _probe(name, op, args)
+        if len(_selections) >= MAX_CACHED_SELECTIONS:
+            _selections.clear()
+        _selections[key] = selection
+    return selection
+
+
+def _probe(name: str, op: str, args: dict[str, Any]) -> tuple[str, ModuleType]:
+    """`select` without the cache: asks the backends (in priority order for auto)."""
     if name != AUTO:
         reasons = not_supported_reasons(name, op, args)
         if reasons:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import imf_kernels
-from imf_kernels import dispatch, reference
+from imf_kernels import api, dispatch, reference
 from imf_kernels.torch_ops import attention as torch_attention
 
 HAS_CUDA = torch.cuda.is_available()
@@ -207,3 +207,108 @@ def test_a_backend_that_cannot_be_imported_is_unusable_not_a_crash(monkeypatch):
     assert statuses["torch"].usable
     with pytest.raises(ValueError, match=r"^group_norm_act: backend 'broken' cannot take this call: cannot import"):
         imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2, backend="broken")
+
+
+# ---------------------------------------------------------------------------------------- the selection cache
+
+
+def test_switching_the_default_between_calls_changes_the_backend(fake_backend, monkeypatch):
+    """Selections are cached per call signature, but the block and the variable are read on every call."""
+    q, k, v = torch.randn(3, 1, 2, 6, 16)
+    imf_kernels.attention(q, k, v)  # auto: torch for CPU tensors
+    assert fake_backend == []
+    with imf_kernels.use_backend("fake"):
+        imf_kernels.attention(q, k, v)
+        assert fake_backend == ["attention_fwd"]
+        imf_kernels.attention(q, k, v, backend="torch")
+        assert fake_backend == ["attention_fwd"]
+    imf_kernels.attention(q, k, v)
+    assert fake_backend == ["attention_fwd"]
+    monkeypatch.setenv(dispatch.ENV_VAR, "fake")
+    imf_kernels.attention(q, k, v)
+    assert fake_backend == ["attention_fwd"] * 2
+    with imf_kernels.use_backend("torch"):
+        imf_kernels.attention(q, k, v)
+    assert fake_backend == ["attention_fwd"] * 2
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    imf_kernels.attention(q, k, v)
+    monkeypatch.setenv(dispatch.ENV_VAR, "fake")
+    imf_kernels.attention(q, k, v)
+    assert fake_backend == ["attention_fwd"] * 3
+    monkeypatch.delenv(dispatch.ENV_VAR)
+    imf_kernels.attention(q, k, v)
+    assert fake_backend == ["attention_fwd"] * 3
+
+
+def test_repeated_calls_do_not_probe_the_backends_again(fake_backend, monkeypatch):
+    """A call like an earlier successful one (shapes, dtypes, devices, options) reuses its selection; a new
+    shape is probed; a refusal is never cached, so its error is raised in full every time."""
+    probes = []
+    unavailable_reason = dispatch.unavailable_reason
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda name: probes.append(name) or unavailable_reason(name))
+    q, k, v = torch.randn(3, 1, 2, 6, 16)
+    with imf_kernels.use_backend("fake"):
+        for _ in range(5):
+            imf_kernels.attention(q, k, v)
+        assert probes == ["fake"]
+        imf_kernels.attention(q, k[:, :, :4].contiguous(), v[:, :, :4].contiguous())
+        assert probes == ["fake"] * 2
+        long_context = torch.randn(1, 2, 5000, 16)
+        for calls in (3, 4):
+            with pytest.raises(ValueError, match=re.escape("attention: Lk=5000 > 4096 supported by fake")):
+                imf_kernels.attention(q, long_context, long_context)
+            assert probes == ["fake"] * calls
+    assert fake_backend == ["attention_fwd"] * 6
+
+
+def test_replacing_the_registry_forgets_cached_selections(monkeypatch):
+    q, k, v = torch.randn(3, 1, 1, 4, 8)
+    imf_kernels.attention(q, k, v)  # auto picks torch, and the selection is cached
+    refuse = lambda op, args: [f"{op}: refused by the stand-in"]  # noqa: E731
+    for module_name, module in stand_in_backend("imf_refusing_backend", refuse, []).items():
+        monkeypatch.setitem(sys.modules, module_name, module)
+    with monkeypatch.context() as patch:
+        patch.setattr(dispatch, "BACKENDS", {**dispatch.BACKENDS, "torch": "imf_refusing_backend"})
+        with pytest.raises(ValueError, match=re.escape("torch: attention: refused by the stand-in")):
+            imf_kernels.attention(q, k, v)
+    truth = reference.attention(q.double(), k.double(), v.double())
+    reference.check_parity("o", imf_kernels.attention(q, k, v), truth, reference.attention(q, k, v), 1e-5)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU triton is usable whatever TRITON_INTERPRET says")
+def test_the_cache_follows_the_triton_interpreter_switch(monkeypatch):
+    """TRITON_INTERPRET is part of the cache key: a call triton took with it on is refused with it off."""
+    if importlib.util.find_spec("imf_kernels.triton.group_norm") is None:
+        pytest.skip("imf_kernels.triton.group_norm is not written yet")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(1, 8, 2, 2)
+    truth, baseline = reference.group_norm_act(x.double(), 2), reference.group_norm_act(x, 2)
+    reference.check_parity("y", imf_kernels.group_norm_act(x, 2, backend="triton"), truth, baseline, 1e-5)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(
+        ValueError, match=r"^group_norm_act: backend 'triton' cannot take this call: .*TRITON_INTERPRET"
+    ):
+        imf_kernels.group_norm_act(x, 2, backend="triton")
+
+
+# ----------------------------------------------------------------------------------- calls without a graph
+
+
+def test_calls_without_a_graph_skip_the_autograd_function(monkeypatch):
+    """With nothing for autograd to record (no_grad, or no input requiring grad) the op runs the Function's
+    forward directly, with the same result; with an input requiring grad it goes through Function.apply."""
+    q, k, v = torch.randn(3, 1, 2, 6, 16)
+    expected = api._Attention.apply(torch_attention, q, k, v, 16**-0.5)[0]
+    applied = []
+    apply = api._Attention.apply
+    monkeypatch.setattr(api._Attention, "apply", lambda *args: applied.append(1) or apply(*args))
+    assert torch.equal(imf_kernels.attention(q, k, v), expected)
+    with torch.no_grad():
+        assert torch.equal(imf_kernels.attention(q, k, v.requires_grad_()), expected)
+    assert applied == []
+    out = imf_kernels.attention(q, k, v)
+    assert applied == [1] and out.requires_grad
+    (grad_v,) = torch.autograd.grad(out.sum(), v)
+    # o = p v, so d sum(o) / dv = column sums of p
+    p = torch.softmax(q @ k.transpose(-1, -2) * 16**-0.5, dim=-1)
+    torch.testing.assert_close(grad_v, p.sum(-2)[..., None].expand_as(v), rtol=1e-6, atol=1e-6)
