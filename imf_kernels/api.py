@@ -598,8 +598,9 @@ def imf_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The iMF loss of DESIGN 2.2: mean_b(L_u / sg(L_u + c)^p + L_v / sg(L_v + c)^p), V = u + (t - r) du.
 
-    Returns (loss, stats): loss a 0-d float32 tensor with gradients into u and v only (du, v_target, t, r are
-    constants); stats {"loss_u", "loss_v"}: batch means of the per-sample sums, detached.
+    Returns (loss, stats): loss a 0-d tensor with gradients into u and v only (du, v_target, t, r are
+    constants), float32 for float16, bfloat16 and float32 inputs and float64 for float64 inputs (the
+    accumulation dtype); stats {"loss_u", "loss_v"}: batch means of the per-sample sums, detached, same dtype.
     """
     op = "imf_loss"
     args = dict(u=u, du=du, v=v, v_target=v_target, t=t, r=r, c=c, p=p)
@@ -624,8 +625,9 @@ def meanflow_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The MeanFlow loss of DESIGN 2.3: mean_b(L / sg(L + c)^p), L = sum (u - sg(v_target - h du))^2.
 
-    Here h = clip(t - r, 0, 1). Returns (loss, stats): loss a 0-d float32 tensor with gradients into u
-    only; stats {"loss"}: the batch mean of the per-sample sums, detached.
+    Here h = clip(t - r, 0, 1). Returns (loss, stats): loss a 0-d tensor with gradients into u only,
+    float32 for float16, bfloat16 and float32 inputs and float64 for float64 inputs (the accumulation
+    dtype); stats {"loss"}: the batch mean of the per-sample sums, detached, same dtype.
     """
     op = "meanflow_loss"
     args = dict(u=u, du=du, v_target=v_target, t=t, r=r, c=c, p=p)

@@ -108,6 +108,24 @@ def test_imf_loss_value_by_hand():
     assert u.grad.item() == 2.0 and v.grad.item() == 1.0
 
 
+@pytest.mark.parametrize(("dtype", "loss_dtype"), [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("op", ["imf_loss", "meanflow_loss"])
+def test_loss_and_stats_come_in_the_accumulation_dtype(op, dtype, loss_dtype):
+    """As the docstrings say: float64 inputs (the torch backend) give a float64 loss and stats, bfloat16 ones
+    float32; the values match the float64 reference (2x the same-dtype reference's error plus a floor)."""
+    names = ("u", "du", "v", "v_target") if op == "imf_loss" else ("u", "du", "v_target")
+    inputs, t, r = make_inputs((3, 4, 5, 7), dtype)
+    tensors = [inputs[name] for name in names]
+    loss, stats = getattr(imf_kernels, op)(*tensors, t, r, backend="torch")
+    truth = getattr(reference, op)(*(tensor.double() for tensor in tensors), t.double(), r.double())
+    baseline = getattr(reference, op)(*tensors, t, r)
+    floor = {torch.float64: 1e-12, torch.bfloat16: FLOOR[torch.bfloat16]}[dtype]
+    assert loss.dtype == loss_dtype and all(value.dtype == loss_dtype for value in stats.values())
+    reference.check_parity("loss", loss, truth[0], baseline[0], floor)
+    for name, value in stats.items():
+        reference.check_parity(f"stats[{name}]", value, truth[1][name], baseline[1][name], floor)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
