@@ -174,7 +174,12 @@ def run_one(name: str, args: dict, out: str, snapshots: str) -> None:
         shown = "  ".join(f"{k} {v:.3f}" for k, v in errors.items())
         print(f"[{name}] step {step}  cpu {train_cpu:.0f}s{'  final' if final else ''}  {shown}", file=sys.stderr)
 
+    base_lr, cooldown = args["lr"], args.get("cooldown", 0.0)
     while train_cpu < budget and (max_steps is None or trainer.step_count < max_steps):
+        # the same schedule for every run: constant, then (--cooldown) a linear decay over the last fraction of
+        # the CPU budget, reaching 0 at its end; the Trainer's warm-up still applies on top
+        left = 1.0 - train_cpu / budget
+        trainer.cfg.lr = base_lr * (min(1.0, left / cooldown) if cooldown > 0 else 1.0)
         start = time.process_time()
         trainer.step()
         train_cpu += time.process_time() - start  # evaluation time is not charged to the run
@@ -266,7 +271,9 @@ def print_table(path: str, markdown: bool) -> None:
     a = header["args"]
     title = (
         f"gauss, relative error of EMA samples against the exact map, {a['minutes']:g} CPU-min per run, "
-        f"batch {a['batch']}, lr {a['lr']:g}, n_eval {a['n_eval']} ({header['date']}, commit {header['commit']})"
+        f"batch {a['batch']}, lr {a['lr']:g}"
+        + (f" with a linear cool-down over the last {a['cooldown']:.0%}" if a.get("cooldown") else "")
+        + f", n_eval {a['n_eval']} ({header['date']}, commit {header['commit']})"
     )
     columns = [
         "run",
@@ -308,6 +315,13 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=100, help="evaluate the EMA every N steps (default 100)")
     ap.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     ap.add_argument("--lr", type=float, default=2e-3, help="learning rate, the same for every run (default 2e-3)")
+    ap.add_argument(
+        "--cooldown",
+        type=float,
+        default=0.0,
+        help="linear lr decay to 0 over this last fraction of each run's CPU budget, the same for every run "
+        "(default 0: constant)",
+    )
     ap.add_argument("--n-eval", type=int, default=512, help="noise samples per evaluation (default 512)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -345,6 +359,7 @@ def main() -> None:
         eval_every=args.eval_every,
         batch=args.batch,
         lr=args.lr,
+        cooldown=args.cooldown,
         n_eval=args.n_eval,
         seed=args.seed,
     )
