@@ -2,10 +2,11 @@
 
 y = act(h), h = xh * alpha + beta with xh = (x - mean_g) * rstd_g, alpha = weight * (1 + scale),
 beta = bias * (1 + scale) + shift (per sample and channel). Floor: read x (and dx), write y (and dy); here two
-passes forward (ATen's group norm with alpha, beta folded in, then SiLU in place), four back, seven with the tangent.
+passes forward (ATen's group norm with alpha, beta folded in, then SiLU in place), about four back (SiLU's slope
+on h = x a + c, ATen's group norm backward), and four more for the tangent (ATen's backward applied to dx, dh, dy).
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,59 +27,71 @@ def not_supported_reasons(op: str, args: dict[str, Any]) -> list[str]:
     return []
 
 
-def _channel_coefficients(
+class _Layout(NamedTuple):
+    """x as ATen's group norm takes it, (N, C', H * W) in G' groups, with its per-channel affine gamma, beta (C',).
+
+    Without modulation that is x itself with weight and bias. With it, alpha = weight (1 + scale) and
+    beta = bias (1 + scale) + shift vary per sample; GroupNorm of B samples of C channels in G groups is GroupNorm
+    of one sample of B * C channels in B * G groups, whose per-channel affine is then per (sample, channel).
+    """
+
+    x: Tensor
+    groups: int
+    gamma: Tensor | None  # None: 1
+    beta: Tensor | None  # None: 0
+    one_plus_s: Tensor | None  # (B, C), None without a scale
+
+
+def _layout(
+    x: Tensor,
+    num_groups: int,
     weight: Tensor | None,
     bias: Tensor | None,
     scale: Tensor | None,
     shift: Tensor | None,
-    batch: int,
-    channels: int,
-    dtype: torch.dtype,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(1 + scale, alpha, beta) as flat (B * C,) tensors, h = xh * alpha + beta; None where it is absent
-    (alpha = 1, beta = 0), so ATen's group norm skips it."""
-    one_plus_s = None if scale is None else (1 + scale.to(dtype)).reshape(-1)
-    alpha = None if weight is None else weight.to(dtype).repeat(batch)
-    beta = None if bias is None else bias.to(dtype).repeat(batch)
-    if one_plus_s is not None:
-        alpha = one_plus_s if alpha is None else alpha * one_plus_s
-        beta = None if beta is None else beta * one_plus_s
-    if shift is not None:
-        beta = shift.to(dtype).reshape(-1) if beta is None else beta + shift.to(dtype).reshape(-1)
-    return one_plus_s, alpha, beta
-
-
-def _as_channels(x: Tensor) -> tuple[Tensor, int, int]:
-    """x in the compute dtype as (1, B * C, H * W): GroupNorm of B samples of C channels in G groups is GroupNorm
-    of one sample of B * C channels in B * G groups, whose per-channel affine is then per (sample, channel)."""
+    per_sample: bool,
+) -> _Layout:
     batch, channels = x.shape[:2]
-    flat = x.to(_compute_dtype(x)).reshape(1, batch * channels, -1)
-    return flat, batch * channels, flat.shape[-1]
-
-
-def _group_norm(
-    flat: Tensor, batch: int, num_groups: int, alpha: Tensor | None, beta: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(xh * alpha + beta as (1, B * C, H * W), mean, rstd as (B, G)) by one ATen group norm of `flat`."""
-    _, rows, count = flat.shape
-    groups = batch * num_groups
-    if rows * count > groups:
-        h, mean, rstd = _native_group_norm(flat, alpha, beta, 1, rows, count, groups, eps)
+    dtype = _compute_dtype(x)
+    w = None if weight is None else weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    if not per_sample:
+        return _Layout(x.to(dtype).reshape(batch, channels, -1), num_groups, w, b, None)
+    one_plus_s = None if scale is None else 1 + scale.to(dtype)
+    if one_plus_s is None:
+        alpha = None if w is None else w.expand(batch, -1)
+        beta = None if b is None else b.expand(batch, -1)
     else:
-        # One value per group: xh = 0 exactly, but ATen's folded x (rstd alpha) + (beta - mean rstd alpha) is
-        # off by rstd = 1 / sqrt(eps) times a rounding; apply alpha and beta to the exact xh (B * C values).
-        h, mean, rstd = _native_group_norm(flat, None, None, 1, rows, count, groups, eps)
-        h = h if alpha is None else h * alpha[:, None]
-        h = h if beta is None else h + beta[:, None]
-    return h, mean.view(batch, num_groups), rstd.view(batch, num_groups)
+        alpha = one_plus_s if w is None else w * one_plus_s
+        beta = None if b is None else b * one_plus_s
+    if shift is not None:
+        beta = shift.to(dtype) if beta is None else beta + shift.to(dtype)
+    flat = x.to(dtype).reshape(1, batch * channels, -1)
+    gamma = None if alpha is None else alpha.reshape(-1)
+    return _Layout(flat, batch * num_groups, gamma, None if beta is None else beta.reshape(-1), one_plus_s)
 
 
-def _slope_of_xh(rstd: Tensor, rows: int, count: int) -> Tensor:
-    """rstd as (1, B * G) for ATen's backward, or zeros when each group holds one value: then xh = 0 for every x,
+def _group_norm(layout: _Layout, affine: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(xh * gamma + beta, or xh without `affine`, shaped like layout.x, and mean, rstd (N, G')) by ATen."""
+    n, rows, count = layout.x.shape
+    gamma, beta = (layout.gamma, layout.beta) if affine else (None, None)
+    if rows * count > layout.groups:
+        return _native_group_norm(layout.x, gamma, beta, n, rows, count, layout.groups, eps)
+    # One value per group: xh = 0 exactly, but ATen's folded x (rstd gamma) + (beta - mean rstd gamma) is off
+    # by rstd = 1 / sqrt(eps) times a rounding; apply gamma and beta to the exact xh (N * C' values).
+    h, mean, rstd = _native_group_norm(layout.x, None, None, n, rows, count, layout.groups, eps)
+    h = h if gamma is None else h * gamma[:, None]
+    h = h if beta is None else h + beta[:, None]
+    return h, mean, rstd
+
+
+def _slope_of_xh(rstd: Tensor, layout: _Layout) -> Tensor:
+    """rstd as (N, G') for ATen's backward, or zeros when each group holds one value: then xh = 0 for every x,
     so its derivative is 0, and rstd = 0 gives exactly that (with 1 / sqrt(eps) ATen's c1 g + c2 x + c3 leaves
     noise of rstd times the rounding of x)."""
-    flat = rstd.reshape(1, -1)
-    return torch.zeros_like(flat) if rows * count == flat.numel() else flat
+    n, rows, count = layout.x.shape
+    rstd = rstd.reshape(n, layout.groups)
+    return torch.zeros_like(rstd) if rows * count == layout.groups else rstd
 
 
 def gn_act_fwd(
@@ -91,11 +104,11 @@ def gn_act_fwd(
     eps: float,
     act: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    batch, channels = x.shape[:2]
-    _, alpha, beta = _channel_coefficients(weight, bias, scale, shift, batch, channels, _compute_dtype(x))
-    h, mean, rstd = _group_norm(_as_channels(x)[0], batch, num_groups, alpha, beta, eps)
-    y = F.silu(h.view(x.shape), inplace=True) if act == "silu" else h.view(x.shape)
-    return y.to(x.dtype), mean, rstd
+    batch = x.shape[0]
+    layout = _layout(x, num_groups, weight, bias, scale, shift, scale is not None or shift is not None)
+    h, mean, rstd = _group_norm(layout, True, eps)
+    y = F.silu(h, inplace=True) if act == "silu" else h
+    return y.view(x.shape).to(x.dtype), mean.view(batch, num_groups), rstd.view(batch, num_groups)
 
 
 def gn_act_jvp_fwd(
@@ -111,45 +124,39 @@ def gn_act_jvp_fwd(
     eps: float,
     act: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    batch, channels = x.shape[:2]
+    batch = x.shape[0]
     dtype = _compute_dtype(x)
-    _, alpha, beta = _channel_coefficients(weight, bias, scale, shift, batch, channels, dtype)
     # dh = dxh * alpha + xh * (w dscale) + (b dscale + dshift); the last two terms need xh itself.
-    per_channel = dscale is not None or dshift is not None
-    flat, rows, count = _as_channels(x)
-    if per_channel:
-        xh, mean, rstd = _group_norm(flat, batch, num_groups, None, None, eps)
-    else:  # dh = dxh * alpha: no xh needed, GN gives h directly
-        h, mean, rstd = _group_norm(flat, batch, num_groups, alpha, beta, eps)
+    modulated_tangent = dscale is not None or dshift is not None
+    per_sample = modulated_tangent or scale is not None or shift is not None
+    layout = _layout(x, num_groups, weight, bias, scale, shift, per_sample)
+    n, rows, count = layout.x.shape
+    normed, mean, rstd = _group_norm(layout, not modulated_tangent, eps)
     # dxh = rstd (dx - mean_g(dx) - xh mean_g(xh dx)): the Jacobian of xh is symmetric, so it is GN's backward
     # (weight 1) applied to dx.
-    mean_flat, rstd_flat = mean.view(1, -1), _slope_of_xh(rstd, rows, count)
-    groups = mean_flat.numel()
-    dxc = dx.to(dtype).reshape(flat.shape)
+    dxc = dx.to(dtype).reshape(layout.x.shape)
+    rstd_slope = _slope_of_xh(rstd, layout)
     dxh, _, _ = _native_group_norm_backward(
-        dxc, flat, mean_flat, rstd_flat, None, 1, rows, count, groups, [True, False, False]
+        dxc, layout.x, mean, rstd_slope, None, n, rows, count, layout.groups, [True, False, False]
     )
-    if per_channel:
-        ds = None if dscale is None else dscale.to(dtype).reshape(-1)
-        w = None if weight is None else weight.to(dtype).repeat(batch)
-        b = None if bias is None else bias.to(dtype).repeat(batch)
-        # offset = b dscale + dshift, slope = w dscale (w = 1 without a weight)
-        offset = torch.zeros(rows, dtype=dtype, device=x.device) if dshift is None else dshift.to(dtype).reshape(-1)
-        if ds is not None and b is not None:
-            offset = torch.addcmul(offset, b, ds)
-        slope = None if ds is None else (ds if w is None else w * ds)
-        dh = (
-            offset[:, None].expand(rows, count)
-            if slope is None
-            else torch.addcmul(offset[:, None], xh[0], slope[:, None])
-        )
-        dh = dh + dxh[0] if alpha is None else torch.addcmul(dh, dxh[0], alpha[:, None])
-        h = xh[0] if alpha is None else xh[0].mul_(alpha[:, None])
-        if beta is not None:
-            h.add_(beta[:, None])
+    gamma = None if layout.gamma is None else layout.gamma[:, None]
+    if modulated_tangent:
+        xh = normed
+        ds = None if dscale is None else dscale.to(dtype)
+        # offset = b dscale + dshift, slope = w dscale (w = 1 without a weight), per (sample, channel)
+        offset = torch.zeros(batch, x.shape[1], dtype=dtype, device=x.device) if dshift is None else dshift.to(dtype)
+        if ds is not None and bias is not None:
+            offset = torch.addcmul(offset, ds, bias.to(dtype))
+        slope = None if ds is None else (ds if weight is None else ds * weight.to(dtype))
+        offset = offset.reshape(1, rows, 1)
+        dh = offset.expand(xh.shape) if slope is None else torch.addcmul(offset, xh, slope.reshape(1, rows, 1))
+        dh = dh + dxh if gamma is None else torch.addcmul(dh, dxh, gamma)
+        h = xh if gamma is None else xh.mul_(gamma)
+        if layout.beta is not None:
+            h.add_(layout.beta[:, None])
     else:
-        h = h[0]
-        dh = dxh[0] if alpha is None else dxh[0].mul_(alpha[:, None])
+        h = normed
+        dh = dxh if gamma is None else dxh.mul_(gamma)
 
     if act == "silu":
         # dy = dh silu'(h), silu'(h) = sigmoid(h) (1 + h (1 - sigmoid(h))): SiLU's backward applied to dh
@@ -157,7 +164,8 @@ def gn_act_jvp_fwd(
         y = F.silu(h, inplace=True)
     else:
         y, dy = h, dh
-    return y.view(x.shape).to(x.dtype), dy.view(x.shape).to(x.dtype), mean, rstd
+    stats = mean.view(batch, num_groups), rstd.view(batch, num_groups)
+    return y.view(x.shape).to(x.dtype), dy.view(x.shape).to(x.dtype), *stats
 
 
 def gn_act_bwd(
@@ -174,33 +182,39 @@ def gn_act_bwd(
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     batch, channels = x.shape[:2]
     dtype = _compute_dtype(x)
-    one_plus_s, alpha, beta = _channel_coefficients(weight, bias, scale, shift, batch, channels, dtype)
-    flat, rows, count = _as_channels(x)
-    mean_flat, rstd_flat = mean.reshape(1, -1), _slope_of_xh(rstd, rows, count)
-    grad_h = grad_y.to(dtype).reshape(flat.shape)
+    per_sample = scale is not None or shift is not None
+    layout = _layout(x, num_groups, weight, bias, scale, shift, per_sample)
+    n, rows, count = layout.x.shape
+    groups, group_size = layout.groups, rows // layout.groups
+    mean = mean.reshape(n, groups)
+    rstd_slope = _slope_of_xh(rstd, layout)
+    grad_h = grad_y.to(dtype).reshape(layout.x.shape)
     if act == "silu":
-        # h = x a + c per (sample, channel), a = rstd alpha, c = beta - mean a (ATen's group norm forms it so)
-        group_size = channels // num_groups
-        a = rstd_flat.repeat_interleave(group_size, dim=1)[0]
-        if alpha is not None:
-            a = a * alpha
-        c = -mean_flat.repeat_interleave(group_size, dim=1)[0] * a
-        if beta is not None:
-            c = c + beta
-        h = torch.addcmul(c[:, None], flat[0], a[:, None])
-        grad_h = _silu_backward(grad_h, h[None])
+        # h = x a + c per channel, a = rstd gamma, c = beta - mean a (ATen's group norm forms it so)
+        a = rstd_slope[..., None].expand(n, groups, group_size)
+        if layout.gamma is not None:
+            a = a * layout.gamma.view(groups, group_size)
+        c = (-mean[..., None] * a).view(n, rows)
+        if layout.beta is not None:
+            c = c + layout.beta
+        h = torch.addcmul(c[..., None], layout.x, a.reshape(n, rows, 1))
+        grad_h = _silu_backward(grad_h, h)
 
-    # ATen's backward also returns the per (sample, channel) sums S2 = sum g_h xh (its "weight" gradient, of
-    # alpha) and S1 = sum g_h (of beta). With a = w xh + b: d shift = S1, d scale = w S2 + b S1,
-    # d weight = sum_b (1 + s) S2, d bias = sum_b (1 + s) S1.
-    grad_x, sum_gx, sum_g = _native_group_norm_backward(
-        grad_h, flat, mean_flat, rstd_flat, alpha, 1, rows, count, mean_flat.numel(), [True, True, True]
+    # ATen's backward also returns the sums over (samples and) pixels of g_h xh and g_h, the gradients of gamma
+    # and beta. Per sample, S2 = sum g_h xh, S1 = sum g_h per (b, c), and with a = w xh + b: d shift = S1,
+    # d scale = w S2 + b S1, d weight = sum_b (1 + s) S2, d bias = sum_b (1 + s) S1.
+    mask = [True, True, True] if per_sample else [True, weight is not None, bias is not None]
+    grad_x, grad_gamma, grad_beta = _native_group_norm_backward(
+        grad_h, layout.x, mean, rstd_slope, layout.gamma, n, rows, count, groups, mask
     )
-    sum_gx, sum_g = sum_gx.view(batch, channels), sum_g.view(batch, channels)
-    if one_plus_s is not None:
-        scaled_gx, scaled_g = one_plus_s.view(batch, channels) * sum_gx, one_plus_s.view(batch, channels) * sum_g
-    else:
-        scaled_gx, scaled_g = sum_gx, sum_g
+    grad_x = grad_x.view(x.shape).to(x.dtype)
+    if not per_sample:
+        grad_weight = None if weight is None else grad_gamma.to(weight.dtype)
+        grad_bias = None if bias is None else grad_beta.to(bias.dtype)
+        return grad_x, grad_weight, grad_bias, None, None
+    sum_gx, sum_g = grad_gamma.view(batch, channels), grad_beta.view(batch, channels)
+    one_plus_s = layout.one_plus_s
+    scaled_gx, scaled_g = (sum_gx, sum_g) if one_plus_s is None else (one_plus_s * sum_gx, one_plus_s * sum_g)
     grad_weight = None if weight is None else scaled_gx.sum(0).to(weight.dtype)
     grad_bias = None if bias is None else scaled_g.sum(0).to(bias.dtype)
     grad_scale = None
@@ -210,4 +224,4 @@ def gn_act_bwd(
             grad_scale = grad_scale + sum_g * bias.to(dtype)
         grad_scale = grad_scale.to(scale.dtype)
     grad_shift = None if shift is None else sum_g.to(shift.dtype)
-    return grad_x.view(x.shape).to(x.dtype), grad_weight, grad_bias, grad_scale, grad_shift
+    return grad_x, grad_weight, grad_bias, grad_scale, grad_shift
