@@ -268,6 +268,41 @@ def test_one_value_per_group_on_each_backend(backend, shape, dtype):
         reference.check_parity(f"grad_{name}", grad, truth[2][name], reference_grads[name], floor)
 
 
+# ------------------------------------------------------------------------------------ partial modulation
+
+# The torch backend picks its layout (per channel, or per sample and channel) from which of weight, bias, scale,
+# shift, dscale, dshift are present: each subset below against the float64 reference, y, dy and every gradient.
+PARTIAL_MODULATION = [
+    ("weight", "bias", "scale", "dscale"),
+    ("weight", "bias", "shift", "dshift"),
+    ("weight", "bias", "scale", "shift", "dshift"),
+    ("weight", "bias", "scale", "shift"),
+    ("scale", "shift", "dscale", "dshift"),
+    ("bias", "scale", "dscale"),
+    ("weight", "shift"),
+]
+
+
+@pytest.mark.parametrize("present", PARTIAL_MODULATION, ids="+".join)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_torch_backend_with_partial_modulation(present, dtype):
+    inputs, num_groups, act = make_inputs(SHAPES[0], "modulated", dtype)
+    inputs = {name: value for name, value in inputs.items() if name in ("x", "dx", *present)}
+    grad_y = torch.randn(inputs["x"].shape)
+    for with_tangent in (False, True):
+        kernel_fn = imf_kernels.group_norm_act_jvp if with_tangent else imf_kernels.group_norm_act
+        reference_fn = reference.group_norm_act_jvp if with_tangent else reference.group_norm_act
+        kernel = primal_and_grads(kernel_fn, inputs, num_groups, act, with_tangent, grad_y, backend="torch")
+        inputs64 = {name: value.double() for name, value in inputs.items()}
+        truth = primal_and_grads(reference_fn, inputs64, num_groups, act, with_tangent, grad_y)
+        baseline = primal_and_grads(reference_fn, inputs, num_groups, act, with_tangent, grad_y)
+        reference.check_parity("y", kernel[0], truth[0], baseline[0], FLOOR[dtype])
+        if with_tangent:
+            reference.check_parity("dy", kernel[1], truth[1], baseline[1], FLOOR[dtype])
+        for name, grad in kernel[2].items():
+            reference.check_parity(f"grad_{name}", grad, truth[2][name], baseline[2][name], FLOOR[dtype])
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 BAD_CALLS = [
