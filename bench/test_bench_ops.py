@@ -227,6 +227,9 @@ def test_run_cases_rows_speedups_and_failures():
     assert backend["speedup"]["eager"] == pytest.approx(baseline["median_ms"] / backend["median_ms"])
     assert backend["gbps"] == pytest.approx(1e6 / (backend["median_ms"] * 1e-3) / 1e9)
     assert backend["copy_fraction"] == pytest.approx(backend["gbps"] / 2.0)
+    # and against a copy of the case's own floor bytes, measured once per size in the same run
+    same_size = ops.same_size_copy_gbps(CPU, 10**6)
+    assert backend["same_copy_fraction"] == pytest.approx(backend["gbps"] / same_size)
     assert backend["tflops"] == pytest.approx(2e9 / (backend["median_ms"] * 1e-3) / 1e12)
     failed = by[("x.jvp", "torch")]
     assert failed["median_ms"] is None and failed["speedup"] == {}
@@ -329,6 +332,7 @@ def test_markdown_summary_shows_the_latest_run_with_targets_and_backend_rows(tmp
         "median_ms": 0.5,
         "gbps": 2500.0,
         "copy_fraction": 2500 / 3000,
+        "same_copy_fraction": 0.9,
         "tflops": None,
         "speedup": {"func.jvp": 6.0},
         "note": None,
@@ -340,7 +344,7 @@ def test_markdown_summary_shows_the_latest_run_with_targets_and_backend_rows(tmp
     summary = ops.markdown_summary(common.read_results(path))
     assert summary.splitlines()[0].startswith("Card, 2026-02-01T00:00:00+00:00, commit abc, torch 2.11")
     assert "| T | triton | 83% at B1 (met) |" in summary
-    assert "| gn.jvp | B1 | latent-b | triton | 0.500 | 2500.0 | 83% |  | 6.00x |" in summary
+    assert "| gn.jvp | B1 | latent-b | triton | 0.500 | 2500.0 | 83% | 90% |  | 6.00x |" in summary
     assert "| old |" not in summary and "| func.jvp | 3.000" not in summary
 
 
