@@ -194,6 +194,22 @@ def test_statistics_survive_a_large_mean():
     assert reference.max_error(y, y64) < 1e-3
 
 
+@pytest.mark.parametrize("offset", [10.0, 100.0])
+def test_torch_backend_gradients_survive_a_large_mean(offset):
+    """x = offset + N(0, 1), modulated: every gradient within 2x of PyTorch's float32 error plus the floor. Sums
+    of g x taken before subtracting mean sum g lose |mean| / std digits (ATen's backward on x itself gave
+    grad_scale 2.7x PyTorch's float32 error at offset 10, inside the floor here)."""
+    inputs, num_groups, act = make_inputs((4, 40, 5, 7, 8), "modulated", torch.float32)
+    inputs["x"] = inputs["x"] - 0.5 + offset
+    grad_y = torch.randn(inputs["x"].shape)
+    kernel = primal_and_grads(imf_kernels.group_norm_act, inputs, num_groups, act, False, grad_y, backend="torch")
+    inputs64 = {name: value.double() for name, value in inputs.items()}
+    truth = primal_and_grads(reference.group_norm_act, inputs64, num_groups, act, False, grad_y)
+    baseline = primal_and_grads(reference.group_norm_act, inputs, num_groups, act, False, grad_y)
+    for name, grad in kernel[2].items():
+        reference.check_parity(f"grad_{name}", grad, truth[2][name], baseline[2][name], FLOOR[torch.float32])
+
+
 # -------------------------------------------------------------------------------------- one value per group
 
 # Batch 1 with one value in each group: its variance is 0, so GN gives 0 and h = beta (F.group_norm refuses
