@@ -125,8 +125,7 @@ def load_image_folder(
         labelled = [(f, -1) for f in top_files]
     if not labelled:
         raise DataError(
-            f"load_image_folder: no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root} "
-            "or its class subfolders"
+            f"load_image_folder: no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root} or its class subfolders"
         )
     if isinstance(size, int):
         size = (size, size)
@@ -180,9 +179,7 @@ def _read_tensor_file(file: Path) -> dict[str, torch.Tensor]:
         tensors = {}
         for key, array in arrays.items():
             if array.dtype.kind not in "biuf":
-                raise DataError(
-                    f"load_tensor_file: {file}: key {key!r} has dtype {array.dtype}, not a numeric array"
-                )
+                raise DataError(f"load_tensor_file: {file}: key {key!r} has dtype {array.dtype}, not a numeric array")
             tensors[key] = torch.from_numpy(np.ascontiguousarray(array))
         return tensors
     if suffix == ".safetensors":
@@ -260,8 +257,7 @@ class InfiniteLoader:
             raise DataError(f"InfiniteLoader: x must have at least one row, got shape {tuple(x.shape)}")
         if y is not None and (y.dim() != 1 or y.shape[0] != x.shape[0]):
             raise DataError(
-                f"InfiniteLoader: y must be 1-D with one label per row of x ({x.shape[0]}), "
-                f"got shape {tuple(y.shape)}"
+                f"InfiniteLoader: y must be 1-D with one label per row of x ({x.shape[0]}), got shape {tuple(y.shape)}"
             )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"InfiniteLoader: batch_size must be a positive int, got {batch_size!r}")

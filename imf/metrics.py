@@ -31,9 +31,7 @@ def _as_float64_rows(feats: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
         feats = feats.detach().to("cpu", torch.float64).numpy()
     feats = np.asarray(feats, dtype=np.float64)
     if feats.ndim < 2 or feats.shape[0] < 2:
-        raise ValueError(
-            f"frechet_distance: {name} must be (N, ...) with N >= 2 rows, got shape {tuple(feats.shape)}"
-        )
+        raise ValueError(f"frechet_distance: {name} must be (N, ...) with N >= 2 rows, got shape {tuple(feats.shape)}")
     if not np.isfinite(feats).all():
         bad = int((~np.isfinite(feats)).sum())
         raise ValueError(f"frechet_distance: {name} has {bad} non-finite values (NaN or inf)")
@@ -58,8 +56,7 @@ def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor |
     b = _as_float64_rows(feats_b, "feats_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(
-            f"frechet_distance: feats_a and feats_b must have the same feature size, "
-            f"got {a.shape[1]} and {b.shape[1]}"
+            f"frechet_distance: feats_a and feats_b must have the same feature size, got {a.shape[1]} and {b.shape[1]}"
         )
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a = np.cov(a, rowvar=False).reshape(a.shape[1], a.shape[1])
@@ -122,9 +119,7 @@ class DigitsClassifier(nn.Module):
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != (1, 8, 8):
-            raise ValueError(
-                f"DigitsClassifier: x must be (N, 1, 8, 8) in [-1, 1], got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"DigitsClassifier: x must be (N, 1, 8, 8) in [-1, 1], got shape {tuple(x.shape)}")
         return x.detach().to(self.head.weight.device, torch.float32)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,9 +191,7 @@ class DigitsClassifier(nn.Module):
         return float((self.predict(x_test) == y_test.to(self.head.weight.device)).double().mean())
 
     @classmethod
-    def pretrained(
-        cls, seed: int = 0, split_seed: int = 0, path: str | os.PathLike | None = None
-    ) -> DigitsClassifier:
+    def pretrained(cls, seed: int = 0, split_seed: int = 0, path: str | os.PathLike | None = None) -> DigitsClassifier:
         """Cached weights from `path` (default `cache_dir() / "digits_classifier.safetensors"`) when they are
         there, readable and from the same version and seeds; otherwise train and cache (atomic write)."""
         from safetensors import SafetensorError, safe_open
@@ -253,9 +246,7 @@ def digits_metrics(
     `labels` is given), `fd_pixel`, the Frechet distance of the flattened pixels, and `fd_features`, the
     Frechet distance in the classifier's feature space."""
     if samples.dim() != 4 or tuple(samples.shape[1:]) != (1, 8, 8) or samples.shape[0] < 2:
-        raise ValueError(
-            f"digits_metrics: samples must be (N, 1, 8, 8) with N >= 2, got shape {tuple(samples.shape)}"
-        )
+        raise ValueError(f"digits_metrics: samples must be (N, 1, 8, 8) with N >= 2, got shape {tuple(samples.shape)}")
     if not torch.isfinite(samples).all():
         bad = int((~torch.isfinite(samples)).sum())
         raise ValueError(f"digits_metrics: samples have {bad} non-finite values (NaN or inf)")
@@ -263,8 +254,7 @@ def digits_metrics(
     if labels is not None:
         if labels.shape != (samples.shape[0],):
             raise ValueError(
-                f"digits_metrics: labels must be (N,) = ({samples.shape[0]},), "
-                f"got shape {tuple(labels.shape)}"
+                f"digits_metrics: labels must be (N,) = ({samples.shape[0]},), got shape {tuple(labels.shape)}"
             )
         predicted = classifier.predict(samples).cpu()
         metrics["class_accuracy"] = float((predicted == labels.cpu()).double().mean())

@@ -239,9 +239,7 @@ def test_digits_metrics_exact_values(classifier, digits):
     assert set(result) == {"class_accuracy", "fd_pixel", "fd_features"}
     assert result["class_accuracy"] == classifier.test_accuracy
     assert result["fd_pixel"] == frechet_distance(x_test.flatten(1), x_train.flatten(1))
-    assert result["fd_features"] == frechet_distance(
-        classifier.features(x_test), classifier.features(x_train)
-    )
+    assert result["fd_features"] == frechet_distance(classifier.features(x_test), classifier.features(x_train))
 
     # the training set against itself: both distances vanish
     same = digits_metrics(x_train, None, classifier, x_train)
