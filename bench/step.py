@@ -267,8 +267,16 @@ def run_sampling(preset: str, device: str, threads: int, reps: int, bf16: bool) 
 # ------------------------------------------------------------------------------------------------ the driver
 
 
+# float32 matmul precision of every timed process (--float32-matmul-precision; children are spawned, so it travels
+# in the environment): "highest" is PyTorch's default; "high" lets matmuls and the triton fp32 attention use TF32.
+PRECISION_ENV = "IMF_BENCH_FLOAT32_MATMUL_PRECISION"
+
+
 def _child(queue, fn, args):
     try:
+        import torch
+
+        torch.set_float32_matmul_precision(os.environ.get(PRECISION_ENV, "highest"))
         queue.put(("ok", fn(*args)))
     except Exception as error:  # reported as a row, not a crash of the whole run
         queue.put(("error", f"{type(error).__name__}: {error}"))
@@ -353,7 +361,15 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 16, 2 reps, 1 thread, no compile")
     parser.add_argument("--out", default=None, help="default: bench/results/<device>-step.json")
+    parser.add_argument(
+        "--float32-matmul-precision",
+        choices=("highest", "high", "medium"),
+        default="highest",
+        help="torch.set_float32_matmul_precision for every variant (default: PyTorch's 'highest'; 'high' allows "
+        "TF32 in matmuls and in the triton fp32 attention)",
+    )
     args = parser.parse_args()
+    os.environ[PRECISION_ENV] = args.float32_matmul_precision
     device = "cuda" if on_gpu else "cpu"
     if args.batch is None:
         from imf.config import get_preset
@@ -372,6 +388,7 @@ def main() -> None:
         preset=args.preset,
         batch=args.batch,
         bf16=args.bf16,
+        float32_matmul_precision=args.float32_matmul_precision,
         reps=args.reps,
         targets=TARGETS_GPU if on_gpu else TARGETS_CPU,
         ratio_time="median_s" if on_gpu else "cpu_median_s",
