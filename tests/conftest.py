@@ -32,3 +32,13 @@ def poison_empty():
     yield
     torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
     torch.utils.deterministic.fill_uninitialized_memory = was_filling
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while a test runs: tiny models only pay synchronisation for a second one (5x slower on
+    a busy 2-core machine). Files opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

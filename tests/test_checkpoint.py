@@ -11,14 +11,7 @@ from imf.checkpoint import CheckpointError, atomic_write, load_checkpoint, read_
 from imf.config import get_preset
 from imf.train import build_trainer, make_stream, preset_to_dict
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation (5x slower on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_preset(data: str = "digits"):

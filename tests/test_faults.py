@@ -22,12 +22,7 @@ TINY = ["--preset", "gauss", "--width", "8", "--batch-size", "8", "--warmup-step
 TINY += ["--no-progress", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def env() -> dict:

@@ -20,12 +20,7 @@ FLOORS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.
 NUMBERS = st.sampled_from([1e-5, 0.5, 2.0, 0.0, -1.0, math.nan, math.inf, True, "1"])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(shape, dtype, seed: int, contiguous: bool = True) -> torch.Tensor:

@@ -14,14 +14,7 @@ from imf.model import Cond, IMFNet
 from imf.objectives import IMFObjective
 from imf.train import EMA, BF16Targets, Trainer, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation (5x slower on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class QuadraticObjective:
