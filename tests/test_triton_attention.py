@@ -10,7 +10,6 @@ TF32 floor below. Outputs the launcher allocates are NaN-poisoned first (torch.e
 
 import pytest
 import torch
-import triton
 
 from imf_kernels.triton import attention as attn
 
@@ -201,7 +200,7 @@ def test_picked_configs_obey_gpu_rules(D, dtype):
                 # 32, so fp32 D=128 jvp, limit 16, always loops: its single tile spills)
                 fp32 = dtype == torch.float32
                 limit = (attn._TILES.get((kind, D, fp32)) or attn._TILES[(kind[:3], D, fp32)])[3]
-                padded = max(32 if fp32 else 16, triton.next_power_of_2(Lk))
+                padded = attn.padded_length(Lk, dtype)
                 assert cfg.single_tile == (kind in ("fwd", "jvp") and padded <= limit), (kind, Lk, cfg)
                 assert not cfg.single_tile or Lk <= cfg.block_n
                 assert cfg == attn.pick_config(kind, Lq, Lk, D, dtype)  # deterministic

@@ -308,8 +308,12 @@ def dot_precision(dtype: torch.dtype, matmul_precision: str | None = None) -> st
 FP32_DOT_PRECISIONS = ("tf32x3", "tf32")
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(MIN_DOT, triton.next_power_of_2(n))
+def padded_length(n: int, dtype: torch.dtype) -> int:
+    """A sequence length padded to a tile side: a power of two, at least MIN_DOT (the smallest tl.dot dimension)
+    and at least 32 for fp32: with tf32x3 dots, triton 3.6's backward over a single 16-key tile made an illegal
+    memory access on an H200 (2026-11-26; Lk = 4); padded to 32 every test shape passed."""
+    minimum = 2 * MIN_DOT if dtype == torch.float32 else MIN_DOT
+    return max(minimum, triton.next_power_of_2(n))
 
 
 # (kind, D, fp32 inputs) -> (BLOCK_M, BLOCK_N of the KV loop, its num_warps, longest padded context taken as
@@ -354,11 +358,8 @@ def pick_config(kind: str, Lq: int, Lk: int, D: int, dtype: torch.dtype, *, kv_l
         raise ValueError(f"attention (triton): head dim D={D} not in {HEAD_DIMS}")
     fp32 = dtype == torch.float32
     block_m, loop_n, loop_warps, single_max, single_warps = _TILES.get((kind, D, fp32)) or _TILES[(kind[:3], D, fp32)]
-    # fp32 pads short sequences to 32, not 16: with tf32x3 dots, triton 3.6's backward over a single 16-key tile
-    # made an illegal memory access on an H200 (2026-11-26; Lk = 4); padded to 32 every test shape passed.
-    min_pad = 2 * MIN_DOT if fp32 else MIN_DOT
-    padded_lk = max(min_pad, triton.next_power_of_2(Lk))
-    block_m = min(block_m, max(min_pad, triton.next_power_of_2(Lq)))
+    padded_lk = padded_length(Lk, dtype)
+    block_m = min(block_m, padded_length(Lq, dtype))
     single = padded_lk <= single_max if kv_loop is None else not kv_loop
     if kind.startswith("bwd"):
         block_n = padded_lk if single else min(loop_n, padded_lk)
