@@ -12,6 +12,7 @@ What the sweep finds goes into the launchers' tables by hand (and through tests/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -19,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_name, measure  # noqa: E402
@@ -27,18 +29,51 @@ from common import copy_bandwidth, device_name, measure  # noqa: E402
 GN_SHAPES = ((256, 32), (768, 32), (512, 16), (1280, 16), (512, 8), (1536, 8))
 # (B, H, Lq, Lk, D): latent-b cross-attention at 32x32 and self-attention at 8x8 (bench/ops.py's rows).
 ATTN_SHAPES = ((256, 4, 1024, 24, 64), (256, 12, 64, 64, 64))
-DEADLINE: float | None = None  # perf_counter time after which no new config starts (--max-seconds)
 
 
-def out_of_time() -> bool:
-    return DEADLINE is not None and time.perf_counter() > DEADLINE
+@dataclasses.dataclass
+class Sweep:
+    """Times candidate launch configurations and collects one row per configuration."""
+
+    device: torch.device
+    budget_s: float
+    copy_gbps: float
+    deadline: float | None  # perf_counter time after which no new config starts (--max-seconds)
+    rows: list[dict] = dataclasses.field(default_factory=list)
+
+    def time_configs(self, module, picker: str, configs, default, fn, nbytes: int, label, **row) -> None:
+        """fn() under each config: `module.<picker>` (the launcher's block choice) returns the config for the
+        call. A config that fails (e.g. does not compile) is a row with its reason, not a stop."""
+        original = getattr(module, picker)
+        for config in configs:
+            if self.deadline is not None and time.perf_counter() > self.deadline:
+                return
+            setattr(module, picker, lambda *_, config=config, **__: config)
+            try:
+                ms, note = measure(fn, self.device, budget_s=self.budget_s).median_ms, None
+            except Exception as error:  # noqa: BLE001
+                ms, note = None, f"{type(error).__name__}: {str(error)[:200]}"
+            finally:
+                setattr(module, picker, original)
+            gbps = None if ms is None else nbytes / ms / 1e6
+            self.rows.append(
+                dict(
+                    **row,
+                    config=label(config),
+                    default=config == default,
+                    ms=ms,
+                    gbps=gbps,
+                    copy_fraction=None if gbps is None else gbps / self.copy_gbps,
+                    note=note,
+                )
+            )
 
 
 def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
     from imf_kernels.triton import group_norm as gn
 
-    block_c = 1 << (cpg - 1).bit_length()
-    hw2 = 1 << (hw - 1).bit_length()
+    block_c = triton.next_power_of_2(cpg)
+    hw2 = triton.next_power_of_2(hw)
     total = block_c * hw2
     vector = 16 // dtype.itemsize
     out = []
@@ -53,10 +88,18 @@ def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
     return out
 
 
-def sweep_group_norm(device, dtype, budget, copy_gbps, rows, batch=256, shapes=GN_SHAPES):
+def gn_label(blocks) -> str:
+    return f"c{blocks.block_c} hw{blocks.block_hw} {'single' if blocks.single_tile else 'chunk'} w{blocks.num_warps}"
+
+
+def attention_label(cfg) -> str:
+    return f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{' single' if cfg.single_tile else ''}"
+
+
+def sweep_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES):
     from imf_kernels.triton import group_norm as gn
 
-    original = gn.pick_blocks
+    device = sweep.device
     for channels, res in shapes:
         b, g = batch, 32
         x, dx, grad_y = (torch.randn(b, channels, res, res, device=device, dtype=dtype) for _ in range(3))
@@ -73,42 +116,22 @@ def sweep_group_norm(device, dtype, budget, copy_gbps, rows, batch=256, shapes=G
             ),
             "bwd": (3 * n * e, partial(gn.gn_act_bwd, grad_y, x, g, weight, bias, scale, shift, mean, rstd, "silu")),
         }
-        default = original(channels // g, res * res, dtype)
+        default = gn.pick_blocks(channels // g, res * res, dtype)
+        candidates = gn_candidates(channels // g, res * res, dtype)
         for pass_name, (nbytes, fn) in passes.items():
-            for blocks in gn_candidates(channels // g, res * res, dtype):
-                if out_of_time():
-                    break
-                gn.pick_blocks = lambda *_, blocks=blocks: blocks
-                try:
-                    timing = measure(fn, device, budget_s=budget)
-                    ms, note = timing.median_ms, None
-                except Exception as error:  # noqa: BLE001 - a config that fails to compile is a row, not a stop
-                    ms, note = None, f"{type(error).__name__}: {str(error)[:200]}"
-                finally:
-                    gn.pick_blocks = original
-                rows.append(
-                    dict(
-                        family="group_norm",
-                        shape=f"B{b} C{channels} {res}x{res} G{g}",
-                        pass_=pass_name,
-                        config=f"c{blocks.block_c} hw{blocks.block_hw} {'single' if blocks.single_tile else 'chunk'}"
-                        f" w{blocks.num_warps}",
-                        default=blocks == default,
-                        ms=ms,
-                        gbps=None if ms is None else nbytes / ms / 1e6,
-                        copy_fraction=None if ms is None else nbytes / ms / 1e6 / copy_gbps,
-                        note=note,
-                    )
-                )
+            sweep.time_configs(
+                gn, "pick_blocks", candidates, default, fn, nbytes, gn_label,
+                family="group_norm", shape=f"B{b} C{channels} {res}x{res} G{g}", pass_=pass_name,
+            )  # fmt: skip
         del x, dx, grad_y
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def sweep_attention(device, dtype, budget, copy_gbps, rows, shapes=ATTN_SHAPES):
+def sweep_attention(sweep: Sweep, dtype, shapes=ATTN_SHAPES):
     from imf_kernels.triton import attention as attn
 
-    original = attn.pick_config
+    device = sweep.device
     for b, h, lq, lk, d in shapes:
         q, dq = (torch.randn(b, h, lq, d, device=device, dtype=dtype) for _ in range(2))
         k, v, dk, dv = (torch.randn(b, h, lk, d, device=device, dtype=dtype) for _ in range(4))
@@ -119,43 +142,22 @@ def sweep_attention(device, dtype, budget, copy_gbps, rows, shapes=ATTN_SHAPES):
             "fwd": ((2 * qn + 2 * kn) * e, partial(attn.attention_fwd, q, k, v, scale)),
             "jvp": ((4 * qn + 4 * kn) * e, partial(attn.attention_jvp_fwd, q, k, v, dq, dk, dv, scale)),
         }
+        padded = attn.padded_length(lk, dtype)
+        candidates = [
+            attn.BlockConfig(bm, padded, warps, 1, single_tile=True)
+            for bm in (32, 64, 128)
+            for warps in (2, 4, 8)
+            if padded <= attn.SHORT_CONTEXT_MAX
+        ]
+        candidates += [attn.BlockConfig(bm, bn, warps, stages) for bm, bn, warps, stages in (
+            (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3))
+            if bn <= padded]  # fmt: skip
         for pass_name, (nbytes, fn) in passes.items():
-            default = original(pass_name, lq, lk, d, dtype)
-            padded = max(16, 1 << (lk - 1).bit_length())
-            candidates = [
-                attn.BlockConfig(bm, padded, warps, 1, single_tile=True)
-                for bm in (32, 64, 128)
-                for warps in (2, 4, 8)
-                if padded <= attn.SHORT_CONTEXT_MAX
-            ]
-            candidates += [attn.BlockConfig(bm, bn, warps, stages) for bm, bn, warps, stages in (
-                (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3))
-                if bn <= padded]  # fmt: skip
-            for cfg in candidates:
-                if out_of_time():
-                    break
-                attn.pick_config = lambda *_, cfg=cfg, **__: cfg
-                try:
-                    timing = measure(fn, device, budget_s=budget)
-                    ms, note = timing.median_ms, None
-                except Exception as error:  # noqa: BLE001
-                    ms, note = None, f"{type(error).__name__}: {str(error)[:200]}"
-                finally:
-                    attn.pick_config = original
-                rows.append(
-                    dict(
-                        family="attention",
-                        shape=f"B{b} H{h} Lq{lq} Lk{lk} D{d}",
-                        pass_=pass_name,
-                        config=f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
-                        f"{' single' if cfg.single_tile else ''}",
-                        default=cfg == default,
-                        ms=ms,
-                        gbps=None if ms is None else nbytes / ms / 1e6,
-                        copy_fraction=None if ms is None else nbytes / ms / 1e6 / copy_gbps,
-                        note=note,
-                    )
-                )
+            default = attn.pick_config(pass_name, lq, lk, d, dtype)
+            sweep.time_configs(
+                attn, "pick_config", candidates, default, fn, nbytes, attention_label,
+                family="attention", shape=f"B{b} H{h} Lq{lq} Lk{lk} D{d}", pass_=pass_name,
+            )  # fmt: skip
         del q, dq, k, v, dk, dv
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -185,14 +187,14 @@ def main() -> int:
     torch.manual_seed(0)
     copy_gbps, _ = copy_bandwidth(device)
     print(f"{device_name(device)}: device-to-device copy {copy_gbps:.1f} GB/s", flush=True)
-    rows: list[dict] = []
     started = time.perf_counter()
-    global DEADLINE
-    DEADLINE = None if args.max_seconds is None else started + args.max_seconds
+    deadline = None if args.max_seconds is None else started + args.max_seconds
+    sweep = Sweep(device, args.budget, copy_gbps, deadline)
     if "group_norm" in args.families:
-        sweep_group_norm(device, dtype, args.budget, copy_gbps, rows, **gn_kwargs)
+        sweep_group_norm(sweep, dtype, **gn_kwargs)
     if "attention" in args.families:
-        sweep_attention(device, dtype, args.budget, copy_gbps, rows, **attn_kwargs)
+        sweep_attention(sweep, dtype, **attn_kwargs)
+    rows = sweep.rows
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["family"], row["shape"], row["pass_"]), []).append(row)
