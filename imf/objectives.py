@@ -194,15 +194,19 @@ class IMFObjective:
         v_t = d.e - x
         # omega' = omega inside the guidance interval, else 1 (on fm rows the interval is (0, 1): omega' = omega)
         omega_p = torch.where((d.t_min <= d.t) & (d.t <= d.t_max), d.omega, torch.ones_like(d.omega))
-        # v_c, v_u and v_c' in one batched v-head call at h = 0, interval (0, 1); v_c' only where omega' != omega
+        # One batched v-head call at h = 0, interval (0, 1): v_c on every row (where omega' == omega it is also the
+        # tangent v_c'); v_u only where the guidance weight 1 - 1/omega' is not 0 (v_g = v_t exactly elsewhere: all
+        # rows of an omega = 1 run); v_c' only where omega' != omega. These two row sets are disjoint (omega' != omega
+        # means omega' = 1), so the call has at most 2B rows.
+        guided = torch.nonzero(omega_p != 1).flatten()
         differ = torch.nonzero(omega_p != d.omega).flatten()
         null = torch.full_like(y, model.cfg.num_classes)
         zero, one = torch.zeros_like(d.t), torch.ones_like(d.t)
-        idx = torch.cat([torch.arange(b, device=x.device), torch.arange(b, device=x.device), differ])
+        idx = torch.cat([torch.arange(b, device=x.device), guided, differ])
         cond = Cond(
-            h=torch.zeros_like(d.t[idx]),
-            y=torch.cat([y, null, y[differ]]),
-            omega=torch.cat([d.omega, one, omega_p[differ]]),
+            h=zero[idx],
+            y=torch.cat([y, null[guided], y[differ]]),
+            omega=torch.cat([d.omega, one[guided], omega_p[differ]]),
             t_min=zero[idx],
             t_max=one[idx],
             t=d.t[idx],
@@ -210,10 +214,11 @@ class IMFObjective:
         with target_autocast(self.bf16, x):
             v_all = (model.fused_v if runs_fused(model, self.jvp) else model.v)(z[idx], cond)
         v_all = v_all.to(x.dtype)
-        v_c, v_u = v_all[:b], v_all[b : 2 * b]
+        v_c, v_u, v_differ = v_all.split([b, guided.numel(), differ.numel()])
         v_cp = v_c.clone()
-        v_cp[differ] = v_all[2 * b :]
-        v_g = v_t + _col(1 - 1 / omega_p, x) * (v_cp - v_u)
+        v_cp[differ] = v_differ
+        v_g = v_t.clone()
+        v_g[guided] = v_t[guided] + _col(1 - 1 / omega_p[guided], v_u) * (v_cp[guided] - v_u)
         return z, v_t, v_g, v_cp
 
     def loss_from_draws(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws):

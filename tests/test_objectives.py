@@ -133,6 +133,30 @@ def test_imf_loss_equals_the_formula_step_by_step():
         torch.testing.assert_close(terms[key], ref[key], rtol=1e-12, atol=1e-12, msg=key)
 
 
+@pytest.mark.parametrize("omega_max", [8.0, 1.0])
+def test_target_call_evaluates_only_the_rows_it_needs(omega_max):
+    """One no-grad v-head call: v_c on every row, v_u only where 1 - 1/omega' != 0, v_c' only where omega' != omega:
+    2B rows when omega > 1 (each row is inside its interval or has omega' = 1 != omega), B when omega is always 1;
+    the same targets as the three full evaluations."""
+    net = TinyNet()
+    calls = []
+    v = net.v
+    net.v = lambda z, cond: calls.append(z.shape[0]) or v(z, cond)
+    x, y = batch()
+    obj = IMFObjective(omega_max=omega_max)
+    d = obj.draw(x, torch.Generator().manual_seed(6))
+    terms = obj.terms(net, x, y, d)
+    omega_p = torch.where((d.t_min <= d.t) & (d.t <= d.t_max), d.omega, torch.ones_like(d.omega))
+    n = len(y)
+    want = n + int((omega_p != 1).sum()) + int((omega_p != d.omega).sum())
+    assert calls[0] == want == (2 * n if omega_max > 1 else n)  # calls[1] is the forward pass's v
+    assert omega_max == 1 or 0 < int((omega_p != d.omega).sum()) < n  # the draw has rows of both kinds
+    del net.v
+    ref = imf_by_hand(net, x, y, d)
+    for key in ("v_g", "v_cp", "loss"):
+        torch.testing.assert_close(terms[key], ref[key], rtol=1e-12, atol=1e-12, msg=key)
+
+
 def test_fm_rows_give_u_at_h_zero_and_dropped_rows_regress_on_e_minus_x():
     net = TinyNet()
     x, y = batch()
