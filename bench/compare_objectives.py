@@ -145,7 +145,13 @@ def run_one(name: str, args: dict, out: str, snapshots: str) -> None:
         model,
         make_objective(spec["objective"], **spec["kwargs"]),
         lambda: data.sample(args["batch"], data_gen),
-        TrainConfig(batch_size=args["batch"], lr=args["lr"], warmup_steps=50, ema_decay=0.995, seed=args["seed"]),
+        TrainConfig(
+            batch_size=args["batch"],
+            lr=args["lr"],
+            warmup_steps=50,
+            ema_decay=args["ema_decay"],
+            seed=args["seed"],
+        ),
     )
     # only runs with multi-step metrics need their checkpoints kept for the equal-steps evaluation
     keep_snapshots = len(checkpoint_metrics(name)) < len(spec["metrics"])
@@ -316,6 +322,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     ap.add_argument("--lr", type=float, default=2e-3, help="learning rate, the same for every run (default 2e-3)")
     ap.add_argument(
+        "--ema-decay", type=float, default=0.995, help="EMA decay of the evaluated weights, every run (default 0.995)"
+    )
+    ap.add_argument(
         "--cooldown",
         type=float,
         default=0.0,
@@ -359,6 +368,7 @@ def main() -> None:
         eval_every=args.eval_every,
         batch=args.batch,
         lr=args.lr,
+        ema_decay=args.ema_decay,
         cooldown=args.cooldown,
         n_eval=args.n_eval,
         seed=args.seed,
