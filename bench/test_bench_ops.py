@@ -178,11 +178,11 @@ def test_floor_bytes_are_every_launcher_input_read_once_and_output_written_once(
     t = torch.rand(shape.batch)
     r = t * torch.rand(shape.batch)
     loss = {case.op: case.nbytes for case in ops.loss_cases(shape, ("test",), CPU, dtype)}
-    loss_u, loss_v, w_u, w_v = torch_loss.imf_loss_fwd(u, du, v, v_target, t, r, 0.01, 1.0)
+    loss_u, loss_v, w_u, w_v, _ = torch_loss.imf_loss_fwd(u, du, v, v_target, t, r, 0.01, 1.0)
     assert loss["imf_loss.fwd"] == _nbytes(u, du, v, v_target, t, r) + _nbytes(loss_u, loss_v, w_u, w_v)
     grads = torch_loss.imf_loss_bwd(torch.tensor(1.0), u, du, v, v_target, t, r, w_u, w_v)
     assert loss["imf_loss.bwd"] == _nbytes(u, du, v, v_target, t, r, w_u, w_v) + _nbytes(*grads)
-    loss_per_sample, weight = torch_loss.meanflow_loss_fwd(u, du, v_target, t, r, 0.01, 1.0)
+    loss_per_sample, weight, _ = torch_loss.meanflow_loss_fwd(u, du, v_target, t, r, 0.01, 1.0)
     assert loss["mf_loss.fwd"] == _nbytes(u, du, v_target, t, r) + _nbytes(loss_per_sample, weight)
     grad_u = torch_loss.meanflow_loss_bwd(torch.tensor(1.0), u, du, v_target, t, r, weight)
     assert loss["mf_loss.bwd"] == _nbytes(u, du, v_target, t, r, weight) + _nbytes(grad_u)

@@ -436,18 +436,20 @@ class _AttentionJvp(torch.autograd.Function):
 
 @_signature_once
 class _ImfLoss(torch.autograd.Function):
-    """(loss, loss_u, loss_v) with loss = mean_b(w_u loss_u + w_v loss_v); differentiable in u and v only."""
+    """(loss, stats, w_u, w_v) with loss = mean_b(w_u loss_u + w_v loss_v) and stats = [mean_b loss_u,
+    mean_b loss_v]; loss and stats are views of the launcher's totals (no kernel of their own). Differentiable
+    in u and v only."""
 
     @staticmethod
     def forward(family, u, du, v, v_target, t, r, c, p):
-        loss_u, loss_v, w_u, w_v = family.imf_loss_fwd(u, du, v, v_target, t, r, c, p)
-        return (w_u * loss_u + w_v * loss_v).mean(), loss_u, loss_v, w_u, w_v
+        _, _, w_u, w_v, totals = family.imf_loss_fwd(u, du, v, v_target, t, r, c, p)
+        return totals[0], totals[1:], w_u, w_v
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         family, u, du, v, v_target, t, r, _, _ = inputs
-        _, loss_u, loss_v, w_u, w_v = output
-        ctx.mark_non_differentiable(loss_u, loss_v, w_u, w_v)
+        _, stats, w_u, w_v = output
+        ctx.mark_non_differentiable(stats, w_u, w_v)
         ctx.family = family
         ctx.save_for_backward(u, du, v, v_target, t, r, w_u, w_v)
 
@@ -462,18 +464,19 @@ class _ImfLoss(torch.autograd.Function):
 
 @_signature_once
 class _MeanflowLoss(torch.autograd.Function):
-    """(loss, loss_per_sample) with loss = mean_b(w L); differentiable in u only."""
+    """(loss, stats, w) with loss = mean_b(w L) and stats = [mean_b L], views of the launcher's totals;
+    differentiable in u only."""
 
     @staticmethod
     def forward(family, u, du, v_target, t, r, c, p):
-        loss_per_sample, w = family.meanflow_loss_fwd(u, du, v_target, t, r, c, p)
-        return (w * loss_per_sample).mean(), loss_per_sample, w
+        _, w, totals = family.meanflow_loss_fwd(u, du, v_target, t, r, c, p)
+        return totals[0], totals[1:], w
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         family, u, du, v_target, t, r, _, _ = inputs
-        _, loss_per_sample, w = output
-        ctx.mark_non_differentiable(loss_per_sample, w)
+        _, stats, w = output
+        ctx.mark_non_differentiable(stats, w)
         ctx.family = family
         ctx.save_for_backward(u, du, v_target, t, r, w)
 
@@ -601,15 +604,14 @@ def imf_loss(
     Returns (loss, stats): loss a 0-d tensor with gradients into u and v only (du, v_target, t, r are
     constants), float32 for float16, bfloat16 and float32 inputs and float64 for float64 inputs (the
     accumulation dtype); stats {"loss_u", "loss_v"}: batch means of the per-sample sums, detached, same dtype.
+    loss and stats are views of one buffer the kernels write: clone a stat before changing it in place.
     """
     op = "imf_loss"
     args = dict(u=u, du=du, v=v, v_target=v_target, t=t, r=r, c=c, p=p)
     _check_loss(op, args, ("u", "du", "v", "v_target"))
     _, family = dispatch.select(op, args, backend)
-    loss, loss_u, loss_v, _, _ = _apply(
-        _ImfLoss, family, u, du, v, v_target, args["t"], args["r"], args["c"], args["p"]
-    )
-    return loss, {"loss_u": loss_u.mean(), "loss_v": loss_v.mean()}
+    loss, stats, _, _ = _apply(_ImfLoss, family, u, du, v, v_target, args["t"], args["r"], args["c"], args["p"])
+    return loss, {"loss_u": stats[0], "loss_v": stats[1]}
 
 
 def meanflow_loss(
@@ -627,13 +629,12 @@ def meanflow_loss(
 
     Here h = clip(t - r, 0, 1). Returns (loss, stats): loss a 0-d tensor with gradients into u only,
     float32 for float16, bfloat16 and float32 inputs and float64 for float64 inputs (the accumulation
-    dtype); stats {"loss"}: the batch mean of the per-sample sums, detached, same dtype.
+    dtype); stats {"loss"}: the batch mean of the per-sample sums, detached, same dtype. loss and stats are
+    views of one buffer the kernels write: clone a stat before changing it in place.
     """
     op = "meanflow_loss"
     args = dict(u=u, du=du, v_target=v_target, t=t, r=r, c=c, p=p)
     _check_loss(op, args, ("u", "du", "v_target"))
     _, family = dispatch.select(op, args, backend)
-    loss, loss_per_sample, _ = _apply(
-        _MeanflowLoss, family, u, du, v_target, args["t"], args["r"], args["c"], args["p"]
-    )
-    return loss, {"loss": loss_per_sample.mean()}
+    loss, stats, _ = _apply(_MeanflowLoss, family, u, du, v_target, args["t"], args["r"], args["c"], args["p"])
+    return loss, {"loss": stats[0]}

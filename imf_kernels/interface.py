@@ -38,13 +38,18 @@ attention (DESIGN 4.3), q: (B, H, Lq, D), k, v: (B, H, Lk, D); s = scale * q k^T
     attention_bwd(grad_o, q, k, v, o, lse, scale) -> (grad_q, grad_k, grad_v)
 
 loss (DESIGN 2.2 / 2.3), u, du, v, v_target: (B, ...) same shape; t, r: (B,) float32;
-per-sample sums over all non-batch dims; weights w = 1 / (L + c)^p are constants (stop-gradient):
-    imf_loss_fwd(u, du, v, v_target, t, r, c, p) -> (loss_u, loss_v, w_u, w_v)   # each (B,) float32
+per-sample sums over all non-batch dims; weights w = 1 / (L + c)^p are constants (stop-gradient). The forward
+launchers also return the batch totals the public op needs (its loss and its stats), so it adds no kernel;
+per-sample outputs and totals are float32 (float64 for float64 inputs on the torch backend, as every statistic):
+    imf_loss_fwd(u, du, v, v_target, t, r, c, p) -> (loss_u, loss_v, w_u, w_v, totals)
+        loss_u, loss_v, w_u, w_v: (B,); totals: (3,)
         V = u + (t - r) du;  loss_u = sum((V - v_target)^2);  loss_v = sum((v - v_target)^2)
-        total loss = mean_b(w_u * loss_u + w_v * loss_v)
+        totals = [mean_b(w_u * loss_u + w_v * loss_v), mean_b(loss_u), mean_b(loss_v)]
     imf_loss_bwd(grad_total, u, du, v, v_target, t, r, w_u, w_v) -> (grad_u, grad_v)
-        grad_total: 0-d float32 tensor (gradient of the mean); grad_u = grad_total * 2 w_u (V - v_target) / B
-    meanflow_loss_fwd(u, du, v_target, t, r, c, p) -> (loss, w)                      # each (B,) float32
-        u_tgt = v_target - clip(t - r, 0, 1) du;  loss = sum((u - u_tgt)^2);  total = mean_b(w * loss)
+        grad_total: 0-d float32 tensor (gradient of totals[0]); grad_u = grad_total * 2 w_u (V - v_target) / B
+    meanflow_loss_fwd(u, du, v_target, t, r, c, p) -> (loss, w, totals)
+        loss, w: (B,); totals: (2,)
+        u_tgt = v_target - clip(t - r, 0, 1) du;  loss = sum((u - u_tgt)^2)
+        totals = [mean_b(w * loss), mean_b(loss)]
     meanflow_loss_bwd(grad_total, u, du, v_target, t, r, w) -> grad_u
 """

@@ -509,7 +509,7 @@ def check_imf_loss(shape, dtype, c, p):
     u, du, v, v_target, t, r = loss_inputs(shape, dtype, seed=7)
     u_d, du_d, v_d, vt_d = (on_device(x, dtype) for x in (u, du, v, v_target))
     t_d, r_d = on_device(t, torch.float32), on_device(r, torch.float32)
-    outputs = cuda_loss.imf_loss_fwd(u_d, du_d, v_d, vt_d, t_d, r_d, c, p)
+    *outputs, _ = cuda_loss.imf_loss_fwd(u_d, du_d, v_d, vt_d, t_d, r_d, c, p)
     loss_references = reference_imf_loss(u, du, v, v_target, t, r, c, p)[1:]
     torch_values = reference_imf_loss(u_d, du_d, v_d, vt_d, t_d.to(dtype), r_d.to(dtype), c, p)[1:]
     for name, value, torch_value, reference in zip(
@@ -548,7 +548,7 @@ def check_meanflow_loss(shape, dtype, c, p):
     u, du, _, v_target, t, r = loss_inputs(shape, dtype, seed=8)
     u_d, du_d, vt_d = (on_device(x, dtype) for x in (u, du, v_target))
     t_d, r_d = on_device(t, torch.float32), on_device(r, torch.float32)
-    loss, w = cuda_loss.meanflow_loss_fwd(u_d, du_d, vt_d, t_d, r_d, c, p)
+    loss, w, _ = cuda_loss.meanflow_loss_fwd(u_d, du_d, vt_d, t_d, r_d, c, p)
     _, loss_ref, w_ref = reference_meanflow_loss(u, du, v_target, t, r, c, p)
     _, loss_torch, w_torch = reference_meanflow_loss(u_d, du_d, vt_d, t_d.to(dtype), r_d.to(dtype), c, p)
     assert loss.dtype == w.dtype == torch.float32
@@ -630,7 +630,7 @@ def test_launches_follow_the_current_stream_and_capture_in_a_cuda_graph():
         gn_grads_ = cuda_group_norm.gn_act_bwd(grad_y, x, 32, None, None, scale, None, mean, rstd, "silu")
         o, do, lse = cuda_attention.attention_jvp_fwd(q, k, v, dq, dk, dv, 0.125)
         attention_grads_ = cuda_attention.attention_bwd(grad_o, q, k, v, o, lse, 0.125)
-        loss_u, loss_v, w_u, w_v = cuda_loss.imf_loss_fwd(u, du, vv, v_target, t, r, 0.01, 1.0)
+        loss_u, loss_v, w_u, w_v, _ = cuda_loss.imf_loss_fwd(u, du, vv, v_target, t, r, 0.01, 1.0)
         loss_grads = cuda_loss.imf_loss_bwd(grad_total, u, du, vv, v_target, t, r, w_u, w_v)
         outputs = [y, dy, mean, rstd, gn_grads_[0], gn_grads_[3], o, do, lse, *attention_grads_]
         return [*outputs, loss_u, loss_v, w_u, w_v, *loss_grads]

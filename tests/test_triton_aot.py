@@ -134,7 +134,8 @@ def test_every_spec_compiles_for_sm90_and_fits_h100(compiled_rows):
 
 def test_specs_cover_every_config_picked_for_the_presets():
     """Each (pass, blocks, num_warps) the launchers pick for the preset shapes, in every dtype, has a spec
-    (fp16 picks the blocks of bf16, so its bf16 spec covers it)."""
+    (fp16 picks the blocks of bf16, so its bf16 spec covers it); for the loss, each kernel of both launches of the
+    forward and the backward, for both losses."""
     import torch
 
     from imf_kernels.triton import group_norm, loss
@@ -144,18 +145,34 @@ def test_specs_cover_every_config_picked_for_the_presets():
         for spec in group_norm.aot_specs()
     }
     loss_compiled = {
-        (spec["name"].split("_loss_")[1].split("_")[0], spec["constexprs"]["BLOCK"], spec["num_warps"])
-        for spec in loss.aot_specs()
+        (spec["fn"].__name__, tuple(sorted(spec["constexprs"].items())), spec["num_warps"]) for spec in loss.aot_specs()
     }
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for _, channels, height, width, num_groups in group_norm.AOT_SHAPES:
             for pass_name in ("fwd", "jvp", "bwd"):
                 blocks = group_norm.pick_blocks(channels // num_groups, height * width, dtype)
                 assert (pass_name, blocks.block_c, blocks.block_hw, blocks.num_warps) in gn_compiled
-        for _, *sample in loss.AOT_SHAPES:
-            for pass_name in ("fwd", "bwd"):
-                block, num_warps = loss.pick_block(sample[0] * sample[1] * sample[2], dtype, pass_name)
-                assert (pass_name, block, num_warps) in loss_compiled
+        for batch, *sample in loss.AOT_SHAPES:
+            numel_per_sample = sample[0] * sample[1] * sample[2]
+            forward = loss.pick_forward(batch, numel_per_sample, dtype)
+            block, num_warps = loss.pick_block(numel_per_sample, dtype)
+            for with_v, clip_gap in ((True, False), (False, True)):
+                flags = {"WITH_V": with_v, "CLIP_GAP": clip_gap}
+                launches = (
+                    (
+                        "_loss_partial_kernel",
+                        {"CHUNK": forward.chunk, "BLOCK": forward.block, **flags},
+                        forward.num_warps,
+                    ),
+                    (
+                        "_loss_finish_kernel",
+                        {"BLOCK_B": forward.finish_block_b, "BLOCK_C": forward.finish_block_c, "WITH_V": with_v},
+                        forward.finish_num_warps,
+                    ),
+                    ("_loss_bwd_kernel", {"BLOCK": block, **flags}, num_warps),
+                )
+                for kernel, constexprs, warps in launches:
+                    assert (kernel, tuple(sorted(constexprs.items())), warps) in loss_compiled, (kernel, constexprs)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Launcher-level parity of the fused Triton iMF and MeanFlow losses (DESIGN 2.2, 2.3) with their formulas
-in float64: per-sample losses and weights, and the gradients (autograd of mean_b(stopgrad(w) L)).
+in float64: per-sample losses and weights, the batch totals [mean_b(w L), mean_b L_u (, mean_b L_v)], and the
+gradients (autograd of mean_b(stopgrad(w) L)).
 
 The kernel's error must be at most 2x the error of the same formulas run by PyTorch in the kernel's dtype,
 plus a small floor.
@@ -17,7 +18,9 @@ HAS_CUDA = torch.cuda.is_available()
 # Error floor relative to the largest reference magnitude of each output: a few units in the last place of
 # fp32; half a unit (the output's own rounding) of fp16 and bf16 for the gradients, which have that dtype.
 FLOOR = {torch.float32: 3e-7, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-SHAPES = [(3, 3, 5, 7), (1, 4, 8, 8), (2, 3, 32, 32)]
+# Odd per-sample sizes smaller than one block, batch 1, several chunks per sample (3072 = 3 x 1024), chunks of
+# two blocks with a partial last one (17500 = 8 x 2048 + 1116), and a batch above the finish program's 256.
+SHAPES = [(3, 3, 5, 7), (1, 4, 8, 8), (2, 3, 32, 32), (2, 5, 3500), (300, 5)]
 
 
 @contextlib.contextmanager
@@ -77,6 +80,10 @@ def reference(inputs: dict, c: float, p: float, meanflow: bool) -> dict:
         w_v = (loss_v.detach() + c) ** -p
         total = total + w_v * loss_v
         result.update(loss_v=loss_v, w_v=w_v)
+    # the totals: one output each, so that each has its own error floor (their magnitudes differ)
+    result.update(total=total.mean(), mean_loss_u=loss_u.mean())
+    if not meanflow:
+        result["mean_loss_v"] = result["loss_v"].mean()
     total.mean().backward(inputs["grad_total"].to(dtype))
     result["grad_u"] = u.grad
     if not meanflow:
@@ -106,18 +113,22 @@ def run_and_check(shape, dtype, device, c, p, meanflow, seed) -> None:
     u, du, v, v_target, t, r = (inputs[name] for name in ("u", "du", "v", "v_target", "t", "r"))
     with poisoned_allocations():
         if meanflow:
-            loss_u, w_u = triton_loss.meanflow_loss_fwd(u, du, v_target, t, r, c, p)
+            loss_u, w_u, totals = triton_loss.meanflow_loss_fwd(u, du, v_target, t, r, c, p)
             grad_u = triton_loss.meanflow_loss_bwd(inputs["grad_total"], u, du, v_target, t, r, w_u)
             outputs = {"loss_u": loss_u, "w_u": w_u, "grad_u": grad_u}
         else:
-            loss_u, loss_v, w_u, w_v = triton_loss.imf_loss_fwd(u, du, v, v_target, t, r, c, p)
+            loss_u, loss_v, w_u, w_v, totals = triton_loss.imf_loss_fwd(u, du, v, v_target, t, r, c, p)
             grad_u, grad_v = triton_loss.imf_loss_bwd(inputs["grad_total"], u, du, v, v_target, t, r, w_u, w_v)
             outputs = {"loss_u": loss_u, "loss_v": loss_v, "w_u": w_u, "w_v": w_v, "grad_u": grad_u, "grad_v": grad_v}
+    total_names = ("total", "mean_loss_u") if meanflow else ("total", "mean_loss_u", "mean_loss_v")
+    assert totals.shape == (len(total_names),) and totals.dtype == torch.float32
+    outputs.update(zip(total_names, totals, strict=True))
     assert outputs.keys() == exact.keys()
     for name, value in outputs.items():
         expected_dtype = dtype if name.startswith("grad") else torch.float32
         assert value.dtype == expected_dtype, f"{name}: dtype {value.dtype}, expected {expected_dtype}"
-        assert value.shape == (shape if name.startswith("grad") else shape[:1])
+        expected_shape = shape if name.startswith("grad") else (() if value.dim() == 0 else shape[:1])
+        assert value.shape == expected_shape, name
         baseline = same_dtype[name] if name.startswith("grad") else in_float32[name]
         assert_close_to_reference(name, value, exact[name], baseline, expected_dtype)
 
@@ -140,13 +151,43 @@ def test_loss_matches_reference_at_model_shapes(shape, dtype, meanflow):
     run_and_check(shape, dtype, "cuda", 0.01, 1.0, meanflow, seed=2)
 
 
+def test_forward_is_deterministic():
+    """Partial sums per (sample, chunk) and one finish program in a fixed order, no atomics: bitwise repeatable."""
+    inputs = make_inputs((300, 2, 700), torch.float32, "cuda" if HAS_CUDA else "cpu", seed=3)
+    args = [inputs[name] for name in ("u", "du", "v", "v_target", "t", "r")]
+    first, second = (triton_loss.imf_loss_fwd(*args, 0.01, 1.0) for _ in range(2))
+    for name, value, again in zip(("loss_u", "loss_v", "w_u", "w_v", "totals"), first, second, strict=True):
+        assert torch.equal(value, again), name
+
+
 def test_block_picker_follows_gpu_rules():
-    # Exact (BLOCK, num_warps): one 16-byte vector per thread, BLOCK capped at 2048 (fwd) / 1024 (bwd).
-    assert triton_loss.pick_block(105, torch.float32, "fwd") == (128, 1)
-    assert triton_loss.pick_block(4096, torch.float32, "fwd") == (2048, 8)
-    assert triton_loss.pick_block(3072, torch.float16, "fwd") == (2048, 8)
-    assert triton_loss.pick_block(3072, torch.bfloat16, "bwd") == (1024, 4)
-    assert triton_loss.pick_block(1, torch.float32, "bwd") == (1, 1)
+    # Exact (BLOCK, num_warps): one 16-byte vector per thread, BLOCK capped at 1024.
+    assert triton_loss.pick_block(105, torch.float32) == (128, 1)
+    assert triton_loss.pick_block(4096, torch.float32) == (1024, 8)
+    assert triton_loss.pick_block(3072, torch.float16) == (1024, 4)
+    assert triton_loss.pick_block(3072, torch.bfloat16) == (1024, 4)
+    assert triton_loss.pick_block(1, torch.float32) == (1, 1)
+
+
+def test_forward_picker():
+    # latent-b at the benchmark's batch: 256 samples x 4 chunks = 1024 programs, then one finish program over the
+    # whole batch in one [256 samples, 4 partials] tile.
+    assert triton_loss.pick_forward(256, 4 * 32 * 32, torch.bfloat16) == triton_loss.ForwardLaunch(
+        chunk=1024, block=1024, num_warps=4, num_chunks=4, finish_block_b=256, finish_block_c=4, finish_num_warps=8
+    )
+    # A sample smaller than a block: one chunk; a batch above 256 loops in the finish program.
+    assert triton_loss.pick_forward(300, 5, torch.float32) == triton_loss.ForwardLaunch(
+        chunk=8, block=8, num_warps=1, num_chunks=1, finish_block_b=256, finish_block_c=1, finish_num_warps=2
+    )
+    # 3x256x256 pixels: chunks of 16 blocks, 12 per sample.
+    assert triton_loss.pick_forward(2, 3 * 256 * 256, torch.float16) == triton_loss.ForwardLaunch(
+        chunk=16384, block=1024, num_warps=4, num_chunks=12, finish_block_b=2, finish_block_c=16, finish_num_warps=1
+    )
+    for numel in range(1, 300_000, 997):
+        launch = triton_loss.pick_forward(7, numel, torch.float32)
+        assert launch.chunk % launch.block == 0 and launch.num_chunks <= 16, numel
+        assert (launch.num_chunks - 1) * launch.chunk < numel <= launch.num_chunks * launch.chunk, numel
+        assert launch.finish_block_c >= launch.num_chunks, numel
 
 
 @pytest.mark.parametrize("block, num_warps", [(96, 1), (128, 3), (0, 1)])

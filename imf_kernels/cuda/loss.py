@@ -1,7 +1,8 @@
 """cuda launchers of the fused iMF and MeanFlow losses (csrc/loss.cu); interface in imf_kernels.interface.
 
 Per sample: loss_u = sum (u + coef du - v_target)^2 (coef = t - r for iMF, clip(t - r, 0, 1) for MF),
-loss_v = sum (v - v_target)^2, w = (L + c)^-p. Memory floor: read the inputs once (and write the gradients).
+loss_v = sum (v - v_target)^2, w = (L + c)^-p; the batch totals (interface.py) are torch ops on these.
+Memory floor: read the inputs once (and write the gradients).
 """
 
 from typing import Any
@@ -39,11 +40,13 @@ def imf_loss_fwd(
     r: torch.Tensor,
     c: float,
     p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss_u, loss_v, w_u, w_v), each (B,) float32; V = u + (t - r) du."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_u, loss_v, w_u, w_v, totals), each (B,) float32 but totals (3,) float32; V = u + (t - r) du."""
     loss_u, loss_v, w_u, w_v = (_per_sample(u) for _ in range(4))
     _common.extension().loss_fwd(u, du, v, v_target, t, r, float(c), float(p), loss_u, loss_v, w_u, w_v)
-    return loss_u, loss_v, w_u, w_v
+    # The kernel writes per-sample values only: totals = [mean_b(w_u L_u + w_v L_v), mean_b L_u, mean_b L_v].
+    totals = torch.stack((torch.addcmul(w_u * loss_u, w_v, loss_v), loss_u, loss_v)).mean(1)
+    return loss_u, loss_v, w_u, w_v, totals
 
 
 def imf_loss_bwd(
@@ -72,11 +75,12 @@ def meanflow_loss_fwd(
     r: torch.Tensor,
     c: float,
     p: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, w), each (B,) float32; u_tgt = v_target - clip(t - r, 0, 1) du."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, w, totals), each (B,) float32 but totals (2,) float32 [mean_b(w loss), mean_b loss];
+    u_tgt = v_target - clip(t - r, 0, 1) du."""
     loss, w = _per_sample(u), _per_sample(u)
     _common.extension().loss_fwd(u, du, None, v_target, t, r, float(c), float(p), loss, None, w, None)
-    return loss, w
+    return loss, w, torch.stack((w * loss, loss)).mean(1)
 
 
 def meanflow_loss_bwd(

@@ -2,6 +2,7 @@
 
 iMF: V = u + (t - r) du, L_u = sum (V - v_target)^2, L_v = sum (v - v_target)^2 per sample, weights
 w = 1 / (L + c)^p as constants; MF: u_tgt = v_target - clip(t - r, 0, 1) du, L = sum (u - u_tgt)^2.
+Batch totals: mean_b of w L (summed over both losses) and of each L.
 Floor: read u, du, v, v_target once forward and once backward, write grad_u, grad_v.
 """
 
@@ -40,11 +41,14 @@ def _imf_residuals(u: Tensor, du: Tensor, v: Tensor, v_target: Tensor, t: Tensor
 
 def imf_loss_fwd(
     u: Tensor, du: Tensor, v: Tensor, v_target: Tensor, t: Tensor, r: Tensor, c: float, p: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     residual_u, residual_v = _imf_residuals(u, du, v, v_target, t, r)
     loss_u = _sum_of_squares(residual_u)
     loss_v = _sum_of_squares(residual_v)
-    return loss_u, loss_v, (loss_u + c).pow(-p), (loss_v + c).pow(-p)
+    w_u, w_v = (loss_u + c).pow(-p), (loss_v + c).pow(-p)
+    # totals = [mean_b(w_u L_u + w_v L_v), mean_b L_u, mean_b L_v]
+    totals = torch.stack((torch.addcmul(w_u * loss_u, w_v, loss_v), loss_u, loss_v)).mean(1)
+    return loss_u, loss_v, w_u, w_v, totals
 
 
 def imf_loss_bwd(
@@ -75,9 +79,11 @@ def _meanflow_residual(u: Tensor, du: Tensor, v_target: Tensor, t: Tensor, r: Te
 
 def meanflow_loss_fwd(
     u: Tensor, du: Tensor, v_target: Tensor, t: Tensor, r: Tensor, c: float, p: float
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     loss = _sum_of_squares(_meanflow_residual(u, du, v_target, t, r))
-    return loss, (loss + c).pow(-p)
+    w = (loss + c).pow(-p)
+    # totals = [mean_b(w L), mean_b L]
+    return loss, w, torch.stack((w * loss, loss)).mean(1)
 
 
 def meanflow_loss_bwd(
