@@ -126,6 +126,42 @@ def test_loss_and_stats_come_in_the_accumulation_dtype(op, dtype, loss_dtype):
         reference.check_parity(f"stats[{name}]", value, truth[1][name], baseline[1][name], floor)
 
 
+# A batch above the Triton finish program's 256 samples (it loops), and samples of several chunks (17500 elements:
+# 9 chunks of 2048, the last one partial).
+TOTALS_SHAPES = [(300, 5), (2, 5, 3500)]
+
+
+@pytest.mark.parametrize("shape", TOTALS_SHAPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["imf_loss", "meanflow_loss"])
+def test_loss_and_stats_are_the_float64_batch_means(op, backend, shape):
+    """loss = mean_b(w L) (summed over both losses) and stats = mean_b L, against those means of per-sample
+    sums in float64; all come from the launcher's totals, so they share its one buffer (no kernel of their
+    own)."""
+    names = ("u", "du", "v", "v_target") if op == "imf_loss" else ("u", "du", "v_target")
+    inputs, t, r = make_inputs(shape, torch.float32)
+    tensors = [inputs[name] for name in names]
+    skip_unless_runs(backend, op, {**dict(zip(names, tensors, strict=True)), "t": t, "r": r, "c": 0.01, "p": 1.0})
+    loss, stats = getattr(imf_kernels, op)(*tensors, t, r, backend=backend)
+
+    u, du, v, v_target = (inputs[name].double() for name in ("u", "du", "v", "v_target"))
+    gap = (t.double() - r.double()).view(-1, *[1] * (len(shape) - 1))
+    if op == "imf_loss":
+        per_sample = {"loss_u": u + gap * du - v_target, "loss_v": v - v_target}
+    else:
+        per_sample = {"loss": u - (v_target - gap.clamp(0, 1) * du)}
+    sums = {name: (residual**2).flatten(1).sum(1) for name, residual in per_sample.items()}
+    expected_loss = sum(loss_sum / (loss_sum + 0.01) for loss_sum in sums.values()).mean()
+    baseline_loss, baseline_stats = getattr(reference, op)(*tensors, t, r)
+
+    assert set(stats) == set(sums)
+    reference.check_parity("loss", loss, expected_loss, baseline_loss, FLOOR[torch.float32])
+    for name, value in stats.items():
+        assert value.shape == () and value.dtype == torch.float32 and not value.requires_grad, name
+        reference.check_parity(f"stats[{name}]", value, sums[name].mean(), baseline_stats[name], FLOOR[torch.float32])
+        assert value.untyped_storage().data_ptr() == loss.untyped_storage().data_ptr(), name
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
