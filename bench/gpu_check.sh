@@ -5,6 +5,8 @@
 #   bash bench/gpu_check.sh                # everything
 #   bash bench/gpu_check.sh --skip-tests   # build + benchmarks only (when device time is short)
 #   bash bench/gpu_check.sh --quick        # build + tests + bench/ops.py on the latent-b shapes only
+#   bash bench/gpu_check.sh --gpu-tests-only --quick   # a short lease: only the `gpu`-marked tests (CI runs the
+#                                                      # rest on CPU) and the quick benchmarks
 #
 # Installs nothing but this project (pip --no-deps --no-build-isolation): the machine needs torch, triton,
 # nvcc (CUDA_HOME, default /usr/local/cuda) and the test tools already. Every step runs even when an earlier
@@ -18,12 +20,14 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 skip_tests=0
+test_args=()
 ops_args=()
 for arg in "$@"; do
     case "$arg" in
         --skip-tests) skip_tests=1 ;;
         --quick) ops_args+=(--quick) ;;
-        *) echo "gpu_check.sh: unknown argument '$arg' (accepted: --skip-tests, --quick)" >&2; exit 2 ;;
+        --gpu-tests-only) test_args+=(-m gpu) ;;
+        *) echo "gpu_check.sh: unknown argument '$arg' (accepted: --skip-tests, --quick, --gpu-tests-only)" >&2; exit 2 ;;
     esac
 done
 
@@ -67,7 +71,7 @@ run_step build env TORCH_CUDA_ARCH_LIST="$arch" "$PYTHON" -m pip install -e . --
 # every backend (cuda, triton, torch) must be usable on a GPU machine; a failed build shows here by name
 run_step backends "$PYTHON" -c $'import sys, imf_kernels\nstatuses = imf_kernels.backends()\nfor status in statuses:\n    print(" ", status)\nsys.exit(0 if all(s.usable for s in statuses) else 1)'
 if [ "$skip_tests" = 0 ]; then
-    run_step tests "$PYTHON" -m pytest -q tests
+    run_step tests "$PYTHON" -m pytest -q tests ${test_args[@]+"${test_args[@]}"}
 fi
 run_step ops "$PYTHON" bench/ops.py ${ops_args[@]+"${ops_args[@]}"}
 if [ -f bench/step.py ]; then
