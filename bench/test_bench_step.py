@@ -41,3 +41,42 @@ def test_an_unknown_variant_is_refused_by_name(tmp_path):
     assert done.returncode == 2
     assert "--variants: fused-nope not among this run's variants" in done.stderr
     assert not (tmp_path / "step.json").exists()
+
+
+def test_compiled_modules_run_compiled_every_step_and_give_the_reference_loss():
+    """The `compiled-modules` baseline: its compiled graphs run on every step (a compiled function called inside
+    torch.func.jvp would be skipped by dynamo from then on, silently leaving an eager baseline), and its loss and
+    gradients are those of the eager reference step."""
+    import step
+    import torch
+
+    from imf.objectives import IMFObjective
+
+    model, x, y, draws = step.build("gauss", 6, "cpu")
+    graph_runs = []
+
+    def counting_backend(gm, example_inputs):
+        index = len(graph_runs)
+        graph_runs.append(0)
+
+        def run(*args):
+            graph_runs[index] += 1
+            return gm.forward(*args)
+
+        return run
+
+    modules = step.CompiledModules(model, backend=counting_backend)
+    objective = IMFObjective(jvp="reference")
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        loss = step.official_style_loss(model, objective, x, y, draws, modules)
+        loss.backward()
+    # the targets' trunk and v-head (no grad), the primal trunk, u-head and v-head: five graphs, each run 3 times
+    assert graph_runs == [3] * 5
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    eager = step.official_style_loss(model, objective, x, y, draws)
+    eager.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for got, want in zip(compiled_grads, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
