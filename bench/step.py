@@ -41,6 +41,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # fused_vs_compiled_modules carries the compiled target too: it is the stand-in while the whole step cannot compile
@@ -96,7 +97,7 @@ class CompiledModules:
     the model: dynamo cannot run under torch.func.jvp, and a compiled function once called inside it is skipped
     from then on, so the JVP must call the eager methods (checked by tests: the compiled graphs run every step)."""
 
-    def __init__(self, model, backend: str = "inductor") -> None:
+    def __init__(self, model, backend: str | Callable = "inductor") -> None:
         import torch
 
         self.cfg = model.cfg

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from imf_kernels.cuda import _common
+from imf_kernels.torch_ops.loss import imf_totals, meanflow_totals
 
 MAX_BATCH = 2**31 - 1
 
@@ -44,9 +45,8 @@ def imf_loss_fwd(
     """(loss_u, loss_v, w_u, w_v, totals), each (B,) float32 but totals (3,) float32; V = u + (t - r) du."""
     loss_u, loss_v, w_u, w_v = (_per_sample(u) for _ in range(4))
     _common.extension().loss_fwd(u, du, v, v_target, t, r, float(c), float(p), loss_u, loss_v, w_u, w_v)
-    # The kernel writes per-sample values only: totals = [mean_b(w_u L_u + w_v L_v), mean_b L_u, mean_b L_v].
-    totals = torch.stack((torch.addcmul(w_u * loss_u, w_v, loss_v), loss_u, loss_v)).mean(1)
-    return loss_u, loss_v, w_u, w_v, totals
+    # The kernel writes per-sample values only; the totals are torch ops on them.
+    return loss_u, loss_v, w_u, w_v, imf_totals(loss_u, loss_v, w_u, w_v)
 
 
 def imf_loss_bwd(
@@ -80,7 +80,7 @@ def meanflow_loss_fwd(
     u_tgt = v_target - clip(t - r, 0, 1) du."""
     loss, w = _per_sample(u), _per_sample(u)
     _common.extension().loss_fwd(u, du, None, v_target, t, r, float(c), float(p), loss, None, w, None)
-    return loss, w, torch.stack((w * loss, loss)).mean(1)
+    return loss, w, meanflow_totals(loss, w)
 
 
 def meanflow_loss_bwd(

@@ -46,9 +46,12 @@ def imf_loss_fwd(
     loss_u = _sum_of_squares(residual_u)
     loss_v = _sum_of_squares(residual_v)
     w_u, w_v = (loss_u + c).pow(-p), (loss_v + c).pow(-p)
-    # totals = [mean_b(w_u L_u + w_v L_v), mean_b L_u, mean_b L_v]
-    totals = torch.stack((torch.addcmul(w_u * loss_u, w_v, loss_v), loss_u, loss_v)).mean(1)
-    return loss_u, loss_v, w_u, w_v, totals
+    return loss_u, loss_v, w_u, w_v, imf_totals(loss_u, loss_v, w_u, w_v)
+
+
+def imf_totals(loss_u: Tensor, loss_v: Tensor, w_u: Tensor, w_v: Tensor) -> Tensor:
+    """[mean_b(w_u L_u + w_v L_v), mean_b L_u, mean_b L_v] from the per-sample values (also the cuda backend's)."""
+    return torch.stack((torch.addcmul(w_u * loss_u, w_v, loss_v), loss_u, loss_v)).mean(1)
 
 
 def imf_loss_bwd(
@@ -82,8 +85,12 @@ def meanflow_loss_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     loss = _sum_of_squares(_meanflow_residual(u, du, v_target, t, r))
     w = (loss + c).pow(-p)
-    # totals = [mean_b(w L), mean_b L]
-    return loss, w, torch.stack((w * loss, loss)).mean(1)
+    return loss, w, meanflow_totals(loss, w)
+
+
+def meanflow_totals(loss: Tensor, w: Tensor) -> Tensor:
+    """[mean_b(w L), mean_b L] from the per-sample values (also the cuda backend's)."""
+    return torch.stack((w * loss, loss)).mean(1)
 
 
 def meanflow_loss_bwd(
