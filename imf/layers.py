@@ -4,9 +4,9 @@ Each function takes a primal input `x` (with an autograd graph) and an optional 
 returns `(y, dy)`, `dy` None when `dx` is None. Tangents are MeanFlow's stop-gradient quantity: they are computed
 under `torch.no_grad()` (or by the `imf_kernels` `*_jvp` ops, whose tangents are non-differentiable), from
 detached weights, so the tangent half never reaches a weight gradient and no tangent graph is kept.
-The tangent may cover only the first m rows of the batch (`dx.shape[0] = m <= x.shape[0]`): `dy` then has m rows,
-and the fused ops run with tangent on those rows and primal-only on the rest (the objectives need du only where
-h = t - r != 0, about half the batch).
+The tangent may cover only the first m rows of the batch (`dx.shape[0] = m <= x.shape[0]`): `dy` then has m rows
+(the objectives need du only where h = t - r != 0, about half the batch); the fused ops take such tangents as they
+are (`imf_kernels`: one call on backends with TANGENT_ROWS, else the op splits the batch).
 
 - linear / conv: y = W x + b, dy = W dx (no bias on the tangent);
 - GroupNorm + modulation + SiLU and attention: the fused `imf_kernels` ops (backend by `imf_kernels` dispatch);
@@ -39,6 +39,18 @@ def linear(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple[Tensor,
         return y, F.linear(dx.to(y.dtype), layer.weight.to(y.dtype))
 
 
+def channel_linear(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:
+    """(W x + b, W dx) over the channels of x (B, C, L): `linear` on the tokens x^T without transposing, so a
+    feature map's pixels go in and come out as (B, C, L), and a (B, heads, L, d) view of either side is a
+    transposed view the attention op reads as it is (the batched matmul takes any strides)."""
+    y = torch.baddbmm(layer.bias[:, None], layer.weight.expand(x.shape[0], -1, -1), x)
+    if dx is None:
+        return y, None
+    with torch.no_grad():
+        weight = layer.weight.to(y.dtype)
+        return y, torch.bmm(weight.expand(dx.shape[0], -1, -1), dx.to(y.dtype))
+
+
 def conv2d(x: Tensor, layer: nn.Conv2d, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:
     """(conv(x, W) + b, conv(dx, W)): the tangent is its own no-grad call, so the weight gradient of the backward
     pass covers the primal batch only."""
@@ -65,23 +77,13 @@ def group_norm_act(
     dshift: MaybeTensor = None,
     act: str = "silu",
 ) -> tuple[Tensor, MaybeTensor]:
-    """act((GN(x) * weight + bias) * (1 + scale) + shift) and its tangent, one `imf_kernels` call (two when the
-    tangent covers only the first rows)."""
+    """act((GN(x) * weight + bias) * (1 + scale) + shift) and its tangent, one `imf_kernels` call."""
     weight, bias = _cast(norm.weight, x), _cast(norm.bias, x)
     scale, shift = _cast(scale, x), _cast(shift, x)
     if dx is None:
         return imf_kernels.group_norm_act(
             x, norm.num_groups, weight, bias, scale=scale, shift=shift, eps=norm.eps, act=act
         ), None
-    m = dx.shape[0]
-    if m < x.shape[0]:  # a tangent on the first m rows only: the jvp op on those, the primal op on the rest
-        head = lambda a: None if a is None else a[:m]
-        tail = lambda a: None if a is None else a[m:]
-        y_head, dy = group_norm_act(
-            x[:m], norm, dx, scale=head(scale), shift=head(shift), dscale=dscale, dshift=dshift, act=act
-        )
-        y_rest, _ = group_norm_act(x[m:], norm, scale=tail(scale), shift=tail(shift), act=act)
-        return torch.cat([y_head, y_rest]), dy
     return imf_kernels.group_norm_act_jvp(
         x,
         dx.to(x.dtype).contiguous(),
@@ -100,14 +102,9 @@ def group_norm_act(
 def attention(
     q: Tensor, k: Tensor, v: Tensor, dq: MaybeTensor = None, dk: MaybeTensor = None, dv: MaybeTensor = None
 ) -> tuple[Tensor, MaybeTensor]:
-    """softmax(q k^T / sqrt(d)) v over (B, heads, L, d) and its tangent, one `imf_kernels` call (two when the
-    tangent covers only the first rows)."""
+    """softmax(q k^T / sqrt(d)) v over (B, heads, L, d) and its tangent, one `imf_kernels` call."""
     if dq is None:
         return imf_kernels.attention(q, k, v), None
-    m = dq.shape[0]
-    if m < q.shape[0]:  # a tangent on the first m rows only: the jvp op on those, the primal op on the rest
-        o_head, do = attention(q[:m], k[:m], v[:m], dq, dk, dv)
-        return torch.cat([o_head, imf_kernels.attention(q[m:], k[m:], v[m:])]), do
     return imf_kernels.attention_jvp(q, k, v, dq, dk, dv)
 
 

@@ -276,28 +276,36 @@ class AttnBlock(nn.Module):
         return x + self.proj(o).transpose(1, 2).reshape(b, c, hh, ww)
 
     def fused(self, x, ctx, dx=None, dctx=None):
-        """(y, dy); for cross-attention dk = W_k dctx, dv = W_v dctx (None when the context does not move)."""
+        """(y, dy); for cross-attention dk = W_k dctx, dv = W_v dctx (None when the context does not move).
+
+        The feature map stays channels-first, (B, C, L) with L = H W: q^T = W_q x and the output projection are
+        batched matmuls on it (`layers.channel_linear`), and q, k, v enter the attention op as (B, heads, L, d)
+        views, so no token-major copy is made (the op reads strided inputs on the torch backend and makes them
+        contiguous for the kernels that need it)."""
         b, c, hh, ww = x.shape
+        length = hh * ww
         normed, dnormed = layers.group_norm_act(x, self.norm, dx, act="none")
-        as_tokens = lambda a: None if a is None else a.flatten(2).transpose(1, 2)
-        tokens, dtokens = as_tokens(normed), as_tokens(dnormed)
-        source, dsource = (tokens, dtokens) if ctx is None else (ctx, dctx)
-        q, dq = layers.linear(tokens, self.to_q, dtokens)
-        kv, dkv = layers.linear(source, self.to_kv, dsource)
-        split_q = lambda a: (
-            None if a is None else a.view(a.shape[0], hh * ww, self.heads, -1).transpose(1, 2).contiguous()
-        )
-        split_kv = lambda a: (
-            (None, None)
-            if a is None
-            else a.view(a.shape[0], source.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
-        )
-        k, v = split_kv(kv)
-        dk, dv = split_kv(dkv)
-        o, do = layers.attention(split_q(q), k, v, split_q(dq), dk, dv)
-        merge = lambda a: None if a is None else a.transpose(1, 2).reshape(a.shape[0], hh * ww, c)
-        out, dout = layers.linear(merge(o), self.proj, merge(do))
-        as_map = lambda a: a.transpose(1, 2).reshape(a.shape[0], c, hh, ww)
+        flat = lambda a: None if a is None else a.view(a.shape[0], c, length)
+        heads_of = lambda a: None if a is None else a.view(a.shape[0], self.heads, -1, length).transpose(-1, -2)
+        qt, dqt = layers.channel_linear(flat(normed), self.to_q, flat(dnormed))
+        q, dq = heads_of(qt), heads_of(dqt)
+        if ctx is None:  # self-attention: k and v from the same pixels
+            kvt, dkvt = layers.channel_linear(flat(normed), self.to_kv, flat(dnormed))
+            k, v = (heads_of(part) for part in kvt.chunk(2, dim=1))
+            dk, dv = (None, None) if dkvt is None else (heads_of(part) for part in dkvt.chunk(2, dim=1))
+        else:  # the context's few tokens: (B, Lk, 2C) -> k, v (B, heads, Lk, d), contiguous when heads > 1 (a
+            # permuted view's B and heads dims do not merge, and each batched matmul would copy it again)
+            split = lambda a: a.view(a.shape[0], a.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+            if self.heads > 1:
+                split = lambda a, permuted=split: permuted(a).contiguous()
+            kv, dkv = layers.linear(ctx, self.to_kv, dctx)
+            k, v = split(kv).unbind(0)
+            dk, dv = (None, None) if dkv is None else split(dkv).unbind(0)
+        o, do = layers.attention(q, k, v, dq, dk, dv)
+        # (B, heads, L, d) -> (B, C, L): a view when the op's output is laid out like q, or heads = 1
+        channels_first = lambda a: None if a is None else a.transpose(-1, -2).reshape(a.shape[0], c, length)
+        out, dout = layers.channel_linear(channels_first(o), self.proj, channels_first(do))
+        as_map = lambda a: a.view(a.shape[0], c, hh, ww)
         return x + as_map(out), None if dout is None else dx + as_map(dout)
 
 

@@ -49,10 +49,11 @@ def _check_tensor(
     ndim: int | None = None,
     shape: tuple[int, ...] | None = None,
     like: tuple[str, torch.dtype, torch.device] | None = None,
+    contiguous: bool = True,
 ) -> Tensor:
-    """A contiguous, non-empty floating tensor of `ndim` dims (`layout` names them, e.g. "(B, C, H, W)"), or,
-    with like = (anchor name, its dtype, its device), of exactly `shape` with that dtype and device.
-    One pass over the tensor's properties; a message is built only when a check fails."""
+    """A non-empty floating tensor of `ndim` dims (`layout` names them, e.g. "(B, C, H, W)"), contiguous unless
+    contiguous=False, or, with like = (anchor name, its dtype, its device), of exactly `shape` with that dtype
+    and device. One pass over the tensor's properties; a message is built only when a check fails."""
     if not isinstance(value, Tensor):
         _fail(op, f"{name} must be a tensor {layout}, got {type(value).__name__}")
     if shape is not None:
@@ -65,7 +66,7 @@ def _check_tensor(
         _fail(op, f"{name} must have dtype {accepted}, got {str(dtype).removeprefix('torch.')}")
     if value.numel() == 0:
         _fail(op, f"{name} must not be empty, got shape {tuple(value.shape)}")
-    if not value.is_contiguous():
+    if contiguous and not value.is_contiguous():
         _fail(op, f"{name} must be contiguous (call .contiguous()), got strides {value.stride()}")
     if like is None:
         return value
@@ -89,6 +90,23 @@ def _check_number(op: str, name: str, value: Any, minimum: float, strict: bool) 
     return float(value)
 
 
+def _check_tangent_rows(
+    op: str,
+    name: str,
+    value: Any,
+    layout: str,
+    full_shape: tuple[int, ...],
+    like: tuple[str, torch.dtype, torch.device],
+    contiguous: bool = True,
+) -> int:
+    """A tangent of the primal's shape (B, ...), or of its first m rows (m, ...), 1 <= m <= B (the objectives
+    need du only where h != 0); returns m."""
+    tangent = _check_tensor(op, name, value, layout, ndim=len(full_shape), contiguous=contiguous)
+    rows = tangent.shape[0] if 0 < tangent.shape[0] <= full_shape[0] else full_shape[0]
+    _check_tensor(op, name, tangent, layout, shape=(rows, *full_shape[1:]), like=like, contiguous=contiguous)
+    return rows
+
+
 def _check_group_norm(op: str, args: dict[str, Any]) -> None:
     x = _check_tensor(op, "x", args["x"], "(B, C, H, W)", ndim=4)
     batch, channels = x.shape[:2]
@@ -108,31 +126,36 @@ def _check_group_norm(op: str, args: dict[str, Any]) -> None:
     if args["act"] not in ACTIVATIONS:
         _fail(op, f"act must be one of {', '.join(map(repr, ACTIVATIONS))}, got {args['act']!r}")
     if "dx" in args:
-        layout = "(B, C, H, W) like x"
-        _check_tensor(op, "dx", args["dx"], layout, shape=tuple(x.shape), like=like)
+        layout = "(B, C, H, W) like x, or its first m rows (m, C, H, W)"
+        rows = _check_tangent_rows(op, "dx", args["dx"], layout, tuple(x.shape), like)
         for name in ("scale", "shift"):
             tangent = args["d" + name]
             if tangent is None:
                 continue
             if args[name] is None:
                 _fail(op, f"d{name} needs {name} (pass {name}=torch.zeros(B, C) for a zero {name})")
-            _check_tensor(op, "d" + name, tangent, "(B, C)", shape=per_sample, like=like)
+            _check_tensor(op, "d" + name, tangent, "(m, C), m rows like dx", shape=(rows, channels), like=like)
 
 
 def _check_attention(op: str, args: dict[str, Any]) -> None:
-    q = _check_tensor(op, "q", args["q"], "(B, H, Lq, D)", ndim=4)
+    q = _check_tensor(op, "q", args["q"], "(B, H, Lq, D)", ndim=4, contiguous=False)
     batch, heads, _, head_dim = q.shape
-    k = _check_tensor(op, "k", args["k"], "(B, H, Lk, D)", ndim=4)
+    k = _check_tensor(op, "k", args["k"], "(B, H, Lk, D)", ndim=4, contiguous=False)
     key_shape, like = (batch, heads, k.shape[2], head_dim), ("q", q.dtype, q.device)
-    _check_tensor(op, "k", k, "(B, H, Lk, D) with B, H, D of q", shape=key_shape, like=like)
-    _check_tensor(op, "v", args["v"], "(B, H, Lk, D) like k", shape=key_shape, like=like)
+    _check_tensor(op, "k", k, "(B, H, Lk, D) with B, H, D of q", shape=key_shape, like=like, contiguous=False)
+    _check_tensor(op, "v", args["v"], "(B, H, Lk, D) like k", shape=key_shape, like=like, contiguous=False)
     scale = args["scale"]
     args["scale"] = head_dim**-0.5 if scale is None else _check_number(op, "scale", scale, 0.0, strict=True)
     if "dq" in args:
-        _check_tensor(op, "dq", args["dq"], "(B, H, Lq, D) like q", shape=tuple(q.shape), like=like)
-        for name, layout in (("dk", "(B, H, Lk, D) like k"), ("dv", "(B, H, Lk, D) like v")):
+        layout = "(B, H, Lq, D) like q, or its first m rows (m, H, Lq, D)"
+        rows = _check_tangent_rows(op, "dq", args["dq"], layout, tuple(q.shape), like, contiguous=False)
+        for name, layout in (
+            ("dk", "(m, H, Lk, D) like k, m rows like dq"),
+            ("dv", "(m, H, Lk, D) like v, m rows like dq"),
+        ):
             if args[name] is not None:
-                _check_tensor(op, name, args[name], layout, shape=key_shape, like=like)
+                shape = (rows, *key_shape[1:])
+                _check_tensor(op, name, args[name], layout, shape=shape, like=like, contiguous=False)
 
 
 def _check_loss(op: str, args: dict[str, Any], names: tuple[str, ...]) -> None:
@@ -209,6 +232,20 @@ def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
     ):
         return function.apply(*args)
     return function.forward(*args)
+
+
+def _in_layout(family: Any, tensor: Tensor | None) -> Tensor | None:
+    """`tensor` as the backend's attention launchers take it: as it is where they read any strides
+    (`STRIDED_INPUTS`), else contiguous (a copy only when it is not)."""
+    if tensor is None or getattr(family, "STRIDED_INPUTS", False):
+        return tensor
+    return tensor.contiguous()
+
+
+def _split_rows(rows: int, *tensors: Tensor | None) -> list[tuple[Tensor | None, Tensor | None]]:
+    """(first `rows` samples, the rest) of each tensor (None: (None, None)), by `Tensor.split`, whose backward
+    is one concatenation (two slices' would each fill a zero tensor of the whole batch, then be added)."""
+    return [(None, None) if a is None else a.split([rows, a.shape[0] - rows]) for a in tensors]
 
 
 def _zero_if_none(tangent: Tensor | None, like: Tensor) -> Tensor:
@@ -388,7 +425,7 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, grad_o, _grad_lse):
         q, k, v, o, lse = ctx.saved_tensors
         grad_q, grad_k, grad_v = _on_plain_tensors(
-            ctx.family.attention_bwd, grad_o.contiguous(), q, k, v, o, lse, ctx.scale
+            ctx.family.attention_bwd, _in_layout(ctx.family, grad_o), q, k, v, o, lse, ctx.scale
         )
         return None, grad_q, grad_k, grad_v, None
 
@@ -400,9 +437,9 @@ class _Attention(torch.autograd.Function):
             q,
             k,
             v,
-            _zero_if_none(dq, q).contiguous(),
-            None if dk is None else dk.contiguous(),
-            None if dv is None else dv.contiguous(),
+            _in_layout(ctx.family, _zero_if_none(dq, q)),
+            _in_layout(ctx.family, dk),
+            _in_layout(ctx.family, dv),
             ctx.scale,
         )
         return do, None
@@ -429,7 +466,7 @@ class _AttentionJvp(torch.autograd.Function):
     def backward(ctx, grad_o, _grad_do, _grad_lse):
         q, k, v, o, lse = ctx.saved_tensors
         grad_q, grad_k, grad_v = _on_plain_tensors(
-            ctx.family.attention_bwd, grad_o.contiguous(), q, k, v, o, lse, ctx.scale
+            ctx.family.attention_bwd, _in_layout(ctx.family, grad_o), q, k, v, o, lse, ctx.scale
         )
         return None, grad_q, grad_k, grad_v, None, None, None, None
 
@@ -531,7 +568,10 @@ def group_norm_act_jvp(
     act: str = "silu",
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(y, dy): group_norm_act and its tangent along (dx, dscale, dshift) in one pass; dy has no graph."""
+    """(y, dy): group_norm_act and its tangent along (dx, dscale, dshift) in one pass; dy has no graph.
+
+    The tangent may cover the first m <= B samples only (dx (m, C, H, W), dscale/dshift (m, C)): y is that of
+    all B samples, dy that of the first m (one launch on backends with TANGENT_ROWS, else two)."""
     op = "group_norm_act_jvp"
     args = dict(
         x=x,
@@ -548,14 +588,29 @@ def group_norm_act_jvp(
     )
     _check_group_norm(op, args)
     _, family = dispatch.select(op, args, backend)
-    y, dy, _, _ = _apply(
-        _GroupNormActJvp, family, x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, args["eps"], act
+    eps, rows = args["eps"], dx.shape[0]
+    if rows == x.shape[0] or getattr(family, "TANGENT_ROWS", False):
+        y, dy, _, _ = _apply(
+            _GroupNormActJvp, family, x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act
+        )
+        return y, dy
+    # a tangent on the first rows, on a backend that takes the whole batch only: the jvp op on those rows, the
+    # primal op on the rest
+    (x_head, x_rest), (scale_head, scale_rest), (shift_head, shift_rest) = _split_rows(rows, x, scale, shift)
+    y_head, dy, _, _ = _apply(
+        _GroupNormActJvp, family, x_head, dx, num_groups, weight, bias, scale_head, shift_head, dscale, dshift, eps, act
     )
-    return y, dy
+    rest = dict(x=x_rest, num_groups=num_groups, weight=weight, bias=bias, scale=scale_rest, shift=shift_rest)
+    _, rest_family = dispatch.select("group_norm_act", {**rest, "eps": eps, "act": act}, backend)
+    y_rest, _, _ = _apply(_GroupNormAct, rest_family, *rest.values(), eps, act)
+    return torch.cat([y_head, y_rest]), dy
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str | None = None) -> Tensor:
     """o = softmax(scale q k^T) v, q (B, H, Lq, D), k and v (B, H, Lk, D); scale 1/sqrt(D) by default.
+
+    q, k, v may have any strides: backends with STRIDED_INPUTS read them as they are (and lay o out like q),
+    the others get contiguous copies.
 
     Works under autograd, torch.func.jvp and torch.autograd.forward_ad.
     """
@@ -563,6 +618,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, ba
     args = dict(q=q, k=k, v=v, scale=scale)
     _check_attention(op, args)
     _, family = dispatch.select(op, args, backend)
+    q, k, v = (_in_layout(family, tensor) for tensor in (q, k, v))
     o, _ = _apply(_Attention, family, q, k, v, args["scale"])
     return o
 
@@ -578,13 +634,27 @@ def attention_jvp(
     scale: float | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(o, do): attention and its tangent along (dq, dk, dv) in one pass (None: zero); do has no graph."""
+    """(o, do): attention and its tangent along (dq, dk, dv) in one pass (None: zero); do has no graph.
+
+    The tangent may cover the first m <= B samples only (dq (m, H, Lq, D), dk/dv (m, H, Lk, D)): o is that of
+    all B samples, do that of the first m. Strides as `attention`."""
     op = "attention_jvp"
     args = dict(q=q, k=k, v=v, dq=dq, dk=dk, dv=dv, scale=scale)
     _check_attention(op, args)
     _, family = dispatch.select(op, args, backend)
-    o, do, _ = _apply(_AttentionJvp, family, q, k, v, dq, dk, dv, args["scale"])
-    return o, do
+    scale, rows = args["scale"], dq.shape[0]
+    if rows == q.shape[0] or getattr(family, "TANGENT_ROWS", False):
+        q, k, v, dq, dk, dv = (_in_layout(family, tensor) for tensor in (q, k, v, dq, dk, dv))
+        o, do, _ = _apply(_AttentionJvp, family, q, k, v, dq, dk, dv, scale)
+        return o, do
+    # a tangent on the first rows, on a backend that takes the whole batch only: the jvp op on those rows, the
+    # primal op on the rest
+    (q_head, q_rest), (k_head, k_rest), (v_head, v_rest) = _split_rows(rows, q, k, v)
+    head = (_in_layout(family, tensor) for tensor in (q_head, k_head, v_head, dq, dk, dv))
+    o_head, do, _ = _apply(_AttentionJvp, family, *head, scale)
+    _, rest_family = dispatch.select("attention", dict(q=q_rest, k=k_rest, v=v_rest, scale=scale), backend)
+    o_rest, _ = _apply(_Attention, rest_family, *(_in_layout(rest_family, t) for t in (q_rest, k_rest, v_rest)), scale)
+    return torch.cat([o_head, o_rest]), do
 
 
 def imf_loss(

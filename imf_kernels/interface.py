@@ -17,6 +17,13 @@ means the launcher takes the call, otherwise each string says in words why not (
 Conventions shared by every launcher:
 - inputs arrive validated by `imf_kernels.api` (rank, dtype, device, contiguity, shapes); launchers still
   assert the rules only their hardware enforces (e.g. Triton: tl.dot dims >= 16, power-of-2 blocks);
+- contiguity: group_norm and loss inputs are contiguous. The public attention ops take q, k, v (and tangents)
+  of any strides; a family module that sets `STRIDED_INPUTS = True` gets them (and grad_o) as they are,
+  the others contiguous (the op copies what is not);
+- tangent rows: the public `*_jvp` ops take a tangent on the first m <= B samples only (dx, dscale, dshift
+  of m rows; dq, dk, dv of m rows), returning a tangent of m rows. A family module that sets
+  `TANGENT_ROWS = True` gets such calls as they are (its y / o and statistics cover all B samples); for the
+  others the op runs the jvp launcher on the first m samples and the primal launcher on the rest;
 - outputs have the dtype of `x` / `q` / `u`; saved statistics (mean, rstd, lse) and per-sample losses are
   float32; accumulation is float32 for every input dtype (float16, bfloat16, float32; the `torch` backend also
   takes float64 and then keeps statistics, losses and accumulation in float64);

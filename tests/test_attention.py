@@ -105,6 +105,98 @@ def test_attention_jvp_matches_reference(backend, shape, variant, dtype):
     check_against_reference(backend, shape, variant, dtype, with_tangent=True)
 
 
+STRIDED_SHAPE = (2, 2, 24, 20, 32)  # (B, H, Lq, Lk, D)
+
+
+def strided_inputs(dtype=torch.float32):
+    """q, dq as transposed views of (B, H, D, Lq) tensors (a channels-first feature map's pixels) and k, v, dk, dv
+    as views of token-major (B, Lk, 2, H, D) tensors (a linear's output), with the leaves they are views of."""
+    batch, heads, len_q, len_k, head_dim = STRIDED_SHAPE
+    leaves = {
+        "q": torch.randn(batch, heads, head_dim, len_q, dtype=dtype),
+        "kv": torch.randn(batch, len_k, 2, heads, head_dim, dtype=dtype),
+        "dq": torch.randn(batch, heads, head_dim, len_q, dtype=dtype),
+        "dkv": torch.randn(batch, len_k, 2, heads, head_dim, dtype=dtype),
+    }
+
+    def views(leaves):
+        k, v = leaves["kv"].permute(2, 0, 3, 1, 4).unbind(0)
+        dk, dv = leaves["dkv"].permute(2, 0, 3, 1, 4).unbind(0)
+        return leaves["q"].transpose(-1, -2), k, v, leaves["dq"].transpose(-1, -2), dk, dv
+
+    return leaves, views
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_tangent", [False, True], ids=["primal", "jvp"])
+def test_strided_inputs_match_the_reference(backend, with_tangent):
+    """q, k, v (and tangents) as transposed and permuted views: every backend takes them (the torch backend as
+    they are, the others after a copy the op makes) and returns the reference's o, do and gradients."""
+    leaves, views = strided_inputs()
+    q, k, v, dq, dk, dv = views(leaves)
+    assert not any(tensor.is_contiguous() for tensor in (q, k, v, dq, dk, dv))
+    op = "attention_jvp" if with_tangent else "attention"
+    skip_unless_runs(backend, op, dict(q=q, k=k, v=v, dq=dq, dk=dk, dv=dv, scale=None))
+    grad_o = torch.randn(q.shape)
+
+    def run(fn, leaves, **backend_arg):
+        leaves = {name: value.detach().clone().requires_grad_(name in ("q", "kv")) for name, value in leaves.items()}
+        q, k, v, dq, dk, dv = views(leaves)
+        o, do = fn(q, k, v, dq, dk, dv, **backend_arg) if with_tangent else (fn(q, k, v, **backend_arg), None)
+        return o, do, torch.autograd.grad(o, (leaves["q"], leaves["kv"]), grad_o.to(o.dtype))
+
+    kernel_fn = imf_kernels.attention_jvp if with_tangent else imf_kernels.attention
+    reference_fn = reference.attention_jvp if with_tangent else reference.attention
+    kernel = run(kernel_fn, leaves, backend=backend)
+    truth = run(reference_fn, {name: value.double() for name, value in leaves.items()})
+    baseline = run(reference_fn, leaves)
+    floor = FLOOR[torch.float32]
+    reference.check_parity("o", kernel[0], truth[0], baseline[0], floor)
+    if with_tangent:
+        reference.check_parity("do", kernel[1], truth[1], baseline[1], floor)
+    for name, grad, grad64, grad32 in zip(("q", "kv"), kernel[2], truth[2], baseline[2], strict=True):
+        reference.check_parity(f"grad_{name}", grad, grad64, grad32, floor)
+    if backend == "torch":  # outputs laid out like q: back to (B, H * D, Lq) is a view, no copy
+        for name, out in (("o", kernel[0]), ("do", kernel[1])):
+            if out is not None:
+                assert out.transpose(-1, -2).is_contiguous(), name
+
+
+def first_rows_cases():
+    for case in cases((torch.float32, torch.float16)):
+        backend, shape, variant, dtype = case.values
+        batch = max(shape[0], 2)  # the interpreted shapes have batch 1: widen to 2
+        for rows in sorted({1, batch - 1}):
+            yield pytest.param(backend, (batch, *shape[1:]), variant, dtype, rows, id=f"{case.id}-B{batch}-rows{rows}")
+
+
+@pytest.mark.parametrize(("backend", "shape", "variant", "dtype", "rows"), first_rows_cases())
+def test_attention_jvp_with_a_tangent_on_the_first_rows(backend, shape, variant, dtype, rows):
+    """dq (dk, dv) on the first m < B samples only: o and the gradients are those of the whole batch, do that of
+    the first m samples, against the float64 reference of the whole batch."""
+    scale, key_tangents = VARIANTS[variant]
+    inputs = make_inputs(shape, dtype)
+    if not key_tangents:
+        del inputs["dk"], inputs["dv"]
+    partial = {name: value[:rows] if name[0] == "d" else value for name, value in inputs.items()}
+    args = dict(q=partial["q"], k=partial["k"], v=partial["v"], scale=scale)
+    skip_unless_runs(
+        backend, "attention_jvp", {**args, "dq": partial["dq"], "dk": partial.get("dk"), "dv": partial.get("dv")}
+    )
+
+    grad_o = torch.randn(inputs["q"].shape)
+    kernel = primal_and_grads(imf_kernels.attention_jvp, partial, scale, True, grad_o, backend=backend)
+    inputs64 = {name: value.double() for name, value in inputs.items()}
+    truth = primal_and_grads(reference.attention_jvp, inputs64, scale, True, grad_o)
+    baseline = primal_and_grads(reference.attention_jvp, inputs, scale, True, grad_o)
+    floor = FLOOR[dtype]
+    reference.check_parity("o", kernel[0], truth[0], baseline[0], floor)
+    assert kernel[1].shape == (rows, *shape[1:3], shape[4]) and not kernel[1].requires_grad
+    reference.check_parity("do", kernel[1], truth[1][:rows], baseline[1][:rows], floor)
+    for name, grad in kernel[2].items():
+        reference.check_parity(f"grad_{name}", grad, truth[2][name], baseline[2][name], floor)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tangent_of_the_primal_op_under_torch_func_jvp(backend):
     """torch.func.jvp through attention with a tangent on k only (dq and dv absent) vs the reference."""
@@ -164,11 +256,6 @@ BAD_CALLS = [
         "k must have the dtype of q",
     ),
     ("empty context", lambda: imf_kernels.attention(**qkv(len_k=0)), "k must not be empty"),
-    (
-        "contiguity",
-        lambda: imf_kernels.attention(**qkv(q=torch.randn(2, 5, 3, 8).transpose(1, 2))),
-        "q must be contiguous",
-    ),
     ("scale", lambda: imf_kernels.attention(**qkv(), scale=-1.0), "scale must be > 0"),
 ]
 
@@ -181,8 +268,12 @@ def test_bad_input_raises_a_clear_value_error(case, bad_call, message):
 
 def test_bad_tangent_raises_a_clear_value_error():
     tensors = qkv()
-    with pytest.raises(ValueError, match=re.escape("attention_jvp: dk must have shape (B, H, Lk, D) like k")):
+    with pytest.raises(ValueError, match=re.escape("attention_jvp: dk must have shape (m, H, Lk, D) like k")):
         imf_kernels.attention_jvp(**tensors, dq=torch.randn_like(tensors["q"]), dk=torch.randn(2, 3, 5, 8))
+    with pytest.raises(ValueError, match=re.escape("attention_jvp: dq must have shape (B, H, Lq, D) like q, or")):
+        imf_kernels.attention_jvp(**tensors, dq=torch.randn(3, 3, 5, 8))
+    with pytest.raises(ValueError, match=re.escape("m rows like dq = (1, 3, 4, 8), got (2, 3, 4, 8)")):
+        imf_kernels.attention_jvp(**tensors, dq=torch.randn(1, 3, 5, 8), dv=torch.randn(2, 3, 4, 8))
 
 
 def test_a_context_longer_than_a_backend_takes_is_refused_in_words():

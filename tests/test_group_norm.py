@@ -137,6 +137,38 @@ def test_group_norm_act_jvp_matches_reference(backend, shape, variant, dtype):
     check_against_reference(backend, shape, variant, dtype, with_tangent=True)
 
 
+def first_rows_cases():
+    for case in cases((torch.float32, torch.float16)):
+        backend, shape, variant, dtype = case.values
+        if shape[0] > 1:
+            for rows in sorted({1, shape[0] - 1}):
+                yield pytest.param(*case.values, rows, id=f"{case.id}-rows{rows}")
+
+
+@pytest.mark.parametrize(("backend", "shape", "variant", "dtype", "rows"), first_rows_cases())
+def test_group_norm_act_jvp_with_a_tangent_on_the_first_rows(backend, shape, variant, dtype, rows):
+    """dx (dscale, dshift) on the first m < B samples only: y and every gradient are those of the whole batch, dy
+    that of the first m samples, against the float64 reference of the whole batch (a backend with TANGENT_ROWS
+    does it in one call, the others through the op's split)."""
+    inputs, num_groups, act = make_inputs(shape, variant, dtype)
+    partial = {name: value[:rows] if name[0] == "d" else value for name, value in inputs.items()}
+    args = {name: partial.get(name) for name in ("x", "dx", "weight", "bias", "scale", "shift", "dscale", "dshift")}
+    skip_unless_runs(backend, "group_norm_act_jvp", {**args, "num_groups": num_groups, "eps": 1e-5, "act": act})
+
+    grad_y = torch.randn(inputs["x"].shape)
+    kernel = primal_and_grads(imf_kernels.group_norm_act_jvp, partial, num_groups, act, True, grad_y, backend=backend)
+    inputs64 = {name: value.double() for name, value in inputs.items()}
+    truth = primal_and_grads(reference.group_norm_act_jvp, inputs64, num_groups, act, True, grad_y)
+    baseline = primal_and_grads(reference.group_norm_act_jvp, inputs, num_groups, act, True, grad_y)
+
+    floor = FLOOR[dtype]
+    reference.check_parity("y", kernel[0], truth[0], baseline[0], floor)
+    assert kernel[1].shape == (rows, *shape[1:4]) and kernel[1].dtype == dtype and not kernel[1].requires_grad
+    reference.check_parity("dy", kernel[1], truth[1][:rows], baseline[1][:rows], floor)
+    for name, grad in kernel[2].items():
+        reference.check_parity(f"grad_{name}", grad, truth[2][name], baseline[2][name], floor)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tangent_of_the_primal_op_under_torch_func_jvp(backend):
     """torch.func.jvp through group_norm_act, tangents on every input and parameter, vs the reference."""
@@ -361,6 +393,23 @@ BAD_CALLS = [
         "dx must have shape",
     ),
     (
+        "dx rows",
+        lambda: imf_kernels.group_norm_act_jvp(torch.randn(2, 8, 2, 2), torch.randn(3, 8, 2, 2), 2),
+        "dx must have shape (B, C, H, W) like x, or its first m rows (m, C, H, W) = (2, 8, 2, 2), got (3, 8, 2, 2)",
+    ),
+    (
+        "dscale rows",
+        lambda: imf_kernels.group_norm_act_jvp(
+            torch.randn(2, 8, 2, 2),
+            torch.randn(1, 8, 2, 2),
+            2,
+            scale=torch.randn(2, 8),
+            shift=torch.randn(2, 8),
+            dscale=torch.randn(2, 8),
+        ),
+        "dscale must have shape (m, C), m rows like dx = (1, 8), got (2, 8)",
+    ),
+    (
         "dscale without scale",
         lambda: imf_kernels.group_norm_act_jvp(
             torch.randn(1, 8, 2, 2), torch.randn(1, 8, 2, 2), 2, dscale=torch.randn(1, 8)
@@ -372,7 +421,7 @@ BAD_CALLS = [
 
 @pytest.mark.parametrize(("case", "bad_call", "message"), BAD_CALLS, ids=[case for case, _, _ in BAD_CALLS])
 def test_bad_input_raises_a_clear_value_error(case, bad_call, message):
-    op = "group_norm_act_jvp" if case in ("dx shape", "dscale without scale") else "group_norm_act"
+    op = "group_norm_act_jvp" if case.startswith(("dx", "dscale")) else "group_norm_act"
     with pytest.raises(ValueError, match="^" + re.escape(f"{op}: {message}")):
         bad_call()
 

@@ -14,6 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# q, k, v, the tangents and grad_o are read with any strides (the matmuls take transposed and permuted views as
+# they are), so the public ops pass them without a copy (`imf_kernels.interface`). Outputs of q's shape (o, do,
+# grad_q) are laid out like q: (B, H, D, Lq)-major when q is a transposed view (a channels-first feature map's
+# pixels, `imf.model.AttnBlock.fused`), so that the caller's view back to channels-first needs no copy either.
+STRIDED_INPUTS = True
+# the tangents may cover the first m <= B samples only; the outputs' tangent then has m rows
+TANGENT_ROWS = True
+
 
 def _compute_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -22,6 +30,19 @@ def _compute_dtype(q: Tensor) -> torch.dtype:
 def not_supported_reasons(op: str, args: dict[str, Any]) -> list[str]:
     """Every call that passes the public checks runs here, at any context length."""
     return []
+
+
+def _d_major(q: Tensor) -> bool:
+    """Whether q (B, H, Lq, D) is stored (B, H, D, Lq)-major (a transposed view)."""
+    return q.stride(-2) == 1 and q.stride(-1) != 1
+
+
+def _times(p_t: Tensor, x: Tensor, d_major: bool) -> Tensor:
+    """p x for p (B, H, Lq, Lk) given as p^T, x (B, H, Lk, D): (B, H, Lq, D), stored (B, H, D, Lq)-major when
+    d_major (computed as (x^T p^T)^T: the same products and sums)."""
+    if d_major:
+        return torch.matmul(x.transpose(-1, -2), p_t).transpose(-1, -2)
+    return torch.matmul(p_t.transpose(-1, -2), x)
 
 
 def _probabilities_t(q: Tensor, k: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -36,7 +57,7 @@ def _probabilities_t(q: Tensor, k: Tensor, scale: float) -> tuple[Tensor, Tensor
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     p_t, lse = _probabilities_t(q, k, scale)
-    o = torch.matmul(p_t.transpose(-1, -2), v.to(p_t.dtype))
+    o = _times(p_t, v.to(p_t.dtype), _d_major(q))
     return o.to(q.dtype), lse
 
 
@@ -49,20 +70,25 @@ def attention_jvp_fwd(
     dv: Tensor | None,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """dq (and dk, dv) may cover the first m <= B samples only (TANGENT_ROWS): o and lse are those of every
+    sample, do those of the first m."""
     p_t, lse = _probabilities_t(q, k, scale)
     dtype = p_t.dtype
     vf = v.to(dtype)
-    o = torch.matmul(p_t.transpose(-1, -2), vf)
+    d_major = _d_major(q)
+    o = _times(p_t, vf, d_major)
+    rows = dq.shape[0]
+    q, k, vf, p_t, o_rows = q[:rows], k[:rows], vf[:rows], p_t[:rows], o[:rows]
     # ds = scale (dq k^T + q dk^T): the tangent of the scores uses the plain scale, no exponent.
     ds_t = torch.matmul(k.to(dtype), dq.to(dtype).transpose(-1, -2))
     if dk is not None:
         ds_t.add_(torch.matmul(dk.to(dtype), q.to(dtype).transpose(-1, -2)))
     p_ds_t = ds_t.mul_(p_t).mul_(scale)
     # do = (p ds) v - rowsum(p ds) o + p dv
-    do = torch.matmul(p_ds_t.transpose(-1, -2), vf)
-    do.addcmul_(p_ds_t.sum(-2)[..., None], o, value=-1)
+    do = _times(p_ds_t, vf, d_major)
+    do.addcmul_(p_ds_t.sum(-2)[..., None], o_rows, value=-1)
     if dv is not None:
-        do.add_(torch.matmul(p_t.transpose(-1, -2), dv.to(dtype)))
+        do.add_(_times(p_t, dv.to(dtype), d_major))
     return o.to(q.dtype), do.to(q.dtype), lse
 
 
@@ -83,6 +109,6 @@ def attention_bwd(
     # in the compute dtype rather than from the rounded o.
     grad_p_t = torch.matmul(vf, grad_of.transpose(-1, -2))
     grad_s_t = grad_p_t.sub_(torch.linalg.vecdot(p_t, grad_p_t, dim=-2)[..., None, :]).mul_(p_t).mul_(scale)
-    grad_q = torch.matmul(grad_s_t.transpose(-1, -2), kf)
+    grad_q = _times(grad_s_t, kf, _d_major(q))
     grad_k = torch.matmul(grad_s_t, qf)
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)

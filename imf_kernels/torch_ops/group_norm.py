@@ -23,6 +23,10 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+# dx, dscale and dshift may cover the first m <= B samples only; dy then has m rows (`imf_kernels.interface`)
+TANGENT_ROWS = True
+
+
 def not_supported_reasons(op: str, args: dict[str, Any]) -> list[str]:
     """Every call that passes the public checks runs here."""
     return []
@@ -112,6 +116,16 @@ def gn_act_fwd(
     return y.view(x.shape).to(x.dtype), mean.view(batch, num_groups), rstd.view(batch, num_groups)
 
 
+def _first_rows(t: Tensor, batch: int, rows: int) -> Tensor:
+    """The first `rows` samples of a tensor laid out like a _Layout's x (N, C', count) or its statistics (N, G'):
+    per channel (N = batch) the leading rows, per sample (N = 1, C' = batch * C) the leading rows * C columns."""
+    if rows == batch:
+        return t
+    if t.shape[0] == batch:
+        return t[:rows]
+    return t[:, : t.shape[1] // batch * rows]
+
+
 def gn_act_jvp_fwd(
     x: Tensor,
     dx: Tensor,
@@ -125,51 +139,63 @@ def gn_act_jvp_fwd(
     eps: float,
     act: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    batch = x.shape[0]
+    """dx (and dscale, dshift) may cover the first m <= B samples only (TANGENT_ROWS): y and the statistics are
+    those of every sample, dy those of the first m."""
+    batch, rows = x.shape[0], dx.shape[0]
     dtype = _compute_dtype(x)
     # dh = dxh * alpha + xh * (w dscale) + (b dscale + dshift); the last two terms need xh itself.
     modulated_tangent = dscale is not None or dshift is not None
     per_sample = modulated_tangent or scale is not None or shift is not None
     layout = _layout(x, num_groups, weight, bias, scale, shift, per_sample)
-    n, rows, count = layout.x.shape
     normed, mean, rstd = _group_norm(layout, not modulated_tangent, eps)
     # dxh = rstd (dx - mean_g(dx) - xh mean_g(xh dx)): the Jacobian of xh is symmetric, so it is GN's backward
-    # (weight 1) applied to dx.
-    dxc = dx.to(dtype).reshape(layout.x.shape)
-    rstd_slope = _slope_of_xh(rstd, layout)
+    # (weight 1) applied to dx, here on the first `rows` samples.
+    head = _first_rows(layout.x, batch, rows)
+    n, width, count = head.shape
+    groups = layout.groups if layout.x.shape[0] == batch else layout.groups // batch * rows
+    head_layout = _Layout(head, groups, None, None, None)
+    rstd_slope = _slope_of_xh(_first_rows(rstd, batch, rows), head_layout)
     dxh, _, _ = _native_group_norm_backward(
-        dxc, layout.x, mean, rstd_slope, None, n, rows, count, layout.groups, [True, False, False]
+        dx.to(dtype).reshape(head.shape),
+        head,
+        _first_rows(mean, batch, rows),
+        rstd_slope,
+        None,
+        n,
+        width,
+        count,
+        groups,
+        [True, False, False],
     )
     gamma = None if layout.gamma is None else layout.gamma[:, None]
-    if modulated_tangent:
-        xh = normed
+    head_gamma = None if gamma is None else gamma[:width]  # per sample: the first rows * C channels
+    if modulated_tangent:  # the per-sample layout: (1, B * C, count)
         ds = None if dscale is None else dscale.to(dtype)
         # offset = b dscale + dshift, slope = w dscale (w = 1 without a weight), per (sample, channel)
-        offset = torch.zeros(batch, x.shape[1], dtype=dtype, device=x.device) if dshift is None else dshift.to(dtype)
+        offset = torch.zeros(rows, x.shape[1], dtype=dtype, device=x.device) if dshift is None else dshift.to(dtype)
         if ds is not None and bias is not None:
             offset = torch.addcmul(offset, ds, bias.to(dtype))
         slope = None if ds is None else (ds if weight is None else ds * weight.to(dtype))
-        offset = offset.reshape(1, rows, 1)
         # in place on ATen's fresh dxh: addcmul with two broadcast operands is 3x slower than mul then add
-        dh = dxh if gamma is None else dxh.mul_(gamma)
+        dh = dxh if head_gamma is None else dxh.mul_(head_gamma)
         if slope is not None:
-            dh.addcmul_(xh, slope.reshape(1, rows, 1))
-        dh.add_(offset)
-        h = xh if gamma is None else xh.mul_(gamma)
+            dh.addcmul_(_first_rows(normed, batch, rows), slope.reshape(1, width, 1))
+        dh.add_(offset.reshape(1, width, 1))
+        h = normed if gamma is None else normed.mul_(gamma)
         if layout.beta is not None:
             h.add_(layout.beta[:, None])
     else:
         h = normed
-        dh = dxh if gamma is None else dxh.mul_(gamma)
+        dh = dxh if head_gamma is None else dxh.mul_(head_gamma)
 
     if act == "silu":
         # dy = dh silu'(h), silu'(h) = sigmoid(h) (1 + h (1 - sigmoid(h))): SiLU's backward applied to dh
-        dy = _silu_backward(dh, h)
+        dy = _silu_backward(dh, _first_rows(h, batch, rows))
         y = F.silu(h, inplace=True)
     else:
         y, dy = h, dh
     stats = mean.view(batch, num_groups), rstd.view(batch, num_groups)
-    return y.view(x.shape).to(x.dtype), dy.view(x.shape).to(x.dtype), *stats
+    return y.view(x.shape).to(x.dtype), dy.view(dx.shape).to(x.dtype), *stats
 
 
 def gn_act_bwd(
