@@ -173,7 +173,24 @@ def first_rows_cases():
 @pytest.mark.parametrize(("backend", "shape", "variant", "dtype", "rows"), first_rows_cases())
 def test_attention_jvp_with_a_tangent_on_the_first_rows(backend, shape, variant, dtype, rows):
     """dq (dk, dv) on the first m < B samples only: o and the gradients are those of the whole batch, do that of
-    the first m samples, against the float64 reference of the whole batch."""
+    the first m samples, against the float64 reference of the whole batch (a backend with TANGENT_ROWS takes the
+    call as it is, the others through the op's split)."""
+    check_first_rows(backend, shape, variant, dtype, rows)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous-backend", "strided-backend"])
+def test_first_rows_through_the_op_split(monkeypatch, variant, strided):
+    """The op's split for backends without TANGENT_ROWS (and, with strided=False, without STRIDED_INPUTS), on
+    the torch backend with the flags off."""
+    from imf_kernels.torch_ops import attention as torch_attention
+
+    monkeypatch.setattr(torch_attention, "TANGENT_ROWS", False)
+    monkeypatch.setattr(torch_attention, "STRIDED_INPUTS", strided)
+    check_first_rows("torch", (3, *SHAPES[0][1:]), variant, torch.float32, 2)
+
+
+def check_first_rows(backend, shape, variant, dtype, rows):
     scale, key_tangents = VARIANTS[variant]
     inputs = make_inputs(shape, dtype)
     if not key_tangents:

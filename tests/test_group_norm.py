@@ -149,7 +149,20 @@ def first_rows_cases():
 def test_group_norm_act_jvp_with_a_tangent_on_the_first_rows(backend, shape, variant, dtype, rows):
     """dx (dscale, dshift) on the first m < B samples only: y and every gradient are those of the whole batch, dy
     that of the first m samples, against the float64 reference of the whole batch (a backend with TANGENT_ROWS
-    does it in one call, the others through the op's split)."""
+    takes the call as it is, the others through the op's split)."""
+    check_first_rows(backend, shape, variant, dtype, rows)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_first_rows_through_the_op_split(monkeypatch, variant):
+    """The op's split for backends without TANGENT_ROWS, on the torch backend with the flag off."""
+    from imf_kernels.torch_ops import group_norm as torch_group_norm
+
+    monkeypatch.setattr(torch_group_norm, "TANGENT_ROWS", False)
+    check_first_rows("torch", SHAPES[2], variant, torch.float32, 2)
+
+
+def check_first_rows(backend, shape, variant, dtype, rows):
     inputs, num_groups, act = make_inputs(shape, variant, dtype)
     partial = {name: value[:rows] if name[0] == "d" else value for name, value in inputs.items()}
     args = {name: partial.get(name) for name in ("x", "dx", "weight", "bias", "scale", "shift", "dscale", "dshift")}

@@ -32,6 +32,10 @@ MIN_DOT = 16
 MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, which holds B * H
 
 
+# tangents on the first m <= B samples: two launches into one output (`imf_kernels.interface`)
+TANGENT_ROWS = True
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -390,13 +394,14 @@ def check_config(cfg: BlockConfig, D: int, Lk: int) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _launch_fwd(q, k, v, dq, dk, dv, scale: float, cfg: BlockConfig):
+def _launch_fwd(q, k, v, dq, dk, dv, scale: float, cfg: BlockConfig, o=None, lse=None):
+    """One launch; o and lse (optional) are buffers to write into, e.g. rows of a larger batch's outputs."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     check_config(cfg, D, Lk)
     tangent = dq is not None
-    o = torch.empty_like(q)
-    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    o = torch.empty_like(q) if o is None else o
+    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32) if lse is None else lse
     do = torch.empty_like(q) if tangent else o
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
     # Absent tangents are never read (constexpr flags); any tensor of the right dtype fills their slot.
@@ -426,9 +431,19 @@ def attention_jvp_fwd(
     dv: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o, do, lse) in one pass; dk/dv None mean zero tangents."""
-    cfg = pick_config("jvp", q.shape[2], k.shape[2], q.shape[3], q.dtype)
-    return _launch_fwd(q, k, v, dq, dk, dv, scale, cfg)
+    """(o, do, lse) in one pass; dk/dv None mean zero tangents. With tangents on the first m < B samples only
+    (TANGENT_ROWS): the jvp kernel on those rows and the primal kernel on the rest, into one o and lse."""
+    B, _, Lq, D = q.shape
+    Lk, rows = k.shape[2], dq.shape[0]
+    cfg = pick_config("jvp", Lq, Lk, D, q.dtype)
+    if rows == B:
+        return _launch_fwd(q, k, v, dq, dk, dv, scale, cfg)
+    o = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    _, do, _ = _launch_fwd(q[:rows], k[:rows], v[:rows], dq, dk, dv, scale, cfg, o[:rows], lse[:rows])
+    primal_cfg = pick_config("fwd", Lq, Lk, D, q.dtype)
+    _launch_fwd(q[rows:], k[rows:], v[rows:], None, None, None, scale, primal_cfg, o[rows:], lse[rows:])
+    return o, do, lse
 
 
 def _launch_bwd(grad_o, q, k, v, o, lse, scale: float, cfg_dkdv: BlockConfig, cfg_dq: BlockConfig):

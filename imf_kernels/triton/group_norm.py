@@ -46,6 +46,10 @@ class GNBlocks:
     num_warps: int
 
 
+# tangents on the first m <= B samples: two launches into one output (`imf_kernels.interface`)
+TANGENT_ROWS = True
+
+
 def check_gpu_rules(blocks: GNBlocks) -> None:
     """Rules the interpreter does not enforce but a GPU compiler does: tl.arange needs power-of-2 sizes."""
     for name in ("block_c", "block_hw", "num_warps"):
@@ -433,15 +437,37 @@ def _flags(weight, bias, scale, shift, act: str) -> dict:
 
 
 def _forward(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act):
+    """y (and dy), mean, rstd. A tangent on the first m < B samples only (TANGENT_ROWS): the jvp kernel on those
+    rows and the primal kernel on the rest, into one y, mean and rstd."""
+    batch = x.shape[0]
+    y = torch.empty_like(x)
+    mean = torch.empty((batch, num_groups), device=x.device, dtype=torch.float32)
+    rstd = torch.empty((batch, num_groups), device=x.device, dtype=torch.float32)
+    rows = batch if dx is None else dx.shape[0]
+    dy = _launch(
+        x[:rows], dx, num_groups, weight, bias, _rows(scale, 0, rows), _rows(shift, 0, rows), dscale, dshift, eps, act,
+        y[:rows], mean[:rows], rstd[:rows],
+    )  # fmt: skip
+    if rows < batch:
+        _launch(
+            x[rows:], None, num_groups, weight, bias, _rows(scale, rows, batch), _rows(shift, rows, batch), None, None,
+            eps, act, y[rows:], mean[rows:], rstd[rows:],
+        )  # fmt: skip
+    return y, dy, mean, rstd
+
+
+def _rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if t is None else t[start:stop]
+
+
+def _launch(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act, y, mean, rstd):
+    """One launch over x's samples, writing y, mean, rstd (given) and returning dy (None without a tangent)."""
     batch, channels, height, width = x.shape
     hw = height * width
     channels_per_group = channels // num_groups
     with_tangent = dx is not None
     blocks = pick_blocks(channels_per_group, hw, x.dtype)
-    y = torch.empty_like(x)
     dy = torch.empty_like(x) if with_tangent else y
-    mean = torch.empty((batch, num_groups), device=x.device, dtype=torch.float32)
-    rstd = torch.empty((batch, num_groups), device=x.device, dtype=torch.float32)
     # Absent optional tensors are never read (their HAS_* flag is off); x stands in as a valid pointer.
     _gn_fwd_kernel[(batch * num_groups,)](
         x,
@@ -464,7 +490,7 @@ def _forward(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps,
         num_warps=blocks.num_warps,
         **_flags(weight, bias, scale, shift, act),
     )
-    return y, (dy if with_tangent else None), mean, rstd
+    return dy if with_tangent else None
 
 
 def gn_act_fwd(
