@@ -123,11 +123,14 @@ def append_record(path: str, record: dict) -> None:
         os.close(fd)
 
 
-def build_model(name: str) -> torch.nn.Module:
+def build_model(name: str, model_overrides: dict | None = None) -> torch.nn.Module:
+    """The gauss preset's model (with the same `model_overrides`, e.g. width, for every run) and the run's v-head."""
+    import dataclasses
+
     from imf.config import get_preset
     from imf.model import IMFNet
 
-    cfg = get_preset("gauss").model
+    cfg = dataclasses.replace(get_preset("gauss").model, **(model_overrides or {}))
     cfg.v_head = RUNS[name]["v_head"]
     return IMFNet(cfg)
 
@@ -147,7 +150,7 @@ def run_one(name: str, args: dict, out: str, snapshots: str) -> None:
     spec = RUNS[name]
     data = GaussClasses.from_digits()
     torch.manual_seed(args["seed"])
-    model = build_model(name)
+    model = build_model(name, args.get("model"))
     data_gen = torch.Generator().manual_seed(args["seed"])
     trainer = Trainer(
         model,
@@ -225,7 +228,9 @@ def errors_at(records: list[dict], name: str, step: int) -> dict[str, float]:
     return out
 
 
-def complete_equal_steps(out: str, snapshots: str, runs: list[str], n_eval: int) -> None:
+def complete_equal_steps(
+    out: str, snapshots: str, runs: list[str], n_eval: int, model_overrides: dict | None = None
+) -> None:
     """Evaluate, from the kept snapshots, the metrics that a run's checkpoint at the equal-steps point lacks."""
     from imf.gauss import GaussClasses
 
@@ -242,7 +247,7 @@ def complete_equal_steps(out: str, snapshots: str, runs: list[str], n_eval: int)
         if not missing or not path.exists():
             continue
         data = data or GaussClasses.from_digits()
-        model = build_model(name)
+        model = build_model(name, model_overrides)
         model.load_state_dict(torch.load(path))
         errors = evaluate(model, data, missing, n_eval)
         checkpoint = next(r for r in records if r["kind"] == "eval" and r["run"] == name and r["step"] == common)
@@ -283,9 +288,10 @@ def table_rows(records: list[dict]) -> tuple[dict, int | None, list[list[str]]]:
 def print_table(path: str, markdown: bool) -> None:
     header, common, rows = table_rows(read_records(path))
     a = header["args"]
+    model = ", ".join(f"{k} {a[k]}" for k in ("width", "context_dim") if a.get(k) is not None)
     title = (
-        f"gauss, relative error of EMA samples against the exact map, {a['minutes']:g} CPU-min per run, "
-        f"batch {a['batch']}, lr {a['lr']:g}"
+        f"gauss{f' ({model})' if model else ''}, relative error of EMA samples against the exact map, "
+        f"{a['minutes']:g} CPU-min per run, batch {a['batch']}, lr {a['lr']:g}"
         + (f" with a linear cool-down over the last {a['cooldown']:.0%}" if a.get("cooldown") else "")
         + f", n_eval {a['n_eval']} ({header['date']}, commit {header['commit']})"
     )
@@ -340,6 +346,10 @@ def main() -> None:
         help="linear lr decay to 0 over this last fraction of each run's CPU budget, the same for every run "
         "(default 0: constant)",
     )
+    ap.add_argument("--width", type=int, default=None, help="model width, every run (default: the gauss preset's)")
+    ap.add_argument(
+        "--context-dim", type=int, default=None, help="context token dim, every run (default: the gauss preset's)"
+    )
     ap.add_argument("--n-eval", type=int, default=512, help="noise samples per evaluation (default 512)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -371,6 +381,9 @@ def main() -> None:
     tags = run_tags(torch.device("cpu"), bench="compare_objectives")
     append_record(out, {"kind": "args", "args": vars(args), **tags})
     print(f"results: {out}", file=sys.stderr)
+    model_overrides = {
+        field: value for field, value in (("width", args.width), ("context_dim", args.context_dim)) if value is not None
+    }
     run_args = dict(
         minutes=args.minutes,
         steps=args.steps,
@@ -381,6 +394,7 @@ def main() -> None:
         cooldown=args.cooldown,
         n_eval=args.n_eval,
         seed=args.seed,
+        model=model_overrides,
     )
     jobs = [(name, run_args, out, snapshots) for name in args.runs]
     if args.jobs > 1:
@@ -389,7 +403,7 @@ def main() -> None:
     else:
         for job in jobs:
             run_one(*job)
-    complete_equal_steps(out, snapshots, args.runs, args.n_eval)
+    complete_equal_steps(out, snapshots, args.runs, args.n_eval, model_overrides)
     if not args.snapshots:
         shutil.rmtree(snapshots)
     print_table(out, args.markdown)
