@@ -295,9 +295,11 @@ class AttnBlock(nn.Module):
             dk, dv = (None, None) if dkvt is None else (heads_of(part) for part in dkvt.chunk(2, dim=1))
         else:  # the context's few tokens: (B, Lk, 2C) -> k, v (B, heads, Lk, d), contiguous when heads > 1 (a
             # permuted view's B and heads dims do not merge, and each batched matmul would copy it again)
-            split = lambda a: a.view(a.shape[0], a.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-            if self.heads > 1:
-                split = lambda a, permuted=split: permuted(a).contiguous()
+
+            def split(a):
+                parts = a.view(a.shape[0], a.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+                return parts.contiguous() if self.heads > 1 else parts
+
             kv, dkv = layers.linear(ctx, self.to_kv, dctx)
             k, v = split(kv).unbind(0)
             dk, dv = (None, None) if dkv is None else split(dkv).unbind(0)

@@ -152,9 +152,9 @@ def gn_act_jvp_fwd(
     # (weight 1) applied to dx, here on the first `rows` samples.
     head = _first_rows(layout.x, batch, rows)
     n, width, count = head.shape
-    groups = layout.groups if layout.x.shape[0] == batch else layout.groups // batch * rows
-    head_layout = _Layout(head, groups, None, None, None)
-    rstd_slope = _slope_of_xh(_first_rows(rstd, batch, rows), head_layout)
+    head_rstd = _first_rows(rstd, batch, rows)  # (N, G') of the first rows: G' is their group count
+    groups = head_rstd.shape[1]
+    rstd_slope = _slope_of_xh(head_rstd, _Layout(head, groups, None, None, None))
     dxh, _, _ = _native_group_norm_backward(
         dx.to(dtype).reshape(head.shape),
         head,
