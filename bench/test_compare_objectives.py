@@ -55,3 +55,14 @@ def test_model_options_apply_to_every_run():
         assert (model.cfg.width, model.cfg.context_dim) == (16, 32)
         assert model.cfg.v_head == RUNS[name]["v_head"]
     assert build_model("imf").cfg.width == 32  # the gauss preset's when not overridden
+
+
+def test_defaults_are_the_benchmarked_shared_settings(tmp_path):
+    out = tmp_path / "results.jsonl"
+    done = run_script("--runs", "fm", "--minutes", "1", "--steps", "1", "--n-eval", "8", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    args = json.loads(out.read_text().splitlines()[0])["args"]
+    assert (args["width"], args["cooldown"], args["batch"], args["lr"], args["ema_decay"]) == (24, 0.3, 64, 2e-3, 0.995)
+    table = run_script("--table", str(out))
+    assert table.returncode == 0 and "gauss (width 24)" in table.stdout
+    assert "cool-down over the last 30%" in table.stdout
