@@ -63,7 +63,9 @@ def conv2d(x: Tensor, layer: nn.Conv2d, dx: MaybeTensor = None) -> tuple[Tensor,
 
 
 def _cast(param: MaybeTensor, like: Tensor) -> MaybeTensor:
-    return None if param is None else param.to(like.dtype)
+    """param in like's dtype (itself when it has it: no Tensor.to call, whose argument parsing is most of a
+    batch-1 call's cost)."""
+    return param if param is None or param.dtype == like.dtype else param.to(like.dtype)
 
 
 def group_norm_act(

@@ -23,6 +23,12 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in `dtype`: t itself when it has it (Tensor.to would return t too, after ~1 us of argument parsing, which
+    adds up over a batch-1 forward's hundreds of calls)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 # dx, dscale and dshift may cover the first m <= B samples only; dy then has m rows (`imf_kernels.interface`)
 TANGENT_ROWS = True
 
@@ -58,11 +64,11 @@ def _layout(
 ) -> _Layout:
     batch, channels = x.shape[:2]
     dtype = _compute_dtype(x)
-    w = None if weight is None else weight.to(dtype)
-    b = None if bias is None else bias.to(dtype)
+    w = None if weight is None else _as(weight, dtype)
+    b = None if bias is None else _as(bias, dtype)
     if not per_sample:
-        return _Layout(x.to(dtype).reshape(batch, channels, -1), num_groups, w, b, None)
-    one_plus_s = None if scale is None else 1 + scale.to(dtype)
+        return _Layout(_as(x, dtype).reshape(batch, channels, -1), num_groups, w, b, None)
+    one_plus_s = None if scale is None else 1 + _as(scale, dtype)
     if one_plus_s is None:
         alpha = None if w is None else w.expand(batch, -1)
         beta = None if b is None else b.expand(batch, -1)
@@ -70,8 +76,8 @@ def _layout(
         alpha = one_plus_s if w is None else w * one_plus_s
         beta = None if b is None else b * one_plus_s
     if shift is not None:
-        beta = shift.to(dtype) if beta is None else beta + shift.to(dtype)
-    flat = x.to(dtype).reshape(1, batch * channels, -1)
+        beta = _as(shift, dtype) if beta is None else beta + _as(shift, dtype)
+    flat = _as(x, dtype).reshape(1, batch * channels, -1)
     gamma = None if alpha is None else alpha.reshape(-1)
     return _Layout(flat, batch * num_groups, gamma, None if beta is None else beta.reshape(-1), one_plus_s)
 
@@ -113,7 +119,7 @@ def gn_act_fwd(
     layout = _layout(x, num_groups, weight, bias, scale, shift, scale is not None or shift is not None)
     h, mean, rstd = _group_norm(layout, True, eps)
     y = F.silu(h, inplace=True) if act == "silu" else h
-    return y.view(x.shape).to(x.dtype), mean.view(batch, num_groups), rstd.view(batch, num_groups)
+    return _as(y.view(x.shape), x.dtype), mean.view(batch, num_groups), rstd.view(batch, num_groups)
 
 
 def _first_rows(t: Tensor, batch: int, rows: int) -> Tensor:
@@ -195,7 +201,7 @@ def gn_act_jvp_fwd(
     else:
         y, dy = h, dh
     stats = mean.view(batch, num_groups), rstd.view(batch, num_groups)
-    return y.view(x.shape).to(x.dtype), dy.view(dx.shape).to(x.dtype), *stats
+    return _as(y.view(x.shape), x.dtype), _as(dy.view(dx.shape), x.dtype), *stats
 
 
 def gn_act_bwd(
