@@ -43,7 +43,8 @@ def channel_linear(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple
     """(W x + b, W dx) over the channels of x (B, C, L): `linear` on the tokens x^T without transposing, so a
     feature map's pixels go in and come out as (B, C, L), and a (B, heads, L, d) view of either side is a
     transposed view the attention op reads as it is (the batched matmul takes any strides)."""
-    y = torch.baddbmm(layer.bias[:, None], layer.weight.expand(x.shape[0], -1, -1), x)
+    weight = layer.weight.expand(x.shape[0], -1, -1)
+    y = torch.bmm(weight, x) if layer.bias is None else torch.baddbmm(layer.bias[:, None], weight, x)
     if dx is None:
         return y, None
     with torch.no_grad():
