@@ -53,7 +53,7 @@ INTERIOR = (0.4, 0.65)  # imf.sampler.DEFAULT_INTERVAL, iMF's omega-1 sampling i
 FULL = (0.0, 1.0)
 # the comparison's model width, the same for every run: of widths 16 / 24 / 32 / 48 at 10 CPU minutes (cool-down
 # 0.3) width 24 gave every iMF and MF run its best error (BENCHMARKS.md, "Objectives on gauss"); the runs are
-# step-bound there, so the narrower model wins by its extra steps. The gauss preset (32) is unchanged.
+# step-bound there, so the narrower model wins by its extra steps. The gauss preset itself is unchanged.
 DEFAULT_WIDTH = 24
 
 
@@ -296,7 +296,8 @@ def table_rows(records: list[dict]) -> tuple[dict, int | None, list[list[str]]]:
 def print_table(path: str, markdown: bool) -> None:
     header, common, rows = table_rows(read_records(path))
     a = header["args"]
-    model = ", ".join(f"{k} {a[k]}" for k in ("width", "context_dim") if a.get(k) is not None)
+    # as main's model_overrides: an option left at None or 0 means the preset's value
+    model = ", ".join(f"{k} {a[k]}" for k in ("width", "context_dim") if a.get(k))
     title = (
         f"gauss{f' ({model})' if model else ''}, relative error of EMA samples against the exact map, "
         f"{a['minutes']:g} CPU-min per run, batch {a['batch']}, lr {a['lr']:g}"
@@ -358,7 +359,7 @@ def main() -> None:
         "--width",
         type=int,
         default=DEFAULT_WIDTH,
-        help=f"model width, every run (default {DEFAULT_WIDTH}; 0: the gauss preset's, 32)",
+        help=f"model width, every run (default {DEFAULT_WIDTH}; 0: the gauss preset's)",
     )
     ap.add_argument(
         "--context-dim", type=int, default=None, help="context token dim, every run (default: the gauss preset's)"
