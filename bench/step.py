@@ -10,12 +10,13 @@ Variants:
   reference   iMF through torch.func.jvp over the plain-ops model, eager (the oracle path)
   compiled    torch.compile of the reference step the way the official PyTorch MeanFlow code trains: primal with
               grad, torch.func.jvp under no_grad (a second forward), the loss; the backward through AOTAutograd.
-              Compile time (the first calls) is reported separately and kept out of the timed region.
+              Compile time (the first calls) is reported separately and kept out of the timed region. Dynamo
+              cannot trace torch.func.jvp through an affine F.group_norm / F.layer_norm (torch 2.11-2.14: an
+              internal assert in _fw_primal/_make_dual), so this process computes the norms' affine outside the
+              norm (`norm_affine_outside`: the same math, plain ops; Inductor fuses the multiply-add).
   compiled-modules  the same step with torch.compile applied to the model's modules (trunk, u-head, v-head)
-              instead of the whole step, which dynamo cannot trace (torch 2.11-2.14: an internal assert on
-              torch.func.jvp through group_norm/layer_norm): the no-grad targets and the primal forward with grad
-              (and its backward) run compiled, the JVP pass (torch.func.jvp under no_grad) the eager modules
-              (dynamo cannot run under it). The nearest compiled baseline that runs; its ratios are labelled so.
+              instead of the whole step, the norms unchanged: the no-grad targets and the primal forward with
+              grad (and its backward) run compiled, the JVP pass (torch.func.jvp under no_grad) the eager modules.
   fused-<b>   iMF through the fused forward-with-tangent on imf_kernels backend <b> (every usable one)
   fm, mf      flow matching and MeanFlow steps of the same model on the fused path (default backend)
 JVP overhead = (forward + tangent + backward) / (forward + backward) of the model on the same loss of u and v.
@@ -27,7 +28,8 @@ page fault per fresh page (it made every step 2-2.5x slower in CPU time), so the
 default allocator, as training does.
 Times are medians over repetitions of wall-clock (CUDA-synchronised on GPU) and, on CPU, of the process CPU time;
 the ratios use CPU time on CPU (wall-clock medians on a shared machine swing with its load) and wall-clock on GPU.
-A variant that fails (e.g. torch.compile of the reference step) is a row with the reason, not a crashed run.
+A variant that fails (e.g. a torch.compile baseline on a torch whose dynamo cannot trace it) is a row with the
+reason, not a crashed run.
 Results: a rich table and bench/results/<device>-step.json.
 """
 
@@ -44,7 +46,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# fused_vs_compiled_modules carries the compiled target too: it is the stand-in while the whole step cannot compile
+# fused_vs_compiled_modules carries the compiled target too: the stand-in where the whole step does not compile
 TARGETS_CPU = dict(
     fused_vs_reference=0.75, overhead=1.6, fused_vs_compiled=1.0, fused_vs_compiled_modules=1.0, imf_vs_fm=2.3
 )
@@ -90,6 +92,44 @@ def official_style_loss(model, objective, x, y, d, modules=None):
     return (
         adaptive_weighted(loss_u, objective.c, objective.p) + adaptive_weighted(loss_v, objective.c, objective.p)
     ).mean()
+
+
+def norm_affine_outside(model) -> Callable[[], None]:
+    """From now on the plain model's GroupNorm and LayerNorm compute the norm without its affine, then
+    `* weight + bias` (the same function up to rounding), which dynamo can trace under torch.func.jvp; the affine
+    inside the norm hits an internal assert there (torch 2.11-2.14). Patches `imf.model`'s `F` and the model's
+    LayerNorm instances; returns the function that restores both."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    import imf.model
+
+    def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+        h = F.group_norm(x, num_groups, None, None, eps)
+        if weight is None:
+            return h
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return h * weight.view(shape) + bias.view(shape)
+
+    def layer_norm_forward(norm):
+        return lambda x: F.layer_norm(x, norm.normalized_shape, None, None, norm.eps) * norm.weight + norm.bias
+
+    functional = types.SimpleNamespace(**{name: getattr(F, name) for name in dir(F) if not name.startswith("__")})
+    functional.group_norm = group_norm
+    layer_norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm) and m.elementwise_affine]
+    saved = imf.model.F
+    imf.model.F = functional
+    for norm in layer_norms:
+        norm.forward = layer_norm_forward(norm)
+
+    def restore() -> None:
+        imf.model.F = saved
+        for norm in layer_norms:
+            del norm.forward
+
+    return restore
 
 
 class CompiledModules:
@@ -155,6 +195,7 @@ def make_step(variant: str, model, x, y, draws, bf16: bool):
     if variant == "compiled":
         objective = IMFObjective(jvp="reference", bf16=bf16)
         compiled = torch.compile(official_style_loss)
+        norm_affine_outside(model)  # for the life of this variant's process
         return with_backward(lambda: compiled(model, objective, x, y, draws))
     if variant == "compiled-modules":
         objective = IMFObjective(jvp="reference", bf16=bf16)

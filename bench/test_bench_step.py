@@ -80,3 +80,53 @@ def test_compiled_modules_run_compiled_every_step_and_give_the_reference_loss():
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
     for got, want in zip(compiled_grads, (p.grad for p in model.parameters()), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_whole_reference_step_compiles_with_the_norms_affine_outside():
+    """The `compiled` baseline: torch.compile of the whole official-style step (torch.func.jvp inside) traces
+    once the norms' affine is outside the norm (the JVP lands in a graph), its graphs run on every step, and its
+    loss and gradients are those of the eager reference step; the patch is undone afterwards."""
+    import step
+    import torch
+    import torch.nn.functional as F
+
+    import imf.model
+    from imf.objectives import IMFObjective
+
+    model, x, y, draws = step.build("gauss", 6, "cpu")
+    objective = IMFObjective(jvp="reference")
+    eager = step.official_style_loss(model, objective, x, y, draws)
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+
+    graph_runs, graph_calls = [], []
+
+    def counting_backend(gm, example_inputs):
+        index = len(graph_runs)
+        graph_runs.append(0)
+        graph_calls.append({getattr(n.target, "__name__", "") for n in gm.graph.nodes if n.op == "call_function"})
+
+        def run(*args):
+            graph_runs[index] += 1
+            return gm.forward(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    restore = step.norm_affine_outside(model)
+    try:
+        compiled = torch.compile(step.official_style_loss, backend=counting_backend)
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            loss = compiled(model, objective, x, y, draws)
+            loss.backward()
+    finally:
+        restore()
+        torch._dynamo.reset()
+    assert imf.model.F is F
+    assert all("forward" not in vars(m) for m in model.modules())
+    assert graph_runs and all(runs == 3 for runs in graph_runs), graph_runs
+    assert any("_make_dual" in calls for calls in graph_calls)  # the JVP itself is in a graph, not run eagerly
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for got, want in zip((p.grad for p in model.parameters()), eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
