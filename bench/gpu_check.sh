@@ -4,7 +4,8 @@
 #
 #   bash bench/gpu_check.sh                # everything
 #   bash bench/gpu_check.sh --skip-tests   # build + benchmarks only (when device time is short)
-#   bash bench/gpu_check.sh --quick        # build + tests + bench/ops.py on the latent-b shapes only
+#   bash bench/gpu_check.sh --quick        # build + tests + bench/ops.py on the latent-b shapes only,
+#                                          # bench/step.py with 3 repetitions
 #   bash bench/gpu_check.sh --gpu-tests-only --quick   # a short lease: only the `gpu`-marked tests (CI runs the
 #                                                      # rest on CPU) and the quick benchmarks
 #
@@ -22,10 +23,11 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 skip_tests=0
 test_args=()
 ops_args=()
+step_args=()
 for arg in "$@"; do
     case "$arg" in
         --skip-tests) skip_tests=1 ;;
-        --quick) ops_args+=(--quick) ;;
+        --quick) ops_args+=(--quick); step_args+=(--reps 3) ;;
         --gpu-tests-only) test_args+=(-m gpu) ;;
         *) echo "gpu_check.sh: unknown argument '$arg' (accepted: --skip-tests, --quick, --gpu-tests-only)" >&2; exit 2 ;;
     esac
@@ -75,7 +77,7 @@ if [ "$skip_tests" = 0 ]; then
 fi
 run_step ops "$PYTHON" bench/ops.py ${ops_args[@]+"${ops_args[@]}"}
 if [ -f bench/step.py ]; then
-    run_step step "$PYTHON" bench/step.py
+    run_step step "$PYTHON" bench/step.py ${step_args[@]+"${step_args[@]}"}
 fi
 
 echo

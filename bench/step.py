@@ -42,6 +42,7 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -353,6 +354,9 @@ def run_sampling(preset: str, device: str, threads: int, reps: int, bf16: bool) 
 # ------------------------------------------------------------------------------------------------ the driver
 
 
+# latent-b, bf16: the eager reference step takes 41 GB at batch 64 on an H200 (4x that at 256)
+GPU_BATCH = 64
+
 # float32 matmul precision of every timed process (--float32-matmul-precision; children are spawned, so it travels
 # in the environment): "highest" is PyTorch's default; "high" lets matmuls and the triton fp32 attention use TF32.
 PRECISION_ENV = "IMF_BENCH_FLOAT32_MATMUL_PRECISION"
@@ -441,7 +445,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     on_gpu = torch.cuda.is_available()
     parser.add_argument("--preset", default="latent-b" if on_gpu else "digits")
-    parser.add_argument("--batch", type=int, default=None, help="default: 128 on CPU, the preset's batch on GPU")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help=f"default: 128 on CPU, {GPU_BATCH} on GPU (the eager reference step at latent-b's training batch 256 "
+        "needs more than an H200's 139 GB)",
+    )
     parser.add_argument("--threads", default="1,2", help="CPU thread counts, comma-separated")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=on_gpu, help="bf16 targets")
@@ -470,9 +480,7 @@ def main() -> None:
     os.environ[PRECISION_ENV] = args.float32_matmul_precision
     device = "cuda" if on_gpu else "cpu"
     if args.batch is None:
-        from imf.config import get_preset
-
-        args.batch = get_preset(args.preset).train.batch_size if on_gpu else 128
+        args.batch = GPU_BATCH if on_gpu else 128
     if args.quick:
         args.batch, args.reps, args.threads, args.no_compile = 16, 2, "1", True
     thread_counts = [int(n) for n in args.threads.split(",")] if device == "cpu" else [torch.get_num_threads()]
@@ -492,9 +500,16 @@ def main() -> None:
     elif args.no_compile:
         variants = [name for name in variants if name not in compiled]
 
+    from common import run_tags
+
+    tags = run_tags(torch.device(device), "step")
     results = dict(
         device=device_name(device),
+        date=tags["date"],
+        commit=tags["commit"],
+        dirty=tags["dirty"],
         torch=torch.__version__,
+        triton=tags["triton"],
         preset=args.preset,
         batch=args.batch,
         bf16=args.bf16,
@@ -539,7 +554,7 @@ def print_table(results: dict, run: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # logs: the ratio columns unabbreviated
     title = f"{results['device']} {results['preset']} batch {results['batch']} threads {run['threads']}"
     table = Table(title=title)
     for column in ("variant", "median ms", "cpu ms", "warm-up s", "peak MiB"):

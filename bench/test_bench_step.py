@@ -24,6 +24,7 @@ def test_a_subset_of_variants_is_timed_and_saved(tmp_path):
     done = run_step("--variants", "fm,fused-torch", "--no-sampling", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
+    assert results["commit"] != "unknown" and results["date"] and results["torch"]  # which code made the numbers
     (run,) = results["runs"]
     assert list(run["steps"]) == ["fused-torch", "fm"]  # the script's order, only those asked for
     for row in run["steps"].values():
