@@ -28,6 +28,9 @@ page fault per fresh page (it made every step 2-2.5x slower in CPU time), so the
 default allocator, as training does.
 Times are medians over repetitions of wall-clock (CUDA-synchronised on GPU) and, on CPU, of the process CPU time;
 the ratios use CPU time on CPU (wall-clock medians on a shared machine swing with its load) and wall-clock on GPU.
+With --rounds R (default 3 on CPU) every variant's process runs R times, the variants interleaved, and each time is
+the median of the R per-process medians (the tables show their range; the ratio table each round's own ratios):
+on a shared machine the load drifts between one variant's process and the next.
 A variant that fails (e.g. a torch.compile baseline on a torch whose dynamo cannot trace it) is a row with the
 reason, not a crashed run.
 Results: a rich table and bench/results/<device>-step.json.
@@ -454,6 +457,14 @@ def main() -> None:
     )
     parser.add_argument("--threads", default="1,2", help="CPU thread counts, comma-separated")
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="run every variant's process this many times, the variants interleaved (round 1: all variants, then "
+        "round 2, ...), and report per-variant medians over the rounds: on a shared machine the load drifts "
+        "between variants (default: 3 on CPU, 1 on GPU)",
+    )
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=on_gpu, help="bf16 targets")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument(
@@ -481,6 +492,10 @@ def main() -> None:
     device = "cuda" if on_gpu else "cpu"
     if args.batch is None:
         args.batch = GPU_BATCH if on_gpu else 128
+    if args.rounds is None:
+        args.rounds = 1 if on_gpu or args.quick else 3
+    if args.rounds < 1:
+        parser.error(f"--rounds: at least 1, got {args.rounds}")
     if args.quick:
         args.batch, args.reps, args.threads, args.no_compile = 16, 2, "1", True
     thread_counts = [int(n) for n in args.threads.split(",")] if device == "cpu" else [torch.get_num_threads()]
@@ -515,6 +530,7 @@ def main() -> None:
         bf16=args.bf16,
         float32_matmul_precision=args.float32_matmul_precision,
         reps=args.reps,
+        rounds=args.rounds,
         targets=TARGETS_GPU if on_gpu else TARGETS_CPU,
         ratio_time="median_s" if on_gpu else "cpu_median_s",
         runs=[],
@@ -522,25 +538,50 @@ def main() -> None:
     out = Path(args.out or Path(__file__).parent / "results" / f"{results['device']}-step.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     for threads in thread_counts:
-        rows = {}
-        run = dict(threads=threads, steps=rows, sampling={}, ratios={})
+        run = dict(threads=threads, steps={}, rounds=[], sampling={}, ratios={}, round_ratios={})
         results["runs"].append(run)
-        for variant in variants:
-            config = (args.preset, args.batch, device, threads, variant, args.reps, args.bf16)
-            rows[variant] = in_child(run_variant, *config)
-            if device == "cpu" and "error" not in rows[variant]:
-                memory = in_child(run_variant, *config, False, env=MEMORY_ENV)
-                rows[variant]["peak_mib"] = memory.get("peak_mib", float("nan"))
-            if variant == "compiled" and "error" in rows[variant]:
-                rows[variant]["error"] = f"compile baseline unavailable: {rows[variant]['error']}"
-            print(f"[{threads} thread(s)] {variant}: {rows[variant]}", flush=True)
-            write_results(out, results)  # after every variant: a run cut short keeps what it measured
+        for round_index in range(args.rounds):
+            rows = {}
+            run["rounds"].append(rows)
+            for variant in variants:
+                config = (args.preset, args.batch, device, threads, variant, args.reps, args.bf16)
+                rows[variant] = in_child(run_variant, *config)
+                if device == "cpu" and round_index == 0 and "error" not in rows[variant]:
+                    memory = in_child(run_variant, *config, False, env=MEMORY_ENV)
+                    rows[variant]["peak_mib"] = memory.get("peak_mib", float("nan"))
+                if variant == "compiled" and "error" in rows[variant]:
+                    rows[variant]["error"] = f"compile baseline unavailable: {rows[variant]['error']}"
+                print(f"[{threads} thread(s), round {round_index + 1}] {variant}: {rows[variant]}", flush=True)
+                run["steps"] = merge_rounds(run["rounds"])
+                write_results(out, results)  # after every variant: a run cut short keeps what it measured
         if not args.no_sampling:
             run["sampling"] = in_child(run_sampling, args.preset, device, threads, args.reps, args.bf16)
-        run["ratios"] = {b: ratios(rows, b, results["ratio_time"]) for b in backends}
+        run["ratios"] = {b: ratios(run["steps"], b, results["ratio_time"]) for b in backends}
+        run["round_ratios"] = {b: [ratios(rows, b, results["ratio_time"]) for rows in run["rounds"]] for b in backends}
         write_results(out, results)
         print_table(results, run)
     print(f"wrote {out}")
+
+
+def merge_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per variant, over the rounds it ran without error: the median of each round's medians, the least minimum,
+    the first round's warm-up (compilation) and peak memory, and every round's medians (`round_*`). A variant that
+    failed in every round keeps the first round's error."""
+    merged = {}
+    for variant in rounds[0]:
+        done = [rows[variant] for rows in rounds if variant in rows and "error" not in rows[variant]]
+        if not done:
+            merged[variant] = rounds[0][variant]
+            continue
+        merged[variant] = dict(
+            done[0],
+            median_s=statistics.median(row["median_s"] for row in done),
+            cpu_median_s=statistics.median(row["cpu_median_s"] for row in done),
+            min_s=min(row["min_s"] for row in done),
+            round_median_s=[row["median_s"] for row in done],
+            round_cpu_median_s=[row["cpu_median_s"] for row in done],
+        )
+    return merged
 
 
 def write_results(path: Path, results: dict) -> None:
@@ -548,6 +589,12 @@ def write_results(path: Path, results: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, path)
+
+
+def _spread_ms(row: dict, key: str) -> str:
+    """ " (lowest-highest)" of a row's per-round times in ms, or "" for one round."""
+    times = row.get(key, ())
+    return f" ({1e3 * min(times):.0f}-{1e3 * max(times):.0f})" if len(times) > 1 else ""
 
 
 def print_table(results: dict, run: dict) -> None:
@@ -565,15 +612,17 @@ def print_table(results: dict, run: dict) -> None:
             continue
         table.add_row(
             name,
-            f"{1e3 * row['median_s']:.1f}",
-            f"{1e3 * row['cpu_median_s']:.1f}",
+            f"{1e3 * row['median_s']:.1f}{_spread_ms(row, 'round_median_s')}",
+            f"{1e3 * row['cpu_median_s']:.1f}{_spread_ms(row, 'round_cpu_median_s')}",
             f"{row['warmup_s']:.1f}",
             f"{row['peak_mib']:.0f}",
         )
     console.print(table)
     targets = results["targets"]
     basis = "CPU time" if results["ratio_time"] == "cpu_median_s" else "wall-clock"
-    ratio_table = Table(title=f"ratios by {basis} medians (target)")
+    rounds = len(run["rounds"])
+    over = f", each over {rounds} rounds; in brackets each round's own ratio, lowest-highest" if rounds > 1 else ""
+    ratio_table = Table(title=f"ratios of {basis} medians{over} (target)")
     ratio_table.add_column("backend")
     for key in RATIO_KEYS:
         ratio_table.add_column(f"{key} ({'<= ' + str(targets[key]) if key in targets else '-'})", justify="right")
@@ -585,7 +634,11 @@ def print_table(results: dict, run: dict) -> None:
                 cells.append("n/a")
                 continue
             met = "" if key not in targets else (" ok" if value <= targets[key] else " MISSED")
-            cells.append(f"{value:.3f}{met}")  # 3 places: 0.7505 is not 0.75
+            cell = f"{value:.3f}{met}"  # 3 places: 0.7505 is not 0.75
+            per_round = [r[key] for r in run["round_ratios"][backend] if not math.isnan(r[key])]
+            if len(per_round) > 1:
+                cell += f" [{min(per_round):.3f}-{max(per_round):.3f}]"
+            cells.append(cell)
         ratio_table.add_row(backend, *cells)
     console.print(ratio_table)
     if not run["sampling"]:  # --no-sampling

@@ -37,6 +37,45 @@ def test_a_subset_of_variants_is_timed_and_saved(tmp_path):
     assert not out.with_name(out.name + ".tmp").exists()
 
 
+def test_rounds_interleave_the_variants_and_report_medians_over_rounds(tmp_path):
+    out = tmp_path / "step.json"
+    done = run_step("--variants", "fm,mf", "--no-sampling", "--rounds", "2", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    order = [line.split("] ")[1].split(":")[0] for line in done.stdout.splitlines() if "round" in line and "] " in line]
+    assert order == ["fm", "mf", "fm", "mf"]  # interleaved, not one variant's rounds back to back
+    results = json.loads(out.read_text())
+    (run,) = results["runs"]
+    assert results["rounds"] == 2 and len(run["rounds"]) == 2
+    for name, row in run["steps"].items():
+        per_round = [rows[name]["cpu_median_s"] for rows in run["rounds"]]
+        assert row["round_cpu_median_s"] == per_round
+        assert row["cpu_median_s"] == sum(per_round) / 2  # the median of two
+        assert row["peak_mib"] == run["rounds"][0][name]["peak_mib"] > 0  # measured once, in round 1
+    assert [r["mf_vs_fm"] for r in run["round_ratios"]["torch"]] == [
+        rows["mf"]["cpu_median_s"] / rows["fm"]["cpu_median_s"] for rows in run["rounds"]
+    ]
+
+
+def test_merge_rounds_skips_failed_rounds_and_keeps_an_error_that_never_ran():
+    import step
+
+    def row(t):
+        return dict(variant="v", median_s=t, cpu_median_s=2 * t, min_s=t / 2, warmup_s=9.0 + t, peak_mib=100 + t)
+
+    rounds = [
+        {"a": row(3.0), "b": {"error": "boom"}},
+        {"a": {"error": "crashed"}, "b": {"error": "boom again"}},
+        {"a": row(1.0), "b": {"error": "boom"}},
+        {"a": row(2.0), "b": {"error": "boom"}},
+    ]
+    merged = step.merge_rounds(rounds)
+    assert merged["b"] == {"error": "boom"}
+    a = merged["a"]
+    assert (a["median_s"], a["cpu_median_s"], a["min_s"]) == (2.0, 4.0, 0.5)
+    assert (a["warmup_s"], a["peak_mib"]) == (12.0, 103.0)  # the first round that ran: compile time, memory
+    assert a["round_median_s"] == [3.0, 1.0, 2.0] and a["round_cpu_median_s"] == [6.0, 2.0, 4.0]
+
+
 def test_an_unknown_variant_is_refused_by_name(tmp_path):
     done = run_step("--variants", "fm,fused-nope", "--out", str(tmp_path / "step.json"))
     assert done.returncode == 2
