@@ -592,7 +592,7 @@ def write_results(path: Path, results: dict) -> None:
 
 
 def _spread_ms(row: dict, key: str) -> str:
-    """ " (lowest-highest)" of a row's per-round times in ms, or "" for one round."""
+    """A row's per-round times as ' (lowest-highest)' in ms; '' for one round."""
     times = row.get(key, ())
     return f" ({1e3 * min(times):.0f}-{1e3 * max(times):.0f})" if len(times) > 1 else ""
 
