@@ -3,11 +3,17 @@ variant (atomically), and a clear error for a variant that does not exist. Small
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 STEP = Path(__file__).with_name("step.py")
 ROOT = STEP.parent.parent
@@ -122,22 +128,32 @@ def test_compiled_modules_run_compiled_every_step_and_give_the_reference_loss():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_the_whole_reference_step_compiles_with_the_norms_affine_outside():
+def _double(value):
+    return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-targets"])
+def test_the_whole_reference_step_compiles_with_the_norms_affine_outside(bf16):
     """The `compiled` baseline: torch.compile of the whole official-style step (torch.func.jvp inside) traces
-    once the norms' affine is outside the norm (the JVP lands in a graph), its graphs run on every step, and its
-    loss and gradients are those of the eager reference step; the patch is undone afterwards."""
+    once the norms' affine is outside the norm (the JVP lands in a graph), its graphs run on every step, its loss
+    is the eager reference step's and its gradients are as close to float64 as eager's; the patch is undone
+    afterwards. bf16-targets: the GPU configuration (targets under bf16 autocast)."""
     import step
-    import torch
     import torch.nn.functional as F
 
     import imf.model
     from imf.objectives import IMFObjective
 
-    model, x, y, draws = step.build("gauss", 6, "cpu")
-    objective = IMFObjective(jvp="reference")
+    seed = random.randrange(2**31)  # fresh weights, inputs and draws every run; in the messages to reproduce one
+    model, x, y, draws = step.build("gauss", 6, "cpu", seed=seed)
+    objective = IMFObjective(jvp="reference", bf16=bf16)
     eager = step.official_style_loss(model, objective, x, y, draws)
     eager.backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
+    # float64 reference: the same weights, inputs and draws, exact targets
+    model64 = copy.deepcopy(model).double()
+    draws64 = dataclasses.replace(draws, **{f.name: _double(getattr(draws, f.name)) for f in dataclasses.fields(draws)})
+    step.official_style_loss(model64, IMFObjective(jvp="reference"), x.double(), y, draws64).backward()
 
     graph_runs, graph_calls = [], []
 
@@ -168,5 +184,20 @@ def test_the_whole_reference_step_compiles_with_the_norms_affine_outside():
     assert graph_runs and all(runs == 3 for runs in graph_runs), graph_runs
     assert any("_make_dual" in calls for calls in graph_calls)  # the JVP itself is in a graph, not run eagerly
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
-    for got, want in zip((p.grad for p in model.parameters()), eager_grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # The compiled graphs order the arithmetic differently, so the gradients differ from eager's by rounding (with
+    # bf16 targets by bf16 rounding, ~1e-3): against float64, the compiled step's error is at most twice the eager
+    # step's in the same dtype over all gradients together (measured 0.8-1.1x), and so is the worst parameter's
+    # (relative to its norm) in fp32; with bf16 targets the worst parameter varies with which roundings cancel
+    # (1.3e-3 to 5.5e-3 over seeds, eager's 1.6e-3 to 6.4e-3), so it is held to 4 bf16 roundings (2^-6) instead.
+    # Single parameters are not compared one by one: eager's error on one can be ~0 by cancellation.
+    exact = [p.grad for p in model64.parameters()]
+    compiled_grads = [p.grad.double() for p in model.parameters()]
+
+    def errors(grads):
+        whole = torch.cat([(g - e).flatten() for g, e in zip(grads, exact, strict=True)]).norm()
+        worst = max((g.double() - e).norm() / e.norm() for g, e in zip(grads, exact, strict=True))
+        return whole, worst
+
+    (compiled_whole, compiled_worst), (eager_whole, eager_worst) = errors(compiled_grads), errors(eager_grads)
+    assert compiled_whole <= 2 * eager_whole, (seed, compiled_whole, eager_whole)
+    assert compiled_worst <= (max(2 * eager_worst, 2**-6) if bf16 else 2 * eager_worst), (seed, compiled_worst)
