@@ -1,5 +1,7 @@
-"""Checks of bench/step.py's command line: a chosen subset of variants, the results file written after every
-variant (atomically), and a clear error for a variant that does not exist. Small (--quick: batch 16, 2 reps)."""
+"""Checks of bench/step.py: its command line (a chosen subset of variants, interleaved rounds, the results file
+written after every variant, atomically, a clear error for a variant that does not exist; small: --quick, batch 16,
+2 reps) and its two torch.compile baselines (their graphs run every step and give the reference's loss and
+gradients)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import math
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,6 +92,25 @@ def test_an_unknown_variant_is_refused_by_name(tmp_path):
     assert not (tmp_path / "step.json").exists()
 
 
+def counting_backend() -> tuple[Callable, list[int], list[set[str]]]:
+    """A torch.compile backend that runs each captured graph as it is and counts: (backend, runs per graph, the
+    functions each graph calls)."""
+    graph_runs, graph_calls = [], []
+
+    def backend(gm, example_inputs):
+        index = len(graph_runs)
+        graph_runs.append(0)
+        graph_calls.append({getattr(n.target, "__name__", "") for n in gm.graph.nodes if n.op == "call_function"})
+
+        def run(*args):
+            graph_runs[index] += 1
+            return gm.forward(*args)
+
+        return run
+
+    return backend, graph_runs, graph_calls
+
+
 def test_compiled_modules_run_compiled_every_step_and_give_the_reference_loss():
     """The `compiled-modules` baseline: its compiled graphs run on every step (a compiled function called inside
     torch.func.jvp would be skipped by dynamo from then on, silently leaving an eager baseline), and its loss and
@@ -99,19 +121,8 @@ def test_compiled_modules_run_compiled_every_step_and_give_the_reference_loss():
     from imf.objectives import IMFObjective
 
     model, x, y, draws = step.build("gauss", 6, "cpu")
-    graph_runs = []
-
-    def counting_backend(gm, example_inputs):
-        index = len(graph_runs)
-        graph_runs.append(0)
-
-        def run(*args):
-            graph_runs[index] += 1
-            return gm.forward(*args)
-
-        return run
-
-    modules = step.CompiledModules(model, backend=counting_backend)
+    backend, graph_runs, _ = counting_backend()
+    modules = step.CompiledModules(model, backend=backend)
     objective = IMFObjective(jvp="reference")
     for _ in range(3):
         model.zero_grad(set_to_none=True)
@@ -155,23 +166,11 @@ def test_the_whole_reference_step_compiles_with_the_norms_affine_outside(bf16):
     draws64 = dataclasses.replace(draws, **{f.name: _double(getattr(draws, f.name)) for f in dataclasses.fields(draws)})
     step.official_style_loss(model64, IMFObjective(jvp="reference"), x.double(), y, draws64).backward()
 
-    graph_runs, graph_calls = [], []
-
-    def counting_backend(gm, example_inputs):
-        index = len(graph_runs)
-        graph_runs.append(0)
-        graph_calls.append({getattr(n.target, "__name__", "") for n in gm.graph.nodes if n.op == "call_function"})
-
-        def run(*args):
-            graph_runs[index] += 1
-            return gm.forward(*args)
-
-        return run
-
+    backend, graph_runs, graph_calls = counting_backend()
     torch._dynamo.reset()
     restore = step.norm_affine_outside(model)
     try:
-        compiled = torch.compile(step.official_style_loss, backend=counting_backend)
+        compiled = torch.compile(step.official_style_loss, backend=backend)
         for _ in range(3):
             model.zero_grad(set_to_none=True)
             loss = compiled(model, objective, x, y, draws)
