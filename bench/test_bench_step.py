@@ -116,7 +116,6 @@ def test_compiled_modules_run_compiled_every_step_and_give_the_reference_loss():
     torch.func.jvp would be skipped by dynamo from then on, silently leaving an eager baseline), and its loss and
     gradients are those of the eager reference step."""
     import step
-    import torch
 
     from imf.objectives import IMFObjective
 
@@ -190,13 +189,14 @@ def test_the_whole_reference_step_compiles_with_the_norms_affine_outside(bf16):
     # (1.3e-3 to 5.5e-3 over seeds, eager's 1.6e-3 to 6.4e-3), so it is held to 4 bf16 roundings (2^-6) instead.
     # Single parameters are not compared one by one: eager's error on one can be ~0 by cancellation.
     exact = [p.grad for p in model64.parameters()]
-    compiled_grads = [p.grad.double() for p in model.parameters()]
 
     def errors(grads):
-        whole = torch.cat([(g - e).flatten() for g, e in zip(grads, exact, strict=True)]).norm()
-        worst = max((g.double() - e).norm() / e.norm() for g, e in zip(grads, exact, strict=True))
+        differences = [g.double() - e for g, e in zip(grads, exact, strict=True)]
+        whole = torch.cat([d.flatten() for d in differences]).norm()
+        worst = max(d.norm() / e.norm() for d, e in zip(differences, exact, strict=True))
         return whole, worst
 
+    compiled_grads = [p.grad for p in model.parameters()]
     (compiled_whole, compiled_worst), (eager_whole, eager_worst) = errors(compiled_grads), errors(eager_grads)
     assert compiled_whole <= 2 * eager_whole, (seed, compiled_whole, eager_whole)
     assert compiled_worst <= (max(2 * eager_worst, 2**-6) if bf16 else 2 * eager_worst), (seed, compiled_worst)
