@@ -9,6 +9,7 @@ One program per (sample, group): the group is the contiguous slab x[b, g*C/G:(g+
 otherwise a loop over H*W chunks merges per-chunk two-pass statistics (Chan's formula), a second loop writes.
 """
 
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -362,8 +363,11 @@ def _gn_bwd_kernel(
         sum_grad_h = tl.sum(grad_h, axis=1)
         sum_grad_h_xh = tl.sum(grad_h * xh, axis=1)
     else:
-        sum_grad_h = tl.zeros([BLOCK_C], tl.float32)
-        sum_grad_h_xh = tl.zeros([BLOCK_C], tl.float32)
+        # Tile-shaped accumulators, reduced once after the loop. (Reducing inside the loop into [BLOCK_C] sums
+        # made Triton 3.6's TritonGPUOptimizeThreadLocality pass assert `loopResult.hasOneUse()` on sm_90 for
+        # fp32 without SiLU when a sum has several uses: seen on an H200, 2026-11-26, reproduced by the AOT test.)
+        acc_grad_h = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+        acc_grad_h_xh = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
         for start in range(0, HW, BLOCK_HW):
             hw = start + hw_offs
             mask = c_mask[:, None] & (hw < HW)[None, :]
@@ -371,8 +375,10 @@ def _gn_bwd_kernel(
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
-            sum_grad_h += tl.sum(grad_h, axis=1)
-            sum_grad_h_xh += tl.sum(grad_h * xh, axis=1)
+            acc_grad_h += grad_h
+            acc_grad_h_xh += grad_h * xh
+        sum_grad_h = tl.sum(acc_grad_h, axis=1)
+        sum_grad_h_xh = tl.sum(acc_grad_h_xh, axis=1)
 
     if HAS_SHIFT:
         tl.store(grad_shift_ptr + sample_channel_offs, sum_grad_h.to(grad_shift_ptr.dtype.element_ty), mask=c_mask)
@@ -633,25 +639,26 @@ AOT_SHAPES = tuple(
 def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
     """Ahead-of-time compile specs for every launch configuration the launchers pick for `shapes`.
 
-    `shapes`: iterable of (B, C, H, W, num_groups). One spec per (pass, dtype, blocks, H*W % 16 == 0), with
-    every option on (weight, bias, scale, shift, their tangents, SiLU): the variant with the most live
-    registers. `divisible_by_16` names the arguments the JIT would specialise as multiples of 16 (torch's
-    allocations are 16-byte aligned), so the compiled code vectorises as it will at run time.
+    `shapes`: iterable of (B, C, H, W, num_groups). One spec per (pass, dtype, blocks, H*W % 16 == 0,
+    activation), with every other option on (weight, bias, scale, shift, their tangents): with SiLU, the variant
+    with the most live registers; without, the one whose simpler loop body Triton 3.6's
+    TritonGPUOptimizeThreadLocality pass once failed to compile (the chunked backward, fp32). `divisible_by_16`
+    names the arguments the JIT would specialise as multiples of 16 (torch's allocations are 16-byte aligned), so
+    the compiled code vectorises as it will at run time.
     """
     all_options = {
         "HAS_WEIGHT": True,
         "HAS_BIAS": True,
         "HAS_SCALE": True,
         "HAS_SHIFT": True,
-        "ACT_SILU": True,
     }
     specs = {}
     for _, channels, height, width, num_groups in shapes:
         for dtype, type_name in _AOT_DTYPE_NAMES.items():
             blocks = pick_blocks(channels // num_groups, height * width, dtype)
             hw_aligned = height * width % 16 == 0
-            for pass_name in ("fwd", "jvp", "bwd"):
-                key = (pass_name, type_name, blocks, hw_aligned)
+            for pass_name, act_silu in itertools.product(("fwd", "jvp", "bwd"), (True, False)):
+                key = (pass_name, type_name, blocks, hw_aligned, act_silu)
                 if key in specs:
                     continue
                 constexprs = {
@@ -659,6 +666,7 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                     "BLOCK_HW": blocks.block_hw,
                     "SINGLE_TILE": blocks.single_tile,
                     **all_options,
+                    "ACT_SILU": act_silu,
                 }
                 if pass_name == "bwd":
                     fn = _gn_bwd_kernel
@@ -687,7 +695,8 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                 if hw_aligned:
                     aligned.append("HW")
                 specs[key] = {
-                    "name": f"gn_{pass_name}_{type_name}_c{blocks.block_c}_hw{blocks.block_hw}_{layout}",
+                    "name": f"gn_{pass_name}_{type_name}_c{blocks.block_c}_hw{blocks.block_hw}_{layout}"
+                    f"_{'silu' if act_silu else 'none'}",
                     "fn": fn,
                     "signature": signature,
                     "constexprs": constexprs,
