@@ -199,6 +199,34 @@ def test_auto_lists_every_backends_reasons_when_none_fits(monkeypatch):
     assert message.endswith("| torch: attention: refused by the stand-in")
 
 
+def test_auto_tries_triton_before_cuda_for_cuda_tensors(monkeypatch):
+    """On CUDA tensors auto takes triton when both GPU backends accept (measured faster on an H200), cuda when
+    triton refuses, torch last; CPU tensors keep the registry's order. Stand-ins play both GPU backends, and the
+    call is made to look like one on CUDA tensors (no GPU here)."""
+    calls = {"gpu_a": [], "gpu_b": []}
+    refuse_when = {"gpu_a": False, "gpu_b": False}
+
+    def refusal(name):
+        return lambda op, args: [f"{op}: refused by {name}"] if refuse_when[name] else []
+
+    for name in calls:
+        for module_name, module in stand_in_backend(f"imf_{name}", refusal(name), calls[name]).items():
+            monkeypatch.setitem(sys.modules, module_name, module)
+    monkeypatch.setattr(
+        dispatch, "BACKENDS", {"cuda": "imf_gpu_a", "triton": "imf_gpu_b", "torch": "imf_kernels.torch_ops"}
+    )
+    assert dispatch.auto_order(on_gpu=True) == ["triton", "cuda", "torch"]
+    assert dispatch.auto_order(on_gpu=False) == ["cuda", "triton", "torch"]
+    monkeypatch.setattr(dispatch, "_device_of", lambda args: torch.device("cuda"))
+    q, k, v = torch.randn(3, 1, 2, 6, 16)
+    imf_kernels.attention(q, k, v)
+    assert calls == {"gpu_a": [], "gpu_b": ["attention_fwd"]}
+    refuse_when["gpu_b"] = True
+    dispatch.clear_cache()  # refusals are never cached, but the accepted selection above is
+    imf_kernels.attention(q, k, v)
+    assert calls == {"gpu_a": ["attention_fwd"], "gpu_b": ["attention_fwd"]}
+
+
 def test_a_backend_that_cannot_be_imported_is_unusable_not_a_crash(monkeypatch):
     monkeypatch.setattr(dispatch, "BACKENDS", {"broken": "imf_kernels_no_such_backend", **dispatch.BACKENDS})
     statuses = {status.name: status for status in imf_kernels.backends()}
