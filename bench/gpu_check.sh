@@ -5,7 +5,7 @@
 #   bash bench/gpu_check.sh                # everything
 #   bash bench/gpu_check.sh --skip-tests   # build + benchmarks only (when device time is short)
 #   bash bench/gpu_check.sh --quick        # build + tests + bench/ops.py on the latent-b shapes only,
-#                                          # bench/step.py with 3 repetitions
+#                                          # bench/profile_step.py, bench/step.py with 3 repetitions
 #   bash bench/gpu_check.sh --gpu-tests-only --quick   # a short lease: only the `gpu`-marked tests (CI runs the
 #                                                      # rest on CPU) and the quick benchmarks
 #
@@ -76,6 +76,8 @@ if [ "$skip_tests" = 0 ]; then
     run_step tests "$PYTHON" -m pytest -q tests ${test_args[@]+"${test_args[@]}"}
 fi
 run_step ops "$PYTHON" bench/ops.py ${ops_args[@]+"${ops_args[@]}"}
+# where the fused step's time goes (kernels by kind; whether the host keeps ahead): one profiled step, ~30 s
+run_step profile "$PYTHON" bench/profile_step.py
 if [ -f bench/step.py ]; then
     run_step step "$PYTHON" bench/step.py ${step_args[@]+"${step_args[@]}"}
 fi

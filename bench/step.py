@@ -286,9 +286,13 @@ def run_variant(
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     step = make_step(variant, model, x, y, draws, bf16)
     start = time.perf_counter()
-    for _ in range(3 if variant.startswith("compiled") else 1):  # compiled: compile the forward and the backward graphs
+    calls = 3 if variant.startswith("compiled") else 1  # compiled: compile the forward and the backward graphs
+    for call in range(calls):
         step()
-    sync()
+        sync()
+        if calls > 1:  # compilation takes minutes: a run cut short (a GPU lease) shows how far it got
+            elapsed = time.perf_counter() - start
+            print(f"  {variant}: warm-up call {call + 1}/{calls} done at {elapsed:.1f} s", flush=True)
     warmup_s = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     base = _reset_peak(device)  # the peak of a warm step over the model, inputs and compiled code

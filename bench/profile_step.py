@@ -1,0 +1,210 @@
+"""Where one training step's time goes: device time by kernel and by kind, and whether the host keeps ahead.
+
+    python bench/profile_step.py                                   # CPU: digits, fused-torch, batch 128
+    python bench/profile_step.py --preset latent-b --variant fused-triton   # GPU: bf16 targets, batch 64
+    python bench/profile_step.py --variant fm --trace /tmp/fm.json # also a chrome trace (chrome://tracing)
+
+The step is `bench/step.py`'s (same model, inputs, draws and variants). After warm-up it answers two questions:
+- Is the step bound by the host? Each of `--steps` steps is timed twice: until `step()` returns (the host has
+  queued it) and until the device finishes. Host time close to the wall time, and device busy (kernel time / wall)
+  well under 1, mean the GPU waits on Python: launches, checks, dispatch. On a CPU there is no queue; "busy" is the
+  share of the step spent inside aten operators, the rest is Python around them.
+- Which kernels cost what? One profiled step (torch.profiler): the top kernels by device time (GPU) or aten
+  operators by self CPU time (CPU), and the totals by kind (matmul/conv, our GroupNorm, attention and loss kernels,
+  PyTorch's norms, elementwise and reductions, copies and casts), each as a share of the step's device time.
+Results: a rich table and bench/results/<device>-profile-<variant>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from step import GPU_BATCH, build, make_step, usable_backends  # noqa: E402
+
+# (kind, pattern) in order, first match wins; patterns match GPU kernel names and CPU aten operator names.
+KINDS = (
+    ("GroupNorm (ours)", r"_gn_(fwd|bwd)_kernel|group_norm_act_(fwd|bwd)_kernel"),
+    ("attention (ours)", r"_attn_|attention_(fwd|bwd)_kernel"),
+    ("loss (ours)", r"_loss_(partial|finish|bwd)_kernel|loss_(fwd|bwd)_kernel"),
+    (
+        "matmul / conv",
+        r"gemm|gemv|cutlass|xmma|cudnn|conv|nvjet|wgmma|sm90_|implicit_|aten::(mm|addmm|bmm|baddbmm|matmul|linear)\b",
+    ),
+    ("norms (PyTorch)", r"layer_norm|group_norm|batch_norm"),
+    ("copies / casts", r"copy|cast|Memcpy|Memset|CatArray|aten::(to|clone|contiguous|zero_|cat|fill_)\b"),
+    ("softmax (PyTorch)", r"softmax"),
+    (
+        "views / allocation",
+        r"aten::(view|_unsafe_view|reshape|as_strided|expand|slice|select|permute|transpose|t|unsqueeze|squeeze|"
+        r"detach|alias|empty|empty_like|empty_strided|new_empty|resize_|unbind|split|chunk|narrow)\b",
+    ),
+    ("elementwise / reductions (PyTorch)", r"elementwise|vectorized|reduce|aten::"),
+)
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name):
+            return kind
+    return "other"
+
+
+def profiled_rows(prof, on_gpu: bool) -> list[dict]:
+    """One row per kernel (GPU) or aten operator (CPU) of the profiled region: name, calls, self time in us."""
+    rows = []
+    for event in prof.key_averages():
+        if on_gpu:
+            if event.device_type != DeviceType.CUDA:
+                continue
+            self_us = event.self_device_time_total
+        else:
+            if not event.key.startswith("aten::"):
+                continue
+            self_us = event.self_cpu_time_total
+        if self_us > 0:
+            rows.append(
+                {"name": event.key, "calls": event.count, "self_us": float(self_us), "kind": kind_of(event.key)}
+            )
+    return sorted(rows, key=lambda row: -row["self_us"])
+
+
+def host_and_wall(step, steps: int, device: str) -> tuple[list[float], list[float]]:
+    """Per step: seconds until step() returned (host), and until the device finished (wall)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    host, wall = [], []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - start)
+        sync()
+        wall.append(time.perf_counter() - start)
+    return host, wall
+
+
+def profile(preset: str, variant: str, batch: int, steps: int, bf16: bool, device: str, trace: str | None) -> dict:
+    model, x, y, draws = build(preset, batch, device)
+    step = make_step(variant, model, x, y, draws, bf16)
+    for _ in range(3 if variant.startswith("compiled") else 2):
+        step()
+    host, wall = host_and_wall(step, steps, device)
+    on_gpu = device == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        if on_gpu:
+            torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
+    rows = profiled_rows(prof, on_gpu)
+    total_us = sum(row["self_us"] for row in rows)
+    kinds: dict[str, float] = {}
+    for row in rows:
+        kinds[row["kind"]] = kinds.get(row["kind"], 0.0) + row["self_us"]
+    wall_ms = statistics.median(wall) * 1e3
+    return {
+        "preset": preset,
+        "variant": variant,
+        "batch": batch,
+        "bf16": bf16,
+        "steps": steps,
+        "host_ms": statistics.median(host) * 1e3,
+        "wall_ms": wall_ms,
+        "device_ms": total_us / 1e3,
+        "busy": total_us / 1e3 / wall_ms,
+        "kinds_ms": {kind: us / 1e3 for kind, us in sorted(kinds.items(), key=lambda item: -item[1])},
+        "rows": rows,
+    }
+
+
+def print_report(result: dict, device_label: str, top: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    on_gpu = result["on_gpu"]
+    unit = "device" if on_gpu else "aten self-CPU"
+    table = Table(title=f"{device_label} {result['preset']} {result['variant']} batch {result['batch']}: top {top}")
+    for column in ("kernel" if on_gpu else "operator", "kind", "calls", "ms", "share"):
+        table.add_column(column, justify="left" if column in ("kernel", "operator", "kind") else "right")
+    total = result["device_ms"]
+    for row in result["rows"][:top]:
+        name = row["name"] if len(row["name"]) <= 70 else row["name"][:67] + "..."
+        ms = row["self_us"] / 1e3
+        table.add_row(name, row["kind"], str(row["calls"]), f"{ms:.3f}", f"{ms / total:.1%}")
+    console.print(table)
+    kinds = Table(title=f"{unit} time by kind (one step)")
+    for column in ("kind", "ms", "share"):
+        kinds.add_column(column, justify="left" if column == "kind" else "right")
+    for kind, ms in result["kinds_ms"].items():
+        kinds.add_row(kind, f"{ms:.3f}", f"{ms / total:.1%}")
+    kinds.add_row("total", f"{total:.3f}", "100%")
+    console.print(kinds)
+    console.print(
+        f"per step (median of {result['steps']}): wall {result['wall_ms']:.1f} ms, host returns after "
+        f"{result['host_ms']:.1f} ms, {unit} time {total:.1f} ms = {result['busy']:.0%} of the wall"
+        + (
+            " (host-bound: the host takes about as long as the step)"
+            if on_gpu and result["host_ms"] > 0.9 * result["wall_ms"]
+            else ""
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="latent-b" if on_gpu else "digits")
+    parser.add_argument(
+        "--variant", default=None, help="a bench/step.py variant (default: fused-triton on GPU, fused-torch on CPU)"
+    )
+    parser.add_argument("--batch", type=int, default=None, help=f"default: {GPU_BATCH} on GPU, 128 on CPU")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps for the host/wall medians")
+    parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=on_gpu, help="bf16 targets")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--trace", default=None, help="also write a chrome trace to this file")
+    parser.add_argument("--out", default=None, help="default: bench/results/<device>-profile-<variant>.json")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps: at least 1, got {args.steps}")
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch: at least 1, got {args.batch}")
+    if not on_gpu:
+        torch.set_num_threads(args.threads)
+    usable = usable_backends(device)
+    variant = args.variant or f"fused-{'triton' if 'triton' in usable else usable[0]}"
+    batch = args.batch or (GPU_BATCH if on_gpu else 128)
+    result = profile(args.preset, variant, batch, args.steps, args.bf16, device, args.trace)
+    torch_device = torch.device(device)
+    result.update(on_gpu=on_gpu, **common.run_tags(torch_device, bench="profile_step"))
+    label = common.device_name(torch_device)
+    out = (
+        Path(args.out)
+        if args.out
+        else common.RESULTS_DIR / f"{common.device_slug(torch_device)}-profile-{variant}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(out.suffix + ".partial")
+    partial.write_text(json.dumps(result, indent=1) + "\n")
+    partial.replace(out)
+    print_report(result, label, args.top)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Checks of bench/profile_step.py: the kind of each kernel/operator name, and a real profile of a small CPU step
+(its totals add up, rows are ordered, the results file is what was reported, bad arguments are refused)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import profile_step
+import pytest
+
+SCRIPT = Path(__file__).with_name("profile_step.py")
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("_gn_bwd_kernel", "GroupNorm (ours)"),
+        ("void group_norm_act_fwd_kernel<__nv_bfloat16, true>(Params)", "GroupNorm (ours)"),
+        ("_attn_bwd_dkdv_kernel", "attention (ours)"),
+        ("_loss_partial_kernel", "loss (ours)"),
+        ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw", "matmul / conv"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", "matmul / conv"),
+        ("aten::convolution_backward", "matmul / conv"),
+        ("aten::native_group_norm", "norms (PyTorch)"),
+        ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>", "copies / casts"),
+        ("Memcpy DtoD (Device -> Device)", "copies / casts"),
+        ("aten::copy_", "copies / casts"),
+        ("aten::_softmax", "softmax (PyTorch)"),
+        ("aten::view", "views / allocation"),
+        ("aten::transpose", "views / allocation"),
+        (
+            "void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel...>",
+            "elementwise / reductions (PyTorch)",
+        ),
+        ("aten::silu_backward", "elementwise / reductions (PyTorch)"),
+        ("some_other_kernel", "other"),
+    ],
+)
+def test_kind_of_a_name(name, kind):
+    assert profile_step.kind_of(name) == kind
+
+
+def test_a_cpu_profile_adds_up_and_is_saved(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    result = profile_step.main(["--batch", "4", "--steps", "2", "--top", "5", "--out", str(out)])
+    rows = result["rows"]
+    assert rows and all(row["self_us"] > 0 and row["calls"] >= 1 for row in rows)
+    assert [row["self_us"] for row in rows] == sorted((row["self_us"] for row in rows), reverse=True)
+    assert math.isclose(sum(result["kinds_ms"].values()), result["device_ms"], rel_tol=1e-9)
+    assert math.isclose(result["device_ms"], sum(row["self_us"] for row in rows) / 1e3, rel_tol=1e-9)
+    assert math.isclose(result["busy"], result["device_ms"] / result["wall_ms"], rel_tol=1e-9)
+    # a U-Net step on CPU: convolutions run (forward and backward), and the host and wall times are measured
+    assert result["kinds_ms"]["matmul / conv"] > 0
+    assert {"aten::convolution_backward"} <= {row["name"] for row in rows}
+    assert 0 < result["host_ms"] <= result["wall_ms"] * 1.0001
+    assert result["variant"] == "fused-torch" and result["preset"] == "digits" and result["commit"]
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    printed = capsys.readouterr().out
+    assert "time by kind" in printed and f"wrote {out}" in printed
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--steps", "0"], "--steps: at least 1, got 0"), (["--batch", "0"], "--batch: at least 1, got 0")],
+)
+def test_bad_arguments_are_refused(args, message):
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr
