@@ -8,6 +8,9 @@
 #                                          # bench/profile_step.py, bench/step.py with 3 repetitions
 #   bash bench/gpu_check.sh --gpu-tests-only --quick   # a short lease: only the `gpu`-marked tests (CI runs the
 #                                                      # rest on CPU) and the quick benchmarks
+#   bash bench/gpu_check.sh --gpu-tests-only --quick --deadline=540 --copy-to="$OUT"
+#       # a lease call: every step is cut at 540 s after the start (the steps after it are skipped, named in the
+#       # summary), and the log and result files are copied to $OUT after each step (a cut call keeps them)
 #
 # Installs nothing but this project (pip --no-deps --no-build-isolation): the machine needs torch, triton,
 # nvcc (CUDA_HOME, default /usr/local/cuda) and the test tools already. Every step runs even when an earlier
@@ -18,20 +21,34 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 skip_tests=0
 test_args=()
 ops_args=()
 step_args=()
+gpu_tests_only=0
+deadline=""
+copy_to=""
 for arg in "$@"; do
     case "$arg" in
         --skip-tests) skip_tests=1 ;;
         --quick) ops_args+=(--quick); step_args+=(--reps 3) ;;
-        --gpu-tests-only) test_args+=(-m gpu) ;;
-        *) echo "gpu_check.sh: unknown argument '$arg' (accepted: --skip-tests, --quick, --gpu-tests-only)" >&2; exit 2 ;;
+        --gpu-tests-only) test_args+=(-m gpu); gpu_tests_only=1 ;;
+        --deadline=*) deadline=${arg#--deadline=} ;;
+        --copy-to=*) copy_to=${arg#--copy-to=} ;;
+        *) echo "gpu_check.sh: unknown argument '$arg' (accepted: --skip-tests, --quick, --gpu-tests-only," \
+               "--deadline=SECONDS, --copy-to=DIR)" >&2; exit 2 ;;
     esac
 done
+if [ -n "$deadline" ] && ! [[ "$deadline" =~ ^[0-9]+$ && "$deadline" -gt 0 ]]; then
+    echo "gpu_check.sh: --deadline must be a positive number of seconds, got '$deadline'" >&2
+    exit 2
+fi
+if [ -n "$copy_to" ] && ! mkdir -p "$copy_to"; then
+    echo "gpu_check.sh: --copy-to: cannot create the folder '$copy_to'" >&2
+    exit 2
+fi
 
 if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check.sh: torch sees no CUDA device; this command is for a GPU machine" >&2
@@ -52,15 +69,32 @@ echo "commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
 echo "TORCH_CUDA_ARCH_LIST=$arch CUDA_HOME=$CUDA_HOME"
 
 statuses=()
+copy_results() {  # what this run wrote under bench/results (the log included), flat into --copy-to
+    [ -n "$copy_to" ] && find bench/results -type f -newer "$started_stamp" -exec cp {} "$copy_to"/ \;
+    return 0
+}
 run_step() {
     local name=$1
     shift
     echo
+    local limit=()
+    if [ -n "$deadline" ]; then
+        local left=$((deadline - SECONDS))
+        if [ "$left" -lt 15 ]; then
+            echo "== $name: skipped, $left s left before the ${deadline} s deadline"
+            statuses+=("$name: skipped (deadline)")
+            return 0
+        fi
+        limit=(timeout -k 10 "$left")
+    fi
     echo "== $name: $*"
     local started=$SECONDS
-    "$@"
+    ${limit[@]+"${limit[@]}"} "$@"
     local status=$?
-    statuses+=("$name: exit $status ($((SECONDS - started)) s)")
+    local note=""
+    [ -n "$deadline" ] && [ "$status" = 124 ] && note=", cut at the deadline"
+    statuses+=("$name: exit $status ($((SECONDS - started)) s$note)")
+    copy_results
     return 0
 }
 
@@ -75,7 +109,8 @@ run_step backends "$PYTHON" -c $'import sys, imf_kernels\nstatuses = imf_kernels
 if [ "$skip_tests" = 0 ]; then
     # 8 pytest-xdist workers where the plugin is there (the GPU image has it): the gpu tests took 95 s on an H200
     # that way (2026-11-26), against 137-200 s in one process, most of it Triton compiling on the CPU cores
-    if "$PYTHON" -c "import xdist" 2>/dev/null; then
+    # (the gpu tests only: they ran that way on the H200; the CPU tests were never checked for parallel runs)
+    if [ "$gpu_tests_only" = 1 ] && "$PYTHON" -c "import xdist" 2>/dev/null; then
         test_args+=(-n 8)
     fi
     run_step tests "$PYTHON" -m pytest -q tests ${test_args[@]+"${test_args[@]}"}
@@ -96,6 +131,7 @@ for status in "${statuses[@]}"; do
 done
 echo "results written by this run:"
 find bench/results -type f -newer "$started_stamp" | sed 's/^/  /'
-rm -f "$started_stamp"
 echo "log: $log"
+copy_results
+rm -f "$started_stamp"
 exit $failed
