@@ -175,9 +175,10 @@ def test_forward_picker():
     assert triton_loss.pick_forward(256, 4 * 32 * 32, torch.bfloat16) == triton_loss.ForwardLaunch(
         chunk=1024, block=1024, num_warps=4, num_chunks=4, finish_block_b=256, finish_block_c=4, finish_num_warps=8
     )
-    # A sample smaller than a block: one chunk; a batch above 256 loops in the finish program.
+    # A sample smaller than a block: one chunk; a batch above 256 loops in the finish program (a [256, 1] tile,
+    # 2 fp32 per thread: 4 warps).
     assert triton_loss.pick_forward(300, 5, torch.float32) == triton_loss.ForwardLaunch(
-        chunk=8, block=8, num_warps=1, num_chunks=1, finish_block_b=256, finish_block_c=1, finish_num_warps=2
+        chunk=8, block=8, num_warps=1, num_chunks=1, finish_block_b=256, finish_block_c=1, finish_num_warps=4
     )
     # 3x256x256 pixels: chunks of 16 blocks, 12 per sample.
     assert triton_loss.pick_forward(2, 3 * 256 * 256, torch.float16) == triton_loss.ForwardLaunch(

@@ -35,7 +35,8 @@ _MAX_BLOCK = 1024
 # single finish program reads 8 bytes per partial, which stays small next to the inputs it summarises.
 _MAX_CHUNKS = 16
 # The finish program takes up to 256 samples per iteration (the latent-b batch in one) with all their partials
-# as one [samples, chunks] tile of up to 4096 fp32, 4 per thread.
+# as one [samples, chunks] tile of up to 4096 fp32, 2 per thread up to 8 warps: its float64 weights take registers,
+# and at 4 per thread (2 warps for 64 samples) Triton 3.6, the GPU image's, spilled one register to the stack.
 _MAX_FINISH_SAMPLES = 256
 _MAX_WARPS = 8
 
@@ -79,7 +80,7 @@ def pick_forward(batch: int, numel_per_sample: int, dtype: torch.dtype) -> Forwa
     num_chunks = triton.cdiv(numel_per_sample, chunk)
     finish_block_b = min(_MAX_FINISH_SAMPLES, triton.next_power_of_2(batch))
     finish_block_c = triton.next_power_of_2(num_chunks)
-    finish_num_warps = _warps_for(finish_block_b * finish_block_c, 4)
+    finish_num_warps = _warps_for(finish_block_b * finish_block_c, 2)
     check_gpu_rules(chunk, num_warps, "CHUNK")
     check_gpu_rules(finish_block_b, finish_num_warps, "BLOCK_B")
     check_gpu_rules(finish_block_c, finish_num_warps, "BLOCK_C")
