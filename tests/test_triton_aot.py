@@ -7,6 +7,11 @@ Each family module in `imf_kernels/triton/` that has `aot_specs()` takes part; a
 the JIT would specialise as multiples of 16). The interpreter (TRITON_INTERPRET=1, set by conftest without a
 GPU) replaces `triton.jit` functions and cannot compile, so the compilation runs in a subprocess with the
 variable removed: `python tests/test_triton_aot.py` prints a spec count, then one JSON row per spec.
+
+Every spec compiles twice: with the Triton installed here, and with the Triton of the GPU machines' image (3.6 with
+their torch 2.11), whose compiler asserted on a GroupNorm backward that ours compiled (H200, 2026-11-26). That
+second Triton is a folder installed with `pip install --target` (`make test` does it) and named by the variable
+IMF_AOT_EXTRA_TRITON; without the variable that half is skipped, with it pointing at no Triton it fails.
 """
 
 import importlib
@@ -90,23 +95,50 @@ def compile_spec(index: int) -> dict:
 
 
 def main() -> None:
+    import triton
+
     count = len(family_specs())
-    print(json.dumps({"spec_count": count}), flush=True)
+    print(json.dumps({"spec_count": count, "triton": triton.__version__}), flush=True)
     with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         for row in pool.map(compile_spec, range(count)):
             print(json.dumps(row), flush=True)
 
 
-@pytest.fixture(scope="module")
-def compiled_rows() -> list[dict]:
+EXTRA_TRITON_VARIABLE = "IMF_AOT_EXTRA_TRITON"
+
+
+def _extra_triton_version(folder: Path) -> str:
+    """The version of the Triton installed (pip --target) in `folder`."""
+    infos = sorted(folder.glob("triton-*.dist-info"))
+    assert (folder / "triton").is_dir() and infos, f"${EXTRA_TRITON_VARIABLE}={folder} holds no Triton installation"
+    return infos[-1].name.removeprefix("triton-").removesuffix(".dist-info")
+
+
+@pytest.fixture(scope="module", params=["installed", "gpu-image"])
+def compiled_rows(request) -> list[dict]:
+    """Every spec's row, compiled with the installed Triton or the GPU image's (IMF_AOT_EXTRA_TRITON)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    paths = [str(REPO_ROOT), env.get("PYTHONPATH")]
+    expected_version = None
+    if request.param == "gpu-image":
+        extra = env.get(EXTRA_TRITON_VARIABLE)
+        if not extra:
+            pytest.skip(
+                f"${EXTRA_TRITON_VARIABLE} is not set (`make test` installs the GPU image's Triton and sets it)"
+            )
+        folder = Path(extra).resolve()
+        expected_version = _extra_triton_version(folder)
+        paths.insert(0, str(folder))
+        env["TRITON_CACHE_DIR"] = str(folder / ".cache")  # compiled kernels of one Triton version only
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     result = subprocess.run(
         [sys.executable, __file__], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stderr[-4000:]
     header, *rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == header["spec_count"]
+    if expected_version is not None:
+        assert header["triton"] == expected_version  # the compiler under test is the one asked for
     return rows
 
 
