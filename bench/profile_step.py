@@ -110,6 +110,9 @@ def profile(preset: str, variant: str, batch: int, steps: int, bf16: bool, devic
         prof.export_chrome_trace(trace)
     rows = profiled_rows(prof, on_gpu)
     total_us = sum(row["self_us"] for row in rows)
+    if total_us <= 0:
+        kind = "CUDA kernel" if on_gpu else "aten operator"
+        raise RuntimeError(f"profile_step: the profiler recorded no {kind} time in one {variant} step")
     kinds: dict[str, float] = {}
     for row in rows:
         kinds[row["kind"]] = kinds.get(row["kind"], 0.0) + row["self_us"]
