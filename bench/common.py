@@ -5,10 +5,11 @@
     append_results(results_path(device), rows, run_tags(device, bench="step"))
 
 Timing rules (DESIGN 7): medians after warm-up. On a GPU each repetition is timed by its own pair of CUDA events
-after the L2 cache is flushed (a 256 MiB write, as `triton.testing.do_bench` does) and the GPU is held busy for a
-moment (`torch.cuda._sleep`), so the host has queued the call before its first kernel starts: the time is the
-GPU's, not Python's launch overhead, for every variant alike, as long as the host can keep ahead (a variant that
-launches many tiny kernels, e.g. torch.func.jvp at small shapes, is timed at the host's pace, as it runs).
+after the L2 cache is flushed (a 256 MiB write, as `triton.testing.do_bench` does) and the GPU is held busy
+(`torch.cuda._sleep`) for twice the host's time to queue one call (at least ~0.5 ms, at most ~50 ms), so the host
+has queued the whole call before its first kernel starts: the time is the GPU's, not Python's launch overhead, for
+every variant alike (torch.func.jvp's many tiny kernels included). `Timing.host_ms` keeps the host's side: a call
+whose host_ms exceeds its median_ms runs at the host's pace when nothing else is queued.
 On a CPU, `clock` (default `time.perf_counter`) around each call; on a shared machine, run torch on one thread and
 pass `clock=time.thread_time`: that is the call's own work, what it would take alone on a core, where wall-clock
 medians swing with the other processes' load.
@@ -23,6 +24,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -40,17 +42,44 @@ RESULTS_DIR = REPO / "bench" / "results"
 
 # Larger than any GPU's L2 (H100: 50 MB, H200: 50 MB), so each repetition reads its inputs from HBM.
 L2_FLUSH_BYTES = 256 * 2**20
-# GPU busy-wait before each timed call: ~0.5 ms at 1.5-2 GHz, longer than the host needs to launch one op
-# through the public API (tens of microseconds), so launch overhead stays out of the measured interval.
+# GPU busy-wait before each timed call, so the host has queued the whole call before its first kernel starts and
+# launch overhead stays out of the measured interval: at least ~0.5 ms at 1.5-2 GHz, and twice the host time of one
+# call where that is longer (an autograd backward of several small kernels can take the host longer than 0.5 ms on
+# a slow host; the GPU would then wait on each launch, and the gaps would be timed), at most ~50 ms.
 QUEUE_FILL_CYCLES = 1_000_000
+MAX_QUEUE_FILL_CYCLES = 100_000_000
 
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """The median of `reps` timed calls, in milliseconds."""
+    """The median of `reps` timed calls, in milliseconds; on a GPU also the host's time to queue one call."""
 
     median_ms: float
     reps: int
+    host_ms: float | None = None
+
+
+def queue_fill_cycles(host_s: float, cycles_per_s: float) -> int:
+    """Busy-wait cycles before a timed call whose host side takes host_s: twice that, within the bounds above."""
+    return int(min(MAX_QUEUE_FILL_CYCLES, max(QUEUE_FILL_CYCLES, math.ceil(2 * host_s * cycles_per_s))))
+
+
+_SLEEP_RATES: dict[str, float] = {}
+
+
+def sleep_cycles_per_s(device: torch.device) -> float:
+    """torch.cuda._sleep's cycles per second on `device`, timed once with CUDA events."""
+    key = str(device)
+    if key not in _SLEEP_RATES:
+        cycles = 10 * QUEUE_FILL_CYCLES
+        torch.cuda._sleep(cycles)  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        torch.cuda.synchronize(device)
+        _SLEEP_RATES[key] = cycles / (start.elapsed_time(end) * 1e-3)
+    return _SLEEP_RATES[key]
 
 
 def is_cuda(device: torch.device) -> bool:
@@ -139,23 +168,28 @@ def _measure_cuda(
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
     for _ in range(warmup):
         fn()
-    # one call, to size the number of repetitions to the budget
+    # one call, to size the number of repetitions to the budget and the busy-wait to the host's time per call
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    host_start = time.perf_counter()
     start.record()
     fn()
     end.record()
+    host_s = time.perf_counter() - host_start
     torch.cuda.synchronize(device)
     reps = int(min(max_reps, max(min_reps, budget_s * 1e3 / max(start.elapsed_time(end), 1e-3))))
+    fill_cycles = queue_fill_cycles(host_s, sleep_cycles_per_s(device))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for start, end in zip(starts, ends, strict=True):
         flush.zero_()
-        torch.cuda._sleep(QUEUE_FILL_CYCLES)
+        torch.cuda._sleep(fill_cycles)
         start.record()
         fn()
         end.record()
     torch.cuda.synchronize(device)
-    return Timing(statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)), reps)
+    median = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+    return Timing(median, reps, host_ms=host_s * 1e3)
 
 
 def measure(

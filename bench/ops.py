@@ -505,6 +505,7 @@ def make_row(
         "variant": variant,
         "kind": kind,
         "median_ms": None,
+        "host_ms": None,
         "reps": None,
         "bytes": case.nbytes,
         "gbps": None,
@@ -519,6 +520,7 @@ def make_row(
         gbps = case.nbytes / seconds / 1e9
         row.update(
             median_ms=timing.median_ms,
+            host_ms=getattr(timing, "host_ms", None),  # GPU: the host's time to queue one call
             reps=timing.reps,
             gbps=gbps,
             copy_fraction=gbps / copy_gbps,

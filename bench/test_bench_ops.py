@@ -304,6 +304,14 @@ def test_measure_on_cpu_times_between_min_and_max_reps_after_warmup():
     assert (timing.median_ms, timing.reps) == (1000.0, 4)
 
 
+def test_the_gpu_busy_wait_covers_twice_the_hosts_time_within_bounds():
+    rate = 1.98e9  # cycles per second of an H200's clock
+    assert common.queue_fill_cycles(20e-6, rate) == common.QUEUE_FILL_CYCLES  # a quick call: the floor (~0.5 ms)
+    assert common.queue_fill_cycles(1e-3, rate) == 3_960_000  # a 1 ms host side: 2 ms of busy-wait
+    assert common.queue_fill_cycles(10.0, rate) == common.MAX_QUEUE_FILL_CYCLES  # a call that syncs: the cap
+    assert common.MAX_QUEUE_FILL_CYCLES / rate < 0.06  # the cap stays a moment (~50 ms)
+
+
 def test_results_are_appended_one_tagged_row_per_line(tmp_path):
     path = tmp_path / "results" / "cpu-test.json"
     tags = common.run_tags(CPU, bench="ops")
