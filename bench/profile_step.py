@@ -33,17 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from step import GPU_BATCH, build, make_step, usable_backends  # noqa: E402
 
-# (kind, pattern) in order, first match wins; patterns match GPU kernel names and CPU aten operator names.
+# (kind, pattern) in order, first match wins, case-insensitive; patterns match GPU kernel names (Triton's are the
+# kernel function's name; PyTorch's and cuDNN's/cuBLAS's their C++ names) and CPU aten operator names.
 KINDS = (
     ("GroupNorm (ours)", r"_gn_(fwd|bwd)_kernel|group_norm_act_(fwd|bwd)_kernel"),
     ("attention (ours)", r"_attn_|attention_(fwd|bwd)_kernel"),
     ("loss (ours)", r"_loss_(partial|finish|bwd)_kernel|loss_(fwd|bwd)_kernel"),
+    ("attention (PyTorch)", r"flash|fmha|efficient_attention|scaled_dot_product"),
+    ("norms (PyTorch)", r"layer_?norm|group_?norm|batch_?norm|RowwiseMoments|FusedParams|InternalGradients|GammaBeta"),
     (
         "matmul / conv",
         r"gemm|gemv|cutlass|xmma|cudnn|conv|nvjet|wgmma|sm90_|implicit_|aten::(mm|addmm|bmm|baddbmm|matmul|linear)\b",
     ),
-    ("norms (PyTorch)", r"layer_norm|group_norm|batch_norm"),
-    ("copies / casts", r"copy|cast|Memcpy|Memset|CatArray|aten::(to|clone|contiguous|zero_|cat|fill_)\b"),
+    ("copies / casts", r"copy|Memcpy|Memset|CatArray|aten::(to|clone|contiguous|zero_|cat|fill_)\b"),
     ("softmax (PyTorch)", r"softmax"),
     (
         "views / allocation",
@@ -56,7 +58,7 @@ KINDS = (
 
 def kind_of(name: str) -> str:
     for kind, pattern in KINDS:
-        if re.search(pattern, name):
+        if re.search(pattern, name, re.IGNORECASE):
             return kind
     return "other"
 

@@ -30,6 +30,15 @@ SCRIPT = Path(__file__).with_name("profile_step.py")
         ("Memcpy DtoD (Device -> Device)", "copies / casts"),
         ("aten::copy_", "copies / casts"),
         ("aten::_softmax", "softmax (PyTorch)"),
+        ("void (anonymous namespace)::cunn_SoftMaxForward<4, float, float, float>", "softmax (PyTorch)"),
+        (
+            "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>(long, float, float const*)",
+            "norms (PyTorch)",
+        ),
+        ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>", "norms (PyTorch)"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", "attention (PyTorch)"),
+        ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention (PyTorch)"),
+        ("void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda...>", "copies / casts"),
         ("aten::view", "views / allocation"),
         ("aten::transpose", "views / allocation"),
         (
@@ -37,6 +46,10 @@ SCRIPT = Path(__file__).with_name("profile_step.py")
             "elementwise / reductions (PyTorch)",
         ),
         ("aten::silu_backward", "elementwise / reductions (PyTorch)"),
+        (
+            "void at::native::vectorized_elementwise_kernel<4, MulFunctor<float>> (broadcast)",
+            "elementwise / reductions (PyTorch)",
+        ),
         ("some_other_kernel", "other"),
     ],
 )
