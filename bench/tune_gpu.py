@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_name, measure  # noqa: E402
 
 # (C, H = W) of the latent-b GroupNorm layers that dominate its step (imf/model.py), batch 256, 32 groups.
-GN_SHAPES = ((256, 32), (768, 32), (512, 16), (1280, 16), (512, 8), (1536, 8))
+# (C, resolution) of latent-b GroupNorms: every distinct (C/G, H*W) of the preset (C256 16x16 and C768 8x8 slowed
+# in the backward between the first and fourth leases' bench/ops.py runs).
+GN_SHAPES = ((256, 32), (768, 32), (256, 16), (512, 16), (1280, 16), (512, 8), (768, 8), (1536, 8))
 # (B, H, Lq, Lk, D): latent-b cross-attention at 32x32 and self-attention at 8x8 (bench/ops.py's rows).
 ATTN_SHAPES = ((256, 4, 1024, 24, 64), (256, 12, 64, 64, 64))
 
@@ -70,6 +72,8 @@ class Sweep:
 
 
 def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
+    """Single register tiles on 1-32 warps (a 16-byte vector to 256 elements of each input per thread) and chunked
+    tiles; the launcher's own pick always among them."""
     from imf_kernels.triton import group_norm as gn
 
     block_c = triton.next_power_of_2(cpg)
@@ -78,14 +82,17 @@ def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
     vector = 16 // dtype.itemsize
     out = []
     if total <= 32768:
-        for warps in (4, 8, 16, 32):
-            if vector <= total // (32 * warps) <= 256:
+        for warps in (1, 2, 4, 8, 16, 32):
+            # (the launcher picks 1-2 warps for small groups; fewer than 4 warps holding over 64 elements of
+            # each input per thread would spill)
+            if vector <= total // (32 * warps) <= (256 if warps >= 4 else 64):
                 out.append(gn.GNBlocks(block_c, hw2, True, warps))
     for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16)):
         block_hw = tile // block_c
         if tile < total and 1 <= block_hw <= hw2 and tile // (32 * warps) >= vector:
             out.append(gn.GNBlocks(block_c, block_hw, False, warps))
-    return out
+    default = gn.pick_blocks(cpg, hw, dtype)
+    return out if default in out else [default, *out]
 
 
 def gn_label(blocks) -> str:

@@ -1,0 +1,29 @@
+"""Checks of bench/tune_gpu.py's GroupNorm candidates: the launcher's own pick is always swept, and small groups
+get the 1-2 warp configurations the launcher picks for them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import tune_gpu
+
+from imf_kernels.triton import group_norm as gn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels, res", tune_gpu.GN_SHAPES)
+def test_the_launchers_pick_is_a_candidate(channels, res, dtype):
+    cpg, hw = channels // 32, res * res
+    candidates = tune_gpu.gn_candidates(cpg, hw, dtype)
+    assert gn.pick_blocks(cpg, hw, dtype) in candidates
+    assert len(set(candidates)) == len(candidates)
+    for blocks in candidates:
+        per_thread = blocks.block_c * blocks.block_hw // (32 * blocks.num_warps)
+        assert blocks.block_c == 1 << (cpg - 1).bit_length()  # a channel column padded to a power of two
+        assert per_thread >= 16 // dtype.itemsize  # at least one 16-byte vector of each input per thread
+        assert blocks.single_tile or blocks.block_hw < 1 << (hw - 1).bit_length()
+
+
+def test_small_groups_sweep_one_and_two_warps():
+    labels = [tune_gpu.gn_label(blocks) for blocks in tune_gpu.gn_candidates(16, 64, torch.bfloat16)]
+    assert labels == ["c16 hw64 single w1", "c16 hw64 single w2", "c16 hw64 single w4"]
