@@ -18,7 +18,6 @@ Results: a rich table and bench/results/<device>-profile-<variant>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -31,7 +30,9 @@ from torch.autograd import DeviceType
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from step import GPU_BATCH, build, make_step, usable_backends  # noqa: E402
+from step import GPU_BATCH, build, make_step, usable_backends, warmup_calls, write_results  # noqa: E402
+
+from imf_kernels import dispatch  # noqa: E402
 
 # (kind, pattern) in order, first match wins, case-insensitive; patterns match GPU kernel names (Triton's are the
 # kernel function's name; PyTorch's and cuDNN's/cuBLAS's their C++ names) and CPU aten operator names.
@@ -99,7 +100,7 @@ def host_and_wall(step, steps: int, device: str) -> tuple[list[float], list[floa
 def profile(preset: str, variant: str, batch: int, steps: int, bf16: bool, device: str, trace: str | None) -> dict:
     model, x, y, draws = build(preset, batch, device)
     step = make_step(variant, model, x, y, draws, bf16)
-    for _ in range(3 if variant.startswith("compiled") else 2):
+    for _ in range(max(2, warmup_calls(variant))):  # at least two: the allocator's pool is warm too
         step()
     host, wall = host_and_wall(step, steps, device)
     on_gpu = device == "cuda"
@@ -174,7 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="latent-b" if on_gpu else "digits")
     parser.add_argument(
-        "--variant", default=None, help="a bench/step.py variant (default: fused-triton on GPU, fused-torch on CPU)"
+        "--variant",
+        default=None,
+        help="a bench/step.py variant (default: the fused step on the backend `auto` tries first: triton on GPU, "
+        "torch on CPU)",
     )
     parser.add_argument("--batch", type=int, default=None, help=f"default: {GPU_BATCH} on GPU, 128 on CPU")
     parser.add_argument("--steps", type=int, default=5, help="timed steps for the host/wall medians")
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not on_gpu:
         torch.set_num_threads(args.threads)
     usable = usable_backends(device)
-    variant = args.variant or f"fused-{'triton' if 'triton' in usable else usable[0]}"
+    variant = args.variant or f"fused-{next(name for name in dispatch.auto_order(on_gpu) if name in usable)}"
     batch = args.batch or (GPU_BATCH if on_gpu else 128)
     result = profile(args.preset, variant, batch, args.steps, args.bf16, device, args.trace)
     torch_device = torch.device(device)
@@ -203,9 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         else common.RESULTS_DIR / f"{common.device_slug(torch_device)}-profile-{variant}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(out.suffix + ".partial")
-    partial.write_text(json.dumps(result, indent=1) + "\n")
-    partial.replace(out)
+    write_results(out, result)
     print_report(result, label, args.top)
     print(f"wrote {out}")
     return result

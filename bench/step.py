@@ -274,6 +274,12 @@ def _proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"bench/step.py: no {field} in /proc/self/status")
 
 
+def warmup_calls(variant: str) -> int:
+    """Untimed calls before a variant's step is warm: the compiled baselines compile the forward and the backward
+    graphs over their first calls."""
+    return 3 if variant.startswith("compiled") else 1
+
+
 def run_variant(
     preset: str, batch: int, device: str, threads: int, variant: str, reps: int, bf16: bool, timed: bool = True
 ) -> dict:
@@ -286,7 +292,7 @@ def run_variant(
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     step = make_step(variant, model, x, y, draws, bf16)
     start = time.perf_counter()
-    calls = 3 if variant.startswith("compiled") else 1  # compiled: compile the forward and the backward graphs
+    calls = warmup_calls(variant)
     for call in range(calls):
         step()
         sync()
