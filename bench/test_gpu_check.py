@@ -1,0 +1,108 @@
+"""Checks of bench/gpu_check.sh's control flow on a CPU: a stand-in `python` (the PYTHON variable) answers the
+script's queries as a GPU machine would and records every command, so the order of the steps, the arguments each
+benchmark gets and the summary are checked without a GPU. The stand-in is slow only where asked (SLOW_STEP)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("gpu_check.sh")
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+printf '%s\n' "$*" | head -1 >> "$CALLS"  # a multi-line -c program: its first line
+case "$1" in
+  -c) case "$2" in *get_device_capability*) echo 9.0 ;; *device_slug*) echo fake-gpu ;; esac ;;
+  bench/step.py) [[ "$*" == *prewarm* ]] && sleep "${PREWARM_SLEEP:-0}"; echo "step.py ran" ;;
+  bench/ops.py) [ -n "${SLOW_STEP:-}" ] && sleep "$SLOW_STEP"; echo "ops.py ran" ;;
+esac
+exit 0
+"""
+
+
+def run_script(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """gpu_check.sh copied into tmp_path/bench (it works in its parent folder) and run with the stand-in python."""
+    (tmp_path / "bench").mkdir(exist_ok=True)
+    shutil.copy(SCRIPT, tmp_path / "bench" / "gpu_check.sh")
+    fake = tmp_path / "fakepy"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    calls = tmp_path / "calls.txt"
+    calls.write_text("")
+    full_env = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), **(env or {}))
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh", *args], cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=120
+    )
+    commands = [line for line in calls.read_text().splitlines() if not line.startswith("-c")]
+    return proc, commands
+
+
+def test_default_order_and_summary(tmp_path):
+    proc, commands = run_script(tmp_path, "--quick")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert commands == [
+        "-m pip install -e . --no-build-isolation --no-deps",
+        "-m pytest -q tests",
+        "bench/ops.py --quick",
+        "bench/profile_step.py",
+        "bench/step.py --reps 3",
+    ]
+    for step in ("build", "backends", "tests", "ops", "profile", "step"):
+        assert f"  {step}: exit 0" in proc.stdout
+
+
+def test_prewarm_compiles_in_the_background_and_step_runs_first(tmp_path):
+    proc, commands = run_script(
+        tmp_path,
+        "--gpu-tests-only",
+        "--prewarm-compile",
+        "--step-variants=reference,fused-triton,compiled",
+        "--quick",
+        env={"PREWARM_SLEEP": "2"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    prewarm = [c for c in commands if "prewarm" in c]
+    assert len(prewarm) == 1 and prewarm[0].startswith("bench/step.py --variants compiled --reps 1 --no-sampling")
+    # the tests start while the compile runs (it sleeps 2 s), the timed step after it, before the other benchmarks
+    rest = [c for c in commands if "prewarm" not in c]
+    assert rest == [
+        "-m pip install -e . --no-build-isolation --no-deps",
+        "-m pytest -q tests -m gpu -n 8",  # the stand-in answers that xdist imports
+        "bench/step.py --reps 3 --variants reference,fused-triton,compiled --no-sampling",
+        "bench/ops.py --quick",
+        "bench/profile_step.py",
+    ]
+    out = proc.stdout
+    assert out.index("== tests:") < out.index("== prewarm-compile: waiting") < out.index("== step:")
+    assert "prewarm-compile: exit 0" in out
+    assert "step.py ran" in out  # the background log's tail is shown
+    logs = list((tmp_path / "bench" / "results").glob("prewarm-compile-fake-gpu-*.log"))
+    assert len(logs) == 1
+
+
+def test_deadline_cuts_the_running_step_and_skips_the_rest(tmp_path):
+    proc, commands = run_script(tmp_path, "--skip-tests", "--deadline=16", env={"SLOW_STEP": "60"})
+    assert proc.returncode == 1  # the cut step counts as failed
+    assert "ops: exit 124" in proc.stdout and "cut at the deadline" in proc.stdout
+    assert "profile: skipped (deadline)" in proc.stdout and "step: skipped (deadline)" in proc.stdout
+    assert "bench/profile_step.py" not in commands
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bogus"], "unknown argument '--bogus'"),
+        (["--deadline=soon"], "--deadline must be a positive number"),
+        (["--step-variants=a b"], "--step-variants takes bench/step.py variant names"),
+    ],
+)
+def test_bad_arguments_are_named(tmp_path, args, message):
+    proc, commands = run_script(tmp_path, *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert commands == []
