@@ -218,19 +218,24 @@ def _gn_fwd_kernel(
             delta += tl.load(dshift_ptr + sample_channel_offs, mask=c_mask, other=0.0).to(tl.float32)
 
     if SINGLE_TILE:
+        # Both inputs are loaded before the first reduction (its barriers would otherwise hold the second load
+        # back a whole memory latency), and each sum runs over the whole tile at once (axis=None).
         mask = c_mask[:, None] & (hw_offs < HW)[None, :]
         offs = c_offs[:, None] * HW + hw_offs[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
-        x_centered = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(tl.sum(x_centered * x_centered, axis=1), axis=0) / n
-        rstd = 1.0 / tl.sqrt_rn(var + eps)
-        xh = x_centered * rstd
         if WITH_TANGENT:
             dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            dx_mean = tl.sum(tl.sum(dx, axis=1), axis=0) / n
+        mean = tl.sum(x) / n
+        if WITH_TANGENT:
+            dx_mean = tl.sum(dx) / n
+        x_centered = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(x_centered * x_centered) / n + eps)
+        if WITH_TANGENT:
+            comoment = tl.sum(x_centered * dx)
+        xh = x_centered * rstd
+        if WITH_TANGENT:
             # mean_g(xh dx) = rstd * mean_g((x - mean) dx)
-            xh_dx_mean = rstd * tl.sum(tl.sum(x_centered * dx, axis=1), axis=0) / n
+            xh_dx_mean = rstd * comoment / n
             dxh = rstd * (dx - dx_mean - xh * xh_dx_mean)
         else:
             dxh = xh
@@ -248,18 +253,19 @@ def _gn_fwd_kernel(
             mask = c_mask[:, None] & (hw < HW)[None, :]
             offs = c_offs[:, None] * HW + hw[None, :]
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if WITH_TANGENT:  # both loads in flight before the first reduction's barrier
+                dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             chunk_count = (CPG * tl.minimum(HW - start, BLOCK_HW)).to(tl.float32)
-            chunk_mean = tl.sum(tl.sum(x, axis=1), axis=0) / chunk_count
+            chunk_mean = tl.sum(x) / chunk_count
             x_centered = tl.where(mask, x - chunk_mean, 0.0)
-            chunk_m2 = tl.sum(tl.sum(x_centered * x_centered, axis=1), axis=0)
+            chunk_m2 = tl.sum(x_centered * x_centered)
             total = count + chunk_count
             mean_delta = chunk_mean - mean
             mean += mean_delta * (chunk_count / total)
             m2 += chunk_m2 + mean_delta * mean_delta * (count * chunk_count / total)
             if WITH_TANGENT:
-                dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                chunk_dx_mean = tl.sum(tl.sum(dx, axis=1), axis=0) / chunk_count
-                chunk_comoment = tl.sum(tl.sum(x_centered * dx, axis=1), axis=0)
+                chunk_dx_mean = tl.sum(dx) / chunk_count
+                chunk_comoment = tl.sum(x_centered * dx)
                 dx_mean_delta = chunk_dx_mean - dx_mean
                 dx_mean += dx_mean_delta * (chunk_count / total)
                 comoment += chunk_comoment + mean_delta * dx_mean_delta * (count * chunk_count / total)
