@@ -16,6 +16,7 @@
 #       # a lease call for the compiled baseline: Inductor compiles the latent-b step (minutes) in a background
 #       # process while the tests run; bench/step.py then runs first among the benchmarks and finds the compiled
 #       # graphs in Inductor's on-disk caches (on a CPU a cached compile took 62 s against 436 s cold)
+#   --ops-no-compile: bench/ops.py without its torch.compile column (a lease's time goes to the kernels' rows)
 #
 # Installs nothing but this project (pip --no-deps --no-build-isolation): the machine needs torch, triton,
 # nvcc (CUDA_HOME, default /usr/local/cuda) and the test tools already. Every step runs even when an earlier
@@ -46,8 +47,10 @@ for arg in "$@"; do
         --copy-to=*) copy_to=${arg#--copy-to=} ;;
         --prewarm-compile) prewarm=1 ;;
         --step-variants=*) step_variants=${arg#--step-variants=} ;;
+        --ops-no-compile) ops_args+=(--no-compile) ;;
         *) echo "gpu_check.sh: unknown argument '$arg' (accepted: --skip-tests, --quick, --gpu-tests-only," \
-               "--deadline=SECONDS, --copy-to=DIR, --prewarm-compile, --step-variants=LIST)" >&2; exit 2 ;;
+               "--deadline=SECONDS, --copy-to=DIR, --prewarm-compile, --step-variants=LIST, --ops-no-compile)" >&2
+           exit 2 ;;
     esac
 done
 if [ -n "$deadline" ] && ! [[ "$deadline" =~ ^[0-9]+$ && "$deadline" -gt 0 ]]; then

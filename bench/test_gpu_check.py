@@ -63,6 +63,7 @@ def test_prewarm_compiles_in_the_background_and_step_runs_first(tmp_path):
         "--prewarm-compile",
         "--step-variants=reference,fused-triton,compiled",
         "--quick",
+        "--ops-no-compile",
         env={"PREWARM_SLEEP": "2"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -74,7 +75,7 @@ def test_prewarm_compiles_in_the_background_and_step_runs_first(tmp_path):
         "-m pip install -e . --no-build-isolation --no-deps",
         "-m pytest -q tests -m gpu -n 8",  # the stand-in answers that xdist imports
         "bench/step.py --reps 3 --variants reference,fused-triton,compiled --no-sampling",
-        "bench/ops.py --quick",
+        "bench/ops.py --quick --no-compile",
         "bench/profile_step.py",
     ]
     out = proc.stdout
