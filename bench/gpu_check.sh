@@ -17,6 +17,8 @@
 #       # process while the tests run; bench/step.py then runs first among the benchmarks and finds the compiled
 #       # graphs in Inductor's on-disk caches (on a CPU a cached compile took 62 s against 436 s cold)
 #   --ops-no-compile: bench/ops.py without its torch.compile column (a lease's time goes to the kernels' rows)
+#   --ncu: after the tests, bench/ncu_kernels.sh: Nsight Compute's occupancy, throughput and stall reasons for one
+#          launch of each GroupNorm / loss case (~1 min; while a --prewarm-compile runs, before the timed steps)
 #
 # Installs nothing but this project (pip --no-deps --no-build-isolation): the machine needs torch, triton,
 # nvcc (CUDA_HOME, default /usr/local/cuda) and the test tools already. Every step runs even when an earlier
@@ -38,6 +40,7 @@ deadline=""
 copy_to=""
 prewarm=0
 step_variants=""
+ncu=0
 for arg in "$@"; do
     case "$arg" in
         --skip-tests) skip_tests=1 ;;
@@ -48,8 +51,9 @@ for arg in "$@"; do
         --prewarm-compile) prewarm=1 ;;
         --step-variants=*) step_variants=${arg#--step-variants=} ;;
         --ops-no-compile) ops_args+=(--no-compile) ;;
+        --ncu) ncu=1 ;;
         *) echo "gpu_check.sh: unknown argument '$arg' (accepted: --skip-tests, --quick, --gpu-tests-only," \
-               "--deadline=SECONDS, --copy-to=DIR, --prewarm-compile, --step-variants=LIST, --ops-no-compile)" >&2
+               "--deadline=SECONDS, --copy-to=DIR, --prewarm-compile, --step-variants=LIST, --ops-no-compile, --ncu)" >&2
            exit 2 ;;
     esac
 done
@@ -148,6 +152,9 @@ if [ "$skip_tests" = 0 ]; then
         test_args+=(-n 8)
     fi
     run_step tests "$PYTHON" -m pytest -q tests ${test_args[@]+"${test_args[@]}"}
+fi
+if [ "$ncu" = 1 ]; then
+    run_step ncu env PYTHON="$PYTHON" bash bench/ncu_kernels.sh bench/results
 fi
 if [ -n "$prewarm_pid" ]; then
     # nothing timed shares the GPU with the compile; the step benchmark, which needs its caches, runs first

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).with_name("gpu_check.sh")
+NCU_SCRIPT = Path(__file__).with_name("ncu_kernels.sh")
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 printf '%s\n' "$*" | head -1 >> "$CALLS"  # a multi-line -c program: its first line
@@ -24,17 +25,32 @@ esac
 exit 0
 """
 
+# a stand-in ncu: records its arguments; a profile (--export R) writes R.ncu-rep, an import prints a page
+FAKE_NCU = """#!/usr/bin/env bash
+echo "ncu $*" >> "$CALLS"
+prev=""
+for arg in "$@"; do
+  [ "$prev" = "--export" ] && echo report > "$arg.ncu-rep"
+  [ "$arg" = "--import" ] && echo "details page"
+  prev=$arg
+done
+exit 0
+"""
+
 
 def run_script(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
     """gpu_check.sh copied into tmp_path/bench (it works in its parent folder) and run with the stand-in python."""
     (tmp_path / "bench").mkdir(exist_ok=True)
     shutil.copy(SCRIPT, tmp_path / "bench" / "gpu_check.sh")
-    fake = tmp_path / "fakepy"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    shutil.copy(NCU_SCRIPT, tmp_path / "bench" / "ncu_kernels.sh")
+    fakes = {}
+    for name, text in (("fakepy", FAKE_PYTHON), ("fakencu", FAKE_NCU)):
+        fakes[name] = tmp_path / name
+        fakes[name].write_text(text)
+        fakes[name].chmod(fakes[name].stat().st_mode | stat.S_IEXEC)
     calls = tmp_path / "calls.txt"
     calls.write_text("")
-    full_env = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), **(env or {}))
+    full_env = dict(os.environ, PYTHON=str(fakes["fakepy"]), NCU=str(fakes["fakencu"]), CALLS=str(calls), **(env or {}))
     proc = subprocess.run(
         ["bash", "bench/gpu_check.sh", *args], cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=120
     )
@@ -64,22 +80,35 @@ def test_prewarm_compiles_in_the_background_and_step_runs_first(tmp_path):
         "--step-variants=reference,fused-triton,compiled",
         "--quick",
         "--ops-no-compile",
+        "--ncu",
         env={"PREWARM_SLEEP": "2"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    prewarm = [c for c in commands if "prewarm" in c]
-    assert len(prewarm) == 1 and prewarm[0].startswith("bench/step.py --variants compiled --reps 1 --no-sampling")
-    # the tests start while the compile runs (it sleeps 2 s), the timed step after it, before the other benchmarks
-    rest = [c for c in commands if "prewarm" not in c]
+    background = "bench/step.py --variants compiled --reps 1 --no-sampling --out "
+    prewarm = [c for c in commands if c.startswith(background)]
+    assert len(prewarm) == 1
+    # the tests start while the compile runs (it sleeps 2 s), then ncu, then the timed step before the other
+    # benchmarks
+    rest = [c for c in commands if not c.startswith(background)]
+    profile, page = rest[2], rest[3]
+    assert profile.startswith("ncu --profile-from-start off --clock-control none --target-processes all")
+    assert profile.endswith("fakepy bench/ncu_kernels.py")
+    assert page.startswith("ncu --import ") and page.endswith(".ncu-rep --page details --print-units base")
     assert rest == [
         "-m pip install -e . --no-build-isolation --no-deps",
         "-m pytest -q tests -m gpu -n 8",  # the stand-in answers that xdist imports
+        profile,
+        page,
         "bench/step.py --reps 3 --variants reference,fused-triton,compiled --no-sampling",
         "bench/ops.py --quick --no-compile",
         "bench/profile_step.py",
     ]
+    reports = list((tmp_path / "bench" / "results").glob("ncu-fake-gpu-*"))
+    assert [r.suffix for r in reports] == [".txt"] and reports[0].read_text() == "details page\n"
     out = proc.stdout
-    assert out.index("== tests:") < out.index("== prewarm-compile: waiting") < out.index("== step:")
+    assert (
+        out.index("== tests:") < out.index("== ncu:") < out.index("== prewarm-compile: waiting") < out.index("== step:")
+    )
     assert "prewarm-compile: exit 0" in out
     assert "step.py ran" in out  # the background log's tail is shown
     logs = list((tmp_path / "bench" / "results").glob("prewarm-compile-fake-gpu-*.log"))

@@ -1,0 +1,133 @@
+"""Why a kernel misses its bandwidth target: one launch of each chosen kernel under Nsight Compute (ncu).
+
+    python bench/ncu_kernels.py --list                       # the cases, runs anywhere
+    bash bench/ncu_kernels.sh [DIR]                          # on a GPU machine with ncu: the report in DIR
+
+bench/ops.py and bench/tune_gpu.py say how far the Triton GroupNorm and loss kernels are from a device-to-device
+copy (40-74% and 14-20% on an H200, 2026-11-26); they cannot say why. Under ncu this script warms every case up
+(Triton compiles, autotuning and allocation stay outside the profile), then opens the profiler window
+(cudaProfilerStart, for `ncu --profile-from-start off`) and calls each case once, so ncu sees exactly one launch
+of each of our kernels. The sections asked for by bench/ncu_kernels.sh: SpeedOfLight (DRAM and SM throughput as a
+share of peak), Occupancy (theoretical and achieved, and what limits them: registers, warps, shared memory),
+LaunchStats (registers per thread, waves), WarpStateStats and SchedulerStats (what the warps wait on: memory,
+barriers, ...). A plain tensor copy of the same bytes runs first as the yardstick.
+
+Shapes are the latent-b layers of bench/tune_gpu.py at batch 256, bf16 (the sizes of the bandwidth targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# (pass, C, H = W): unpadded single tile (C512 16x16), padded single tile (C1536 8x8: 48 channels per group in a
+# 64-row tile), chunked (C256 32x32), chunked and padded (C1280 16x16: the slowest forward), the slowest backward
+# (C512 8x8) and the backward at C512 16x16.
+GN_CASES = (
+    ("jvp", 512, 16),
+    ("jvp", 1536, 8),
+    ("jvp", 256, 32),
+    ("jvp", 1280, 16),
+    ("fwd", 512, 16),
+    ("bwd", 512, 8),
+    ("bwd", 512, 16),
+)
+LOSS_SHAPE = (256, 4, 32, 32)  # latent-b targets, batch 256 (bench/ops.py's loss row)
+
+
+def gn_case(pass_name: str, channels: int, res: int, device, dtype, batch: int = 256, groups: int = 32):
+    """(label, bytes moved at the floor, the call) of one Triton GroupNorm pass."""
+    from imf_kernels.triton import group_norm as gn
+
+    x, dx, grad_y = (torch.randn(batch, channels, res, res, device=device, dtype=dtype) for _ in range(3))
+    weight = 1 + 0.1 * torch.randn(channels, device=device, dtype=dtype)
+    bias = 0.1 * torch.randn(channels, device=device, dtype=dtype)
+    scale, shift, dscale, dshift = (0.1 * torch.randn(batch, channels, device=device, dtype=dtype) for _ in range(4))
+    params = (weight, bias, scale, shift)
+    n = x.numel() * x.element_size()
+    blocks = gn.pick_blocks(channels // groups, res * res, dtype)
+    label = f"gn_{pass_name} B{batch} C{channels} {res}x{res} G{groups} ({blocks})"
+    if pass_name == "fwd":
+        return label, 2 * n, partial(gn.gn_act_fwd, x, groups, *params, 1e-5, "silu")
+    if pass_name == "jvp":
+        return label, 4 * n, partial(gn.gn_act_jvp_fwd, x, dx, groups, *params, dscale, dshift, 1e-5, "silu")
+    _, mean, rstd = gn.gn_act_fwd(x, groups, *params, 1e-5, "silu")
+    return label, 3 * n, partial(gn.gn_act_bwd, grad_y, x, groups, *params, mean, rstd, "silu")
+
+
+def loss_cases(device, dtype, shape=LOSS_SHAPE) -> list[tuple[str, int, Callable[[], object]]]:
+    """The fused iMF loss forward, and forward plus backward (Triton), at bench/ops.py's loss row's shape."""
+    from imf_kernels import api
+
+    batch = shape[0]
+    u, du, v, v_target = (torch.randn(*shape, device=device, dtype=dtype) for _ in range(4))
+    t = torch.rand(batch, device=device)
+    r = t * torch.rand(batch, device=device)
+    leaf_u, leaf_v = u.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+    n = u.numel() * u.element_size()
+
+    def forward_backward():
+        loss, _ = api.imf_loss(leaf_u, du, leaf_v, v_target, t, r, backend="triton")
+        torch.autograd.grad(loss, (leaf_u, leaf_v))
+
+    forward = partial(api.imf_loss, u, du, v, v_target, t, r, backend="triton")
+    sizes = "x".join(map(str, shape[1:]))
+    # floor bytes: the forward reads u, du, v, v_target; the backward reads them again and writes grad u, grad v
+    return [
+        (f"imf_loss forward B{batch} {sizes}", 4 * n, forward),
+        (f"imf_loss forward+backward B{batch} {sizes}", 10 * n, forward_backward),
+    ]
+
+
+def build_cases(device, dtype, batch=256, loss_shape=LOSS_SHAPE) -> list[tuple[str, int, Callable[[], object]]]:
+    """(label, floor bytes, call) of the copy yardstick, every GroupNorm case and the loss cases."""
+    cases = [gn_case(p, c, r, device, dtype, batch=batch) for p, c, r in GN_CASES]
+    cases += loss_cases(device, dtype, loss_shape)
+    # the yardstick: a copy moving as many bytes as the first GroupNorm case (read + write)
+    nbytes = cases[0][1]
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    return [(f"copy {nbytes / 2**20:.0f} MiB read+write", nbytes, partial(dst.copy_, src)), *cases]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", action="store_true", help="print the cases and exit (no GPU needed)")
+    args = parser.parse_args(argv)
+    if args.list:
+        for pass_name, channels, res in GN_CASES:
+            print(f"gn_{pass_name} B256 C{channels} {res}x{res} G32 bf16")
+        print(f"imf_loss forward, forward+backward {'x'.join(map(str, LOSS_SHAPE))} bf16")
+        return 0
+    if not torch.cuda.is_available():
+        print("ncu_kernels.py: needs a CUDA device (run it under ncu through bench/ncu_kernels.sh)", file=sys.stderr)
+        return 1
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+    cases = build_cases(device, dtype)
+    for _, _, call in cases:  # compile and allocate outside the profiled window
+        call()
+        call()
+    torch.cuda.synchronize()
+    cudart = torch.cuda.cudart()
+    cudart.cudaProfilerStart()
+    for label, _, call in cases:
+        torch.cuda.nvtx.range_push(label)
+        call()
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_pop()
+    cudart.cudaProfilerStop()
+    for label, nbytes, _ in cases:
+        print(f"{label}: {nbytes / 2**20:.0f} MiB at the floor")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
