@@ -30,11 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # (pass, C, H = W): unpadded single tile (C512 16x16), padded single tile (C1536 8x8: 48 channels per group in a
 # 64-row tile), chunked (C256 32x32), chunked and padded (C1280 16x16: the slowest forward), the slowest backward
 # (C512 8x8) and the backward at C512 16x16.
+# "split": the same pass with the launcher's tile split in two unpadded ones (group_norm.split_tile, a candidate no
+# GPU has timed): C1536 8x8 as 32 + 16 rows, C1280 16x16 as 32 + 8.
 GN_CASES = (
     ("jvp", 512, 16),
     ("jvp", 1536, 8),
+    ("jvp-split", 1536, 8),
     ("jvp", 256, 32),
     ("jvp", 1280, 16),
+    ("jvp-split", 1280, 16),
     ("fwd", 512, 16),
     ("bwd", 512, 8),
     ("bwd", 512, 16),
@@ -52,14 +56,29 @@ def gn_case(pass_name: str, channels: int, res: int, device, dtype, batch: int =
     scale, shift, dscale, dshift = (0.1 * torch.randn(batch, channels, device=device, dtype=dtype) for _ in range(4))
     params = (weight, bias, scale, shift)
     n = x.numel() * x.element_size()
-    blocks = gn.pick_blocks(channels // groups, res * res, dtype)
+    cpg = channels // groups
+    blocks = gn.pick_blocks(cpg, res * res, dtype)
+    if pass_name.endswith("-split"):
+        blocks = gn.split_tile(blocks, cpg)
+        assert blocks is not None, f"C/G={cpg} is not a sum of two powers of two"
     label = f"gn_{pass_name} B{batch} C{channels} {res}x{res} G{groups} ({blocks})"
+
+    def with_blocks(fn, *args):  # the launcher's pick replaced by `blocks` for the call
+        def call():
+            pick, gn.pick_blocks = gn.pick_blocks, lambda *_: blocks
+            try:
+                return fn(*args)
+            finally:
+                gn.pick_blocks = pick
+
+        return call
+
     if pass_name == "fwd":
-        return label, 2 * n, partial(gn.gn_act_fwd, x, groups, *params, 1e-5, "silu")
-    if pass_name == "jvp":
-        return label, 4 * n, partial(gn.gn_act_jvp_fwd, x, dx, groups, *params, dscale, dshift, 1e-5, "silu")
+        return label, 2 * n, with_blocks(gn.gn_act_fwd, x, groups, *params, 1e-5, "silu")
+    if pass_name.startswith("jvp"):
+        return label, 4 * n, with_blocks(gn.gn_act_jvp_fwd, x, dx, groups, *params, dscale, dshift, 1e-5, "silu")
     _, mean, rstd = gn.gn_act_fwd(x, groups, *params, 1e-5, "silu")
-    return label, 3 * n, partial(gn.gn_act_bwd, grad_y, x, groups, *params, mean, rstd, "silu")
+    return label, 3 * n, with_blocks(gn.gn_act_bwd, grad_y, x, groups, *params, mean, rstd, "silu")
 
 
 def loss_cases(device, dtype, shape=LOSS_SHAPE) -> list[tuple[str, int, Callable[[], object]]]:

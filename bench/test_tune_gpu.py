@@ -17,11 +17,23 @@ def test_the_launchers_pick_is_a_candidate(channels, res, dtype):
     candidates = tune_gpu.gn_candidates(cpg, hw, dtype)
     assert gn.pick_blocks(cpg, hw, dtype) in candidates
     assert len(set(candidates)) == len(candidates)
-    for blocks in candidates:
+    padded = [blocks for blocks in candidates if blocks.block_c2 == 0]
+    for blocks in padded:
         per_thread = blocks.block_c * blocks.block_hw // (32 * blocks.num_warps)
         assert blocks.block_c == 1 << (cpg - 1).bit_length()  # a channel column padded to a power of two
         assert per_thread >= 16 // dtype.itemsize  # at least one 16-byte vector of each input per thread
         assert blocks.single_tile or blocks.block_hw < 1 << (hw - 1).bit_length()
+    # C/G = 24, 40, 48: every padded configuration again as two unpadded tiles
+    split = [blocks for blocks in candidates if blocks.block_c2]
+    assert len(split) == (len(padded) if gn.split_channels(cpg) else 0)
+    for blocks in split:
+        assert blocks.block_c + blocks.block_c2 == cpg
+        assert gn.GNBlocks(1 << (cpg - 1).bit_length(), blocks.block_hw, blocks.single_tile, blocks.num_warps) in padded
+
+
+def test_split_candidates_are_labelled():
+    labels = [tune_gpu.gn_label(blocks) for blocks in tune_gpu.gn_candidates(48, 64, torch.bfloat16)]
+    assert "c64 hw64 single w4" in labels and "c32+16 hw64 single w4" in labels
 
 
 def test_small_groups_sweep_one_and_two_warps():

@@ -73,7 +73,8 @@ class Sweep:
 
 def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
     """Single register tiles on 1-32 warps (a 16-byte vector to 256 elements of each input per thread) and chunked
-    tiles; the launcher's own pick always among them."""
+    tiles; the launcher's own pick always among them; for channel counts that are a sum of two powers of two, each
+    configuration again with its channel column split in two unpadded tiles."""
     from imf_kernels.triton import group_norm as gn
 
     block_c = triton.next_power_of_2(cpg)
@@ -92,11 +93,15 @@ def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
         if tile < total and 1 <= block_hw <= hw2 and tile // (32 * warps) >= vector:
             out.append(gn.GNBlocks(block_c, block_hw, False, warps))
     default = gn.pick_blocks(cpg, hw, dtype)
-    return out if default in out else [default, *out]
+    out = out if default in out else [default, *out]
+    # each padded column's split twin (e.g. 48 channels as 32 + 16 rows): the same tiles without the padding
+    # (no GPU has timed them yet; the launcher picks none)
+    return out + [split for blocks in out if (split := gn.split_tile(blocks, cpg)) is not None]
 
 
 def gn_label(blocks) -> str:
-    return f"c{blocks.block_c} hw{blocks.block_hw} {'single' if blocks.single_tile else 'chunk'} w{blocks.num_warps}"
+    rows = f"c{blocks.block_c}" + (f"+{blocks.block_c2}" if blocks.block_c2 else "")
+    return f"{rows} hw{blocks.block_hw} {'single' if blocks.single_tile else 'chunk'} w{blocks.num_warps}"
 
 
 def attention_label(cfg) -> str:

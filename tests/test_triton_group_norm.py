@@ -62,10 +62,21 @@ def poisoned_allocations():
 
 
 def use_layout(layout: str, monkeypatch) -> None:
-    """The chunked layout at test sizes: tiles of at most 64 elements, chunks of 32 (4 H*W columns of 8)."""
-    if layout == "chunked":
+    """The chunked layout at test sizes: tiles of at most 64 elements, chunks of 32 (4 H*W columns of 8).
+    "split-single" / "split-chunked": the same with the channel column split in two unpadded tiles (5 channels
+    per group: 4 + 1 rows), the candidate configuration bench/tune_gpu.py sweeps."""
+    if layout.endswith("chunked"):
         monkeypatch.setattr(triton_gn, "_MAX_SINGLE_TILE", 64)
         monkeypatch.setattr(triton_gn, "_CHUNK_TILE", 32)
+    if layout.startswith("split"):
+        pick = triton_gn.pick_blocks
+
+        def pick_split(channels_per_group, hw, dtype):
+            blocks = triton_gn.split_tile(pick(channels_per_group, hw, dtype), channels_per_group)
+            assert blocks is not None and blocks.block_c2 > 0, "the split cases need C/G = 2^a + 2^b"
+            return blocks
+
+        monkeypatch.setattr(triton_gn, "pick_blocks", pick_split)
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int) -> dict:
@@ -189,6 +200,10 @@ PARITY_RUNS = [
     *[(CASES[i], torch.float16, "single") for i in (0, 2, 3)],
     *[(CASES[i], torch.float32, "chunked") for i in (0, 4)],
     *[(CASES[i], torch.float16, "chunked") for i in (1, 5)],
+    *[(CASES[i], torch.float32, "split-single") for i in (0, 3, 4)],
+    *[(CASES[i], torch.float16, "split-single") for i in (1,)],
+    *[(CASES[i], torch.float32, "split-chunked") for i in (0, 5)],
+    *[(CASES[i], torch.float16, "split-chunked") for i in (4,)],
 ]
 
 
@@ -217,6 +232,20 @@ def test_group_norm_act_matches_reference_at_model_shapes(shape, dtype):
     run_and_check(case, dtype, "cuda", seed=1)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "shape", [(4, 1536, 8, 8, 32), (2, 384, 16, 16, 32), (2, 768, 32, 32, 32), (2, 1280, 16, 16, 32)]
+)
+def test_split_tiles_match_reference_at_model_shapes(shape, dtype, monkeypatch):
+    """The split-column candidates of bench/tune_gpu.py (48 = 32 + 16 channels per group, 12 = 8 + 4, 24, 40),
+    single tiles and chunked, compiled for the GPU."""
+    use_layout("split-single", monkeypatch)
+    batch, channels, height, width, num_groups = shape
+    case = Case(batch, height, width, ALL_OPTIONS, "silu", channels, num_groups)
+    run_and_check(case, dtype, "cuda", seed=2)
+
+
 def test_block_picker_follows_gpu_rules():
     # Exact configurations for the test and model shapes: (C/G, H*W) -> padded channels, columns, warps.
     # (the rules measured on an H200 by bench/tune_gpu.py: single tiles up to 4096 elements; chunks of 2048
@@ -235,12 +264,26 @@ def test_block_picker_follows_gpu_rules():
             assert blocks.block_c * blocks.block_hw <= triton_gn._MAX_SINGLE_TILE
 
 
+def test_split_tiles_cover_the_group_without_padding():
+    assert triton_gn.split_channels(24) == (16, 8)
+    assert triton_gn.split_channels(40) == (32, 8)
+    assert triton_gn.split_channels(48) == (32, 16)
+    assert triton_gn.split_channels(5) == (4, 1)
+    assert triton_gn.split_channels(3) == (2, 1)
+    for not_two_powers in (1, 2, 7, 16, 56, 1024):
+        assert triton_gn.split_channels(not_two_powers) is None
+    blocks = triton_gn.pick_blocks(48, 64, torch.bfloat16)
+    assert triton_gn.split_tile(blocks, 48) == triton_gn.GNBlocks(32, 64, True, 4, block_c2=16)
+    assert triton_gn.split_tile(blocks, 64) is None
+
+
 @pytest.mark.parametrize(
     "bad",
     [
         triton_gn.GNBlocks(5, 64, True, 2),
         triton_gn.GNBlocks(8, 48, False, 2),
         triton_gn.GNBlocks(8, 64, True, 3),
+        triton_gn.GNBlocks(8, 64, True, 2, block_c2=3),
     ],
 )
 def test_gpu_rule_check_rejects_non_power_of_two(bad):

@@ -9,6 +9,7 @@ One program per (sample, group): the group is the contiguous slab x[b, g*C/G:(g+
 otherwise a loop over H*W chunks merges per-chunk two-pass statistics (Chan's formula), a second loop writes.
 """
 
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass
@@ -41,10 +42,13 @@ _MAX_WARPS = 16
 class GNBlocks:
     """Launch configuration of one GroupNorm pass."""
 
-    block_c: int  # channels of one group, padded to a power of two
+    block_c: int  # channels of one group, padded to a power of two (or the first block_c of them, see block_c2)
     block_hw: int  # spatial positions per tile (all of H*W when single_tile)
     single_tile: bool  # the whole group is one register tile: one read of each input
     num_warps: int
+    # > 0: the group's channels are two tiles, block_c rows and block_c2 rows (48 = 32 + 16 instead of 64 with 16
+    # masked: no padding for channel counts that are a sum of two powers of two)
+    block_c2: int = 0
 
 
 # tangents on the first m <= B samples: two launches into one output (`imf_kernels.interface`)
@@ -57,6 +61,28 @@ def check_gpu_rules(blocks: GNBlocks) -> None:
         value = getattr(blocks, name)
         if value < 1 or value & (value - 1):
             raise AssertionError(f"group_norm triton: {name}={value} must be a power of two")
+    if blocks.block_c2 < 0 or blocks.block_c2 & (blocks.block_c2 - 1):
+        raise AssertionError(f"group_norm triton: block_c2={blocks.block_c2} must be a power of two (or 0: one tile)")
+
+
+def split_channels(channels_per_group: int) -> tuple[int, int] | None:
+    """(2^a, 2^b), a > b, when channels_per_group = 2^a + 2^b (24 = 16 + 8, 40 = 32 + 8, 48 = 32 + 16): the two
+    row counts of a split tile (GNBlocks.block_c2) that holds the group without padding; None otherwise."""
+    high = 1 << (channels_per_group.bit_length() - 1)
+    low = channels_per_group - high
+    if low == 0 or low & (low - 1):
+        return None
+    return high, low
+
+
+def split_tile(blocks: GNBlocks, channels_per_group: int) -> GNBlocks | None:
+    """`blocks` (a padded channel column) with its column split in two unpadded tiles, the same positions per
+    tile and warps; None when channels_per_group is not a sum of two powers of two. Not yet picked by
+    pick_blocks: a candidate of bench/tune_gpu.py until a GPU has timed it."""
+    split = split_channels(channels_per_group)
+    if split is None:
+        return None
+    return dataclasses.replace(blocks, block_c=split[0], block_c2=split[1])
 
 
 def pick_blocks(channels_per_group: int, hw: int, dtype: torch.dtype) -> GNBlocks:
@@ -150,6 +176,93 @@ def _write_output_tile(
 
 
 @triton.jit
+def _tile(row0, hw0, rows, hw_offs, CPG, HW):
+    # offsets and mask of the tile of channels row0 + rows (of the group) by positions hw0 + hw_offs
+    channels = row0 + rows
+    hw = hw0 + hw_offs
+    mask = (channels < CPG)[:, None] & (hw < HW)[None, :]
+    return channels[:, None] * HW + hw[None, :], mask
+
+
+@triton.jit
+def _forward_coefficients(
+    weight_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    dscale_ptr,
+    dshift_ptr,
+    group_channel0,
+    sample_channel0,
+    rows,
+    CPG,
+    BLOCK: tl.constexpr,
+    WITH_TANGENT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_DSCALE: tl.constexpr,
+    HAS_DSHIFT: tl.constexpr,
+):
+    # alpha, beta of h = xh alpha + beta and gamma = w ds, delta = b ds + dshift of its tangent
+    # dh = dxh alpha + xh gamma + delta, for the channels `rows` of one (sub-)tile.
+    c_mask = rows < CPG
+    sample_channel_offs = sample_channel0 + rows
+    w, b, one_plus_s, alpha, beta = _channel_coefficients(
+        weight_ptr,
+        bias_ptr,
+        scale_ptr,
+        shift_ptr,
+        group_channel0 + rows,
+        sample_channel_offs,
+        c_mask,
+        BLOCK,
+        HAS_WEIGHT,
+        HAS_BIAS,
+        HAS_SCALE,
+        HAS_SHIFT,
+    )
+    gamma = tl.zeros([BLOCK], tl.float32)
+    delta = tl.zeros([BLOCK], tl.float32)
+    if WITH_TANGENT:
+        if HAS_DSCALE:
+            dscale = tl.load(dscale_ptr + sample_channel_offs, mask=c_mask, other=0.0).to(tl.float32)
+            gamma = w * dscale
+            delta = b * dscale
+        if HAS_DSHIFT:
+            delta += tl.load(dshift_ptr + sample_channel_offs, mask=c_mask, other=0.0).to(tl.float32)
+    return alpha, beta, gamma, delta
+
+
+@triton.jit
+def _normalize_and_write(
+    y_ptr,
+    dy_ptr,
+    offs,
+    mask,
+    x_centered,
+    dx,
+    rstd,
+    dx_mean,
+    xh_dx_mean,
+    alpha,
+    beta,
+    gamma,
+    delta,
+    WITH_TANGENT: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+):
+    # xh = (x - mean) rstd, dxh = rstd (dx - mean_g(dx) - xh mean_g(xh dx)); then modulate, activate, write.
+    xh = x_centered * rstd
+    if WITH_TANGENT:
+        dxh = rstd * (dx - dx_mean - xh * xh_dx_mean)
+    else:
+        dxh = xh
+    _write_output_tile(y_ptr, dy_ptr, offs, mask, xh, dxh, alpha, beta, gamma, delta, WITH_TANGENT, ACT_SILU)
+
+
+@triton.jit
 def _gn_fwd_kernel(
     x_ptr,
     dx_ptr,
@@ -168,6 +281,7 @@ def _gn_fwd_kernel(
     G,
     eps,
     BLOCK_C: tl.constexpr,
+    BLOCK_C2: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     WITH_TANGENT: tl.constexpr,
@@ -179,6 +293,8 @@ def _gn_fwd_kernel(
     HAS_DSHIFT: tl.constexpr,
     ACT_SILU: tl.constexpr,
 ):
+    # The group's channels are one tile of BLOCK_C rows, or with BLOCK_C2 > 0 two: rows [0, BLOCK_C) and
+    # [BLOCK_C, BLOCK_C + BLOCK_C2), so that e.g. 48 channels are 32 + 16 rows instead of 64 with 16 masked.
     pid = tl.program_id(0)  # = b * G + g; the (b, g) slab is contiguous
     # Scalar 64-bit group bases keep the per-element offsets 32-bit.
     group_base = pid.to(tl.int64) * CPG * HW
@@ -186,60 +302,63 @@ def _gn_fwd_kernel(
     dx_ptr += group_base
     y_ptr += group_base
     dy_ptr += group_base
-    c_offs = tl.arange(0, BLOCK_C)
+    rows = tl.arange(0, BLOCK_C)
     hw_offs = tl.arange(0, BLOCK_HW)
-    c_mask = c_offs < CPG
-    sample_channel_offs = pid * CPG + c_offs  # index b * C + c of scale/shift
     n = (CPG * HW).to(tl.float32)
-
-    w, b, one_plus_s, alpha, beta = _channel_coefficients(
-        weight_ptr,
-        bias_ptr,
-        scale_ptr,
-        shift_ptr,
-        (pid % G) * CPG + c_offs,
-        sample_channel_offs,
-        c_mask,
-        BLOCK_C,
-        HAS_WEIGHT,
-        HAS_BIAS,
-        HAS_SCALE,
-        HAS_SHIFT,
-    )
-    # dh = dxh alpha + xh gamma + delta with gamma = w ds, delta = b ds + dshift.
-    gamma = tl.zeros([BLOCK_C], tl.float32)
-    delta = tl.zeros([BLOCK_C], tl.float32)
-    if WITH_TANGENT:
-        if HAS_DSCALE:
-            dscale = tl.load(dscale_ptr + sample_channel_offs, mask=c_mask, other=0.0).to(tl.float32)
-            gamma = w * dscale
-            delta = b * dscale
-        if HAS_DSHIFT:
-            delta += tl.load(dshift_ptr + sample_channel_offs, mask=c_mask, other=0.0).to(tl.float32)
+    group_channel0 = (pid % G) * CPG  # index of the group's first channel in weight/bias
+    sample_channel0 = pid * CPG  # index b * C + c of scale/shift
+    coefficient_args = (weight_ptr, bias_ptr, scale_ptr, shift_ptr, dscale_ptr, dshift_ptr, group_channel0,
+                        sample_channel0)  # fmt: skip
+    flags = (WITH_TANGENT, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_DSCALE, HAS_DSHIFT)
+    alpha, beta, gamma, delta = _forward_coefficients(*coefficient_args, rows, CPG, BLOCK_C, *flags)
+    if BLOCK_C2 > 0:
+        rows2 = BLOCK_C + tl.arange(0, BLOCK_C2)
+        alpha2, beta2, gamma2, delta2 = _forward_coefficients(*coefficient_args, rows2, CPG, BLOCK_C2, *flags)
 
     if SINGLE_TILE:
-        # Both inputs are loaded before the first reduction (its barriers would otherwise hold the second load
-        # back a whole memory latency), and each sum runs over the whole tile at once (axis=None).
-        mask = c_mask[:, None] & (hw_offs < HW)[None, :]
-        offs = c_offs[:, None] * HW + hw_offs[None, :]
+        # Every input of the group is loaded before the first reduction (its barriers would otherwise hold a later
+        # load back a whole memory latency), and each sum runs over a whole tile at once (axis=None).
+        offs, mask = _tile(0, 0, rows, hw_offs, CPG, HW)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if WITH_TANGENT:
             dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x) / n
+        else:
+            dx = x  # unused
+        if BLOCK_C2 > 0:
+            offs2, mask2 = _tile(0, 0, rows2, hw_offs, CPG, HW)
+            x2 = tl.load(x_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
+            if WITH_TANGENT:
+                dx2 = tl.load(dx_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
+            else:
+                dx2 = x2  # unused
+        sum_x = tl.sum(x)
+        if BLOCK_C2 > 0:
+            sum_x += tl.sum(x2)
+        mean = sum_x / n
+        dx_mean = 0.0
         if WITH_TANGENT:
-            dx_mean = tl.sum(dx) / n
+            sum_dx = tl.sum(dx)
+            if BLOCK_C2 > 0:
+                sum_dx += tl.sum(dx2)
+            dx_mean = sum_dx / n
         x_centered = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(x_centered * x_centered) / n + eps)
-        if WITH_TANGENT:
-            comoment = tl.sum(x_centered * dx)
-        xh = x_centered * rstd
+        m2 = tl.sum(x_centered * x_centered)
+        if BLOCK_C2 > 0:
+            x2_centered = tl.where(mask2, x2 - mean, 0.0)
+            m2 += tl.sum(x2_centered * x2_centered)
+        rstd = 1.0 / tl.sqrt_rn(m2 / n + eps)
+        xh_dx_mean = 0.0
         if WITH_TANGENT:
             # mean_g(xh dx) = rstd * mean_g((x - mean) dx)
+            comoment = tl.sum(x_centered * dx)
+            if BLOCK_C2 > 0:
+                comoment += tl.sum(x2_centered * dx2)
             xh_dx_mean = rstd * comoment / n
-            dxh = rstd * (dx - dx_mean - xh * xh_dx_mean)
-        else:
-            dxh = xh
-        _write_output_tile(y_ptr, dy_ptr, offs, mask, xh, dxh, alpha, beta, gamma, delta, WITH_TANGENT, ACT_SILU)
+        _normalize_and_write(y_ptr, dy_ptr, offs, mask, x_centered, dx, rstd, dx_mean, xh_dx_mean, alpha, beta, gamma,
+                             delta, WITH_TANGENT, ACT_SILU)  # fmt: skip
+        if BLOCK_C2 > 0:
+            _normalize_and_write(y_ptr, dy_ptr, offs2, mask2, x2_centered, dx2, rstd, dx_mean, xh_dx_mean, alpha2,
+                                 beta2, gamma2, delta2, WITH_TANGENT, ACT_SILU)  # fmt: skip
     else:
         # Pass 1: per-chunk two-pass moments merged with Chan's formula: mean, M2 = sum (x - mean)^2 and,
         # with a tangent, the mean of dx and the co-moment sum (x - mean)(dx - mean_dx).
@@ -249,23 +368,36 @@ def _gn_fwd_kernel(
         dx_mean = tl.full([], 0.0, tl.float32)
         comoment = tl.full([], 0.0, tl.float32)
         for start in range(0, HW, BLOCK_HW):
-            hw = start + hw_offs
-            mask = c_mask[:, None] & (hw < HW)[None, :]
-            offs = c_offs[:, None] * HW + hw[None, :]
+            offs, mask = _tile(0, start, rows, hw_offs, CPG, HW)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if WITH_TANGENT:  # both loads in flight before the first reduction's barrier
+            if WITH_TANGENT:  # every load of the chunk in flight before the first reduction's barrier
                 dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if BLOCK_C2 > 0:
+                offs2, mask2 = _tile(0, start, rows2, hw_offs, CPG, HW)
+                x2 = tl.load(x_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
+                if WITH_TANGENT:
+                    dx2 = tl.load(dx_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
             chunk_count = (CPG * tl.minimum(HW - start, BLOCK_HW)).to(tl.float32)
-            chunk_mean = tl.sum(x) / chunk_count
+            chunk_sum = tl.sum(x)
+            if BLOCK_C2 > 0:
+                chunk_sum += tl.sum(x2)
+            chunk_mean = chunk_sum / chunk_count
             x_centered = tl.where(mask, x - chunk_mean, 0.0)
             chunk_m2 = tl.sum(x_centered * x_centered)
+            if BLOCK_C2 > 0:
+                x2_centered = tl.where(mask2, x2 - chunk_mean, 0.0)
+                chunk_m2 += tl.sum(x2_centered * x2_centered)
             total = count + chunk_count
             mean_delta = chunk_mean - mean
             mean += mean_delta * (chunk_count / total)
             m2 += chunk_m2 + mean_delta * mean_delta * (count * chunk_count / total)
             if WITH_TANGENT:
-                chunk_dx_mean = tl.sum(dx) / chunk_count
+                chunk_dx_sum = tl.sum(dx)
                 chunk_comoment = tl.sum(x_centered * dx)
+                if BLOCK_C2 > 0:
+                    chunk_dx_sum += tl.sum(dx2)
+                    chunk_comoment += tl.sum(x2_centered * dx2)
+                chunk_dx_mean = chunk_dx_sum / chunk_count
                 dx_mean_delta = chunk_dx_mean - dx_mean
                 dx_mean += dx_mean_delta * (chunk_count / total)
                 comoment += chunk_comoment + mean_delta * dx_mean_delta * (count * chunk_count / total)
@@ -274,17 +406,22 @@ def _gn_fwd_kernel(
         xh_dx_mean = rstd * comoment / n
         # Pass 2: normalise, modulate, activate, write.
         for start in range(0, HW, BLOCK_HW):
-            hw = start + hw_offs
-            mask = c_mask[:, None] & (hw < HW)[None, :]
-            offs = c_offs[:, None] * HW + hw[None, :]
+            offs, mask = _tile(0, start, rows, hw_offs, CPG, HW)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            xh = (x - mean) * rstd
+            dx = x
             if WITH_TANGENT:
                 dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                dxh = rstd * (dx - dx_mean - xh * xh_dx_mean)
-            else:
-                dxh = xh
-            _write_output_tile(y_ptr, dy_ptr, offs, mask, xh, dxh, alpha, beta, gamma, delta, WITH_TANGENT, ACT_SILU)
+            if BLOCK_C2 > 0:
+                offs2, mask2 = _tile(0, start, rows2, hw_offs, CPG, HW)
+                x2 = tl.load(x_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
+                dx2 = x2
+                if WITH_TANGENT:
+                    dx2 = tl.load(dx_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
+            _normalize_and_write(y_ptr, dy_ptr, offs, mask, x - mean, dx, rstd, dx_mean, xh_dx_mean, alpha, beta,
+                                 gamma, delta, WITH_TANGENT, ACT_SILU)  # fmt: skip
+            if BLOCK_C2 > 0:
+                _normalize_and_write(y_ptr, dy_ptr, offs2, mask2, x2 - mean, dx2, rstd, dx_mean, xh_dx_mean, alpha2,
+                                     beta2, gamma2, delta2, WITH_TANGENT, ACT_SILU)  # fmt: skip
     tl.store(mean_ptr + pid, mean)
     tl.store(rstd_ptr + pid, rstd)
 
@@ -300,6 +437,60 @@ def _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU: tl.constexpr
     else:
         grad_h = grad_y
     return xh, grad_h
+
+
+@triton.jit
+def _chunked_channel_sums(
+    x_ptr, grad_y_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta,
+    BLOCK: tl.constexpr, BLOCK_HW: tl.constexpr, ACT_SILU: tl.constexpr,
+):  # fmt: skip
+    # Per channel of `rows`: S1 = sum_hw gh and S2 = sum_hw gh xh, gh = dL/dh, over chunks of BLOCK_HW positions.
+    # Tile-shaped accumulators, reduced once after the loop. (Reducing inside the loop into [BLOCK] sums made
+    # Triton 3.6's TritonGPUOptimizeThreadLocality pass assert `loopResult.hasOneUse()` on sm_90 for fp32 without
+    # SiLU when a sum has several uses: seen on an H200, 2026-11-26, reproduced by the AOT test.)
+    acc_grad_h = tl.zeros([BLOCK, BLOCK_HW], tl.float32)
+    acc_grad_h_xh = tl.zeros([BLOCK, BLOCK_HW], tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        offs, mask = _tile(0, start, rows, hw_offs, CPG, HW)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
+        acc_grad_h += grad_h
+        acc_grad_h_xh += grad_h * xh
+    return tl.sum(acc_grad_h, axis=1), tl.sum(acc_grad_h_xh, axis=1)
+
+
+@triton.jit
+def _store_channel_grads(
+    grad_weight_partial_ptr, grad_bias_partial_ptr, grad_scale_ptr, grad_shift_ptr, sample_channel_offs, c_mask,
+    w, b, one_plus_s, sum_grad_h, sum_grad_h_xh,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+):  # fmt: skip
+    # grad_shift = S1, grad_scale = w S2 + b S1, grad_bias (per sample) = (1 + s) S1, grad_weight = (1 + s) S2.
+    if HAS_SHIFT:
+        tl.store(grad_shift_ptr + sample_channel_offs, sum_grad_h.to(grad_shift_ptr.dtype.element_ty), mask=c_mask)
+    if HAS_SCALE:
+        grad_scale = w * sum_grad_h_xh + b * sum_grad_h
+        tl.store(grad_scale_ptr + sample_channel_offs, grad_scale.to(grad_scale_ptr.dtype.element_ty), mask=c_mask)
+    if HAS_WEIGHT:
+        tl.store(grad_weight_partial_ptr + sample_channel_offs, one_plus_s * sum_grad_h_xh, mask=c_mask)
+    if HAS_BIAS:
+        tl.store(grad_bias_partial_ptr + sample_channel_offs, one_plus_s * sum_grad_h, mask=c_mask)
+
+
+@triton.jit
+def _chunked_grad_x(
+    x_ptr, grad_y_ptr, grad_x_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta, g_mean, g_xh_mean,
+    BLOCK_HW: tl.constexpr, ACT_SILU: tl.constexpr,
+):  # fmt: skip
+    # grad_x = rstd (alpha gh - mean_g(alpha gh) - xh mean_g(alpha gh xh)), chunk by chunk (read again).
+    for start in range(0, HW, BLOCK_HW):
+        offs, mask = _tile(0, start, rows, hw_offs, CPG, HW)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
+        grad_x = rstd * (grad_h * alpha[:, None] - g_mean - xh * g_xh_mean)
+        tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -321,6 +512,7 @@ def _gn_bwd_kernel(
     CPG,
     G,
     BLOCK_C: tl.constexpr,
+    BLOCK_C2: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -329,88 +521,83 @@ def _gn_bwd_kernel(
     HAS_SHIFT: tl.constexpr,
     ACT_SILU: tl.constexpr,
 ):
-    # With gh = dL/dh and per-channel sums S1 = sum_hw gh, S2 = sum_hw gh xh:
-    # grad_shift = S1, grad_scale = w S2 + b S1, grad_bias (per sample) = (1 + s) S1,
-    # grad_weight (per sample) = (1 + s) S2, and with g = alpha gh (= dL/dxh):
+    # With gh = dL/dh and per-channel sums S1 = sum_hw gh, S2 = sum_hw gh xh, and g = alpha gh (= dL/dxh):
     # grad_x = rstd (g - mean_g(g) - xh mean_g(g xh)), mean_g(g) = sum_c alpha S1 / n, mean_g(g xh) likewise.
+    # Channels as in the forward: one tile of BLOCK_C rows, or two (BLOCK_C2 > 0).
     pid = tl.program_id(0)
     group_base = pid.to(tl.int64) * CPG * HW
     grad_y_ptr += group_base
     x_ptr += group_base
     grad_x_ptr += group_base
-    c_offs = tl.arange(0, BLOCK_C)
+    rows = tl.arange(0, BLOCK_C)
     hw_offs = tl.arange(0, BLOCK_HW)
-    c_mask = c_offs < CPG
-    sample_channel_offs = pid * CPG + c_offs
     n = (CPG * HW).to(tl.float32)
     mean = tl.load(mean_ptr + pid)
     rstd = tl.load(rstd_ptr + pid)
-    w, b, one_plus_s, alpha, beta = _channel_coefficients(
-        weight_ptr,
-        bias_ptr,
-        scale_ptr,
-        shift_ptr,
-        (pid % G) * CPG + c_offs,
-        sample_channel_offs,
-        c_mask,
-        BLOCK_C,
-        HAS_WEIGHT,
-        HAS_BIAS,
-        HAS_SCALE,
-        HAS_SHIFT,
-    )
+    group_channel0 = (pid % G) * CPG
+    sample_channel0 = pid * CPG
+    params = (weight_ptr, bias_ptr, scale_ptr, shift_ptr)
+    outputs = (grad_weight_partial_ptr, grad_bias_partial_ptr, grad_scale_ptr, grad_shift_ptr)
+    flags = (HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
 
-    if SINGLE_TILE:
-        mask = c_mask[:, None] & (hw_offs < HW)[None, :]
-        offs = c_offs[:, None] * HW + hw_offs[None, :]
+    c_mask = rows < CPG
+    w, b, one_plus_s, alpha, beta = _channel_coefficients(
+        *params, group_channel0 + rows, sample_channel0 + rows, c_mask, BLOCK_C, *flags
+    )
+    if BLOCK_C2 > 0:
+        rows2 = BLOCK_C + tl.arange(0, BLOCK_C2)
+        c_mask2 = rows2 < CPG
+        w2, b2, one_plus_s2, alpha2, beta2 = _channel_coefficients(
+            *params, group_channel0 + rows2, sample_channel0 + rows2, c_mask2, BLOCK_C2, *flags
+        )
+
+    if SINGLE_TILE:  # the group's x and grad_y stay in registers from the sums to grad_x
+        offs, mask = _tile(0, 0, rows, hw_offs, CPG, HW)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if BLOCK_C2 > 0:
+            offs2, mask2 = _tile(0, 0, rows2, hw_offs, CPG, HW)
+            x2 = tl.load(x_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
+            grad_y2 = tl.load(grad_y_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
         xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
         sum_grad_h = tl.sum(grad_h, axis=1)
         sum_grad_h_xh = tl.sum(grad_h * xh, axis=1)
+        if BLOCK_C2 > 0:
+            xh2, grad_h2 = _recompute_grad_h(x2, grad_y2, mean, rstd, alpha2, beta2, ACT_SILU)
+            sum_grad_h2 = tl.sum(grad_h2, axis=1)
+            sum_grad_h_xh2 = tl.sum(grad_h2 * xh2, axis=1)
     else:
-        # Tile-shaped accumulators, reduced once after the loop. (Reducing inside the loop into [BLOCK_C] sums
-        # made Triton 3.6's TritonGPUOptimizeThreadLocality pass assert `loopResult.hasOneUse()` on sm_90 for
-        # fp32 without SiLU when a sum has several uses: seen on an H200, 2026-11-26, reproduced by the AOT test.)
-        acc_grad_h = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-        acc_grad_h_xh = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-        for start in range(0, HW, BLOCK_HW):
-            hw = start + hw_offs
-            mask = c_mask[:, None] & (hw < HW)[None, :]
-            offs = c_offs[:, None] * HW + hw[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
-            acc_grad_h += grad_h
-            acc_grad_h_xh += grad_h * xh
-        sum_grad_h = tl.sum(acc_grad_h, axis=1)
-        sum_grad_h_xh = tl.sum(acc_grad_h_xh, axis=1)
+        sum_grad_h, sum_grad_h_xh = _chunked_channel_sums(
+            x_ptr, grad_y_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta, BLOCK_C, BLOCK_HW, ACT_SILU
+        )
+        if BLOCK_C2 > 0:
+            sum_grad_h2, sum_grad_h_xh2 = _chunked_channel_sums(
+                x_ptr, grad_y_ptr, rows2, hw_offs, CPG, HW, mean, rstd, alpha2, beta2, BLOCK_C2, BLOCK_HW, ACT_SILU
+            )
 
-    if HAS_SHIFT:
-        tl.store(grad_shift_ptr + sample_channel_offs, sum_grad_h.to(grad_shift_ptr.dtype.element_ty), mask=c_mask)
-    if HAS_SCALE:
-        grad_scale = w * sum_grad_h_xh + b * sum_grad_h
-        tl.store(grad_scale_ptr + sample_channel_offs, grad_scale.to(grad_scale_ptr.dtype.element_ty), mask=c_mask)
-    if HAS_WEIGHT:
-        tl.store(grad_weight_partial_ptr + sample_channel_offs, one_plus_s * sum_grad_h_xh, mask=c_mask)
-    if HAS_BIAS:
-        tl.store(grad_bias_partial_ptr + sample_channel_offs, one_plus_s * sum_grad_h, mask=c_mask)
-
-    g_mean = tl.sum(tl.where(c_mask, alpha * sum_grad_h, 0.0), axis=0) / n
-    g_xh_mean = tl.sum(tl.where(c_mask, alpha * sum_grad_h_xh, 0.0), axis=0) / n
+    _store_channel_grads(*outputs, sample_channel0 + rows, c_mask, w, b, one_plus_s, sum_grad_h, sum_grad_h_xh,
+                         *flags)  # fmt: skip
+    g_sum = tl.sum(tl.where(c_mask, alpha * sum_grad_h, 0.0), axis=0)
+    g_xh_sum = tl.sum(tl.where(c_mask, alpha * sum_grad_h_xh, 0.0), axis=0)
+    if BLOCK_C2 > 0:
+        _store_channel_grads(*outputs, sample_channel0 + rows2, c_mask2, w2, b2, one_plus_s2, sum_grad_h2,
+                             sum_grad_h_xh2, *flags)  # fmt: skip
+        g_sum += tl.sum(tl.where(c_mask2, alpha2 * sum_grad_h2, 0.0), axis=0)
+        g_xh_sum += tl.sum(tl.where(c_mask2, alpha2 * sum_grad_h_xh2, 0.0), axis=0)
+    g_mean = g_sum / n
+    g_xh_mean = g_xh_sum / n
     if SINGLE_TILE:
         grad_x = rstd * (grad_h * alpha[:, None] - g_mean - xh * g_xh_mean)
         tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+        if BLOCK_C2 > 0:
+            grad_x2 = rstd * (grad_h2 * alpha2[:, None] - g_mean - xh2 * g_xh_mean)
+            tl.store(grad_x_ptr + offs2, grad_x2.to(grad_x_ptr.dtype.element_ty), mask=mask2)
     else:
-        for start in range(0, HW, BLOCK_HW):
-            hw = start + hw_offs
-            mask = c_mask[:, None] & (hw < HW)[None, :]
-            offs = c_offs[:, None] * HW + hw[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
-            grad_x = rstd * (grad_h * alpha[:, None] - g_mean - xh * g_xh_mean)
-            tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+        _chunked_grad_x(x_ptr, grad_y_ptr, grad_x_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta, g_mean,
+                        g_xh_mean, BLOCK_HW, ACT_SILU)  # fmt: skip
+        if BLOCK_C2 > 0:
+            _chunked_grad_x(x_ptr, grad_y_ptr, grad_x_ptr, rows2, hw_offs, CPG, HW, mean, rstd, alpha2, beta2, g_mean,
+                            g_xh_mean, BLOCK_HW, ACT_SILU)  # fmt: skip
 
 
 def _interpreter_on() -> bool:
@@ -494,6 +681,7 @@ def _launch(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, 
         num_groups,
         eps,
         BLOCK_C=blocks.block_c,
+        BLOCK_C2=blocks.block_c2,
         BLOCK_HW=blocks.block_hw,
         SINGLE_TILE=blocks.single_tile,
         WITH_TANGENT=with_tangent,
@@ -585,6 +773,7 @@ def gn_act_bwd(
         channels_per_group,
         num_groups,
         BLOCK_C=blocks.block_c,
+        BLOCK_C2=blocks.block_c2,
         BLOCK_HW=blocks.block_hw,
         SINGLE_TILE=blocks.single_tile,
         num_warps=blocks.num_warps,
@@ -661,14 +850,22 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
     specs = {}
     for _, channels, height, width, num_groups in shapes:
         for dtype, type_name in _AOT_DTYPE_NAMES.items():
-            blocks = pick_blocks(channels // num_groups, height * width, dtype)
+            picked = pick_blocks(channels // num_groups, height * width, dtype)
             hw_aligned = height * width % 16 == 0
-            for pass_name, act_silu in itertools.product(("fwd", "jvp", "bwd"), (True, False)):
+            # the launcher's pick and, in bf16, for channel counts that are a sum of two powers of two, its split
+            # twin: a bench/tune_gpu.py candidate (the sweep runs bf16), and what a sweep times must compile without
+            # spills too. (fp32 split twins are not candidates: Triton 3.8 gave the chunked C768 backward a 16-byte
+            # stack frame at 40 registers.)
+            candidates = [picked, split_tile(picked, channels // num_groups) if dtype == torch.bfloat16 else None]
+            for blocks, pass_name, act_silu in itertools.product(
+                [b for b in candidates if b is not None], ("fwd", "jvp", "bwd"), (True, False)
+            ):
                 key = (pass_name, type_name, blocks, hw_aligned, act_silu)
                 if key in specs:
                     continue
                 constexprs = {
                     "BLOCK_C": blocks.block_c,
+                    "BLOCK_C2": blocks.block_c2,
                     "BLOCK_HW": blocks.block_hw,
                     "SINGLE_TILE": blocks.single_tile,
                     **all_options,
@@ -697,11 +894,12 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                     for arg in fn.arg_names
                 }
                 layout = "single" if blocks.single_tile else "chunked"
+                split = f"s{blocks.block_c2}" if blocks.block_c2 else ""
                 aligned = [arg for arg, kind in signature.items() if kind.startswith("*")]
                 if hw_aligned:
                     aligned.append("HW")
                 specs[key] = {
-                    "name": f"gn_{pass_name}_{type_name}_c{blocks.block_c}_hw{blocks.block_hw}_{layout}"
+                    "name": f"gn_{pass_name}_{type_name}_c{blocks.block_c}{split}_hw{blocks.block_hw}_{layout}"
                     f"_{'silu' if act_silu else 'none'}",
                     "fn": fn,
                     "signature": signature,
