@@ -5,8 +5,9 @@ tangent dh = dxh alpha + xh (w ds) + (b ds + dshift), dxh = rstd (dx - mean_g(dx
 Memory floor: read x (and dx, or grad_y) once, write y (and dy, or grad_x) once, plus O(B C) per channel.
 
 One program per (sample, group): the group is the contiguous slab x[b, g*C/G:(g+1)*C/G] seen as a
-[channels, H*W] tile. When it fits in registers it is loaded once (exact two-pass statistics in registers);
-otherwise a loop over H*W chunks merges per-chunk two-pass statistics (Chan's formula), a second loop writes.
+[channels, H*W] tile (or two stacked tiles, GNBlocks.block_c2, when C/G is a sum of two powers of two: no padded
+rows). When it fits in registers it is loaded once (exact two-pass statistics in registers); otherwise a loop over
+H*W chunks merges per-chunk two-pass statistics (Chan's formula), a second loop writes.
 """
 
 import dataclasses
