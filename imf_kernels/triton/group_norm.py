@@ -264,6 +264,48 @@ def _normalize_and_write(
 
 
 @triton.jit
+def _load_inputs(x_ptr, dx_ptr, offs, mask, WITH_TANGENT: tl.constexpr):
+    # x and, with a tangent, dx of one tile in fp32, both loads issued before either is used (without a tangent
+    # dx is x, unused)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if WITH_TANGENT:
+        dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        dx = x
+    return x, dx
+
+
+@triton.jit
+def _moments(x, dx, mask, x2, dx2, mask2, count, BLOCK_C2: tl.constexpr, WITH_TANGENT: tl.constexpr):
+    # Two-pass moments of `count` elements held as one tile (x, dx) or, with BLOCK_C2 > 0, two (and x2, dx2):
+    # mean, M2 = sum (x - mean)^2, the mean of dx, the co-moment sum (x - mean) dx, and the centred tiles. The
+    # sums of x and dx come first, then the centred ones (this order kept the jvp single tile at 128 registers
+    # with Triton 3.6 and 3.8; others spilled or took up to 168).
+    sum_x = tl.sum(x)
+    if BLOCK_C2 > 0:
+        sum_x += tl.sum(x2)
+    mean = sum_x / count
+    dx_mean = 0.0
+    if WITH_TANGENT:
+        sum_dx = tl.sum(dx)
+        if BLOCK_C2 > 0:
+            sum_dx += tl.sum(dx2)
+        dx_mean = sum_dx / count
+    x_centered = tl.where(mask, x - mean, 0.0)
+    m2 = tl.sum(x_centered * x_centered)
+    x2_centered = x_centered  # unused without a second tile
+    if BLOCK_C2 > 0:
+        x2_centered = tl.where(mask2, x2 - mean, 0.0)
+        m2 += tl.sum(x2_centered * x2_centered)
+    comoment = 0.0
+    if WITH_TANGENT:
+        comoment = tl.sum(x_centered * dx)
+        if BLOCK_C2 > 0:
+            comoment += tl.sum(x2_centered * dx2)
+    return mean, m2, dx_mean, comoment, x_centered, x2_centered
+
+
+@triton.jit
 def _gn_fwd_kernel(
     x_ptr,
     dx_ptr,
@@ -320,41 +362,17 @@ def _gn_fwd_kernel(
         # Every input of the group is loaded before the first reduction (its barriers would otherwise hold a later
         # load back a whole memory latency), and each sum runs over a whole tile at once (axis=None).
         offs, mask = _tile(0, 0, rows, hw_offs, CPG, HW)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if WITH_TANGENT:
-            dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            dx = x  # unused
+        x, dx = _load_inputs(x_ptr, dx_ptr, offs, mask, WITH_TANGENT)
+        offs2, mask2, x2, dx2 = offs, mask, x, dx  # the second tile's, when there is one
         if BLOCK_C2 > 0:
             offs2, mask2 = _tile(0, 0, rows2, hw_offs, CPG, HW)
-            x2 = tl.load(x_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
-            if WITH_TANGENT:
-                dx2 = tl.load(dx_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
-            else:
-                dx2 = x2  # unused
-        sum_x = tl.sum(x)
-        if BLOCK_C2 > 0:
-            sum_x += tl.sum(x2)
-        mean = sum_x / n
-        dx_mean = 0.0
-        if WITH_TANGENT:
-            sum_dx = tl.sum(dx)
-            if BLOCK_C2 > 0:
-                sum_dx += tl.sum(dx2)
-            dx_mean = sum_dx / n
-        x_centered = tl.where(mask, x - mean, 0.0)
-        m2 = tl.sum(x_centered * x_centered)
-        if BLOCK_C2 > 0:
-            x2_centered = tl.where(mask2, x2 - mean, 0.0)
-            m2 += tl.sum(x2_centered * x2_centered)
+            x2, dx2 = _load_inputs(x_ptr, dx_ptr, offs2, mask2, WITH_TANGENT)
+        mean, m2, dx_mean, comoment, x_centered, x2_centered = _moments(
+            x, dx, mask, x2, dx2, mask2, n, BLOCK_C2, WITH_TANGENT
+        )
         rstd = 1.0 / tl.sqrt_rn(m2 / n + eps)
-        xh_dx_mean = 0.0
-        if WITH_TANGENT:
-            # mean_g(xh dx) = rstd * mean_g((x - mean) dx)
-            comoment = tl.sum(x_centered * dx)
-            if BLOCK_C2 > 0:
-                comoment += tl.sum(x2_centered * dx2)
-            xh_dx_mean = rstd * comoment / n
+        # mean_g(xh dx) = rstd * mean_g((x - mean) dx)
+        xh_dx_mean = rstd * comoment / n
         _normalize_and_write(y_ptr, dy_ptr, offs, mask, x_centered, dx, rstd, dx_mean, xh_dx_mean, alpha, beta, gamma,
                              delta, WITH_TANGENT, ACT_SILU)  # fmt: skip
         if BLOCK_C2 > 0:
@@ -370,35 +388,20 @@ def _gn_fwd_kernel(
         comoment = tl.full([], 0.0, tl.float32)
         for start in range(0, HW, BLOCK_HW):
             offs, mask = _tile(0, start, rows, hw_offs, CPG, HW)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if WITH_TANGENT:  # every load of the chunk in flight before the first reduction's barrier
-                dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x, dx = _load_inputs(x_ptr, dx_ptr, offs, mask, WITH_TANGENT)
+            offs2, mask2, x2, dx2 = offs, mask, x, dx
             if BLOCK_C2 > 0:
                 offs2, mask2 = _tile(0, start, rows2, hw_offs, CPG, HW)
-                x2 = tl.load(x_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
-                if WITH_TANGENT:
-                    dx2 = tl.load(dx_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
+                x2, dx2 = _load_inputs(x_ptr, dx_ptr, offs2, mask2, WITH_TANGENT)
             chunk_count = (CPG * tl.minimum(HW - start, BLOCK_HW)).to(tl.float32)
-            chunk_sum = tl.sum(x)
-            if BLOCK_C2 > 0:
-                chunk_sum += tl.sum(x2)
-            chunk_mean = chunk_sum / chunk_count
-            x_centered = tl.where(mask, x - chunk_mean, 0.0)
-            chunk_m2 = tl.sum(x_centered * x_centered)
-            if BLOCK_C2 > 0:
-                x2_centered = tl.where(mask2, x2 - chunk_mean, 0.0)
-                chunk_m2 += tl.sum(x2_centered * x2_centered)
+            chunk_mean, chunk_m2, chunk_dx_mean, chunk_comoment, _, _ = _moments(
+                x, dx, mask, x2, dx2, mask2, chunk_count, BLOCK_C2, WITH_TANGENT
+            )
             total = count + chunk_count
             mean_delta = chunk_mean - mean
             mean += mean_delta * (chunk_count / total)
             m2 += chunk_m2 + mean_delta * mean_delta * (count * chunk_count / total)
             if WITH_TANGENT:
-                chunk_dx_sum = tl.sum(dx)
-                chunk_comoment = tl.sum(x_centered * dx)
-                if BLOCK_C2 > 0:
-                    chunk_dx_sum += tl.sum(dx2)
-                    chunk_comoment += tl.sum(x2_centered * dx2)
-                chunk_dx_mean = chunk_dx_sum / chunk_count
                 dx_mean_delta = chunk_dx_mean - dx_mean
                 dx_mean += dx_mean_delta * (chunk_count / total)
                 comoment += chunk_comoment + mean_delta * dx_mean_delta * (count * chunk_count / total)
@@ -408,16 +411,10 @@ def _gn_fwd_kernel(
         # Pass 2: normalise, modulate, activate, write.
         for start in range(0, HW, BLOCK_HW):
             offs, mask = _tile(0, start, rows, hw_offs, CPG, HW)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            dx = x
-            if WITH_TANGENT:
-                dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x, dx = _load_inputs(x_ptr, dx_ptr, offs, mask, WITH_TANGENT)
             if BLOCK_C2 > 0:
                 offs2, mask2 = _tile(0, start, rows2, hw_offs, CPG, HW)
-                x2 = tl.load(x_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
-                dx2 = x2
-                if WITH_TANGENT:
-                    dx2 = tl.load(dx_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
+                x2, dx2 = _load_inputs(x_ptr, dx_ptr, offs2, mask2, WITH_TANGENT)
             _normalize_and_write(y_ptr, dy_ptr, offs, mask, x - mean, dx, rstd, dx_mean, xh_dx_mean, alpha, beta,
                                  gamma, delta, WITH_TANGENT, ACT_SILU)  # fmt: skip
             if BLOCK_C2 > 0:
