@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--trace", default=None, help="also write a chrome trace to this file")
     parser.add_argument("--out", default=None, help="default: bench/results/<device>-profile-<variant>.json")
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=on_gpu,
+        help="torch.backends.cudnn.benchmark (default: on on a GPU, as bench/step.py and `imf train` run)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps: at least 1, got {args.steps}")
@@ -194,12 +200,15 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--batch: at least 1, got {args.batch}")
     if not on_gpu:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     usable = usable_backends(device)
     variant = args.variant or f"fused-{next(name for name in dispatch.auto_order(on_gpu) if name in usable)}"
     batch = args.batch or (GPU_BATCH if on_gpu else 128)
     result = profile(args.preset, variant, batch, args.steps, args.bf16, device, args.trace)
     torch_device = torch.device(device)
-    result.update(on_gpu=on_gpu, **common.run_tags(torch_device, bench="profile_step"))
+    result.update(
+        on_gpu=on_gpu, cudnn_benchmark=args.cudnn_benchmark, **common.run_tags(torch_device, bench="profile_step")
+    )
     label = common.device_name(torch_device)
     out = (
         Path(args.out)

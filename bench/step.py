@@ -373,6 +373,10 @@ GPU_BATCH = 64
 # float32 matmul precision of every timed process (--float32-matmul-precision; children are spawned, so it travels
 # in the environment): "highest" is PyTorch's default; "high" lets matmuls and the triton fp32 attention use TF32.
 PRECISION_ENV = "IMF_BENCH_FLOAT32_MATMUL_PRECISION"
+# torch.backends.cudnn.benchmark of every timed process ("1" or "0"; --cudnn-benchmark): on by default on a GPU, as
+# a training run sets it (imf train does), for every variant alike: cuDNN times its convolution algorithms for
+# each shape in the first (untimed) call instead of picking one by heuristics.
+CUDNN_BENCHMARK_ENV = "IMF_BENCH_CUDNN_BENCHMARK"
 
 
 def _child(queue, fn, args):
@@ -380,6 +384,7 @@ def _child(queue, fn, args):
         import torch
 
         torch.set_float32_matmul_precision(os.environ.get(PRECISION_ENV, "highest"))
+        torch.backends.cudnn.benchmark = os.environ.get(CUDNN_BENCHMARK_ENV, "0") == "1"
         queue.put(("ok", fn(*args)))
     except Exception as error:  # reported as a row, not a crash of the whole run
         queue.put(("error", f"{type(error).__name__}: {error}"))
@@ -497,8 +502,15 @@ def main() -> None:
         help="torch.set_float32_matmul_precision for every variant (default: PyTorch's 'highest'; 'high' allows "
         "TF32 in matmuls and in the triton fp32 attention)",
     )
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=on_gpu,
+        help="torch.backends.cudnn.benchmark for every variant (default: on on a GPU, as `imf train` runs)",
+    )
     args = parser.parse_args()
     os.environ[PRECISION_ENV] = args.float32_matmul_precision
+    os.environ[CUDNN_BENCHMARK_ENV] = "1" if args.cudnn_benchmark else "0"
     device = "cuda" if on_gpu else "cpu"
     if not on_gpu:  # Inductor compiles in this process's thread, not a worker pool beside the timed ones
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
@@ -542,6 +554,7 @@ def main() -> None:
         batch=args.batch,
         bf16=args.bf16,
         float32_matmul_precision=args.float32_matmul_precision,
+        cudnn_benchmark=args.cudnn_benchmark,
         reps=args.reps,
         rounds=args.rounds,
         targets=TARGETS_GPU if on_gpu else TARGETS_CPU,

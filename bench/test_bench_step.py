@@ -34,6 +34,7 @@ def test_a_subset_of_variants_is_timed_and_saved(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["commit"] != "unknown" and results["date"] and results["torch"]  # which code made the numbers
+    assert results["cudnn_benchmark"] is False  # the default off a GPU, recorded with the numbers
     (run,) = results["runs"]
     assert list(run["steps"]) == ["fused-torch", "fm"]  # the script's order, only those asked for
     for row in run["steps"].values():
@@ -200,3 +201,25 @@ def test_the_whole_reference_step_compiles_with_the_norms_affine_outside(bf16):
     (compiled_whole, compiled_worst), (eager_whole, eager_worst) = errors(compiled_grads), errors(eager_grads)
     assert compiled_whole <= 2 * eager_whole, (seed, compiled_whole, eager_whole)
     assert compiled_worst <= (max(2 * eager_worst, 2**-6) if bf16 else 2 * eager_worst), (seed, compiled_worst)
+
+
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_each_timed_process_takes_the_cudnn_benchmark_setting(flag, monkeypatch):
+    """--cudnn-benchmark travels to the spawned variant processes in the environment (like the matmul precision)."""
+    sys.path.insert(0, str(STEP.parent))
+    import step
+
+    class Queue(list):
+        put = list.append
+
+    def cudnn_benchmark():
+        return torch.backends.cudnn.benchmark
+
+    monkeypatch.setenv(step.CUDNN_BENCHMARK_ENV, flag)
+    before = torch.backends.cudnn.benchmark
+    try:
+        queue = Queue()
+        step._child(queue, cudnn_benchmark, ())
+    finally:
+        torch.backends.cudnn.benchmark = before
+    assert queue == [("ok", flag == "1")]

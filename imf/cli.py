@@ -272,6 +272,8 @@ def _load_model(ckpt: str, weights: str, device):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
     from imf.checkpoint import MANIFEST
     from imf.distributed import init_distributed, shutdown
     from imf.train import train
@@ -279,6 +281,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     preset = _preset_with_overrides(args)
     device = _device(args.device)
     _set_threads(args.threads)
+    # every step has the same shapes: cuDNN times its convolution algorithms once per shape and keeps the fastest
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     out = Path(args.out or f"runs/{preset.name}")
     if not args.resume and (out / MANIFEST).exists():
         raise CLIError(f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out")
