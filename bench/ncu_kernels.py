@@ -2,6 +2,7 @@
 
     python bench/ncu_kernels.py --list                       # the cases, runs anywhere
     bash bench/ncu_kernels.sh [DIR]                          # on a GPU machine with ncu: the report in DIR
+    python bench/ncu_kernels.py --summarize DIR/ncu-*.csv    # a table of a report's key metrics, runs anywhere
 
 bench/ops.py and bench/tune_gpu.py say how far the Triton GroupNorm and loss kernels are from a device-to-device
 copy (40-74% and 14-20% on an H200, 2026-11-26); they cannot say why. Under ncu this script warms every case up
@@ -18,6 +19,8 @@ Shapes are the latent-b layers of bench/tune_gpu.py at batch 256, bf16 (the size
 from __future__ import annotations
 
 import argparse
+import csv
+import re
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -116,10 +119,86 @@ def build_cases(device, dtype, batch=256, loss_shape=LOSS_SHAPE) -> list[tuple[s
     return [(f"copy {nbytes / 2**20:.0f} MiB read+write", nbytes, partial(dst.copy_, src)), *cases]
 
 
+# Columns of ncu's raw page (`ncu --import R --page raw --csv`) summarised per kernel: (heading, metric, scale).
+SUMMARY_METRICS = (
+    ("us", "gpu__time_duration.sum", 1e-3),  # ns
+    ("DRAM % peak", "dram__throughput.avg.pct_of_peak_sustained_elapsed", 1.0),
+    ("occupancy %", "sm__warps_active.avg.pct_of_peak_sustained_active", 1.0),
+    ("theoretical %", "sm__maximum_warps_per_active_cycle_pct", 1.0),
+    ("regs", "launch__registers_per_thread", 1.0),
+    ("block", "launch__block_size", 1.0),
+    ("grid", "launch__grid_size", 1.0),
+)
+# the WarpStateStats section's smsp__average_warp_latency_issue_stalled_<reason>[_per_...].ratio, or the PC sampling
+# family smsp__pcsamp_warps_issue_stalled_<reason>
+STALL_PATTERN = re.compile(r"issue_stalled_(?P<reason>[a-z_]+?)(?:_per_\w+)?(?:\.\w+)?$")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def summarize_ncu_csv(path: Path) -> list[dict]:
+    """One dict per profiled kernel of ncu's raw CSV page: its name, the SUMMARY_METRICS (None where the report
+    lacks one) and the three largest warp-stall reasons ("long_scoreboard 12.3", from the WarpStateStats
+    section's issue_stalled_* metrics)."""
+    lines = path.read_text().splitlines()
+    # ncu may print "==PROF==" lines before the table; the header is the first row naming "Kernel Name"
+    start = next((i for i, line in enumerate(lines) if '"Kernel Name"' in line), None)
+    if start is None:
+        raise ValueError(f"{path}: no ncu raw CSV table (no 'Kernel Name' header)")
+    reader = csv.DictReader(lines[start:])
+    kernels = []
+    for row in reader:
+        if not row.get("ID", "").strip():  # the units row under the header
+            continue
+        summary = {"kernel": row["Kernel Name"]}
+        for heading, metric, scale in SUMMARY_METRICS:
+            value = _number(row.get(metric, "") or "")
+            summary[heading] = None if value is None else value * scale
+        stalls = []
+        for column, text in row.items():
+            match = STALL_PATTERN.search(column or "")
+            value = _number(text or "")
+            if match and value is not None and "not_issued" not in column:
+                stalls.append((value, match["reason"]))
+        stalls.sort(reverse=True)
+        summary["top stalls"] = ", ".join(f"{reason} {value:.1f}" for value, reason in stalls[:3])
+        kernels.append(summary)
+    return kernels
+
+
+def print_summary(kernels: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Nsight Compute, one launch per kernel (clocks not locked: read shares, not times)")
+    columns = ["kernel", *(heading for heading, _, _ in SUMMARY_METRICS), "top stalls"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("kernel", "top stalls") else "right")
+    for summary in kernels:
+        cells = []
+        for column in columns:
+            value = summary[column]
+            cells.append("-" if value is None else value if isinstance(value, str) else f"{value:.4g}")
+        cells[0] = cells[0][:48]
+        table.add_row(*cells)
+    Console(width=200).print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", action="store_true", help="print the cases and exit (no GPU needed)")
+    parser.add_argument(
+        "--summarize", metavar="CSV", default=None, help="print a table of an ncu raw CSV export (no GPU needed)"
+    )
     args = parser.parse_args(argv)
+    if args.summarize:
+        print_summary(summarize_ncu_csv(Path(args.summarize)))
+        return 0
     if args.list:
         for pass_name, channels, res in GN_CASES:
             print(f"gn_{pass_name} B256 C{channels} {res}x{res} G32 bf16")

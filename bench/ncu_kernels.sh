@@ -23,11 +23,14 @@ report="$out/ncu-${slug}-$(date -u +%Y%m%dT%H%M%SZ)"
     --section SchedulerStats --section MemoryWorkloadAnalysis \
     --export "$report" --force-overwrite "$PYTHON" bench/ncu_kernels.py
 status=$?
-# the details page as text (every section's metrics per kernel, in launch order), then the binary report is dropped:
-# it needs ncu to read, and a lease brings back few files
+# the details page as text (every section's metrics per kernel, in launch order) and the raw page as CSV (every
+# metric, for `bench/ncu_kernels.py --summarize`); then the binary report is dropped: it needs ncu to read, and a
+# lease brings back few files
 if [ -f "$report.ncu-rep" ]; then
     "$NCU" --import "$report.ncu-rep" --page details --print-units base > "$report.txt"
+    "$NCU" --import "$report.ncu-rep" --page raw --csv --print-units base > "$report.csv"
     rm -f "$report.ncu-rep"
-    echo "ncu_kernels.sh: $report.txt"
+    echo "ncu_kernels.sh: $report.txt $report.csv"
+    "$PYTHON" bench/ncu_kernels.py --summarize "$report.csv" || status=1
 fi
 exit $status

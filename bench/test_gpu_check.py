@@ -90,21 +90,25 @@ def test_prewarm_compiles_in_the_background_and_step_runs_first(tmp_path):
     # the tests start while the compile runs (it sleeps 2 s), then ncu, then the timed step before the other
     # benchmarks
     rest = [c for c in commands if not c.startswith(background)]
-    profile, page = rest[2], rest[3]
+    profile, details, raw, summary = rest[2:6]
     assert profile.startswith("ncu --profile-from-start off --clock-control none --target-processes all")
     assert profile.endswith("fakepy bench/ncu_kernels.py")
-    assert page.startswith("ncu --import ") and page.endswith(".ncu-rep --page details --print-units base")
+    assert details.startswith("ncu --import ") and details.endswith(".ncu-rep --page details --print-units base")
+    assert raw.startswith("ncu --import ") and raw.endswith(".ncu-rep --page raw --csv --print-units base")
+    assert summary.startswith("bench/ncu_kernels.py --summarize ") and summary.endswith(".csv")
     assert rest == [
         "-m pip install -e . --no-build-isolation --no-deps",
         "-m pytest -q tests -m gpu -n 8",  # the stand-in answers that xdist imports
         profile,
-        page,
+        details,
+        raw,
+        summary,
         "bench/step.py --reps 3 --variants reference,fused-triton,compiled --no-sampling",
         "bench/ops.py --quick --no-compile",
         "bench/profile_step.py",
     ]
-    reports = list((tmp_path / "bench" / "results").glob("ncu-fake-gpu-*"))
-    assert [r.suffix for r in reports] == [".txt"] and reports[0].read_text() == "details page\n"
+    reports = sorted((tmp_path / "bench" / "results").glob("ncu-fake-gpu-*"))  # the binary report is dropped
+    assert [r.suffix for r in reports] == [".csv", ".txt"] and reports[1].read_text() == "details page\n"
     out = proc.stdout
     assert (
         out.index("== tests:") < out.index("== ncu:") < out.index("== prewarm-compile: waiting") < out.index("== step:")
