@@ -122,6 +122,23 @@ run_step() {
     return 0
 }
 
+prewarm_pid=""
+if [ "$prewarm" = 1 ]; then
+    # The compiled reference step compiled once in the background, from the start (its timings are thrown away: it
+    # shares the GPU and the CPU cores with the build and the tests); the timed bench/step.py run below compiles
+    # again from Inductor's caches. It runs the plain PyTorch reference, so it needs no CUDA extension and reads
+    # the packages from this checkout (PYTHONPATH) while pip installs them.
+    prewarm_log="bench/results/prewarm-compile-${slug}-$(date -u +%Y%m%dT%H%M%SZ).log"
+    prewarm_limit=()
+    [ -n "$deadline" ] && prewarm_limit=(timeout -k 10 "$((deadline - SECONDS))")
+    echo
+    echo "== prewarm-compile: in the background, log $prewarm_log"
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" ${prewarm_limit[@]+"${prewarm_limit[@]}"} \
+        "$PYTHON" bench/step.py --variants compiled --reps 1 --no-sampling \
+        --out "$(mktemp --suffix=-prewarm-step.json)" >"$prewarm_log" 2>&1 &
+    prewarm_pid=$!
+    prewarm_started=$SECONDS
+fi
 # The CUDA 13 torch wheels ship the CUDA headers the extension needs in nvidia/cu13/include (as the Makefile).
 cu13_include=$("$PYTHON" -c "import importlib.util as u, os; s = u.find_spec('nvidia'); \
 p = os.path.join(list(s.submodule_search_locations)[0], 'cu13', 'include') if s else ''; \
@@ -129,20 +146,6 @@ print(p if p and os.path.isdir(p) else '')")
 export CPATH="${cu13_include:+$cu13_include:}${CPATH:-}"
 run_step build env TORCH_CUDA_ARCH_LIST="$arch" "$PYTHON" -m pip install -e . --no-build-isolation --no-deps
 # every backend (cuda, triton, torch) must be usable on a GPU machine; a failed build shows here by name
-prewarm_pid=""
-if [ "$prewarm" = 1 ]; then
-    # The compiled reference step compiled once in the background (its timings are thrown away: it shares the GPU
-    # and the CPU cores with the tests); the timed bench/step.py run below compiles again from Inductor's caches.
-    prewarm_log="bench/results/prewarm-compile-${slug}-$(date -u +%Y%m%dT%H%M%SZ).log"
-    prewarm_limit=()
-    [ -n "$deadline" ] && prewarm_limit=(timeout -k 10 "$((deadline - SECONDS))")
-    echo
-    echo "== prewarm-compile: in the background, log $prewarm_log"
-    ${prewarm_limit[@]+"${prewarm_limit[@]}"} "$PYTHON" bench/step.py --variants compiled --reps 1 --no-sampling \
-        --out "$(mktemp --suffix=-prewarm-step.json)" >"$prewarm_log" 2>&1 &
-    prewarm_pid=$!
-    prewarm_started=$SECONDS
-fi
 run_step backends "$PYTHON" -c $'import sys, imf_kernels\nstatuses = imf_kernels.backends()\nfor status in statuses:\n    print(" ", status)\nsys.exit(0 if all(s.usable for s in statuses) else 1)'
 if [ "$skip_tests" = 0 ]; then
     # 8 pytest-xdist workers where the plugin is there (the GPU image has it): the gpu tests took 95 s on an H200

@@ -87,8 +87,9 @@ def test_prewarm_compiles_in_the_background_and_step_runs_first(tmp_path):
     background = "bench/step.py --variants compiled --reps 1 --no-sampling --out "
     prewarm = [c for c in commands if c.startswith(background)]
     assert len(prewarm) == 1
-    # the tests start while the compile runs (it sleeps 2 s), then ncu, then the timed step before the other
-    # benchmarks
+    assert commands[0] == prewarm[0]  # started first: it needs no build (the checkout is on its PYTHONPATH)
+    # the build and the tests run while the compile runs (it sleeps 2 s), then ncu, then the timed step before the
+    # other benchmarks
     rest = [c for c in commands if not c.startswith(background)]
     profile, details, raw, summary = rest[2:6]
     assert profile.startswith("ncu --profile-from-start off --clock-control none --target-processes all")
