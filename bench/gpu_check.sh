@@ -14,8 +14,9 @@
 #   bash bench/gpu_check.sh --gpu-tests-only --prewarm-compile --step-variants=reference,fused-triton,compiled \
 #       --quick --deadline=560 --copy-to="$OUT"
 #       # a lease call for the compiled baseline: Inductor compiles the latent-b step (minutes) in a background
-#       # process while the tests run; bench/step.py then runs first among the benchmarks and finds the compiled
-#       # graphs in Inductor's on-disk caches (on a CPU a cached compile took 62 s against 436 s cold)
+#       # process from the start, during the build and the tests; bench/step.py then runs first among the
+#       # benchmarks and finds the compiled graphs in Inductor's on-disk caches (on a CPU a cached compile took 62 s
+#       # against 436 s cold)
 #   --ops-no-compile: bench/ops.py without its torch.compile column (a lease's time goes to the kernels' rows)
 #   --ncu: after the tests, bench/ncu_kernels.sh: Nsight Compute's occupancy, throughput and stall reasons for one
 #          launch of each GroupNorm / loss case (~1 min; while a --prewarm-compile runs, before the timed steps)
