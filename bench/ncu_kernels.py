@@ -197,7 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.summarize:
-        print_summary(summarize_ncu_csv(Path(args.summarize)))
+        path = Path(args.summarize)
+        if not path.is_file():
+            parser.error(f"--summarize: no file {path}")
+        try:
+            kernels = summarize_ncu_csv(path)
+        except ValueError as error:
+            parser.error(f"--summarize: {error}")
+        print_summary(kernels)
         return 0
     if args.list:
         for pass_name, channels, res in GN_CASES:

@@ -71,3 +71,12 @@ def test_a_file_that_is_no_ncu_export_is_named(tmp_path):
     path.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="other.csv: no ncu raw CSV table"):
         ncu_kernels.summarize_ncu_csv(path)
+
+
+@pytest.mark.parametrize("name, message", [("absent.csv", "no file"), ("other.csv", "no ncu raw CSV table")])
+def test_summarize_refuses_a_missing_or_foreign_file_by_name(tmp_path, capsys, name, message):
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        ncu_kernels.main(["--summarize", str(tmp_path / name)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
