@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 out=${1:-bench/results}
 mkdir -p "$out" || exit 2
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's packages, installed or not
 NCU=${NCU:-$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -1)}
 if [ -z "$NCU" ] || ! [ -x "$NCU" ]; then
     echo "ncu_kernels.sh: no ncu found (set NCU=/path/to/ncu)" >&2
