@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # (pass, C, H = W): unpadded single tile (C512 16x16), padded single tile (C1536 8x8: 48 channels per group in a
 # 64-row tile), chunked (C256 32x32), chunked and padded (C1280 16x16: the slowest forward), the slowest backward
 # (C512 8x8) and the backward at C512 16x16.
-# "split": the same pass with the launcher's tile split in two unpadded ones (group_norm.split_tile, a candidate no
-# GPU has timed): C1536 8x8 as 32 + 16 rows, C1280 16x16 as 32 + 8.
+# "-split": the same pass with the launcher's tile split in two unpadded ones (group_norm.split_tile, a candidate no
+# GPU has timed): C1536 8x8 as 32 + 16 rows, C1280 16x16 as 32 + 8. "-groups4": 4 (sample, group) slabs per program
+# (group_norm.group_tile, likewise untimed) at the smallest groups, C512 8x8.
 GN_CASES = (
     ("jvp", 512, 16),
     ("jvp", 1536, 8),
@@ -42,8 +43,11 @@ GN_CASES = (
     ("jvp", 256, 32),
     ("jvp", 1280, 16),
     ("jvp-split", 1280, 16),
+    ("jvp", 512, 8),
+    ("jvp-groups4", 512, 8),
     ("fwd", 512, 16),
     ("bwd", 512, 8),
+    ("bwd-groups4", 512, 8),
     ("bwd", 512, 16),
 )
 LOSS_SHAPE = (256, 4, 32, 32)  # latent-b targets, batch 256 (bench/ops.py's loss row)
@@ -64,6 +68,9 @@ def gn_case(pass_name: str, channels: int, res: int, device, dtype, batch: int =
     if pass_name.endswith("-split"):
         blocks = gn.split_tile(blocks, cpg)
         assert blocks is not None, f"C/G={cpg} is not a sum of two powers of two"
+    elif pass_name.endswith("-groups4"):
+        blocks = gn.group_tile(blocks, 4)
+        assert blocks is not None, f"C{channels} {res}x{res} is not a single tile"
     label = f"gn_{pass_name} B{batch} C{channels} {res}x{res} G{groups} ({blocks})"
 
     def with_blocks(fn, *args):  # the launcher's pick replaced by `blocks` for the call

@@ -17,7 +17,7 @@ def test_the_launchers_pick_is_a_candidate(channels, res, dtype):
     candidates = tune_gpu.gn_candidates(cpg, hw, dtype)
     assert gn.pick_blocks(cpg, hw, dtype) in candidates
     assert len(set(candidates)) == len(candidates)
-    padded = [blocks for blocks in candidates if blocks.block_c2 == 0]
+    padded = [blocks for blocks in candidates if blocks.block_c2 == 0 and blocks.groups == 1]
     for blocks in padded:
         per_thread = blocks.block_c * blocks.block_hw // (32 * blocks.num_warps)
         assert blocks.block_c == 1 << (cpg - 1).bit_length()  # a channel column padded to a power of two
@@ -36,6 +36,20 @@ def test_split_candidates_are_labelled():
     assert "c64 hw64 single w4" in labels and "c32+16 hw64 single w4" in labels
 
 
+def test_small_single_tiles_sweep_several_slabs_per_program():
+    candidates = tune_gpu.gn_candidates(16, 64, torch.bfloat16)  # C512 8x8: 1024 elements per group
+    default = gn.pick_blocks(16, 64, torch.bfloat16)
+    slabs = [blocks for blocks in candidates if blocks.groups > 1]
+    assert {blocks.groups for blocks in slabs} == {2, 4, 8}
+    for blocks in slabs:
+        gn.check_gpu_rules(blocks)
+        assert (blocks.block_c, blocks.block_hw, blocks.single_tile) == (default.block_c, default.block_hw, True)
+        assert blocks.num_warps in (default.num_warps * blocks.groups, default.num_warps * blocks.groups // 2)
+    assert "c16 x4 hw64 single w8" in [tune_gpu.gn_label(blocks) for blocks in slabs]
+    assert not [b for b in tune_gpu.gn_candidates(8, 1024, torch.bfloat16) if b.groups > 1]  # chunked: none
+
+
 def test_small_groups_sweep_one_and_two_warps():
-    labels = [tune_gpu.gn_label(blocks) for blocks in tune_gpu.gn_candidates(16, 64, torch.bfloat16)]
+    candidates = tune_gpu.gn_candidates(16, 64, torch.bfloat16)
+    labels = [tune_gpu.gn_label(blocks) for blocks in candidates if blocks.groups == 1]
     assert labels == ["c16 hw64 single w1", "c16 hw64 single w2", "c16 hw64 single w4"]

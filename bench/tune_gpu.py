@@ -74,7 +74,8 @@ class Sweep:
 def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
     """Single register tiles on 1-32 warps (a 16-byte vector to 256 elements of each input per thread) and chunked
     tiles; the launcher's own pick always among them; for channel counts that are a sum of two powers of two, each
-    configuration again with its channel column split in two unpadded tiles."""
+    configuration again with its channel column split in two unpadded tiles; for small single tiles, the launcher's
+    pick with 2-8 slabs per program."""
     from imf_kernels.triton import group_norm as gn
 
     block_c = triton.next_power_of_2(cpg)
@@ -96,12 +97,22 @@ def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
     out = out if default in out else [default, *out]
     # each padded column's split twin (e.g. 48 channels as 32 + 16 rows): the same tiles without the padding
     # (no GPU has timed them yet; the launcher picks none)
-    return out + [split for blocks in out if (split := gn.split_tile(blocks, cpg)) is not None]
+    out += [split for blocks in out if (split := gn.split_tile(blocks, cpg)) is not None]
+    # small single tiles: 2-8 (sample, group) slabs per program, up to 8192 elements, on the launcher's warps times
+    # the slabs (its elements per thread) or half that (no GPU has timed them yet; the launcher picks none)
+    tile = default.block_c * default.block_hw
+    if default.single_tile and tile <= 2048:
+        for groups in (2, 4, 8):
+            for warps in sorted({default.num_warps * groups, max(1, default.num_warps * groups // 2)}):
+                if tile * groups <= 8192 and warps <= 16 and tile * groups // (32 * warps) >= vector:
+                    out.append(gn.group_tile(default, groups, num_warps=warps))
+    return out
 
 
 def gn_label(blocks) -> str:
     rows = f"c{blocks.block_c}" + (f"+{blocks.block_c2}" if blocks.block_c2 else "")
-    return f"{rows} hw{blocks.block_hw} {'single' if blocks.single_tile else 'chunk'} w{blocks.num_warps}"
+    slabs = f" x{blocks.groups}" if blocks.groups > 1 else ""
+    return f"{rows}{slabs} hw{blocks.block_hw} {'single' if blocks.single_tile else 'chunk'} w{blocks.num_warps}"
 
 
 def attention_label(cfg) -> str:

@@ -77,6 +77,15 @@ def use_layout(layout: str, monkeypatch) -> None:
             return blocks
 
         monkeypatch.setattr(triton_gn, "pick_blocks", pick_split)
+    if layout.startswith("groups"):  # "groups2": 2 (sample, group) slabs per program, one single tile
+        pick, groups = triton_gn.pick_blocks, int(layout.removeprefix("groups"))
+
+        def pick_groups(channels_per_group, hw, dtype):
+            blocks = triton_gn.group_tile(pick(channels_per_group, hw, dtype), groups)
+            assert blocks is not None, "the groups cases need a single tile"
+            return blocks
+
+        monkeypatch.setattr(triton_gn, "pick_blocks", pick_groups)
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int) -> dict:
@@ -204,6 +213,9 @@ PARITY_RUNS = [
     *[(CASES[i], torch.float16, "split-single") for i in (1,)],
     *[(CASES[i], torch.float32, "split-chunked") for i in (0, 5)],
     *[(CASES[i], torch.float16, "split-chunked") for i in (4,)],
+    *[(CASES[i], torch.float32, "groups2") for i in (0, 2, 3)],
+    *[(CASES[i], torch.float16, "groups4") for i in (1, 4)],
+    *[(CASES[i], torch.float32, "groups8") for i in (5,)],
 ]
 
 
@@ -262,6 +274,38 @@ def test_block_picker_follows_gpu_rules():
             blocks = triton_gn.pick_blocks(channels_per_group, hw, torch.float16)
             assert blocks.block_c >= channels_per_group
             assert blocks.block_c * blocks.block_hw <= triton_gn._MAX_SINGLE_TILE
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("groups", [2, 4])
+@pytest.mark.parametrize("shape", [(4, 512, 8, 8, 32), (2, 256, 16, 16, 32), (2, 768, 8, 8, 32)])
+def test_group_tiles_match_reference_at_model_shapes(shape, groups, dtype, monkeypatch):
+    """Several (sample, group) slabs per program, the small-group candidates of bench/tune_gpu.py."""
+    use_layout(f"groups{groups}", monkeypatch)
+    batch, channels, height, width, num_groups = shape
+    case = Case(batch, height, width, ALL_OPTIONS, "silu", channels, num_groups)
+    run_and_check(case, dtype, "cuda", seed=3)
+
+
+def test_group_tiles_take_single_tiles_only(monkeypatch):
+    single = triton_gn.pick_blocks(16, 64, torch.bfloat16)
+    assert triton_gn.group_tile(single, 4) == triton_gn.GNBlocks(16, 64, True, 8, groups=4)
+    assert triton_gn.group_tile(single, 4, num_warps=4).num_warps == 4
+    assert triton_gn.group_tile(triton_gn.pick_blocks(8, 1024, torch.bfloat16), 2) is None  # chunked
+    assert triton_gn.group_tile(triton_gn.split_tile(single, 24), 2) is None  # split
+    with pytest.raises(AssertionError, match="needs a single tile without a split"):
+        triton_gn.check_gpu_rules(triton_gn.GNBlocks(8, 256, False, 4, groups=2))
+    # a launch over 6 groups cannot take them 4 per program
+    blocks = triton_gn.group_tile(triton_gn.pick_blocks(4, 16, torch.float32), 4)
+    monkeypatch.setattr(triton_gn, "pick_blocks", lambda *_: blocks)
+    x = torch.randn(1, 24, 4, 4)
+    with pytest.raises(AssertionError, match="groups=4 per program must divide 6 groups"):
+        triton_gn._launch(x, None, 6, None, None, None, None, None, None, 1e-5, "silu", *_outputs(x, 6))
+
+
+def _outputs(x, num_groups):
+    return torch.empty_like(x), torch.empty(x.shape[0], num_groups), torch.empty(x.shape[0], num_groups)
 
 
 def test_split_tiles_cover_the_group_without_padding():

@@ -7,7 +7,9 @@ Memory floor: read x (and dx, or grad_y) once, write y (and dy, or grad_x) once,
 One program per (sample, group): the group is the contiguous slab x[b, g*C/G:(g+1)*C/G] seen as a
 [channels, H*W] tile (or two stacked tiles, GNBlocks.block_c2, when C/G is a sum of two powers of two: no padded
 rows). When it fits in registers it is loaded once (exact two-pass statistics in registers); otherwise a loop over
-H*W chunks merges per-chunk two-pass statistics (Chan's formula), a second loop writes.
+H*W chunks merges per-chunk two-pass statistics (Chan's formula), a second loop writes. Small single tiles may go
+several to a program (GNBlocks.groups: consecutive slabs as one [groups, channels, H*W] tile, statistics per slab).
+Split and grouped tiles are candidates of bench/tune_gpu.py, not yet picked by the launcher.
 """
 
 import dataclasses
@@ -50,6 +52,10 @@ class GNBlocks:
     # > 0: the group's channels are two tiles, block_c rows and block_c2 rows (48 = 32 + 16 instead of 64 with 16
     # masked: no padding for channel counts that are a sum of two powers of two)
     block_c2: int = 0
+    # > 1 (single tiles only): each program takes this many consecutive (sample, group) slabs as one
+    # [groups, block_c, block_hw] tile, so that small groups share a program's fixed costs (reduction barriers,
+    # per-channel stores)
+    groups: int = 1
 
 
 # tangents on the first m <= B samples: two launches into one output (`imf_kernels.interface`)
@@ -64,6 +70,10 @@ def check_gpu_rules(blocks: GNBlocks) -> None:
             raise AssertionError(f"group_norm triton: {name}={value} must be a power of two")
     if blocks.block_c2 < 0 or blocks.block_c2 & (blocks.block_c2 - 1):
         raise AssertionError(f"group_norm triton: block_c2={blocks.block_c2} must be a power of two (or 0: one tile)")
+    if blocks.groups < 1 or blocks.groups & (blocks.groups - 1):
+        raise AssertionError(f"group_norm triton: groups={blocks.groups} must be a power of two")
+    if blocks.groups > 1 and (not blocks.single_tile or blocks.block_c2):
+        raise AssertionError(f"group_norm triton: groups={blocks.groups} > 1 needs a single tile without a split")
 
 
 def split_channels(channels_per_group: int) -> tuple[int, int] | None:
@@ -84,6 +94,17 @@ def split_tile(blocks: GNBlocks, channels_per_group: int) -> GNBlocks | None:
     if split is None:
         return None
     return dataclasses.replace(blocks, block_c=split[0], block_c2=split[1])
+
+
+def group_tile(blocks: GNBlocks, groups: int, num_warps: int | None = None) -> GNBlocks | None:
+    """`blocks` (a single tile) taking `groups` consecutive (sample, group) slabs per program as one tile, on
+    `num_warps` warps (default: as many more as slabs, the same elements per thread); None for a chunked or split
+    tile. Not yet picked by pick_blocks: a bench/tune_gpu.py candidate for small groups (C512 8x8: 1024 elements,
+    the slowest shape of the fourth lease, 15-57% of copy) until a GPU has timed it."""
+    if not blocks.single_tile or blocks.block_c2:
+        return None
+    warps = num_warps if num_warps is not None else min(_MAX_WARPS, blocks.num_warps * groups)
+    return dataclasses.replace(blocks, groups=groups, num_warps=warps)
 
 
 def pick_blocks(channels_per_group: int, hw: int, dtype: torch.dtype) -> GNBlocks:
@@ -117,25 +138,25 @@ def _channel_coefficients(
     param_offs,
     sample_channel_offs,
     c_mask,
-    BLOCK_C: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
 ):
-    # Per-channel w, b, (1 + s) and h = xh * alpha + beta, alpha = w (1 + s), beta = b (1 + s) + shift.
+    # Per-channel w, b, (1 + s) and h = xh * alpha + beta, alpha = w (1 + s), beta = b (1 + s) + shift; the
+    # offsets' shape: [rows] or, for several slabs per program, [groups, rows].
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + param_offs, mask=c_mask, other=0.0).to(tl.float32)
     else:
-        w = tl.full([BLOCK_C], 1.0, tl.float32)
+        w = tl.full(param_offs.shape, 1.0, tl.float32)
     if HAS_BIAS:
         b = tl.load(bias_ptr + param_offs, mask=c_mask, other=0.0).to(tl.float32)
     else:
-        b = tl.zeros([BLOCK_C], tl.float32)
+        b = tl.zeros(param_offs.shape, tl.float32)
     if HAS_SCALE:
         one_plus_s = 1.0 + tl.load(scale_ptr + sample_channel_offs, mask=c_mask, other=0.0).to(tl.float32)
     else:
-        one_plus_s = tl.full([BLOCK_C], 1.0, tl.float32)
+        one_plus_s = tl.full(param_offs.shape, 1.0, tl.float32)
     alpha = w * one_plus_s
     beta = b * one_plus_s
     if HAS_SHIFT:
@@ -160,7 +181,8 @@ def _write_output_tile(
 ):
     # h = xh alpha + beta, y = h sigmoid(h); dh = dxh alpha + xh gamma + delta,
     # dy = dh sigmoid(h) (1 + h (1 - sigmoid(h))).
-    h = xh * alpha[:, None] + beta[:, None]
+    # (per-channel vectors gain the positions axis: [rows] -> [rows, 1], [groups, rows] -> [groups, rows, 1])
+    h = xh * tl.expand_dims(alpha, -1) + tl.expand_dims(beta, -1)
     if ACT_SILU:
         sig = tl.sigmoid(h)
         y = h * sig
@@ -168,7 +190,7 @@ def _write_output_tile(
         y = h
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     if WITH_TANGENT:
-        dh = dxh * alpha[:, None] + xh * gamma[:, None] + delta[:, None]
+        dh = dxh * tl.expand_dims(alpha, -1) + xh * tl.expand_dims(gamma, -1) + tl.expand_dims(delta, -1)
         if ACT_SILU:
             dy = dh * sig * (1.0 + h * (1.0 - sig))
         else:
@@ -193,11 +215,9 @@ def _forward_coefficients(
     shift_ptr,
     dscale_ptr,
     dshift_ptr,
-    group_channel0,
-    sample_channel0,
-    rows,
-    CPG,
-    BLOCK: tl.constexpr,
+    param_offs,
+    sample_channel_offs,
+    c_mask,
     WITH_TANGENT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -207,25 +227,23 @@ def _forward_coefficients(
     HAS_DSHIFT: tl.constexpr,
 ):
     # alpha, beta of h = xh alpha + beta and gamma = w ds, delta = b ds + dshift of its tangent
-    # dh = dxh alpha + xh gamma + delta, for the channels `rows` of one (sub-)tile.
-    c_mask = rows < CPG
-    sample_channel_offs = sample_channel0 + rows
+    # dh = dxh alpha + xh gamma + delta, for the channels at `param_offs` (weight, bias) and `sample_channel_offs`
+    # (scale, shift and their tangents) of one (sub-)tile.
     w, b, one_plus_s, alpha, beta = _channel_coefficients(
         weight_ptr,
         bias_ptr,
         scale_ptr,
         shift_ptr,
-        group_channel0 + rows,
+        param_offs,
         sample_channel_offs,
         c_mask,
-        BLOCK,
         HAS_WEIGHT,
         HAS_BIAS,
         HAS_SCALE,
         HAS_SHIFT,
     )
-    gamma = tl.zeros([BLOCK], tl.float32)
-    delta = tl.zeros([BLOCK], tl.float32)
+    gamma = tl.zeros(param_offs.shape, tl.float32)
+    delta = tl.zeros(param_offs.shape, tl.float32)
     if WITH_TANGENT:
         if HAS_DSCALE:
             dscale = tl.load(dscale_ptr + sample_channel_offs, mask=c_mask, other=0.0).to(tl.float32)
@@ -276,33 +294,79 @@ def _load_inputs(x_ptr, dx_ptr, offs, mask, WITH_TANGENT: tl.constexpr):
 
 
 @triton.jit
-def _moments(x, dx, mask, x2, dx2, mask2, count, BLOCK_C2: tl.constexpr, WITH_TANGENT: tl.constexpr):
-    # Two-pass moments of `count` elements held as one tile (x, dx) or, with BLOCK_C2 > 0, two (and x2, dx2):
-    # mean, M2 = sum (x - mean)^2, the mean of dx, the co-moment sum (x - mean) dx, and the centred tiles. The
-    # sums of x and dx come first, then the centred ones (this order kept the jvp single tile at 128 registers
-    # with Triton 3.6 and 3.8; others spilled or took up to 168).
-    sum_x = tl.sum(x)
+def _group_tile(GROUPS: tl.constexpr, rows, hw_offs, CPG, HW):
+    # offsets and mask of GROUPS consecutive slabs as one [GROUPS, rows, positions] tile (slab i starts CPG * HW
+    # elements after slab i - 1)
+    slab = tl.arange(0, GROUPS)
+    offs = ((slab * CPG)[:, None, None] + rows[None, :, None]) * HW + hw_offs[None, None, :]
+    mask = (slab >= 0)[:, None, None] & (rows < CPG)[None, :, None] & (hw_offs < HW)[None, None, :]
+    return offs, mask
+
+
+@triton.jit
+def _per_group(value, GROUPS: tl.constexpr):
+    # a statistic of each slab, shaped to broadcast against its tile: a scalar for one slab, [GROUPS, 1, 1] else
+    if GROUPS > 1:
+        value = value[:, None, None]
+    return value
+
+
+@triton.jit
+def _group_sum(tile, GROUPS: tl.constexpr):
+    # the sum of each slab's elements: the whole tile at once for one slab, [GROUPS] sums else
+    if GROUPS > 1:
+        total = tl.sum(tl.sum(tile, axis=2), axis=1)
+    else:
+        total = tl.sum(tile)
+    return total
+
+
+@triton.jit
+def _moments(
+    x, dx, mask, x2, dx2, mask2, count, BLOCK_C2: tl.constexpr, WITH_TANGENT: tl.constexpr, GROUPS: tl.constexpr
+):
+    # Two-pass moments of `count` elements held as one tile (x, dx) or, with BLOCK_C2 > 0, two (and x2, dx2), per
+    # slab when the tile holds GROUPS > 1: mean, M2 = sum (x - mean)^2, the mean of dx, the co-moment
+    # sum (x - mean) dx, and the centred tiles. The sums of x and dx come first, then the centred ones (this order
+    # kept the jvp single tile at 128 registers with Triton 3.6 and 3.8; others spilled or took up to 168).
+    sum_x = _group_sum(x, GROUPS)
     if BLOCK_C2 > 0:
         sum_x += tl.sum(x2)
     mean = sum_x / count
-    dx_mean = 0.0
+    dx_mean = mean * 0.0  # (unused without a tangent)
     if WITH_TANGENT:
-        sum_dx = tl.sum(dx)
+        sum_dx = _group_sum(dx, GROUPS)
         if BLOCK_C2 > 0:
             sum_dx += tl.sum(dx2)
         dx_mean = sum_dx / count
-    x_centered = tl.where(mask, x - mean, 0.0)
-    m2 = tl.sum(x_centered * x_centered)
+    x_centered = tl.where(mask, x - _per_group(mean, GROUPS), 0.0)
+    m2 = _group_sum(x_centered * x_centered, GROUPS)
     x2_centered = x_centered  # unused without a second tile
     if BLOCK_C2 > 0:
         x2_centered = tl.where(mask2, x2 - mean, 0.0)
         m2 += tl.sum(x2_centered * x2_centered)
-    comoment = 0.0
+    comoment = mean * 0.0
     if WITH_TANGENT:
-        comoment = tl.sum(x_centered * dx)
+        comoment = _group_sum(x_centered * dx, GROUPS)
         if BLOCK_C2 > 0:
             comoment += tl.sum(x2_centered * dx2)
     return mean, m2, dx_mean, comoment, x_centered, x2_centered
+
+
+@triton.jit
+def _coefficient_offsets(pid, rows, CPG, G, GROUPS: tl.constexpr):
+    # Offsets of program pid's channels `rows` in weight/bias (g C/G + c) and in scale/shift ((b G + g) C/G + c,
+    # = b C + g C/G + c), and their mask: [rows], or [GROUPS, rows] for GROUPS slabs per program.
+    if GROUPS > 1:
+        slab = pid * GROUPS + tl.arange(0, GROUPS)  # b * G + g of each slab
+        param_offs = ((slab % G) * CPG)[:, None] + rows[None, :]
+        sample_offs = (slab * CPG)[:, None] + rows[None, :]
+        c_mask = (slab >= 0)[:, None] & (rows < CPG)[None, :]
+    else:
+        param_offs = (pid % G) * CPG + rows
+        sample_offs = pid * CPG + rows
+        c_mask = rows < CPG
+    return param_offs, sample_offs, c_mask
 
 
 @triton.jit
@@ -327,6 +391,7 @@ def _gn_fwd_kernel(
     BLOCK_C2: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
+    GROUPS: tl.constexpr,
     WITH_TANGENT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -338,9 +403,10 @@ def _gn_fwd_kernel(
 ):
     # The group's channels are one tile of BLOCK_C rows, or with BLOCK_C2 > 0 two: rows [0, BLOCK_C) and
     # [BLOCK_C, BLOCK_C + BLOCK_C2), so that e.g. 48 channels are 32 + 16 rows instead of 64 with 16 masked.
-    pid = tl.program_id(0)  # = b * G + g; the (b, g) slab is contiguous
+    # With GROUPS > 1 (single tiles) a program takes GROUPS consecutive slabs as one [GROUPS, BLOCK_C, BLOCK_HW] tile.
+    pid = tl.program_id(0)  # = (b * G + g) / GROUPS; the (b, g) slabs are contiguous, one after the other
     # Scalar 64-bit group bases keep the per-element offsets 32-bit.
-    group_base = pid.to(tl.int64) * CPG * HW
+    group_base = pid.to(tl.int64) * GROUPS * CPG * HW
     x_ptr += group_base
     dx_ptr += group_base
     y_ptr += group_base
@@ -348,33 +414,36 @@ def _gn_fwd_kernel(
     rows = tl.arange(0, BLOCK_C)
     hw_offs = tl.arange(0, BLOCK_HW)
     n = (CPG * HW).to(tl.float32)
-    group_channel0 = (pid % G) * CPG  # index of the group's first channel in weight/bias
-    sample_channel0 = pid * CPG  # index b * C + c of scale/shift
-    coefficient_args = (weight_ptr, bias_ptr, scale_ptr, shift_ptr, dscale_ptr, dshift_ptr, group_channel0,
-                        sample_channel0)  # fmt: skip
+    param_offs, sample_offs, c_mask = _coefficient_offsets(pid, rows, CPG, G, GROUPS)
+    pointers = (weight_ptr, bias_ptr, scale_ptr, shift_ptr, dscale_ptr, dshift_ptr)
     flags = (WITH_TANGENT, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_DSCALE, HAS_DSHIFT)
-    alpha, beta, gamma, delta = _forward_coefficients(*coefficient_args, rows, CPG, BLOCK_C, *flags)
+    alpha, beta, gamma, delta = _forward_coefficients(*pointers, param_offs, sample_offs, c_mask, *flags)
     if BLOCK_C2 > 0:
         rows2 = BLOCK_C + tl.arange(0, BLOCK_C2)
-        alpha2, beta2, gamma2, delta2 = _forward_coefficients(*coefficient_args, rows2, CPG, BLOCK_C2, *flags)
+        param_offs2, sample_offs2, c_mask2 = _coefficient_offsets(pid, rows2, CPG, G, GROUPS)
+        alpha2, beta2, gamma2, delta2 = _forward_coefficients(*pointers, param_offs2, sample_offs2, c_mask2, *flags)
 
     if SINGLE_TILE:
         # Every input of the group is loaded before the first reduction (its barriers would otherwise hold a later
         # load back a whole memory latency), and each sum runs over a whole tile at once (axis=None).
-        offs, mask = _tile(0, 0, rows, hw_offs, CPG, HW)
+        if GROUPS > 1:
+            offs, mask = _group_tile(GROUPS, rows, hw_offs, CPG, HW)
+        else:
+            offs, mask = _tile(0, 0, rows, hw_offs, CPG, HW)
         x, dx = _load_inputs(x_ptr, dx_ptr, offs, mask, WITH_TANGENT)
         offs2, mask2, x2, dx2 = offs, mask, x, dx  # the second tile's, when there is one
         if BLOCK_C2 > 0:
             offs2, mask2 = _tile(0, 0, rows2, hw_offs, CPG, HW)
             x2, dx2 = _load_inputs(x_ptr, dx_ptr, offs2, mask2, WITH_TANGENT)
         mean, m2, dx_mean, comoment, x_centered, x2_centered = _moments(
-            x, dx, mask, x2, dx2, mask2, n, BLOCK_C2, WITH_TANGENT
+            x, dx, mask, x2, dx2, mask2, n, BLOCK_C2, WITH_TANGENT, GROUPS
         )
         rstd = 1.0 / tl.sqrt_rn(m2 / n + eps)
         # mean_g(xh dx) = rstd * mean_g((x - mean) dx)
         xh_dx_mean = rstd * comoment / n
-        _normalize_and_write(y_ptr, dy_ptr, offs, mask, x_centered, dx, rstd, dx_mean, xh_dx_mean, alpha, beta, gamma,
-                             delta, WITH_TANGENT, ACT_SILU)  # fmt: skip
+        _normalize_and_write(y_ptr, dy_ptr, offs, mask, x_centered, dx, _per_group(rstd, GROUPS),
+                             _per_group(dx_mean, GROUPS), _per_group(xh_dx_mean, GROUPS), alpha, beta, gamma, delta,
+                             WITH_TANGENT, ACT_SILU)  # fmt: skip
         if BLOCK_C2 > 0:
             _normalize_and_write(y_ptr, dy_ptr, offs2, mask2, x2_centered, dx2, rstd, dx_mean, xh_dx_mean, alpha2,
                                  beta2, gamma2, delta2, WITH_TANGENT, ACT_SILU)  # fmt: skip
@@ -395,7 +464,7 @@ def _gn_fwd_kernel(
                 x2, dx2 = _load_inputs(x_ptr, dx_ptr, offs2, mask2, WITH_TANGENT)
             chunk_count = (CPG * tl.minimum(HW - start, BLOCK_HW)).to(tl.float32)
             chunk_mean, chunk_m2, chunk_dx_mean, chunk_comoment, _, _ = _moments(
-                x, dx, mask, x2, dx2, mask2, chunk_count, BLOCK_C2, WITH_TANGENT
+                x, dx, mask, x2, dx2, mask2, chunk_count, BLOCK_C2, WITH_TANGENT, 1
             )
             total = count + chunk_count
             mean_delta = chunk_mean - mean
@@ -420,8 +489,11 @@ def _gn_fwd_kernel(
             if BLOCK_C2 > 0:
                 _normalize_and_write(y_ptr, dy_ptr, offs2, mask2, x2 - mean, dx2, rstd, dx_mean, xh_dx_mean, alpha2,
                                      beta2, gamma2, delta2, WITH_TANGENT, ACT_SILU)  # fmt: skip
-    tl.store(mean_ptr + pid, mean)
-    tl.store(rstd_ptr + pid, rstd)
+    slabs = pid * GROUPS
+    if GROUPS > 1:
+        slabs += tl.arange(0, GROUPS)
+    tl.store(mean_ptr + slabs, mean)
+    tl.store(rstd_ptr + slabs, rstd)
 
 
 @triton.jit
@@ -429,7 +501,7 @@ def _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU: tl.constexpr
     # xh and dL/dh = grad_y * act'(h), act'(h) = sigmoid(h) (1 + h (1 - sigmoid(h))) for SiLU.
     xh = (x - mean) * rstd
     if ACT_SILU:
-        h = xh * alpha[:, None] + beta[:, None]
+        h = xh * tl.expand_dims(alpha, -1) + tl.expand_dims(beta, -1)
         sig = tl.sigmoid(h)
         grad_h = grad_y * sig * (1.0 + h * (1.0 - sig))
     else:
@@ -487,7 +559,7 @@ def _chunked_grad_x(
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
-        grad_x = rstd * (grad_h * alpha[:, None] - g_mean - xh * g_xh_mean)
+        grad_x = rstd * (grad_h * tl.expand_dims(alpha, -1) - g_mean - xh * g_xh_mean)
         tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
@@ -513,6 +585,7 @@ def _gn_bwd_kernel(
     BLOCK_C2: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
+    GROUPS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -521,36 +594,37 @@ def _gn_bwd_kernel(
 ):
     # With gh = dL/dh and per-channel sums S1 = sum_hw gh, S2 = sum_hw gh xh, and g = alpha gh (= dL/dxh):
     # grad_x = rstd (g - mean_g(g) - xh mean_g(g xh)), mean_g(g) = sum_c alpha S1 / n, mean_g(g xh) likewise.
-    # Channels as in the forward: one tile of BLOCK_C rows, or two (BLOCK_C2 > 0).
+    # Channels as in the forward: one tile of BLOCK_C rows, or two (BLOCK_C2 > 0); GROUPS slabs per program (single
+    # tiles) as one [GROUPS, BLOCK_C, BLOCK_HW] tile, the per-channel sums then [GROUPS, BLOCK_C], the rest [GROUPS].
     pid = tl.program_id(0)
-    group_base = pid.to(tl.int64) * CPG * HW
+    group_base = pid.to(tl.int64) * GROUPS * CPG * HW
     grad_y_ptr += group_base
     x_ptr += group_base
     grad_x_ptr += group_base
     rows = tl.arange(0, BLOCK_C)
     hw_offs = tl.arange(0, BLOCK_HW)
     n = (CPG * HW).to(tl.float32)
-    mean = tl.load(mean_ptr + pid)
-    rstd = tl.load(rstd_ptr + pid)
-    group_channel0 = (pid % G) * CPG
-    sample_channel0 = pid * CPG
+    slabs = pid * GROUPS
+    if GROUPS > 1:
+        slabs += tl.arange(0, GROUPS)
+    mean = _per_group(tl.load(mean_ptr + slabs), GROUPS)
+    rstd = _per_group(tl.load(rstd_ptr + slabs), GROUPS)
     params = (weight_ptr, bias_ptr, scale_ptr, shift_ptr)
     outputs = (grad_weight_partial_ptr, grad_bias_partial_ptr, grad_scale_ptr, grad_shift_ptr)
     flags = (HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
 
-    c_mask = rows < CPG
-    w, b, one_plus_s, alpha, beta = _channel_coefficients(
-        *params, group_channel0 + rows, sample_channel0 + rows, c_mask, BLOCK_C, *flags
-    )
+    param_offs, sample_offs, c_mask = _coefficient_offsets(pid, rows, CPG, G, GROUPS)
+    w, b, one_plus_s, alpha, beta = _channel_coefficients(*params, param_offs, sample_offs, c_mask, *flags)
     if BLOCK_C2 > 0:
         rows2 = BLOCK_C + tl.arange(0, BLOCK_C2)
-        c_mask2 = rows2 < CPG
-        w2, b2, one_plus_s2, alpha2, beta2 = _channel_coefficients(
-            *params, group_channel0 + rows2, sample_channel0 + rows2, c_mask2, BLOCK_C2, *flags
-        )
+        param_offs2, sample_offs2, c_mask2 = _coefficient_offsets(pid, rows2, CPG, G, GROUPS)
+        w2, b2, one_plus_s2, alpha2, beta2 = _channel_coefficients(*params, param_offs2, sample_offs2, c_mask2, *flags)
 
     if SINGLE_TILE:  # the group's x and grad_y stay in registers from the sums to grad_x
-        offs, mask = _tile(0, 0, rows, hw_offs, CPG, HW)
+        if GROUPS > 1:
+            offs, mask = _group_tile(GROUPS, rows, hw_offs, CPG, HW)
+        else:
+            offs, mask = _tile(0, 0, rows, hw_offs, CPG, HW)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if BLOCK_C2 > 0:
@@ -558,12 +632,12 @@ def _gn_bwd_kernel(
             x2 = tl.load(x_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
             grad_y2 = tl.load(grad_y_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
         xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
-        sum_grad_h = tl.sum(grad_h, axis=1)
-        sum_grad_h_xh = tl.sum(grad_h * xh, axis=1)
+        sum_grad_h = tl.sum(grad_h, axis=-1)
+        sum_grad_h_xh = tl.sum(grad_h * xh, axis=-1)
         if BLOCK_C2 > 0:
             xh2, grad_h2 = _recompute_grad_h(x2, grad_y2, mean, rstd, alpha2, beta2, ACT_SILU)
-            sum_grad_h2 = tl.sum(grad_h2, axis=1)
-            sum_grad_h_xh2 = tl.sum(grad_h2 * xh2, axis=1)
+            sum_grad_h2 = tl.sum(grad_h2, axis=-1)
+            sum_grad_h_xh2 = tl.sum(grad_h2 * xh2, axis=-1)
     else:
         sum_grad_h, sum_grad_h_xh = _chunked_channel_sums(
             x_ptr, grad_y_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta, BLOCK_C, BLOCK_HW, ACT_SILU
@@ -573,22 +647,22 @@ def _gn_bwd_kernel(
                 x_ptr, grad_y_ptr, rows2, hw_offs, CPG, HW, mean, rstd, alpha2, beta2, BLOCK_C2, BLOCK_HW, ACT_SILU
             )
 
-    _store_channel_grads(*outputs, sample_channel0 + rows, c_mask, w, b, one_plus_s, sum_grad_h, sum_grad_h_xh,
-                         *flags)  # fmt: skip
-    g_sum = tl.sum(tl.where(c_mask, alpha * sum_grad_h, 0.0), axis=0)
-    g_xh_sum = tl.sum(tl.where(c_mask, alpha * sum_grad_h_xh, 0.0), axis=0)
+    _store_channel_grads(*outputs, sample_offs, c_mask, w, b, one_plus_s, sum_grad_h, sum_grad_h_xh, *flags)
+    # (sums over the channel axis, the last: a scalar for one slab, [GROUPS] for several)
+    g_sum = tl.sum(tl.where(c_mask, alpha * sum_grad_h, 0.0), axis=-1)
+    g_xh_sum = tl.sum(tl.where(c_mask, alpha * sum_grad_h_xh, 0.0), axis=-1)
     if BLOCK_C2 > 0:
-        _store_channel_grads(*outputs, sample_channel0 + rows2, c_mask2, w2, b2, one_plus_s2, sum_grad_h2,
-                             sum_grad_h_xh2, *flags)  # fmt: skip
-        g_sum += tl.sum(tl.where(c_mask2, alpha2 * sum_grad_h2, 0.0), axis=0)
-        g_xh_sum += tl.sum(tl.where(c_mask2, alpha2 * sum_grad_h_xh2, 0.0), axis=0)
-    g_mean = g_sum / n
-    g_xh_mean = g_xh_sum / n
+        _store_channel_grads(*outputs, sample_offs2, c_mask2, w2, b2, one_plus_s2, sum_grad_h2, sum_grad_h_xh2,
+                             *flags)  # fmt: skip
+        g_sum += tl.sum(tl.where(c_mask2, alpha2 * sum_grad_h2, 0.0), axis=-1)
+        g_xh_sum += tl.sum(tl.where(c_mask2, alpha2 * sum_grad_h_xh2, 0.0), axis=-1)
+    g_mean = _per_group(g_sum / n, GROUPS)
+    g_xh_mean = _per_group(g_xh_sum / n, GROUPS)
     if SINGLE_TILE:
-        grad_x = rstd * (grad_h * alpha[:, None] - g_mean - xh * g_xh_mean)
+        grad_x = rstd * (grad_h * tl.expand_dims(alpha, -1) - g_mean - xh * g_xh_mean)
         tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
         if BLOCK_C2 > 0:
-            grad_x2 = rstd * (grad_h2 * alpha2[:, None] - g_mean - xh2 * g_xh_mean)
+            grad_x2 = rstd * (grad_h2 * tl.expand_dims(alpha2, -1) - g_mean - xh2 * g_xh_mean)
             tl.store(grad_x_ptr + offs2, grad_x2.to(grad_x_ptr.dtype.element_ty), mask=mask2)
     else:
         _chunked_grad_x(x_ptr, grad_y_ptr, grad_x_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta, g_mean,
@@ -653,6 +727,12 @@ def _forward(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps,
     return y, dy, mean, rstd
 
 
+def _check_groups(blocks: GNBlocks, num_groups: int) -> None:
+    """A program's slabs must be whole groups of one launch: groups divides num_groups (and so B * num_groups)."""
+    if num_groups % blocks.groups:
+        raise AssertionError(f"group_norm triton: groups={blocks.groups} per program must divide {num_groups} groups")
+
+
 def _rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
     return None if t is None else t[start:stop]
 
@@ -666,7 +746,8 @@ def _launch(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, 
     blocks = pick_blocks(channels_per_group, hw, x.dtype)
     dy = torch.empty_like(x) if with_tangent else y
     # Absent optional tensors are never read (their HAS_* flag is off); x stands in as a valid pointer.
-    _gn_fwd_kernel[(batch * num_groups,)](
+    _check_groups(blocks, num_groups)
+    _gn_fwd_kernel[(batch * num_groups // blocks.groups,)](
         x,
         dx if with_tangent else x,
         y,
@@ -682,6 +763,7 @@ def _launch(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, 
         BLOCK_C2=blocks.block_c2,
         BLOCK_HW=blocks.block_hw,
         SINGLE_TILE=blocks.single_tile,
+        GROUPS=blocks.groups,
         WITH_TANGENT=with_tangent,
         HAS_DSCALE=with_tangent and dscale is not None,
         HAS_DSHIFT=with_tangent and dshift is not None,
@@ -756,7 +838,8 @@ def gn_act_bwd(
     grad_bias_partial = partials[1] if bias is not None else x
     grad_scale = torch.empty((batch, channels), device=x.device, dtype=scale.dtype) if scale is not None else x
     grad_shift = torch.empty((batch, channels), device=x.device, dtype=shift.dtype) if shift is not None else x
-    _gn_bwd_kernel[(batch * num_groups,)](
+    _check_groups(blocks, num_groups)
+    _gn_bwd_kernel[(batch * num_groups // blocks.groups,)](
         grad_y,
         x,
         grad_x,
@@ -774,6 +857,7 @@ def gn_act_bwd(
         BLOCK_C2=blocks.block_c2,
         BLOCK_HW=blocks.block_hw,
         SINGLE_TILE=blocks.single_tile,
+        GROUPS=blocks.groups,
         num_warps=blocks.num_warps,
         **_flags(weight, bias, scale, shift, act),
     )
@@ -855,6 +939,10 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
             # spills too. (fp32 split twins are not candidates: Triton 3.8 gave the chunked C768 backward a 16-byte
             # stack frame at 40 registers.)
             candidates = [picked, split_tile(picked, channels // num_groups) if dtype == torch.bfloat16 else None]
+            # and, for small bf16 single tiles, the several-slabs-per-program candidate at 4096 elements
+            tile = picked.block_c * picked.block_hw
+            if dtype == torch.bfloat16 and picked.single_tile and tile <= _MAX_SINGLE_TILE // 2:
+                candidates.append(group_tile(picked, min(num_groups, _MAX_SINGLE_TILE // tile)))
             for blocks, pass_name, act_silu in itertools.product(
                 [b for b in candidates if b is not None], ("fwd", "jvp", "bwd"), (True, False)
             ):
@@ -865,6 +953,7 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                     "BLOCK_C": blocks.block_c,
                     "BLOCK_C2": blocks.block_c2,
                     "BLOCK_HW": blocks.block_hw,
+                    "GROUPS": blocks.groups,
                     "SINGLE_TILE": blocks.single_tile,
                     **all_options,
                     "ACT_SILU": act_silu,
@@ -893,6 +982,7 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                 }
                 layout = "single" if blocks.single_tile else "chunked"
                 split = f"s{blocks.block_c2}" if blocks.block_c2 else ""
+                split += f"g{blocks.groups}" if blocks.groups > 1 else ""
                 aligned = [arg for arg, kind in signature.items() if kind.startswith("*")]
                 if hw_aligned:
                     aligned.append("HW")
