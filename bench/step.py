@@ -28,6 +28,7 @@ page fault per fresh page (it made every step 2-2.5x slower in CPU time), so the
 default allocator, as training does.
 Times are medians over repetitions of wall-clock (CUDA-synchronised on GPU) and, on CPU, of the process CPU time;
 the ratios use CPU time on CPU (wall-clock medians on a shared machine swing with its load) and wall-clock on GPU.
+On a GPU every variant runs with torch.backends.cudnn.benchmark on (--no-cudnn-benchmark: off), as `imf train` does.
 With --rounds R (default 3 on CPU) every variant's process runs R times, the variants interleaved, and each time is
 the median of the R per-process medians (the tables show their range; the ratio table each round's own ratios):
 on a shared machine the load drifts between one variant's process and the next.

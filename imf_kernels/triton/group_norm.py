@@ -425,7 +425,8 @@ def _gn_fwd_kernel(
 
     if SINGLE_TILE:
         # Every input of the group is loaded before the first reduction (its barriers would otherwise hold a later
-        # load back a whole memory latency), and each sum runs over a whole tile at once (axis=None).
+        # load back a whole memory latency), and each sum runs over a whole tile at once (axis=None; per slab, axes 2
+        # then 1, with GROUPS > 1).
         if GROUPS > 1:
             offs, mask = _group_tile(GROUPS, rows, hw_offs, CPG, HW)
         else:
