@@ -294,6 +294,7 @@ def test_group_tiles_take_single_tiles_only(monkeypatch):
     assert triton_gn.group_tile(single, 4, num_warps=4).num_warps == 4
     assert triton_gn.group_tile(triton_gn.pick_blocks(8, 1024, torch.bfloat16), 2) is None  # chunked
     assert triton_gn.group_tile(triton_gn.split_tile(single, 24), 2) is None  # split
+    assert triton_gn.split_tile(triton_gn.group_tile(single, 2), 24) is None  # the two do not combine
     with pytest.raises(AssertionError, match="needs a single tile without a split"):
         triton_gn.check_gpu_rules(triton_gn.GNBlocks(8, 256, False, 4, groups=2))
     # a launch over 6 groups cannot take them 4 per program

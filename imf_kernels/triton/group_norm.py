@@ -88,10 +88,11 @@ def split_channels(channels_per_group: int) -> tuple[int, int] | None:
 
 def split_tile(blocks: GNBlocks, channels_per_group: int) -> GNBlocks | None:
     """`blocks` (a padded channel column) with its column split in two unpadded tiles, the same positions per
-    tile and warps; None when channels_per_group is not a sum of two powers of two. Not yet picked by
+    tile and warps; None when channels_per_group is not a sum of two powers of two or `blocks` takes several slabs
+    per program (the two do not combine). Not yet picked by
     pick_blocks: a candidate of bench/tune_gpu.py until a GPU has timed it."""
     split = split_channels(channels_per_group)
-    if split is None:
+    if split is None or blocks.groups > 1:
         return None
     return dataclasses.replace(blocks, block_c=split[0], block_c2=split[1])
 
