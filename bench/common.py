@@ -20,6 +20,7 @@ tagged with the device, date, commit and library versions, so numbers from diffe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
@@ -80,6 +81,18 @@ def sleep_cycles_per_s(device: torch.device) -> float:
         torch.cuda.synchronize(device)
         _SLEEP_RATES[key] = cycles / (start.elapsed_time(end) * 1e-3)
     return _SLEEP_RATES[key]
+
+
+@contextlib.contextmanager
+def launch_config(module, picker: str, config):
+    """Inside the block, `module.<picker>` (a Triton launcher's block choice, e.g. group_norm.pick_blocks) returns
+    `config` for every call: how bench/tune_gpu.py and bench/ncu_kernels.py run a candidate configuration."""
+    original = getattr(module, picker)
+    setattr(module, picker, lambda *_, **__: config)
+    try:
+        yield
+    finally:
+        setattr(module, picker, original)
 
 
 def is_cuda(device: torch.device) -> bool:

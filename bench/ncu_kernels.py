@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import launch_config  # noqa: E402
 
 # (pass, C, H = W): unpadded single tile (C512 16x16), padded single tile (C1536 8x8: 48 channels per group in a
 # 64-row tile), chunked (C256 32x32), chunked and padded (C1280 16x16: the slowest forward), the slowest backward
@@ -75,11 +76,8 @@ def gn_case(pass_name: str, channels: int, res: int, device, dtype, batch: int =
 
     def with_blocks(fn, *args):  # the launcher's pick replaced by `blocks` for the call
         def call():
-            pick, gn.pick_blocks = gn.pick_blocks, lambda *_: blocks
-            try:
+            with launch_config(gn, "pick_blocks", blocks):
                 return fn(*args)
-            finally:
-                gn.pick_blocks = pick
 
         return call
 

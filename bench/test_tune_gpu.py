@@ -53,3 +53,16 @@ def test_small_groups_sweep_one_and_two_warps():
     candidates = tune_gpu.gn_candidates(16, 64, torch.bfloat16)
     labels = [tune_gpu.gn_label(blocks) for blocks in candidates if blocks.groups == 1]
     assert labels == ["c16 hw64 single w1", "c16 hw64 single w2", "c16 hw64 single w4"]
+
+
+def test_launch_config_replaces_the_pick_inside_the_block_only():
+    from common import launch_config
+
+    picked = gn.pick_blocks(16, 64, torch.bfloat16)
+    candidate = gn.group_tile(picked, 4)
+    with pytest.raises(RuntimeError, match="inside"):
+        with launch_config(gn, "pick_blocks", candidate):
+            assert gn.pick_blocks(16, 64, torch.bfloat16) == candidate
+            assert gn.pick_blocks(40, 256, torch.float32) == candidate  # every call, whatever its shape
+            raise RuntimeError("inside")
+    assert gn.pick_blocks(16, 64, torch.bfloat16) == picked  # restored, also after an error

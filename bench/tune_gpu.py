@@ -23,7 +23,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, device_name, measure  # noqa: E402
+from common import copy_bandwidth, device_name, launch_config, measure  # noqa: E402
 
 # (C, H = W) of the latent-b GroupNorm layers that dominate its step (imf/model.py), batch 256, 32 groups.
 # (C, resolution) of latent-b GroupNorms: every distinct (C/G, H*W) of the preset (C256 16x16 and C768 8x8 slowed
@@ -46,17 +46,14 @@ class Sweep:
     def time_configs(self, module, picker: str, configs, default, fn, nbytes: int, label, **row) -> None:
         """fn() under each config: `module.<picker>` (the launcher's block choice) returns the config for the
         call. A config that fails (e.g. does not compile) is a row with its reason, not a stop."""
-        original = getattr(module, picker)
         for config in configs:
             if self.deadline is not None and time.perf_counter() > self.deadline:
                 return
-            setattr(module, picker, lambda *_, config=config, **__: config)
             try:
-                ms, note = measure(fn, self.device, budget_s=self.budget_s).median_ms, None
+                with launch_config(module, picker, config):
+                    ms, note = measure(fn, self.device, budget_s=self.budget_s).median_ms, None
             except Exception as error:  # noqa: BLE001
                 ms, note = None, f"{type(error).__name__}: {str(error)[:200]}"
-            finally:
-                setattr(module, picker, original)
             gbps = None if ms is None else nbytes / ms / 1e6
             self.rows.append(
                 dict(
