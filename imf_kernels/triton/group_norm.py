@@ -200,12 +200,11 @@ def _write_output_tile(
 
 
 @triton.jit
-def _tile(row0, hw0, rows, hw_offs, CPG, HW):
-    # offsets and mask of the tile of channels row0 + rows (of the group) by positions hw0 + hw_offs
-    channels = row0 + rows
+def _tile(hw0, rows, hw_offs, CPG, HW):
+    # offsets and mask of the tile of the group's channels `rows` by positions hw0 + hw_offs
     hw = hw0 + hw_offs
-    mask = (channels < CPG)[:, None] & (hw < HW)[None, :]
-    return channels[:, None] * HW + hw[None, :], mask
+    mask = (rows < CPG)[:, None] & (hw < HW)[None, :]
+    return rows[:, None] * HW + hw[None, :], mask
 
 
 @triton.jit
@@ -283,15 +282,15 @@ def _normalize_and_write(
 
 
 @triton.jit
-def _load_inputs(x_ptr, dx_ptr, offs, mask, WITH_TANGENT: tl.constexpr):
-    # x and, with a tangent, dx of one tile in fp32, both loads issued before either is used (without a tangent
-    # dx is x, unused)
+def _load_inputs(x_ptr, other_ptr, offs, mask, WITH_OTHER: tl.constexpr):
+    # x and, with WITH_OTHER, the same tile of a second input (the tangent dx, or grad_y in the backward) in fp32,
+    # both loads issued before either is used (without it the second is x, unused)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if WITH_TANGENT:
-        dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if WITH_OTHER:
+        other = tl.load(other_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        dx = x
-    return x, dx
+        other = x
+    return x, other
 
 
 @triton.jit
@@ -302,6 +301,15 @@ def _group_tile(GROUPS: tl.constexpr, rows, hw_offs, CPG, HW):
     offs = ((slab * CPG)[:, None, None] + rows[None, :, None]) * HW + hw_offs[None, None, :]
     mask = (slab >= 0)[:, None, None] & (rows < CPG)[None, :, None] & (hw_offs < HW)[None, None, :]
     return offs, mask
+
+
+@triton.jit
+def _slabs(pid, GROUPS: tl.constexpr):
+    # b * G + g of program pid's slab(s): a scalar for one slab per program, [GROUPS] for several
+    slabs = pid * GROUPS
+    if GROUPS > 1:
+        slabs += tl.arange(0, GROUPS)
+    return slabs
 
 
 @triton.jit
@@ -359,7 +367,7 @@ def _coefficient_offsets(pid, rows, CPG, G, GROUPS: tl.constexpr):
     # Offsets of program pid's channels `rows` in weight/bias (g C/G + c) and in scale/shift ((b G + g) C/G + c,
     # = b C + g C/G + c), and their mask: [rows], or [GROUPS, rows] for GROUPS slabs per program.
     if GROUPS > 1:
-        slab = pid * GROUPS + tl.arange(0, GROUPS)  # b * G + g of each slab
+        slab = _slabs(pid, GROUPS)
         param_offs = ((slab % G) * CPG)[:, None] + rows[None, :]
         sample_offs = (slab * CPG)[:, None] + rows[None, :]
         c_mask = (slab >= 0)[:, None] & (rows < CPG)[None, :]
@@ -431,11 +439,11 @@ def _gn_fwd_kernel(
         if GROUPS > 1:
             offs, mask = _group_tile(GROUPS, rows, hw_offs, CPG, HW)
         else:
-            offs, mask = _tile(0, 0, rows, hw_offs, CPG, HW)
+            offs, mask = _tile(0, rows, hw_offs, CPG, HW)
         x, dx = _load_inputs(x_ptr, dx_ptr, offs, mask, WITH_TANGENT)
         offs2, mask2, x2, dx2 = offs, mask, x, dx  # the second tile's, when there is one
         if BLOCK_C2 > 0:
-            offs2, mask2 = _tile(0, 0, rows2, hw_offs, CPG, HW)
+            offs2, mask2 = _tile(0, rows2, hw_offs, CPG, HW)
             x2, dx2 = _load_inputs(x_ptr, dx_ptr, offs2, mask2, WITH_TANGENT)
         mean, m2, dx_mean, comoment, x_centered, x2_centered = _moments(
             x, dx, mask, x2, dx2, mask2, n, BLOCK_C2, WITH_TANGENT, GROUPS
@@ -458,11 +466,11 @@ def _gn_fwd_kernel(
         dx_mean = tl.full([], 0.0, tl.float32)
         comoment = tl.full([], 0.0, tl.float32)
         for start in range(0, HW, BLOCK_HW):
-            offs, mask = _tile(0, start, rows, hw_offs, CPG, HW)
+            offs, mask = _tile(start, rows, hw_offs, CPG, HW)
             x, dx = _load_inputs(x_ptr, dx_ptr, offs, mask, WITH_TANGENT)
             offs2, mask2, x2, dx2 = offs, mask, x, dx
             if BLOCK_C2 > 0:
-                offs2, mask2 = _tile(0, start, rows2, hw_offs, CPG, HW)
+                offs2, mask2 = _tile(start, rows2, hw_offs, CPG, HW)
                 x2, dx2 = _load_inputs(x_ptr, dx_ptr, offs2, mask2, WITH_TANGENT)
             chunk_count = (CPG * tl.minimum(HW - start, BLOCK_HW)).to(tl.float32)
             chunk_mean, chunk_m2, chunk_dx_mean, chunk_comoment, _, _ = _moments(
@@ -481,19 +489,17 @@ def _gn_fwd_kernel(
         xh_dx_mean = rstd * comoment / n
         # Pass 2: normalise, modulate, activate, write.
         for start in range(0, HW, BLOCK_HW):
-            offs, mask = _tile(0, start, rows, hw_offs, CPG, HW)
+            offs, mask = _tile(start, rows, hw_offs, CPG, HW)
             x, dx = _load_inputs(x_ptr, dx_ptr, offs, mask, WITH_TANGENT)
             if BLOCK_C2 > 0:
-                offs2, mask2 = _tile(0, start, rows2, hw_offs, CPG, HW)
+                offs2, mask2 = _tile(start, rows2, hw_offs, CPG, HW)
                 x2, dx2 = _load_inputs(x_ptr, dx_ptr, offs2, mask2, WITH_TANGENT)
             _normalize_and_write(y_ptr, dy_ptr, offs, mask, x - mean, dx, rstd, dx_mean, xh_dx_mean, alpha, beta,
                                  gamma, delta, WITH_TANGENT, ACT_SILU)  # fmt: skip
             if BLOCK_C2 > 0:
                 _normalize_and_write(y_ptr, dy_ptr, offs2, mask2, x2 - mean, dx2, rstd, dx_mean, xh_dx_mean, alpha2,
                                      beta2, gamma2, delta2, WITH_TANGENT, ACT_SILU)  # fmt: skip
-    slabs = pid * GROUPS
-    if GROUPS > 1:
-        slabs += tl.arange(0, GROUPS)
+    slabs = _slabs(pid, GROUPS)
     tl.store(mean_ptr + slabs, mean)
     tl.store(rstd_ptr + slabs, rstd)
 
@@ -523,9 +529,8 @@ def _chunked_channel_sums(
     acc_grad_h = tl.zeros([BLOCK, BLOCK_HW], tl.float32)
     acc_grad_h_xh = tl.zeros([BLOCK, BLOCK_HW], tl.float32)
     for start in range(0, HW, BLOCK_HW):
-        offs, mask = _tile(0, start, rows, hw_offs, CPG, HW)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        offs, mask = _tile(start, rows, hw_offs, CPG, HW)
+        x, grad_y = _load_inputs(x_ptr, grad_y_ptr, offs, mask, True)
         xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
         acc_grad_h += grad_h
         acc_grad_h_xh += grad_h * xh
@@ -557,9 +562,8 @@ def _chunked_grad_x(
 ):  # fmt: skip
     # grad_x = rstd (alpha gh - mean_g(alpha gh) - xh mean_g(alpha gh xh)), chunk by chunk (read again).
     for start in range(0, HW, BLOCK_HW):
-        offs, mask = _tile(0, start, rows, hw_offs, CPG, HW)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        offs, mask = _tile(start, rows, hw_offs, CPG, HW)
+        x, grad_y = _load_inputs(x_ptr, grad_y_ptr, offs, mask, True)
         xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
         grad_x = rstd * (grad_h * tl.expand_dims(alpha, -1) - g_mean - xh * g_xh_mean)
         tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
@@ -606,9 +610,7 @@ def _gn_bwd_kernel(
     rows = tl.arange(0, BLOCK_C)
     hw_offs = tl.arange(0, BLOCK_HW)
     n = (CPG * HW).to(tl.float32)
-    slabs = pid * GROUPS
-    if GROUPS > 1:
-        slabs += tl.arange(0, GROUPS)
+    slabs = _slabs(pid, GROUPS)
     mean = _per_group(tl.load(mean_ptr + slabs), GROUPS)
     rstd = _per_group(tl.load(rstd_ptr + slabs), GROUPS)
     params = (weight_ptr, bias_ptr, scale_ptr, shift_ptr)
@@ -626,13 +628,11 @@ def _gn_bwd_kernel(
         if GROUPS > 1:
             offs, mask = _group_tile(GROUPS, rows, hw_offs, CPG, HW)
         else:
-            offs, mask = _tile(0, 0, rows, hw_offs, CPG, HW)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            offs, mask = _tile(0, rows, hw_offs, CPG, HW)
+        x, grad_y = _load_inputs(x_ptr, grad_y_ptr, offs, mask, True)
         if BLOCK_C2 > 0:
-            offs2, mask2 = _tile(0, 0, rows2, hw_offs, CPG, HW)
-            x2 = tl.load(x_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
-            grad_y2 = tl.load(grad_y_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
+            offs2, mask2 = _tile(0, rows2, hw_offs, CPG, HW)
+            x2, grad_y2 = _load_inputs(x_ptr, grad_y_ptr, offs2, mask2, True)
         xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
         sum_grad_h = tl.sum(grad_h, axis=-1)
         sum_grad_h_xh = tl.sum(grad_h * xh, axis=-1)
