@@ -31,24 +31,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import launch_config  # noqa: E402
 
-# (pass, C, H = W): unpadded single tile (C512 16x16), padded single tile (C1536 8x8: 48 channels per group in a
-# 64-row tile), chunked (C256 32x32), chunked and padded (C1280 16x16: the slowest forward), the slowest backward
-# (C512 8x8) and the backward at C512 16x16.
+# (pass, C, H = W) at latent-b shapes: unpadded single tile (C512 16x16), padded single tile (C768 8x8: 24 channels
+# per group in a 32-row tile), chunked (C256 32x32), chunked and padded (C768 16x16), the smallest groups (C256 8x8:
+# 512 elements, C512 8x8: 1024), the forward, and the backward at the smallest groups and at C512 16x16.
 # "-split": the same pass with the launcher's tile split in two unpadded ones (group_norm.split_tile, a candidate no
-# GPU has timed): C1536 8x8 as 32 + 16 rows, C1280 16x16 as 32 + 8. "-groups4": 4 (sample, group) slabs per program
-# (group_norm.group_tile, likewise untimed) at the smallest groups, C512 8x8.
+# GPU has timed): 24 rows as 16 + 8. "-groups4": 4 (sample, group) slabs per program (group_norm.group_tile,
+# likewise untimed) at the smallest groups.
 GN_CASES = (
     ("jvp", 512, 16),
-    ("jvp", 1536, 8),
-    ("jvp-split", 1536, 8),
+    ("jvp", 768, 8),
+    ("jvp-split", 768, 8),
     ("jvp", 256, 32),
-    ("jvp", 1280, 16),
-    ("jvp-split", 1280, 16),
+    ("jvp", 768, 16),
+    ("jvp-split", 768, 16),
+    ("jvp", 256, 8),
+    ("jvp-groups4", 256, 8),
     ("jvp", 512, 8),
     ("jvp-groups4", 512, 8),
     ("fwd", 512, 16),
-    ("bwd", 512, 8),
-    ("bwd-groups4", 512, 8),
+    ("bwd", 256, 8),
+    ("bwd-groups4", 256, 8),
     ("bwd", 512, 16),
 )
 LOSS_SHAPE = (256, 4, 32, 32)  # latent-b targets, batch 256 (bench/ops.py's loss row)

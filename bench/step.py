@@ -368,7 +368,8 @@ def run_sampling(preset: str, device: str, threads: int, reps: int, bf16: bool) 
 # ------------------------------------------------------------------------------------------------ the driver
 
 
-# latent-b, bf16: the eager reference step takes 41 GB at batch 64 on an H200 (4x that at 256)
+# latent-b, bf16: the eager reference step of the 188M model (channel_mult (1, 2, 3), before 2026-11-26 evening) took
+# 41 GB at batch 64 on an H200 (4x that at 256); the 91M preset has half its channels at 16x16, two thirds at 8x8
 GPU_BATCH = 64
 
 # float32 matmul precision of every timed process (--float32-matmul-precision; children are spawned, so it travels

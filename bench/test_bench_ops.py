@@ -139,6 +139,19 @@ def test_model_layers_match_a_traced_forward(preset_name):
     assert sum(layers.group_norm.values()) > 0 and sum(layers.attention.values()) > 0
 
 
+@pytest.mark.parametrize("preset_name", ["latent-b", "cifar"])
+def test_triton_aot_shapes_are_the_presets_group_norm_layers(preset_name):
+    """The GroupNorm shapes whose launch configurations tests/test_triton_aot.py compiles for sm_90 are those of
+    the presets as configured: a preset change cannot leave its new tiles out of the static check."""
+    from imf.config import get_preset
+    from imf_kernels.triton import group_norm
+
+    preset = get_preset(preset_name)
+    layers = ops.model_layers(preset.model, preset.train.batch_size).group_norm
+    assert {(s.channels, s.height) for s in layers} == set(group_norm.PRESET_LAYERS[preset_name])
+    assert {(s.groups, s.height == s.width) for s in layers} == {(32, True)}
+
+
 def _nbytes(*tensors) -> int:
     return sum(t.nbytes for t in tensors if t is not None)
 

@@ -83,8 +83,10 @@ def _presets() -> dict[str, Preset]:
             model=ModelConfig(
                 image_channels=4,
                 image_size=32,
+                # 91.4M parameters (DESIGN 3.4: ~100M, width 192-256), every GroupNorm at 8, 16, 24 or 32 channels per
+                # group. Until 2026-11-26 it was channel_mult (1, 2, 3): 188M, the model of the first four GPU leases.
                 width=256,
-                channel_mult=(1, 2, 3),
+                channel_mult=(1, 1, 2),
                 num_res_blocks=2,
                 cross_attn_resolutions=(32, 16, 8),
                 self_attn_resolutions=(8,),
