@@ -236,7 +236,8 @@ def test_group_norm_act_matches_reference(run, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize(
-    "shape", [(8, 256, 32, 32, 32), (8, 512, 32, 32, 32), (4, 1536, 8, 8, 32), (2, 384, 16, 16, 32)]
+    "shape",
+    [(8, 256, 32, 32, 32), (8, 512, 32, 32, 32), (4, 768, 16, 16, 32), (4, 1536, 8, 8, 32), (2, 384, 16, 16, 32)],
 )
 def test_group_norm_act_matches_reference_at_model_shapes(shape, dtype):
     batch, channels, height, width, num_groups = shape
@@ -247,11 +248,19 @@ def test_group_norm_act_matches_reference_at_model_shapes(shape, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
-    "shape", [(4, 1536, 8, 8, 32), (2, 384, 16, 16, 32), (2, 768, 32, 32, 32), (2, 1280, 16, 16, 32)]
+    "shape",
+    [
+        (4, 768, 8, 8, 32),
+        (2, 768, 16, 16, 32),
+        (4, 1536, 8, 8, 32),
+        (2, 384, 16, 16, 32),
+        (2, 768, 32, 32, 32),
+        (2, 1280, 16, 16, 32),
+    ],
 )
 def test_split_tiles_match_reference_at_model_shapes(shape, dtype, monkeypatch):
-    """The split-column candidates of bench/tune_gpu.py (48 = 32 + 16 channels per group, 12 = 8 + 4, 24, 40),
-    single tiles and chunked, compiled for the GPU."""
+    """The split-column candidates of bench/tune_gpu.py (24 = 16 + 8 channels per group: latent-b's padded groups,
+    single tile and chunked; 48 = 32 + 16, 12 = 8 + 4, 40), compiled for the GPU."""
     use_layout("split-single", monkeypatch)
     batch, channels, height, width, num_groups = shape
     case = Case(batch, height, width, ALL_OPTIONS, "silu", channels, num_groups)
@@ -279,7 +288,7 @@ def test_block_picker_follows_gpu_rules():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("groups", [2, 4])
-@pytest.mark.parametrize("shape", [(4, 512, 8, 8, 32), (2, 256, 16, 16, 32), (2, 768, 8, 8, 32)])
+@pytest.mark.parametrize("shape", [(4, 256, 8, 8, 32), (4, 512, 8, 8, 32), (2, 256, 16, 16, 32), (2, 768, 8, 8, 32)])
 def test_group_tiles_match_reference_at_model_shapes(shape, groups, dtype, monkeypatch):
     """Several (sample, group) slabs per program, the small-group candidates of bench/tune_gpu.py."""
     use_layout(f"groups{groups}", monkeypatch)
