@@ -84,7 +84,8 @@ setup(
         "rich",
         "pillow",
     ],
-    extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark", "ruff"]},
+    # ninja: tests/cuda_emulator.py builds the emulated kernels with torch.utils.cpp_extension.load
+    extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark", "ruff", "ninja"]},
     entry_points={"console_scripts": ["imf=imf.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

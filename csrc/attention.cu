@@ -61,7 +61,7 @@ __device__ __forceinline__ float dot_row(const float* a, const float* b) {
 // columns l, l + 32, ... while mixing the values.
 template <typename T, int D, int kWidth, bool kTangent>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionFwdParams p) {
-  extern __shared__ float smem[];
+  IMF_DYNAMIC_SMEM(float, smem);
   constexpr int kStride = padded(D);
   const int lk = p.lk;
   const int64_t bh = blockIdx.x;
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 // up to 255 registers: with the default it capped some D = 32 instantiations at 64 and spilled.
 template <typename T, int D, int kWidth>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttentionBwdParams p) {
-  extern __shared__ float smem[];
+  IMF_DYNAMIC_SMEM(float, smem);
   constexpr int kStride = padded(D);
   constexpr int kPairs = kMaxKeys * D / kThreads;
   const int lk = p.lk;
@@ -242,11 +242,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Attent
   }
 }
 
-template <typename Kernel>
-void set_smem(Kernel kernel, int64_t bytes) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
-
 // Calls `launch(std::integral_constant<int, D>{})` for the supported head dims.
 template <typename Launch>
 void dispatch_head_dim(int head_dim, Launch&& launch) {
@@ -288,8 +283,8 @@ void attention_fwd(const AttentionFwdParams& params, cudaStream_t stream) {
     dispatch_head_dim(params.head_dim, [&](auto head_dim) {
       constexpr int D = decltype(head_dim)::value;
       auto launch = [&](auto kernel) {
-        set_smem(kernel, smem);
-        kernel<<<grid, kThreads, smem, stream>>>(params);
+        IMF_ALLOW_DYNAMIC_SMEM(kernel, smem);
+        IMF_LAUNCH(kernel, grid, kThreads, smem, stream)(params);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (tangent) {
@@ -315,8 +310,8 @@ void attention_bwd(const AttentionBwdParams& params, cudaStream_t stream) {
     dispatch_head_dim(params.head_dim, [&](auto head_dim) {
       constexpr int D = decltype(head_dim)::value;
       auto launch = [&](auto kernel) {
-        set_smem(kernel, smem);
-        kernel<<<grid, kThreads, smem, stream>>>(params);
+        IMF_ALLOW_DYNAMIC_SMEM(kernel, smem);
+        IMF_LAUNCH(kernel, grid, kThreads, smem, stream)(params);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (params.vectorized) {

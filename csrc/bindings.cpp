@@ -2,8 +2,10 @@
 // people, pick the 16-byte vector path where sizes and pointers allow, and launch on the current PyTorch
 // stream of the tensors' device. Outputs are allocated by the caller (imf_kernels/cuda/), so tests can poison
 // them; nothing here synchronises with the host.
+#ifndef IMF_EMULATE
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#endif
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -22,6 +24,31 @@ using OptionalTensor = std::optional<Tensor>;
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxGridY = 65535;
 
+#ifdef IMF_EMULATE
+// tests/cuda_emulator.py: the same checks and launchers on CPU tensors, the kernels run by csrc/emulation/.
+constexpr const char* kDevice = "CPU (the CUDA emulator)";
+bool on_kernel_device(const Tensor& tensor) { return tensor.is_cpu(); }
+int64_t smem_optin_bytes() { return 227 * 1024; }  // an H100's
+
+struct OnDevice {  // no device to select, no stream
+  explicit OnDevice(const Tensor&) {}
+  cudaStream_t stream() const { return nullptr; }
+};
+#else
+constexpr const char* kDevice = "CUDA";
+bool on_kernel_device(const Tensor& tensor) { return tensor.is_cuda(); }
+int64_t smem_optin_bytes() {
+  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+}
+
+// The tensor's device made current for the launch, and that device's current PyTorch stream.
+struct OnDevice {
+  c10::cuda::CUDAGuard guard;
+  explicit OnDevice(const Tensor& tensor) : guard(tensor.device()) {}
+  cudaStream_t stream() const { return at::cuda::getCurrentCUDAStream().stream(); }
+};
+#endif
+
 imf::DType element_dtype(const char* op, const Tensor& tensor, const char* name) {
   const auto type = tensor.scalar_type();
   TORCH_CHECK_VALUE(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, op, ": ", name,
@@ -32,7 +59,8 @@ imf::DType element_dtype(const char* op, const Tensor& tensor, const char* name)
 // `tensor` must sit on `like`'s CUDA device, be contiguous and have the given dtype and shape.
 void check_tensor(const char* op, const Tensor& tensor, const char* name, const Tensor& like, at::ScalarType dtype,
                   const std::vector<int64_t>& shape) {
-  TORCH_CHECK_VALUE(tensor.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", tensor.device());
+  TORCH_CHECK_VALUE(on_kernel_device(tensor), op, ": ", name, " must be a ", kDevice, " tensor, got device ",
+                    tensor.device());
   TORCH_CHECK_VALUE(tensor.device() == like.device(), op, ": ", name, " is on ", tensor.device(),
                     " but the first input is on ", like.device());
   TORCH_CHECK_VALUE(tensor.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
@@ -119,8 +147,8 @@ void group_norm_act_fwd(const Tensor& x, const OptionalTensor& dx, const Optiona
   params.rstd = rstd.data_ptr<float>();
   params.vectorized = hw % vector_width(x) == 0 && aligned16({params.x, params.dx, params.y, params.dy});
 
-  const c10::cuda::CUDAGuard guard(x.device());
-  imf::group_norm_act_fwd(params, at::cuda::getCurrentCUDAStream().stream());
+  const OnDevice device(x);
+  imf::group_norm_act_fwd(params, device.stream());
 }
 
 void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTensor& weight,
@@ -172,8 +200,8 @@ void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTen
   params.sum_gh_xh = sum_gh_xh.data_ptr<float>();
   params.vectorized = hw % vector_width(x) == 0 && aligned16({params.grad_y, params.x, params.grad_x});
 
-  const c10::cuda::CUDAGuard guard(x.device());
-  imf::group_norm_act_bwd(params, at::cuda::getCurrentCUDAStream().stream());
+  const OnDevice device(x);
+  imf::group_norm_act_bwd(params, device.stream());
 }
 
 // Shape checks shared by the attention forward and backward: q (B, H, Lq, D), k and v (B, H, Lk, D).
@@ -196,7 +224,7 @@ void check_attention_shapes(const char* op, const Tensor& q, const Tensor& k, co
 }
 
 void check_smem(const char* op, int64_t bytes) {
-  const int64_t limit = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  const int64_t limit = smem_optin_bytes();
   TORCH_CHECK_VALUE(bytes <= limit, op, ": needs ", bytes, " bytes of shared memory per block, the device allows ",
                     limit);
 }
@@ -239,10 +267,10 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Opti
   // Rows are D * element_size >= 64 bytes, so aligned bases keep every row aligned.
   params.vectorized = aligned16({params.q, params.k, params.v, params.dq, params.dk, params.dv});
 
-  const c10::cuda::CUDAGuard guard(q.device());
+  const OnDevice device(q);
   check_smem(op, imf::attention_fwd_smem_bytes(params.lk, params.head_dim, dq.has_value(), dk.has_value(),
                                                dv.has_value()));
-  imf::attention_fwd(params, at::cuda::getCurrentCUDAStream().stream());
+  imf::attention_fwd(params, device.stream());
 }
 
 void attention_bwd(const Tensor& grad_o, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lse,
@@ -281,9 +309,9 @@ void attention_bwd(const Tensor& grad_o, const Tensor& q, const Tensor& k, const
   params.grad_v_partial = grad_v_partial.data_ptr<float>();
   params.vectorized = aligned16({params.grad_o, params.q, params.k, params.v});
 
-  const c10::cuda::CUDAGuard guard(q.device());
+  const OnDevice device(q);
   check_smem(op, imf::attention_bwd_smem_bytes(params.lk, params.head_dim));
-  imf::attention_bwd(params, at::cuda::getCurrentCUDAStream().stream());
+  imf::attention_bwd(params, device.stream());
 }
 
 // Shape checks shared by the loss forward and backward: u, du, v, v_target (B, ...), t and r (B,) float32.
@@ -335,8 +363,8 @@ void loss_fwd(const Tensor& u, const Tensor& du, const OptionalTensor& v, const 
   params.vectorized =
       params.numel % vector_width(u) == 0 && aligned16({params.u, params.du, params.v, params.v_target});
 
-  const c10::cuda::CUDAGuard guard(u.device());
-  imf::loss_fwd(params, at::cuda::getCurrentCUDAStream().stream());
+  const OnDevice device(u);
+  imf::loss_fwd(params, device.stream());
 }
 
 void loss_bwd(const Tensor& grad_total, const Tensor& u, const Tensor& du, const OptionalTensor& v,
@@ -373,11 +401,15 @@ void loss_bwd(const Tensor& grad_total, const Tensor& u, const Tensor& du, const
   params.vectorized = params.numel % vector_width(u) == 0 &&
                       aligned16({params.u, params.du, params.v, params.v_target, params.grad_u, params.grad_v});
 
-  const c10::cuda::CUDAGuard guard(u.device());
-  imf::loss_bwd(params, at::cuda::getCurrentCUDAStream().stream());
+  const OnDevice device(u);
+  imf::loss_bwd(params, device.stream());
 }
 
 }  // namespace
+
+#ifdef IMF_EMULATE
+void register_emulator_selftests(pybind11::module_& m);  // csrc/emulation/selftest.cpp
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "imf-kernels CUDA kernels (csrc/): GroupNorm + modulation + SiLU, short-context attention, losses";
@@ -404,4 +436,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("lk"), arg("head_dim"));
   m.def("group_norm_bwd_smem_bytes", &imf::group_norm_bwd_smem_bytes,
         "dynamic shared memory of the GroupNorm backward", arg("channels_per_group"));
+#ifdef IMF_EMULATE
+  register_emulator_selftests(m);
+#endif
 }

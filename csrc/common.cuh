@@ -2,10 +2,26 @@
 // reductions in fp32, and the host-side dtype switch.
 #pragma once
 
+#ifdef IMF_EMULATE
+// tests/cuda_emulator.py compiles the kernels with g++ against an emulator of the CUDA builtins (csrc/emulation/)
+#include "emulation/cuda_emulation.h"
+#define IMF_LAUNCH(kernel, grid, block, smem, stream) ::imf_emu::Launch(kernel, grid, block, smem)
+#define IMF_ALLOW_DYNAMIC_SMEM(kernel, bytes) \
+  ::imf_emu::allow_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(bytes))
+#define IMF_DYNAMIC_SMEM(type, name) type* name = ::imf_emu::dynamic_smem<type>()
+#define C10_CUDA_KERNEL_LAUNCH_CHECK()
+#else
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+// IMF_LAUNCH(kernel, grid, block, smem, stream)(args...) is kernel<<<grid, block, smem, stream>>>(args...);
+// `kernel` is one name (a function pointer), never a template-id with commas.
+#define IMF_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define IMF_ALLOW_DYNAMIC_SMEM(kernel, bytes) \
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)))
+#define IMF_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#endif
 
 #include <cstdint>
 

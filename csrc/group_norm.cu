@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_fwd_kernel(const Grou
 // Phase 3: grad_x = rstd * (gxh - mean_g(gxh) - xh * mean_g(gxh * xh)).
 template <typename T, int kWidth>
 __global__ void __launch_bounds__(kThreads) group_norm_act_bwd_kernel(const GroupNormBwdParams p) {
-  extern __shared__ float channel_sums[];  // [cpg]: weight (1 + s) sum gh, then [cpg]: weight (1 + s) sum gh xh
+  IMF_DYNAMIC_SMEM(float, channel_sums);  // [cpg]: weight (1 + s) sum gh, then [cpg]: weight (1 + s) sum gh xh
   __shared__ float scratch[2 * kWarpSize];
   const int64_t group_index = blockIdx.x;
   const int64_t n = group_index / p.groups;
@@ -222,18 +222,21 @@ void group_norm_act_fwd(const GroupNormFwdParams& params, cudaStream_t stream) {
   dispatch_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = kVec16<T>;
+    auto launch = [&](auto kernel) {
+      IMF_LAUNCH(kernel, grid, kThreads, 0, stream)(params);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
     if (params.dx != nullptr) {
       if (params.vectorized) {
-        group_norm_act_fwd_kernel<T, kVec, true><<<grid, kThreads, 0, stream>>>(params);
+        launch(group_norm_act_fwd_kernel<T, kVec, true>);
       } else {
-        group_norm_act_fwd_kernel<T, 1, true><<<grid, kThreads, 0, stream>>>(params);
+        launch(group_norm_act_fwd_kernel<T, 1, true>);
       }
     } else if (params.vectorized) {
-      group_norm_act_fwd_kernel<T, kVec, false><<<grid, kThreads, 0, stream>>>(params);
+      launch(group_norm_act_fwd_kernel<T, kVec, false>);
     } else {
-      group_norm_act_fwd_kernel<T, 1, false><<<grid, kThreads, 0, stream>>>(params);
+      launch(group_norm_act_fwd_kernel<T, 1, false>);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -242,12 +245,15 @@ void group_norm_act_bwd(const GroupNormBwdParams& params, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(group_norm_bwd_smem_bytes(params.channels / params.groups));
   dispatch_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
+    auto launch = [&](auto kernel) {
+      IMF_LAUNCH(kernel, grid, kThreads, smem, stream)(params);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
     if (params.vectorized) {
-      group_norm_act_bwd_kernel<T, kVec16<T>><<<grid, kThreads, smem, stream>>>(params);
+      launch(group_norm_act_bwd_kernel<T, kVec16<T>>);
     } else {
-      group_norm_act_bwd_kernel<T, 1><<<grid, kThreads, smem, stream>>>(params);
+      launch(group_norm_act_bwd_kernel<T, 1>);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

@@ -100,12 +100,15 @@ void loss_fwd(const LossFwdParams& params, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(params.batch));
   dispatch_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
+    auto launch = [&](auto kernel) {
+      IMF_LAUNCH(kernel, grid, kThreads, 0, stream)(params);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
     if (params.vectorized) {
-      loss_fwd_kernel<T, kVec16<T>><<<grid, kThreads, 0, stream>>>(params);
+      launch(loss_fwd_kernel<T, kVec16<T>>);
     } else {
-      loss_fwd_kernel<T, 1><<<grid, kThreads, 0, stream>>>(params);
+      launch(loss_fwd_kernel<T, 1>);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -118,12 +121,15 @@ void loss_bwd(const LossBwdParams& params, cudaStream_t stream) {
     const int64_t blocks_per_sample =
         std::min<int64_t>(std::max<int64_t>((chunks + per_block - 1) / per_block, 1), 65535);
     const dim3 grid(static_cast<unsigned>(params.batch), static_cast<unsigned>(blocks_per_sample));
+    auto launch = [&](auto kernel) {
+      IMF_LAUNCH(kernel, grid, kThreads, 0, stream)(params);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
     if (params.vectorized) {
-      loss_bwd_kernel<T, kVec16<T>><<<grid, kThreads, 0, stream>>>(params);
+      launch(loss_bwd_kernel<T, kVec16<T>>);
     } else {
-      loss_bwd_kernel<T, 1><<<grid, kThreads, 0, stream>>>(params);
+      launch(loss_bwd_kernel<T, 1>);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

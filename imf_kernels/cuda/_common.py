@@ -48,3 +48,8 @@ def tensor_reasons(op: str, args: dict[str, Any]) -> list[str]:
 def smem_optin_bytes(device: torch.device) -> int:
     """Shared memory one block may opt in to on `device` (cached by torch, no synchronisation)."""
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of `device` (cached by torch)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count

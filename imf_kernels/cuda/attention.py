@@ -82,7 +82,7 @@ def attention_jvp_fwd(
 def num_splits(batch_heads: int, lq: int, device: torch.device) -> int:
     """Blocks of query rows per (batch, head) in the backward: about two waves of blocks over the SMs,
     each block at least MIN_ROWS_PER_SPLIT rows."""
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    sm_count = _common.multiprocessor_count(device)
     wanted = -(-2 * sm_count // batch_heads)
     return max(1, min(wanted, -(-lq // MIN_ROWS_PER_SPLIT), MAX_GRID_Y))
 

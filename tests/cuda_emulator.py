@@ -1,0 +1,81 @@
+"""The CUDA kernels of csrc/ built against a CPU emulator of CUDA (csrc/emulation/cuda_emulation.h), so that the
+cuda backend's launchers and kernels run here, on CPU tensors, under the same tests as on a GPU.
+
+`build()` compiles csrc/emulation/*.cpp (each includes one file of csrc/ with -DIMF_EMULATE) with g++ into an
+extension module with the functions of `imf_kernels._C`; `use(monkeypatch)` makes the cuda family modules call
+it. Each CUDA thread is a fiber: correct barriers and warp operations are checked as they run (a deadlock,
+divergent warp operations or too much shared memory is an error), and the arithmetic is the kernels' own fp32 C++
+(`expf` is glibc's, not the GPU's fast path, and without FMA contraction differences). Not what a GPU shows:
+speed, memory ordering between blocks, races the fibers' turn order does not expose.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [
+    REPO_ROOT / "csrc" / "emulation" / f"{name}.cpp"
+    for name in ("group_norm", "attention", "loss", "selftest", "bindings")
+]
+BUILD_DIR = REPO_ROOT / "build" / "cuda_emulator"
+# an H100's 132 SMs would make every test-size attention backward a single split; 4 makes several
+MULTIPROCESSORS = 4
+
+_module: ModuleType | None = None
+
+
+def cuda_include_dirs() -> list[str]:
+    """Where cuda_fp16.h, cuda_bf16.h and driver_types.h are: $CUDA_HOME (default /usr/local/cuda), or the CUDA 13
+    torch wheel's nvidia/cu13/include."""
+    candidates = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"]
+    try:
+        import nvidia
+
+        candidates += [Path(path) / "cu13" / "include" for path in nvidia.__path__]
+    except ImportError:
+        pass
+    return [str(path) for path in candidates if (path / "cuda_fp16.h").exists()][:1]
+
+
+def unavailable_reason() -> str | None:
+    if not cuda_include_dirs():
+        return "no CUDA headers (cuda_fp16.h) in $CUDA_HOME/include or the torch wheel's nvidia/cu13/include"
+    if shutil.which("ninja") is None:
+        return "ninja is not installed (torch.utils.cpp_extension.load needs it)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler"
+    return None
+
+
+def build(verbose: bool = False) -> ModuleType:
+    """The emulated extension, compiled on first use (about a minute: torch/extension.h), then cached in
+    build/cuda_emulator/ until a source changes."""
+    global _module
+    if _module is None:
+        from torch.utils.cpp_extension import load
+
+        BUILD_DIR.mkdir(parents=True, exist_ok=True)
+        _module = load(
+            name="imf_kernels_cuda_emulated",
+            sources=[str(path) for path in SOURCES],
+            extra_cflags=["-O2", "-DIMF_EMULATE", "-Wno-unknown-pragmas", "-fno-fast-math"],
+            extra_include_paths=[str(REPO_ROOT / "csrc"), *cuda_include_dirs()],
+            build_directory=str(BUILD_DIR),
+            verbose=verbose,
+        )
+    return _module
+
+
+def use(monkeypatch) -> ModuleType:
+    """Points the cuda family modules at the emulated extension (and the multiprocessor count the attention
+    backward splits its rows by at MULTIPROCESSORS) for one test."""
+    from imf_kernels.cuda import _common
+
+    module = build()
+    monkeypatch.setattr(_common, "extension", lambda: module)
+    monkeypatch.setattr(_common, "multiprocessor_count", lambda device: MULTIPROCESSORS)
+    return module

@@ -1,0 +1,140 @@
+"""The cuda backend's kernels (csrc/) on this CPU, through the CUDA emulator (tests/cuda_emulator.py): the checks of
+tests/test_cuda_ops.py (float64 references, 2x PyTorch's same-dtype error, NaN-poisoned outputs, odd shapes,
+the scalar and the vector path), run on CPU tensors, so CI tests every kernel change without a GPU. The GPU runs
+the same checks for real (`gpu` tests); what only a GPU shows (speed, memory ordering, compiler bugs) stays there.
+
+Also the emulator's own contract: exact warp-operation results, and the misuses it refuses or exposes.
+`make test` sets IMF_REQUIRE_CUDA_EMULATOR=1: there a missing toolchain fails instead of skipping.
+"""
+
+import os
+
+import cuda_emulator
+import pytest
+import test_cuda_ops as cuda_tests
+import torch
+
+from imf_kernels.cuda import _common
+from imf_kernels.cuda import attention as cuda_attention
+
+REASON = cuda_emulator.unavailable_reason()
+if REASON is not None and os.environ.get("IMF_REQUIRE_CUDA_EMULATOR") == "1":
+    raise RuntimeError(f"IMF_REQUIRE_CUDA_EMULATOR=1 but the CUDA emulator cannot be built: {REASON}")
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"CUDA emulator: {REASON}")
+
+DTYPES, dtype_id = cuda_tests.DTYPES, cuda_tests.dtype_id
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """The cuda launchers on the emulated extension, the checks on CPU tensors, every output NaN-poisoned."""
+    module = cuda_emulator.use(monkeypatch)
+    monkeypatch.setattr(cuda_tests, "DEVICE", "cpu")
+    monkeypatch.setattr(cuda_tests, "COMPARE_WITH_TRITON", False)
+    monkeypatch.setattr(_common, "empty", cuda_tests.nan_empty)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------- GroupNorm
+
+
+@pytest.mark.parametrize("variant", cuda_tests.GN_VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", cuda_tests.GN_SHAPES, ids=cuda_tests.gn_id)
+def test_group_norm(shape, dtype, variant, emulated):
+    cuda_tests.check_gn_forward(shape, variant, dtype)
+    cuda_tests.check_gn_jvp(shape, variant, dtype)
+    cuda_tests.check_gn_backward(shape, variant, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_group_norm_edge_cases(dtype, emulated):
+    """Zero modulation tangents with scale / shift present, and misaligned tensors (the scalar path)."""
+    cuda_tests.check_gn_jvp(cuda_tests.GN_SHAPES[1], "full-silu", dtype, with_modulation_tangent=False)
+    cuda_tests.check_gn_backward(cuda_tests.GN_SHAPES[1], "full-silu", dtype, make_misaligned=True)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", cuda_tests.ATTENTION_SHAPES, ids=cuda_tests.attention_id)
+def test_attention(shape, dtype, emulated):
+    cuda_tests.check_attention_forward(shape, dtype)
+    cuda_tests.check_attention_jvp(shape, dtype)
+    cuda_tests.check_attention_backward(shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_attention_edge_cases(dtype, emulated):
+    """An explicit scale, zero key/value tangents, misaligned tensors."""
+    cuda_tests.check_attention_forward(cuda_tests.ATTENTION_SHAPES[0], dtype, scale=0.3)
+    for tangents in [(), ("dk",), ("dv",)]:
+        cuda_tests.check_attention_jvp(cuda_tests.ATTENTION_SHAPES[0], dtype, tangents=tangents)
+    cuda_tests.check_attention_forward(cuda_tests.ATTENTION_SHAPES[2], dtype, make_misaligned=True)
+    cuda_tests.check_attention_backward(cuda_tests.ATTENTION_SHAPES[2], dtype, make_misaligned=True)
+
+
+def test_attention_backward_splits_rows_over_blocks(emulated):
+    """With the emulator's 4 multiprocessors the backward of most test shapes takes several row splits."""
+    split = [s for s in cuda_tests.ATTENTION_SHAPES if cuda_attention.num_splits(s[0] * s[1], s[2], "cpu") > 1]
+    assert len(split) >= 4
+
+
+# ------------------------------------------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize("options", cuda_tests.LOSS_OPTIONS, ids=lambda o: f"c{o[0]}-p{o[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", cuda_tests.LOSS_SHAPES, ids=cuda_tests.loss_id)
+def test_losses(shape, dtype, options, emulated):
+    cuda_tests.check_imf_loss(shape, dtype, *options)
+    cuda_tests.check_meanflow_loss(shape, dtype, *options)
+
+
+def test_bindings_check_their_inputs_in_the_emulated_build(emulated):
+    """bindings.cpp's checks run in the emulated build too (there the kernels' device is the CPU)."""
+    x = torch.randn(1, 8, 2, 2, dtype=torch.float64)
+    y, mean, rstd = torch.empty_like(x), torch.empty(1, 4), torch.empty(1, 4)
+    with pytest.raises(ValueError, match="x must be float32, float16 or bfloat16, got Double"):
+        emulated.group_norm_act_fwd(x, None, None, None, None, None, None, None, 4, 1e-5, True, y, None, mean, rstd)
+    x = torch.randn(1, 8, 2, 2)
+    with pytest.raises(ValueError, match="num_groups=3 must divide C=8"):
+        emulated.group_norm_act_fwd(x, None, None, None, None, None, None, None, 3, 1e-5, True, x, None, mean, rstd)
+    with pytest.raises(ValueError, match="dx must be a CPU \\(the CUDA emulator\\) tensor, got device meta"):
+        emulated.group_norm_act_fwd(
+            x, x.to("meta"), None, None, None, None, None, None, 4, 1e-5, True, y.float(), x, mean, rstd
+        )
+    with pytest.raises(ValueError, match="num_groups=3 must divide C=8"):
+        emulated.group_norm_act_fwd(x, None, None, None, None, None, None, None, 3, 1e-5, True, x, None, mean, rstd)
+
+
+# ------------------------------------------------------------------------------------- the emulator itself
+
+
+def test_warp_operations_give_exact_results(emulated):
+    """Per lane: the butterfly sum of the lane ids (496) + 1000 x shfl_down(lane id, 1) (lane 31 keeps its own)
+    + 100000 x shfl(2 x lane id, from lane 0)."""
+    out = emulated.emulator_warp_ops(64)
+    expected = [496 + 1000 * (lane + 1 if lane < 31 else 31) for lane in range(32)] * 2
+    assert out == expected
+
+
+def test_a_missing_barrier_shows_up(emulated):
+    """Each thread reads its neighbour's shared-memory slot: with __syncthreads() in between the values, without
+    it the NaN the emulator fills shared memory with (the neighbour had not written yet in the turn order)."""
+    assert emulated.emulator_neighbour(8, True) == [1, 2, 3, 4, 5, 6, 7, 0]
+    without = emulated.emulator_neighbour(8, False)
+    assert sum(value != value for value in without) == 7 and without[7] == 0  # NaN != NaN
+
+
+def test_misuses_are_errors(emulated):
+    with pytest.raises(RuntimeError, match="deadlock: block \\(0, 0, 0\\) thread 1"):
+        emulated.emulator_deadlock()
+    with pytest.raises(RuntimeError, match="different warp operations"):
+        emulated.emulator_divergent()
+    with pytest.raises(RuntimeError, match="65536 bytes of dynamic shared memory, the kernel may use 49152"):
+        emulated.emulator_shared_memory(64 * 1024, 0)
+    assert emulated.emulator_shared_memory(64 * 1024, 64 * 1024) == [1.0] * 32  # after opting in
+    with pytest.raises(RuntimeError, match="more than the 232448 an H100 allows"):
+        emulated.emulator_shared_memory(64 * 1024, 300 * 1024)
