@@ -434,6 +434,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("lk"), arg("head_dim"), arg("tangent"), arg("has_dk"), arg("has_dv"));
   m.def("attention_bwd_smem_bytes", &imf::attention_bwd_smem_bytes, "dynamic shared memory of the backward",
         arg("lk"), arg("head_dim"));
+  m.def(
+      "group_norm_launch",
+      [](int64_t hw, int64_t channels_per_group, int64_t element_size, bool vectorized) {
+        const imf::GroupNormLaunch launch = imf::group_norm_launch(hw, channels_per_group, element_size, vectorized);
+        return std::make_pair(launch.items, launch.threads);
+      },
+      "(items per thread, threads) of the GroupNorm kernels' launch: items 0 = the looped kernels", arg("hw"),
+      arg("channels_per_group"), arg("element_size"), arg("vectorized"));
   m.def("group_norm_bwd_smem_bytes", &imf::group_norm_bwd_smem_bytes,
         "dynamic shared memory of the GroupNorm backward", arg("channels_per_group"));
 #ifdef IMF_EMULATE

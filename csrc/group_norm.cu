@@ -1,13 +1,22 @@
 // GroupNorm + modulation + SiLU, per (sample, group): xh = (x - mean) * rstd, a = weight * xh + bias,
 // h = a * (1 + scale) + shift, y = h * sigmoid(h); tangent dy from dx, dscale, dshift (DESIGN 4.3).
-// Memory floor: read x (and dx) once, write y (and dy) once; one block per (sample, group), whose slice of
-// x is contiguous, so the second and third passes over it are served from L2.
+// Memory floor: read x (and dx) once, write y (and dy) once; one block per (sample, group), whose slice of x is
+// contiguous. Two kernel kinds: "resident" (groups of up to 2048 16-byte chunks whose channels hold a power-of-two
+// number of chunks: every latent-b GroupNorm) keeps each thread's chunks in registers, so x is read once and the
+// statistics are block reductions of registers; "looped" (any other group) re-reads the group from L2 per pass.
+#include <algorithm>
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace imf {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;            // looped kernels
+// resident kernels: launch bounds (512, 1) allow 128 registers per thread (without the 1, ptxas held the primal
+// 16-bit single-item forward to 40 and spilled)
+constexpr int kResidentMaxThreads = 512;
+constexpr int kResidentMaxItems = 4;      // chunks per thread
 
 // Per-channel modulation, read as fp32 (absent parameters are the identity).
 struct ChannelAffine {
@@ -22,6 +31,47 @@ __device__ __forceinline__ ChannelAffine load_affine(const float* weight, const 
   affine.one_plus_scale = 1.f + (scale != nullptr ? scale[sample_channel] : 0.f);
   affine.shift = shift != nullptr ? shift[sample_channel] : 0.f;
   return affine;
+}
+
+// Normalise, modulate and activate one chunk of kWidth elements of `channel` (a chunk never crosses a channel) and
+// write y (and dy): dxh = rstd (dx - mean_g(dx) - xh mean_g(xh dx)), dh = weight dxh (1 + s) + a ds + db.
+template <typename T, int kWidth, bool kTangent>
+__device__ __forceinline__ void write_chunk(const GroupNormFwdParams& p, int64_t n, int64_t channel,
+                                            const float (&xv)[kWidth], const float (&dxv)[kWidth], float mean,
+                                            float rstd, float mean_dx, float mean_xh_dx, T* y, T* dy) {
+  const int64_t sample_channel = n * p.channels + channel;
+  const ChannelAffine affine = load_affine(p.weight, p.bias, p.scale, p.shift, channel, sample_channel);
+  float yv[kWidth];
+  if constexpr (kTangent) {
+    const float dscale = p.dscale != nullptr ? p.dscale[sample_channel] : 0.f;
+    const float dshift = p.dshift != nullptr ? p.dshift[sample_channel] : 0.f;
+    float dyv[kWidth];
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) {
+      const float xh = (xv[i] - mean) * rstd;
+      const float a = affine.weight * xh + affine.bias;
+      const float h = a * affine.one_plus_scale + affine.shift;
+      const float dxh = rstd * (dxv[i] - mean_dx - xh * mean_xh_dx);
+      const float dh = affine.weight * dxh * affine.one_plus_scale + a * dscale + dshift;
+      if (p.silu) {
+        const float sig = sigmoid(h);
+        yv[i] = h * sig;
+        dyv[i] = dh * silu_grad(h, sig);
+      } else {
+        yv[i] = h;
+        dyv[i] = dh;
+      }
+    }
+    store_from_float<T, kWidth>(dy, dyv);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) {
+      const float xh = (xv[i] - mean) * rstd;
+      const float h = (affine.weight * xh + affine.bias) * affine.one_plus_scale + affine.shift;
+      yv[i] = p.silu ? h * sigmoid(h) : h;
+    }
+  }
+  store_from_float<T, kWidth>(y, yv);
 }
 
 // One block per (sample, group); the group's elements are chunks of kWidth (a chunk never crosses a channel:
@@ -82,44 +132,128 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_fwd_kernel(const Grou
   T* y = static_cast<T*>(p.y) + offset;
   T* dy = kTangent ? static_cast<T*>(p.dy) + offset : nullptr;
   for (int64_t chunk = threadIdx.x; chunk < num_chunks; chunk += kThreads) {
-    const int64_t channel = g * channels_per_group + chunk * kWidth / p.hw;
-    const int64_t sample_channel = n * p.channels + channel;
-    const ChannelAffine affine = load_affine(p.weight, p.bias, p.scale, p.shift, channel, sample_channel);
-    float xv[kWidth], yv[kWidth];
+    float xv[kWidth], dxv[kWidth];
     load_as_float<T, kWidth>(x + chunk * kWidth, xv);
-    if constexpr (kTangent) {
-      const float dscale = p.dscale != nullptr ? p.dscale[sample_channel] : 0.f;
-      const float dshift = p.dshift != nullptr ? p.dshift[sample_channel] : 0.f;
-      float dxv[kWidth], dyv[kWidth];
-      load_as_float<T, kWidth>(dx + chunk * kWidth, dxv);
-#pragma unroll
-      for (int i = 0; i < kWidth; ++i) {
-        const float xh = (xv[i] - mean) * rstd;
-        const float a = affine.weight * xh + affine.bias;
-        const float h = a * affine.one_plus_scale + affine.shift;
-        // dxh = rstd * (dx - mean_g(dx) - xh * mean_g(xh * dx)); dh = weight * dxh * (1 + s) + a * ds + db
-        const float dxh = rstd * (dxv[i] - mean_dx - xh * mean_xh_dx);
-        const float dh = affine.weight * dxh * affine.one_plus_scale + a * dscale + dshift;
-        if (p.silu) {
-          const float sig = sigmoid(h);
-          yv[i] = h * sig;
-          dyv[i] = dh * silu_grad(h, sig);
-        } else {
-          yv[i] = h;
-          dyv[i] = dh;
-        }
-      }
-      store_from_float<T, kWidth>(dy + chunk * kWidth, dyv);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kWidth; ++i) {
-        const float xh = (xv[i] - mean) * rstd;
-        const float h = (affine.weight * xh + affine.bias) * affine.one_plus_scale + affine.shift;
-        yv[i] = p.silu ? h * sigmoid(h) : h;
-      }
-    }
-    store_from_float<T, kWidth>(y + chunk * kWidth, yv);
+    if constexpr (kTangent) load_as_float<T, kWidth>(dx + chunk * kWidth, dxv);
+    const int64_t channel = g * channels_per_group + chunk * kWidth / p.hw;
+    write_chunk<T, kWidth, kTangent>(p, n, channel, xv, dxv, mean, rstd, mean_dx, mean_xh_dx, y + chunk * kWidth,
+                                     kTangent ? dy + chunk * kWidth : nullptr);
   }
+}
+
+// The resident forward: thread t holds chunks t + i * blockDim.x (i < kItems) of x (and dx) in registers.
+// Pass 1 sums x and dx, pass 2 the centred moments sum (x - mean)^2 and sum (x - mean) dx, both over registers;
+// pass 3 writes. Chunks past the group's end hold zeros and write nothing.
+template <typename T, int kItems, bool kTangent>
+__global__ void __launch_bounds__(kResidentMaxThreads, 1) group_norm_act_fwd_resident_kernel(const GroupNormFwdParams p) {
+  constexpr int kWidth = kVec16<T>;
+  __shared__ float scratch[2 * kWarpSize];
+  const int64_t group_index = blockIdx.x;
+  const int64_t n = group_index / p.groups;
+  const int64_t g = group_index % p.groups;
+  const int64_t channels_per_group = p.channels / p.groups;
+  const int64_t group_size = channels_per_group * p.hw;
+  const int64_t offset = group_index * group_size;
+  const int num_chunks = static_cast<int>(group_size / kWidth);
+
+  float xv[kItems][kWidth], dxv[kTangent ? kItems : 1][kWidth];
+  float sums[2] = {0.f, 0.f};
+#pragma unroll
+  for (int item = 0; item < kItems; ++item) {
+    const int chunk = threadIdx.x + item * blockDim.x;
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) {
+      xv[item][i] = 0.f;
+      if constexpr (kTangent) dxv[item][i] = 0.f;
+    }
+    if (chunk < num_chunks) {
+      load_as_float<T, kWidth>(static_cast<const T*>(p.x) + offset + chunk * kWidth, xv[item]);
+      if constexpr (kTangent) load_as_float<T, kWidth>(static_cast<const T*>(p.dx) + offset + chunk * kWidth, dxv[item]);
+    }
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) {
+      sums[0] += xv[item][i];
+      if constexpr (kTangent) sums[1] += dxv[item][i];
+    }
+  }
+  block_sum(sums, scratch);
+  const float inv_size = 1.f / static_cast<float>(group_size);
+  const float mean = sums[0] * inv_size;
+  const float mean_dx = sums[1] * inv_size;
+
+  float moments[2] = {0.f, 0.f};
+#pragma unroll
+  for (int item = 0; item < kItems; ++item) {
+    if (threadIdx.x + item * blockDim.x >= num_chunks) continue;  // its zeros are not x - mean = 0
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) {
+      const float centred = xv[item][i] - mean;
+      moments[0] += centred * centred;
+      if constexpr (kTangent) moments[1] += centred * dxv[item][i];
+    }
+  }
+  block_sum(moments, scratch);
+  const float rstd = rsqrtf(moments[0] * inv_size + p.eps);
+  const float mean_xh_dx = moments[1] * inv_size * rstd;
+  if (threadIdx.x == 0) {
+    p.mean[group_index] = mean;
+    p.rstd[group_index] = rstd;
+  }
+
+#pragma unroll
+  for (int item = 0; item < kItems; ++item) {
+    const int chunk = threadIdx.x + item * blockDim.x;
+    if (chunk >= num_chunks) continue;
+    const int64_t channel = g * channels_per_group + static_cast<int64_t>(chunk) * kWidth / p.hw;
+    write_chunk<T, kWidth, kTangent>(p, n, channel, xv[item], kTangent ? dxv[item] : xv[item], mean, rstd, mean_dx, mean_xh_dx,
+                                     static_cast<T*>(p.y) + offset + chunk * kWidth,
+                                     kTangent ? static_cast<T*>(p.dy) + offset + chunk * kWidth : nullptr);
+  }
+}
+
+// gv in: grad_y of one chunk of a channel; out: gh = grad_y * act'(h), the gradient at h. Adds the chunk's
+// sum gh and sum gh * xh to the two sums.
+template <int kWidth>
+__device__ __forceinline__ void grad_at_h(bool silu, const ChannelAffine& affine, const float (&xv)[kWidth],
+                                          float (&gv)[kWidth], float mean, float rstd, float& sum_gh,
+                                          float& sum_gh_xh) {
+#pragma unroll
+  for (int i = 0; i < kWidth; ++i) {
+    const float xh = (xv[i] - mean) * rstd;
+    if (silu) {
+      const float h = (affine.weight * xh + affine.bias) * affine.one_plus_scale + affine.shift;
+      gv[i] *= silu_grad(h, sigmoid(h));
+    }
+    sum_gh += gv[i];
+    sum_gh_xh += gv[i] * xh;
+  }
+}
+
+// grad_x = rstd * (gxh - mean_g(gxh) - xh * mean_g(gxh * xh)) with gxh = weight (1 + s) gh, one chunk.
+template <typename T, int kWidth>
+__device__ __forceinline__ void write_grad_x(const ChannelAffine& affine, const float (&xv)[kWidth],
+                                             const float (&ghv)[kWidth], float mean, float rstd, float mean_gxh,
+                                             float mean_gxh_xh, T* grad_x) {
+  const float gain = affine.weight * affine.one_plus_scale;
+  float gxv[kWidth];
+#pragma unroll
+  for (int i = 0; i < kWidth; ++i) {
+    const float xh = (xv[i] - mean) * rstd;
+    gxv[i] = rstd * (gain * ghv[i] - mean_gxh - xh * mean_gxh_xh);
+  }
+  store_from_float<T, kWidth>(grad_x, gxv);
+}
+
+// The per-channel sums S1 = sum gh, S3 = sum gh * xh of one (sample, channel) go to the outputs; their gain-weighted
+// sums over the group's channels are returned (every thread gets them).
+__device__ __forceinline__ void finish_channel(const GroupNormBwdParams& p, const ChannelAffine& affine,
+                                               int64_t sample_channel, float sum_gh, float sum_gh_xh,
+                                               float (&group_sums)[2]) {
+  p.sum_gh[sample_channel] = sum_gh;
+  p.sum_gh_xh[sample_channel] = sum_gh_xh;
+  const float gain = affine.weight * affine.one_plus_scale;  // gxh = gain * gh
+  group_sums[0] += gain * sum_gh;
+  group_sums[1] += gain * sum_gh_xh;
 }
 
 // One block per (sample, group). Phase 1, one warp per channel: gh = grad_y * act'(h) and the channel sums
@@ -150,29 +284,18 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_bwd_kernel(const Grou
     float sum_gh = 0.f, sum_gh_xh = 0.f;
     for (int64_t chunk = lane; chunk < chunks_per_channel; chunk += kWarpSize) {
       const int64_t index = local_channel * p.hw + chunk * kWidth;
-      float xv[kWidth], gyv[kWidth];
+      float xv[kWidth], gv[kWidth];
       load_as_float<T, kWidth>(x + index, xv);
-      load_as_float<T, kWidth>(grad_y + index, gyv);
-#pragma unroll
-      for (int i = 0; i < kWidth; ++i) {
-        const float xh = (xv[i] - mean) * rstd;
-        float gh = gyv[i];
-        if (p.silu) {
-          const float h = (affine.weight * xh + affine.bias) * affine.one_plus_scale + affine.shift;
-          gh *= silu_grad(h, sigmoid(h));
-        }
-        sum_gh += gh;
-        sum_gh_xh += gh * xh;
-      }
+      load_as_float<T, kWidth>(grad_y + index, gv);
+      grad_at_h<kWidth>(p.silu, affine, xv, gv, mean, rstd, sum_gh, sum_gh_xh);
     }
     sum_gh = warp_sum(sum_gh);
     sum_gh_xh = warp_sum(sum_gh_xh);
     if (lane == 0) {
-      p.sum_gh[sample_channel] = sum_gh;
-      p.sum_gh_xh[sample_channel] = sum_gh_xh;
-      const float gain = affine.weight * affine.one_plus_scale;  // gxh = gain * gh
-      channel_sums[local_channel] = gain * sum_gh;
-      channel_sums[channels_per_group + local_channel] = gain * sum_gh_xh;
+      float sums[2] = {0.f, 0.f};
+      finish_channel(p, affine, sample_channel, sum_gh, sum_gh_xh, sums);
+      channel_sums[local_channel] = sums[0];
+      channel_sums[channels_per_group + local_channel] = sums[1];
     }
   }
   __syncthreads();
@@ -191,23 +314,103 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_bwd_kernel(const Grou
   const int64_t num_chunks = group_size / kWidth;
   for (int64_t chunk = threadIdx.x; chunk < num_chunks; chunk += kThreads) {
     const int64_t channel = g * channels_per_group + chunk * kWidth / p.hw;
+    const ChannelAffine affine = load_affine(p.weight, p.bias, p.scale, p.shift, channel, n * p.channels + channel);
+    float xv[kWidth], gv[kWidth], unused[2] = {0.f, 0.f};
+    load_as_float<T, kWidth>(x + chunk * kWidth, xv);
+    load_as_float<T, kWidth>(grad_y + chunk * kWidth, gv);
+    grad_at_h<kWidth>(p.silu, affine, xv, gv, mean, rstd, unused[0], unused[1]);
+    write_grad_x<T, kWidth>(affine, xv, gv, mean, rstd, mean_gxh, mean_gxh_xh, grad_x + chunk * kWidth);
+  }
+}
+
+// The resident backward: thread t holds chunks t + i * blockDim.x of x and gh in registers. A channel's chunks are
+// consecutive, `segment` = min(chunks per channel, 32) (both powers of two) lanes of one warp per item, so its sums
+// are a butterfly within each segment, written per segment to shared memory and added per channel in a fixed
+// order (deterministic, no atomics); then the group sums (a block reduction) and grad_x from registers.
+template <typename T, int kItems>
+__global__ void __launch_bounds__(kResidentMaxThreads, 1) group_norm_act_bwd_resident_kernel(const GroupNormBwdParams p) {
+  constexpr int kWidth = kVec16<T>;
+  IMF_DYNAMIC_SMEM(float, segment_sums);  // [segments]: sum gh, then [segments]: sum gh * xh
+  __shared__ float scratch[2 * kWarpSize];
+  const int64_t group_index = blockIdx.x;
+  const int64_t n = group_index / p.groups;
+  const int64_t g = group_index % p.groups;
+  const int channels_per_group = static_cast<int>(p.channels / p.groups);
+  const int64_t group_size = static_cast<int64_t>(channels_per_group) * p.hw;
+  const int64_t offset = group_index * group_size;
+  const float mean = p.mean[group_index];
+  const float rstd = p.rstd[group_index];
+  const int chunks_per_channel = static_cast<int>(p.hw / kWidth);
+  const int segment = min(chunks_per_channel, kWarpSize);
+  const int num_chunks = channels_per_group * chunks_per_channel;
+  const int num_segments = num_chunks / segment;
+  const int lane = threadIdx.x % kWarpSize;
+
+  float xv[kItems][kWidth], gv[kItems][kWidth];
+#pragma unroll
+  for (int item = 0; item < kItems; ++item) {
+    const int chunk = threadIdx.x + item * blockDim.x;
+    float sum_gh = 0.f, sum_gh_xh = 0.f;
+    if (chunk < num_chunks) {
+      const int64_t channel = g * channels_per_group + chunk / chunks_per_channel;
+      const ChannelAffine affine = load_affine(p.weight, p.bias, p.scale, p.shift, channel, n * p.channels + channel);
+      load_as_float<T, kWidth>(static_cast<const T*>(p.x) + offset + chunk * kWidth, xv[item]);
+      load_as_float<T, kWidth>(static_cast<const T*>(p.grad_y) + offset + chunk * kWidth, gv[item]);
+      grad_at_h<kWidth>(p.silu, affine, xv[item], gv[item], mean, rstd, sum_gh, sum_gh_xh);
+    }
+    for (int width = segment / 2; width > 0; width /= 2) {  // every lane takes part (segments never straddle the end)
+      sum_gh += __shfl_xor_sync(kFullMask, sum_gh, width);
+      sum_gh_xh += __shfl_xor_sync(kFullMask, sum_gh_xh, width);
+    }
+    if (chunk < num_chunks && lane % segment == 0) {
+      segment_sums[chunk / segment] = sum_gh;
+      segment_sums[num_segments + chunk / segment] = sum_gh_xh;
+    }
+  }
+  __syncthreads();
+
+  const int segments_per_channel = chunks_per_channel / segment;
+  float group_sums[2] = {0.f, 0.f};
+  for (int local_channel = threadIdx.x; local_channel < channels_per_group; local_channel += blockDim.x) {
+    float sum_gh = 0.f, sum_gh_xh = 0.f;
+    for (int k = local_channel * segments_per_channel; k < (local_channel + 1) * segments_per_channel; ++k) {
+      sum_gh += segment_sums[k];
+      sum_gh_xh += segment_sums[num_segments + k];
+    }
+    const int64_t channel = g * channels_per_group + local_channel;
     const int64_t sample_channel = n * p.channels + channel;
     const ChannelAffine affine = load_affine(p.weight, p.bias, p.scale, p.shift, channel, sample_channel);
-    const float gain = affine.weight * affine.one_plus_scale;
-    float xv[kWidth], gyv[kWidth], gxv[kWidth];
-    load_as_float<T, kWidth>(x + chunk * kWidth, xv);
-    load_as_float<T, kWidth>(grad_y + chunk * kWidth, gyv);
+    finish_channel(p, affine, sample_channel, sum_gh, sum_gh_xh, group_sums);
+  }
+  block_sum(group_sums, scratch);
+  const float inv_size = 1.f / static_cast<float>(group_size);
+  const float mean_gxh = group_sums[0] * inv_size;
+  const float mean_gxh_xh = group_sums[1] * inv_size;
+
 #pragma unroll
-    for (int i = 0; i < kWidth; ++i) {
-      const float xh = (xv[i] - mean) * rstd;
-      float gh = gyv[i];
-      if (p.silu) {
-        const float h = (affine.weight * xh + affine.bias) * affine.one_plus_scale + affine.shift;
-        gh *= silu_grad(h, sigmoid(h));
-      }
-      gxv[i] = rstd * (gain * gh - mean_gxh - xh * mean_gxh_xh);
-    }
-    store_from_float<T, kWidth>(grad_x + chunk * kWidth, gxv);
+  for (int item = 0; item < kItems; ++item) {
+    const int chunk = threadIdx.x + item * blockDim.x;
+    if (chunk >= num_chunks) continue;
+    const int64_t channel = g * channels_per_group + chunk / chunks_per_channel;
+    const ChannelAffine affine = load_affine(p.weight, p.bias, p.scale, p.shift, channel, n * p.channels + channel);
+    write_grad_x<T, kWidth>(affine, xv[item], gv[item], mean, rstd, mean_gxh, mean_gxh_xh,
+                            static_cast<T*>(p.grad_x) + offset + chunk * kWidth);
+  }
+}
+
+// Calls `launch(std::integral_constant<int, kItems>{})` for the resident kernels' items per thread.
+template <typename Launch>
+void dispatch_items(int items, Launch&& launch) {
+  switch (items) {
+    case 1:
+      launch(std::integral_constant<int, 1>{});
+      break;
+    case 2:
+      launch(std::integral_constant<int, 2>{});
+      break;
+    case 4:
+      launch(std::integral_constant<int, 4>{});
+      break;
   }
 }
 
@@ -217,42 +420,90 @@ int64_t group_norm_bwd_smem_bytes(int64_t channels_per_group) {
   return 2 * channels_per_group * static_cast<int64_t>(sizeof(float));
 }
 
+GroupNormLaunch group_norm_launch(int64_t hw, int64_t channels_per_group, int64_t element_size, bool vectorized) {
+  GroupNormLaunch launch;
+  launch.threads = kThreads;
+  const int64_t width = 16 / element_size;
+  const int64_t chunks_per_channel = hw / width;
+  const int64_t num_chunks = channels_per_group * chunks_per_channel;
+  if (!vectorized || (chunks_per_channel & (chunks_per_channel - 1)) != 0 ||
+      num_chunks > static_cast<int64_t>(kResidentMaxThreads) * kResidentMaxItems) {
+    return launch;  // looped
+  }
+  for (const int limit : {256, kResidentMaxThreads}) {
+    for (int items = 1; items <= kResidentMaxItems; items *= 2) {
+      const int64_t threads = (num_chunks + items - 1) / items;
+      if (threads <= limit) {
+        launch.items = items;
+        launch.threads = static_cast<int>((threads + kWarpSize - 1) / kWarpSize * kWarpSize);
+        return launch;
+      }
+    }
+  }
+  return launch;
+}
+
 void group_norm_act_fwd(const GroupNormFwdParams& params, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(params.batch * params.groups));
+  const int64_t channels_per_group = params.channels / params.groups;
   dispatch_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = kVec16<T>;
-    auto launch = [&](auto kernel) {
-      IMF_LAUNCH(kernel, grid, kThreads, 0, stream)(params);
+    const GroupNormLaunch rule =
+        group_norm_launch(params.hw, channels_per_group, static_cast<int64_t>(sizeof(T)), params.vectorized);
+    auto launch = [&](auto kernel, int threads) {
+      IMF_LAUNCH(kernel, grid, threads, 0, stream)(params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (params.dx != nullptr) {
+    if (rule.items > 0) {
+      dispatch_items(rule.items, [&](auto items) {
+        constexpr int kItems = decltype(items)::value;
+        if (params.dx != nullptr) {
+          launch(group_norm_act_fwd_resident_kernel<T, kItems, true>, rule.threads);
+        } else {
+          launch(group_norm_act_fwd_resident_kernel<T, kItems, false>, rule.threads);
+        }
+      });
+    } else if (params.dx != nullptr) {
       if (params.vectorized) {
-        launch(group_norm_act_fwd_kernel<T, kVec, true>);
+        launch(group_norm_act_fwd_kernel<T, kVec, true>, kThreads);
       } else {
-        launch(group_norm_act_fwd_kernel<T, 1, true>);
+        launch(group_norm_act_fwd_kernel<T, 1, true>, kThreads);
       }
     } else if (params.vectorized) {
-      launch(group_norm_act_fwd_kernel<T, kVec, false>);
+      launch(group_norm_act_fwd_kernel<T, kVec, false>, kThreads);
     } else {
-      launch(group_norm_act_fwd_kernel<T, 1, false>);
+      launch(group_norm_act_fwd_kernel<T, 1, false>, kThreads);
     }
   });
 }
 
 void group_norm_act_bwd(const GroupNormBwdParams& params, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(params.batch * params.groups));
-  const size_t smem = static_cast<size_t>(group_norm_bwd_smem_bytes(params.channels / params.groups));
+  const int64_t channels_per_group = params.channels / params.groups;
   dispatch_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto launch = [&](auto kernel) {
-      IMF_LAUNCH(kernel, grid, kThreads, smem, stream)(params);
+    constexpr int kVec = kVec16<T>;
+    const GroupNormLaunch rule =
+        group_norm_launch(params.hw, channels_per_group, static_cast<int64_t>(sizeof(T)), params.vectorized);
+    auto launch = [&](auto kernel, int threads, size_t smem) {
+      IMF_LAUNCH(kernel, grid, threads, smem, stream)(params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (params.vectorized) {
-      launch(group_norm_act_bwd_kernel<T, kVec16<T>>);
+    if (rule.items > 0) {
+      const int64_t chunks_per_channel = params.hw / kVec;
+      const int64_t segments = channels_per_group * chunks_per_channel / std::min<int64_t>(chunks_per_channel, kWarpSize);
+      const size_t smem = static_cast<size_t>(2 * segments) * sizeof(float);  // <= 16 KiB
+      dispatch_items(rule.items, [&](auto items) {
+        launch(group_norm_act_bwd_resident_kernel<T, decltype(items)::value>, rule.threads, smem);
+      });
     } else {
-      launch(group_norm_act_bwd_kernel<T, 1>);
+      const size_t smem = static_cast<size_t>(group_norm_bwd_smem_bytes(channels_per_group));
+      if (params.vectorized) {
+        launch(group_norm_act_bwd_kernel<T, kVec>, kThreads, smem);
+      } else {
+        launch(group_norm_act_bwd_kernel<T, 1>, kThreads, smem);
+      }
     }
   });
 }

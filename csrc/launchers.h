@@ -52,6 +52,16 @@ struct GroupNormBwdParams {
   float* sum_gh_xh;
 };
 
+// Which GroupNorm kernels a launch runs: "resident" (items > 0: each of `threads` threads holds `items` 16-byte
+// chunks of the group in registers) where the vector path runs, a channel holds a power-of-two number of chunks
+// and a group at most 2048 chunks; else the looped kernels (items = 0, 256 threads). Items are the fewest of 1, 2,
+// 4 that keep a block within 256 threads (more blocks per SM), else within 512.
+struct GroupNormLaunch {
+  int items = 0;
+  int threads = 0;
+};
+GroupNormLaunch group_norm_launch(int64_t hw, int64_t channels_per_group, int64_t element_size, bool vectorized);
+
 void group_norm_act_fwd(const GroupNormFwdParams& params, cudaStream_t stream);
 void group_norm_act_bwd(const GroupNormBwdParams& params, cudaStream_t stream);
 // Dynamic shared memory of the backward kernel (two floats per channel of a group).

@@ -16,6 +16,7 @@ import torch
 
 from imf_kernels.cuda import _common
 from imf_kernels.cuda import attention as cuda_attention
+from imf_kernels.cuda import group_norm as cuda_group_norm
 
 REASON = cuda_emulator.unavailable_reason()
 if REASON is not None and os.environ.get("IMF_REQUIRE_CUDA_EMULATOR") == "1":
@@ -52,6 +53,43 @@ def test_group_norm_edge_cases(dtype, emulated):
     """Zero modulation tangents with scale / shift present, and misaligned tensors (the scalar path)."""
     cuda_tests.check_gn_jvp(cuda_tests.GN_SHAPES[1], "full-silu", dtype, with_modulation_tangent=False)
     cuda_tests.check_gn_backward(cuda_tests.GN_SHAPES[1], "full-silu", dtype, make_misaligned=True)
+
+
+# (B, C, H, W, G) -> the (items per thread, threads) of the GroupNorm launch in fp32 and in bf16 (fp16 alike):
+# items 0 is the looped kernels (256 threads). The rule is csrc/group_norm.cu's group_norm_launch.
+GN_LAUNCHES = {
+    (1, 40, 5, 7, 8): ((0, 256), (0, 256)),  # H*W = 35: the scalar path
+    (2, 64, 8, 8, 32): ((1, 32), (1, 32)),
+    (3, 96, 4, 4, 32): ((1, 32), (1, 32)),
+    (2, 48, 6, 6, 4): ((0, 256), (0, 256)),  # fp32: 9 chunks per channel; bf16: 36 % 8, the scalar path
+    (2, 256, 32, 32, 32): ((4, 512), (4, 256)),
+    (1, 128, 16, 16, 8): ((4, 256), (2, 256)),
+    (2, 32, 2, 2, 4): ((1, 32), (0, 256)),
+    (1, 512, 2, 2, 1): ((2, 256), (0, 256)),
+    (1, 16, 32, 32, 1): ((0, 256), (4, 512)),  # fp32: 4096 chunks in a group
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("shape", cuda_tests.GN_SHAPES, ids=cuda_tests.gn_id)
+def test_group_norm_launch_rule(shape, dtype, emulated):
+    """The launch rule gives the table's kernels, and the launches are those (grid, threads, shared memory)."""
+    batch, channels, height, width, groups = shape
+    items, threads = GN_LAUNCHES[shape][dtype == torch.bfloat16]
+    hw, cpg, element_size = height * width, channels // groups, dtype.itemsize
+    vectorized = hw % (16 // element_size) == 0
+    assert tuple(emulated.group_norm_launch(hw, cpg, element_size, vectorized)) == (items, threads)
+
+    x, dx, grad_y = (torch.randn(batch, channels, height, width, dtype=dtype) for _ in range(3))
+    emulated.emulator_launches()  # clears the record
+    _, _, mean, rstd = cuda_group_norm.gn_act_jvp_fwd(x, dx, groups, None, None, None, None, None, None, 1e-5, "silu")
+    cuda_group_norm.gn_act_bwd(grad_y, x, groups, None, None, None, None, mean, rstd, "silu")
+    if items:  # two floats per warp segment of a channel's chunks
+        chunks_per_channel = hw * element_size // 16
+        smem = 2 * cpg * chunks_per_channel // min(chunks_per_channel, 32) * 4
+    else:  # two floats per channel
+        smem = 2 * cpg * 4
+    assert emulated.emulator_launches() == [[batch * groups, 1, threads, 0], [batch * groups, 1, threads, smem]]
 
 
 # ---------------------------------------------------------------------------------------------- attention

@@ -79,6 +79,11 @@ struct Emulator {
   const std::function<void()>* body = nullptr;
   std::string error;
   std::map<const void*, size_t> allowed_smem;
+  struct Record {
+    dim3 grid, block;
+    size_t smem;
+  };
+  std::vector<Record> launches;  // every launch since the last clear, for tests of the launch rules
 
   ~Emulator() {
     if (stacks != nullptr) munmap(stacks, stack_count * (kStackBytes + page));
@@ -232,6 +237,7 @@ inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, const
     throw std::runtime_error("cuda emulator: " + std::to_string(smem) +
                              " bytes of dynamic shared memory, the kernel may use " + std::to_string(limit) +
                              " (cudaFuncAttributeMaxDynamicSharedMemorySize)");
+  emu.launches.push_back({grid, block, smem});
   emu.reserve_stacks(threads);
   emu.fibers.assign(threads, Fiber{});
   for (unsigned i = 0; i < threads; ++i)

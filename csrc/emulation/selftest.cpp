@@ -85,12 +85,22 @@ std::vector<float> shared_memory(size_t bytes, size_t allowed) {
   return out;
 }
 
+// (grid.x, grid.y, block.x, dynamic shared memory bytes) of every launch since the last call, which clears them.
+std::vector<std::vector<int64_t>> launches() {
+  std::vector<std::vector<int64_t>> out;
+  for (const auto& record : imf_emu::emulator().launches)
+    out.push_back({record.grid.x, record.grid.y, record.block.x, static_cast<int64_t>(record.smem)});
+  imf_emu::emulator().launches.clear();
+  return out;
+}
+
 }  // namespace
 
 void register_emulator_selftests(pybind11::module_& m) {
   m.def("emulator_warp_ops", &warp_ops, pybind11::arg("threads"));
   m.def("emulator_neighbour", &neighbour, pybind11::arg("threads"), pybind11::arg("barrier"));
   m.def("emulator_deadlock", &deadlock);
+  m.def("emulator_launches", &launches);
   m.def("emulator_divergent", &divergent);
   m.def("emulator_shared_memory", &shared_memory, pybind11::arg("bytes"), pybind11::arg("allowed"));
 }
