@@ -79,3 +79,17 @@ def use(monkeypatch) -> ModuleType:
     monkeypatch.setattr(_common, "extension", lambda: module)
     monkeypatch.setattr(_common, "multiprocessor_count", lambda device: MULTIPROCESSORS)
     return module
+
+
+def use_as_backend(monkeypatch) -> ModuleType:
+    """`use`, and the `cuda` backend made available for CPU tensors, so that the public ops take backend="cuda"
+    (and dispatch's cache is emptied: a selection made here must not outlive the test, the caller clears it after)."""
+    import imf_kernels.cuda
+    from imf_kernels import dispatch
+    from imf_kernels.cuda import _common
+
+    module = use(monkeypatch)
+    monkeypatch.setattr(imf_kernels.cuda, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(_common, "DEVICE_TYPE", "cpu")
+    dispatch.clear_cache()
+    return module

@@ -11,9 +11,13 @@ import os
 
 import cuda_emulator
 import pytest
+import test_attention as attention_tests
 import test_cuda_ops as cuda_tests
+import test_fused as fused_tests
+import test_group_norm as group_norm_tests
 import torch
 
+from imf_kernels import dispatch
 from imf_kernels.cuda import _common
 from imf_kernels.cuda import attention as cuda_attention
 from imf_kernels.cuda import group_norm as cuda_group_norm
@@ -145,6 +149,52 @@ def test_bindings_check_their_inputs_in_the_emulated_build(emulated):
         )
     with pytest.raises(ValueError, match="num_groups=3 must divide C=8"):
         emulated.group_norm_act_fwd(x, None, None, None, None, None, None, None, 3, 1e-5, True, x, None, mean, rstd)
+
+
+# ----------------------------------------------------- the public ops and the model on backend="cuda"
+
+
+@pytest.fixture
+def emulated_backend(monkeypatch, poison_empty):
+    """backend="cuda" takes CPU tensors and runs the emulated kernels (dispatch's cache emptied after)."""
+    yield cuda_emulator.use_as_backend(monkeypatch)
+    dispatch.clear_cache()
+
+
+@pytest.mark.parametrize("with_tangent", [False, True], ids=["primal", "jvp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("variant", group_norm_tests.VARIANTS)
+@pytest.mark.parametrize("shape", group_norm_tests.SHAPES, ids=str)
+def test_group_norm_public_ops(shape, variant, dtype, with_tangent, emulated_backend):
+    """tests/test_group_norm.py's check of the public op (values, tangent, every gradient by autograd)."""
+    group_norm_tests.check_against_reference("cuda", shape, variant, dtype, with_tangent)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("variant", group_norm_tests.VARIANTS)
+def test_group_norm_tangent_on_the_first_rows(variant, rows, emulated_backend):
+    """TANGENT_ROWS: dx (dscale, dshift) of m < B rows, the jvp kernel on them and the primal one on the rest."""
+    group_norm_tests.check_first_rows("cuda", group_norm_tests.SHAPES[2], variant, torch.float32, rows)
+
+
+@pytest.mark.parametrize("with_tangent", [False, True], ids=["primal", "jvp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("variant", attention_tests.VARIANTS)
+@pytest.mark.parametrize("shape", [s for s in attention_tests.SHAPES if s[3] <= cuda_attention.MAX_LK], ids=str)
+def test_attention_public_ops(shape, variant, dtype, with_tangent, emulated_backend):
+    attention_tests.check_against_reference("cuda", shape, variant, dtype, with_tangent)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("variant", attention_tests.VARIANTS)
+def test_attention_tangent_on_the_first_rows(variant, rows, emulated_backend):
+    attention_tests.check_first_rows("cuda", (3, *attention_tests.SHAPES[0][1:]), variant, torch.float32, rows)
+
+
+def test_the_fused_model_on_the_cuda_backend(emulated_backend):
+    """tests/test_fused.py's float32 check on backend="cuda": u, du, v, the iMF loss and every parameter gradient
+    of the fused path against the float64 reference path (every GroupNorm, attention and loss call on cuda)."""
+    fused_tests.check_float32_backend("cuda", fused_tests.tiny_config(width=32, head_dim=32), 3)
 
 
 # ------------------------------------------------------------------------------------- the emulator itself

@@ -6,6 +6,8 @@ from typing import Any
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The device type the kernels run on: "cpu" only under tests/cuda_emulator.py, which runs them emulated.
+DEVICE_TYPE = "cuda"
 
 
 def extension() -> ModuleType:
@@ -31,8 +33,10 @@ def tensor_reasons(op: str, args: dict[str, Any]) -> list[str]:
     reasons = []
     tensors = {name: value for name, value in args.items() if isinstance(value, torch.Tensor)}
     devices = {value.device for value in tensors.values()}
-    if any(device.type != "cuda" for device in devices):
-        reasons.append(f"{op}: cuda takes CUDA tensors only, got {', '.join(sorted(map(str, devices)))}")
+    if any(device.type != DEVICE_TYPE for device in devices):
+        reasons.append(
+            f"{op}: cuda takes {DEVICE_TYPE.upper()} tensors only, got {', '.join(sorted(map(str, devices)))}"
+        )
     elif len(devices) > 1:
         reasons.append(f"{op}: tensors on several devices ({', '.join(sorted(map(str, devices)))})")
     accepted = ", ".join(str(dtype).removeprefix("torch.") for dtype in SUPPORTED_DTYPES)

@@ -16,6 +16,9 @@ ROWS_PER_BLOCK = 64  # forward: query rows of one block (csrc/attention.cu kRows
 MIN_ROWS_PER_SPLIT = 64  # backward: fewer rows per block would repeat the K/V staging for little work
 MAX_GRID_X = 2**31 - 1
 MAX_GRID_Y = 65535
+# dq, dk and dv may cover the first m <= B samples only: the jvp kernel runs on those samples and the primal kernel
+# on the rest, into one o and lse (`imf_kernels.interface`)
+TANGENT_ROWS = True
 
 
 def not_supported_reasons(op: str, args: dict[str, Any]) -> list[str]:
@@ -53,10 +56,18 @@ def not_supported_reasons(op: str, args: dict[str, Any]) -> list[str]:
 
 
 def _forward(q, k, v, dq, dk, dv, scale):
+    batch = q.shape[0]
+    rows = batch if dq is None else dq.shape[0]
     o = _common.empty(tuple(q.shape), q.dtype, q.device)
-    do = None if dq is None else _common.empty(tuple(q.shape), q.dtype, q.device)
+    do = None if dq is None else _common.empty(tuple(dq.shape), q.dtype, q.device)
     lse = _common.empty(tuple(q.shape[:3]), torch.float32, q.device)
-    _common.extension().attention_fwd(q, k, v, dq, dk, dv, float(scale), o, do, lse)
+    head = slice(0, rows)  # views of contiguous tensors along the batch stay contiguous
+    _common.extension().attention_fwd(q[head], k[head], v[head], dq, dk, dv, float(scale), o[head], do, lse[head])
+    if rows < batch:
+        rest = slice(rows, batch)
+        _common.extension().attention_fwd(
+            q[rest], k[rest], v[rest], None, None, None, float(scale), o[rest], None, lse[rest]
+        )
     return o, do, lse
 
 
@@ -75,7 +86,8 @@ def attention_jvp_fwd(
     dv: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o, do, lse) in one pass; dk/dv None are zero tangents."""
+    """(o, do, lse) in one pass; dk/dv None are zero tangents. dq (dk, dv) of m < B rows: do has m rows, o and lse
+    all B (the primal kernel on the other samples)."""
     return _forward(q, k, v, dq, dk, dv, scale)
 
 

@@ -11,6 +11,9 @@ import torch
 from imf_kernels.cuda import _common
 
 ACTIVATIONS = ("silu", "none")
+# dx, dscale and dshift may cover the first m <= B samples only: the jvp kernel runs on those samples and the primal
+# kernel on the rest, into one y, mean and rstd (`imf_kernels.interface`)
+TANGENT_ROWS = True
 # The backward keeps two floats per channel of a group in shared memory, within the default 48 KiB.
 MAX_CHANNELS_PER_GROUP = 48 * 1024 // 8
 MAX_BLOCKS = 2**31 - 1
@@ -36,28 +39,37 @@ def not_supported_reasons(op: str, args: dict[str, Any]) -> list[str]:
 
 def _forward(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act):
     batch = x.shape[0]
+    rows = batch if dx is None else dx.shape[0]
     y = _common.empty(tuple(x.shape), x.dtype, x.device)
-    dy = None if dx is None else _common.empty(tuple(x.shape), x.dtype, x.device)
+    dy = None if dx is None else _common.empty(tuple(dx.shape), x.dtype, x.device)
     mean = _common.empty((batch, num_groups), torch.float32, x.device)
     rstd = _common.empty((batch, num_groups), torch.float32, x.device)
     f32 = _common.as_float32
-    _common.extension().group_norm_act_fwd(
-        x,
-        dx,
-        f32(weight),
-        f32(bias),
-        f32(scale),
-        f32(shift),
-        f32(dscale),
-        f32(dshift),
-        num_groups,
-        float(eps),
-        act == "silu",
-        y,
-        dy,
-        mean,
-        rstd,
-    )
+    weight, bias, scale, shift, dscale, dshift = map(f32, (weight, bias, scale, shift, dscale, dshift))
+
+    def launch(begin, end, with_tangent):  # samples [begin, end): views of contiguous tensors stay contiguous
+        part = lambda t: None if t is None else t[begin:end]  # noqa: E731
+        _common.extension().group_norm_act_fwd(
+            x[begin:end],
+            dx if with_tangent else None,
+            weight,
+            bias,
+            part(scale),
+            part(shift),
+            dscale if with_tangent else None,
+            dshift if with_tangent else None,
+            num_groups,
+            float(eps),
+            act == "silu",
+            y[begin:end],
+            dy if with_tangent else None,
+            mean[begin:end],
+            rstd[begin:end],
+        )
+
+    launch(0, rows, dx is not None)
+    if rows < batch:
+        launch(rows, batch, False)
     return y, dy, mean, rstd
 
 
@@ -89,7 +101,8 @@ def gn_act_jvp_fwd(
     eps: float,
     act: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, dy, mean, rstd) in one pass; dscale/dshift None are zero tangents."""
+    """(y, dy, mean, rstd) in one pass; dscale/dshift None are zero tangents. dx (dscale, dshift) of m < B rows:
+    dy has m rows, y and the statistics all B (the primal kernel on the other samples)."""
     return _forward(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act)
 
 
