@@ -1,7 +1,8 @@
-// Short-context cross-attention, one query row per warp: s_j = scale q.k_j, p = softmax(s), o = sum_j p_j v_j;
-// tangent do = sum_j p_j ds_j v_j - (sum_j p_j ds_j) o + sum_j p_j dv_j, ds_j = scale (dq.k_j + q.dk_j).
+// Short-context cross-attention: s_j = scale q.k_j, p = softmax(s), o = sum_j p_j v_j; tangent
+// do = sum_j p_j ds_j v_j - (sum_j p_j ds_j) o + sum_j p_j dv_j, ds_j = scale (dq.k_j + q.dk_j).
 // The context (Lk <= 64 tokens: K, V, dK, dV) sits in shared memory, so the memory floor is one read of q
-// (and dq) and one write of o (and do, lse) per query row; no KV loop (DESIGN 4.3).
+// (and dq) and one write of o (and do, lse) per query row; no KV loop (DESIGN 4.3). The forward takes
+// kRowTile query rows per warp at once, so each shared-memory read of a key or value feeds kRowTile rows.
 #include <type_traits>
 
 #include "common.cuh"
@@ -13,14 +14,21 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kMaxKeys = kAttentionMaxKeys;  // two keys per lane
 constexpr int kRowsPerBlock = 64;            // forward: query rows of one block, kRowsPerBlock / kWarps per warp
+constexpr int kRowTile = 4;                  // forward: query rows a warp takes at once
 constexpr int kTileRows = 16;                // backward: query rows staged in shared memory at a time
 
-// Shared-memory rows of K/V are padded to D + 1 floats: lane j reading k_j[d] then hits bank (j + d) % 32.
+// Backward: shared-memory rows of K/V are padded to D + 1 floats: lane j reading k_j[d] then hits bank (j + d) % 32.
 __host__ __device__ constexpr int padded(int head_dim) { return head_dim + 1; }
+// Forward: rows padded to D + 4 floats, 16-byte aligned for 4-float reads; lanes j and j + 8 of a quarter warp's
+// 16-byte reads then land on distinct banks ((4 j + d) % 32).
+__host__ __device__ constexpr int fwd_stride(int head_dim) { return head_dim + 4; }
+// Forward: the context rows K/V (dK/dV) staged, rounded up to a multiple of 4 (zeros past Lk), so the value loop
+// reads 4 probabilities at once.
+__host__ __device__ constexpr int fwd_context_rows(int lk) { return (lk + 3) / 4 * 4; }
 
 __host__ __device__ constexpr int64_t fwd_warp_floats(int head_dim, bool tangent) {
-  // q row, probabilities p (and dq row, p * ds for the tangent)
-  return tangent ? 2 * head_dim + 2 * kMaxKeys : head_dim + kMaxKeys;
+  // kRowTile q rows and probabilities p (and dq rows, p * ds for the tangent)
+  return kRowTile * (tangent ? 2 * head_dim + 2 * kMaxKeys : head_dim + kMaxKeys);
 }
 
 // Copies rows x[0:rows, 0:D] (row stride D, dtype T) into shared memory as fp32 with row stride `stride`,
@@ -38,14 +46,178 @@ __device__ __forceinline__ void stage_rows(const T* src, int64_t rows, int head_
   }
 }
 
-// Same for one row, by the 32 lanes of a warp.
+// Zero rows [rows, padded_rows) of a staged context (stride `stride`), so reads past Lk see 0, not stale values.
+__device__ __forceinline__ void zero_rows(float* dst, int rows, int padded_rows, int stride) {
+  for (int index = rows * stride + threadIdx.x; index < padded_rows * stride; index += kThreads) dst[index] = 0.f;
+}
+
+// Copies `rows` (<= kRowTile) query rows of D elements into a warp's shared buffer (row stride D), zeros for the
+// rows of the tile past the end. The 32 lanes of a warp take part.
 template <typename T, int kWidth, int D>
-__device__ __forceinline__ void stage_row_warp(const T* src, float* dst, int lane) {
-  for (int chunk = lane; chunk < D / kWidth; chunk += kWarpSize) {
+__device__ __forceinline__ void stage_tile_warp(const T* src, int rows, float* dst, int lane) {
+  for (int chunk = lane; chunk < kRowTile * D / kWidth; chunk += kWarpSize) {
+    const int row = chunk * kWidth / D;
     float values[kWidth];
-    load_as_float<T, kWidth>(src + chunk * kWidth, values);
+    if (row < rows) {
+      load_as_float<T, kWidth>(src + chunk * kWidth, values);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kWidth; ++i) values[i] = 0.f;
+    }
 #pragma unroll
     for (int i = 0; i < kWidth; ++i) dst[chunk * kWidth + i] = values[i];
+  }
+}
+
+__device__ __forceinline__ float4 load4(const float* src) { return *reinterpret_cast<const float4*>(src); }
+__device__ __forceinline__ float dot4(const float4& a, const float4& b) {
+  return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+}
+
+// grid (BH, ceil(Lq / kRowsPerBlock)); each warp takes kRowTile query rows at a time. Scores: lane j holds keys j and
+// j + 32 (two slots) and forms s[row][slot] for the tile's rows from 16-byte shared-memory reads, one read of k_j
+// per 4 dimensions for kRowTile rows. Values: lane l owns output columns l, l + 32, ... and reads p (4 keys at once)
+// and v_j once for kRowTile rows.
+template <typename T, int D, int kWidth, bool kTangent>
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttentionFwdParams p) {
+  IMF_DYNAMIC_SMEM(float, smem);
+  constexpr int kStride = fwd_stride(D);
+  constexpr int kCols = D / kWarpSize;  // output columns per lane
+  const int lk = p.lk;
+  const int context_rows = fwd_context_rows(lk);
+  const int64_t bh = blockIdx.x;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const bool has_dk = kTangent && p.dk != nullptr;
+  const bool has_dv = kTangent && p.dv != nullptr;
+
+  float* k_s = smem;
+  float* v_s = k_s + context_rows * kStride;
+  float* dk_s = v_s + context_rows * kStride;
+  float* dv_s = dk_s + (has_dk ? context_rows * kStride : 0);
+  float* q_tile = dv_s + (has_dv ? context_rows * kStride : 0) + warp * fwd_warp_floats(D, kTangent);
+  float* prob = q_tile + kRowTile * D;     // [kRowTile][kMaxKeys]
+  float* dq_tile = prob + kRowTile * kMaxKeys;  // tangent: [kRowTile][D]
+  float* prob_ds = dq_tile + kRowTile * D;      // tangent: [kRowTile][kMaxKeys]
+
+  const int64_t kv_offset = bh * lk * D;
+  stage_rows<T, kWidth>(static_cast<const T*>(p.k) + kv_offset, lk, D, k_s, kStride);
+  stage_rows<T, kWidth>(static_cast<const T*>(p.v) + kv_offset, lk, D, v_s, kStride);
+  zero_rows(v_s, lk, context_rows, kStride);
+  if (has_dk) stage_rows<T, kWidth>(static_cast<const T*>(p.dk) + kv_offset, lk, D, dk_s, kStride);
+  if (has_dv) {
+    stage_rows<T, kWidth>(static_cast<const T*>(p.dv) + kv_offset, lk, D, dv_s, kStride);
+    zero_rows(dv_s, lk, context_rows, kStride);
+  }
+  __syncthreads();
+
+  const int64_t row_end = min(p.lq, static_cast<int64_t>(blockIdx.y + 1) * kRowsPerBlock);
+  for (int64_t tile = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock + warp * kRowTile; tile < row_end;
+       tile += kWarps * kRowTile) {
+    const int rows = static_cast<int>(min(static_cast<int64_t>(kRowTile), row_end - tile));
+    const int64_t tile_offset = (bh * p.lq + tile) * D;
+    stage_tile_warp<T, kWidth, D>(static_cast<const T*>(p.q) + tile_offset, rows, q_tile, lane);
+    if constexpr (kTangent) stage_tile_warp<T, kWidth, D>(static_cast<const T*>(p.dq) + tile_offset, rows, dq_tile, lane);
+    __syncwarp();
+
+    float s[kRowTile][2], ds[kRowTile][2];
+#pragma unroll
+    for (int slot = 0; slot < 2; ++slot) {
+      const int j = lane + slot * kWarpSize;
+#pragma unroll
+      for (int r = 0; r < kRowTile; ++r) s[r][slot] = ds[r][slot] = 0.f;
+      if (j >= lk) continue;
+      const float* k_row = k_s + j * kStride;
+      const float* dk_row = dk_s + j * kStride;
+      for (int d = 0; d < D; d += 4) {
+        const float4 k4 = load4(k_row + d);
+        float4 dk4 = {0.f, 0.f, 0.f, 0.f};
+        if (has_dk) dk4 = load4(dk_row + d);
+#pragma unroll
+        for (int r = 0; r < kRowTile; ++r) {
+          const float4 q4 = load4(q_tile + r * D + d);
+          s[r][slot] += dot4(q4, k4);
+          if constexpr (kTangent) {
+            ds[r][slot] += dot4(load4(dq_tile + r * D + d), k4);
+            if (has_dk) ds[r][slot] += dot4(q4, dk4);
+          }
+        }
+      }
+    }
+
+    float m[kRowTile], l[kRowTile], rs[kRowTile];
+#pragma unroll
+    for (int r = 0; r < kRowTile; ++r) {
+      float e[2];
+#pragma unroll
+      for (int slot = 0; slot < 2; ++slot) s[r][slot] = lane + slot * kWarpSize < lk ? p.scale * s[r][slot] : -INFINITY;
+      m[r] = warp_max(fmaxf(s[r][0], s[r][1]));
+#pragma unroll
+      for (int slot = 0; slot < 2; ++slot) e[slot] = lane + slot * kWarpSize < lk ? expf(s[r][slot] - m[r]) : 0.f;
+      l[r] = warp_sum(e[0] + e[1]);
+      const float inv_l = 1.f / l[r];
+      rs[r] = 0.f;  // sum_j p_j ds_j
+#pragma unroll
+      for (int slot = 0; slot < 2; ++slot) {
+        prob[r * kMaxKeys + lane + slot * kWarpSize] = e[slot] * inv_l;  // 0 past Lk
+        if constexpr (kTangent) {
+          const float prob_ds_j = e[slot] * inv_l * p.scale * ds[r][slot];
+          prob_ds[r * kMaxKeys + lane + slot * kWarpSize] = prob_ds_j;
+          rs[r] += prob_ds_j;
+        }
+      }
+      if constexpr (kTangent) rs[r] = warp_sum(rs[r]);
+    }
+    __syncwarp();
+
+    float acc[kRowTile][kCols], acc_dsv[kRowTile][kCols], acc_dv[kRowTile][kCols];
+#pragma unroll
+    for (int r = 0; r < kRowTile; ++r) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) acc[r][c] = acc_dsv[r][c] = acc_dv[r][c] = 0.f;
+    }
+    for (int j = 0; j < context_rows; j += 4) {
+      float4 p4[kRowTile], pds4[kRowTile];
+#pragma unroll
+      for (int r = 0; r < kRowTile; ++r) {
+        p4[r] = load4(prob + r * kMaxKeys + j);
+        if constexpr (kTangent) pds4[r] = load4(prob_ds + r * kMaxKeys + j);
+      }
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          const int col = lane + c * kWarpSize;
+          const float value = v_s[(j + jj) * kStride + col];
+          const float dvalue = has_dv ? dv_s[(j + jj) * kStride + col] : 0.f;
+#pragma unroll
+          for (int r = 0; r < kRowTile; ++r) {
+            const float pj = jj == 0 ? p4[r].x : jj == 1 ? p4[r].y : jj == 2 ? p4[r].z : p4[r].w;
+            acc[r][c] += pj * value;
+            if constexpr (kTangent) {
+              const float pdsj = jj == 0 ? pds4[r].x : jj == 1 ? pds4[r].y : jj == 2 ? pds4[r].z : pds4[r].w;
+              acc_dsv[r][c] += pdsj * value;
+              acc_dv[r][c] += pj * dvalue;
+            }
+          }
+        }
+      }
+    }
+
+#pragma unroll
+    for (int r = 0; r < kRowTile; ++r) {
+      if (r >= rows) break;
+      const int64_t row_offset = tile_offset + r * D;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int col = lane + c * kWarpSize;
+        static_cast<T*>(p.o)[row_offset + col] = from_float<T>(acc[r][c]);
+        if constexpr (kTangent)
+          static_cast<T*>(p.d_o)[row_offset + col] = from_float<T>(acc_dv[r][c] + acc_dsv[r][c] - rs[r] * acc[r][c]);
+      }
+      if (lane == 0) p.lse[bh * p.lq + tile + r] = m[r] + logf(l[r]);
+    }
+    __syncwarp();  // the tile buffers and probabilities are rewritten for the next tile
   }
 }
 
@@ -55,95 +227,6 @@ __device__ __forceinline__ float dot_row(const float* a, const float* b) {
 #pragma unroll 8
   for (int d = 0; d < D; ++d) sum += a[d] * b[d];
   return sum;
-}
-
-// grid (BH, ceil(Lq / kRowsPerBlock)); lane j holds keys j and j + 32 while scoring, then lane l owns output
-// columns l, l + 32, ... while mixing the values.
-template <typename T, int D, int kWidth, bool kTangent>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionFwdParams p) {
-  IMF_DYNAMIC_SMEM(float, smem);
-  constexpr int kStride = padded(D);
-  const int lk = p.lk;
-  const int64_t bh = blockIdx.x;
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const bool has_dk = kTangent && p.dk != nullptr;
-  const bool has_dv = kTangent && p.dv != nullptr;
-
-  float* k_s = smem;
-  float* v_s = k_s + lk * kStride;
-  float* dk_s = v_s + lk * kStride;
-  float* dv_s = dk_s + (has_dk ? lk * kStride : 0);
-  float* warp_buffer = dv_s + (has_dv ? lk * kStride : 0) + warp * fwd_warp_floats(D, kTangent);
-  float* q_row = warp_buffer;
-  float* prob = q_row + D;
-  float* dq_row = prob + kMaxKeys;
-  float* prob_ds = dq_row + D;
-
-  const int64_t kv_offset = bh * lk * D;
-  stage_rows<T, kWidth>(static_cast<const T*>(p.k) + kv_offset, lk, D, k_s, kStride);
-  stage_rows<T, kWidth>(static_cast<const T*>(p.v) + kv_offset, lk, D, v_s, kStride);
-  if (has_dk) stage_rows<T, kWidth>(static_cast<const T*>(p.dk) + kv_offset, lk, D, dk_s, kStride);
-  if (has_dv) stage_rows<T, kWidth>(static_cast<const T*>(p.dv) + kv_offset, lk, D, dv_s, kStride);
-  __syncthreads();
-
-  const int64_t row_end = min(p.lq, static_cast<int64_t>(blockIdx.y + 1) * kRowsPerBlock);
-  for (int64_t row = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock + warp; row < row_end; row += kWarps) {
-    const int64_t row_offset = (bh * p.lq + row) * D;
-    stage_row_warp<T, kWidth, D>(static_cast<const T*>(p.q) + row_offset, q_row, lane);
-    if constexpr (kTangent) stage_row_warp<T, kWidth, D>(static_cast<const T*>(p.dq) + row_offset, dq_row, lane);
-    __syncwarp();
-
-    float s[2], ds[2] = {0.f, 0.f};
-#pragma unroll
-    for (int slot = 0; slot < 2; ++slot) {
-      const int j = lane + slot * kWarpSize;
-      s[slot] = -INFINITY;
-      if (j < lk) {
-        s[slot] = p.scale * dot_row<D>(q_row, k_s + j * kStride);
-        if constexpr (kTangent) {
-          float tangent = dot_row<D>(dq_row, k_s + j * kStride);
-          if (has_dk) tangent += dot_row<D>(q_row, dk_s + j * kStride);
-          ds[slot] = p.scale * tangent;
-        }
-      }
-    }
-    const float m = warp_max(fmaxf(s[0], s[1]));
-    float e[2];
-#pragma unroll
-    for (int slot = 0; slot < 2; ++slot) e[slot] = lane + slot * kWarpSize < lk ? expf(s[slot] - m) : 0.f;
-    const float l = warp_sum(e[0] + e[1]);
-    const float inv_l = 1.f / l;
-    float rs = 0.f;  // sum_j p_j ds_j
-#pragma unroll
-    for (int slot = 0; slot < 2; ++slot) {
-      prob[lane + slot * kWarpSize] = e[slot] * inv_l;
-      if constexpr (kTangent) {
-        prob_ds[lane + slot * kWarpSize] = e[slot] * inv_l * ds[slot];
-        rs += e[slot] * inv_l * ds[slot];
-      }
-    }
-    if constexpr (kTangent) rs = warp_sum(rs);
-    __syncwarp();
-
-    T* o = static_cast<T*>(p.o) + row_offset;
-#pragma unroll
-    for (int col = lane; col < D; col += kWarpSize) {
-      float acc = 0.f, acc_dsv = 0.f, acc_dv = 0.f;
-      for (int j = 0; j < lk; ++j) {
-        const float value = v_s[j * kStride + col];
-        acc += prob[j] * value;
-        if constexpr (kTangent) {
-          acc_dsv += prob_ds[j] * value;
-          if (has_dv) acc_dv += prob[j] * dv_s[j * kStride + col];
-        }
-      }
-      o[col] = from_float<T>(acc);
-      if constexpr (kTangent) static_cast<T*>(p.d_o)[row_offset + col] = from_float<T>(acc_dv + acc_dsv - rs * acc);
-    }
-    if (lane == 0) p.lse[bh * p.lq + row] = m + logf(l);
-    __syncwarp();  // q_row and prob are rewritten for the next row
-  }
 }
 
 // grid (BH, num_splits); a block takes a contiguous slice of query rows, kTileRows at a time. Per row (one
@@ -261,8 +344,9 @@ void dispatch_head_dim(int head_dim, Launch&& launch) {
 }  // namespace
 
 int64_t attention_fwd_smem_bytes(int lk, int head_dim, bool tangent, bool has_dk, bool has_dv) {
-  const int64_t context_rows = lk * (2 + (tangent && has_dk ? 1 : 0) + (tangent && has_dv ? 1 : 0));
-  const int64_t floats = context_rows * padded(head_dim) + kWarps * fwd_warp_floats(head_dim, tangent);
+  const int64_t context_rows =
+      fwd_context_rows(lk) * (2 + (tangent && has_dk ? 1 : 0) + (tangent && has_dv ? 1 : 0));
+  const int64_t floats = context_rows * fwd_stride(head_dim) + kWarps * fwd_warp_floats(head_dim, tangent);
   return floats * static_cast<int64_t>(sizeof(float));
 }
 
