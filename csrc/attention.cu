@@ -2,7 +2,7 @@
 // do = sum_j p_j ds_j v_j - (sum_j p_j ds_j) o + sum_j p_j dv_j, ds_j = scale (dq.k_j + q.dk_j).
 // The context (Lk <= 64 tokens: K, V, dK, dV) sits in shared memory, so the memory floor is one read of q
 // (and dq) and one write of o (and do, lse) per query row; no KV loop (DESIGN 4.3). The forward takes
-// kRowTile query rows per warp at once, so each shared-memory read of a key or value feeds kRowTile rows.
+// 4 query rows per warp at once (2 at D = 128), so each shared-memory read of a key or value feeds every one.
 #include <type_traits>
 
 #include "common.cuh"
@@ -14,21 +14,20 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kMaxKeys = kAttentionMaxKeys;  // two keys per lane
 constexpr int kRowsPerBlock = 64;            // forward: query rows of one block, kRowsPerBlock / kWarps per warp
-constexpr int kRowTile = 4;                  // forward: query rows a warp takes at once
+// forward: query rows a warp takes at once (2 at D = 128, so that Lk = 64 with every tangent fits an A100's 163 KiB)
+__host__ __device__ constexpr int row_tile(int head_dim) { return head_dim >= 128 ? 2 : 4; }
 constexpr int kTileRows = 16;                // backward: query rows staged in shared memory at a time
 
-// Backward: shared-memory rows of K/V are padded to D + 1 floats: lane j reading k_j[d] then hits bank (j + d) % 32.
-__host__ __device__ constexpr int padded(int head_dim) { return head_dim + 1; }
-// Forward: rows padded to D + 4 floats, 16-byte aligned for 4-float reads; lanes j and j + 8 of a quarter warp's
-// 16-byte reads then land on distinct banks ((4 j + d) % 32).
-__host__ __device__ constexpr int fwd_stride(int head_dim) { return head_dim + 4; }
-// Forward: the context rows K/V (dK/dV) staged, rounded up to a multiple of 4 (zeros past Lk), so the value loop
-// reads 4 probabilities at once.
-__host__ __device__ constexpr int fwd_context_rows(int lk) { return (lk + 3) / 4 * 4; }
+// Shared-memory rows (K, V, dK, dV, staged query rows) are padded to D + 4 floats: 16-byte aligned for 4-float
+// reads, and the 8 lanes of a quarter warp reading rows j..j+7 at one column land on distinct banks ((4 j + d) % 32).
+__host__ __device__ constexpr int smem_stride(int head_dim) { return head_dim + 4; }
+// The context rows staged, rounded up to a multiple of 4 (zeros past Lk where a loop reads them), so loops over keys
+// read 4 probabilities at once.
+__host__ __device__ constexpr int staged_keys(int lk) { return (lk + 3) / 4 * 4; }
 
 __host__ __device__ constexpr int64_t fwd_warp_floats(int head_dim, bool tangent) {
-  // kRowTile q rows and probabilities p (and dq rows, p * ds for the tangent)
-  return kRowTile * (tangent ? 2 * head_dim + 2 * kMaxKeys : head_dim + kMaxKeys);
+  // row_tile q rows and probabilities p (and dq rows, p * ds for the tangent)
+  return row_tile(head_dim) * (tangent ? 2 * head_dim + 2 * kMaxKeys : head_dim + kMaxKeys);
 }
 
 // Copies rows x[0:rows, 0:D] (row stride D, dtype T) into shared memory as fp32 with row stride `stride`,
@@ -51,11 +50,11 @@ __device__ __forceinline__ void zero_rows(float* dst, int rows, int padded_rows,
   for (int index = rows * stride + threadIdx.x; index < padded_rows * stride; index += kThreads) dst[index] = 0.f;
 }
 
-// Copies `rows` (<= kRowTile) query rows of D elements into a warp's shared buffer (row stride D), zeros for the
+// Copies `rows` (<= row_tile(D)) query rows of D elements into a warp's shared buffer (row stride D), zeros for the
 // rows of the tile past the end. The 32 lanes of a warp take part.
 template <typename T, int kWidth, int D>
 __device__ __forceinline__ void stage_tile_warp(const T* src, int rows, float* dst, int lane) {
-  for (int chunk = lane; chunk < kRowTile * D / kWidth; chunk += kWarpSize) {
+  for (int chunk = lane; chunk < row_tile(D) * D / kWidth; chunk += kWarpSize) {
     const int row = chunk * kWidth / D;
     float values[kWidth];
     if (row < rows) {
@@ -74,17 +73,18 @@ __device__ __forceinline__ float dot4(const float4& a, const float4& b) {
   return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
 }
 
-// grid (BH, ceil(Lq / kRowsPerBlock)); each warp takes kRowTile query rows at a time. Scores: lane j holds keys j and
+// grid (BH, ceil(Lq / kRowsPerBlock)); each warp takes kRowTile = row_tile(D) query rows at a time. Scores: lane j holds keys j and
 // j + 32 (two slots) and forms s[row][slot] for the tile's rows from 16-byte shared-memory reads, one read of k_j
 // per 4 dimensions for kRowTile rows. Values: lane l owns output columns l, l + 32, ... and reads p (4 keys at once)
 // and v_j once for kRowTile rows.
 template <typename T, int D, int kWidth, bool kTangent>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttentionFwdParams p) {
   IMF_DYNAMIC_SMEM(float, smem);
-  constexpr int kStride = fwd_stride(D);
+  constexpr int kStride = smem_stride(D);
   constexpr int kCols = D / kWarpSize;  // output columns per lane
+  constexpr int kRowTile = row_tile(D);
   const int lk = p.lk;
-  const int context_rows = fwd_context_rows(lk);
+  const int context_rows = staged_keys(lk);
   const int64_t bh = blockIdx.x;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
@@ -221,94 +221,150 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
   }
 }
 
-template <int D>
-__device__ __forceinline__ float dot_row(const float* a, const float* b) {
-  float sum = 0.f;
-#pragma unroll 8
-  for (int d = 0; d < D; ++d) sum += a[d] * b[d];
-  return sum;
-}
+// grid (BH, num_splits); a block takes a contiguous slice of query rows, kTileRows at a time (staged as fp32 in
+// shared memory, rows padded to D + 4 floats). Per row: P_ij = exp(s_ij - lse_i), dP_ij = grad_o_i.v_j,
+// Delta_i = sum_j P_ij dP_ij, dS_ij = P_ij (dP_ij - Delta_i), grad_q_i = scale sum_j dS_ij k_j: each warp takes
+// kBwdRowTile rows at once (lane j holds keys j and j + 32) with 16-byte shared-memory reads, so a read of k_j or
+// v_j feeds every row of the warp's tile. Then each thread owns kQuads (key, 4 columns) quads and accumulates
+// grad_v_j += P_ij grad_o_i, grad_k_j += scale dS_ij q_i over the tile's rows in registers, reading 4 columns of
+// grad_o_i and q_i at once (no atomics: the split's partial sums are written once and summed by the caller).
+// Launch bounds (kThreads, 1) let ptxas use up to 255 registers: with the default it capped some D = 32
+// instantiations at 64 and spilled.
+constexpr int kBwdRowTile = kTileRows / kWarps;  // 2
 
-// grid (BH, num_splits); a block takes a contiguous slice of query rows, kTileRows at a time. Per row (one
-// warp): P_ij = exp(s_ij - lse_i), dP_ij = grad_o_i.v_j, Delta_i = sum_j P_ij dP_ij, dS_ij = P_ij (dP_ij -
-// Delta_i), grad_q_i = scale sum_j dS_ij k_j. Per tile, each thread owns D / 4 (key, column) pairs and
-// accumulates grad_v_j += P_ij grad_o_i, grad_k_j += scale dS_ij q_i into registers (no atomics: the
-// split's partial sums are written once and summed by the caller). Launch bounds (kThreads, 1) let ptxas use
-// up to 255 registers: with the default it capped some D = 32 instantiations at 64 and spilled.
 template <typename T, int D, int kWidth>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttentionBwdParams p) {
   IMF_DYNAMIC_SMEM(float, smem);
-  constexpr int kStride = padded(D);
-  constexpr int kPairs = kMaxKeys * D / kThreads;
+  constexpr int kStride = smem_stride(D);
+  constexpr int kCols = D / kWarpSize;              // grad_q columns per lane
+  constexpr int kQuads = kMaxKeys * D / 4 / kThreads;  // (key, 4 columns) quads per thread
   const int lk = p.lk;
+  const int context_rows = staged_keys(lk);
   const int64_t bh = blockIdx.x;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
 
   float* k_s = smem;
-  float* v_s = k_s + lk * kStride;
-  float* q_tile = v_s + lk * kStride;     // [kTileRows][D]
-  float* go_tile = q_tile + kTileRows * D;  // [kTileRows][D]
-  float* prob_tile = go_tile + kTileRows * D;  // [kTileRows][kMaxKeys]
+  float* v_s = k_s + context_rows * kStride;
+  float* q_tile = v_s + context_rows * kStride;  // [kTileRows][kStride]
+  float* go_tile = q_tile + kTileRows * kStride;   // [kTileRows][kStride]
+  float* prob_tile = go_tile + kTileRows * kStride;  // [kTileRows][kMaxKeys]
   float* ds_tile = prob_tile + kTileRows * kMaxKeys;
 
   const int64_t kv_offset = bh * lk * D;
   stage_rows<T, kWidth>(static_cast<const T*>(p.k) + kv_offset, lk, D, k_s, kStride);
+  zero_rows(k_s, lk, context_rows, kStride);
   stage_rows<T, kWidth>(static_cast<const T*>(p.v) + kv_offset, lk, D, v_s, kStride);
 
   const int64_t rows_per_split = (p.lq + p.num_splits - 1) / p.num_splits;
   const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t row_end = min(p.lq, row_begin + rows_per_split);
 
-  float grad_k_acc[kPairs], grad_v_acc[kPairs];
+  float grad_k_acc[kQuads][4], grad_v_acc[kQuads][4];
 #pragma unroll
-  for (int pair = 0; pair < kPairs; ++pair) grad_k_acc[pair] = grad_v_acc[pair] = 0.f;
+  for (int quad = 0; quad < kQuads; ++quad) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) grad_k_acc[quad][i] = grad_v_acc[quad][i] = 0.f;
+  }
 
   for (int64_t tile_begin = row_begin; tile_begin < row_end; tile_begin += kTileRows) {
     const int rows = static_cast<int>(min(static_cast<int64_t>(kTileRows), row_end - tile_begin));
     const int64_t tile_offset = (bh * p.lq + tile_begin) * D;
-    stage_rows<T, kWidth>(static_cast<const T*>(p.q) + tile_offset, rows, D, q_tile, D);
-    stage_rows<T, kWidth>(static_cast<const T*>(p.grad_o) + tile_offset, rows, D, go_tile, D);
+    stage_rows<T, kWidth>(static_cast<const T*>(p.q) + tile_offset, rows, D, q_tile, kStride);
+    stage_rows<T, kWidth>(static_cast<const T*>(p.grad_o) + tile_offset, rows, D, go_tile, kStride);
+    zero_rows(q_tile, rows, kTileRows, kStride);  // the rows past the slice's end count for nothing
+    zero_rows(go_tile, rows, kTileRows, kStride);
     __syncthreads();  // also covers the K/V staging before the first tile
 
-    for (int i = warp; i < rows; i += kWarps) {
-      const float lse = p.lse[bh * p.lq + tile_begin + i];
-      float prob[2] = {0.f, 0.f}, dprob[2] = {0.f, 0.f};
+    const int first = warp * kBwdRowTile;  // this warp's rows of the tile
+    float prob[kBwdRowTile][2], dprob[kBwdRowTile][2];
 #pragma unroll
-      for (int slot = 0; slot < 2; ++slot) {
-        const int j = lane + slot * kWarpSize;
-        if (j < lk) {
-          prob[slot] = expf(p.scale * dot_row<D>(q_tile + i * D, k_s + j * kStride) - lse);
-          dprob[slot] = dot_row<D>(go_tile + i * D, v_s + j * kStride);
+    for (int slot = 0; slot < 2; ++slot) {
+      const int j = lane + slot * kWarpSize;
+#pragma unroll
+      for (int r = 0; r < kBwdRowTile; ++r) prob[r][slot] = dprob[r][slot] = 0.f;
+      if (j >= lk) continue;
+#pragma unroll 4
+      for (int d = 0; d < D; d += 4) {
+        const float4 k4 = load4(k_s + j * kStride + d);
+        const float4 v4 = load4(v_s + j * kStride + d);
+#pragma unroll
+        for (int r = 0; r < kBwdRowTile; ++r) {
+          prob[r][slot] += dot4(load4(q_tile + (first + r) * kStride + d), k4);
+          dprob[r][slot] += dot4(load4(go_tile + (first + r) * kStride + d), v4);
         }
-      }
-      const float delta = warp_sum(prob[0] * dprob[0] + prob[1] * dprob[1]);
-#pragma unroll
-      for (int slot = 0; slot < 2; ++slot) {
-        prob_tile[i * kMaxKeys + lane + slot * kWarpSize] = prob[slot];
-        ds_tile[i * kMaxKeys + lane + slot * kWarpSize] = prob[slot] * (dprob[slot] - delta);
-      }
-      __syncwarp();
-      T* grad_q = static_cast<T*>(p.grad_q) + tile_offset + i * D;
-#pragma unroll
-      for (int col = lane; col < D; col += kWarpSize) {
-        float acc = 0.f;
-        for (int j = 0; j < lk; ++j) acc += ds_tile[i * kMaxKeys + j] * k_s[j * kStride + col];
-        grad_q[col] = from_float<T>(p.scale * acc);
       }
     }
-    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kBwdRowTile; ++r) {
+      const int i = first + r;
+      const float lse = i < rows ? p.lse[bh * p.lq + tile_begin + i] : 0.f;
+#pragma unroll
+      for (int slot = 0; slot < 2; ++slot) {
+        const bool key = lane + slot * kWarpSize < lk && i < rows;
+        prob[r][slot] = key ? expf(p.scale * prob[r][slot] - lse) : 0.f;
+      }
+      const float delta = warp_sum(prob[r][0] * dprob[r][0] + prob[r][1] * dprob[r][1]);
+#pragma unroll
+      for (int slot = 0; slot < 2; ++slot) {
+        prob_tile[i * kMaxKeys + lane + slot * kWarpSize] = prob[r][slot];
+        ds_tile[i * kMaxKeys + lane + slot * kWarpSize] = prob[r][slot] * (dprob[r][slot] - delta);
+      }
+    }
+    __syncwarp();
+
+    // grad_q_i = scale sum_j dS_ij k_j: lane l owns columns l, l + 32, ...; 4 keys of dS read at once
+    float gq[kBwdRowTile][kCols];
+#pragma unroll
+    for (int r = 0; r < kBwdRowTile; ++r) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) gq[r][c] = 0.f;
+    }
+    for (int j = 0; j < context_rows; j += 4) {
+      float4 ds4[kBwdRowTile];
+#pragma unroll
+      for (int r = 0; r < kBwdRowTile; ++r) ds4[r] = load4(ds_tile + (first + r) * kMaxKeys + j);
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          const float key = k_s[(j + jj) * kStride + lane + c * kWarpSize];
+#pragma unroll
+          for (int r = 0; r < kBwdRowTile; ++r) {
+            const float dsj = jj == 0 ? ds4[r].x : jj == 1 ? ds4[r].y : jj == 2 ? ds4[r].z : ds4[r].w;
+            gq[r][c] += dsj * key;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kBwdRowTile; ++r) {
+      if (first + r >= rows) break;
+      T* grad_q = static_cast<T*>(p.grad_q) + tile_offset + (first + r) * D;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) grad_q[lane + c * kWarpSize] = from_float<T>(p.scale * gq[r][c]);
+    }
+    __syncthreads();  // every row's P and dS are in shared memory
 
 #pragma unroll
-    for (int pair = 0; pair < kPairs; ++pair) {
-      const int index = threadIdx.x + pair * kThreads;
-      const int j = index / D;
-      const int col = index % D;
-      if (j < lk) {
-        for (int i = 0; i < rows; ++i) {
-          grad_v_acc[pair] += prob_tile[i * kMaxKeys + j] * go_tile[i * D + col];
-          grad_k_acc[pair] += ds_tile[i * kMaxKeys + j] * q_tile[i * D + col];
-        }
+    for (int quad = 0; quad < kQuads; ++quad) {
+      const int index = threadIdx.x + quad * kThreads;  // quad index: key j, columns 4 * (index % (D / 4)) + 0..3
+      const int j = index / (D / 4);
+      const int col = index % (D / 4) * 4;
+      if (j >= lk) continue;
+      for (int i = 0; i < rows; ++i) {
+        const float pij = prob_tile[i * kMaxKeys + j];
+        const float dsij = ds_tile[i * kMaxKeys + j];
+        const float4 go4 = load4(go_tile + i * kStride + col);
+        const float4 q4 = load4(q_tile + i * kStride + col);
+        grad_v_acc[quad][0] += pij * go4.x;
+        grad_v_acc[quad][1] += pij * go4.y;
+        grad_v_acc[quad][2] += pij * go4.z;
+        grad_v_acc[quad][3] += pij * go4.w;
+        grad_k_acc[quad][0] += dsij * q4.x;
+        grad_k_acc[quad][1] += dsij * q4.y;
+        grad_k_acc[quad][2] += dsij * q4.z;
+        grad_k_acc[quad][3] += dsij * q4.w;
       }
     }
     __syncthreads();  // the tiles are overwritten by the next iteration
@@ -316,16 +372,19 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Attent
 
   const int64_t partial_offset = (bh * p.num_splits + blockIdx.y) * lk * D;
 #pragma unroll
-  for (int pair = 0; pair < kPairs; ++pair) {
-    const int index = threadIdx.x + pair * kThreads;
-    if (index / D < lk) {
-      p.grad_k_partial[partial_offset + index] = p.scale * grad_k_acc[pair];
-      p.grad_v_partial[partial_offset + index] = grad_v_acc[pair];
+  for (int quad = 0; quad < kQuads; ++quad) {
+    const int index = threadIdx.x + quad * kThreads;
+    const int j = index / (D / 4);
+    if (j >= lk) continue;
+    const int64_t out = partial_offset + static_cast<int64_t>(j) * D + index % (D / 4) * 4;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      p.grad_k_partial[out + i] = p.scale * grad_k_acc[quad][i];
+      p.grad_v_partial[out + i] = grad_v_acc[quad][i];
     }
   }
 }
 
-// Calls `launch(std::integral_constant<int, D>{})` for the supported head dims.
 template <typename Launch>
 void dispatch_head_dim(int head_dim, Launch&& launch) {
   switch (head_dim) {
@@ -345,14 +404,14 @@ void dispatch_head_dim(int head_dim, Launch&& launch) {
 
 int64_t attention_fwd_smem_bytes(int lk, int head_dim, bool tangent, bool has_dk, bool has_dv) {
   const int64_t context_rows =
-      fwd_context_rows(lk) * (2 + (tangent && has_dk ? 1 : 0) + (tangent && has_dv ? 1 : 0));
-  const int64_t floats = context_rows * fwd_stride(head_dim) + kWarps * fwd_warp_floats(head_dim, tangent);
+      staged_keys(lk) * (2 + (tangent && has_dk ? 1 : 0) + (tangent && has_dv ? 1 : 0));
+  const int64_t floats = context_rows * smem_stride(head_dim) + kWarps * fwd_warp_floats(head_dim, tangent);
   return floats * static_cast<int64_t>(sizeof(float));
 }
 
 int64_t attention_bwd_smem_bytes(int lk, int head_dim) {
-  const int64_t floats =
-      2 * static_cast<int64_t>(lk) * padded(head_dim) + 2 * kTileRows * head_dim + 2 * kTileRows * kMaxKeys;
+  const int64_t floats = 2 * static_cast<int64_t>(staged_keys(lk)) * smem_stride(head_dim) +
+                         2 * kTileRows * smem_stride(head_dim) + 2 * kTileRows * kMaxKeys;
   return floats * static_cast<int64_t>(sizeof(float));
 }
 

@@ -136,11 +136,13 @@ def test_reasons_name_what_cuda_cannot_take():
 def test_shared_memory_fits_a100_and_h100():
     """Every supported (Lk, D) fits the opt-in shared memory of sm_80 (163 KiB) and sm_90 (227 KiB)."""
     module = extension()
-    # K, V (and dK, dV) rows padded to D + 1 floats, plus per warp (8) the q row and 64 probabilities
-    # (and the dq row and 64 p * ds for the tangent).
-    assert module.attention_fwd_smem_bytes(64, 128, True, True, True) == 4 * (4 * 64 * 129 + 8 * (2 * 128 + 128))
-    assert module.attention_fwd_smem_bytes(20, 64, False, False, False) == 4 * (2 * 20 * 65 + 8 * (64 + 64))
-    assert module.attention_bwd_smem_bytes(64, 128) == 4 * (2 * 64 * 129 + 2 * 16 * 128 + 2 * 16 * 64)
+    # K, V (and dK, dV) rows padded to D + 4 floats (Lk rounded up to 4), plus per warp (8) its row tile (4 rows,
+    # 2 at D = 128) of q rows and 64 probabilities (and dq rows and 64 p * ds for the tangent).
+    assert module.attention_fwd_smem_bytes(64, 128, True, True, True) == 4 * (4 * 64 * 132 + 8 * 2 * (2 * 128 + 128))
+    assert module.attention_fwd_smem_bytes(20, 64, False, False, False) == 4 * (2 * 20 * 68 + 8 * 4 * (64 + 64))
+    assert module.attention_fwd_smem_bytes(33, 32, True, False, True) == 4 * (3 * 36 * 36 + 8 * 4 * (2 * 32 + 128))
+    # backward: K, V and a tile of 16 q and grad_o rows padded to D + 4, 16 x 64 probabilities and dS
+    assert module.attention_bwd_smem_bytes(64, 128) == 4 * (2 * 64 * 132 + 2 * 16 * 132 + 2 * 16 * 64)
     assert module.group_norm_bwd_smem_bytes(8) == 64
     a100_optin = 163 * 1024
     for head_dim in (32, 64, 128):

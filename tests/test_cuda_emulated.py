@@ -216,6 +216,15 @@ def test_a_missing_barrier_shows_up(emulated):
     assert sum(value != value for value in without) == 7 and without[7] == 0  # NaN != NaN
 
 
+def test_warps_drift_apart_between_barriers(emulated):
+    """Each warp writes its lane-id sum (496 for threads 0-31, 1520 for 32-63) after a shuffle, then every thread
+    reads the other warp's slot: with __syncthreads() in between the other sum; without it, warp 0 (released
+    first) finds warp 1's slots not yet written (NaN)."""
+    assert emulated.emulator_cross_warp(True) == [1520.0] * 32 + [496.0] * 32
+    without = emulated.emulator_cross_warp(False)
+    assert all(value != value for value in without[:32]) and without[32:] == [496.0] * 32
+
+
 def test_misuses_are_errors(emulated):
     with pytest.raises(RuntimeError, match="deadlock: block \\(0, 0, 0\\) thread 1"):
         emulated.emulator_deadlock()

@@ -5,10 +5,12 @@
 // another, the fibers of a block in turn on one OS thread, each until it blocks:
 // - __syncthreads() waits until every live (not yet returned) thread of the block is at a barrier;
 // - warp operations (__shfl_*_sync, __syncwarp) wait until every live lane of the warp is at one, and must be
-//   the same operation on each (else: a divergence error, which a GPU would answer with undefined results);
+//   the same operation on each (else: a divergence error, which a GPU would answer with undefined results); one
+//   warp's operation completes at a time, so warps drift apart between barriers;
 // - a barrier that some live threads cannot reach (they wait on another one) is a deadlock error.
 // Turns alternate between ascending and descending thread order, so that a read of another thread's shared
-// memory write with no barrier in between sees the stale value in one of the two orders, and fails a test.
+// memory write with no barrier in between sees the stale value in one of the two orders, and fails a test (within
+// a warp; between warps, the warp that runs ahead does).
 // Dynamic shared memory is filled with NaN before each block (a read of a slot nobody wrote shows up), and a
 // launch needing more than 48 KiB must have opted in (IMF_ALLOW_DYNAMIC_SMEM), as on a GPU, up to 227 KiB.
 // Static __shared__ arrays are function-local statics: one per kernel instantiation, reused by each block.
@@ -133,11 +135,14 @@ inline std::string where(const Emulator& emu, int index) {
          std::to_string(emu.block_index.z) + ") thread " + std::to_string(f.thread.x + emu.block.x * (f.thread.y + emu.block.y * f.thread.z));
 }
 
-// Completes the warp operations whose live lanes have all arrived; true if any did.
-inline bool release_warps(Emulator& emu) {
-  bool released = false;
+// Completes the warp operation of one warp whose live lanes have all arrived (the lowest such warp, or the
+// highest when `ascending` is false); true if there was one. One warp at a time: warps then drift apart, as on a
+// GPU, and a warp reading what another writes without a __syncthreads() in between reads it too early.
+inline bool release_warps(Emulator& emu, bool ascending) {
   const int count = static_cast<int>(emu.fibers.size());
-  for (int first = 0; first < count; first += kWarpSize) {
+  const int warps = (count + kWarpSize - 1) / kWarpSize;
+  for (int step = 0; step < warps; ++step) {
+    const int first = (ascending ? step : warps - 1 - step) * kWarpSize;
     const int last = std::min(first + kWarpSize, count);
     int waiting = 0, live = 0;
     WarpOp op = WarpOp::None;
@@ -170,9 +175,9 @@ inline bool release_warps(Emulator& emu) {
       f.state = State::Ready;
       f.op = WarpOp::None;
     }
-    released = true;
+    return true;
   }
-  return released;
+  return false;
 }
 
 // Runs one block to completion.
@@ -197,9 +202,10 @@ inline void run_block(Emulator& emu) {
       swapcontext(&emu.scheduler, &emu.fibers[static_cast<size_t>(i)].context);
       emu.current = -1;
     }
-    ascending = !ascending;
     if (!emu.error.empty()) throw std::runtime_error("cuda emulator: " + emu.error);
-    if (release_warps(emu)) continue;
+    const bool released = release_warps(emu, ascending);
+    ascending = !ascending;
+    if (released) continue;
     int live = 0, at_barrier = 0, stuck = -1;
     for (int i = 0; i < count; ++i) {
       const State state = emu.fibers[static_cast<size_t>(i)].state;

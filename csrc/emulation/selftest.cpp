@@ -30,6 +30,18 @@ __global__ void neighbour_kernel(float* out, bool barrier) {
   out[t] = slots[(t + 1) % blockDim.x];
 }
 
+// Each warp sums its lane ids (thread ids) by a butterfly, writes the sum to its threads' slots, and each thread reads
+// the slot of the thread 32 away (in the other warp): with __syncthreads() in between the other warp's sum, without
+// it what the warp that runs ahead finds there (NaN: the other warp has not written yet).
+__global__ void cross_warp_kernel(float* out, bool barrier) {
+  float* slots = imf_emu::dynamic_smem<float>();
+  float sum = static_cast<float>(threadIdx.x);
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  slots[threadIdx.x] = sum;
+  if (barrier) __syncthreads();
+  out[threadIdx.x] = slots[(threadIdx.x + 32) % blockDim.x];
+}
+
 // Thread 0 waits at __syncthreads() while lanes 1-31 of its warp wait at __syncwarp(): neither can complete.
 __global__ void deadlock_kernel() {
   if (threadIdx.x == 0) {
@@ -68,6 +80,13 @@ std::vector<float> neighbour(unsigned threads, bool barrier) {
   return out;
 }
 
+std::vector<float> cross_warp(bool barrier) {
+  std::vector<float> out(64, -1.f);
+  float* data = out.data();
+  imf_emu::Launch(cross_warp_kernel, dim3(1), dim3(64), 64 * sizeof(float))(data, barrier);
+  return out;
+}
+
 void deadlock() { imf_emu::Launch(deadlock_kernel, dim3(2), dim3(64), 0)(); }
 
 void divergent() {
@@ -99,6 +118,7 @@ std::vector<std::vector<int64_t>> launches() {
 void register_emulator_selftests(pybind11::module_& m) {
   m.def("emulator_warp_ops", &warp_ops, pybind11::arg("threads"));
   m.def("emulator_neighbour", &neighbour, pybind11::arg("threads"), pybind11::arg("barrier"));
+  m.def("emulator_cross_warp", &cross_warp, pybind11::arg("barrier"));
   m.def("emulator_deadlock", &deadlock);
   m.def("emulator_launches", &launches);
   m.def("emulator_divergent", &divergent);
