@@ -20,7 +20,8 @@
 #define IMF_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
 #define IMF_ALLOW_DYNAMIC_SMEM(kernel, bytes) \
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)))
-#define IMF_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+// 16-byte aligned: the attention kernels read it as float4
+#define IMF_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
 #endif
 
 #include <cstdint>
