@@ -73,10 +73,10 @@ __device__ __forceinline__ float dot4(const float4& a, const float4& b) {
   return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
 }
 
-// grid (BH, ceil(Lq / kRowsPerBlock)); each warp takes kRowTile = row_tile(D) query rows at a time. Scores: lane j holds keys j and
-// j + 32 (two slots) and forms s[row][slot] for the tile's rows from 16-byte shared-memory reads, one read of k_j
-// per 4 dimensions for kRowTile rows. Values: lane l owns output columns l, l + 32, ... and reads p (4 keys at once)
-// and v_j once for kRowTile rows.
+// grid (BH, ceil(Lq / kRowsPerBlock)); each warp takes kRowTile = row_tile(D) query rows at a time. Scores: lane j
+// holds keys j and j + 32 (two slots) and forms s[row][slot] for the tile's rows from 16-byte shared-memory reads,
+// one read of k_j per 4 dimensions for kRowTile rows. Values: lane l owns output columns l, l + 32, ... and reads p
+// (4 keys at once) and v_j once for kRowTile rows.
 template <typename T, int D, int kWidth, bool kTangent>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttentionFwdParams p) {
   IMF_DYNAMIC_SMEM(float, smem);
@@ -117,7 +117,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
     const int rows = static_cast<int>(min(static_cast<int64_t>(kRowTile), row_end - tile));
     const int64_t tile_offset = (bh * p.lq + tile) * D;
     stage_tile_warp<T, kWidth, D>(static_cast<const T*>(p.q) + tile_offset, rows, q_tile, lane);
-    if constexpr (kTangent) stage_tile_warp<T, kWidth, D>(static_cast<const T*>(p.dq) + tile_offset, rows, dq_tile, lane);
+    if constexpr (kTangent) {
+      stage_tile_warp<T, kWidth, D>(static_cast<const T*>(p.dq) + tile_offset, rows, dq_tile, lane);
+    }
     __syncwarp();
 
     float s[kRowTile][2], ds[kRowTile][2];

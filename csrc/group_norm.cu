@@ -145,7 +145,8 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_fwd_kernel(const Grou
 // Pass 1 sums x and dx, pass 2 the centred moments sum (x - mean)^2 and sum (x - mean) dx, both over registers;
 // pass 3 writes. Chunks past the group's end hold zeros and write nothing.
 template <typename T, int kItems, bool kTangent>
-__global__ void __launch_bounds__(kResidentMaxThreads, 1) group_norm_act_fwd_resident_kernel(const GroupNormFwdParams p) {
+__global__ void __launch_bounds__(kResidentMaxThreads, 1)
+    group_norm_act_fwd_resident_kernel(const GroupNormFwdParams p) {
   constexpr int kWidth = kVec16<T>;
   __shared__ float scratch[2 * kWarpSize];
   const int64_t group_index = blockIdx.x;
@@ -168,7 +169,9 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1) group_norm_act_fwd_res
     }
     if (chunk < num_chunks) {
       load_as_float<T, kWidth>(static_cast<const T*>(p.x) + offset + chunk * kWidth, xv[item]);
-      if constexpr (kTangent) load_as_float<T, kWidth>(static_cast<const T*>(p.dx) + offset + chunk * kWidth, dxv[item]);
+      if constexpr (kTangent) {
+        load_as_float<T, kWidth>(static_cast<const T*>(p.dx) + offset + chunk * kWidth, dxv[item]);
+      }
     }
 #pragma unroll
     for (int i = 0; i < kWidth; ++i) {
@@ -205,8 +208,9 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1) group_norm_act_fwd_res
     const int chunk = threadIdx.x + item * blockDim.x;
     if (chunk >= num_chunks) continue;
     const int64_t channel = g * channels_per_group + static_cast<int64_t>(chunk) * kWidth / p.hw;
-    write_chunk<T, kWidth, kTangent>(p, n, channel, xv[item], kTangent ? dxv[item] : xv[item], mean, rstd, mean_dx, mean_xh_dx,
-                                     static_cast<T*>(p.y) + offset + chunk * kWidth,
+    // without a tangent, dxv has one row and write_chunk does not read it: x stands in
+    write_chunk<T, kWidth, kTangent>(p, n, channel, xv[item], kTangent ? dxv[item] : xv[item], mean, rstd, mean_dx,
+                                     mean_xh_dx, static_cast<T*>(p.y) + offset + chunk * kWidth,
                                      kTangent ? static_cast<T*>(p.dy) + offset + chunk * kWidth : nullptr);
   }
 }
@@ -328,7 +332,8 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_bwd_kernel(const Grou
 // are a butterfly within each segment, written per segment to shared memory and added per channel in a fixed
 // order (deterministic, no atomics); then the group sums (a block reduction) and grad_x from registers.
 template <typename T, int kItems>
-__global__ void __launch_bounds__(kResidentMaxThreads, 1) group_norm_act_bwd_resident_kernel(const GroupNormBwdParams p) {
+__global__ void __launch_bounds__(kResidentMaxThreads, 1)
+    group_norm_act_bwd_resident_kernel(const GroupNormBwdParams p) {
   constexpr int kWidth = kVec16<T>;
   IMF_DYNAMIC_SMEM(float, segment_sums);  // [segments]: sum gh, then [segments]: sum gh * xh
   __shared__ float scratch[2 * kWarpSize];
@@ -492,7 +497,8 @@ void group_norm_act_bwd(const GroupNormBwdParams& params, cudaStream_t stream) {
     };
     if (rule.items > 0) {
       const int64_t chunks_per_channel = params.hw / kVec;
-      const int64_t segments = channels_per_group * chunks_per_channel / std::min<int64_t>(chunks_per_channel, kWarpSize);
+      const int64_t segment = std::min<int64_t>(chunks_per_channel, kWarpSize);
+      const int64_t segments = channels_per_group * chunks_per_channel / segment;
       const size_t smem = static_cast<size_t>(2 * segments) * sizeof(float);  // <= 16 KiB
       dispatch_items(rule.items, [&](auto items) {
         launch(group_norm_act_bwd_resident_kernel<T, decltype(items)::value>, rule.threads, smem);

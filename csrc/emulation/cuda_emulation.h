@@ -131,8 +131,9 @@ inline void fiber_main() {
 
 inline std::string where(const Emulator& emu, int index) {
   const Fiber& f = emu.fibers[static_cast<size_t>(index)];
+  const unsigned thread = f.thread.x + emu.block.x * (f.thread.y + emu.block.y * f.thread.z);
   return "block (" + std::to_string(emu.block_index.x) + ", " + std::to_string(emu.block_index.y) + ", " +
-         std::to_string(emu.block_index.z) + ") thread " + std::to_string(f.thread.x + emu.block.x * (f.thread.y + emu.block.y * f.thread.z));
+         std::to_string(emu.block_index.z) + ") thread " + std::to_string(thread);
 }
 
 // Completes the warp operation of one warp whose live lanes have all arrived (the lowest such warp, or the

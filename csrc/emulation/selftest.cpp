@@ -99,7 +99,8 @@ std::vector<float> shared_memory(size_t bytes, size_t allowed) {
   std::vector<float> out(32, -1.f);
   float* data = out.data();
   // 0: the default limit (48 KiB), as a kernel that never called cudaFuncSetAttribute
-  imf_emu::allow_dynamic_smem(reinterpret_cast<const void*>(smem_kernel), allowed > 0 ? allowed : imf_emu::kDefaultDynamicSmem);
+  const size_t limit = allowed > 0 ? allowed : imf_emu::kDefaultDynamicSmem;
+  imf_emu::allow_dynamic_smem(reinterpret_cast<const void*>(smem_kernel), limit);
   imf_emu::Launch(smem_kernel, dim3(1), dim3(32), bytes)(data);
   return out;
 }
