@@ -6,8 +6,9 @@ where torch_same_dtype is plain PyTorch (F.group_norm, matmul + softmax, the los
 dtype on the GPU. The CUDA kernels accumulate in fp32 without TF32, so their fp32 floor is tight. Where the
 triton backend takes the same call, cuda and triton must agree within the sum of their allowed errors.
 Every buffer a launcher allocates is NaN-poisoned first (imf_kernels.cuda._common.empty is swapped).
-All tests need a GPU (marked `gpu`). `python tests/test_cuda_ops.py` runs one small case of every kernel
-variant, which is what compute-sanitizer (memcheck, racecheck) runs over in the last test.
+All tests need a GPU (marked `gpu`); tests/test_cuda_emulated.py runs the same check functions on this CPU through
+the CUDA emulator (DEVICE "cpu", no triton comparison). `python tests/test_cuda_ops.py` runs one small case of every
+kernel variant, which is what compute-sanitizer (memcheck, racecheck) runs over in the last test.
 """
 
 import shutil

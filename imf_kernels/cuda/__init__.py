@@ -2,7 +2,8 @@
 
 One module per op family (`group_norm`, `attention`, `loss`) implements the launchers of
 `imf_kernels.interface` by calling `_C`. It runs CUDA tensors of float32, float16 or bfloat16 when the
-extension is built (setup.py builds it where CUDA torch and nvcc are present) and a GPU is visible.
+extension is built (setup.py builds it where CUDA torch and nvcc are present) and a GPU is visible. Without a GPU
+the tests run the same kernels on CPU tensors through a CUDA emulator (tests/cuda_emulator.py).
 """
 
 import importlib
