@@ -1,6 +1,7 @@
 """Launch-configuration sweep of the Triton GroupNorm and attention kernels on a GPU (bf16, latent-b shapes).
 
     python bench/tune_gpu.py [--out sweep.json] [--budget 0.05]
+    python bench/tune_gpu.py --families cuda_group_norm   # the cuda GroupNorm kernel kinds: launch rule vs looped
 
 For each layer shape and pass it times every candidate block configuration (the launcher's own choice marked
 `*`) with the same rules as bench/ops.py (CUDA events after an L2 flush, medians; bench/common.py), calling the
@@ -117,35 +118,56 @@ def attention_label(cfg) -> str:
     return f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{' single' if cfg.single_tile else ''}"
 
 
+def gn_passes(module, device, dtype, batch: int, channels: int, res: int, groups: int = 32) -> dict:
+    """{pass: (floor bytes, the call)} of one GroupNorm shape for a backend's family module (every option on)."""
+    b, g = batch, groups
+    x, dx, grad_y = (torch.randn(b, channels, res, res, device=device, dtype=dtype) for _ in range(3))
+    weight = 1 + 0.1 * torch.randn(channels, device=device, dtype=dtype)
+    bias = 0.1 * torch.randn(channels, device=device, dtype=dtype)
+    scale, shift, dscale, dshift = (0.1 * torch.randn(b, channels, device=device, dtype=dtype) for _ in range(4))
+    n, e = x.numel(), x.element_size()
+    _, mean, rstd = module.gn_act_fwd(x, g, weight, bias, scale, shift, 1e-5, "silu")
+    return {
+        "fwd": (2 * n * e, partial(module.gn_act_fwd, x, g, weight, bias, scale, shift, 1e-5, "silu")),
+        "jvp": (
+            4 * n * e,
+            partial(module.gn_act_jvp_fwd, x, dx, g, weight, bias, scale, shift, dscale, dshift, 1e-5, "silu"),
+        ),
+        "bwd": (3 * n * e, partial(module.gn_act_bwd, grad_y, x, g, weight, bias, scale, shift, mean, rstd, "silu")),
+    }
+
+
 def sweep_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES):
     from imf_kernels.triton import group_norm as gn
 
-    device = sweep.device
     for channels, res in shapes:
-        b, g = batch, 32
-        x, dx, grad_y = (torch.randn(b, channels, res, res, device=device, dtype=dtype) for _ in range(3))
-        weight = 1 + 0.1 * torch.randn(channels, device=device, dtype=dtype)
-        bias = 0.1 * torch.randn(channels, device=device, dtype=dtype)
-        scale, shift, dscale, dshift = (0.1 * torch.randn(b, channels, device=device, dtype=dtype) for _ in range(4))
-        n, e = x.numel(), x.element_size()
-        _, mean, rstd = gn.gn_act_fwd(x, g, weight, bias, scale, shift, 1e-5, "silu")
-        passes = {
-            "fwd": (2 * n * e, partial(gn.gn_act_fwd, x, g, weight, bias, scale, shift, 1e-5, "silu")),
-            "jvp": (
-                4 * n * e,
-                partial(gn.gn_act_jvp_fwd, x, dx, g, weight, bias, scale, shift, dscale, dshift, 1e-5, "silu"),
-            ),
-            "bwd": (3 * n * e, partial(gn.gn_act_bwd, grad_y, x, g, weight, bias, scale, shift, mean, rstd, "silu")),
-        }
-        default = gn.pick_blocks(channels // g, res * res, dtype)
-        candidates = gn_candidates(channels // g, res * res, dtype)
+        passes = gn_passes(gn, sweep.device, dtype, batch, channels, res)
+        default = gn.pick_blocks(channels // 32, res * res, dtype)
+        candidates = gn_candidates(channels // 32, res * res, dtype)
         for pass_name, (nbytes, fn) in passes.items():
             sweep.time_configs(
                 gn, "pick_blocks", candidates, default, fn, nbytes, gn_label,
-                family="group_norm", shape=f"B{b} C{channels} {res}x{res} G{g}", pass_=pass_name,
+                family="group_norm", shape=f"B{batch} C{channels} {res}x{res} G32", pass_=pass_name,
             )  # fmt: skip
-        del x, dx, grad_y
-        if device.type == "cuda":
+        del passes
+        if sweep.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def sweep_cuda_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES):
+    """The cuda backend's GroupNorm kernel kinds side by side: "auto" (its launch rule: the register-resident kernels
+    at every latent-b shape, new since lease d) against "looped" (the kernels lease d timed)."""
+    from imf_kernels.cuda import group_norm as cuda_gn
+
+    for channels, res in shapes:
+        passes = gn_passes(cuda_gn, sweep.device, dtype, batch, channels, res)
+        for pass_name, (nbytes, fn) in passes.items():
+            sweep.time_configs(
+                cuda_gn, "pick_kernel", ["auto", "looped"], "auto", fn, nbytes, str,
+                family="cuda_group_norm", shape=f"B{batch} C{channels} {res}x{res} G32", pass_=pass_name,
+            )  # fmt: skip
+        del passes
+        if sweep.device.type == "cuda":
             torch.cuda.empty_cache()
 
 
@@ -188,7 +210,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="JSON rows (default: print only)")
     parser.add_argument("--budget", type=float, default=0.05, help="seconds of timed calls per config")
-    parser.add_argument("--families", nargs="+", default=["group_norm", "attention"])
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=["group_norm", "attention"],
+        choices=["group_norm", "attention", "cuda_group_norm"],
+        help="Triton launch sweeps (group_norm, attention) and the cuda GroupNorm kernel kinds (cuda_group_norm: "
+        "needs imf_kernels._C; not with --smoke)",
+    )
     parser.add_argument(
         "--max-seconds", type=float, default=None, help="stop starting new configs after this long (device leases)"
     )
@@ -215,6 +244,8 @@ def main() -> int:
         sweep_group_norm(sweep, dtype, **gn_kwargs)
     if "attention" in args.families:
         sweep_attention(sweep, dtype, **attn_kwargs)
+    if "cuda_group_norm" in args.families:
+        sweep_cuda_group_norm(sweep, dtype, **gn_kwargs)
     rows = sweep.rows
     groups: dict[tuple, list[dict]] = {}
     for row in rows:

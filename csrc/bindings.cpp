@@ -95,10 +95,25 @@ bool aligned16(std::initializer_list<const void*> pointers) {
 
 int64_t vector_width(const Tensor& tensor) { return 16 / static_cast<int64_t>(tensor.element_size()); }
 
+// `kernel`: 0 the launch rule's GroupNorm kernels, 1 the looped ones, 2 the resident ones (where they can run).
+int group_norm_kernel(const char* op, int64_t kernel, int64_t hw, int64_t channels_per_group, const Tensor& x,
+                      bool vectorized) {
+  TORCH_CHECK_VALUE(kernel >= 0 && kernel <= 2, op,
+                    ": kernel must be 0 (the launch rule), 1 (looped) or 2 (resident), got ", kernel);
+  if (kernel == 2) {
+    const imf::GroupNormLaunch rule = imf::group_norm_launch(hw, channels_per_group, x.element_size(), vectorized);
+    TORCH_CHECK_VALUE(rule.items > 0, op, ": the resident kernels need the vector path (H*W a multiple of ",
+                      vector_width(x), ", 16-byte aligned tensors), a power-of-two number of 16-byte chunks per "
+                      "channel and at most 2048 per group; got H*W=", hw, ", C/G=", channels_per_group);
+  }
+  return static_cast<int>(kernel);
+}
+
 void group_norm_act_fwd(const Tensor& x, const OptionalTensor& dx, const OptionalTensor& weight,
                         const OptionalTensor& bias, const OptionalTensor& scale, const OptionalTensor& shift,
                         const OptionalTensor& dscale, const OptionalTensor& dshift, int64_t num_groups, double eps,
-                        bool silu, const Tensor& y, const OptionalTensor& dy, const Tensor& mean, const Tensor& rstd) {
+                        bool silu, const Tensor& y, const OptionalTensor& dy, const Tensor& mean, const Tensor& rstd,
+                        int64_t kernel) {
   const char* op = dx.has_value() ? "group_norm_act_jvp" : "group_norm_act";
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got shape ", x.sizes());
   const int64_t batch = x.size(0), channels = x.size(1), hw = x.size(2) * x.size(3);
@@ -146,6 +161,7 @@ void group_norm_act_fwd(const Tensor& x, const OptionalTensor& dx, const Optiona
   params.mean = mean.data_ptr<float>();
   params.rstd = rstd.data_ptr<float>();
   params.vectorized = hw % vector_width(x) == 0 && aligned16({params.x, params.dx, params.y, params.dy});
+  params.kernel = group_norm_kernel(op, kernel, hw, channels / num_groups, x, params.vectorized);
 
   const OnDevice device(x);
   imf::group_norm_act_fwd(params, device.stream());
@@ -154,7 +170,7 @@ void group_norm_act_fwd(const Tensor& x, const OptionalTensor& dx, const Optiona
 void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTensor& weight,
                         const OptionalTensor& bias, const OptionalTensor& scale, const OptionalTensor& shift,
                         const Tensor& mean, const Tensor& rstd, int64_t num_groups, bool silu, const Tensor& grad_x,
-                        const Tensor& sum_gh, const Tensor& sum_gh_xh) {
+                        const Tensor& sum_gh, const Tensor& sum_gh_xh, int64_t kernel) {
   const char* op = "group_norm_act backward";
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got shape ", x.sizes());
   const int64_t batch = x.size(0), channels = x.size(1), hw = x.size(2) * x.size(3);
@@ -199,6 +215,7 @@ void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTen
   params.sum_gh = sum_gh.data_ptr<float>();
   params.sum_gh_xh = sum_gh_xh.data_ptr<float>();
   params.vectorized = hw % vector_width(x) == 0 && aligned16({params.grad_y, params.x, params.grad_x});
+  params.kernel = group_norm_kernel(op, kernel, hw, channels / num_groups, x, params.vectorized);
 
   const OnDevice device(x);
   imf::group_norm_act_bwd(params, device.stream());
@@ -416,10 +433,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using pybind11::arg;
   m.def("group_norm_act_fwd", &group_norm_act_fwd, "GroupNorm + modulation + activation (and its tangent)",
         arg("x"), arg("dx"), arg("weight"), arg("bias"), arg("scale"), arg("shift"), arg("dscale"), arg("dshift"),
-        arg("num_groups"), arg("eps"), arg("silu"), arg("y"), arg("dy"), arg("mean"), arg("rstd"));
+        arg("num_groups"), arg("eps"), arg("silu"), arg("y"), arg("dy"), arg("mean"), arg("rstd"), arg("kernel") = 0);
   m.def("group_norm_act_bwd", &group_norm_act_bwd, "grad_x and per-channel sums for the parameter gradients",
         arg("grad_y"), arg("x"), arg("weight"), arg("bias"), arg("scale"), arg("shift"), arg("mean"), arg("rstd"),
-        arg("num_groups"), arg("silu"), arg("grad_x"), arg("sum_gh"), arg("sum_gh_xh"));
+        arg("num_groups"), arg("silu"), arg("grad_x"), arg("sum_gh"), arg("sum_gh_xh"), arg("kernel") = 0);
   m.def("attention_fwd", &attention_fwd, "short-context attention (and its tangent) with log-sum-exp", arg("q"),
         arg("k"), arg("v"), arg("dq"), arg("dk"), arg("dv"), arg("scale"), arg("o"), arg("d_o"), arg("lse"));
   m.def("attention_bwd", &attention_bwd, "grad_q and per-split partial grad_k, grad_v", arg("grad_o"), arg("q"),

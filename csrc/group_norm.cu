@@ -454,8 +454,9 @@ void group_norm_act_fwd(const GroupNormFwdParams& params, cudaStream_t stream) {
   dispatch_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = kVec16<T>;
-    const GroupNormLaunch rule =
+    GroupNormLaunch rule =
         group_norm_launch(params.hw, channels_per_group, static_cast<int64_t>(sizeof(T)), params.vectorized);
+    if (params.kernel == 1) rule = GroupNormLaunch{0, kThreads};  // the looped kernels asked for
     auto launch = [&](auto kernel, int threads) {
       IMF_LAUNCH(kernel, grid, threads, 0, stream)(params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -489,8 +490,9 @@ void group_norm_act_bwd(const GroupNormBwdParams& params, cudaStream_t stream) {
   dispatch_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = kVec16<T>;
-    const GroupNormLaunch rule =
+    GroupNormLaunch rule =
         group_norm_launch(params.hw, channels_per_group, static_cast<int64_t>(sizeof(T)), params.vectorized);
+    if (params.kernel == 1) rule = GroupNormLaunch{0, kThreads};  // the looped kernels asked for
     auto launch = [&](auto kernel, int threads, size_t smem) {
       IMF_LAUNCH(kernel, grid, threads, smem, stream)(params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

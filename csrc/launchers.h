@@ -18,6 +18,7 @@ struct GroupNormFwdParams {
   float eps;
   bool silu;
   bool vectorized;  // 16-byte loads: hw % (16 / sizeof(T)) == 0 and every tensor pointer 16-byte aligned
+  int kernel;       // 0: the launch rule's kernels (group_norm_launch), 1: the looped ones, 2: the resident ones
   const void* x;
   const void* dx;
   const float* weight;
@@ -39,6 +40,7 @@ struct GroupNormBwdParams {
   int64_t batch, channels, groups, hw;
   bool silu;
   bool vectorized;
+  int kernel;  // as GroupNormFwdParams::kernel
   const void* grad_y;
   const void* x;
   const float* weight;

@@ -8,6 +8,7 @@ Also the emulator's own contract: exact warp-operation results, and the misuses 
 """
 
 import os
+import sys
 
 import cuda_emulator
 import pytest
@@ -94,6 +95,47 @@ def test_group_norm_launch_rule(shape, dtype, emulated):
     else:  # two floats per channel
         smem = 2 * cpg * 4
     assert emulated.emulator_launches() == [[batch * groups, 1, threads, 0], [batch * groups, 1, threads, smem]]
+
+
+RESIDENT_SHAPES = [shape for shape, launches in GN_LAUNCHES.items() if launches[0][0] or launches[1][0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("shape", RESIDENT_SHAPES, ids=cuda_tests.gn_id)
+def test_group_norm_looped_kernels_where_the_rule_picks_resident_ones(shape, dtype, emulated, monkeypatch):
+    """pick_kernel = "looped" (what bench/tune_gpu.py times against the rule's pick) runs the looped kernels, in
+    parity, at the shapes the rule gives the resident ones."""
+    monkeypatch.setattr(cuda_group_norm, "pick_kernel", lambda *_: "looped")
+    emulated.emulator_launches()
+    cuda_tests.check_gn_jvp(shape, "full-silu", dtype)
+    cuda_tests.check_gn_backward(shape, "full-silu", dtype)
+    assert {launch[2] for launch in emulated.emulator_launches()} == {256}
+
+
+def test_group_norm_resident_kernels_refuse_a_group_they_cannot_hold(emulated, monkeypatch):
+    monkeypatch.setattr(cuda_group_norm, "pick_kernel", lambda *_: "resident")
+    x = torch.randn(1, 40, 5, 7)
+    with pytest.raises(ValueError, match="the resident kernels need the vector path .* got H\\*W=35, C/G=5"):
+        cuda_group_norm.gn_act_fwd(x, 8, None, None, None, None, 1e-5, "silu")
+    monkeypatch.setattr(cuda_group_norm, "pick_kernel", lambda *_: "fastest")
+    with pytest.raises(ValueError, match="pick_kernel returned 'fastest', accepted: 'auto', 'looped', 'resident'"):
+        cuda_group_norm.gn_act_fwd(x, 8, None, None, None, None, 1e-5, "silu")
+
+
+def test_tune_gpu_sweeps_the_cuda_kernel_kinds(emulated):
+    """bench/tune_gpu.py --families cuda_group_norm: a row per kind and pass, the launch rule's marked default (the
+    emulator's times mean nothing; the rows and their bookkeeping do)."""
+    sys.path.insert(0, str(cuda_emulator.REPO_ROOT / "bench"))
+    try:
+        import tune_gpu
+    finally:
+        sys.path.pop(0)
+    sweep = tune_gpu.Sweep(torch.device("cpu"), budget_s=0.01, copy_gbps=1.0, deadline=None)
+    tune_gpu.sweep_cuda_group_norm(sweep, torch.float32, batch=1, shapes=((64, 8),))
+    assert [(row["pass_"], row["config"], row["default"]) for row in sweep.rows] == [
+        (pass_name, kind, kind == "auto") for pass_name in ("fwd", "jvp", "bwd") for kind in ("auto", "looped")
+    ]
+    assert all(row["ms"] is not None and row["note"] is None for row in sweep.rows)
 
 
 # ---------------------------------------------------------------------------------------------- attention

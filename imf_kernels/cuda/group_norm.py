@@ -17,6 +17,22 @@ TANGENT_ROWS = True
 # The backward keeps two floats per channel of a group in shared memory, within the default 48 KiB.
 MAX_CHANNELS_PER_GROUP = 48 * 1024 // 8
 MAX_BLOCKS = 2**31 - 1
+# The kernels csrc/group_norm.cu runs: "auto" its launch rule (`_C.group_norm_launch`: the register-resident kernels
+# where a group fits them, else the looped ones), or one kind ("resident" refuses a group that does not fit).
+KERNELS = ("auto", "looped", "resident")
+
+
+def pick_kernel(hw: int, channels_per_group: int, dtype: torch.dtype) -> str:
+    """The kernel kind of a launch: the launch rule's. bench/tune_gpu.py and the tests replace it to time or check
+    the kinds side by side."""
+    return "auto"
+
+
+def _kernel(x: torch.Tensor, num_groups: int) -> int:
+    kind = pick_kernel(x.shape[2] * x.shape[3], x.shape[1] // num_groups, x.dtype)
+    if kind not in KERNELS:
+        raise ValueError(f"group_norm: pick_kernel returned {kind!r}, accepted: {', '.join(map(repr, KERNELS))}")
+    return KERNELS.index(kind)
 
 
 def not_supported_reasons(op: str, args: dict[str, Any]) -> list[str]:
@@ -65,6 +81,7 @@ def _forward(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps,
             dy if with_tangent else None,
             mean[begin:end],
             rstd[begin:end],
+            _kernel(x, num_groups),
         )
 
     launch(0, rows, dx is not None)
@@ -144,6 +161,7 @@ def gn_act_bwd(
         grad_x,
         sum_gh,
         sum_gh_xh,
+        _kernel(x, num_groups),
     )
     sum_ga, sum_ga_xh = (sum_gh, sum_gh_xh) if scale32 is None else (sum_gh * (1 + scale32), sum_gh_xh * (1 + scale32))
     grad_weight = None if weight is None else sum_ga_xh.sum(0).to(weight.dtype)
