@@ -1,7 +1,7 @@
 """Launch-configuration sweep of the Triton GroupNorm and attention kernels on a GPU (bf16, latent-b shapes).
 
     python bench/tune_gpu.py [--out sweep.json] [--budget 0.05]
-    python bench/tune_gpu.py --families cuda_group_norm   # the cuda GroupNorm kernel kinds: launch rule vs looped
+    python bench/tune_gpu.py --families cuda_group_norm   # the cuda GroupNorm kernel kinds side by side
 
 For each layer shape and pass it times every candidate block configuration (the launcher's own choice marked
 `*`) with the same rules as bench/ops.py (CUDA events after an L2 flush, medians; bench/common.py), calling the
@@ -155,15 +155,16 @@ def sweep_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES):
 
 
 def sweep_cuda_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES):
-    """The cuda backend's GroupNorm kernel kinds side by side: "auto" (its launch rule: the register-resident kernels
-    at every latent-b shape, new since lease d) against "looped" (the kernels lease d timed)."""
+    """The cuda backend's GroupNorm kernel kinds side by side: "auto" (its launch rule) against "looped" (the kernels
+    lease d timed), "resident" (a block per group) and "warp" (a warp per group; new since lease d, both); a kind
+    that cannot take a shape is a row with its reason."""
     from imf_kernels.cuda import group_norm as cuda_gn
 
     for channels, res in shapes:
         passes = gn_passes(cuda_gn, sweep.device, dtype, batch, channels, res)
         for pass_name, (nbytes, fn) in passes.items():
             sweep.time_configs(
-                cuda_gn, "pick_kernel", ["auto", "looped"], "auto", fn, nbytes, str,
+                cuda_gn, "pick_kernel", list(cuda_gn.KERNELS), "auto", fn, nbytes, str,
                 family="cuda_group_norm", shape=f"B{batch} C{channels} {res}x{res} G32", pass_=pass_name,
             )  # fmt: skip
         del passes

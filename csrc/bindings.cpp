@@ -95,17 +95,18 @@ bool aligned16(std::initializer_list<const void*> pointers) {
 
 int64_t vector_width(const Tensor& tensor) { return 16 / static_cast<int64_t>(tensor.element_size()); }
 
-// `kernel`: 0 the launch rule's GroupNorm kernels, 1 the looped ones, 2 the resident ones (where they can run).
+// `kernel`: the GroupNorm kernel kind asked for (imf::group_norm_launch): 0 the launch rule's, 1 looped, 2 resident
+// with a block per group, 3 resident with a warp per group (where the group fits them).
 int group_norm_kernel(const char* op, int64_t kernel, int64_t hw, int64_t channels_per_group, const Tensor& x,
                       bool vectorized) {
-  TORCH_CHECK_VALUE(kernel >= 0 && kernel <= 2, op,
-                    ": kernel must be 0 (the launch rule), 1 (looped) or 2 (resident), got ", kernel);
-  if (kernel == 2) {
-    const imf::GroupNormLaunch rule = imf::group_norm_launch(hw, channels_per_group, x.element_size(), vectorized);
-    TORCH_CHECK_VALUE(rule.items > 0, op, ": the resident kernels need the vector path (H*W a multiple of ",
-                      vector_width(x), ", 16-byte aligned tensors), a power-of-two number of 16-byte chunks per "
-                      "channel and at most 2048 per group; got H*W=", hw, ", C/G=", channels_per_group);
-  }
+  TORCH_CHECK_VALUE(kernel >= 0 && kernel <= 3, op,
+                    ": kernel must be 0 (the launch rule), 1 (looped), 2 (resident) or 3 (warp), got ", kernel);
+  const imf::GroupNormLaunch rule =
+      imf::group_norm_launch(hw, channels_per_group, x.element_size(), vectorized, static_cast<int>(kernel));
+  TORCH_CHECK_VALUE(rule.items >= 0, op, ": the ", kernel == 2 ? "resident" : "warp",
+                    " kernels need the vector path (H*W a multiple of ", vector_width(x),
+                    ", 16-byte aligned tensors), a power-of-two number of 16-byte chunks per channel and at most ",
+                    kernel == 2 ? 2048 : 128, " per group; got H*W=", hw, ", C/G=", channels_per_group);
   return static_cast<int>(kernel);
 }
 
@@ -453,12 +454,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("lk"), arg("head_dim"));
   m.def(
       "group_norm_launch",
-      [](int64_t hw, int64_t channels_per_group, int64_t element_size, bool vectorized) {
-        const imf::GroupNormLaunch launch = imf::group_norm_launch(hw, channels_per_group, element_size, vectorized);
-        return std::make_pair(launch.items, launch.threads);
+      [](int64_t hw, int64_t channels_per_group, int64_t element_size, bool vectorized, int kernel) {
+        const imf::GroupNormLaunch launch =
+            imf::group_norm_launch(hw, channels_per_group, element_size, vectorized, kernel);
+        return std::make_tuple(launch.items, launch.threads, launch.groups_per_block);
       },
-      "(items per thread, threads) of the GroupNorm kernels' launch: items 0 = the looped kernels", arg("hw"),
-      arg("channels_per_group"), arg("element_size"), arg("vectorized"));
+      "(items per thread, threads, groups per block) of a GroupNorm launch: items 0 = the looped kernels, -1 = the "
+      "kind asked for cannot take the group",
+      arg("hw"), arg("channels_per_group"), arg("element_size"), arg("vectorized"), arg("kernel") = 0);
   m.def("group_norm_bwd_smem_bytes", &imf::group_norm_bwd_smem_bytes,
         "dynamic shared memory of the GroupNorm backward", arg("channels_per_group"));
 #ifdef IMF_EMULATE

@@ -141,15 +141,49 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_fwd_kernel(const Grou
   }
 }
 
-// The resident forward: thread t holds chunks t + i * blockDim.x (i < kItems) of x (and dx) in registers.
-// Pass 1 sums x and dx, pass 2 the centred moments sum (x - mean)^2 and sum (x - mean) dx, both over registers;
-// pass 3 writes. Chunks past the group's end hold zeros and write nothing.
-template <typename T, int kItems, bool kTangent>
+// Where a thread of a resident kernel sits: its (sample, group), its rank among the group's threads and their
+// count. kWarp: one warp per group, blockDim.x / 32 groups per block (the warps past the last group have none);
+// else one block per group.
+template <bool kWarp>
+struct GroupThread {
+  int64_t group_index;
+  int rank, threads;
+  __device__ __forceinline__ GroupThread() {
+    if constexpr (kWarp) {
+      group_index = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
+      rank = threadIdx.x % kWarpSize;
+      threads = kWarpSize;
+    } else {
+      group_index = blockIdx.x;
+      rank = threadIdx.x;
+      threads = blockDim.x;
+    }
+  }
+};
+
+// Sums N values over a group's threads (a warp's butterfly, or the block's reduction), the totals on every thread.
+template <bool kWarp, int N>
+__device__ __forceinline__ void group_sum(float (&values)[N], float* scratch) {
+  if constexpr (kWarp) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) values[n] = warp_sum(values[n]);
+  } else {
+    block_sum(values, scratch);
+  }
+}
+
+// The resident forward: thread t of a group holds its chunks t + i * threads (i < kItems) of x (and dx) in
+// registers. Pass 1 sums x and dx, pass 2 the centred moments sum (x - mean)^2 and sum (x - mean) dx, both over
+// registers; pass 3 writes. Chunks past the group's end hold zeros and write nothing. kWarp: a warp per group (small
+// groups: the reductions are shuffles, no barrier), else a block.
+template <typename T, int kItems, bool kTangent, bool kWarp>
 __global__ void __launch_bounds__(kResidentMaxThreads, 1)
     group_norm_act_fwd_resident_kernel(const GroupNormFwdParams p) {
   constexpr int kWidth = kVec16<T>;
   __shared__ float scratch[2 * kWarpSize];
-  const int64_t group_index = blockIdx.x;
+  const GroupThread<kWarp> self;
+  if (kWarp && self.group_index >= p.batch * p.groups) return;  // (no block barrier follows in warp mode)
+  const int64_t group_index = self.group_index;
   const int64_t n = group_index / p.groups;
   const int64_t g = group_index % p.groups;
   const int64_t channels_per_group = p.channels / p.groups;
@@ -161,7 +195,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
   float sums[2] = {0.f, 0.f};
 #pragma unroll
   for (int item = 0; item < kItems; ++item) {
-    const int chunk = threadIdx.x + item * blockDim.x;
+    const int chunk = self.rank + item * self.threads;
 #pragma unroll
     for (int i = 0; i < kWidth; ++i) {
       xv[item][i] = 0.f;
@@ -179,7 +213,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
       if constexpr (kTangent) sums[1] += dxv[item][i];
     }
   }
-  block_sum(sums, scratch);
+  group_sum<kWarp>(sums, scratch);
   const float inv_size = 1.f / static_cast<float>(group_size);
   const float mean = sums[0] * inv_size;
   const float mean_dx = sums[1] * inv_size;
@@ -187,7 +221,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
   float moments[2] = {0.f, 0.f};
 #pragma unroll
   for (int item = 0; item < kItems; ++item) {
-    if (threadIdx.x + item * blockDim.x >= num_chunks) continue;  // its zeros are not x - mean = 0
+    if (self.rank + item * self.threads >= num_chunks) continue;  // its zeros are not x - mean = 0
 #pragma unroll
     for (int i = 0; i < kWidth; ++i) {
       const float centred = xv[item][i] - mean;
@@ -195,17 +229,17 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
       if constexpr (kTangent) moments[1] += centred * dxv[item][i];
     }
   }
-  block_sum(moments, scratch);
+  group_sum<kWarp>(moments, scratch);
   const float rstd = rsqrtf(moments[0] * inv_size + p.eps);
   const float mean_xh_dx = moments[1] * inv_size * rstd;
-  if (threadIdx.x == 0) {
+  if (self.rank == 0) {
     p.mean[group_index] = mean;
     p.rstd[group_index] = rstd;
   }
 
 #pragma unroll
   for (int item = 0; item < kItems; ++item) {
-    const int chunk = threadIdx.x + item * blockDim.x;
+    const int chunk = self.rank + item * self.threads;
     if (chunk >= num_chunks) continue;
     const int64_t channel = g * channels_per_group + static_cast<int64_t>(chunk) * kWidth / p.hw;
     // without a tangent, dxv has one row and write_chunk does not read it: x stands in
@@ -327,17 +361,20 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_bwd_kernel(const Grou
   }
 }
 
-// The resident backward: thread t holds chunks t + i * blockDim.x of x and gh in registers. A channel's chunks are
-// consecutive, `segment` = min(chunks per channel, 32) (both powers of two) lanes of one warp per item, so its sums
-// are a butterfly within each segment, written per segment to shared memory and added per channel in a fixed
-// order (deterministic, no atomics); then the group sums (a block reduction) and grad_x from registers.
-template <typename T, int kItems>
+// The resident backward: thread t of a group holds its chunks t + i * threads of x and gh in registers. A channel's
+// chunks are consecutive, `segment` = min(chunks per channel, 32) (both powers of two) lanes of one warp per item,
+// so its sums are a butterfly within each segment, written per segment to shared memory and added per channel in a
+// fixed order (deterministic, no atomics); then the group sums and grad_x from registers. kWarp: a warp per group
+// (each with its own shared-memory slice; __syncwarp, no block barrier), else a block.
+template <typename T, int kItems, bool kWarp>
 __global__ void __launch_bounds__(kResidentMaxThreads, 1)
     group_norm_act_bwd_resident_kernel(const GroupNormBwdParams p) {
   constexpr int kWidth = kVec16<T>;
-  IMF_DYNAMIC_SMEM(float, segment_sums);  // [segments]: sum gh, then [segments]: sum gh * xh
+  IMF_DYNAMIC_SMEM(float, smem);  // per group: [segments] sum gh, then [segments] sum gh * xh
   __shared__ float scratch[2 * kWarpSize];
-  const int64_t group_index = blockIdx.x;
+  const GroupThread<kWarp> self;
+  if (kWarp && self.group_index >= p.batch * p.groups) return;  // (no block barrier follows in warp mode)
+  const int64_t group_index = self.group_index;
   const int64_t n = group_index / p.groups;
   const int64_t g = group_index % p.groups;
   const int channels_per_group = static_cast<int>(p.channels / p.groups);
@@ -350,11 +387,12 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
   const int num_chunks = channels_per_group * chunks_per_channel;
   const int num_segments = num_chunks / segment;
   const int lane = threadIdx.x % kWarpSize;
+  float* segment_sums = smem + (kWarp ? 2 * num_segments * (threadIdx.x / kWarpSize) : 0);
 
   float xv[kItems][kWidth], gv[kItems][kWidth];
 #pragma unroll
   for (int item = 0; item < kItems; ++item) {
-    const int chunk = threadIdx.x + item * blockDim.x;
+    const int chunk = self.rank + item * self.threads;
     float sum_gh = 0.f, sum_gh_xh = 0.f;
     if (chunk < num_chunks) {
       const int64_t channel = g * channels_per_group + chunk / chunks_per_channel;
@@ -372,11 +410,15 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
       segment_sums[num_segments + chunk / segment] = sum_gh_xh;
     }
   }
-  __syncthreads();
+  if constexpr (kWarp) {
+    __syncwarp();
+  } else {
+    __syncthreads();
+  }
 
   const int segments_per_channel = chunks_per_channel / segment;
   float group_sums[2] = {0.f, 0.f};
-  for (int local_channel = threadIdx.x; local_channel < channels_per_group; local_channel += blockDim.x) {
+  for (int local_channel = self.rank; local_channel < channels_per_group; local_channel += self.threads) {
     float sum_gh = 0.f, sum_gh_xh = 0.f;
     for (int k = local_channel * segments_per_channel; k < (local_channel + 1) * segments_per_channel; ++k) {
       sum_gh += segment_sums[k];
@@ -387,14 +429,14 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
     const ChannelAffine affine = load_affine(p.weight, p.bias, p.scale, p.shift, channel, sample_channel);
     finish_channel(p, affine, sample_channel, sum_gh, sum_gh_xh, group_sums);
   }
-  block_sum(group_sums, scratch);
+  group_sum<kWarp>(group_sums, scratch);
   const float inv_size = 1.f / static_cast<float>(group_size);
   const float mean_gxh = group_sums[0] * inv_size;
   const float mean_gxh_xh = group_sums[1] * inv_size;
 
 #pragma unroll
   for (int item = 0; item < kItems; ++item) {
-    const int chunk = threadIdx.x + item * blockDim.x;
+    const int chunk = self.rank + item * self.threads;
     if (chunk >= num_chunks) continue;
     const int64_t channel = g * channels_per_group + chunk / chunks_per_channel;
     const ChannelAffine affine = load_affine(p.weight, p.bias, p.scale, p.shift, channel, n * p.channels + channel);
@@ -425,92 +467,106 @@ int64_t group_norm_bwd_smem_bytes(int64_t channels_per_group) {
   return 2 * channels_per_group * static_cast<int64_t>(sizeof(float));
 }
 
-GroupNormLaunch group_norm_launch(int64_t hw, int64_t channels_per_group, int64_t element_size, bool vectorized) {
-  GroupNormLaunch launch;
-  launch.threads = kThreads;
+GroupNormLaunch group_norm_launch(int64_t hw, int64_t channels_per_group, int64_t element_size, bool vectorized,
+                                  int kernel) {
+  const GroupNormLaunch looped{0, kThreads, 1}, refused{-1, 0, 0};
   const int64_t width = 16 / element_size;
   const int64_t chunks_per_channel = hw / width;
   const int64_t num_chunks = channels_per_group * chunks_per_channel;
-  if (!vectorized || (chunks_per_channel & (chunks_per_channel - 1)) != 0 ||
-      num_chunks > static_cast<int64_t>(kResidentMaxThreads) * kResidentMaxItems) {
-    return launch;  // looped
+  const bool resident = vectorized && (chunks_per_channel & (chunks_per_channel - 1)) == 0 &&
+                        num_chunks <= static_cast<int64_t>(kResidentMaxThreads) * kResidentMaxItems;
+  const bool warp = resident && num_chunks <= static_cast<int64_t>(kWarpSize) * kResidentMaxItems;
+  if (kernel == 1 || (kernel == 0 && !resident)) return looped;
+  if ((kernel == 2 && !resident) || (kernel == 3 && !warp)) return refused;
+  if (kernel == 3 || (kernel == 0 && warp)) {
+    int items = 1;
+    while (kWarpSize * items < num_chunks) items *= 2;
+    return GroupNormLaunch{items, kThreads, kThreads / kWarpSize};
   }
   for (const int limit : {256, kResidentMaxThreads}) {
     for (int items = 1; items <= kResidentMaxItems; items *= 2) {
       const int64_t threads = (num_chunks + items - 1) / items;
       if (threads <= limit) {
-        launch.items = items;
-        launch.threads = static_cast<int>((threads + kWarpSize - 1) / kWarpSize * kWarpSize);
-        return launch;
+        return GroupNormLaunch{items, static_cast<int>((threads + kWarpSize - 1) / kWarpSize * kWarpSize), 1};
       }
     }
   }
-  return launch;
+  return refused;  // unreachable: `resident` bounds num_chunks
 }
 
 void group_norm_act_fwd(const GroupNormFwdParams& params, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(params.batch * params.groups));
+  const int64_t groups = params.batch * params.groups;
   const int64_t channels_per_group = params.channels / params.groups;
   dispatch_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = kVec16<T>;
-    GroupNormLaunch rule =
-        group_norm_launch(params.hw, channels_per_group, static_cast<int64_t>(sizeof(T)), params.vectorized);
-    if (params.kernel == 1) rule = GroupNormLaunch{0, kThreads};  // the looped kernels asked for
-    auto launch = [&](auto kernel, int threads) {
-      IMF_LAUNCH(kernel, grid, threads, 0, stream)(params);
+    const GroupNormLaunch rule = group_norm_launch(params.hw, channels_per_group, static_cast<int64_t>(sizeof(T)),
+                                                   params.vectorized, params.kernel);
+    const dim3 grid(static_cast<unsigned>((groups + rule.groups_per_block - 1) / rule.groups_per_block));
+    auto launch = [&](auto kernel) {
+      IMF_LAUNCH(kernel, grid, rule.threads, 0, stream)(params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (rule.items > 0) {
       dispatch_items(rule.items, [&](auto items) {
         constexpr int kItems = decltype(items)::value;
-        if (params.dx != nullptr) {
-          launch(group_norm_act_fwd_resident_kernel<T, kItems, true>, rule.threads);
+        const bool tangent = params.dx != nullptr;
+        if (rule.groups_per_block > 1) {
+          tangent ? launch(group_norm_act_fwd_resident_kernel<T, kItems, true, true>)
+                  : launch(group_norm_act_fwd_resident_kernel<T, kItems, false, true>);
         } else {
-          launch(group_norm_act_fwd_resident_kernel<T, kItems, false>, rule.threads);
+          tangent ? launch(group_norm_act_fwd_resident_kernel<T, kItems, true, false>)
+                  : launch(group_norm_act_fwd_resident_kernel<T, kItems, false, false>);
         }
       });
     } else if (params.dx != nullptr) {
       if (params.vectorized) {
-        launch(group_norm_act_fwd_kernel<T, kVec, true>, kThreads);
+        launch(group_norm_act_fwd_kernel<T, kVec, true>);
       } else {
-        launch(group_norm_act_fwd_kernel<T, 1, true>, kThreads);
+        launch(group_norm_act_fwd_kernel<T, 1, true>);
       }
     } else if (params.vectorized) {
-      launch(group_norm_act_fwd_kernel<T, kVec, false>, kThreads);
+      launch(group_norm_act_fwd_kernel<T, kVec, false>);
     } else {
-      launch(group_norm_act_fwd_kernel<T, 1, false>, kThreads);
+      launch(group_norm_act_fwd_kernel<T, 1, false>);
     }
   });
 }
 
 void group_norm_act_bwd(const GroupNormBwdParams& params, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(params.batch * params.groups));
+  const int64_t groups = params.batch * params.groups;
   const int64_t channels_per_group = params.channels / params.groups;
   dispatch_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = kVec16<T>;
-    GroupNormLaunch rule =
-        group_norm_launch(params.hw, channels_per_group, static_cast<int64_t>(sizeof(T)), params.vectorized);
-    if (params.kernel == 1) rule = GroupNormLaunch{0, kThreads};  // the looped kernels asked for
-    auto launch = [&](auto kernel, int threads, size_t smem) {
-      IMF_LAUNCH(kernel, grid, threads, smem, stream)(params);
+    const GroupNormLaunch rule = group_norm_launch(params.hw, channels_per_group, static_cast<int64_t>(sizeof(T)),
+                                                   params.vectorized, params.kernel);
+    const dim3 grid(static_cast<unsigned>((groups + rule.groups_per_block - 1) / rule.groups_per_block));
+    auto launch = [&](auto kernel, size_t smem) {
+      IMF_LAUNCH(kernel, grid, rule.threads, smem, stream)(params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (rule.items > 0) {
+      // two floats per warp segment of a channel's chunks, per group of the block: <= 16 KiB (a block per group),
+      // <= 8 KiB (8 groups of <= 128 chunks)
       const int64_t chunks_per_channel = params.hw / kVec;
       const int64_t segment = std::min<int64_t>(chunks_per_channel, kWarpSize);
       const int64_t segments = channels_per_group * chunks_per_channel / segment;
-      const size_t smem = static_cast<size_t>(2 * segments) * sizeof(float);  // <= 16 KiB
+      const size_t smem = static_cast<size_t>(2 * segments * rule.groups_per_block) * sizeof(float);
       dispatch_items(rule.items, [&](auto items) {
-        launch(group_norm_act_bwd_resident_kernel<T, decltype(items)::value>, rule.threads, smem);
+        constexpr int kItems = decltype(items)::value;
+        if (rule.groups_per_block > 1) {
+          launch(group_norm_act_bwd_resident_kernel<T, kItems, true>, smem);
+        } else {
+          launch(group_norm_act_bwd_resident_kernel<T, kItems, false>, smem);
+        }
       });
     } else {
       const size_t smem = static_cast<size_t>(group_norm_bwd_smem_bytes(channels_per_group));
       if (params.vectorized) {
-        launch(group_norm_act_bwd_kernel<T, kVec>, kThreads, smem);
+        launch(group_norm_act_bwd_kernel<T, kVec>, smem);
       } else {
-        launch(group_norm_act_bwd_kernel<T, 1>, kThreads, smem);
+        launch(group_norm_act_bwd_kernel<T, 1>, smem);
       }
     }
   });

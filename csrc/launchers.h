@@ -18,7 +18,7 @@ struct GroupNormFwdParams {
   float eps;
   bool silu;
   bool vectorized;  // 16-byte loads: hw % (16 / sizeof(T)) == 0 and every tensor pointer 16-byte aligned
-  int kernel;       // 0: the launch rule's kernels (group_norm_launch), 1: the looped ones, 2: the resident ones
+  int kernel;       // the kind asked for: group_norm_launch's `kernel` (0: its rule)
   const void* x;
   const void* dx;
   const float* weight;
@@ -54,15 +54,20 @@ struct GroupNormBwdParams {
   float* sum_gh_xh;
 };
 
-// Which GroupNorm kernels a launch runs: "resident" (items > 0: each of `threads` threads holds `items` 16-byte
-// chunks of the group in registers) where the vector path runs, a channel holds a power-of-two number of chunks
-// and a group at most 2048 chunks; else the looped kernels (items = 0, 256 threads). Items are the fewest of 1, 2,
-// 4 that keep a block within 256 threads (more blocks per SM), else within 512.
+// Which GroupNorm kernels a launch runs. The resident ones (items > 0: each thread holds `items` 16-byte chunks of
+// its group in registers) take the vector path where a channel holds a power-of-two number of chunks and a group
+// at most 2048 chunks: a group of at most 128 chunks to a warp (groups_per_block = 8 on 256 threads, items the
+// fewest of 1, 2, 4 that hold it), a larger one to a block (groups_per_block = 1; items the fewest of 1, 2, 4 that
+// keep it within 256 threads, else within 512). Every other group runs the looped kernels (items = 0, 256 threads).
+// `kernel` asks for one kind: 0 the rule's, 1 looped, 2 resident with a block per group, 3 resident with a warp per
+// group; items = -1 when the group does not fit the kind asked for.
 struct GroupNormLaunch {
   int items = 0;
   int threads = 0;
+  int groups_per_block = 1;
 };
-GroupNormLaunch group_norm_launch(int64_t hw, int64_t channels_per_group, int64_t element_size, bool vectorized);
+GroupNormLaunch group_norm_launch(int64_t hw, int64_t channels_per_group, int64_t element_size, bool vectorized,
+                                  int kernel = 0);
 
 void group_norm_act_fwd(const GroupNormFwdParams& params, cudaStream_t stream);
 void group_norm_act_bwd(const GroupNormBwdParams& params, cudaStream_t stream);

@@ -60,19 +60,37 @@ def test_group_norm_edge_cases(dtype, emulated):
     cuda_tests.check_gn_backward(cuda_tests.GN_SHAPES[1], "full-silu", dtype, make_misaligned=True)
 
 
-# (B, C, H, W, G) -> the (items per thread, threads) of the GroupNorm launch in fp32 and in bf16 (fp16 alike):
-# items 0 is the looped kernels (256 threads). The rule is csrc/group_norm.cu's group_norm_launch.
+# (B, C, H, W, G) -> the (items per thread, threads, groups per block) of the GroupNorm launch in fp32 and in bf16
+# (fp16 alike): items 0 is the looped kernels (256 threads). The rule is csrc/group_norm.cu's group_norm_launch.
+LOOPED, WARP = (0, 256, 1), lambda items: (items, 256, 8)
 GN_LAUNCHES = {
-    (1, 40, 5, 7, 8): ((0, 256), (0, 256)),  # H*W = 35: the scalar path
-    (2, 64, 8, 8, 32): ((1, 32), (1, 32)),
-    (3, 96, 4, 4, 32): ((1, 32), (1, 32)),
-    (2, 48, 6, 6, 4): ((0, 256), (0, 256)),  # fp32: 9 chunks per channel; bf16: 36 % 8, the scalar path
-    (2, 256, 32, 32, 32): ((4, 512), (4, 256)),
-    (1, 128, 16, 16, 8): ((4, 256), (2, 256)),
-    (2, 32, 2, 2, 4): ((1, 32), (0, 256)),
-    (1, 512, 2, 2, 1): ((2, 256), (0, 256)),
-    (1, 16, 32, 32, 1): ((0, 256), (4, 512)),  # fp32: 4096 chunks in a group
+    (1, 40, 5, 7, 8): (LOOPED, LOOPED),  # H*W = 35: the scalar path
+    (2, 64, 8, 8, 32): (WARP(1), WARP(1)),
+    (3, 96, 4, 4, 32): (WARP(1), WARP(1)),
+    (2, 48, 6, 6, 4): (LOOPED, LOOPED),  # fp32: 9 chunks per channel; bf16: 36 % 8, the scalar path
+    (2, 256, 32, 32, 32): ((4, 512, 1), (4, 256, 1)),
+    (1, 128, 16, 16, 8): ((4, 256, 1), (2, 256, 1)),
+    (2, 32, 2, 2, 4): (WARP(1), LOOPED),
+    (1, 512, 2, 2, 1): ((2, 256, 1), LOOPED),
+    (1, 16, 32, 32, 1): (LOOPED, (4, 512, 1)),  # fp32: 4096 chunks in a group
+    (2, 128, 8, 8, 16): (WARP(4), WARP(2)),
+    (3, 40, 4, 4, 4): (WARP(2), WARP(1)),
 }
+KIND_CODES = {"auto": 0, "looped": 1, "resident": 2, "warp": 3}
+
+
+def gn_launches(shape, dtype, rule):
+    """The (grid, 1, threads, dynamic shared memory) the forward and the backward launch under `rule`."""
+    batch, channels, height, width, groups = shape
+    items, threads, per_block = rule
+    hw, cpg = height * width, channels // groups
+    grid = -(-batch * groups // per_block)
+    if items:  # two floats per warp segment of a channel's chunks, per group of the block
+        chunks_per_channel = hw * dtype.itemsize // 16
+        smem = 2 * cpg * chunks_per_channel // min(chunks_per_channel, 32) * 4 * per_block
+    else:  # two floats per channel
+        smem = 2 * cpg * 4
+    return [[grid, 1, threads, 0], [grid, 1, threads, smem]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
@@ -80,46 +98,47 @@ GN_LAUNCHES = {
 def test_group_norm_launch_rule(shape, dtype, emulated):
     """The launch rule gives the table's kernels, and the launches are those (grid, threads, shared memory)."""
     batch, channels, height, width, groups = shape
-    items, threads = GN_LAUNCHES[shape][dtype == torch.bfloat16]
+    expected = GN_LAUNCHES[shape][dtype == torch.bfloat16]
     hw, cpg, element_size = height * width, channels // groups, dtype.itemsize
     vectorized = hw % (16 // element_size) == 0
-    assert tuple(emulated.group_norm_launch(hw, cpg, element_size, vectorized)) == (items, threads)
+    assert tuple(emulated.group_norm_launch(hw, cpg, element_size, vectorized)) == expected
 
     x, dx, grad_y = (torch.randn(batch, channels, height, width, dtype=dtype) for _ in range(3))
     emulated.emulator_launches()  # clears the record
     _, _, mean, rstd = cuda_group_norm.gn_act_jvp_fwd(x, dx, groups, None, None, None, None, None, None, 1e-5, "silu")
     cuda_group_norm.gn_act_bwd(grad_y, x, groups, None, None, None, None, mean, rstd, "silu")
-    if items:  # two floats per warp segment of a channel's chunks
-        chunks_per_channel = hw * element_size // 16
-        smem = 2 * cpg * chunks_per_channel // min(chunks_per_channel, 32) * 4
-    else:  # two floats per channel
-        smem = 2 * cpg * 4
-    assert emulated.emulator_launches() == [[batch * groups, 1, threads, 0], [batch * groups, 1, threads, smem]]
+    assert emulated.emulator_launches() == gn_launches(shape, dtype, expected)
 
 
-RESIDENT_SHAPES = [shape for shape, launches in GN_LAUNCHES.items() if launches[0][0] or launches[1][0]]
-
-
+@pytest.mark.parametrize("kind", ["looped", "resident", "warp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("shape", RESIDENT_SHAPES, ids=cuda_tests.gn_id)
-def test_group_norm_looped_kernels_where_the_rule_picks_resident_ones(shape, dtype, emulated, monkeypatch):
-    """pick_kernel = "looped" (what bench/tune_gpu.py times against the rule's pick) runs the looped kernels, in
-    parity, at the shapes the rule gives the resident ones."""
-    monkeypatch.setattr(cuda_group_norm, "pick_kernel", lambda *_: "looped")
+@pytest.mark.parametrize("shape", cuda_tests.GN_SHAPES, ids=cuda_tests.gn_id)
+def test_group_norm_kernel_kinds(shape, dtype, kind, emulated, monkeypatch):
+    """pick_kernel = one kind (what bench/tune_gpu.py times against the rule's pick): in parity and launched as the
+    rule says wherever the kind can take the group; a ValueError naming what it needs where it cannot."""
+    batch, channels, height, width, groups = shape
+    hw, cpg = height * width, channels // groups
+    vectorized = hw % (16 // dtype.itemsize) == 0
+    rule = tuple(emulated.group_norm_launch(hw, cpg, dtype.itemsize, vectorized, KIND_CODES[kind]))
+    monkeypatch.setattr(cuda_group_norm, "pick_kernel", lambda *_: kind)
+    if rule[0] < 0:
+        x = torch.randn(batch, channels, height, width, dtype=dtype)
+        limit = 2048 if kind == "resident" else 128
+        with pytest.raises(ValueError, match=f"the {kind} kernels need the vector path .* at most {limit} per group"):
+            cuda_group_norm.gn_act_fwd(x, groups, None, None, None, None, 1e-5, "silu")
+        return
     emulated.emulator_launches()
     cuda_tests.check_gn_jvp(shape, "full-silu", dtype)
     cuda_tests.check_gn_backward(shape, "full-silu", dtype)
-    assert {launch[2] for launch in emulated.emulator_launches()} == {256}
+    forward, backward = gn_launches(shape, dtype, rule)
+    launches = emulated.emulator_launches()  # jvp, then the backward's forward and backward
+    assert launches == [forward, forward, backward]
 
 
-def test_group_norm_resident_kernels_refuse_a_group_they_cannot_hold(emulated, monkeypatch):
-    monkeypatch.setattr(cuda_group_norm, "pick_kernel", lambda *_: "resident")
-    x = torch.randn(1, 40, 5, 7)
-    with pytest.raises(ValueError, match="the resident kernels need the vector path .* got H\\*W=35, C/G=5"):
-        cuda_group_norm.gn_act_fwd(x, 8, None, None, None, None, 1e-5, "silu")
+def test_group_norm_kernel_kind_must_be_known(emulated, monkeypatch):
     monkeypatch.setattr(cuda_group_norm, "pick_kernel", lambda *_: "fastest")
     with pytest.raises(ValueError, match="pick_kernel returned 'fastest', accepted: 'auto', 'looped', 'resident'"):
-        cuda_group_norm.gn_act_fwd(x, 8, None, None, None, None, 1e-5, "silu")
+        cuda_group_norm.gn_act_fwd(torch.randn(1, 8, 4, 4), 4, None, None, None, None, 1e-5, "silu")
 
 
 def test_tune_gpu_sweeps_the_cuda_kernel_kinds(emulated):
@@ -132,8 +151,9 @@ def test_tune_gpu_sweeps_the_cuda_kernel_kinds(emulated):
         sys.path.pop(0)
     sweep = tune_gpu.Sweep(torch.device("cpu"), budget_s=0.01, copy_gbps=1.0, deadline=None)
     tune_gpu.sweep_cuda_group_norm(sweep, torch.float32, batch=1, shapes=((64, 8),))
+    kinds = ("auto", "looped", "resident", "warp")
     assert [(row["pass_"], row["config"], row["default"]) for row in sweep.rows] == [
-        (pass_name, kind, kind == "auto") for pass_name in ("fwd", "jvp", "bwd") for kind in ("auto", "looped")
+        (pass_name, kind, kind == "auto") for pass_name in ("fwd", "jvp", "bwd") for kind in kinds
     ]
     assert all(row["ms"] is not None and row["note"] is None for row in sweep.rows)
 

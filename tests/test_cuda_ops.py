@@ -113,9 +113,11 @@ def misaligned(tensor):
 # (B, C, H, W, G): HW = 35 is the scalar path; 64, 16 the vector path; 36 vector in fp32 only (36 % 8 != 0);
 # (2, 256, 32, 32, 32) is a model shape (8 channels x 32 x 32 = 8192 elements per group). The vector path runs the
 # resident kernels where a channel holds a power-of-two number of 16-byte chunks and a group at most 2048 of them
-# (csrc/group_norm.cu): 1 chunk per thread (B2C64), 2 (B1C128 bf16/fp16), 4 on 256 or 512 threads (B1C128 fp32,
-# B2C256 fp32, B1C16G1 bf16/fp16), one chunk per channel (B2C32 2x2 fp32), channels a thread loops over in the
-# backward (B1C512G1 2x2 fp32); the looped kernels where a group is larger (B1C16G1 fp32: 4096 chunks).
+# (csrc/group_norm.cu), a warp per group up to 128 chunks: 1, 2, 4 chunks per lane (B2C64G32, B3C40G4, B2C128G16),
+# 8 groups per block and a last block with idle warps (B3C40G4: 12 groups); a block per larger group: 1, 2, 4 chunks
+# per thread on 256 or 512 threads (B1C128G8, B2C256, B1C16G1 bf16/fp16), channels a thread loops over in the
+# backward (B1C512G1 2x2 fp32); one chunk per channel (B2C32 2x2 fp32); the looped kernels where a group is larger
+# (B1C16G1 fp32: 4096 chunks) or the scalar path runs.
 GN_SHAPES = [
     (1, 40, 5, 7, 8),
     (2, 64, 8, 8, 32),
@@ -126,6 +128,8 @@ GN_SHAPES = [
     (2, 32, 2, 2, 4),
     (1, 512, 2, 2, 1),
     (1, 16, 32, 32, 1),
+    (2, 128, 8, 8, 16),
+    (3, 40, 4, 4, 4),
 ]
 # which of weight, bias, scale, shift are present, and the activation
 GN_VARIANTS = {
