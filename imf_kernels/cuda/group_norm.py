@@ -1,7 +1,8 @@
 """cuda launchers of GroupNorm + modulation + SiLU (csrc/group_norm.cu); interface in imf_kernels.interface.
 
-y = act(h), h = (weight * xh + bias) * (1 + scale) + shift, xh = (x - mean_g) * rstd_g, one block per
-(sample, group). Memory floor: read x (and dx, or grad_y) once, write y (and dy, or grad_x) once.
+y = act(h), h = (weight * xh + bias) * (1 + scale) + shift, xh = (x - mean_g) * rstd_g, one block or one warp per
+(sample, group), the group held in registers where it fits (`pick_kernel`, `KERNELS`). Memory floor: read x (and dx,
+or grad_y) once, write y (and dy, or grad_x) once.
 """
 
 from typing import Any
