@@ -146,9 +146,11 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_fwd_kernel(const Grou
 // else one block per group.
 template <bool kWarp>
 struct GroupThread {
-  int64_t group_index;
+  int64_t group_index, n, g;  // n * G + g, the sample, the group
+  int64_t channels_per_group, group_size;
+  int64_t offset;  // of the group's first element in the contiguous (B, C, H * W) tensors
   int rank, threads;
-  __device__ __forceinline__ GroupThread() {
+  __device__ __forceinline__ GroupThread(int64_t groups, int64_t channels, int64_t hw) {
     if constexpr (kWarp) {
       group_index = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
       rank = threadIdx.x % kWarpSize;
@@ -158,6 +160,11 @@ struct GroupThread {
       rank = threadIdx.x;
       threads = blockDim.x;
     }
+    n = group_index / groups;
+    g = group_index % groups;
+    channels_per_group = channels / groups;
+    group_size = channels_per_group * hw;
+    offset = group_index * group_size;
   }
 };
 
@@ -181,14 +188,10 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
     group_norm_act_fwd_resident_kernel(const GroupNormFwdParams p) {
   constexpr int kWidth = kVec16<T>;
   __shared__ float scratch[2 * kWarpSize];
-  const GroupThread<kWarp> self;
+  const GroupThread<kWarp> self(p.groups, p.channels, p.hw);
   if (kWarp && self.group_index >= p.batch * p.groups) return;  // (no block barrier follows in warp mode)
-  const int64_t group_index = self.group_index;
-  const int64_t n = group_index / p.groups;
-  const int64_t g = group_index % p.groups;
-  const int64_t channels_per_group = p.channels / p.groups;
-  const int64_t group_size = channels_per_group * p.hw;
-  const int64_t offset = group_index * group_size;
+  const int64_t group_index = self.group_index, n = self.n, g = self.g, offset = self.offset;
+  const int64_t channels_per_group = self.channels_per_group, group_size = self.group_size;
   const int num_chunks = static_cast<int>(group_size / kWidth);
 
   float xv[kItems][kWidth], dxv[kTangent ? kItems : 1][kWidth];
@@ -372,14 +375,11 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
   constexpr int kWidth = kVec16<T>;
   IMF_DYNAMIC_SMEM(float, smem);  // per group: [segments] sum gh, then [segments] sum gh * xh
   __shared__ float scratch[2 * kWarpSize];
-  const GroupThread<kWarp> self;
+  const GroupThread<kWarp> self(p.groups, p.channels, p.hw);
   if (kWarp && self.group_index >= p.batch * p.groups) return;  // (no block barrier follows in warp mode)
-  const int64_t group_index = self.group_index;
-  const int64_t n = group_index / p.groups;
-  const int64_t g = group_index % p.groups;
-  const int channels_per_group = static_cast<int>(p.channels / p.groups);
-  const int64_t group_size = static_cast<int64_t>(channels_per_group) * p.hw;
-  const int64_t offset = group_index * group_size;
+  const int64_t group_index = self.group_index, n = self.n, g = self.g, offset = self.offset;
+  const int channels_per_group = static_cast<int>(self.channels_per_group);
+  const int64_t group_size = self.group_size;
   const float mean = p.mean[group_index];
   const float rstd = p.rstd[group_index];
   const int chunks_per_channel = static_cast<int>(p.hw / kWidth);
