@@ -38,6 +38,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -62,7 +63,6 @@ struct Fiber {
   uint3 thread;
   State state = State::Ready;
   WarpOp op = WarpOp::None;
-  unsigned mask = 0;
   double value = 0;  // the shuffled value (every shuffled type fits a double exactly)
   int source = 0;    // the lane it reads
   double result = 0;
@@ -81,6 +81,7 @@ struct Emulator {
   const std::function<void()>* body = nullptr;
   std::string error;
   std::map<const void*, size_t> allowed_smem;
+  std::mutex lock;  // one launch at a time: the fibers of a launch run on the thread that launched it
   struct Record {
     dim3 grid, block;
     size_t smem;
@@ -230,8 +231,14 @@ inline void run_block(Emulator& emu) {
 }
 
 inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  static thread_local bool launching = false;  // this thread is running a launch's fibers
+  if (launching) throw std::runtime_error("cuda emulator: a kernel launched from inside a kernel");
   Emulator& emu = emulator();
-  if (emu.current >= 0) throw std::runtime_error("cuda emulator: a kernel launched from inside a kernel");
+  const std::lock_guard<std::mutex> guard(emu.lock);
+  launching = true;
+  struct Done {
+    ~Done() { launching = false; }
+  } done;
   const unsigned threads = block.x * block.y * block.z;
   if (threads == 0 || threads > kMaxThreadsPerBlock)
     throw std::runtime_error("cuda emulator: invalid block of " + std::to_string(threads) + " threads");
@@ -270,7 +277,9 @@ inline void allow_dynamic_smem(const void* kernel, size_t bytes) {
     throw std::runtime_error("cuda emulator: cudaFuncSetAttribute: " + std::to_string(bytes) +
                              " bytes of dynamic shared memory, more than the " + std::to_string(kMaxDynamicSmem) +
                              " an H100 allows");
-  emulator().allowed_smem[kernel] = bytes;
+  Emulator& emu = emulator();
+  const std::lock_guard<std::mutex> guard(emu.lock);
+  emu.allowed_smem[kernel] = bytes;
 }
 
 // `kernel<<<grid, block, smem, stream>>>(args...)` as Launch(kernel, grid, block, smem)(args...).
