@@ -186,9 +186,12 @@ def test_the_whole_reference_step_compiles_with_the_norms_affine_outside(bf16):
     # The compiled graphs order the arithmetic differently, so the gradients differ from eager's by rounding (with
     # bf16 targets by bf16 rounding, ~1e-3): against float64, the compiled step's error is at most twice the eager
     # step's in the same dtype over all gradients together (measured 0.8-1.1x), and so is the worst parameter's
-    # (relative to its norm) in fp32; with bf16 targets the worst parameter varies with which roundings cancel
-    # (1.3e-3 to 5.5e-3 over seeds, eager's 1.6e-3 to 6.4e-3), so it is held to 4 bf16 roundings (2^-6) instead.
-    # Single parameters are not compared one by one: eager's error on one can be ~0 by cancellation.
+    # (relative to its norm) in fp32. With bf16 targets each parameter's error is held to twice eager's on the same
+    # parameter plus 4 bf16 roundings (2^-6) of its gradient: the worst parameter varies with which roundings cancel
+    # (1.3e-3 to 5.5e-3 over seeds, eager's 1.6e-3 to 6.4e-3), and a gradient that is a cancelling sum is far off
+    # in both (seed 944374977: v_out.conv.bias, |grad| 1.8e-3 against 2.6e-2 for a conv bias beside it, compiled
+    # 4.6e-2, eager 2.2e-2, every other parameter <= 2.1e-3). In fp32 single parameters are not compared one by one:
+    # eager's error on one can be ~0 by cancellation.
     exact = [p.grad for p in model64.parameters()]
 
     def errors(grads):
@@ -200,7 +203,13 @@ def test_the_whole_reference_step_compiles_with_the_norms_affine_outside(bf16):
     compiled_grads = [p.grad for p in model.parameters()]
     (compiled_whole, compiled_worst), (eager_whole, eager_worst) = errors(compiled_grads), errors(eager_grads)
     assert compiled_whole <= 2 * eager_whole, (seed, compiled_whole, eager_whole)
-    assert compiled_worst <= (max(2 * eager_worst, 2**-6) if bf16 else 2 * eager_worst), (seed, compiled_worst)
+    if not bf16:
+        assert compiled_worst <= 2 * eager_worst, (seed, compiled_worst)
+        return
+    names = [name for name, _ in model.named_parameters()]
+    for name, c, g, e in zip(names, compiled_grads, eager_grads, exact, strict=True):
+        compiled_error, eager_error = (c.double() - e).norm(), (g.double() - e).norm()
+        assert compiled_error <= 2 * eager_error + 2**-6 * e.norm(), (seed, name, compiled_error, eager_error)
 
 
 @pytest.mark.parametrize("flag", ["0", "1"])

@@ -71,7 +71,9 @@ def batch_doubled(fn_ref, batched: tuple[str, ...]):
 
 
 def assert_close_to_reference(got, fn_ref, inputs: dict, **kwargs) -> None:
-    """got against the float64 reference, allowed twice the same-dtype reference's error plus a floor."""
+    """got against the float64 reference, allowed twice the same-dtype reference's error plus a floor. Where the
+    same-dtype reference is not finite but the float64 one is (fp16 torch.func.jvp of a one-element group: rstd =
+    1/sqrt(eps) overflows its tangent), its error bounds nothing: then the floor alone."""
     as64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
     exact = fn_ref(**as64, **kwargs)
     same_dtype = fn_ref(**inputs, **kwargs)
@@ -81,6 +83,8 @@ def assert_close_to_reference(got, fn_ref, inputs: dict, **kwargs) -> None:
             continue
         assert not torch.isnan(g).any()
         ref_error = float((s.double() - e).abs().max())
+        if ref_error != ref_error and torch.isfinite(e).all():  # NaN: the same-dtype reference failed
+            ref_error = 0.0
         error = float((g.double() - e).abs().max())
         floor = FLOORS[g.dtype] * max(1.0, float(e.abs().max()))
         assert error <= 2 * ref_error + floor, (error, ref_error, g.dtype)
