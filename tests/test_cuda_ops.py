@@ -674,7 +674,8 @@ def test_launches_follow_the_current_stream_and_capture_in_a_cuda_graph():
 def run_small_cases() -> None:
     """One small case of every kernel variant (dtype x vector/scalar path x primal/tangent/backward)."""
     for dtype in DTYPES:
-        for shape in (GN_SHAPES[0], GN_SHAPES[1]):  # scalar path, vector path
+        # looped kernels on the scalar path, resident ones a warp per group, resident ones a block per group
+        for shape in (GN_SHAPES[0], GN_SHAPES[1], (1, 128, 16, 16, 8)):
             check_gn_forward(shape, "full-silu", dtype)
             check_gn_jvp(shape, "full-silu", dtype)
             check_gn_backward(shape, "full-silu", dtype)
