@@ -20,6 +20,9 @@
 #   --ops-no-compile: bench/ops.py without its torch.compile column (a lease's time goes to the kernels' rows)
 #   --ncu: after the tests, bench/ncu_kernels.sh: Nsight Compute's occupancy, throughput and stall reasons for one
 #          launch of each GroupNorm / loss case (~1 min; while a --prewarm-compile runs, before the timed steps)
+#   --tune=FAMILIES: last, bench/tune_gpu.py --families FAMILIES (comma-separated: group_norm, attention,
+#          cuda_group_norm) on the time left (with --deadline: stops starting configurations 30 s before it, and is
+#          skipped with under 45 s left), rows to bench/results/tune-<device>-<time>.json
 #
 # Installs nothing but this project (pip --no-deps --no-build-isolation): the machine needs torch, triton,
 # nvcc (CUDA_HOME, default /usr/local/cuda) and the test tools already. Every step runs even when an earlier
@@ -42,6 +45,7 @@ copy_to=""
 prewarm=0
 step_variants=""
 ncu=0
+tune=""
 for arg in "$@"; do
     case "$arg" in
         --skip-tests) skip_tests=1 ;;
@@ -53,8 +57,10 @@ for arg in "$@"; do
         --step-variants=*) step_variants=${arg#--step-variants=} ;;
         --ops-no-compile) ops_args+=(--no-compile) ;;
         --ncu) ncu=1 ;;
+        --tune=*) tune=${arg#--tune=} ;;
         *) echo "gpu_check.sh: unknown argument '$arg' (accepted: --skip-tests, --quick, --gpu-tests-only," \
-               "--deadline=SECONDS, --copy-to=DIR, --prewarm-compile, --step-variants=LIST, --ops-no-compile, --ncu)" >&2
+               "--deadline=SECONDS, --copy-to=DIR, --prewarm-compile, --step-variants=LIST, --ops-no-compile, --ncu," \
+               "--tune=FAMILIES)" >&2
            exit 2 ;;
     esac
 done
@@ -69,6 +75,11 @@ if [ -n "$step_variants" ]; then
         exit 2
     fi
     step_args+=(--variants "$step_variants" --no-sampling)
+fi
+if [ -n "$tune" ] && ! [[ "$tune" =~ ^(group_norm|attention|cuda_group_norm)(,(group_norm|attention|cuda_group_norm))*$ ]]; then
+    echo "gpu_check.sh: --tune takes bench/tune_gpu.py families (group_norm, attention, cuda_group_norm) separated" \
+         "by commas, got '$tune'" >&2
+    exit 2
 fi
 if [ -n "$copy_to" ] && ! mkdir -p "$copy_to"; then
     echo "gpu_check.sh: --copy-to: cannot create the folder '$copy_to'" >&2
@@ -176,6 +187,19 @@ run_step ops "$PYTHON" bench/ops.py ${ops_args[@]+"${ops_args[@]}"}
 run_step profile "$PYTHON" bench/profile_step.py
 if [ -z "$prewarm_pid" ]; then
     run_step step "$PYTHON" bench/step.py ${step_args[@]+"${step_args[@]}"}
+fi
+if [ -n "$tune" ]; then
+    tune_args=(--families ${tune//,/ } --out "bench/results/tune-${slug}-$(date -u +%Y%m%dT%H%M%SZ).json")
+    tune_left=$(( ${deadline:-0} - SECONDS ))
+    if [ -n "$deadline" ] && [ "$tune_left" -lt 45 ]; then
+        echo
+        echo "== tune: skipped, $tune_left s left before the ${deadline} s deadline"
+        statuses+=("tune: skipped (deadline)")
+    else
+        # the sweep writes its rows at the end: it stops starting configurations 30 s before the deadline
+        [ -n "$deadline" ] && tune_args+=(--max-seconds "$((tune_left - 30))")
+        run_step tune "$PYTHON" bench/tune_gpu.py "${tune_args[@]}"
+    fi
 fi
 
 echo

@@ -120,6 +120,18 @@ def test_prewarm_compiles_in_the_background_and_step_runs_first(tmp_path):
     assert len(logs) == 1
 
 
+def test_tune_runs_last_on_the_time_left(tmp_path):
+    proc, commands = run_script(tmp_path, "--skip-tests", "--quick", "--tune=cuda_group_norm,group_norm")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert commands[-1].startswith("bench/tune_gpu.py --families cuda_group_norm group_norm --out bench/results/tune-")
+    assert commands[-2] == "bench/step.py --reps 3" and "  tune: exit 0" in proc.stdout
+    proc, commands = run_script(tmp_path, "--skip-tests", "--quick", "--tune=attention", "--deadline=500")
+    # 30 s before the deadline, less the seconds the (stand-in) steps before it took
+    assert 460 <= int(commands[-1].rsplit("--max-seconds ", 1)[1]) <= 470, commands[-1]
+    proc, commands = run_script(tmp_path, "--skip-tests", "--tune=attention", "--deadline=40")
+    assert "tune: skipped (deadline)" in proc.stdout and not any("tune_gpu" in c for c in commands)
+
+
 def test_deadline_cuts_the_running_step_and_skips_the_rest(tmp_path):
     proc, commands = run_script(tmp_path, "--skip-tests", "--deadline=16", env={"SLOW_STEP": "60"})
     assert proc.returncode == 1  # the cut step counts as failed
@@ -134,6 +146,8 @@ def test_deadline_cuts_the_running_step_and_skips_the_rest(tmp_path):
         (["--bogus"], "unknown argument '--bogus'"),
         (["--deadline=soon"], "--deadline must be a positive number"),
         (["--step-variants=a b"], "--step-variants takes bench/step.py variant names"),
+        (["--tune=cuda_gn"], "--tune takes bench/tune_gpu.py families"),
+        (["--tune=group_norm,"], "--tune takes bench/tune_gpu.py families"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, args, message):
