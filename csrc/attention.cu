@@ -69,6 +69,10 @@ __device__ __forceinline__ void stage_tile_warp(const T* src, int rows, float* d
 }
 
 __device__ __forceinline__ float4 load4(const float* src) { return *reinterpret_cast<const float4*>(src); }
+// Component i (0..3) of a float4 (i is a constant after unrolling).
+__device__ __forceinline__ float component(const float4& a, int i) {
+  return i == 0 ? a.x : i == 1 ? a.y : i == 2 ? a.z : a.w;
+}
 __device__ __forceinline__ float dot4(const float4& a, const float4& b) {
   return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
 }
@@ -194,10 +198,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
           const float dvalue = has_dv ? dv_s[(j + jj) * kStride + col] : 0.f;
 #pragma unroll
           for (int r = 0; r < kRowTile; ++r) {
-            const float pj = jj == 0 ? p4[r].x : jj == 1 ? p4[r].y : jj == 2 ? p4[r].z : p4[r].w;
+            const float pj = component(p4[r], jj);
             acc[r][c] += pj * value;
             if constexpr (kTangent) {
-              const float pdsj = jj == 0 ? pds4[r].x : jj == 1 ? pds4[r].y : jj == 2 ? pds4[r].z : pds4[r].w;
+              const float pdsj = component(pds4[r], jj);
               acc_dsv[r][c] += pdsj * value;
               acc_dv[r][c] += pj * dvalue;
             }
@@ -333,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Attent
           const float key = k_s[(j + jj) * kStride + lane + c * kWarpSize];
 #pragma unroll
           for (int r = 0; r < kBwdRowTile; ++r) {
-            const float dsj = jj == 0 ? ds4[r].x : jj == 1 ? ds4[r].y : jj == 2 ? ds4[r].z : ds4[r].w;
+            const float dsj = component(ds4[r], jj);
             gq[r][c] += dsj * key;
           }
         }

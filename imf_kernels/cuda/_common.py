@@ -49,6 +49,14 @@ def tensor_reasons(op: str, args: dict[str, Any]) -> list[str]:
     return reasons
 
 
+def tangent_row_spans(batch: int, rows: int) -> list[tuple[slice, bool]]:
+    """(samples, whether the launch takes the tangent) of the launches of a jvp call whose tangent covers the first
+    `rows` of `batch` samples (TANGENT_ROWS): the jvp kernel on those, the primal kernel on the rest. Slices of
+    contiguous tensors along the batch stay contiguous."""
+    spans = [(slice(0, rows), True)]
+    return spans if rows == batch else [*spans, (slice(rows, batch), False)]
+
+
 def smem_optin_bytes(device: torch.device) -> int:
     """Shared memory one block may opt in to on `device` (cached by torch, no synchronisation)."""
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin

@@ -61,12 +61,10 @@ def _forward(q, k, v, dq, dk, dv, scale):
     o = _common.empty(tuple(q.shape), q.dtype, q.device)
     do = None if dq is None else _common.empty(tuple(dq.shape), q.dtype, q.device)
     lse = _common.empty(tuple(q.shape[:3]), torch.float32, q.device)
-    head = slice(0, rows)  # views of contiguous tensors along the batch stay contiguous
-    _common.extension().attention_fwd(q[head], k[head], v[head], dq, dk, dv, float(scale), o[head], do, lse[head])
-    if rows < batch:
-        rest = slice(rows, batch)
+    for span, tangent in _common.tangent_row_spans(batch, rows):
+        dq_, dk_, dv_, do_ = (dq, dk, dv, do) if tangent else (None, None, None, None)
         _common.extension().attention_fwd(
-            q[rest], k[rest], v[rest], None, None, None, float(scale), o[rest], None, lse[rest]
+            q[span], k[span], v[span], dq_, dk_, dv_, float(scale), o[span], do_, lse[span]
         )
     return o, do, lse
 

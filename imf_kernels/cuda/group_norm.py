@@ -64,31 +64,27 @@ def _forward(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps,
     rstd = _common.empty((batch, num_groups), torch.float32, x.device)
     f32 = _common.as_float32
     weight, bias, scale, shift, dscale, dshift = map(f32, (weight, bias, scale, shift, dscale, dshift))
-
-    def launch(begin, end, with_tangent):  # samples [begin, end): views of contiguous tensors stay contiguous
-        part = lambda t: None if t is None else t[begin:end]  # noqa: E731
+    kernel = _kernel(x, num_groups)
+    for span, tangent in _common.tangent_row_spans(batch, rows):
+        tangent = tangent and dx is not None
         _common.extension().group_norm_act_fwd(
-            x[begin:end],
-            dx if with_tangent else None,
+            x[span],
+            dx if tangent else None,
             weight,
             bias,
-            part(scale),
-            part(shift),
-            dscale if with_tangent else None,
-            dshift if with_tangent else None,
+            None if scale is None else scale[span],
+            None if shift is None else shift[span],
+            dscale if tangent else None,
+            dshift if tangent else None,
             num_groups,
             float(eps),
             act == "silu",
-            y[begin:end],
-            dy if with_tangent else None,
-            mean[begin:end],
-            rstd[begin:end],
-            _kernel(x, num_groups),
+            y[span],
+            dy if tangent else None,
+            mean[span],
+            rstd[span],
+            kernel,
         )
-
-    launch(0, rows, dx is not None)
-    if rows < batch:
-        launch(rows, batch, False)
     return y, dy, mean, rstd
 
 
