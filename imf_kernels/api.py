@@ -299,6 +299,7 @@ class _GroupNormAct(torch.autograd.Function):
         family, x, num_groups, weight, bias, scale, shift, eps, act = inputs
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)  # their gradients arrive as None, not as zero-filled tensors
         ctx.family, ctx.num_groups, ctx.eps, ctx.act = family, num_groups, eps, act
         ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
         ctx.save_for_forward(x, weight, bias, scale, shift, mean, rstd)
@@ -366,6 +367,7 @@ class _GroupNormActJvp(torch.autograd.Function):
         family, x, _, num_groups, weight, bias, scale, shift, _, _, _, act = inputs
         _, dy, mean, rstd = output
         ctx.mark_non_differentiable(dy, mean, rstd)
+        ctx.set_materialize_grads(False)  # their gradients arrive as None, not as zero-filled tensors
         ctx.family, ctx.num_groups, ctx.act = family, num_groups, act
         ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
 
@@ -416,6 +418,7 @@ class _Attention(torch.autograd.Function):
         family, q, k, v, scale = inputs
         o, lse = output
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # their gradients arrive as None, not as zero-filled tensors
         ctx.family, ctx.scale = family, scale
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.save_for_forward(q, k, v)
@@ -458,6 +461,7 @@ class _AttentionJvp(torch.autograd.Function):
         family, q, k, v, _, _, _, scale = inputs
         o, do, lse = output
         ctx.mark_non_differentiable(do, lse)
+        ctx.set_materialize_grads(False)  # their gradients arrive as None, not as zero-filled tensors
         ctx.family, ctx.scale = family, scale
         ctx.save_for_backward(q, k, v, o, lse)
 
@@ -487,6 +491,7 @@ class _ImfLoss(torch.autograd.Function):
         family, u, du, v, v_target, t, r, _, _ = inputs
         _, stats, w_u, w_v = output
         ctx.mark_non_differentiable(stats, w_u, w_v)
+        ctx.set_materialize_grads(False)  # their gradients arrive as None, not as zero-filled tensors
         ctx.family = family
         ctx.save_for_backward(u, du, v, v_target, t, r, w_u, w_v)
 
@@ -514,6 +519,7 @@ class _MeanflowLoss(torch.autograd.Function):
         family, u, du, v_target, t, r, _, _ = inputs
         _, stats, w = output
         ctx.mark_non_differentiable(stats, w)
+        ctx.set_materialize_grads(False)  # their gradients arrive as None, not as zero-filled tensors
         ctx.family = family
         ctx.save_for_backward(u, du, v_target, t, r, w)
 
