@@ -451,6 +451,39 @@ void attention_fwd(const AttentionFwdParams& params, cudaStream_t stream) {
   });
 }
 
+namespace {
+
+// The backward's second launch: grad_k, grad_v = the sums of their per-split float32 partials in split order, four
+// consecutive elements (16 bytes of each partial) per thread; Lk * D is a multiple of 4 (D is).
+constexpr int kReduceThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads) attention_bwd_reduce_kernel(const AttentionBwdParams p) {
+  const int64_t per_head = static_cast<int64_t>(p.lk) * p.head_dim;
+  const int64_t quad = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x;
+  if (quad * 4 >= p.batch_heads * per_head) return;
+  const int64_t head = quad * 4 / per_head, within = quad * 4 % per_head;
+  const float* partials[2] = {p.grad_k_partial, p.grad_v_partial};
+  void* outputs[2] = {p.grad_k, p.grad_v};
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    float sums[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int split = 0; split < p.num_splits; ++split) {
+      const float4 part =
+          *reinterpret_cast<const float4*>(partials[k] + (head * p.num_splits + split) * per_head + within);
+      sums[0] += part.x;
+      sums[1] += part.y;
+      sums[2] += part.z;
+      sums[3] += part.w;
+    }
+    T* out = static_cast<T*>(outputs[k]) + quad * 4;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = from_float<T>(sums[i]);
+  }
+}
+
+}  // namespace
+
 void attention_bwd(const AttentionBwdParams& params, cudaStream_t stream) {
   const int64_t smem = attention_bwd_smem_bytes(params.lk, params.head_dim);
   const dim3 grid(static_cast<unsigned>(params.batch_heads), static_cast<unsigned>(params.num_splits));
@@ -469,6 +502,10 @@ void attention_bwd(const AttentionBwdParams& params, cudaStream_t stream) {
         launch(attention_bwd_kernel<T, D, 1>);
       }
     });
+    const int64_t quads = params.batch_heads * params.lk * params.head_dim / 4;
+    const dim3 reduce_grid(static_cast<unsigned>((quads + kReduceThreads - 1) / kReduceThreads));
+    IMF_LAUNCH(attention_bwd_reduce_kernel<T>, reduce_grid, kReduceThreads, 0, stream)(params);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

@@ -130,12 +130,12 @@ void group_norm_act_fwd(const Tensor& x, const OptionalTensor& dx, const Optiona
   const std::vector<int64_t> x_shape(x.sizes().begin(), x.sizes().end());
   check_tensor(op, x, "x", x, dtype, x_shape);
   check_optional(op, dx, "dx", x, dtype, x_shape);
-  check_optional(op, weight, "weight", x, at::kFloat, {channels});
-  check_optional(op, bias, "bias", x, at::kFloat, {channels});
-  check_optional(op, scale, "scale", x, at::kFloat, {batch, channels});
-  check_optional(op, shift, "shift", x, at::kFloat, {batch, channels});
-  check_optional(op, dscale, "dscale", x, at::kFloat, {batch, channels});
-  check_optional(op, dshift, "dshift", x, at::kFloat, {batch, channels});
+  check_optional(op, weight, "weight", x, dtype, {channels});
+  check_optional(op, bias, "bias", x, dtype, {channels});
+  check_optional(op, scale, "scale", x, dtype, {batch, channels});
+  check_optional(op, shift, "shift", x, dtype, {batch, channels});
+  check_optional(op, dscale, "dscale", x, dtype, {batch, channels});
+  check_optional(op, dshift, "dshift", x, dtype, {batch, channels});
   check_tensor(op, y, "y", x, dtype, x_shape);
   check_optional(op, dy, "dy", x, dtype, x_shape);
   check_tensor(op, mean, "mean", x, at::kFloat, {batch, num_groups});
@@ -151,12 +151,12 @@ void group_norm_act_fwd(const Tensor& x, const OptionalTensor& dx, const Optiona
   params.silu = silu;
   params.x = x.data_ptr();
   params.dx = data_or_null(dx);
-  params.weight = data_or_null<float>(weight);
-  params.bias = data_or_null<float>(bias);
-  params.scale = data_or_null<float>(scale);
-  params.shift = data_or_null<float>(shift);
-  params.dscale = data_or_null<float>(dscale);
-  params.dshift = data_or_null<float>(dshift);
+  params.weight = data_or_null(weight);
+  params.bias = data_or_null(bias);
+  params.scale = data_or_null(scale);
+  params.shift = data_or_null(shift);
+  params.dscale = data_or_null(dscale);
+  params.dshift = data_or_null(dshift);
   params.y = y.data_ptr();
   params.dy = mutable_data_or_null(dy);
   params.mean = mean.data_ptr<float>();
@@ -171,7 +171,9 @@ void group_norm_act_fwd(const Tensor& x, const OptionalTensor& dx, const Optiona
 void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTensor& weight,
                         const OptionalTensor& bias, const OptionalTensor& scale, const OptionalTensor& shift,
                         const Tensor& mean, const Tensor& rstd, int64_t num_groups, bool silu, const Tensor& grad_x,
-                        const Tensor& sum_gh, const Tensor& sum_gh_xh, int64_t kernel) {
+                        const OptionalTensor& grad_weight, const OptionalTensor& grad_bias,
+                        const OptionalTensor& grad_scale, const OptionalTensor& grad_shift,
+                        const OptionalTensor& weight_bias_partials, int64_t kernel) {
   const char* op = "group_norm_act backward";
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got shape ", x.sizes());
   const int64_t batch = x.size(0), channels = x.size(1), hw = x.size(2) * x.size(3);
@@ -187,15 +189,24 @@ void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTen
   const std::vector<int64_t> x_shape(x.sizes().begin(), x.sizes().end());
   check_tensor(op, x, "x", x, dtype, x_shape);
   check_tensor(op, grad_y, "grad_y", x, dtype, x_shape);
-  check_optional(op, weight, "weight", x, at::kFloat, {channels});
-  check_optional(op, bias, "bias", x, at::kFloat, {channels});
-  check_optional(op, scale, "scale", x, at::kFloat, {batch, channels});
-  check_optional(op, shift, "shift", x, at::kFloat, {batch, channels});
+  check_optional(op, weight, "weight", x, dtype, {channels});
+  check_optional(op, bias, "bias", x, dtype, {channels});
+  check_optional(op, scale, "scale", x, dtype, {batch, channels});
+  check_optional(op, shift, "shift", x, dtype, {batch, channels});
   check_tensor(op, mean, "mean", x, at::kFloat, {batch, num_groups});
   check_tensor(op, rstd, "rstd", x, at::kFloat, {batch, num_groups});
   check_tensor(op, grad_x, "grad_x", x, dtype, x_shape);
-  check_tensor(op, sum_gh, "sum_gh", x, at::kFloat, {batch, channels});
-  check_tensor(op, sum_gh_xh, "sum_gh_xh", x, at::kFloat, {batch, channels});
+  // a parameter's gradient comes with the parameter; weight and bias sum (2, B, C) float32 partials over the batch
+  TORCH_CHECK_VALUE(grad_weight.has_value() == weight.has_value() && grad_bias.has_value() == bias.has_value() &&
+                        grad_scale.has_value() == scale.has_value() && grad_shift.has_value() == shift.has_value(),
+                    op, ": grad_weight, grad_bias, grad_scale, grad_shift must be given for the parameters given");
+  TORCH_CHECK_VALUE(weight_bias_partials.has_value() == (weight.has_value() || bias.has_value()), op,
+                    ": weight_bias_partials must be given exactly when weight or bias is");
+  check_optional(op, grad_weight, "grad_weight", x, dtype, {channels});
+  check_optional(op, grad_bias, "grad_bias", x, dtype, {channels});
+  check_optional(op, grad_scale, "grad_scale", x, dtype, {batch, channels});
+  check_optional(op, grad_shift, "grad_shift", x, dtype, {batch, channels});
+  check_optional(op, weight_bias_partials, "weight_bias_partials", x, at::kFloat, {2, batch, channels});
 
   imf::GroupNormBwdParams params{};
   params.dtype = element_dtype(op, x, "x");
@@ -206,15 +217,22 @@ void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTen
   params.silu = silu;
   params.grad_y = grad_y.data_ptr();
   params.x = x.data_ptr();
-  params.weight = data_or_null<float>(weight);
-  params.bias = data_or_null<float>(bias);
-  params.scale = data_or_null<float>(scale);
-  params.shift = data_or_null<float>(shift);
+  params.weight = data_or_null(weight);
+  params.bias = data_or_null(bias);
+  params.scale = data_or_null(scale);
+  params.shift = data_or_null(shift);
   params.mean = mean.data_ptr<float>();
   params.rstd = rstd.data_ptr<float>();
   params.grad_x = grad_x.data_ptr();
-  params.sum_gh = sum_gh.data_ptr<float>();
-  params.sum_gh_xh = sum_gh_xh.data_ptr<float>();
+  params.grad_weight = mutable_data_or_null(grad_weight);
+  params.grad_bias = mutable_data_or_null(grad_bias);
+  params.grad_scale = mutable_data_or_null(grad_scale);
+  params.grad_shift = mutable_data_or_null(grad_shift);
+  if (weight_bias_partials.has_value()) {
+    float* partials = weight_bias_partials->data_ptr<float>();
+    params.grad_weight_partial = weight.has_value() ? partials : nullptr;
+    params.grad_bias_partial = bias.has_value() ? partials + batch * channels : nullptr;
+  }
   params.vectorized = hw % vector_width(x) == 0 && aligned16({params.grad_y, params.x, params.grad_x});
   params.kernel = group_norm_kernel(op, kernel, hw, channels / num_groups, x, params.vectorized);
 
@@ -292,7 +310,8 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Opti
 }
 
 void attention_bwd(const Tensor& grad_o, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lse,
-                   double scale, const Tensor& grad_q, const Tensor& grad_k_partial, const Tensor& grad_v_partial) {
+                   double scale, const Tensor& grad_q, const Tensor& grad_k_partial, const Tensor& grad_v_partial,
+                   const Tensor& grad_k, const Tensor& grad_v) {
   const char* op = "attention backward";
   check_attention_shapes(op, q, k, v);
   const auto dtype = q.scalar_type();
@@ -308,6 +327,9 @@ void attention_bwd(const Tensor& grad_o, const Tensor& q, const Tensor& k, const
   const std::vector<int64_t> partial_shape{batch_heads, splits, k.size(2), k.size(3)};
   check_tensor(op, grad_k_partial, "grad_k_partial", q, at::kFloat, partial_shape);
   check_tensor(op, grad_v_partial, "grad_v_partial", q, at::kFloat, partial_shape);
+  const std::vector<int64_t> k_shape(k.sizes().begin(), k.sizes().end());
+  check_tensor(op, grad_k, "grad_k", q, dtype, k_shape);
+  check_tensor(op, grad_v, "grad_v", q, dtype, k_shape);
 
   imf::AttentionBwdParams params{};
   params.dtype = element_dtype(op, q, "q");
@@ -325,6 +347,8 @@ void attention_bwd(const Tensor& grad_o, const Tensor& q, const Tensor& k, const
   params.grad_q = grad_q.data_ptr();
   params.grad_k_partial = grad_k_partial.data_ptr<float>();
   params.grad_v_partial = grad_v_partial.data_ptr<float>();
+  params.grad_k = grad_k.data_ptr();
+  params.grad_v = grad_v.data_ptr();
   params.vectorized = aligned16({params.grad_o, params.q, params.k, params.v});
 
   const OnDevice device(q);
@@ -350,7 +374,7 @@ void check_loss_inputs(const char* op, const Tensor& u, const Tensor& du, const 
 // v absent selects the MeanFlow loss (no v-head); then loss_v and w_v are absent too.
 void loss_fwd(const Tensor& u, const Tensor& du, const OptionalTensor& v, const Tensor& v_target, const Tensor& t,
               const Tensor& r, double c, double power, const Tensor& loss_u, const OptionalTensor& loss_v,
-              const Tensor& w_u, const OptionalTensor& w_v) {
+              const Tensor& w_u, const OptionalTensor& w_v, const Tensor& totals) {
   const char* op = v.has_value() ? "imf_loss" : "meanflow_loss";
   check_loss_inputs(op, u, du, v, v_target, t, r);
   TORCH_CHECK_VALUE(v.has_value() == loss_v.has_value() && v.has_value() == w_v.has_value(), op,
@@ -360,6 +384,7 @@ void loss_fwd(const Tensor& u, const Tensor& du, const OptionalTensor& v, const 
   check_tensor(op, w_u, "w_u", u, at::kFloat, {batch});
   check_optional(op, loss_v, "loss_v", u, at::kFloat, {batch});
   check_optional(op, w_v, "w_v", u, at::kFloat, {batch});
+  check_tensor(op, totals, "totals", u, at::kFloat, {v.has_value() ? 3 : 2});
 
   imf::LossFwdParams params{};
   params.dtype = element_dtype(op, u, "u");
@@ -378,6 +403,7 @@ void loss_fwd(const Tensor& u, const Tensor& du, const OptionalTensor& v, const 
   params.loss_v = mutable_data_or_null<float>(loss_v);
   params.w_u = w_u.data_ptr<float>();
   params.w_v = mutable_data_or_null<float>(w_v);
+  params.totals = totals.data_ptr<float>();
   params.vectorized =
       params.numel % vector_width(u) == 0 && aligned16({params.u, params.du, params.v, params.v_target});
 
@@ -435,16 +461,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm_act_fwd", &group_norm_act_fwd, "GroupNorm + modulation + activation (and its tangent)",
         arg("x"), arg("dx"), arg("weight"), arg("bias"), arg("scale"), arg("shift"), arg("dscale"), arg("dshift"),
         arg("num_groups"), arg("eps"), arg("silu"), arg("y"), arg("dy"), arg("mean"), arg("rstd"), arg("kernel") = 0);
-  m.def("group_norm_act_bwd", &group_norm_act_bwd, "grad_x and per-channel sums for the parameter gradients",
+  m.def("group_norm_act_bwd", &group_norm_act_bwd, "grad_x and the parameter gradients (two launches)",
         arg("grad_y"), arg("x"), arg("weight"), arg("bias"), arg("scale"), arg("shift"), arg("mean"), arg("rstd"),
-        arg("num_groups"), arg("silu"), arg("grad_x"), arg("sum_gh"), arg("sum_gh_xh"), arg("kernel") = 0);
+        arg("num_groups"), arg("silu"), arg("grad_x"), arg("grad_weight"), arg("grad_bias"), arg("grad_scale"),
+        arg("grad_shift"), arg("weight_bias_partials"), arg("kernel") = 0);
   m.def("attention_fwd", &attention_fwd, "short-context attention (and its tangent) with log-sum-exp", arg("q"),
         arg("k"), arg("v"), arg("dq"), arg("dk"), arg("dv"), arg("scale"), arg("o"), arg("d_o"), arg("lse"));
-  m.def("attention_bwd", &attention_bwd, "grad_q and per-split partial grad_k, grad_v", arg("grad_o"), arg("q"),
-        arg("k"), arg("v"), arg("lse"), arg("scale"), arg("grad_q"), arg("grad_k_partial"), arg("grad_v_partial"));
-  m.def("loss_fwd", &loss_fwd, "per-sample iMF (v given) or MeanFlow (v None) losses and weights", arg("u"),
-        arg("du"), arg("v"), arg("v_target"), arg("t"), arg("r"), arg("c"), arg("power"), arg("loss_u"),
-        arg("loss_v"), arg("w_u"), arg("w_v"));
+  m.def("attention_bwd", &attention_bwd, "grad_q, and grad_k, grad_v summed from per-split partials (two launches)",
+        arg("grad_o"), arg("q"), arg("k"), arg("v"), arg("lse"), arg("scale"), arg("grad_q"), arg("grad_k_partial"),
+        arg("grad_v_partial"), arg("grad_k"), arg("grad_v"));
+  m.def("loss_fwd", &loss_fwd, "per-sample iMF (v given) or MeanFlow (v None) losses, weights and batch totals",
+        arg("u"), arg("du"), arg("v"), arg("v_target"), arg("t"), arg("r"), arg("c"), arg("power"), arg("loss_u"),
+        arg("loss_v"), arg("w_u"), arg("w_v"), arg("totals"));
   m.def("loss_bwd", &loss_bwd, "grad_u (and grad_v) of the weighted mean loss", arg("grad_total"), arg("u"),
         arg("du"), arg("v"), arg("v_target"), arg("t"), arg("r"), arg("w_u"), arg("w_v"), arg("grad_u"),
         arg("grad_v"));

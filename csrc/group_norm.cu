@@ -18,18 +18,25 @@ constexpr int kThreads = 256;            // looped kernels
 constexpr int kResidentMaxThreads = 512;
 constexpr int kResidentMaxItems = 4;      // chunks per thread
 
-// Per-channel modulation, read as fp32 (absent parameters are the identity).
+// Per-channel modulation as fp32 (absent parameters are the identity).
 struct ChannelAffine {
   float weight, bias, one_plus_scale, shift;
 };
 
-__device__ __forceinline__ ChannelAffine load_affine(const float* weight, const float* bias, const float* scale,
-                                                     const float* shift, int64_t channel, int64_t sample_channel) {
+// parameters[index] of the element type T as fp32, or `absent` for a null parameter
+template <typename T>
+__device__ __forceinline__ float param_or(const void* parameters, int64_t index, float absent) {
+  return parameters != nullptr ? to_float(static_cast<const T*>(parameters)[index]) : absent;
+}
+
+template <typename T>
+__device__ __forceinline__ ChannelAffine load_affine(const void* weight, const void* bias, const void* scale,
+                                                     const void* shift, int64_t channel, int64_t sample_channel) {
   ChannelAffine affine;
-  affine.weight = weight != nullptr ? weight[channel] : 1.f;
-  affine.bias = bias != nullptr ? bias[channel] : 0.f;
-  affine.one_plus_scale = 1.f + (scale != nullptr ? scale[sample_channel] : 0.f);
-  affine.shift = shift != nullptr ? shift[sample_channel] : 0.f;
+  affine.weight = param_or<T>(weight, channel, 1.f);
+  affine.bias = param_or<T>(bias, channel, 0.f);
+  affine.one_plus_scale = 1.f + param_or<T>(scale, sample_channel, 0.f);
+  affine.shift = param_or<T>(shift, sample_channel, 0.f);
   return affine;
 }
 
@@ -40,11 +47,11 @@ __device__ __forceinline__ void write_chunk(const GroupNormFwdParams& p, int64_t
                                             const float (&xv)[kWidth], const float (&dxv)[kWidth], float mean,
                                             float rstd, float mean_dx, float mean_xh_dx, T* y, T* dy) {
   const int64_t sample_channel = n * p.channels + channel;
-  const ChannelAffine affine = load_affine(p.weight, p.bias, p.scale, p.shift, channel, sample_channel);
+  const ChannelAffine affine = load_affine<T>(p.weight, p.bias, p.scale, p.shift, channel, sample_channel);
   float yv[kWidth];
   if constexpr (kTangent) {
-    const float dscale = p.dscale != nullptr ? p.dscale[sample_channel] : 0.f;
-    const float dshift = p.dshift != nullptr ? p.dshift[sample_channel] : 0.f;
+    const float dscale = param_or<T>(p.dscale, sample_channel, 0.f);
+    const float dshift = param_or<T>(p.dshift, sample_channel, 0.f);
     float dyv[kWidth];
 #pragma unroll
     for (int i = 0; i < kWidth; ++i) {
@@ -285,13 +292,18 @@ __device__ __forceinline__ void write_grad_x(const ChannelAffine& affine, const 
   store_from_float<T, kWidth>(grad_x, gxv);
 }
 
-// The per-channel sums S1 = sum gh, S3 = sum gh * xh of one (sample, channel) go to the outputs; their gain-weighted
-// sums over the group's channels are returned (every thread gets them).
+// The per-channel sums S1 = sum gh, S3 = sum gh * xh of one (sample, channel) give its parameter gradients
+// (GroupNormBwdParams); their gain-weighted sums are added to the group's sums.
+template <typename T>
 __device__ __forceinline__ void finish_channel(const GroupNormBwdParams& p, const ChannelAffine& affine,
                                                int64_t sample_channel, float sum_gh, float sum_gh_xh,
                                                float (&group_sums)[2]) {
-  p.sum_gh[sample_channel] = sum_gh;
-  p.sum_gh_xh[sample_channel] = sum_gh_xh;
+  if (p.grad_shift != nullptr) static_cast<T*>(p.grad_shift)[sample_channel] = from_float<T>(sum_gh);
+  if (p.grad_scale != nullptr) {
+    static_cast<T*>(p.grad_scale)[sample_channel] = from_float<T>(affine.weight * sum_gh_xh + affine.bias * sum_gh);
+  }
+  if (p.grad_weight_partial != nullptr) p.grad_weight_partial[sample_channel] = affine.one_plus_scale * sum_gh_xh;
+  if (p.grad_bias_partial != nullptr) p.grad_bias_partial[sample_channel] = affine.one_plus_scale * sum_gh;
   const float gain = affine.weight * affine.one_plus_scale;  // gxh = gain * gh
   group_sums[0] += gain * sum_gh;
   group_sums[1] += gain * sum_gh_xh;
@@ -321,7 +333,7 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_bwd_kernel(const Grou
   for (int64_t local_channel = warp; local_channel < channels_per_group; local_channel += kThreads / kWarpSize) {
     const int64_t channel = g * channels_per_group + local_channel;
     const int64_t sample_channel = n * p.channels + channel;
-    const ChannelAffine affine = load_affine(p.weight, p.bias, p.scale, p.shift, channel, sample_channel);
+    const ChannelAffine affine = load_affine<T>(p.weight, p.bias, p.scale, p.shift, channel, sample_channel);
     float sum_gh = 0.f, sum_gh_xh = 0.f;
     for (int64_t chunk = lane; chunk < chunks_per_channel; chunk += kWarpSize) {
       const int64_t index = local_channel * p.hw + chunk * kWidth;
@@ -334,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_bwd_kernel(const Grou
     sum_gh_xh = warp_sum(sum_gh_xh);
     if (lane == 0) {
       float sums[2] = {0.f, 0.f};
-      finish_channel(p, affine, sample_channel, sum_gh, sum_gh_xh, sums);
+      finish_channel<T>(p, affine, sample_channel, sum_gh, sum_gh_xh, sums);
       channel_sums[local_channel] = sums[0];
       channel_sums[channels_per_group + local_channel] = sums[1];
     }
@@ -355,7 +367,7 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_bwd_kernel(const Grou
   const int64_t num_chunks = group_size / kWidth;
   for (int64_t chunk = threadIdx.x; chunk < num_chunks; chunk += kThreads) {
     const int64_t channel = g * channels_per_group + chunk * kWidth / p.hw;
-    const ChannelAffine affine = load_affine(p.weight, p.bias, p.scale, p.shift, channel, n * p.channels + channel);
+    const ChannelAffine affine = load_affine<T>(p.weight, p.bias, p.scale, p.shift, channel, n * p.channels + channel);
     float xv[kWidth], gv[kWidth], unused[2] = {0.f, 0.f};
     load_as_float<T, kWidth>(x + chunk * kWidth, xv);
     load_as_float<T, kWidth>(grad_y + chunk * kWidth, gv);
@@ -396,7 +408,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
     float sum_gh = 0.f, sum_gh_xh = 0.f;
     if (chunk < num_chunks) {
       const int64_t channel = g * channels_per_group + chunk / chunks_per_channel;
-      const ChannelAffine affine = load_affine(p.weight, p.bias, p.scale, p.shift, channel, n * p.channels + channel);
+      const ChannelAffine affine =
+          load_affine<T>(p.weight, p.bias, p.scale, p.shift, channel, n * p.channels + channel);
       load_as_float<T, kWidth>(static_cast<const T*>(p.x) + offset + chunk * kWidth, xv[item]);
       load_as_float<T, kWidth>(static_cast<const T*>(p.grad_y) + offset + chunk * kWidth, gv[item]);
       grad_at_h<kWidth>(p.silu, affine, xv[item], gv[item], mean, rstd, sum_gh, sum_gh_xh);
@@ -426,8 +439,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
     }
     const int64_t channel = g * channels_per_group + local_channel;
     const int64_t sample_channel = n * p.channels + channel;
-    const ChannelAffine affine = load_affine(p.weight, p.bias, p.scale, p.shift, channel, sample_channel);
-    finish_channel(p, affine, sample_channel, sum_gh, sum_gh_xh, group_sums);
+    const ChannelAffine affine = load_affine<T>(p.weight, p.bias, p.scale, p.shift, channel, sample_channel);
+    finish_channel<T>(p, affine, sample_channel, sum_gh, sum_gh_xh, group_sums);
   }
   group_sum<kWarp>(group_sums, scratch);
   const float inv_size = 1.f / static_cast<float>(group_size);
@@ -439,9 +452,44 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
     const int chunk = self.rank + item * self.threads;
     if (chunk >= num_chunks) continue;
     const int64_t channel = g * channels_per_group + chunk / chunks_per_channel;
-    const ChannelAffine affine = load_affine(p.weight, p.bias, p.scale, p.shift, channel, n * p.channels + channel);
+    const ChannelAffine affine = load_affine<T>(p.weight, p.bias, p.scale, p.shift, channel, n * p.channels + channel);
     write_grad_x<T, kWidth>(affine, xv[item], gv[item], mean, rstd, mean_gxh, mean_gxh_xh,
                             static_cast<T*>(p.grad_x) + offset + chunk * kWidth);
+  }
+}
+
+// grad_weight[c] = sum_n grad_weight_partial[n, c] (and grad_bias alike), the backward's second launch: a block
+// takes kParamColumns channels; its kParamRows rows of threads each sum every kParamRows-th sample in order, then
+// row 0 adds the rows' sums in order (the same result every run).
+constexpr int kParamColumns = 32, kParamRows = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kParamColumns* kParamRows) group_norm_param_grads_kernel(const GroupNormBwdParams p) {
+  __shared__ float rows[2][kParamRows][kParamColumns];
+  const int column = threadIdx.x % kParamColumns, row = threadIdx.x / kParamColumns;
+  const int64_t channel = static_cast<int64_t>(blockIdx.x) * kParamColumns + column;
+  const float* partials[2] = {p.grad_weight_partial, p.grad_bias_partial};
+  float sums[2] = {0.f, 0.f};
+  if (channel < p.channels) {
+#pragma unroll 4
+    for (int64_t n = row; n < p.batch; n += kParamRows) {
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        if (partials[k] != nullptr) sums[k] += partials[k][n * p.channels + channel];
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 2; ++k) rows[k][row][column] = sums[k];
+  __syncthreads();
+  if (row != 0 || channel >= p.channels) return;
+  void* outputs[2] = {p.grad_weight, p.grad_bias};
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    if (outputs[k] == nullptr) continue;
+    float total = 0.f;
+    for (int r = 0; r < kParamRows; ++r) total += rows[k][r][column];
+    static_cast<T*>(outputs[k])[channel] = from_float<T>(total);
   }
 }
 
@@ -568,6 +616,11 @@ void group_norm_act_bwd(const GroupNormBwdParams& params, cudaStream_t stream) {
       } else {
         launch(group_norm_act_bwd_kernel<T, 1>, smem);
       }
+    }
+    if (params.grad_weight != nullptr || params.grad_bias != nullptr) {
+      const dim3 columns(static_cast<unsigned>((params.channels + kParamColumns - 1) / kParamColumns));
+      IMF_LAUNCH(group_norm_param_grads_kernel<T>, columns, kParamColumns * kParamRows, 0, stream)(params);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
 }

@@ -10,8 +10,9 @@ namespace imf {
 
 enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
-// group_norm.cu. x: (B, C, HW) of `dtype`; weight/bias: (C,), scale/shift/dscale/dshift: (B, C), all float32
-// and null when absent. dx null selects the primal kernel. mean/rstd: (B, G) float32.
+// group_norm.cu. x: (B, C, HW) of `dtype`; weight/bias: (C,), scale/shift/dscale/dshift: (B, C), all of `dtype`
+// (read as they are: no conversion launches) and null when absent. dx null selects the primal kernel.
+// mean/rstd: (B, G) float32.
 struct GroupNormFwdParams {
   DType dtype;
   int64_t batch, channels, groups, hw;
@@ -21,20 +22,23 @@ struct GroupNormFwdParams {
   int kernel;       // the kind asked for: group_norm_launch's `kernel` (0: its rule)
   const void* x;
   const void* dx;
-  const float* weight;
-  const float* bias;
-  const float* scale;
-  const float* shift;
-  const float* dscale;
-  const float* dshift;
+  const void* weight;
+  const void* bias;
+  const void* scale;
+  const void* shift;
+  const void* dscale;
+  const void* dshift;
   void* y;
   void* dy;
   float* mean;
   float* rstd;
 };
 
-// Writes grad_x and, per (sample, channel), sum_gh = sum_hw gh and sum_gh_xh = sum_hw gh * xh, where gh is the
-// gradient at h (before the activation); the parameter gradients follow from these (B, C) sums in Python.
+// Writes grad_x and every parameter gradient (null where the parameter is absent), all of `dtype` but the partials.
+// With gh the gradient at h (before the activation) and its per-(sample, channel) sums S1 = sum_hw gh,
+// S3 = sum_hw gh * xh: grad_shift = S1, grad_scale = weight S3 + bias S1 (B, C); the first kernel writes
+// (1 + scale) S3 and (1 + scale) S1 to grad_weight_partial / grad_bias_partial ((B, C) float32), a second one sums
+// them over the batch in a fixed order into grad_weight / grad_bias (C,): two launches, deterministic.
 struct GroupNormBwdParams {
   DType dtype;
   int64_t batch, channels, groups, hw;
@@ -43,15 +47,19 @@ struct GroupNormBwdParams {
   int kernel;  // as GroupNormFwdParams::kernel
   const void* grad_y;
   const void* x;
-  const float* weight;
-  const float* bias;
-  const float* scale;
-  const float* shift;
+  const void* weight;
+  const void* bias;
+  const void* scale;
+  const void* shift;
   const float* mean;
   const float* rstd;
   void* grad_x;
-  float* sum_gh;
-  float* sum_gh_xh;
+  void* grad_scale;
+  void* grad_shift;
+  float* grad_weight_partial;
+  float* grad_bias_partial;
+  void* grad_weight;
+  void* grad_bias;
 };
 
 // Which GroupNorm kernels a launch runs. The resident ones (items > 0: each thread holds `items` 16-byte chunks of
@@ -95,8 +103,8 @@ struct AttentionFwdParams {
   float* lse;
 };
 
-// grad_k_partial, grad_v_partial: (BH, num_splits, Lk, D) float32, one slice per block of query rows, summed
-// over the split axis by the caller.
+// grad_k_partial, grad_v_partial: (BH, num_splits, Lk, D) float32, one slice per block of query rows, which a
+// second launch sums over the split axis in order into grad_k, grad_v (BH, Lk, D) of `dtype` (deterministic).
 struct AttentionBwdParams {
   DType dtype;
   int64_t batch_heads, lq;
@@ -111,6 +119,8 @@ struct AttentionBwdParams {
   void* grad_q;
   float* grad_k_partial;
   float* grad_v_partial;
+  void* grad_k;
+  void* grad_v;
 };
 
 void attention_fwd(const AttentionFwdParams& params, cudaStream_t stream);
@@ -137,6 +147,7 @@ struct LossFwdParams {
   float* loss_v;
   float* w_u;
   float* w_v;
+  float* totals;  // (3,) iMF [mean_b(w_u L_u + w_v L_v), mean_b L_u, mean_b L_v], (2,) MeanFlow [mean_b(w L), mean_b L]
 };
 
 struct LossBwdParams {

@@ -1,6 +1,7 @@
 // Fused iMF / MeanFlow losses, per sample: loss_u = sum (u + coef du - v_target)^2 with coef = t - r (iMF:
 // V = u + (t - r) du) or clip(t - r, 0, 1) (MF: u - u_tgt), loss_v = sum (v - v_target)^2, w = (L + c)^-p.
 // Memory floor: forward reads u, du, v, v_target once; backward reads them once and writes grad_u, grad_v.
+// Forward: two launches (per-sample sums and weights, then the batch totals); backward: one.
 #include <algorithm>
 
 #include "common.cuh"
@@ -58,6 +59,37 @@ __global__ void __launch_bounds__(kThreads) loss_fwd_kernel(const LossFwdParams 
   }
 }
 
+// One block: the batch totals [mean_b(w_u L_u + w_v L_v), mean_b L_u (, mean_b L_v)] from the per-sample values,
+// summed in double in a fixed order (the same result every run).
+__global__ void __launch_bounds__(kThreads) loss_totals_kernel(const LossFwdParams p) {
+  __shared__ double partials[3][kThreads];
+  double sums[3] = {0.0, 0.0, 0.0};
+  for (int64_t n = threadIdx.x; n < p.batch; n += kThreads) {
+    const double loss_u = p.loss_u[n];
+    sums[0] += static_cast<double>(p.w_u[n]) * loss_u;
+    sums[1] += loss_u;
+    if (!p.meanflow) {
+      const double loss_v = p.loss_v[n];
+      sums[0] += static_cast<double>(p.w_v[n]) * loss_v;
+      sums[2] += loss_v;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 3; ++k) partials[k][threadIdx.x] = sums[k];
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) {
+#pragma unroll
+      for (int k = 0; k < 3; ++k) partials[k][threadIdx.x] += partials[k][threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const int totals = p.meanflow ? 2 : 3;
+    for (int k = 0; k < totals; ++k) p.totals[k] = static_cast<float>(partials[k][0] / static_cast<double>(p.batch));
+  }
+}
+
 // grid (B, blocks per sample): grad_u = grad_total * 2 w_u (u + coef du - v_target) / B and
 // grad_v = grad_total * 2 w_v (v - v_target) / B, elementwise.
 template <typename T, int kWidth>
@@ -110,6 +142,8 @@ void loss_fwd(const LossFwdParams& params, cudaStream_t stream) {
       launch(loss_fwd_kernel<T, 1>);
     }
   });
+  IMF_LAUNCH(loss_totals_kernel, dim3(1), kThreads, 0, stream)(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void loss_bwd(const LossBwdParams& params, cudaStream_t stream) {

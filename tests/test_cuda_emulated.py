@@ -74,13 +74,14 @@ GN_LAUNCHES = {
     (1, 512, 2, 2, 1): ((2, 256, 1), LOOPED),
     (1, 16, 32, 32, 1): (LOOPED, (4, 512, 1)),  # fp32: 4096 chunks in a group
     (2, 128, 8, 8, 16): (WARP(4), WARP(2)),
-    (3, 40, 4, 4, 4): (WARP(2), WARP(1)),
+    (19, 40, 4, 4, 4): (WARP(2), WARP(1)),
 }
 KIND_CODES = {"auto": 0, "looped": 1, "resident": 2, "warp": 3}
 
 
 def gn_launches(shape, dtype, rule):
-    """The (grid, 1, threads, dynamic shared memory) the forward and the backward launch under `rule`."""
+    """The (grid, 1, threads, dynamic shared memory) the forward and the backward launch under `rule`, and the
+    backward's second launch where weight or bias is given (their sums over the batch: 32 channels per block)."""
     batch, channels, height, width, groups = shape
     items, threads, per_block = rule
     hw, cpg = height * width, channels // groups
@@ -90,7 +91,7 @@ def gn_launches(shape, dtype, rule):
         smem = 2 * cpg * chunks_per_channel // min(chunks_per_channel, 32) * 4 * per_block
     else:  # two floats per channel
         smem = 2 * cpg * 4
-    return [[grid, 1, threads, 0], [grid, 1, threads, smem]]
+    return [[grid, 1, threads, 0], [grid, 1, threads, smem], [-(-channels // 32), 1, 256, 0]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
@@ -107,7 +108,7 @@ def test_group_norm_launch_rule(shape, dtype, emulated):
     emulated.emulator_launches()  # clears the record
     _, _, mean, rstd = cuda_group_norm.gn_act_jvp_fwd(x, dx, groups, None, None, None, None, None, None, 1e-5, "silu")
     cuda_group_norm.gn_act_bwd(grad_y, x, groups, None, None, None, None, mean, rstd, "silu")
-    assert emulated.emulator_launches() == gn_launches(shape, dtype, expected)
+    assert emulated.emulator_launches() == gn_launches(shape, dtype, expected)[:2]  # no weight, no bias
 
 
 @pytest.mark.parametrize("kind", ["looped", "resident", "warp"])
@@ -130,9 +131,9 @@ def test_group_norm_kernel_kinds(shape, dtype, kind, emulated, monkeypatch):
     emulated.emulator_launches()
     cuda_tests.check_gn_jvp(shape, "full-silu", dtype)
     cuda_tests.check_gn_backward(shape, "full-silu", dtype)
-    forward, backward = gn_launches(shape, dtype, rule)
-    launches = emulated.emulator_launches()  # jvp, then the backward's forward and backward
-    assert launches == [forward, forward, backward]
+    forward, backward, parameter_sums = gn_launches(shape, dtype, rule)
+    launches = emulated.emulator_launches()  # jvp, then the backward's forward and backward (with weight, bias)
+    assert launches == [forward, forward, backward, parameter_sums]
 
 
 def test_group_norm_kernel_kind_must_be_known(emulated, monkeypatch):

@@ -113,11 +113,12 @@ def misaligned(tensor):
 # (B, C, H, W, G): HW = 35 is the scalar path; 64, 16 the vector path; 36 vector in fp32 only (36 % 8 != 0);
 # (2, 256, 32, 32, 32) is a model shape (8 channels x 32 x 32 = 8192 elements per group). The vector path runs the
 # resident kernels where a channel holds a power-of-two number of 16-byte chunks and a group at most 2048 of them
-# (csrc/group_norm.cu), a warp per group up to 128 chunks: 1, 2, 4 chunks per lane (B2C64G32, B3C40G4, B2C128G16),
-# 8 groups per block and a last block with idle warps (B3C40G4: 12 groups); a block per larger group: 1, 2, 4 chunks
+# (csrc/group_norm.cu), a warp per group up to 128 chunks: 1, 2, 4 chunks per lane (B2C64G32, B19C40G4, B2C128G16),
+# 8 groups per block and a last block with idle warps (B19C40G4: 76 groups); a block per larger group: 1, 2, 4 chunks
 # per thread on 256 or 512 threads (B1C128G8, B2C256, B1C16G1 bf16/fp16), channels a thread loops over in the
 # backward (B1C512G1 2x2 fp32); one chunk per channel (B2C32 2x2 fp32); the looped kernels where a group is larger
-# (B1C16G1 fp32: 4096 chunks) or the scalar path runs.
+# (B1C16G1 fp32: 4096 chunks) or the scalar path runs. The backward's batch sums of grad_weight, grad_bias take
+# 32 channels per block, 8 rows of samples: B19C40G4 has a partial block of channels and rows that loop unevenly.
 GN_SHAPES = [
     (1, 40, 5, 7, 8),
     (2, 64, 8, 8, 32),
@@ -129,7 +130,7 @@ GN_SHAPES = [
     (1, 512, 2, 2, 1),
     (1, 16, 32, 32, 1),
     (2, 128, 8, 8, 16),
-    (3, 40, 4, 4, 4),
+    (19, 40, 4, 4, 4),
 ]
 # which of weight, bias, scale, shift are present, and the activation
 GN_VARIANTS = {
@@ -485,7 +486,8 @@ def test_attention_backward_splits_rows_over_blocks():
 # ------------------------------------------------------------------------------------------------- losses
 
 # (B, ...): 105 elements per sample is the scalar path, the others the vector path.
-LOSS_SHAPES = [(1, 3, 5, 7), (4, 4, 8, 8), (3, 2, 16, 16), (2, 4, 32, 32)]
+# (300, ...): the totals' block of 256 threads loops over the batch, unevenly
+LOSS_SHAPES = [(1, 3, 5, 7), (4, 4, 8, 8), (3, 2, 16, 16), (2, 4, 32, 32), (300, 1, 3, 5)]
 LOSS_OPTIONS = [(0.01, 1.0), (0.1, 0.5)]  # (c, p)
 GRAD_TOTAL = 0.75
 
@@ -528,14 +530,23 @@ def check_imf_loss(shape, dtype, c, p):
     u, du, v, v_target, t, r = loss_inputs(shape, dtype, seed=7)
     u_d, du_d, v_d, vt_d = (on_device(x, dtype) for x in (u, du, v, v_target))
     t_d, r_d = on_device(t, torch.float32), on_device(r, torch.float32)
-    *outputs, _ = cuda_loss.imf_loss_fwd(u_d, du_d, v_d, vt_d, t_d, r_d, c, p)
-    loss_references = reference_imf_loss(u, du, v, v_target, t, r, c, p)[1:]
-    torch_values = reference_imf_loss(u_d, du_d, v_d, vt_d, t_d.to(dtype), r_d.to(dtype), c, p)[1:]
+    *outputs, totals = cuda_loss.imf_loss_fwd(u_d, du_d, v_d, vt_d, t_d, r_d, c, p)
+    total_reference, *loss_references = reference_imf_loss(u, du, v, v_target, t, r, c, p)
+    total_torch, *torch_values = reference_imf_loss(u_d, du_d, v_d, vt_d, t_d.to(dtype), r_d.to(dtype), c, p)
     for name, value, torch_value, reference in zip(
         ("loss_u", "loss_v", "w_u", "w_v"), outputs, torch_values, loss_references, strict=True
     ):
         assert value.dtype == torch.float32 and value.shape == (shape[0],)
         assert_close(name, value, torch_value, reference, dtype)
+    # [mean_b(w_u L_u + w_v L_v), mean_b L_u, mean_b L_v]
+    assert totals.dtype == torch.float32
+    assert_close(
+        "totals",
+        totals,
+        torch.stack((total_torch, torch_values[0].mean(), torch_values[1].mean())),
+        torch.stack((total_reference, loss_references[0].mean(), loss_references[1].mean())),
+        dtype,
+    )
 
     w_u, w_v = outputs[2], outputs[3]
     grad_total = torch.tensor(GRAD_TOTAL, device=DEVICE)
@@ -567,12 +578,15 @@ def check_meanflow_loss(shape, dtype, c, p):
     u, du, _, v_target, t, r = loss_inputs(shape, dtype, seed=8)
     u_d, du_d, vt_d = (on_device(x, dtype) for x in (u, du, v_target))
     t_d, r_d = on_device(t, torch.float32), on_device(r, torch.float32)
-    loss, w, _ = cuda_loss.meanflow_loss_fwd(u_d, du_d, vt_d, t_d, r_d, c, p)
-    _, loss_ref, w_ref = reference_meanflow_loss(u, du, v_target, t, r, c, p)
-    _, loss_torch, w_torch = reference_meanflow_loss(u_d, du_d, vt_d, t_d.to(dtype), r_d.to(dtype), c, p)
-    assert loss.dtype == w.dtype == torch.float32
+    loss, w, totals = cuda_loss.meanflow_loss_fwd(u_d, du_d, vt_d, t_d, r_d, c, p)
+    total_ref, loss_ref, w_ref = reference_meanflow_loss(u, du, v_target, t, r, c, p)
+    total_torch, loss_torch, w_torch = reference_meanflow_loss(u_d, du_d, vt_d, t_d.to(dtype), r_d.to(dtype), c, p)
+    assert loss.dtype == w.dtype == totals.dtype == torch.float32
     assert_close("loss", loss, loss_torch, loss_ref, dtype)
     assert_close("w", w, w_torch, w_ref, dtype)
+    # [mean_b(w L), mean_b L]
+    torch_totals = torch.stack((total_torch, loss_torch.mean()))
+    assert_close("totals", totals, torch_totals, torch.stack((total_ref, loss_ref.mean())), dtype)
 
     grad_u = cuda_loss.meanflow_loss_bwd(torch.tensor(GRAD_TOTAL, device=DEVICE), u_d, du_d, vt_d, t_d, r_d, w)
 

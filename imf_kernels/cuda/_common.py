@@ -23,9 +23,9 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def as_float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """Per-channel parameters go to the kernels as contiguous float32 (they are O(B C), the math is fp32)."""
-    return None if tensor is None else tensor.to(torch.float32).contiguous()
+def contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """`tensor` as the kernels read it: contiguous (a copy only when it is not), None stays None."""
+    return None if tensor is None else tensor.contiguous()
 
 
 def tensor_reasons(op: str, args: dict[str, Any]) -> list[str]:

@@ -110,7 +110,7 @@ def attention_bwd(
 
     `o` is not read: the kernel forms Delta_i = grad_o_i . o_i as sum_j P_ij dP_ij from its fp32 P and dP,
     which is the same number without the rounding of o to fp16/bf16. Each block of query rows writes float32
-    partial grad_k, grad_v, summed here over the splits (deterministic, no atomics).
+    partial grad_k, grad_v, which a second launch sums over the splits in order (deterministic, no atomics).
     """
     batch, heads, lq, head_dim = q.shape
     lk = k.shape[2]
@@ -118,7 +118,9 @@ def attention_bwd(
     grad_q = _common.empty(tuple(q.shape), q.dtype, q.device)
     grad_k_partial = _common.empty((batch * heads, splits, lk, head_dim), torch.float32, q.device)
     grad_v_partial = _common.empty((batch * heads, splits, lk, head_dim), torch.float32, q.device)
-    _common.extension().attention_bwd(grad_o, q, k, v, lse, float(scale), grad_q, grad_k_partial, grad_v_partial)
-    grad_k = grad_k_partial.sum(1).view(batch, heads, lk, head_dim).to(k.dtype)
-    grad_v = grad_v_partial.sum(1).view(batch, heads, lk, head_dim).to(v.dtype)
+    grad_k = _common.empty(tuple(k.shape), k.dtype, k.device)
+    grad_v = _common.empty(tuple(v.shape), v.dtype, v.device)
+    _common.extension().attention_bwd(
+        grad_o, q, k, v, lse, float(scale), grad_q, grad_k_partial, grad_v_partial, grad_k, grad_v
+    )
     return grad_q, grad_k, grad_v

@@ -62,8 +62,7 @@ def _forward(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps,
     dy = None if dx is None else _common.empty(tuple(dx.shape), x.dtype, x.device)
     mean = _common.empty((batch, num_groups), torch.float32, x.device)
     rstd = _common.empty((batch, num_groups), torch.float32, x.device)
-    f32 = _common.as_float32
-    weight, bias, scale, shift, dscale, dshift = map(f32, (weight, bias, scale, shift, dscale, dshift))
+    weight, bias, scale, shift, dscale, dshift = map(_common.contiguous, (weight, bias, scale, shift, dscale, dshift))
     kernel = _kernel(x, num_groups)
     for span, tangent in _common.tangent_row_spans(batch, rows):
         tangent = tangent and dx is not None
@@ -135,40 +134,38 @@ def gn_act_bwd(
 ) -> tuple[torch.Tensor, ...]:
     """(grad_x, grad_weight, grad_bias, grad_scale, grad_shift), None where the input is None.
 
-    The kernel writes grad_x and the per-(sample, channel) sums S1 = sum_hw gh, S3 = sum_hw gh * xh of the
-    gradient gh at h; with ga = (1 + scale) gh and a = weight * xh + bias the parameter gradients are
-    grad_shift = S1, grad_scale = weight S3 + bias S1, grad_bias = sum_b (1 + scale) S1,
-    grad_weight = sum_b (1 + scale) S3: O(B C) work left to torch on the same stream.
+    Two launches and no other work: the kernel writes grad_x, grad_scale and grad_shift, and (1 + scale)-weighted
+    per-(sample, channel) partials of grad_weight and grad_bias, which a second kernel sums over the batch in a fixed
+    order (deterministic, no atomics). Parameters are of x's dtype (the package checks it) and read as they are.
     """
     batch, channels = x.shape[:2]
+    weight, bias, scale, shift = map(_common.contiguous, (weight, bias, scale, shift))
+
+    def like(parameter: torch.Tensor | None) -> torch.Tensor | None:
+        return None if parameter is None else _common.empty(tuple(parameter.shape), x.dtype, x.device)
+
     grad_x = _common.empty(tuple(x.shape), x.dtype, x.device)
-    sum_gh = _common.empty((batch, channels), torch.float32, x.device)
-    sum_gh_xh = _common.empty((batch, channels), torch.float32, x.device)
-    weight32, bias32, scale32, shift32 = map(_common.as_float32, (weight, bias, scale, shift))
+    grad_weight, grad_bias, grad_scale, grad_shift = map(like, (weight, bias, scale, shift))
+    partials = None
+    if weight is not None or bias is not None:
+        partials = _common.empty((2, batch, channels), torch.float32, x.device)
     _common.extension().group_norm_act_bwd(
         grad_y,
         x,
-        weight32,
-        bias32,
-        scale32,
-        shift32,
+        weight,
+        bias,
+        scale,
+        shift,
         mean,
         rstd,
         num_groups,
         act == "silu",
         grad_x,
-        sum_gh,
-        sum_gh_xh,
+        grad_weight,
+        grad_bias,
+        grad_scale,
+        grad_shift,
+        partials,
         _kernel(x, num_groups),
     )
-    sum_ga, sum_ga_xh = (sum_gh, sum_gh_xh) if scale32 is None else (sum_gh * (1 + scale32), sum_gh_xh * (1 + scale32))
-    grad_weight = None if weight is None else sum_ga_xh.sum(0).to(weight.dtype)
-    grad_bias = None if bias is None else sum_ga.sum(0).to(bias.dtype)
-    grad_shift = None if shift is None else sum_gh.to(shift.dtype)
-    grad_scale = None
-    if scale is not None:
-        sum_gh_a = sum_gh_xh if weight32 is None else sum_gh_xh * weight32
-        if bias32 is not None:
-            sum_gh_a = sum_gh_a + sum_gh * bias32
-        grad_scale = sum_gh_a.to(scale.dtype)
     return grad_x, grad_weight, grad_bias, grad_scale, grad_shift

@@ -1,8 +1,9 @@
 """cuda launchers of the fused iMF and MeanFlow losses (csrc/loss.cu); interface in imf_kernels.interface.
 
 Per sample: loss_u = sum (u + coef du - v_target)^2 (coef = t - r for iMF, clip(t - r, 0, 1) for MF),
-loss_v = sum (v - v_target)^2, w = (L + c)^-p; the batch totals (interface.py) are torch ops on these.
-Memory floor: read the inputs once (and write the gradients).
+loss_v = sum (v - v_target)^2, w = (L + c)^-p, and the batch totals (interface.py): two launches forward (the
+per-sample sums, then one block for the totals), one backward. Memory floor: read the inputs once (and write the
+gradients).
 """
 
 from typing import Any
@@ -10,7 +11,6 @@ from typing import Any
 import torch
 
 from imf_kernels.cuda import _common
-from imf_kernels.torch_ops.loss import imf_totals, meanflow_totals
 
 MAX_BATCH = 2**31 - 1
 
@@ -44,9 +44,9 @@ def imf_loss_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss_u, loss_v, w_u, w_v, totals), each (B,) float32 but totals (3,) float32; V = u + (t - r) du."""
     loss_u, loss_v, w_u, w_v = (_per_sample(u) for _ in range(4))
-    _common.extension().loss_fwd(u, du, v, v_target, t, r, float(c), float(p), loss_u, loss_v, w_u, w_v)
-    # The kernel writes per-sample values only; the totals are torch ops on them.
-    return loss_u, loss_v, w_u, w_v, imf_totals(loss_u, loss_v, w_u, w_v)
+    totals = _common.empty((3,), torch.float32, u.device)
+    _common.extension().loss_fwd(u, du, v, v_target, t, r, float(c), float(p), loss_u, loss_v, w_u, w_v, totals)
+    return loss_u, loss_v, w_u, w_v, totals
 
 
 def imf_loss_bwd(
@@ -79,8 +79,9 @@ def meanflow_loss_fwd(
     """(loss, w, totals), each (B,) float32 but totals (2,) float32 [mean_b(w loss), mean_b loss];
     u_tgt = v_target - clip(t - r, 0, 1) du."""
     loss, w = _per_sample(u), _per_sample(u)
-    _common.extension().loss_fwd(u, du, None, v_target, t, r, float(c), float(p), loss, None, w, None)
-    return loss, w, meanflow_totals(loss, w)
+    totals = _common.empty((2,), torch.float32, u.device)
+    _common.extension().loss_fwd(u, du, None, v_target, t, r, float(c), float(p), loss, None, w, None, totals)
+    return loss, w, totals
 
 
 def meanflow_loss_bwd(

@@ -50,7 +50,7 @@ def imf_loss_fwd(
 
 
 def imf_totals(loss_u: Tensor, loss_v: Tensor, w_u: Tensor, w_v: Tensor) -> Tensor:
-    """[mean_b(w_u L_u + w_v L_v), mean_b L_u, mean_b L_v] from the per-sample values (also the cuda backend's)."""
+    """[mean_b(w_u L_u + w_v L_v), mean_b L_u, mean_b L_v] from the per-sample values."""
     return torch.stack((torch.addcmul(w_u * loss_u, w_v, loss_v), loss_u, loss_v)).mean(1)
 
 
@@ -89,7 +89,7 @@ def meanflow_loss_fwd(
 
 
 def meanflow_totals(loss: Tensor, w: Tensor) -> Tensor:
-    """[mean_b(w L), mean_b L] from the per-sample values (also the cuda backend's)."""
+    """[mean_b(w L), mean_b L] from the per-sample values."""
     return torch.stack((w * loss, loss)).mean(1)
 
 

@@ -674,6 +674,46 @@ def _gn_bwd_kernel(
                             g_xh_mean, BLOCK_HW, ACT_SILU)  # fmt: skip
 
 
+# The backward's second launch: grad_weight and grad_bias summed over the batch from their (B, C) fp32 partials,
+# PARAM_BLOCK_C channels per program, PARAM_BLOCK_B samples per step, in a fixed order (the same result every run).
+PARAM_BLOCK_C = 32
+PARAM_BLOCK_B = 32
+PARAM_NUM_WARPS = 4
+
+
+@triton.jit
+def _param_sums_kernel(
+    grad_weight_partial_ptr,
+    grad_bias_partial_ptr,
+    grad_weight_ptr,
+    grad_bias_ptr,
+    batch,
+    channels,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = columns < channels
+    acc_weight = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+    acc_bias = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+    for start in range(0, batch, BLOCK_B):
+        samples = start + tl.arange(0, BLOCK_B)
+        offs = samples[:, None] * channels + columns[None, :]
+        mask = (samples[:, None] < batch) & c_mask[None, :]
+        if HAS_WEIGHT:
+            acc_weight += tl.load(grad_weight_partial_ptr + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc_bias += tl.load(grad_bias_partial_ptr + offs, mask=mask, other=0.0)
+    if HAS_WEIGHT:
+        grad_weight = tl.sum(acc_weight, axis=0)
+        tl.store(grad_weight_ptr + columns, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=c_mask)
+    if HAS_BIAS:
+        grad_bias = tl.sum(acc_bias, axis=0)
+        tl.store(grad_bias_ptr + columns, grad_bias.to(grad_bias_ptr.dtype.element_ty), mask=c_mask)
+
+
 def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -821,8 +861,8 @@ def gn_act_bwd(
 ) -> tuple[torch.Tensor, ...]:
     """(grad_x, grad_weight, grad_bias, grad_scale, grad_shift), None where the input is None.
 
-    grad_weight and grad_bias are written per (sample, channel) in fp32 and summed over the batch here,
-    which keeps the result deterministic (no atomics).
+    Two launches and no other work: grad_weight and grad_bias are written per (sample, channel) in fp32 and
+    summed over the batch by a second kernel in a fixed order (deterministic, no atomics).
     """
     batch, channels, height, width = x.shape
     hw = height * width
@@ -830,9 +870,9 @@ def gn_act_bwd(
     blocks = pick_blocks(channels_per_group, hw, x.dtype)
     grad_x = torch.empty_like(x)
 
-    # One launch after the kernel at most: grad_weight and grad_bias partials share one (2, B, C) fp32 buffer,
-    # summed over the batch in one call; grad_scale and grad_shift are per sample and written by the kernel
-    # directly in their own dtype. Absent outputs are never written (their HAS_* flag is off): x fills the slot.
+    # grad_weight and grad_bias partials share one (2, B, C) fp32 buffer, summed over the batch by one launch;
+    # grad_scale and grad_shift are per sample and written by the kernel directly in their own dtype. Absent
+    # outputs are never written (their HAS_* flag is off): x fills the slot.
     partials = None
     if weight is not None or bias is not None:
         partials = torch.empty((2, batch, channels), device=x.device, dtype=torch.float32)
@@ -863,11 +903,22 @@ def gn_act_bwd(
         num_warps=blocks.num_warps,
         **_flags(weight, bias, scale, shift, act),
     )
-    grad_weight = grad_bias = None
+    grad_weight = None if weight is None else torch.empty((channels,), device=x.device, dtype=weight.dtype)
+    grad_bias = None if bias is None else torch.empty((channels,), device=x.device, dtype=bias.dtype)
     if partials is not None:
-        sums = partials.sum(1)
-        grad_weight = None if weight is None else sums[0].to(weight.dtype)
-        grad_bias = None if bias is None else sums[1].to(bias.dtype)
+        _param_sums_kernel[(triton.cdiv(channels, PARAM_BLOCK_C),)](
+            grad_weight_partial,
+            grad_bias_partial,
+            x if grad_weight is None else grad_weight,
+            x if grad_bias is None else grad_bias,
+            batch,
+            channels,
+            BLOCK_B=PARAM_BLOCK_B,
+            BLOCK_C=PARAM_BLOCK_C,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            num_warps=PARAM_NUM_WARPS,
+        )
     return (
         grad_x,
         grad_weight,
@@ -1004,4 +1055,32 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                     "num_stages": 1,
                     "divisible_by_16": aligned,
                 }
+        # the backward's batch sums of grad_weight, grad_bias (both present)
+        for type_name in _AOT_DTYPE_NAMES.values():
+            key = ("param_sums", type_name, channels % 16 == 0)
+            if key in specs:
+                continue
+            fn = _param_sums_kernel
+            constexprs = {"BLOCK_B": PARAM_BLOCK_B, "BLOCK_C": PARAM_BLOCK_C, "HAS_WEIGHT": True, "HAS_BIAS": True}
+            runtime_types = {
+                "grad_weight_partial_ptr": "*fp32",
+                "grad_bias_partial_ptr": "*fp32",
+                "batch": "i32",
+                "channels": "i32",
+            }
+            signature = {
+                arg: "constexpr" if arg in constexprs else runtime_types.get(arg, f"*{type_name}")
+                for arg in fn.arg_names
+            }
+            aligned = [arg for arg, kind in signature.items() if kind.startswith("*")]
+            aligned += ["channels"] if channels % 16 == 0 else []
+            specs[key] = {
+                "name": f"gn_param_sums_{type_name}{'_c16' if channels % 16 == 0 else ''}",
+                "fn": fn,
+                "signature": signature,
+                "constexprs": constexprs,
+                "num_warps": PARAM_NUM_WARPS,
+                "num_stages": 1,
+                "divisible_by_16": aligned,
+            }
     return list(specs.values())
