@@ -11,6 +11,7 @@ import os
 import sys
 
 import cuda_emulator
+import launches
 import pytest
 import test_attention as attention_tests
 import test_cuda_ops as cuda_tests
@@ -252,6 +253,40 @@ def test_attention_public_ops(shape, variant, dtype, with_tangent, emulated_back
 @pytest.mark.parametrize("variant", attention_tests.VARIANTS)
 def test_attention_tangent_on_the_first_rows(variant, rows, emulated_backend):
     attention_tests.check_first_rows("cuda", (3, *attention_tests.SHAPES[0][1:]), variant, torch.float32, rows)
+
+
+# kernels each public op launches on backend="cuda" (tests/launches.py: and no torch op that runs a kernel)
+CUDA_LAUNCHES = {
+    "gn.fwd": 1,
+    "gn.jvp": 1,
+    "gn.jvp-first-rows": 2,  # the jvp kernel on the tangent's rows, the primal one on the rest
+    "gn.bwd": 2,  # grad_weight, grad_bias summed over the batch by a second kernel
+    "gn.bwd-no-params": 1,
+    "attn.fwd": 1,
+    "attn.jvp": 1,
+    "attn.bwd": 2,  # grad_k, grad_v summed over the splits of query rows by a second kernel
+    "imf_loss.fwd": 2,  # per-sample sums, then the batch totals
+    "imf_loss.bwd": 1,
+    "mf_loss.fwd": 2,
+    "mf_loss.bwd": 1,
+}
+
+
+@pytest.mark.parametrize("name", CUDA_LAUNCHES)
+def test_cuda_ops_launch_their_kernels_only(name, monkeypatch):
+    """No zero fills, casts or torch reductions next to the kernels: bf16 parameters are read as they are, every
+    gradient and total is written by a kernel (each extra launch costs a GPU a few microseconds)."""
+    emulated = cuda_emulator.use_as_backend(monkeypatch)
+    try:
+        calls = launches.op_calls("cuda", torch.bfloat16)
+        calls[name]()
+        emulated.emulator_launches()  # clears the record
+        with launches.recorded() as torch_launches:
+            calls[name]()
+        assert torch_launches == []
+        assert len(emulated.emulator_launches()) == CUDA_LAUNCHES[name]
+    finally:
+        dispatch.clear_cache()
 
 
 def test_the_fused_model_on_the_cuda_backend(emulated_backend):

@@ -1,0 +1,53 @@
+"""Each public op on backend="triton" launches its own kernels and nothing else: no zero fills for the constant
+outputs' gradients, no casts, no torch reductions next to the kernels (tests/launches.py records both; Triton runs
+in the interpreter here). Every extra launch costs a GPU a few microseconds, as much as a small GroupNorm. The
+cuda backend's list is in tests/test_cuda_emulated.py."""
+
+import launches
+import pytest
+import torch
+
+from imf_kernels import dispatch
+
+GN_FWD, GN_BWD, PARAM_SUMS = "triton:_gn_fwd_kernel", "triton:_gn_bwd_kernel", "triton:_param_sums_kernel"
+LOSS_FWD = ["triton:_loss_partial_kernel", "triton:_loss_finish_kernel"]
+TRITON_LAUNCHES = {
+    "gn.fwd": [GN_FWD],
+    "gn.jvp": [GN_FWD],
+    "gn.jvp-first-rows": [GN_FWD, GN_FWD],  # the jvp kernel on the tangent's rows, the primal one on the rest
+    "gn.bwd": [GN_BWD, PARAM_SUMS],  # grad_weight, grad_bias summed over the batch by a second kernel
+    "gn.bwd-no-params": [GN_BWD],
+    "attn.fwd": ["triton:_attn_fwd_kernel"],
+    "attn.jvp": ["triton:_attn_fwd_kernel"],
+    "attn.bwd": ["triton:_attn_bwd_delta_kernel", "triton:_attn_bwd_dkdv_kernel", "triton:_attn_bwd_dq_kernel"],
+    "imf_loss.fwd": LOSS_FWD,
+    "imf_loss.bwd": ["triton:_loss_bwd_kernel"],
+    "mf_loss.fwd": LOSS_FWD,
+    "mf_loss.bwd": ["triton:_loss_bwd_kernel"],
+}
+
+
+@pytest.fixture(scope="module")
+def calls():
+    if dispatch.not_supported_reasons("triton", "group_norm_act", {"x": torch.zeros(1, 8, 2, 2), "num_groups": 2}):
+        pytest.skip("triton cannot run here (TRITON_INTERPRET=1 runs it on CPU)")
+    return launches.op_calls("triton", torch.float16)
+
+
+@pytest.mark.parametrize("name", TRITON_LAUNCHES)
+def test_triton_ops_launch_their_kernels_only(name, calls):
+    calls[name]()  # first calls pick and cache the launch configuration
+    with launches.recorded() as launched:
+        calls[name]()
+    assert launched == TRITON_LAUNCHES[name]
+
+
+def test_recorder_sees_the_launches_this_file_rules_out():
+    """The recorder is not blind: a zero fill, a cast and a reduction are each recorded."""
+    x = torch.randn(4, 3)
+    with launches.recorded() as launched:
+        torch.zeros(3)
+        x.to(torch.float16)
+        x.sum(0)
+        x.view(3, 4).t()  # views launch nothing
+    assert launched == ["zeros", "_to_copy", "sum"]
