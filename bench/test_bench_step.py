@@ -139,6 +139,10 @@ def test_compiled_modules_run_compiled_every_step_and_give_the_reference_loss():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+# eager bf16-target steps at moved inputs, for each parameter's rounding noise (one step ~0.3 s on this CPU)
+NOISE_SAMPLES = 6
+
+
 def _double(value):
     return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
@@ -158,13 +162,27 @@ def test_the_whole_reference_step_compiles_with_the_norms_affine_outside(bf16):
     seed = random.randrange(2**31)  # fresh weights, inputs and draws every run; in the messages to reproduce one
     model, x, y, draws = step.build("gauss", 6, "cpu", seed=seed)
     objective = IMFObjective(jvp="reference", bf16=bf16)
-    eager = step.official_style_loss(model, objective, x, y, draws)
-    eager.backward()
-    eager_grads = [p.grad.clone() for p in model.parameters()]
-    # float64 reference: the same weights, inputs and draws, exact targets
     model64 = copy.deepcopy(model).double()
     draws64 = dataclasses.replace(draws, **{f.name: _double(getattr(draws, f.name)) for f in dataclasses.fields(draws)})
-    step.official_style_loss(model64, IMFObjective(jvp="reference"), x.double(), y, draws64).backward()
+
+    def eager_and_exact(inputs):
+        """The eager step's loss and gradients, and the float64 gradients (same weights and draws, exact targets)."""
+        model.zero_grad(set_to_none=True)
+        model64.zero_grad(set_to_none=True)
+        loss = step.official_style_loss(model, objective, inputs, y, draws)
+        loss.backward()
+        step.official_style_loss(model64, IMFObjective(jvp="reference"), inputs.double(), y, draws64).backward()
+        return loss, [p.grad.clone() for p in model.parameters()], [p.grad for p in model64.parameters()]
+
+    # bf16 targets: the eager step's error on each parameter at inputs moved by about a bf16 rounding (new roundings
+    # everywhere), a sample of that parameter's rounding noise
+    generator = torch.Generator().manual_seed(seed)
+    noise_samples = [
+        [(g.double() - e).norm() for g, e in zip(*eager_and_exact(x + 2**-8 * x.std() * torch.randn(
+            x.shape, generator=generator))[1:], strict=True)]
+        for _ in range(NOISE_SAMPLES if bf16 else 0)
+    ]  # fmt: skip
+    eager, eager_grads, exact = eager_and_exact(x)
 
     backend, graph_runs, graph_calls = counting_backend()
     torch._dynamo.reset()
@@ -187,12 +205,11 @@ def test_the_whole_reference_step_compiles_with_the_norms_affine_outside(bf16):
     # bf16 targets by bf16 rounding, ~1e-3): against float64, the compiled step's error is at most twice the eager
     # step's in the same dtype over all gradients together (measured 0.8-1.1x), and so is the worst parameter's
     # (relative to its norm) in fp32. With bf16 targets each parameter's error is held to twice eager's on the same
-    # parameter plus 4 bf16 roundings (2^-6) of its gradient: the worst parameter varies with which roundings cancel
-    # (1.3e-3 to 5.5e-3 over seeds, eager's 1.6e-3 to 6.4e-3), and a gradient that is a cancelling sum is far off
-    # in both (seed 944374977: v_out.conv.bias, |grad| 1.8e-3 against 2.6e-2 for a conv bias beside it, compiled
-    # 4.6e-2, eager 2.2e-2, every other parameter <= 2.1e-3). In fp32 single parameters are not compared one by one:
-    # eager's error on one can be ~0 by cancellation.
-    exact = [p.grad for p in model64.parameters()]
+    # parameter plus 4 bf16 roundings (2^-6) of its gradient plus 3 times the RMS of eager's error on it over
+    # NOISE_SAMPLES moved inputs: a gradient that is a cancelling sum is far off in both, and eager's error on it
+    # at these very inputs may be ~0 by chance (seed 944374977: v_out.conv.bias, |grad| 1.8e-3, compiled 4.6e-2
+    # relative, eager 2.2e-2; seed 773579445: the same bias, |grad| 6.0e-3, compiled 1.0e-4, eager 1.6e-6). In fp32
+    # single parameters are not compared one by one: eager's error on one can be ~0 by cancellation.
 
     def errors(grads):
         differences = [g.double() - e for g, e in zip(grads, exact, strict=True)]
@@ -207,9 +224,11 @@ def test_the_whole_reference_step_compiles_with_the_norms_affine_outside(bf16):
         assert compiled_worst <= 2 * eager_worst, (seed, compiled_worst)
         return
     names = [name for name, _ in model.named_parameters()]
-    for name, c, g, e in zip(names, compiled_grads, eager_grads, exact, strict=True):
+    noise = [torch.stack(sample).square().mean().sqrt() for sample in zip(*noise_samples, strict=True)]
+    for name, c, g, e, rms in zip(names, compiled_grads, eager_grads, exact, noise, strict=True):
         compiled_error, eager_error = (c.double() - e).norm(), (g.double() - e).norm()
-        assert compiled_error <= 2 * eager_error + 2**-6 * e.norm(), (seed, name, compiled_error, eager_error)
+        bound = 2 * eager_error + 2**-6 * e.norm() + 3 * rms
+        assert compiled_error <= bound, (seed, name, compiled_error, eager_error, rms)
 
 
 @pytest.mark.parametrize("flag", ["0", "1"])
