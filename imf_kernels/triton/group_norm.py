@@ -1035,52 +1035,49 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                     "G": "i32",
                     "eps": "fp32",
                 }
-                signature = {
-                    arg: "constexpr" if arg in constexprs else runtime_types.get(arg, f"*{type_name}")
-                    for arg in fn.arg_names
-                }
                 layout = "single" if blocks.single_tile else "chunked"
                 split = f"s{blocks.block_c2}" if blocks.block_c2 else ""
                 split += f"g{blocks.groups}" if blocks.groups > 1 else ""
-                aligned = [arg for arg, kind in signature.items() if kind.startswith("*")]
-                if hw_aligned:
-                    aligned.append("HW")
-                specs[key] = {
-                    "name": f"gn_{pass_name}_{type_name}_c{blocks.block_c}{split}_hw{blocks.block_hw}_{layout}"
+                specs[key] = _spec(
+                    f"gn_{pass_name}_{type_name}_c{blocks.block_c}{split}_hw{blocks.block_hw}_{layout}"
                     f"_{'silu' if act_silu else 'none'}",
-                    "fn": fn,
-                    "signature": signature,
-                    "constexprs": constexprs,
-                    "num_warps": blocks.num_warps,
-                    "num_stages": 1,
-                    "divisible_by_16": aligned,
-                }
+                    fn,
+                    constexprs,
+                    runtime_types,
+                    type_name,
+                    blocks.num_warps,
+                    ["HW"] if hw_aligned else [],
+                )
         # the backward's batch sums of grad_weight, grad_bias (both present)
         for type_name in _AOT_DTYPE_NAMES.values():
             key = ("param_sums", type_name, channels % 16 == 0)
-            if key in specs:
-                continue
-            fn = _param_sums_kernel
-            constexprs = {"BLOCK_B": PARAM_BLOCK_B, "BLOCK_C": PARAM_BLOCK_C, "HAS_WEIGHT": True, "HAS_BIAS": True}
-            runtime_types = {
-                "grad_weight_partial_ptr": "*fp32",
-                "grad_bias_partial_ptr": "*fp32",
-                "batch": "i32",
-                "channels": "i32",
-            }
-            signature = {
-                arg: "constexpr" if arg in constexprs else runtime_types.get(arg, f"*{type_name}")
-                for arg in fn.arg_names
-            }
-            aligned = [arg for arg, kind in signature.items() if kind.startswith("*")]
-            aligned += ["channels"] if channels % 16 == 0 else []
-            specs[key] = {
-                "name": f"gn_param_sums_{type_name}{'_c16' if channels % 16 == 0 else ''}",
-                "fn": fn,
-                "signature": signature,
-                "constexprs": constexprs,
-                "num_warps": PARAM_NUM_WARPS,
-                "num_stages": 1,
-                "divisible_by_16": aligned,
-            }
+            if key not in specs:
+                specs[key] = _spec(
+                    f"gn_param_sums_{type_name}{'_c16' if channels % 16 == 0 else ''}",
+                    _param_sums_kernel,
+                    {"BLOCK_B": PARAM_BLOCK_B, "BLOCK_C": PARAM_BLOCK_C, "HAS_WEIGHT": True, "HAS_BIAS": True},
+                    {"grad_weight_partial_ptr": "*fp32", "grad_bias_partial_ptr": "*fp32", "batch": "i32",
+                     "channels": "i32"},
+                    type_name,
+                    PARAM_NUM_WARPS,
+                    ["channels"] if channels % 16 == 0 else [],
+                )  # fmt: skip
     return list(specs.values())
+
+
+def _spec(name, fn, constexprs: dict, runtime_types: dict, type_name: str, num_warps: int, aligned_ints: list[str]):
+    """A compile spec: arguments not in `constexprs` or `runtime_types` are pointers of the input dtype
+    (`type_name`), every pointer is 16-byte aligned, and so are the integers named in `aligned_ints`."""
+    signature = {
+        arg: "constexpr" if arg in constexprs else runtime_types.get(arg, f"*{type_name}") for arg in fn.arg_names
+    }
+    aligned = [arg for arg, kind in signature.items() if kind.startswith("*")] + aligned_ints
+    return {
+        "name": name,
+        "fn": fn,
+        "signature": signature,
+        "constexprs": constexprs,
+        "num_warps": num_warps,
+        "num_stages": 1,
+        "divisible_by_16": aligned,
+    }
