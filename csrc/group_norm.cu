@@ -464,7 +464,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
 constexpr int kParamColumns = 32, kParamRows = 8;
 
 template <typename T>
-__global__ void __launch_bounds__(kParamColumns* kParamRows) group_norm_param_grads_kernel(const GroupNormBwdParams p) {
+__global__ void __launch_bounds__(kParamColumns * kParamRows)
+    group_norm_param_grads_kernel(const GroupNormBwdParams p) {
   __shared__ float rows[2][kParamRows][kParamColumns];
   const int column = threadIdx.x % kParamColumns, row = threadIdx.x / kParamColumns;
   const int64_t channel = static_cast<int64_t>(blockIdx.x) * kParamColumns + column;
