@@ -37,11 +37,18 @@ from imf_kernels import dispatch  # noqa: E402
 # (kind, pattern) in order, first match wins, case-insensitive; patterns match GPU kernel names (Triton's are the
 # kernel function's name; PyTorch's and cuDNN's/cuBLAS's their C++ names) and CPU aten operator names.
 KINDS = (
-    ("GroupNorm (ours)", r"_gn_(fwd|bwd)_kernel|group_norm_act_(fwd|bwd)_kernel"),
-    ("attention (ours)", r"_attn_|attention_(fwd|bwd)_kernel"),
-    ("loss (ours)", r"_loss_(partial|finish|bwd)_kernel|loss_(fwd|bwd)_kernel"),
+    # the backward's batch sums of grad_weight / grad_bias, and of grad_k / grad_v partials, count with their op
+    (
+        "GroupNorm (ours)",
+        r"_gn_(fwd|bwd)_kernel|_param_sums_kernel|group_norm_act_(fwd|bwd)_kernel|group_norm_param_grads_kernel",
+    ),
+    ("attention (ours)", r"_attn_|attention_(fwd|bwd)_kernel|attention_bwd_reduce_kernel"),
+    ("loss (ours)", r"_loss_(partial|finish|bwd)_kernel|loss_(fwd|bwd|totals)_kernel"),
     ("attention (PyTorch)", r"flash|fmha|efficient_attention|scaled_dot_product"),
     ("norms (PyTorch)", r"layer_?norm|group_?norm|batch_?norm|RowwiseMoments|FusedParams|InternalGradients|GammaBeta"),
+    # cuDNN's conversions of NCHW activations for its NHWC tensor-core convolutions (and back): the cost of the
+    # model's channels-first layout, apart from the convolutions themselves
+    ("layout transposes (cuDNN)", r"nchwToNhwc|nhwcToNchw"),
     (
         "matmul / conv",
         r"gemm|gemv|cutlass|xmma|cudnn|conv|nvjet|wgmma|sm90_|implicit_|aten::(mm|addmm|bmm|baddbmm|matmul|linear)\b",

@@ -50,6 +50,24 @@ SCRIPT = Path(__file__).with_name("profile_step.py")
             "void at::native::vectorized_elementwise_kernel<4, MulFunctor<float>> (broadcast)",
             "elementwise / reductions (PyTorch)",
         ),
+        ("_param_sums_kernel", "GroupNorm (ours)"),
+        (
+            "void imf::(anonymous namespace)::group_norm_param_grads_kernel<__nv_bfloat16>(imf::GroupNormBwdParams)",
+            "GroupNorm (ours)",
+        ),
+        (
+            "void imf::(anonymous namespace)::attention_bwd_reduce_kernel<float>(imf::AttentionBwdParams)",
+            "attention (ours)",
+        ),
+        ("imf::(anonymous namespace)::loss_totals_kernel(imf::LossFwdParams)", "loss (ours)"),
+        (
+            "void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>",
+            "layout transposes (cuDNN)",
+        ),
+        (
+            "void cudnn::ops::nhwcToNchwKernel<__nv_bfloat16, __nv_bfloat16, float, true, false>",
+            "layout transposes (cuDNN)",
+        ),
         ("some_other_kernel", "other"),
     ],
 )
