@@ -27,7 +27,10 @@ Conventions shared by every launcher:
 - outputs have the dtype of `x` / `q` / `u`; saved statistics (mean, rstd, lse) and per-sample losses are
   float32; accumulation is float32 for every input dtype (float16, bfloat16, float32; the `torch` backend also
   takes float64 and then keeps statistics, losses and accumulation in float64);
-- optional arguments are `None` when absent, and the matching gradient is returned as `None`.
+- optional arguments are `None` when absent, and the matching gradient is returned as `None`;
+- kernel backends launch their own kernels and nothing else: no cast, fill, sum or other torch op beside them
+  (each costs a GPU launch of a few microseconds, the size of a small GroupNorm); `tests/test_launches.py`
+  and `tests/test_cuda_emulated.py` list every op's launches.
 
 group_norm (DESIGN 4.3), x: (B, C, H, W), G = num_groups divides C, weight/bias: (C,), scale/shift: (B, C):
     y = act(h), h = (GN(x) * weight + bias) * (1 + scale) + shift, act in {"silu", "none"}
