@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from imf_kernels.triton._aot import compile_spec
+
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float16)
 # AOT specs: fp16 picks the same blocks as bf16 and differs only in its conversions, so bf16 stands for both.
@@ -1038,46 +1040,28 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                 layout = "single" if blocks.single_tile else "chunked"
                 split = f"s{blocks.block_c2}" if blocks.block_c2 else ""
                 split += f"g{blocks.groups}" if blocks.groups > 1 else ""
-                specs[key] = _spec(
+                specs[key] = compile_spec(
                     f"gn_{pass_name}_{type_name}_c{blocks.block_c}{split}_hw{blocks.block_hw}_{layout}"
                     f"_{'silu' if act_silu else 'none'}",
                     fn,
                     constexprs,
                     runtime_types,
-                    type_name,
                     blocks.num_warps,
                     ["HW"] if hw_aligned else [],
+                    pointer_type=f"*{type_name}",
                 )
         # the backward's batch sums of grad_weight, grad_bias (both present)
         for type_name in _AOT_DTYPE_NAMES.values():
             key = ("param_sums", type_name, channels % 16 == 0)
             if key not in specs:
-                specs[key] = _spec(
+                specs[key] = compile_spec(
                     f"gn_param_sums_{type_name}{'_c16' if channels % 16 == 0 else ''}",
                     _param_sums_kernel,
                     {"BLOCK_B": PARAM_BLOCK_B, "BLOCK_C": PARAM_BLOCK_C, "HAS_WEIGHT": True, "HAS_BIAS": True},
                     {"grad_weight_partial_ptr": "*fp32", "grad_bias_partial_ptr": "*fp32", "batch": "i32",
                      "channels": "i32"},
-                    type_name,
                     PARAM_NUM_WARPS,
                     ["channels"] if channels % 16 == 0 else [],
+                    pointer_type=f"*{type_name}",
                 )  # fmt: skip
     return list(specs.values())
-
-
-def _spec(name, fn, constexprs: dict, runtime_types: dict, type_name: str, num_warps: int, aligned_ints: list[str]):
-    """A compile spec: arguments not in `constexprs` or `runtime_types` are pointers of the input dtype
-    (`type_name`), every pointer is 16-byte aligned, and so are the integers named in `aligned_ints`."""
-    signature = {
-        arg: "constexpr" if arg in constexprs else runtime_types.get(arg, f"*{type_name}") for arg in fn.arg_names
-    }
-    aligned = [arg for arg, kind in signature.items() if kind.startswith("*")] + aligned_ints
-    return {
-        "name": name,
-        "fn": fn,
-        "signature": signature,
-        "constexprs": constexprs,
-        "num_warps": num_warps,
-        "num_stages": 1,
-        "divisible_by_16": aligned,
-    }

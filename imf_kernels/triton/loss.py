@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from imf_kernels.triton._aot import compile_spec
+
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float16)
 # AOT specs: fp16 picks the same blocks as bf16 and differs only in its conversions, so bf16 stands for both.
@@ -403,21 +405,6 @@ AOT_SHAPES = tuple((batch, *sample) for sample in ((4, 32, 32), (3, 32, 32)) for
 _LOSSES = (("imf", True, False), ("meanflow", False, True))  # (name, WITH_V, CLIP_GAP)
 
 
-def _spec(name: str, fn, constexprs: dict, runtime_types: dict, num_warps: int, aligned_ints: list[str]) -> dict:
-    """A compile spec: pointers not in `runtime_types` are fp32, and every pointer is 16-byte aligned."""
-    signature = {arg: "constexpr" if arg in constexprs else runtime_types.get(arg, "*fp32") for arg in fn.arg_names}
-    aligned = [arg for arg, kind in signature.items() if kind.startswith("*")] + aligned_ints
-    return {
-        "name": name,
-        "fn": fn,
-        "signature": signature,
-        "constexprs": constexprs,
-        "num_warps": num_warps,
-        "num_stages": 1,
-        "divisible_by_16": aligned,
-    }
-
-
 def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
     """Ahead-of-time compile specs for every launch configuration the launchers pick for `shapes`.
 
@@ -470,5 +457,5 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                 for name, fn, constexprs, types, warps, aligned_ints in configs:
                     key = (name, warps, tuple(aligned_ints))
                     if key not in specs:
-                        specs[key] = _spec(name, fn, constexprs, types, warps, aligned_ints)
+                        specs[key] = compile_spec(name, fn, constexprs, types, warps, aligned_ints)
     return list(specs.values())
