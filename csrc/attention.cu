@@ -3,7 +3,6 @@
 // The context (Lk <= 64 tokens: K, V, dK, dV) sits in shared memory, so the memory floor is one read of q
 // (and dq) and one write of o (and do, lse) per query row; no KV loop (DESIGN 4.3). The forward takes
 // 4 query rows per warp at once (2 at D = 128), so each shared-memory read of a key or value feeds every one.
-#include <type_traits>
 
 #include "common.cuh"
 
@@ -391,21 +390,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Attent
   }
 }
 
-template <typename Launch>
-void dispatch_head_dim(int head_dim, Launch&& launch) {
-  switch (head_dim) {
-    case 32:
-      launch(std::integral_constant<int, 32>{});
-      break;
-    case 64:
-      launch(std::integral_constant<int, 64>{});
-      break;
-    case 128:
-      launch(std::integral_constant<int, 128>{});
-      break;
-  }
-}
-
 }  // namespace
 
 int64_t attention_fwd_smem_bytes(int lk, int head_dim, bool tangent, bool has_dk, bool has_dv) {
@@ -429,7 +413,7 @@ void attention_fwd(const AttentionFwdParams& params, cudaStream_t stream) {
                   static_cast<unsigned>((params.lq + kRowsPerBlock - 1) / kRowsPerBlock));
   dispatch_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
-    dispatch_head_dim(params.head_dim, [&](auto head_dim) {
+    dispatch_int<32, 64, 128>(params.head_dim, [&](auto head_dim) {
       constexpr int D = decltype(head_dim)::value;
       auto launch = [&](auto kernel) {
         IMF_ALLOW_DYNAMIC_SMEM(kernel, smem);
@@ -489,7 +473,7 @@ void attention_bwd(const AttentionBwdParams& params, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(params.batch_heads), static_cast<unsigned>(params.num_splits));
   dispatch_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
-    dispatch_head_dim(params.head_dim, [&](auto head_dim) {
+    dispatch_int<32, 64, 128>(params.head_dim, [&](auto head_dim) {
       constexpr int D = decltype(head_dim)::value;
       auto launch = [&](auto kernel) {
         IMF_ALLOW_DYNAMIC_SMEM(kernel, smem);

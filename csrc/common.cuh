@@ -25,6 +25,7 @@
 #endif
 
 #include <cstdint>
+#include <type_traits>
 
 #include "launchers.h"
 
@@ -128,6 +129,13 @@ __device__ __forceinline__ void block_sum(float (&values)[N], float* scratch) {
 // y = h * sigmoid(h) and its derivative sigmoid(h) * (1 + h * (1 - sigmoid(h))).
 __device__ __forceinline__ float sigmoid(float h) { return 1.f / (1.f + expf(-h)); }
 __device__ __forceinline__ float silu_grad(float h, float sig) { return sig * (1.f + h * (1.f - sig)); }
+
+// Calls `launch(std::integral_constant<int, V>{})` for the V among `Values` that equals `value` (none: no call): a
+// runtime size as the template argument of a kernel instantiated for each of `Values`.
+template <int... Values, typename Launch>
+void dispatch_int(int value, Launch&& launch) {
+  ((value == Values ? (launch(std::integral_constant<int, Values>{}), true) : false) || ...);
+}
 
 // Calls `launch(T{})` with T the element type of `dtype`.
 template <typename Launch>

@@ -5,7 +5,6 @@
 // number of chunks: every latent-b GroupNorm) keeps each thread's chunks in registers, so x is read once and the
 // statistics are block reductions of registers; "looped" (any other group) re-reads the group from L2 per pass.
 #include <algorithm>
-#include <type_traits>
 
 #include "common.cuh"
 
@@ -494,22 +493,6 @@ __global__ void __launch_bounds__(kParamColumns * kParamRows)
   }
 }
 
-// Calls `launch(std::integral_constant<int, kItems>{})` for the resident kernels' items per thread.
-template <typename Launch>
-void dispatch_items(int items, Launch&& launch) {
-  switch (items) {
-    case 1:
-      launch(std::integral_constant<int, 1>{});
-      break;
-    case 2:
-      launch(std::integral_constant<int, 2>{});
-      break;
-    case 4:
-      launch(std::integral_constant<int, 4>{});
-      break;
-  }
-}
-
 }  // namespace
 
 int64_t group_norm_bwd_smem_bytes(int64_t channels_per_group) {
@@ -557,7 +540,7 @@ void group_norm_act_fwd(const GroupNormFwdParams& params, cudaStream_t stream) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (rule.items > 0) {
-      dispatch_items(rule.items, [&](auto items) {
+      dispatch_int<1, 2, 4>(rule.items, [&](auto items) {
         constexpr int kItems = decltype(items)::value;
         const bool tangent = params.dx != nullptr;
         if (rule.groups_per_block > 1) {
@@ -602,7 +585,7 @@ void group_norm_act_bwd(const GroupNormBwdParams& params, cudaStream_t stream) {
       const int64_t segment = std::min<int64_t>(chunks_per_channel, kWarpSize);
       const int64_t segments = channels_per_group * chunks_per_channel / segment;
       const size_t smem = static_cast<size_t>(2 * segments * rule.groups_per_block) * sizeof(float);
-      dispatch_items(rule.items, [&](auto items) {
+      dispatch_int<1, 2, 4>(rule.items, [&](auto items) {
         constexpr int kItems = decltype(items)::value;
         if (rule.groups_per_block > 1) {
           launch(group_norm_act_bwd_resident_kernel<T, kItems, true>, smem);
