@@ -13,7 +13,10 @@ Selections are cached: a backend's `not_supported_reasons` depends only on the c
 dtypes, devices, options) and on the environment variables in `BACKEND_ENV_VARS`, so a call that matches an
 earlier successful one in those, with the same requested backend (argument, block or variable, read on every
 call), reuses its answer without probing the backends again. `backends()` probes afresh and empties the cache;
-so does replacing `BACKENDS` (an edit in place needs `clear_cache()`). Refusals are never cached.
+so does replacing `BACKENDS` (an edit in place needs `clear_cache()`). Refusals are never cached. A backend
+package that declares `TAKES_EVERY_CALL = True` (usable everywhere, taking every call that passes the public
+checks: `torch`) is selected without a key when it is the one asked for, or auto's first choice for the call's
+device: building the key from the call's metadata cost more than a batch-1 launcher on a CPU.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("imf_kerne
 # -> (backend name, family module), made with the registry `_cached_registry`.
 _selections: dict[tuple[Any, ...], tuple[str, ModuleType]] = {}
 _cached_registry: dict[str, str] = BACKENDS
+# (backend, op) -> its family module when the backend's package declares TAKES_EVERY_CALL, else None
+_unconditional: dict[tuple[str, str], ModuleType | None] = {}
 # A process that meets more distinct call signatures than this starts the cache over.
 MAX_CACHED_SELECTIONS = 4096
 
@@ -106,6 +111,7 @@ def unavailable_reason(name: str) -> str | None:
 def clear_cache() -> None:
     """Forget every cached selection (after changing a backend's environment or editing `BACKENDS`)."""
     _selections.clear()
+    _unconditional.clear()
 
 
 def backends() -> list[BackendStatus]:
@@ -168,13 +174,36 @@ def _cache_key(name: str, op: str, args: dict[str, Any]) -> tuple[Any, ...]:
     return name, op, tuple(map(os.environ.get, BACKEND_ENV_VARS)), tuple(args), tuple(metadata)
 
 
+def _unconditional_family(name: str, op: str) -> ModuleType | None:
+    """The family module of `op` on backend `name` when its package declares TAKES_EVERY_CALL, else None."""
+    try:
+        return _unconditional[name, op]
+    except KeyError:
+        package, _ = _import_package(name)
+        takes_all = package is not None and getattr(package, "TAKES_EVERY_CALL", False)
+        family = _unconditional[name, op] = family_module(name, op) if takes_all else None
+        return family
+
+
+def _first_auto_candidate(args: dict[str, Any]) -> str | None:
+    """The backend auto tries first for a call on CPU tensors (None on CUDA tensors: the GPU backends decide by
+    the call's metadata)."""
+    if _device_of(args).type == "cuda":
+        return None
+    return next((candidate for candidate in BACKENDS if candidate in AUTO_CPU_BACKENDS), None)
+
+
 def select(op: str, args: dict[str, Any], backend: str | None = None) -> tuple[str, ModuleType]:
     """The backend that runs this call of `op` and its family module; ValueError with every reason if none."""
     global _cached_registry
     name = _check_name(backend, op) if backend is not None else current_backend()
     if _cached_registry is not BACKENDS:
-        _selections.clear()
+        clear_cache()
         _cached_registry = BACKENDS
+    first = name if name != AUTO else _first_auto_candidate(args)
+    family = None if first is None else _unconditional_family(first, op)
+    if family is not None:
+        return first, family
     key = _cache_key(name, op, args)
     try:
         selection = _selections.get(key)

@@ -289,6 +289,27 @@ def test_repeated_calls_do_not_probe_the_backends_again(fake_backend, monkeypatc
     assert fake_backend == ["attention_fwd"] * 6
 
 
+def test_a_backend_that_takes_every_call_is_selected_without_probing(fake_backend, monkeypatch):
+    """A package that declares TAKES_EVERY_CALL (torch) is selected without being asked and without a cache entry,
+    by name and as auto's first choice for CPU tensors; the declaration is read from the registered package."""
+    probes = []
+    unavailable_reason = dispatch.unavailable_reason
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda name: probes.append(name) or unavailable_reason(name))
+    dispatch.clear_cache()
+    q, k, v = torch.randn(3, 1, 2, 6, 16)
+    args = dict(q=q, k=k, v=v, scale=None)
+    assert dispatch.select("attention", args) == ("torch", torch_attention)  # auto: fake is not for CPU tensors
+    assert dispatch.select("attention", args, backend="torch") == ("torch", torch_attention)
+    assert probes == [] and dispatch._selections == {}
+    assert dispatch.select("attention", args, backend="fake")[0] == "fake"  # no declaration: probed, cached
+    assert probes == ["fake"] and len(dispatch._selections) == 1
+    monkeypatch.setattr(sys.modules["imf_fake_backend"], "TAKES_EVERY_CALL", True, raising=False)
+    dispatch.clear_cache()
+    long_context = torch.randn(1, 1, 5000, 16)  # the fake's own check would refuse it, but it declared otherwise
+    assert dispatch.select("attention", dict(q=q[:1], k=long_context, v=long_context, scale=None), "fake")[0] == "fake"
+    assert probes == ["fake"]
+
+
 def test_replacing_the_registry_forgets_cached_selections(monkeypatch):
     q, k, v = torch.randn(3, 1, 1, 4, 8)
     imf_kernels.attention(q, k, v)  # auto picks torch, and the selection is cached

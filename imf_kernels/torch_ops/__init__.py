@@ -9,6 +9,9 @@ from typing import Any
 
 from imf_kernels.dispatch import OP_FAMILIES
 
+# usable everywhere, and every call that passes the public checks runs here: `dispatch` selects it without probing
+TAKES_EVERY_CALL = True
+
 
 def unavailable_reason() -> str | None:
     """The torch backend runs everywhere."""
