@@ -162,6 +162,20 @@ def test_strided_inputs_match_the_reference(backend, with_tangent):
                 assert out.transpose(-1, -2).is_contiguous(), name
 
 
+@pytest.mark.parametrize("limit", [0, 1 << 40], ids=["written-out", "flash"])
+def test_torch_forward_on_each_cpu_path(monkeypatch, limit):
+    """The torch backend's CPU forward runs ATen's flash kernel up to FLASH_CPU_MAX_WORK and the written-out
+    softmax above it: each path on every shape, dtype and layout (its o laid out like q)."""
+    from imf_kernels.torch_ops import attention as torch_attention
+
+    monkeypatch.setattr(torch_attention, "FLASH_CPU_MAX_WORK", limit)
+    for shape in SHAPES:
+        for dtype in (torch.float32, torch.float16):
+            for variant in VARIANTS:
+                check_against_reference("torch", shape, variant, dtype, with_tangent=False)
+    test_strided_inputs_match_the_reference("torch", with_tangent=False)
+
+
 def first_rows_cases():
     for case in cases((torch.float32, torch.float16)):
         backend, shape, variant, dtype = case.values
