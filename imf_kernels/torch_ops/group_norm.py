@@ -115,10 +115,34 @@ def gn_act_fwd(
     eps: float,
     act: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    batch = x.shape[0]
-    layout = _layout(x, num_groups, weight, bias, scale, shift, scale is not None or shift is not None)
-    h, mean, rstd = _group_norm(layout, True, eps)
-    y = F.silu(h, inplace=True) if act == "silu" else h
+    # `_layout` and `_group_norm` inlined: a batch-1 call is set by its op count (each op a few us on a CPU), so
+    # the modulation is folded into ATen's per-channel affine with the fewest ops (beta by one addcmul) and ATen's
+    # kernel is called through its function binding (about 1 us less than torch.ops).
+    batch, channels = x.shape[:2]
+    dtype = _compute_dtype(x)
+    w = None if weight is None else _as(weight, dtype)
+    b = None if bias is None else _as(bias, dtype)
+    n, rows, groups = batch, channels, num_groups
+    if scale is not None or shift is not None:  # per sample: (1, B * C) channels in B * G groups
+        n, rows, groups = 1, batch * channels, batch * num_groups
+        one_plus_s = None if scale is None else 1 + _as(scale, dtype)
+        if one_plus_s is None:
+            w = None if w is None else w.expand(batch, -1)
+            b = None if b is None else b.expand(batch, -1)
+        else:
+            w = one_plus_s if w is None else w * one_plus_s
+            b = None if b is None else b * one_plus_s
+        if shift is not None:
+            b = _as(shift, dtype) if b is None else b + _as(shift, dtype)
+        w = None if w is None else w.reshape(-1)
+        b = None if b is None else b.reshape(-1)
+    count = x.numel() // (batch * channels)
+    flat = _as(x, dtype).view(n, rows, count)
+    if rows * count > groups:
+        h, mean, rstd = torch.native_group_norm(flat, w, b, n, rows, count, groups, eps)
+    else:  # one value per group (see _group_norm)
+        h, mean, rstd = _group_norm(_Layout(flat, groups, w, b, None), True, eps)
+    y = torch._C._nn.silu_(h) if act == "silu" else h
     return _as(y.view(x.shape), x.dtype), mean.view(batch, num_groups), rstd.view(batch, num_groups)
 
 
