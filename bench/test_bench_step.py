@@ -47,6 +47,21 @@ def test_a_subset_of_variants_is_timed_and_saved(tmp_path):
     assert not out.with_name(out.name + ".tmp").exists()
 
 
+def test_sampling_times_both_paths_at_both_batches():
+    """1-NFE sampling rows: fused and reference at batch 256 and 1, each with CPU time on a CPU, and the
+    fused/reference ratio of each batch from those CPU times."""
+    import step
+
+    out = step.run_sampling("gauss", "cpu", threads=1, reps=1, bf16=False)
+    assert set(out) == {f"{name}@{batch}" for name in ("fused", "reference", "fused/reference") for batch in (256, 1)}
+    for batch in (256, 1):
+        fused, reference = out[f"fused@{batch}"], out[f"reference@{batch}"]
+        for row in (fused, reference):
+            assert row["median_s"] > 0 and row["cpu_median_s"] > 0
+            assert row["images_per_s"] == batch / row["median_s"]
+        assert out[f"fused/reference@{batch}"] == fused["cpu_median_s"] / reference["cpu_median_s"]
+
+
 def test_rounds_interleave_the_variants_and_report_medians_over_rounds(tmp_path):
     out = tmp_path / "step.json"
     done = run_step("--variants", "fm,mf", "--no-sampling", "--rounds", "2", "--out", str(out))
