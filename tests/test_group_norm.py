@@ -14,8 +14,9 @@ import imf_kernels
 from imf_kernels import dispatch, reference
 
 BACKENDS = list(dispatch.BACKENDS)
-# (B, C, H, W, num_groups): C not a multiple of 32, odd maps, batch 1.
-SHAPES = [(2, 40, 8, 8, 8), (1, 40, 5, 7, 8), (3, 96, 3, 5, 32)]
+# (B, C, H, W, num_groups): C not a multiple of 32, odd maps, batch 1; the last two are shapes whose NCHW and NHWC
+# layouts are the same memory (1x1 maps, one channel), where ATen may pick either kernel.
+SHAPES = [(2, 40, 8, 8, 8), (1, 40, 5, 7, 8), (3, 96, 3, 5, 32), (3, 64, 1, 1, 8), (2, 1, 6, 5, 1)]
 # The interpreter is slow: triton gets the first shapes only.
 INTERPRETED_SHAPES = SHAPES[:2]
 # name -> (weight and bias, scale and shift, act)

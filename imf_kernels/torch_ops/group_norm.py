@@ -137,13 +137,17 @@ def gn_act_fwd(
         w = None if w is None else w.reshape(-1)
         b = None if b is None else b.reshape(-1)
     count = x.numel() // (batch * channels)
-    flat = _as(x, dtype).view(n, rows, count)
+    xc = _as(x, dtype)
     if rows * count > groups:
-        h, mean, rstd = torch.native_group_norm(flat, w, b, n, rows, count, groups, eps)
+        # ATen reads x as (n, rows, count) from these sizes (and checks that they cover it): no view in or out
+        h, mean, rstd = torch.native_group_norm(xc, w, b, n, rows, count, groups, eps)
     else:  # one value per group (see _group_norm)
-        h, mean, rstd = _group_norm(_Layout(flat, groups, w, b, None), True, eps)
+        h, mean, rstd = _group_norm(_Layout(xc.view(n, rows, count), groups, w, b, None), True, eps)
+        h = h.view(x.shape)
     y = torch._C._nn.silu_(h) if act == "silu" else h
-    return _as(y.view(x.shape), x.dtype), mean.view(batch, num_groups), rstd.view(batch, num_groups)
+    if n == 1 and batch > 1:  # per sample: (1, B * G) statistics
+        mean, rstd = mean.view(batch, num_groups), rstd.view(batch, num_groups)
+    return _as(y, x.dtype), mean, rstd
 
 
 def _first_rows(t: Tensor, batch: int, rows: int) -> Tensor:
