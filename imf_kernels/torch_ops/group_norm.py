@@ -53,6 +53,23 @@ class _Layout(NamedTuple):
     one_plus_s: Tensor | None  # (B, C), None without a scale
 
 
+def _per_sample_affine(
+    w: Tensor | None, b: Tensor | None, scale: Tensor | None, shift: Tensor | None, batch: int, dtype: torch.dtype
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(gamma, beta, 1 + scale): alpha = w (1 + scale) and beta = b (1 + scale) + shift flattened to (B * C,),
+    the per-channel affine of the per-sample layout (w, b already in `dtype`; None: 1, 0, no scale)."""
+    one_plus_s = None if scale is None else 1 + _as(scale, dtype)
+    if one_plus_s is None:
+        alpha = None if w is None else w.expand(batch, -1)
+        beta = None if b is None else b.expand(batch, -1)
+    else:
+        alpha = one_plus_s if w is None else w * one_plus_s
+        beta = None if b is None else b * one_plus_s
+    if shift is not None:
+        beta = _as(shift, dtype) if beta is None else beta + _as(shift, dtype)
+    return None if alpha is None else alpha.reshape(-1), None if beta is None else beta.reshape(-1), one_plus_s
+
+
 def _layout(
     x: Tensor,
     num_groups: int,
@@ -68,18 +85,8 @@ def _layout(
     b = None if bias is None else _as(bias, dtype)
     if not per_sample:
         return _Layout(_as(x, dtype).reshape(batch, channels, -1), num_groups, w, b, None)
-    one_plus_s = None if scale is None else 1 + _as(scale, dtype)
-    if one_plus_s is None:
-        alpha = None if w is None else w.expand(batch, -1)
-        beta = None if b is None else b.expand(batch, -1)
-    else:
-        alpha = one_plus_s if w is None else w * one_plus_s
-        beta = None if b is None else b * one_plus_s
-    if shift is not None:
-        beta = _as(shift, dtype) if beta is None else beta + _as(shift, dtype)
-    flat = _as(x, dtype).reshape(1, batch * channels, -1)
-    gamma = None if alpha is None else alpha.reshape(-1)
-    return _Layout(flat, batch * num_groups, gamma, None if beta is None else beta.reshape(-1), one_plus_s)
+    gamma, beta, one_plus_s = _per_sample_affine(w, b, scale, shift, batch, dtype)
+    return _Layout(_as(x, dtype).reshape(1, batch * channels, -1), batch * num_groups, gamma, beta, one_plus_s)
 
 
 def _group_norm(layout: _Layout, affine: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -115,9 +122,9 @@ def gn_act_fwd(
     eps: float,
     act: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    # `_layout` and `_group_norm` inlined: a batch-1 call is set by its op count (each op a few us on a CPU), so
-    # the modulation is folded into ATen's per-channel affine with the fewest ops (beta by one addcmul) and ATen's
-    # kernel is called through its function binding (about 1 us less than torch.ops).
+    # `_layout` and `_group_norm` without their views: a batch-1 call is set by its op count (each op, view or
+    # not, a few us on a CPU), and ATen's kernel is called through its function binding (about 1 us less than
+    # through torch.ops).
     batch, channels = x.shape[:2]
     dtype = _compute_dtype(x)
     w = None if weight is None else _as(weight, dtype)
@@ -125,17 +132,7 @@ def gn_act_fwd(
     n, rows, groups = batch, channels, num_groups
     if scale is not None or shift is not None:  # per sample: (1, B * C) channels in B * G groups
         n, rows, groups = 1, batch * channels, batch * num_groups
-        one_plus_s = None if scale is None else 1 + _as(scale, dtype)
-        if one_plus_s is None:
-            w = None if w is None else w.expand(batch, -1)
-            b = None if b is None else b.expand(batch, -1)
-        else:
-            w = one_plus_s if w is None else w * one_plus_s
-            b = None if b is None else b * one_plus_s
-        if shift is not None:
-            b = _as(shift, dtype) if b is None else b + _as(shift, dtype)
-        w = None if w is None else w.reshape(-1)
-        b = None if b is None else b.reshape(-1)
+        w, b, _ = _per_sample_affine(w, b, scale, shift, batch, dtype)
     count = x.numel() // (batch * channels)
     xc = _as(x, dtype)
     if rows * count > groups:
