@@ -349,6 +349,10 @@ _TILES = {
 }
 
 
+# pick_config's answers by its arguments (the rule costs ~5 us of Python per launch; `_TILES` is constant)
+_picked: dict[tuple, BlockConfig] = {}
+
+
 def pick_config(kind: str, Lq: int, Lk: int, D: int, dtype: torch.dtype, *, kv_loop: bool | None = None) -> BlockConfig:
     """Deterministic tiles for `kind` in {"fwd", "jvp", "bwd_dkdv", "bwd_dq"} from the `_TILES` table.
 
@@ -356,6 +360,14 @@ def pick_config(kind: str, Lq: int, Lk: int, D: int, dtype: torch.dtype, *, kv_l
     True/False forces the choice (tests use True to run the online-softmax loop at small Lk). The backward
     kernels always loop (dK/dV over query blocks, dQ over KV blocks); a short context is one KV block there.
     """
+    key = (kind, Lq, Lk, D, dtype, kv_loop)
+    cfg = _picked.get(key)
+    if cfg is None:
+        cfg = _picked[key] = _pick_config(kind, Lq, Lk, D, dtype, kv_loop)
+    return cfg
+
+
+def _pick_config(kind: str, Lq: int, Lk: int, D: int, dtype: torch.dtype, kv_loop: bool | None) -> BlockConfig:
     if kind not in ("fwd", "jvp", "bwd_dkdv", "bwd_dq"):
         raise ValueError(f"attention (triton): unknown kernel kind {kind!r}")
     if D not in HEAD_DIMS:
