@@ -15,8 +15,8 @@ earlier successful one in those, with the same requested backend (argument, bloc
 call), reuses its answer without probing the backends again. `backends()` probes afresh and empties the cache;
 so does replacing `BACKENDS` (an edit in place needs `clear_cache()`). Refusals are never cached. A backend
 package that declares `TAKES_EVERY_CALL = True` (usable everywhere, taking every call that passes the public
-checks: `torch`) is selected without a key when it is the one asked for, or auto's first choice for the call's
-device: building the key from the call's metadata cost more than a batch-1 launcher on a CPU.
+checks: `torch`) is selected without a key when it is the one asked for, or auto's first choice for CPU
+tensors: building the key from the call's metadata cost more than a batch-1 launcher on a CPU.
 """
 
 from __future__ import annotations
