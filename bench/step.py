@@ -84,9 +84,8 @@ def official_style_loss(model, objective, x, y, d, modules=None):
     from imf.objectives import _col, adaptive_weighted, model_jvp, per_sample_sum
 
     modules = model if modules is None else modules
-    z, v_t, v_g, v_cp = objective.guided_target(modules, x, y, d)
+    z, v_t, v_g, v_cp = objective.guided_target(modules, x, y, d)  # v_g after class dropout
     y = torch.where(d.drop, torch.full_like(y, model.cfg.num_classes), y)
-    v_g = torch.where(_col(d.drop, x), v_t, v_g)
     cond = Cond(h=d.t - d.r, y=y, omega=d.omega, t_min=d.t_min, t_max=d.t_max, t=d.t)
     features = modules.trunk(z, cond)
     u, v = modules.u_head(features), modules.v_head(features)

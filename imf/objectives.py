@@ -187,26 +187,45 @@ class IMFObjective:
 
     @torch.no_grad()
     def guided_target(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws):
-        """z, the guided target v_g (before class dropout) and the tangent v_c', from no-grad v-head calls."""
+        """z, v_t, the guided target v_g after class dropout (v_t on dropped rows) and the tangent v_c' on every row,
+        from one no-grad v-head call (`_targets`)."""
+        z, v_t, v_g, v_cp, _ = self._targets(model, x, y, d, share_fm_rows=False)
+        return z, v_t, v_g, v_cp
+
+    @torch.no_grad()
+    def _targets(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws, share_fm_rows: bool):
+        """(z, v_t, v_g, v_c', pending) from one batched no-grad v-head call at h = 0, interval (0, 1).
+
+        The call evaluates v_c' = v(omega') where the row needs it (v_c' is v_c where omega' == omega, the only
+        rows whose guidance term uses v_c: elsewhere omega' = 1 and v_g = v_t) and v_u where the row is guided
+        (1 - 1/omega' != 0) and kept (a dropped row's target is v_t): B + (guided, kept) rows, at most 2B.
+
+        share_fm_rows (the fused training step): the flow-matching rows that keep their class take v_c from the
+        training forward itself, whose v-head runs on the same z at h = 0, omega, interval (0, 1) and class, so
+        the call leaves them out of its first part (their tangent is not needed either: h = 0); their v_g waits
+        for that v: `pending` = (rows, 1 - 1/omega on them, v_u on them) for `_finish_targets`. Else pending is
+        None and v_c' covers every row (the reference path's tangent runs on the whole batch)."""
         b = x.shape[0]
         tb = _col(d.t, x)
         z = (1 - tb) * x + tb * d.e
         v_t = d.e - x
         # omega' = omega inside the guidance interval, else 1 (on fm rows the interval is (0, 1): omega' = omega)
         omega_p = torch.where((d.t_min <= d.t) & (d.t <= d.t_max), d.omega, torch.ones_like(d.omega))
-        # One batched v-head call at h = 0, interval (0, 1): v_c on every row (where omega' == omega it is also the
-        # tangent v_c'); v_u only where the guidance weight 1 - 1/omega' is not 0 (v_g = v_t exactly elsewhere: all
-        # rows of an omega = 1 run); v_c' only where omega' != omega. These two row sets are disjoint (omega' != omega
-        # means omega' = 1), so the call has at most 2B rows.
-        guided = torch.nonzero(omega_p != 1).flatten()
-        differ = torch.nonzero(omega_p != d.omega).flatten()
+        guided = (omega_p != 1) & ~d.drop
+        if share_fm_rows:
+            shared = (d.t == d.r) & (d.t_min == 0) & (d.t_max == 1) & ~d.drop
+            needs_cp = (d.t != d.r) | (guided & ~shared)
+        else:
+            shared = needs_cp = None
         null = torch.full_like(y, model.cfg.num_classes)
         zero, one = torch.zeros_like(d.t), torch.ones_like(d.t)
-        idx = torch.cat([torch.arange(b, device=x.device), guided, differ])
+        cp_rows = torch.arange(b, device=x.device) if needs_cp is None else torch.nonzero(needs_cp).flatten()
+        u_rows = torch.nonzero(guided).flatten()
+        idx = torch.cat([cp_rows, u_rows])
         cond = Cond(
             h=zero[idx],
-            y=torch.cat([y, null[guided], y[differ]]),
-            omega=torch.cat([d.omega, one[guided], omega_p[differ]]),
+            y=torch.cat([y[cp_rows], null[u_rows]]),
+            omega=torch.cat([omega_p[cp_rows], one[u_rows]]),
             t_min=zero[idx],
             t_max=one[idx],
             t=d.t[idx],
@@ -214,12 +233,32 @@ class IMFObjective:
         with target_autocast(self.bf16, x):
             v_all = (model.fused_v if runs_fused(model, self.jvp) else model.v)(z[idx], cond)
         v_all = v_all.to(x.dtype)
-        v_c, v_u, v_differ = v_all.split([b, guided.numel(), differ.numel()])
-        v_cp = v_c.clone()
-        v_cp[differ] = v_differ
+        v_cp_rows, v_u_all = v_all.split([cp_rows.numel(), u_rows.numel()])
+        if needs_cp is None:
+            v_cp = v_cp_rows
+        else:  # rows left out: no tangent, no guidance term from v_c' (zeros, never read)
+            v_cp = torch.zeros_like(x)
+            v_cp[cp_rows] = v_cp_rows
+        weight = _col(1 - 1 / omega_p, x)
         v_g = v_t.clone()
-        v_g[guided] = v_t[guided] + _col(1 - 1 / omega_p[guided], v_u) * (v_cp[guided] - v_u)
-        return z, v_t, v_g, v_cp
+        pending = None
+        if shared is None:
+            v_g[u_rows] = v_t[u_rows] + weight[u_rows] * (v_cp[u_rows] - v_u_all)
+        else:
+            from_cp = guided[u_rows] & ~shared[u_rows]  # (guided rows in u_rows order)
+            rows, later = u_rows[from_cp], u_rows[~from_cp]
+            v_g[rows] = v_t[rows] + weight[rows] * (v_cp[rows] - v_u_all[from_cp])
+            pending = (later, weight[later], v_u_all[~from_cp])
+        return z, v_t, v_g, v_cp, pending
+
+    @staticmethod
+    def _finish_targets(v_g: Tensor, v_t: Tensor, v: Tensor, pending) -> Tensor:
+        """v_g with the shared flow-matching rows' guidance term from the training forward's v (detached)."""
+        rows, weight, v_u = pending
+        if rows.numel():
+            v_g = v_g.clone()
+            v_g[rows] = v_t[rows] + weight * (v.detach()[rows].to(v_g.dtype) - v_u)
+        return v_g
 
     def loss_from_draws(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws):
         if runs_fused(model, self.jvp):  # the fused loss kernel on the fused pass's outputs, du where h != 0
@@ -231,11 +270,13 @@ class IMFObjective:
 
     def outputs(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws, du_everywhere: bool = True):
         """(z, v_t, v_g, v_cp, y, u, du, v): the targets after class dropout and the network's outputs. With
-        du_everywhere=False the fused path computes du only where h = t - r != 0 (0 elsewhere: the loss uses h du)."""
-        z, v_t, v_g, v_cp = self.guided_target(model, x, y, d)
-        # class dropout after guidance: dropped rows are unconditional and regress onto e - x
+        du_everywhere=False the fused path computes du only where h = t - r != 0 (0 elsewhere: the loss uses h du),
+        and takes v_c on the flow-matching rows from its own v (`_targets`); v_cp is then 0 on the rows that need
+        neither."""
+        share = runs_fused(model, self.jvp) and not du_everywhere
+        z, v_t, v_g, v_cp, pending = self._targets(model, x, y, d, share_fm_rows=share)
+        # class dropout after guidance: dropped rows are unconditional and regress onto e - x (v_g there is v_t)
         y = torch.where(d.drop, torch.full_like(y, model.cfg.num_classes), y)
-        v_g = torch.where(_col(d.drop, x), v_t, v_g)
         cond = Cond(h=d.t - d.r, y=y, omega=d.omega, t_min=d.t_min, t_max=d.t_max, t=d.t)
         at_h0 = cond._replace(h=torch.zeros_like(d.t))
         if runs_fused(model, self.jvp):
@@ -248,6 +289,8 @@ class IMFObjective:
         else:
             u, du = model_jvp(model, z, cond, v_cp)
             v = model.u(z, at_h0)
+        if pending is not None:
+            v_g = self._finish_targets(v_g, v_t, v, pending)
         return z, v_t, v_g, v_cp, y, u, du, v
 
     def terms(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws) -> dict[str, Tensor]:

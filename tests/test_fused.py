@@ -163,6 +163,43 @@ def test_imf_loss_and_every_gradient_match_reference_float64(preset):
         torch.testing.assert_close(terms[key], terms_ref[key], rtol=FLOAT64_RTOL, atol=1e-12, msg=key)
 
 
+@pytest.mark.parametrize("v_head", ["aux", "boundary"])
+def test_fused_step_takes_v_c_of_kept_fm_rows_from_its_own_forward(v_head):
+    """The fused step's no-grad call leaves out the flow-matching rows that keep their class: their v_c is the
+    training forward's own v (same z, h = 0, omega, interval (0, 1), class) and they need no tangent. It evaluates
+    v_c' on the rows with h != 0 (plus any guided row without such a twin) and v_u on the guided kept rows; the
+    loss and every gradient equal the reference path's, which evaluates v_c' on every row (float64)."""
+    cfg = tiny_config(v_head=v_head, head_dim=8)
+    net = randomised(cfg)
+    x, y = training_batch(cfg, 32)
+    fused, ref = IMFObjective(jvp="fused"), IMFObjective(jvp="reference")
+    draws = ref.draw(x, torch.Generator().manual_seed(11))
+    omega_p = torch.where(
+        (draws.t_min <= draws.t) & (draws.t <= draws.t_max), draws.omega, torch.ones_like(x[:, 0, 0, 0])
+    )
+    guided_kept = (omega_p != 1) & ~draws.drop
+    fm_kept = (draws.t == draws.r) & ~draws.drop
+    assert (
+        (fm_kept & guided_kept).any() and (guided_kept & ~fm_kept).any() and (draws.drop & (draws.t == draws.r)).any()
+    )
+    calls = []
+    for name in ("fused_v", "v"):
+        method = getattr(net, name)
+        setattr(
+            net, name, lambda z, cond, method=method, name=name: calls.append((name, z.shape[0])) or method(z, cond)
+        )
+    with imf_kernels.use_backend("torch"):
+        loss, metrics, grads = loss_and_grads(fused, net, x, y, draws)
+    assert calls == [("fused_v", int((draws.t != draws.r).sum()) + int(guided_kept.sum()))]
+    calls.clear()
+    loss_ref, metrics_ref, grads_ref = loss_and_grads(ref, net, x, y, draws)
+    assert calls == [("v", len(y) + int(guided_kept.sum()))]
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+    for key in ("loss_u", "loss_v"):
+        torch.testing.assert_close(metrics[key], metrics_ref[key], rtol=1e-6, atol=0, msg=key)
+    assert_close_everywhere(grads, grads_ref, 1e-6, f"{v_head} grad")
+
+
 def test_meanflow_and_flow_matching_match_reference_float64():
     cfg = tiny_config(v_head="boundary", head_dim=8)
     net = randomised(cfg)

@@ -135,9 +135,10 @@ def test_imf_loss_equals_the_formula_step_by_step():
 
 @pytest.mark.parametrize("omega_max", [8.0, 1.0])
 def test_target_call_evaluates_only_the_rows_it_needs(omega_max):
-    """One no-grad v-head call: v_c on every row, v_u only where 1 - 1/omega' != 0, v_c' only where omega' != omega:
-    2B rows when omega > 1 (each row is inside its interval or has omega' = 1 != omega), B when omega is always 1;
-    the same targets as the three full evaluations."""
+    """One no-grad v-head call: v_c' on every row (it is v_c where omega' == omega, the only rows whose guidance
+    term uses v_c) and v_u only where the row is guided (1 - 1/omega' != 0) and keeps its class (a dropped row
+    regresses on v_t): B + (guided, kept) rows, B when omega is always 1; the same targets as the three full
+    evaluations."""
     net = TinyNet()
     calls = []
     v = net.v
@@ -147,10 +148,13 @@ def test_target_call_evaluates_only_the_rows_it_needs(omega_max):
     d = obj.draw(x, torch.Generator().manual_seed(6))
     terms = obj.terms(net, x, y, d)
     omega_p = torch.where((d.t_min <= d.t) & (d.t <= d.t_max), d.omega, torch.ones_like(d.omega))
-    n = len(y)
-    want = n + int((omega_p != 1).sum()) + int((omega_p != d.omega).sum())
-    assert calls[0] == want == (2 * n if omega_max > 1 else n)  # calls[1] is the forward pass's v
-    assert omega_max == 1 or 0 < int((omega_p != d.omega).sum()) < n  # the draw has rows of both kinds
+    n, guided = len(y), omega_p != 1
+    want = n + int((guided & ~d.drop).sum())
+    assert calls[0] == want  # calls[1] is the forward pass's v
+    if omega_max > 1:  # the draw has rows of every kind: outside the interval, guided and kept, guided and dropped
+        assert (~guided).any() and (guided & ~d.drop).any() and (guided & d.drop).any()
+    else:
+        assert want == n
     del net.v
     ref = imf_by_hand(net, x, y, d)
     for key in ("v_g", "v_cp", "loss"):
