@@ -13,6 +13,9 @@ Two paths compute the same function (`jvp=` on each objective):
   `imf_kernels` dispatch. A model without a fused path (`takes_tangents` absent, e.g. a hand-checkable test
   network) goes through the reference path.
 - "reference": `torch.func.jvp` over the plain-PyTorch model (`model_jvp`, `model_jvp_with_v`), the oracle.
+Both evaluate the iMF targets with one no-grad call on only the rows a target uses (`IMFObjective._targets`); the
+fused training step also takes v_c of the flow-matching rows from its own forward, which runs the v-head on the
+same inputs (the same values, without a second evaluation).
 `bf16=True` runs the no-grad target evaluations under bf16 autocast; the JVP pass and the loss stay fp32.
 """
 
