@@ -248,7 +248,7 @@ class IMFObjective:
         if shared is None:
             v_g[u_rows] = v_t[u_rows] + weight[u_rows] * (v_cp[u_rows] - v_u_all)
         else:
-            from_cp = guided[u_rows] & ~shared[u_rows]  # (guided rows in u_rows order)
+            from_cp = ~shared[u_rows]  # the guided rows (u_rows) whose v_c' is in this call
             rows, later = u_rows[from_cp], u_rows[~from_cp]
             v_g[rows] = v_t[rows] + weight[rows] * (v_cp[rows] - v_u_all[from_cp])
             pending = (later, weight[later], v_u_all[~from_cp])
