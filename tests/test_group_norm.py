@@ -240,12 +240,14 @@ def test_statistics_survive_a_large_mean():
     assert reference.max_error(y, y64) < 1e-3
 
 
+@pytest.mark.parametrize("variant", ["modulated", "affine"])
 @pytest.mark.parametrize("offset", [10.0, 100.0])
-def test_torch_backend_gradients_survive_a_large_mean(offset):
-    """x = offset + N(0, 1), modulated: every gradient within 2x of PyTorch's float32 error plus the floor. Sums
+def test_torch_backend_gradients_survive_a_large_mean(offset, variant):
+    """x = offset + N(0, 1): every gradient within 2x of PyTorch's float32 error plus the floor. Modulated, sums
     of g x taken before subtracting mean sum g lose |mean| / std digits (ATen's backward on x itself gave
-    grad_scale 2.7x PyTorch's float32 error at offset 10, inside the floor here)."""
-    inputs, num_groups, act = make_inputs((4, 40, 5, 7, 8), "modulated", torch.float32)
+    grad_scale 2.7x PyTorch's float32 error at offset 10, inside the floor here), so that backward centres x;
+    without modulation it runs ATen's backward on x as PyTorch does, and SiLU's input is recomputed as x a + c."""
+    inputs, num_groups, act = make_inputs((4, 40, 5, 7, 8), variant, torch.float32)
     inputs["x"] = inputs["x"] - 0.5 + offset
     grad_y = torch.randn(inputs["x"].shape)
     kernel = primal_and_grads(imf_kernels.group_norm_act, inputs, num_groups, act, False, grad_y, backend="torch")
