@@ -332,6 +332,27 @@ def test_one_value_per_group_on_each_backend(backend, shape, dtype):
         reference.check_parity(f"grad_{name}", grad, truth[2][name], reference_grads[name], floor)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", ONE_VALUE_SHAPES, ids=str)
+def test_one_value_per_group_without_modulation(backend, shape):
+    """Weight and bias only (the per-channel backward): y = silu(bias), grad_x = grad_weight = 0, grad_bias = the
+    batch sum of g_h, against the formula at scale = shift = 0 in float64."""
+    inputs, num_groups, act = make_inputs(shape, "affine", torch.float32)
+    del inputs["dx"]
+    skip_unless_runs(backend, "group_norm_act", {**inputs, "scale": None, "shift": None, "num_groups": num_groups,
+                                                 "eps": 1e-5, "act": act})  # fmt: skip
+    grad_y = torch.randn(inputs["x"].shape)
+    zeros = {name: torch.zeros(shape[0], shape[1]) for name in ("scale", "shift", "dscale", "dshift")}
+    truth = one_value_per_group_formula({name: value.double() for name, value in {**inputs, **zeros}.items()}, grad_y)
+    baseline = one_value_per_group_formula({**inputs, **zeros}, grad_y)
+    _, _, reference_grads = primal_and_grads(reference.group_norm_act, inputs, num_groups, act, False, grad_y)
+    y, _, grads = primal_and_grads(imf_kernels.group_norm_act, inputs, num_groups, act, False, grad_y, backend=backend)
+    reference.check_parity("y", y, truth[0], baseline[0], FLOOR[torch.float32])
+    assert set(grads) == {"x", "weight", "bias"}
+    for name, grad in grads.items():
+        reference.check_parity(f"grad_{name}", grad, truth[2][name], reference_grads[name], FLOOR[torch.float32])
+
+
 # ------------------------------------------------------------------------------------ partial modulation
 
 # The torch backend picks its layout (per channel, or per sample and channel) from which of weight, bias, scale,
