@@ -76,8 +76,9 @@ if [ -n "$step_variants" ]; then
     fi
     step_args+=(--variants "$step_variants" --no-sampling)
 fi
-if [ -n "$tune" ] && ! [[ "$tune" =~ ^(group_norm|attention|cuda_group_norm)(,(group_norm|attention|cuda_group_norm))*$ ]]; then
-    echo "gpu_check.sh: --tune takes bench/tune_gpu.py families (group_norm, attention, cuda_group_norm) separated" \
+tune_families="group_norm|attention|cuda_group_norm"  # bench/tune_gpu.py --families choices
+if [ -n "$tune" ] && ! [[ "$tune" =~ ^($tune_families)(,($tune_families))*$ ]]; then
+    echo "gpu_check.sh: --tune takes bench/tune_gpu.py families (${tune_families//|/, }) separated" \
          "by commas, got '$tune'" >&2
     exit 2
 fi
