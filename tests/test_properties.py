@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import imf_kernels
@@ -158,6 +158,9 @@ def test_group_norm_act_returns_the_reference_or_names_the_argument(
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**16),
 )
+# Groups of two close values (rstd ~70): ATen's backward on uncentred x gave dy 3.4x and 263x PyTorch's error here
+@example(batch=3, groups=3, per_group=1, height=1, width=2, dtype=torch.float32, seed=1)
+@example(batch=3, groups=4, per_group=2, height=1, width=1, dtype=torch.float32, seed=103)
 def test_group_norm_act_jvp_succeeds_at_every_valid_edge_shape(batch, groups, per_group, height, width, dtype, seed):
     """Batch 1, one channel per group, 1x1 maps, channel counts that are no power of two: always a result."""
     channels = groups * per_group
