@@ -256,6 +256,15 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file renamed over it: a run killed mid-write (a lease's deadline)
+    leaves the previous file whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def append_results(path: Path, rows: list[dict[str, Any]], tags: dict[str, Any]) -> None:
     """Append rows, each merged with `tags`, to the results file at `path` (earlier runs are kept).
 
@@ -264,4 +273,4 @@ def append_results(path: Path, rows: list[dict[str, Any]], tags: dict[str, Any])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     all_rows = read_results(path) + [{**tags, **row} for row in rows]
-    path.write_text("[\n" + ",\n".join(json.dumps(row, sort_keys=False) for row in all_rows) + "\n]\n")
+    write_atomically(path, "[\n" + ",\n".join(json.dumps(row, sort_keys=False) for row in all_rows) + "\n]\n")

@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_check.sh                # everything
 #   bash bench/gpu_check.sh --skip-tests   # build + benchmarks only (when device time is short)
-#   bash bench/gpu_check.sh --quick        # build + tests + bench/ops.py on the latent-b shapes only,
+#   bash bench/gpu_check.sh --quick        # build + tests + bench/ops.py on the latent-b shapes (and two big losses),
 #                                          # bench/profile_step.py, bench/step.py with 3 repetitions
 #   bash bench/gpu_check.sh --gpu-tests-only --quick   # a short lease: only the `gpu`-marked tests (CI runs the
 #                                                      # rest on CPU) and the quick benchmarks

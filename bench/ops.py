@@ -1,7 +1,7 @@
 """Kernel microbenchmarks (DESIGN 7): each op x backend x shape against the plain-PyTorch baselines.
 
     python bench/ops.py            # GPU: latent-b + cifar layer shapes + a sweep, bf16; CPU: digits + gauss, fp32
-    python bench/ops.py --quick    # GPU: the latent-b shapes only; CPU: the digits shapes only
+    python bench/ops.py --quick    # GPU: the latent-b shapes; CPU: the digits shapes; both: the sweep's losses
     python bench/ops.py --no-compile                       # without the torch.compile baselines (compile time)
     python bench/ops.py --markdown bench/results/<device>.json   # the latest run as markdown, for BENCHMARKS.md
 
@@ -785,11 +785,28 @@ def collect_problems(layer_sets: dict[str, Layers]) -> list[tuple[str, Any, tupl
     return [(family, shape, tuple(names)) for (family, shape), names in sources.items()]
 
 
+def run_layer_sets(presets: list[str], device: torch.device, quick: bool, no_sweep: bool) -> dict[str, Layers]:
+    """The layer shapes a run times, by source: the presets', then the sweep's (with `quick` only its losses)."""
+    layer_sets = {}
+    for name in presets:
+        layer_sets.update(preset_layers(name))
+    if not no_sweep:
+        sweep = sweep_layers(device)
+        # --quick keeps the sweep's losses: they take seconds, and at their size (GPU: 34 and 134 MB of inputs) they
+        # show what the loss kernels reach where the launches do not set the time (the latent-b loss moves 8 MB).
+        layer_sets["sweep"] = Layers(loss=sweep.loss) if quick else sweep
+    return layer_sets
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="fewer shapes: latent-b (GPU) or digits (CPU), no sweep")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer shapes: latent-b (GPU) or digits (CPU), of the sweep only its losses (a few seconds)",
+    )
     parser.add_argument("--presets", nargs="+", help="presets whose layer shapes to run (default: by device)")
     parser.add_argument("--no-sweep", action="store_true", help="only the presets' layer shapes")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
@@ -835,6 +852,14 @@ def main(argv: list[str] | None = None) -> int:
     for status in dispatch.backends():
         console.print(f"  backend {status.name}: {'usable' if status.usable else status.reason}", markup=False)
 
+    path = args.out or results_path(device)
+
+    def save(new_rows: list[dict]) -> None:
+        # after the copy, after each shape and after the verdicts: a run cut short (a lease's deadline) keeps what
+        # it measured, as rows of one run (the same tags)
+        if not args.no_save:
+            append_results(path, new_rows, tags)
+
     torch.manual_seed(0)
     copy_gbps, copy_timing = copy_bandwidth(device, clock=CPU_CLOCK)
     console.print(f"device-to-device copy: {copy_gbps:.1f} GB/s ({copy_timing.median_ms:.3f} ms)")
@@ -848,13 +873,9 @@ def main(argv: list[str] | None = None) -> int:
             "gbps": copy_gbps,
         }
     ]
+    save(rows)
 
-    layer_sets = {}
-    for name in presets:
-        layer_sets.update(preset_layers(name))
-    if not (args.quick or args.no_sweep):
-        layer_sets["sweep"] = sweep_layers(device)
-    problems = collect_problems(layer_sets)
+    problems = collect_problems(run_layer_sets(presets, device, args.quick, args.no_sweep))
     for index, (family, shape, sources) in enumerate(problems, 1):
         console.print(f"[{index}/{len(problems)}] {family} {shape.label} [{','.join(sources)}]", markup=False)
         try:
@@ -862,11 +883,16 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001 - e.g. out of memory for the inputs: say so, go on
             note = _first_line(error)
             console.print(f"  not run: {note}", markup=False)
-            rows.append({"op": family, "kind": "failed", "shape": shape.label, "dtype": dtype_name, "note": note})
+            failed = {"op": family, "kind": "failed", "shape": shape.label, "dtype": dtype_name, "note": note}
+            rows.append(failed)
+            save([failed])
             continue
         skip = ("compile",) if args.no_compile else ()
-        for row in run_cases(cases, backends, device, budget_s, copy_gbps, skip):
-            rows.append({**row, "dtype": dtype_name})
+        shape_rows = [
+            {**row, "dtype": dtype_name} for row in run_cases(cases, backends, device, budget_s, copy_gbps, skip)
+        ]
+        rows += shape_rows
+        save(shape_rows)
         del cases
         if on_gpu:
             torch.cuda.empty_cache()
@@ -878,15 +904,13 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[bold]GPU targets (bf16, latent-b layer shapes, worst shape shown):[/bold]")
         for verdict in verdicts:
             console.print(f"target: {verdict['target']} [{verdict['backend']}]: {verdict['status']}", markup=False)
-        rows += [{"op": "target", "kind": "target", **verdict} for verdict in verdicts]
+        save([{"op": "target", "kind": "target", **verdict} for verdict in verdicts])
     else:
         console.print(
             f"GPU targets: not evaluated (they are for bf16 on a GPU; this run: {dtype_name} on {device.type})"
         )
 
     if not args.no_save:
-        path = args.out or results_path(device)
-        append_results(path, rows, tags)
         console.print(f"results appended to {path}")
     return 0
 

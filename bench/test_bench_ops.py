@@ -440,3 +440,35 @@ def test_main_on_cpu_writes_tagged_rows_and_reports_a_shape_that_cannot_be_built
     }
     assert all(row["median_ms"] > 0 and row["note"] is None for row in timed)
     assert not any(row["variant"] == "compile" for row in timed)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_quick_runs_the_presets_and_of_the_sweep_only_its_losses(device_type):
+    device = torch.device(device_type)
+    preset = "latent-b" if device_type == "cuda" else "digits"
+    quick = ops.run_layer_sets([preset], device, quick=True, no_sweep=False)
+    full = ops.run_layer_sets([preset], device, quick=False, no_sweep=False)
+    assert quick["sweep"] == ops.Layers(loss=ops.sweep_layers(device).loss)
+    assert quick["sweep"].loss and full["sweep"] == ops.sweep_layers(device)
+    assert {k: v for k, v in quick.items() if k != "sweep"} == ops.preset_layers(preset)
+    assert "sweep" not in ops.run_layer_sets([preset], device, quick=True, no_sweep=True)
+
+
+def test_a_run_cut_short_keeps_the_rows_of_every_shape_it_finished(tmp_path, monkeypatch):
+    """Rows are saved after each shape: a run killed at its losses (a lease's deadline) keeps the copy, GroupNorm
+    and attention rows, as one run in a whole JSON file."""
+
+    def killed(shape, sources, device, dtype):
+        raise KeyboardInterrupt  # not an Exception: main does not catch it, as it would not catch a SIGTERM
+
+    monkeypatch.setitem(ops.CASE_BUILDERS, "loss", killed)
+    path = tmp_path / "cpu.json"
+    argv = ["--cpu", "--presets", "digits", "--no-sweep", "--no-compile", "--budget", "0", "--out", str(path)]
+    with pytest.raises(KeyboardInterrupt):
+        ops.main(argv)
+    rows = common.read_results(path)
+    assert len({row["date"] for row in rows}) == 1 and rows[0]["op"] == "copy"
+    assert {row["op"] for row in rows if row["kind"] in ("backend", "baseline")} == {
+        f"{family}.{p}" for family in ("gn", "attn") for p in ("fwd", "jvp", "bwd")
+    }
+    assert not list(tmp_path.glob("*.tmp"))
