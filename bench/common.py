@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from imf.checkpoint import atomic_write
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
 
@@ -256,15 +258,6 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """`text` into `path` through a temporary file renamed over it: a run killed mid-write (a lease's deadline)
-    leaves the previous file whole."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def append_results(path: Path, rows: list[dict[str, Any]], tags: dict[str, Any]) -> None:
     """Append rows, each merged with `tags`, to the results file at `path` (earlier runs are kept).
 
@@ -273,4 +266,6 @@ def append_results(path: Path, rows: list[dict[str, Any]], tags: dict[str, Any])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     all_rows = read_results(path) + [{**tags, **row} for row in rows]
-    write_atomically(path, "[\n" + ",\n".join(json.dumps(row, sort_keys=False) for row in all_rows) + "\n]\n")
+    text = "[\n" + ",\n".join(json.dumps(row, sort_keys=False) for row in all_rows) + "\n]\n"
+    # through a temporary file renamed over it: a run killed mid-write (a lease's deadline) leaves the old file
+    atomic_write(path, lambda name: Path(name).write_text(text))

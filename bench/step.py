@@ -623,9 +623,9 @@ def merge_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
 
 def write_results(path: Path, results: dict) -> None:
     """The results file, replaced atomically (a temporary file renamed over it)."""
-    from common import write_atomically
+    from imf.checkpoint import atomic_write
 
-    write_atomically(path, json.dumps(results, indent=2))
+    atomic_write(path, lambda name: Path(name).write_text(json.dumps(results, indent=2)))
 
 
 def _spread_ms(row: dict, key: str) -> str:
