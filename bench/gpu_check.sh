@@ -10,7 +10,8 @@
 #                                                      # rest on CPU) and the quick benchmarks
 #   bash bench/gpu_check.sh --gpu-tests-only --quick --deadline=540 --copy-to="$OUT"
 #       # a lease call: every step is cut at 540 s after the start (the steps after it are skipped, named in the
-#       # summary), and the log and result files are copied to $OUT after each step (a cut call keeps them)
+#       # summary), and after each step the log and an archive of the result files, results.tar, are copied to $OUT
+#       # (a cut call keeps them; two files, where a lease returns at most 8)
 #   bash bench/gpu_check.sh --gpu-tests-only --prewarm-compile --step-variants=reference,fused-triton,compiled \
 #       --quick --deadline=560 --copy-to="$OUT"
 #       # a lease call for the compiled baseline: Inductor compiles the latent-b step (minutes) in a background
@@ -106,8 +107,13 @@ echo "commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
 echo "TORCH_CUDA_ARCH_LIST=$arch CUDA_HOME=$CUDA_HOME"
 
 statuses=()
-copy_results() {  # what this run wrote under bench/results (the log included), flat into --copy-to
-    [ -n "$copy_to" ] && find bench/results -type f -newer "$started_stamp" -exec cp {} "$copy_to"/ \;
+copy_results() {
+    # what this run wrote under bench/results, as one archive in --copy-to (a lease returns at most 8 files; a run
+    # writes more), and the log beside it as a plain file; the archive is replaced whole, so a cut run keeps the last
+    [ -z "$copy_to" ] && return 0
+    (find bench/results -type f -newer "$started_stamp" ! -path "$log" -print0 |
+        tar -cf "$copy_to/results.tar.tmp" --null -T - && mv -f "$copy_to/results.tar.tmp" "$copy_to/results.tar")
+    cp -f "$log" "$copy_to"/ 2>/dev/null
     return 0
 }
 run_step() {
@@ -176,9 +182,32 @@ if [ -n "$prewarm_pid" ]; then
     # nothing timed shares the GPU with the compile; the step benchmark, which needs its caches, runs first
     echo
     echo "== prewarm-compile: waiting for it (started $((SECONDS - prewarm_started)) s ago)"
+    # With a deadline the wait ends PREWARM_RESERVE s (default 240) before it: a compile still running then is
+    # stopped, and the timed step runs without the compiled variant, so a slow compile cannot take the step,
+    # ops and profile rows with it (lease d: the compiled step was cut at 244 s, cold).
+    cut_prewarm=0
+    if [ -n "$deadline" ]; then
+        wait_until=$((deadline - ${PREWARM_RESERVE:-240}))
+        while kill -0 "$prewarm_pid" 2>/dev/null && [ "$SECONDS" -lt "$wait_until" ]; do
+            sleep 1
+        done
+        if kill -0 "$prewarm_pid" 2>/dev/null; then
+            cut_prewarm=1
+            kill "$prewarm_pid" 2>/dev/null
+        fi
+    fi
     wait "$prewarm_pid"
     prewarm_status=$?
-    statuses+=("prewarm-compile: exit $prewarm_status ($((SECONDS - prewarm_started)) s in the background)")
+    if [ "$cut_prewarm" = 1 ]; then
+        statuses+=("prewarm-compile: stopped after $((SECONDS - prewarm_started)) s, ${PREWARM_RESERVE:-240} s" \
+            "before the deadline; the step runs without the compiled variant")
+        kept=$(tr ',' '\n' <<<"$step_variants" | grep -vx compiled | paste -sd, -)
+        for i in "${!step_args[@]}"; do
+            [ "${step_args[$i]}" = "$step_variants" ] && step_args[$i]=$kept
+        done
+    else
+        statuses+=("prewarm-compile: exit $prewarm_status ($((SECONDS - prewarm_started)) s in the background)")
+    fi
     tail -5 "$prewarm_log"
     copy_results
     run_step step "$PYTHON" bench/step.py ${step_args[@]+"${step_args[@]}"}

@@ -38,13 +38,15 @@ exit 0
 """
 
 
-def run_script(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
+def run_script(
+    tmp_path: Path, *args: str, env: dict | None = None, fake_python: str = FAKE_PYTHON
+) -> tuple[subprocess.CompletedProcess, list[str]]:
     """gpu_check.sh copied into tmp_path/bench (it works in its parent folder) and run with the stand-in python."""
     (tmp_path / "bench").mkdir(exist_ok=True)
     shutil.copy(SCRIPT, tmp_path / "bench" / "gpu_check.sh")
     shutil.copy(NCU_SCRIPT, tmp_path / "bench" / "ncu_kernels.sh")
     fakes = {}
-    for name, text in (("fakepy", FAKE_PYTHON), ("fakencu", FAKE_NCU)):
+    for name, text in (("fakepy", fake_python), ("fakencu", FAKE_NCU)):
         fakes[name] = tmp_path / name
         fakes[name].write_text(text)
         fakes[name].chmod(fakes[name].stat().st_mode | stat.S_IEXEC)
@@ -155,3 +157,43 @@ def test_bad_arguments_are_named(tmp_path, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert commands == []
+
+
+def test_copy_to_gets_the_log_and_one_archive_of_the_results(tmp_path):
+    """A lease returns at most 8 files from $OUT: the run's result files travel as one tar, the log beside it."""
+    import tarfile
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    old = tmp_path / "bench" / "results" / "old.json"  # written before the run: not this run's result
+    old.write_text("{}")
+    os.utime(old, (0, 0))
+    fake_ops = FAKE_PYTHON.replace(
+        'echo "ops.py ran"', 'echo "ops.py ran"; for i in $(seq 9); do echo $i > bench/results/row$i.json; done'
+    )
+    out = tmp_path / "out"
+    proc, _ = run_script(tmp_path, "--skip-tests", f"--copy-to={out}", fake_python=fake_ops)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    logs = sorted(p.name for p in out.glob("gpu-check-fake-gpu-*.log"))
+    assert len(logs) == 1 and sorted(p.name for p in out.iterdir()) == sorted([logs[0], "results.tar"])
+    assert "== summary" in (out / logs[0]).read_text()
+    with tarfile.open(out / "results.tar") as tar:
+        names = sorted(Path(name).name for name in tar.getnames())
+    assert names == [f"row{i}.json" for i in range(1, 10)]
+
+
+def test_a_slow_prewarm_compile_is_stopped_before_the_deadline_and_the_step_runs_without_it(tmp_path):
+    proc, commands = run_script(
+        tmp_path,
+        "--gpu-tests-only",
+        "--prewarm-compile",
+        "--step-variants=reference,compiled,fused-triton",
+        "--quick",
+        "--deadline=100",
+        env={"PREWARM_SLEEP": "60", "PREWARM_RESERVE": "95"},
+    )
+    out = proc.stdout
+    assert "prewarm-compile: stopped after" in out and "without the compiled variant" in out
+    assert proc.returncode == 1  # a stopped compile is not a success
+    timed = [c for c in commands if c.startswith("bench/step.py --reps")]
+    assert timed == ["bench/step.py --reps 3 --variants reference,fused-triton --no-sampling"]
+    assert "bench/ops.py --quick" in commands and "bench/profile_step.py" in commands
