@@ -137,6 +137,19 @@ def test_group_norm_kernel_kinds(shape, dtype, kind, emulated, monkeypatch):
     assert launches == [forward, forward, backward, parameter_sums]
 
 
+@pytest.mark.parametrize(
+    "groups, kernel, message",
+    [(3, 0, "num_groups=3 must divide C=8"), (1, 3, "the warp kernels need the vector path .* at most 128 per group")],
+)
+def test_checks_inside_the_extension_raise_value_errors(groups, kernel, message, emulated):
+    """The extension's own checks (the launchers refuse a kind first; tests/test_cuda_ops.py runs the same calls on
+    the real build in a child process)."""
+    x = torch.randn(2, 8, 32, 32)
+    y, mean, rstd = torch.empty_like(x), torch.empty(2, groups), torch.empty(2, groups)
+    with pytest.raises(ValueError, match=message):
+        emulated.group_norm_act_fwd(x, *[None] * 7, groups, 1e-5, True, y, None, mean, rstd, kernel)
+
+
 def test_group_norm_kernel_kind_must_be_known(emulated, monkeypatch):
     monkeypatch.setattr(cuda_group_norm, "pick_kernel", lambda *_: "fastest")
     with pytest.raises(ValueError, match="pick_kernel returned 'fastest', accepted: 'auto', 'looped', 'resident'"):

@@ -682,6 +682,34 @@ def test_launches_follow_the_current_stream_and_capture_in_a_cuda_graph():
         assert torch.equal(expected, replayed), f"output {index} differs between eager and graph replay"
 
 
+EXTENSION_ERRORS = """
+import torch
+from imf_kernels.cuda import _common
+C = _common.extension()
+x = torch.randn(2, 8, 32, 32, device="cuda")
+y = torch.empty_like(x)
+args = (x, None, None, None, None, None, None, None)
+for groups, kernel in ((3, 0), (1, 3)):  # C=8 not divisible by 3; a warp refused (2048 16-byte chunks per group)
+    mean, rstd = (torch.empty(2, groups, device="cuda") for _ in range(2))
+    try:
+        C.group_norm_act_fwd(*args, groups, 1e-5, True, y, None, mean, rstd, kernel)
+    except ValueError as error:
+        print("ValueError:", error)
+"""
+
+
+def test_checks_inside_the_extension_raise_value_errors():
+    """A check in csrc/bindings.cpp reaches Python as a ValueError on the real build, not a crash (run in a child
+    process, so a crash is a failure with its exit status): bench/tune_gpu.py died of a segmentation fault on an
+    H100 (2026-11-27) in the forward of a GroupNorm kernel kind the extension refuses."""
+    child = subprocess.run([sys.executable, "-c", EXTENSION_ERRORS], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, f"exit {child.returncode}: {child.stdout}{child.stderr}"
+    lines = child.stdout.splitlines()
+    assert len(lines) == 2, child.stdout + child.stderr
+    assert "num_groups=3 must divide C=8" in lines[0]
+    assert "the warp kernels need the vector path" in lines[1] and "at most 128 per group" in lines[1]
+
+
 # ------------------------------------------------------------------------------------------ compute-sanitizer
 
 

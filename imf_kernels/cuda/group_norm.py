@@ -31,10 +31,23 @@ def pick_kernel(hw: int, channels_per_group: int, dtype: torch.dtype) -> str:
 
 
 def _kernel(x: torch.Tensor, num_groups: int) -> int:
-    kind = pick_kernel(x.shape[2] * x.shape[3], x.shape[1] // num_groups, x.dtype)
+    hw, channels_per_group = x.shape[2] * x.shape[3], x.shape[1] // num_groups
+    kind = pick_kernel(hw, channels_per_group, x.dtype)
     if kind not in KERNELS:
         raise ValueError(f"group_norm: pick_kernel returned {kind!r}, accepted: {', '.join(map(repr, KERNELS))}")
-    return KERNELS.index(kind)
+    kernel = KERNELS.index(kind)
+    if kind in ("resident", "warp"):
+        # refused here, before the extension (which checks it again): bench/tune_gpu.py asks every kind of every shape
+        width = 16 // x.element_size()
+        vectorized = hw % width == 0 and x.data_ptr() % 16 == 0
+        items = _common.extension().group_norm_launch(hw, channels_per_group, x.element_size(), vectorized, kernel)[0]
+        if items < 0:
+            raise ValueError(
+                f"group_norm: the {kind} kernels need the vector path (H*W a multiple of {width}, 16-byte aligned "
+                "tensors), a power-of-two number of 16-byte chunks per channel and at most "
+                f"{2048 if kind == 'resident' else 128} per group; got H*W={hw}, C/G={channels_per_group}"
+            )
+    return kernel
 
 
 def not_supported_reasons(op: str, args: dict[str, Any]) -> list[str]:
