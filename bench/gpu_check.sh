@@ -94,7 +94,13 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
 fi
 # e.g. "9.0" on an H100/H200: the extension is built for this card only (fast, and what the tests load)
 arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-slug=$(cd bench && "$PYTHON" -c "import torch, common; print(common.device_slug(torch.device('cuda')))")
+# (before the build: this checkout's packages on the path, for bench/common.py imports imf)
+slug=$(cd bench && PYTHONPATH="$PWD/..${PYTHONPATH:+:$PYTHONPATH}" \
+    "$PYTHON" -c "import torch, common; print(common.device_slug(torch.device('cuda')))")
+if [ -z "$slug" ]; then
+    echo "gpu_check.sh: bench/common.py could not name the device (its error is above)" >&2
+    exit 1
+fi
 mkdir -p bench/results
 started_stamp=$(mktemp)  # files under bench/results newer than this are what this run wrote
 log="bench/results/gpu-check-${slug}-$(date -u +%Y%m%dT%H%M%SZ).log"

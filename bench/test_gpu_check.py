@@ -197,3 +197,19 @@ def test_a_slow_prewarm_compile_is_stopped_before_the_deadline_and_the_step_runs
     timed = [c for c in commands if c.startswith("bench/step.py --reps")]
     assert timed == ["bench/step.py --reps 3 --variants reference,fused-triton --no-sampling"]
     assert "bench/ops.py --quick" in commands and "bench/profile_step.py" in commands
+
+
+def test_a_device_name_that_fails_stops_the_run_before_the_build(tmp_path):
+    """bench/common.py imports imf: the device is named with this checkout on the path, before any install (an H100
+    lease, 2026-11-27, named its log 'gpu-check--<time>.log' when that import failed); an empty name stops the run."""
+    proc, commands = run_script(tmp_path, "--quick", fake_python=FAKE_PYTHON.replace("echo fake-gpu", "true"))
+    assert proc.returncode == 1 and "could not name the device" in proc.stderr
+    assert commands == []
+
+
+def test_the_device_is_named_with_this_checkout_on_the_path(tmp_path):
+    fake = FAKE_PYTHON.replace("echo fake-gpu", 'echo "$PYTHONPATH" > "$CALLS.path"; echo fake-gpu')
+    proc, _ = run_script(tmp_path, "--quick", fake_python=fake)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first = Path(str(tmp_path / "calls.txt") + ".path").read_text().strip().split(":")[0]
+    assert Path(first).resolve() == tmp_path.resolve()
