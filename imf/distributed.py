@@ -167,7 +167,10 @@ def barrier(info: DistInfo) -> None:
 
 
 def slice_rows(value: Any, rows: slice) -> Any:
-    """Rows `rows` of a tensor, or of every tensor field of a dataclass (an objective's draws)."""
+    """Rows `rows` of a tensor, or of every tensor field of a dataclass (an objective's draws, their host copies
+    too); None stays None."""
+    if value is None:
+        return None
     if torch.is_tensor(value):
         return value[rows]
     if dataclasses.is_dataclass(value):

@@ -22,7 +22,7 @@ same inputs (the same values, without a second evaluation).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -70,11 +70,43 @@ def time_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def to_device(a: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """`a`, made on the CPU, on like's device without waiting for it: a plain `.to("cuda")` from pageable memory
+    synchronises the stream after its copy (the host waits for all the work queued before it), while non_blocking
+    stages the bytes at once and returns, so the host keeps queuing the step."""
+    return a.to(like.device, dtype, non_blocking=True)
+
+
+@dataclass
+class HostDraws:
+    """CPU copies of a step's (B,) draws (those an objective has; the others None). The objectives choose rows
+    from them (which rows need a tangent, a guidance term): `torch.nonzero` or `int(mask.sum())` of a device tensor
+    makes the host wait for the device (2026-11-27, H100: the fused step's host was 94% of its wall time, the
+    device busy 65%)."""
+
+    t: Tensor
+    r: Tensor
+    omega: Tensor | None = None
+    t_min: Tensor | None = None
+    t_max: Tensor | None = None
+    drop: Tensor | None = None
+
+
+def host_draws(d: IMFDraws | MFDraws) -> HostDraws:
+    """d.host, the copies `draw` keeps; for draws built elsewhere, copies made now (the host waits for the device
+    once per copied tensor)."""
+    if d.host is not None:
+        return d.host
+    return HostDraws(
+        **{name: getattr(d, name).cpu() for name in ("t", "r", "omega", "t_min", "t_max", "drop") if hasattr(d, name)}
+    )
+
+
 def sample_logit_normal_pair(x: Tensor, p_mean: float, p_std: float, generator) -> tuple[Tensor, Tensor]:
-    """t, r ~ sigmoid(N(p_mean, p_std)) independently, then ordered so that r <= t."""
+    """t, r ~ sigmoid(N(p_mean, p_std)) independently, then ordered so that r <= t; on the CPU, in x's time dtype."""
     b = x.shape[0]
-    a = torch.sigmoid(p_mean + p_std * torch.randn(b, generator=generator)).to(x.device, time_dtype(x))
-    c = torch.sigmoid(p_mean + p_std * torch.randn(b, generator=generator)).to(x.device, time_dtype(x))
+    a = torch.sigmoid(p_mean + p_std * torch.randn(b, generator=generator)).to(time_dtype(x))
+    c = torch.sigmoid(p_mean + p_std * torch.randn(b, generator=generator)).to(time_dtype(x))
     return torch.maximum(a, c), torch.minimum(a, c)
 
 
@@ -115,13 +147,17 @@ def model_fused_jvp(
 
     `rows` (bool, (B,)): the rows whose du is needed. The losses use du times h = t - r, exactly 0 on the r = t
     rows (half of an iMF batch, 3/4 of an MF one), so the tangent is computed on the other rows only (put first,
-    `IMFNet.forward`) and du is 0 on the rest; u and v are those of every row."""
+    `IMFNet.forward`) and du is 0 on the rest; u and v are those of every row. Best on the CPU (the objectives pass
+    their draws' host copies): the row count and order are then known without waiting for the device."""
     b = z.shape[0]
+    if rows is not None and rows.device.type != "cpu":
+        rows = rows.cpu()  # waits for the device
     count = b if rows is None else int(rows.sum())
     if count == b:
         order, tangent_rows = None, b
     else:  # the rows that need du first (a stable sort keeps each group's order)
-        order = torch.argsort((~rows).to(torch.uint8), stable=True)
+        order_host = torch.argsort((~rows).to(torch.uint8), stable=True)
+        order, inverse = to_device(order_host, z), to_device(torch.argsort(order_host), z)
         z, dz = z[order], dz[order[:count]]
         cond = Cond(*(None if a is None else a[order] for a in cond))
         tangent_rows = count
@@ -134,14 +170,14 @@ def model_fused_jvp(
         u, du, v = model(z, cond, dz, dcond, with_v=with_v)
     if order is None:
         return u, du, v
-    inverse = torch.argsort(order)
     du = torch.cat([du, du.new_zeros(b - du.shape[0], *du.shape[1:])])[inverse]
     return u[inverse], du, None if v is None else v[inverse]
 
 
 @dataclass
 class IMFDraws:
-    """The randomness of one iMF step, all (B,) except e."""
+    """The randomness of one iMF step, all (B,) except e. `host`: CPU copies of the (B,) fields, from which the
+    objective chooses rows; whoever edits a field sets host to None (or edits it too)."""
 
     t: Tensor
     r: Tensor
@@ -150,6 +186,7 @@ class IMFDraws:
     t_min: Tensor
     t_max: Tensor
     drop: Tensor  # bool: class dropout rows
+    host: HostDraws | None = field(default=None, repr=False, compare=False)  # CPU copies (`draw` makes them)
 
 
 @dataclass
@@ -171,19 +208,21 @@ class IMFObjective:
         check_jvp_path("IMFObjective", self.jvp)
 
     def draw(self, x: Tensor, generator: torch.Generator | None = None) -> IMFDraws:
-        b, dev = x.shape[0], x.device
+        b = x.shape[0]
         t, r = sample_logit_normal_pair(x, self.p_mean, self.p_std, generator)
-        fm = torch.rand(b, generator=generator).to(dev) < self.fm_fraction
+        fm = torch.rand(b, generator=generator) < self.fm_fraction
         r = torch.where(fm, t, r)
-        e = torch.randn(x.shape, generator=generator).to(dev, x.dtype)
-        uniform = lambda: torch.rand(b, generator=generator).to(dev, time_dtype(x))
+        e = to_device(torch.randn(x.shape, generator=generator), x, x.dtype)
+        uniform = lambda: torch.rand(b, generator=generator).to(time_dtype(x))
         omega = self.omega_max ** uniform()
         t_min = 0.5 * uniform()
         t_max = 0.5 + 0.5 * uniform()
         t_min = torch.where(fm, torch.zeros_like(t_min), t_min)
         t_max = torch.where(fm, torch.ones_like(t_max), t_max)
-        drop = torch.rand(b, generator=generator).to(dev) < self.class_dropout
-        return IMFDraws(t, r, e, omega, t_min, t_max, drop)
+        drop = torch.rand(b, generator=generator) < self.class_dropout
+        host = HostDraws(t, r, omega, t_min, t_max, drop)
+        t_d, r_d, omega_d, t_min_d, t_max_d, drop_d = (to_device(a, x) for a in (t, r, omega, t_min, t_max, drop))
+        return IMFDraws(t_d, r_d, e, omega_d, t_min_d, t_max_d, drop_d, host)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
         return self.loss_from_draws(model, x, y, self.draw(x, generator))
@@ -214,16 +253,19 @@ class IMFObjective:
         v_t = d.e - x
         # omega' = omega inside the guidance interval, else 1 (on fm rows the interval is (0, 1): omega' = omega)
         omega_p = torch.where((d.t_min <= d.t) & (d.t <= d.t_max), d.omega, torch.ones_like(d.omega))
-        guided = (omega_p != 1) & ~d.drop
+        # the rows are chosen on the host copies of the draws (the same values: no wait for the device)
+        h = host_draws(d)
+        guided = (torch.where((h.t_min <= h.t) & (h.t <= h.t_max), h.omega, torch.ones_like(h.omega)) != 1) & ~h.drop
         if share_fm_rows:
-            shared = (d.t == d.r) & (d.t_min == 0) & (d.t_max == 1) & ~d.drop
-            needs_cp = (d.t != d.r) | (guided & ~shared)
+            shared = (h.t == h.r) & (h.t_min == 0) & (h.t_max == 1) & ~h.drop
+            needs_cp = (h.t != h.r) | (guided & ~shared)
         else:
             shared = needs_cp = None
         null = torch.full_like(y, model.cfg.num_classes)
         zero, one = torch.zeros_like(d.t), torch.ones_like(d.t)
-        cp_rows = torch.arange(b, device=x.device) if needs_cp is None else torch.nonzero(needs_cp).flatten()
-        u_rows = torch.nonzero(guided).flatten()
+        cp_rows_host = torch.arange(b) if needs_cp is None else torch.nonzero(needs_cp).flatten()
+        u_rows_host = torch.nonzero(guided).flatten()
+        cp_rows, u_rows = to_device(cp_rows_host, x), to_device(u_rows_host, x)
         idx = torch.cat([cp_rows, u_rows])
         cond = Cond(
             h=zero[idx],
@@ -248,10 +290,11 @@ class IMFObjective:
         if shared is None:
             v_g[u_rows] = v_t[u_rows] + weight[u_rows] * (v_cp[u_rows] - v_u_all)
         else:
-            from_cp = ~shared[u_rows]  # the guided rows (u_rows) whose v_c' is in this call
-            rows, later = u_rows[from_cp], u_rows[~from_cp]
-            v_g[rows] = v_t[rows] + weight[rows] * (v_cp[rows] - v_u_all[from_cp])
-            pending = (later, weight[later], v_u_all[~from_cp])
+            from_cp = ~shared[u_rows_host]  # the guided rows (u_rows) whose v_c' is in this call
+            in_call, later_in_call = (to_device(torch.nonzero(m).flatten(), x) for m in (from_cp, ~from_cp))
+            rows, later = u_rows[in_call], u_rows[later_in_call]
+            v_g[rows] = v_t[rows] + weight[rows] * (v_cp[rows] - v_u_all[in_call])
+            pending = (later, weight[later], v_u_all[later_in_call])
         return z, v_t, v_g, v_cp, pending
 
     @staticmethod
@@ -283,7 +326,7 @@ class IMFObjective:
         cond = Cond(h=d.t - d.r, y=y, omega=d.omega, t_min=d.t_min, t_max=d.t_max, t=d.t)
         at_h0 = cond._replace(h=torch.zeros_like(d.t))
         if runs_fused(model, self.jvp):
-            rows = None if du_everywhere else d.t != d.r
+            rows = None if du_everywhere else host_draws(d).t != host_draws(d).r
             u, du, v = model_fused_jvp(model, z, cond, v_cp, with_v=model.cfg.v_head == "aux", rows=rows)
             if model.cfg.v_head != "aux":  # v_head="boundary": v = u(z, h = 0), its own forward with grad
                 v, _ = model(z, at_h0, with_v=False)
@@ -322,10 +365,13 @@ class IMFObjective:
 
 @dataclass
 class MFDraws:
+    """The randomness of one MF step; `host` as IMFDraws'."""
+
     t: Tensor
     r: Tensor
     e: Tensor
     drop: Tensor
+    host: HostDraws | None = field(default=None, repr=False, compare=False)  # CPU copies (`draw` makes them)
 
 
 @dataclass
@@ -351,13 +397,14 @@ class MeanFlowObjective:
         check_jvp_path("MeanFlowObjective", self.jvp)
 
     def draw(self, x: Tensor, generator: torch.Generator | None = None) -> MFDraws:
-        b, dev = x.shape[0], x.device
+        b = x.shape[0]
         t, r = sample_logit_normal_pair(x, self.p_mean, self.p_std, generator)
-        fm = torch.rand(b, generator=generator).to(dev) < self.fm_fraction
+        fm = torch.rand(b, generator=generator) < self.fm_fraction
         r = torch.where(fm, t, r)
-        e = torch.randn(x.shape, generator=generator).to(dev, x.dtype)
-        drop = torch.rand(b, generator=generator).to(dev) < self.class_dropout
-        return MFDraws(t, r, e, drop)
+        e = to_device(torch.randn(x.shape, generator=generator), x, x.dtype)
+        drop = torch.rand(b, generator=generator) < self.class_dropout
+        host = HostDraws(t, r, drop=drop)
+        return MFDraws(to_device(t, x), to_device(r, x), e, to_device(drop, x), host)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
         return self.loss_from_draws(model, x, y, self.draw(x, generator))
@@ -391,7 +438,8 @@ class MeanFlowObjective:
         v_g = torch.where(_col(d.drop, x), v_t, v_g)
         cond = Cond(h=d.t - d.r, y=y, omega=one, t_min=zero, t_max=one, t=d.t)
         if fused:
-            u, du, _ = model_fused_jvp(model, z, cond, v_g, with_v=False, rows=d.t != d.r)  # du where h != 0
+            h = host_draws(d)
+            u, du, _ = model_fused_jvp(model, z, cond, v_g, with_v=False, rows=h.t != h.r)  # du where h != 0
             loss, stats = imf_kernels.meanflow_loss(u, du, v_g, d.t, d.r, c=self.c, p=self.p)
             return loss, {"loss": loss.detach(), "loss_u": stats["loss"]}
         u, du = model_jvp(model, z, cond, v_g)

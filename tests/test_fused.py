@@ -301,8 +301,9 @@ def check_float32_backend(backend: str, cfg: ModelConfig, n: int, device: str = 
     x, y = x.to(device), y.to(device)
     draws = IMFObjective().draw(x, torch.Generator().manual_seed(7))
     draws32 = copy.deepcopy(draws)
+    draws32.host = None  # the rows are then chosen from the float32 draws themselves
     for key, value in vars(draws32).items():
-        if value.is_floating_point():
+        if value is not None and value.is_floating_point():
             setattr(draws32, key, value.float())
     with imf_kernels.use_backend(backend):
         loss, _, grads = loss_and_grads(IMFObjective(), net32, x.float(), y, draws32)
@@ -422,3 +423,88 @@ def test_training_on_gauss_matches_between_paths():
     # This 200-step width-8 network does not beat the class mean yet (1.79 measured, 1.0 = class mean), but it
     # must have learned: its untrained error (u = 0, x = e) is 10.2.
     assert fused_error < 0.5 * initial_error, (fused_error, initial_error)
+
+
+# --------------------------------------------------------------------------- rows chosen on the host
+
+
+def test_the_rows_of_a_step_are_chosen_from_the_host_copies_of_the_draws(monkeypatch):
+    """The fused iMF step picks its target rows (v_c' where needed, v_u where guided) and its tangent rows (h != 0)
+    from the draws' CPU copies: change only the copies and the calls change with them; a device tensor is never
+    read for a row count (on a GPU that read waits for the device)."""
+    cfg = tiny_config(head_dim=8)
+    net = randomised(cfg, dtype=torch.float32)
+    x, y = training_batch(cfg, 8, dtype=torch.float32)
+    objective = IMFObjective()
+    draws = objective.draw(x, torch.Generator().manual_seed(12))
+    assert draws.host is not None and all(a.device.type == "cpu" for a in vars(draws.host).values())
+    calls = []
+    fused_v, forward = net.fused_v, net.forward
+    monkeypatch.setattr(net, "fused_v", lambda z, cond: calls.append(("v", z.shape[0])) or fused_v(z, cond))
+    monkeypatch.setattr(
+        net,
+        "forward",
+        lambda z, cond, dz=None, *a, **k: (
+            calls.append(("jvp", None if dz is None else dz.shape[0])) or forward(z, cond, dz, *a, **k)
+        ),
+    )
+
+    def rows_of(d):
+        calls.clear()
+        objective.loss_from_draws(net, x, y, d)
+        return list(calls)
+
+    h = draws.host
+    tangent = int((h.t != h.r).sum())
+    guided = (torch.where((h.t_min <= h.t) & (h.t <= h.t_max), h.omega, torch.ones_like(h.omega)) != 1) & ~h.drop
+    shared = (h.t == h.r) & (h.t_min == 0) & (h.t_max == 1) & ~h.drop
+    needs_cp = (h.t != h.r) | (guided & ~shared)
+    assert 0 < tangent < 8 and int(guided.sum()) > 0
+    assert rows_of(draws) == [("v", int(needs_cp.sum() + guided.sum())), ("jvp", tangent)]
+    dropped = copy.deepcopy(draws)
+    dropped.host.drop[:] = True  # on the host copies only: no guided row, so only the rows with h != 0 get v_c'
+    assert rows_of(dropped) == [("v", tangent), ("jvp", tangent)]
+    one_less = copy.deepcopy(draws)
+    row = int(torch.nonzero(h.t != h.r)[0])
+    one_less.host.r[row] = one_less.host.t[row]  # on the host copies only: one tangent row less
+    assert rows_of(one_less)[-1] == ("jvp", tangent - 1)
+
+
+def test_draws_without_host_copies_give_the_same_step():
+    """Draws built or edited elsewhere (host None) are copied to the host when needed: the same loss, bitwise."""
+    cfg = tiny_config(head_dim=8)
+    net = randomised(cfg, dtype=torch.float32)
+    x, y = training_batch(cfg, 8, dtype=torch.float32)
+    for objective in (IMFObjective(), MeanFlowObjective()):
+        draws = objective.draw(x, torch.Generator().manual_seed(13))
+        bare = copy.deepcopy(draws)
+        bare.host = None
+        assert torch.equal(
+            objective.loss_from_draws(net, x, y, draws)[0], objective.loss_from_draws(net, x, y, bare)[0]
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize(
+    "objective", [IMFObjective(), MeanFlowObjective(), IMFObjective(bf16=True)], ids=["imf", "mf", "imf-bf16"]
+)
+def test_a_fused_step_never_waits_for_the_device(objective, backend):
+    """The draws, the loss and its backward queue without a host-device synchronisation (torch's sync debug mode
+    raises at any): a step that waits lets the device idle while the host queues the rest (2026-11-27, H100,
+    latent-b batch 64: device busy 65% of the fused step's wall time)."""
+    cfg = get_preset("digits").model
+    net = randomised(cfg, dtype=torch.float32).cuda()
+    x = torch.randn(8, cfg.image_channels, cfg.image_size, cfg.image_size, device="cuda")
+    y = torch.randint(0, cfg.num_classes, (8,), device="cuda")
+    generator = torch.Generator().manual_seed(14)
+    with imf_kernels.use_backend(backend):
+        objective.loss(net, x, y, generator)[0].backward()  # warm-up: compiles and autotunes may synchronise
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, _ = objective.loss(net, x, y, generator)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
