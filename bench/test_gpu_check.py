@@ -213,3 +213,38 @@ def test_the_device_is_named_with_this_checkout_on_the_path(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     first = Path(str(tmp_path / "calls.txt") + ".path").read_text().strip().split(":")[0]
     assert Path(first).resolve() == tmp_path.resolve()
+
+
+def test_diagnose_extension_errors_runs_the_probe_plain_and_under_cuda_gdb(tmp_path):
+    """bench/diagnose_extension_errors.sh with stand-ins: the probe runs twice (plain, then under the debugger with
+    a backtrace asked for) and the log holds every section."""
+    script = Path(__file__).with_name("diagnose_extension_errors.sh")
+    (tmp_path / "bench").mkdir()
+    shutil.copy(script, tmp_path / "bench" / script.name)
+    calls = tmp_path / "calls.txt"
+    fakes = {
+        "fakepy": 'echo "python $*" >> "$CALLS"; case "$2" in *m.__file__*) echo /x/_C.so ;; esac',
+        "fakegdb": 'echo "gdb $*" >> "$CALLS"; echo "#0 0x0 in crash ()"',
+    }
+    for name, body in fakes.items():
+        (tmp_path / name).write_text(f"#!/usr/bin/env bash\n{body}\nexit 0\n")
+        (tmp_path / name).chmod(0o755)
+    env = dict(os.environ, PYTHON=str(tmp_path / "fakepy"), CUDA_GDB=str(tmp_path / "fakegdb"), CALLS=str(calls))
+    proc = subprocess.run(
+        ["bash", "bench/" + script.name, str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    probe = "import tests.test_cuda_ops as t; exec(t.EXTENSION_ERRORS)"
+    lines = calls.read_text().splitlines()
+    assert f"python -c {probe}" in lines
+    gdb = [line for line in lines if line.startswith("gdb ")]
+    assert len(gdb) == 1 and "-ex run -ex bt" in gdb[0] and gdb[0].endswith(f"fakepy -c {probe}")
+    (log,) = (tmp_path / "out").glob("extension-errors-*.log")
+    text = log.read_text()
+    for section in (
+        "== compiler and libraries",
+        "== the probe, plain",
+        "== the probe under cuda-gdb",
+        "#0 0x0 in crash",
+    ):
+        assert section in text
