@@ -2,8 +2,9 @@
 // h = a * (1 + scale) + shift, y = h * sigmoid(h); tangent dy from dx, dscale, dshift (DESIGN 4.3).
 // Memory floor: read x (and dx) once, write y (and dy) once; one block per (sample, group), whose slice of x is
 // contiguous. Two kernel kinds: "resident" (groups of up to 2048 16-byte chunks whose channels hold a power-of-two
-// number of chunks: every latent-b GroupNorm) keeps each thread's chunks in registers, so x is read once and the
-// statistics are block reductions of registers; "looped" (any other group) re-reads the group from L2 per pass.
+// number of chunks; the launch rule takes them up to 512, kResidentAutoMaxChunks) keeps each thread's chunks in
+// registers, so x is read once and the statistics are block reductions of registers; "looped" (any other group)
+// re-reads the group from L2 per pass.
 #include <algorithm>
 
 #include "common.cuh"
@@ -16,6 +17,13 @@ constexpr int kThreads = 256;            // looped kernels
 // 16-bit single-item forward to 40 and spilled)
 constexpr int kResidentMaxThreads = 512;
 constexpr int kResidentMaxItems = 4;      // chunks per thread
+// The launch rule takes the resident kernels for groups of at most this many 16-byte chunks (a "resident" request
+// takes them up to kResidentMaxThreads * kResidentMaxItems). An H200 (2026-11-27, bench/tune_gpu.py --families
+// cuda_group_norm, bf16, batch 256) timed them faster than the looped kernels up to 512 chunks (C1024 8x8, 256
+// chunks: backward 110 against 214 us; C512 16x16, 512 chunks: forward, tangent and backward 398 against 403 us
+// together) and slower above (C768 16x16, 768 chunks: forward with tangent 305 against 179 us; C512 32x32, 2048:
+// 690 against 411 us): one 512-thread block per multiprocessor keeps too few loads in flight for a large group.
+constexpr int64_t kResidentAutoMaxChunks = 512;
 
 // Per-channel modulation as fp32 (absent parameters are the identity).
 struct ChannelAffine {
@@ -508,7 +516,7 @@ GroupNormLaunch group_norm_launch(int64_t hw, int64_t channels_per_group, int64_
   const bool resident = vectorized && (chunks_per_channel & (chunks_per_channel - 1)) == 0 &&
                         num_chunks <= static_cast<int64_t>(kResidentMaxThreads) * kResidentMaxItems;
   const bool warp = resident && num_chunks <= static_cast<int64_t>(kWarpSize) * kResidentMaxItems;
-  if (kernel == 1 || (kernel == 0 && !resident)) return looped;
+  if (kernel == 1 || (kernel == 0 && (!resident || num_chunks > kResidentAutoMaxChunks))) return looped;
   if ((kernel == 2 && !resident) || (kernel == 3 && !warp)) return refused;
   if (kernel == 3 || (kernel == 0 && warp)) {
     int items = 1;

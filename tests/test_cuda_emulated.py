@@ -69,11 +69,11 @@ GN_LAUNCHES = {
     (2, 64, 8, 8, 32): (WARP(1), WARP(1)),
     (3, 96, 4, 4, 32): (WARP(1), WARP(1)),
     (2, 48, 6, 6, 4): (LOOPED, LOOPED),  # fp32: 9 chunks per channel; bf16: 36 % 8, the scalar path
-    (2, 256, 32, 32, 32): ((4, 512, 1), (4, 256, 1)),
-    (1, 128, 16, 16, 8): ((4, 256, 1), (2, 256, 1)),
+    (2, 256, 32, 32, 32): (LOOPED, LOOPED),  # 2048 / 1024 chunks in a group: over the rule's 512 for resident
+    (1, 128, 16, 16, 8): (LOOPED, (2, 256, 1)),  # fp32 1024 chunks, bf16 512
     (2, 32, 2, 2, 4): (WARP(1), LOOPED),
     (1, 512, 2, 2, 1): ((2, 256, 1), LOOPED),
-    (1, 16, 32, 32, 1): (LOOPED, (4, 512, 1)),  # fp32: 4096 chunks in a group
+    (1, 16, 32, 32, 1): (LOOPED, LOOPED),  # fp32: 4096 chunks in a group, bf16 2048
     (2, 128, 8, 8, 16): (WARP(4), WARP(2)),
     (19, 40, 4, 4, 4): (WARP(2), WARP(1)),
 }

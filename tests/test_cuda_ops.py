@@ -111,14 +111,16 @@ def misaligned(tensor):
 # ---------------------------------------------------------------------------------------------- GroupNorm
 
 # (B, C, H, W, G): HW = 35 is the scalar path; 64, 16 the vector path; 36 vector in fp32 only (36 % 8 != 0);
-# (2, 256, 32, 32, 32) is a model shape (8 channels x 32 x 32 = 8192 elements per group). The vector path runs the
-# resident kernels where a channel holds a power-of-two number of 16-byte chunks and a group at most 2048 of them
+# (2, 256, 32, 32, 32) is a model shape (8 channels x 32 x 32 = 8192 elements per group). The launch rule runs the
+# resident kernels where a channel holds a power-of-two number of 16-byte chunks and a group at most 512 of them
 # (csrc/group_norm.cu), a warp per group up to 128 chunks: 1, 2, 4 chunks per lane (B2C64G32, B19C40G4, B2C128G16),
-# 8 groups per block and a last block with idle warps (B19C40G4: 76 groups); a block per larger group: 1, 2, 4 chunks
-# per thread on 256 or 512 threads (B1C128G8, B2C256, B1C16G1 bf16/fp16), channels a thread loops over in the
-# backward (B1C512G1 2x2 fp32); one chunk per channel (B2C32 2x2 fp32); the looped kernels where a group is larger
-# (B1C16G1 fp32: 4096 chunks) or the scalar path runs. The backward's batch sums of grad_weight, grad_bias take
-# 32 channels per block, 8 rows of samples: B19C40G4 has a partial block of channels and rows that loop unevenly.
+# 8 groups per block and a last block with idle warps (B19C40G4: 76 groups); a block per larger group: 1 or 2 chunks
+# per thread on 256 threads (B1C128G8 bf16/fp16, B1C512G1 2x2 fp32), channels a thread loops over in the backward
+# (B1C512G1 2x2 fp32); one chunk per channel (B2C32 2x2 fp32); the looped kernels where a group is larger (B2C256,
+# B1C16G1, B1C128G8 fp32) or the scalar path runs. A "resident" request (pick_kernel) takes groups up to 2048 chunks:
+# 4 chunks per thread, 512 threads (test_group_norm_resident_kind_on_its_largest_groups). The backward's batch sums
+# of grad_weight, grad_bias take 32 channels per block, 8 rows of samples: B19C40G4 has a partial block of channels
+# and rows that loop unevenly.
 GN_SHAPES = [
     (1, 40, 5, 7, 8),
     (2, 64, 8, 8, 32),
@@ -710,13 +712,30 @@ def test_checks_inside_the_extension_raise_value_errors():
     assert "the warp kernels need the vector path" in lines[1] and "at most 128 per group" in lines[1]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(2, 256, 32, 32, 32), (1, 16, 32, 32, 1)], ids=gn_id)
+def test_group_norm_resident_kind_on_its_largest_groups(shape, dtype, poisoned, monkeypatch):
+    """The block-per-group resident kernels with 4 chunks per thread and 512 threads, which the launch rule leaves
+    to the looped ones since 2026-11-27 (an H200 timed those faster on groups over 512 chunks): a "resident" request
+    still runs them (bench/tune_gpu.py times them), in parity; fp32 B1C16G1 (4096 chunks) is refused by name."""
+    monkeypatch.setattr(cuda_group_norm, "pick_kernel", lambda *_: "resident")
+    if dtype == torch.float32 and shape[1] == 16:
+        x = torch.randn(shape[:4], device=DEVICE)
+        with pytest.raises(ValueError, match="the resident kernels need the vector path .* at most 2048 per group"):
+            cuda_group_norm.gn_act_fwd(x, shape[4], None, None, None, None, 1e-5, "silu")
+        return
+    check_gn_jvp(shape, "full-silu", dtype)
+    check_gn_backward(shape, "full-silu", dtype)
+
+
 # ------------------------------------------------------------------------------------------ compute-sanitizer
 
 
 def run_small_cases() -> None:
     """One small case of every kernel variant (dtype x vector/scalar path x primal/tangent/backward)."""
     for dtype in DTYPES:
-        # looped kernels on the scalar path, resident ones a warp per group, resident ones a block per group
+        # looped kernels on the scalar path, resident ones a warp per group, a block per group (bf16 / fp16; fp32:
+        # looped, 1024 chunks)
         for shape in (GN_SHAPES[0], GN_SHAPES[1], (1, 128, 16, 16, 8)):
             check_gn_forward(shape, "full-silu", dtype)
             check_gn_jvp(shape, "full-silu", dtype)

@@ -19,8 +19,9 @@ TANGENT_ROWS = True
 MAX_CHANNELS_PER_GROUP = 48 * 1024 // 8
 MAX_BLOCKS = 2**31 - 1
 # The kernels csrc/group_norm.cu runs: "auto" its launch rule (`_C.group_norm_launch`: the register-resident kernels
-# where a group fits them, a warp per group of at most 128 16-byte chunks, a block per larger one; else the looped
-# ones), or one kind ("resident": a block per group, "warp": a warp per group; each refuses a group it cannot hold).
+# for groups of at most 512 16-byte chunks that fit them, a warp per group of at most 128 chunks, a block per larger
+# one; else the looped ones, which an H200 timed faster for larger groups), or one kind ("resident": a block per
+# group, up to 2048 chunks, "warp": a warp per group; each refuses a group it cannot hold).
 KERNELS = ("auto", "looped", "resident", "warp")
 
 
