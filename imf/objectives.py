@@ -93,13 +93,12 @@ class HostDraws:
 
 
 def host_draws(d: IMFDraws | MFDraws) -> HostDraws:
-    """d.host, the copies `draw` keeps; for draws built elsewhere, copies made now (the host waits for the device
-    once per copied tensor)."""
-    if d.host is not None:
-        return d.host
-    return HostDraws(
-        **{name: getattr(d, name).cpu() for name in ("t", "r", "omega", "t_min", "t_max", "drop") if hasattr(d, name)}
-    )
+    """d.host, the copies `draw` keeps; for draws built elsewhere, copies made now and kept in d.host (the host
+    waits for the device once per copied tensor)."""
+    if d.host is None:
+        names = ("t", "r", "omega", "t_min", "t_max", "drop")
+        d.host = HostDraws(**{name: getattr(d, name).cpu() for name in names if hasattr(d, name)})
+    return d.host
 
 
 def sample_logit_normal_pair(x: Tensor, p_mean: float, p_std: float, generator) -> tuple[Tensor, Tensor]:

@@ -462,12 +462,15 @@ def test_the_rows_of_a_step_are_chosen_from_the_host_copies_of_the_draws(monkeyp
     assert 0 < tangent < 8 and int(guided.sum()) > 0
     assert rows_of(draws) == [("v", int(needs_cp.sum() + guided.sum())), ("jvp", tangent)]
     dropped = copy.deepcopy(draws)
+    dropped.host = copy.deepcopy(draws.host)  # on a CPU draw() moves nothing: break the copies' aliasing first
     dropped.host.drop[:] = True  # on the host copies only: no guided row, so only the rows with h != 0 get v_c'
     assert rows_of(dropped) == [("v", tangent), ("jvp", tangent)]
     one_less = copy.deepcopy(draws)
+    one_less.host = copy.deepcopy(draws.host)
     row = int(torch.nonzero(h.t != h.r)[0])
     one_less.host.r[row] = one_less.host.t[row]  # on the host copies only: one tangent row less
     assert rows_of(one_less)[-1] == ("jvp", tangent - 1)
+    assert torch.equal(dropped.drop, draws.drop) and torch.equal(one_less.r, draws.r)  # the step's own draws: as drawn
 
 
 def test_draws_without_host_copies_give_the_same_step():
