@@ -22,6 +22,7 @@ import re
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -104,6 +105,28 @@ def host_and_wall(step, steps: int, device: str) -> tuple[list[float], list[floa
     return host, wall
 
 
+SYNC_WARNING = "synchroniz"  # torch's sync debug mode: "called a synchronizing CUDA operation"
+
+
+def step_syncs(step, set_mode=None) -> list[str]:
+    """The host-device synchronisations of one step, each as "file:line: message" of the code that asked for it:
+    torch's sync debug mode warns at each (a `.item()`, `torch.nonzero`, a blocking copy); the host waits there for
+    everything queued before it, and the device idles while the host then queues the rest."""
+    set_mode = set_mode or torch.cuda.set_sync_debug_mode
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        set_mode("warn")
+        try:
+            step()
+        finally:
+            set_mode("default")
+    return [
+        f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0]}"
+        for w in caught
+        if SYNC_WARNING in str(w.message).lower()
+    ]
+
+
 def profile(preset: str, variant: str, batch: int, steps: int, bf16: bool, device: str, trace: str | None) -> dict:
     model, x, y, draws = build(preset, batch, device)
     step = make_step(variant, model, x, y, draws, bf16)
@@ -111,6 +134,9 @@ def profile(preset: str, variant: str, batch: int, steps: int, bf16: bool, devic
         step()
     host, wall = host_and_wall(step, steps, device)
     on_gpu = device == "cuda"
+    syncs = step_syncs(step) if on_gpu else None
+    if on_gpu:
+        torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     with torch.profiler.profile(activities=activities) as prof:
         step()
@@ -137,6 +163,7 @@ def profile(preset: str, variant: str, batch: int, steps: int, bf16: bool, devic
         "wall_ms": wall_ms,
         "device_ms": total_us / 1e3,
         "busy": total_us / 1e3 / wall_ms,
+        "syncs": syncs,  # GPU: where one step made the host wait for the device (None on a CPU)
         "kinds_ms": {kind: us / 1e3 for kind, us in sorted(kinds.items(), key=lambda item: -item[1])},
         "rows": rows,
     }
@@ -174,6 +201,11 @@ def print_report(result: dict, device_label: str, top: int) -> None:
             else ""
         )
     )
+    if result.get("syncs") is not None:
+        syncs = result["syncs"]
+        console.print(f"host-device synchronisations in one step: {len(syncs)}")
+        for where in sorted(set(syncs)):
+            console.print(f"  {syncs.count(where)}x {where}")
 
 
 def main(argv: list[str] | None = None) -> dict:

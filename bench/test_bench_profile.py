@@ -89,9 +89,35 @@ def test_a_cpu_profile_adds_up_and_is_saved(tmp_path, capsys):
     assert {"aten::convolution_backward"} <= {row["name"] for row in rows}
     assert 0 < result["host_ms"] <= result["wall_ms"] * 1.0001
     assert result["variant"] == "fused-torch" and result["preset"] == "digits" and result["commit"]
+    assert result["syncs"] is None  # counted on a GPU only
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     printed = capsys.readouterr().out
     assert "time by kind" in printed and f"wrote {out}" in printed
+
+
+def test_step_syncs_lists_where_the_sync_debug_mode_warned():
+    """One step under the sync debug mode ("warn" set, "default" restored even when the step raises): each warning
+    that names a synchronising operation, with the file and line that asked for it; other warnings are not syncs."""
+    import warnings
+
+    modes = []
+
+    def step():
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("TensorFloat32 tensor cores available but not enabled", stacklevel=1)
+
+    syncs = profile_step.step_syncs(step, set_mode=modes.append)
+    assert modes == ["warn", "default"]
+    assert len(syncs) == 2 and all(s.startswith("test_bench_profile.py:") for s in syncs)  # the warning's line
+    assert syncs[0].endswith(": called a synchronizing CUDA operation")
+
+    def failing():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        profile_step.step_syncs(failing, set_mode=modes.append)
+    assert modes[-1] == "default"
 
 
 @pytest.mark.parametrize(
