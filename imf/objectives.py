@@ -71,9 +71,11 @@ def time_dtype(x: Tensor) -> torch.dtype:
 
 
 def to_device(a: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """`a`, made on the CPU, on like's device without waiting for it: a plain `.to("cuda")` from pageable memory
-    synchronises the stream after its copy (the host waits for all the work queued before it), while non_blocking
-    stages the bytes at once and returns, so the host keeps queuing the step."""
+    """`a`, made on the CPU, on like's device without waiting for it: a plain `.to("cuda")` synchronises the stream
+    after its copy (the host waits for all the work queued before it); from pinned memory a non_blocking copy is
+    queued like a kernel and the host goes on (torch's pinned allocator keeps the buffer until the copy ran)."""
+    if like.device.type == "cuda":
+        a = a.pin_memory()
     return a.to(like.device, dtype, non_blocking=True)
 
 
