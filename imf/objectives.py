@@ -74,9 +74,11 @@ def to_device(a: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tens
     """`a`, made on the CPU, on like's device without waiting for it: a plain `.to("cuda")` synchronises the stream
     after its copy (the host waits for all the work queued before it); from pinned memory a non_blocking copy is
     queued like a kernel and the host goes on (torch's pinned allocator keeps the buffer until the copy ran)."""
+    if dtype is not None:
+        a = a.to(dtype)  # on the CPU first: a copy that also converts would stage a pageable converted copy
     if like.device.type == "cuda":
         a = a.pin_memory()
-    return a.to(like.device, dtype, non_blocking=True)
+    return a.to(like.device, non_blocking=True)
 
 
 @dataclass
