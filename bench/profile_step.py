@@ -105,6 +105,17 @@ def host_and_wall(step, steps: int, device: str) -> tuple[list[float], list[floa
     return host, wall
 
 
+def launching_ops(prof) -> list[dict]:
+    """GPU: one row per aten operator that launched kernels, with the device time of the kernels it launched itself
+    (not its children's), largest first: which calls the copies, casts and elementwise kernels come from."""
+    rows = [
+        {"name": event.key, "calls": event.count, "device_us": float(event.self_device_time_total)}
+        for event in prof.key_averages()
+        if event.device_type == DeviceType.CPU and event.key.startswith("aten::") and event.self_device_time_total > 0
+    ]
+    return sorted(rows, key=lambda row: -row["device_us"])
+
+
 SYNC_WARNING = "synchroniz"  # torch's sync debug mode: "called a synchronizing CUDA operation"
 
 
@@ -164,6 +175,7 @@ def profile(preset: str, variant: str, batch: int, steps: int, bf16: bool, devic
         "device_ms": total_us / 1e3,
         "busy": total_us / 1e3 / wall_ms,
         "syncs": syncs,  # GPU: where one step made the host wait for the device (None on a CPU)
+        "ops": launching_ops(prof) if on_gpu else None,  # GPU: device time by the aten operator that launched it
         "kinds_ms": {kind: us / 1e3 for kind, us in sorted(kinds.items(), key=lambda item: -item[1])},
         "rows": rows,
     }
@@ -201,6 +213,14 @@ def print_report(result: dict, device_label: str, top: int) -> None:
             else ""
         )
     )
+    if result.get("ops"):
+        ops = Table(title="aten operators by the device time of the kernels they launch (one step)")
+        for column in ("operator", "calls", "ms", "share"):
+            ops.add_column(column, justify="left" if column == "operator" else "right")
+        for row in result["ops"][:top]:
+            ms = row["device_us"] / 1e3
+            ops.add_row(row["name"], str(row["calls"]), f"{ms:.3f}", f"{ms / total:.1%}")
+        console.print(ops)
     if result.get("syncs") is not None:
         syncs = result["syncs"]
         console.print(f"host-device synchronisations in one step: {len(syncs)}")

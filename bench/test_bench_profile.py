@@ -89,10 +89,33 @@ def test_a_cpu_profile_adds_up_and_is_saved(tmp_path, capsys):
     assert {"aten::convolution_backward"} <= {row["name"] for row in rows}
     assert 0 < result["host_ms"] <= result["wall_ms"] * 1.0001
     assert result["variant"] == "fused-torch" and result["preset"] == "digits" and result["commit"]
-    assert result["syncs"] is None  # counted on a GPU only
+    assert result["syncs"] is None and result["ops"] is None  # GPU only
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     printed = capsys.readouterr().out
     assert "time by kind" in printed and f"wrote {out}" in printed
+
+
+def test_launching_ops_ranks_aten_operators_by_the_device_time_they_launch():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    event = lambda key, device_type, us, count=1: SimpleNamespace(
+        key=key, device_type=device_type, self_device_time_total=us, count=count
+    )
+    prof = SimpleNamespace(
+        key_averages=lambda: [
+            event("aten::copy_", DeviceType.CPU, 40.0, 7),
+            event("aten::view", DeviceType.CPU, 0.0, 90),  # launches nothing
+            event("void at::elementwise_kernel<128, 2>", DeviceType.CUDA, 40.0, 7),  # the kernel itself: not an op
+            event("aten::convolution", DeviceType.CPU, 300.0, 3),
+            event("ProfilerStep#1", DeviceType.CPU, 340.0),  # not an aten operator
+        ]
+    )
+    assert profile_step.launching_ops(prof) == [
+        {"name": "aten::convolution", "calls": 3, "device_us": 300.0},
+        {"name": "aten::copy_", "calls": 7, "device_us": 40.0},
+    ]
 
 
 def test_step_syncs_lists_where_the_sync_debug_mode_warned():
