@@ -60,9 +60,12 @@ def runs_fused(model: nn.Module, jvp: str) -> bool:
     return jvp == "fused" and getattr(model, "takes_tangents", False)
 
 
-def target_autocast(bf16: bool, x: Tensor):
-    """bf16 autocast around the no-grad target evaluations (DESIGN 2.2), or nothing."""
-    return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def target_autocast(bf16: bool, x: Tensor, cache: bool = True):
+    """bf16 autocast around the no-grad target evaluations (DESIGN 2.2), or nothing. cache=False for a step captured
+    in a CUDA graph (torch's advice: no autocast weight-cast cache under capture)."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def time_dtype(x: Tensor) -> torch.dtype:
@@ -206,6 +209,10 @@ class IMFObjective:
     jvp: str = "fused"  # "fused" or "reference" (module docstring)
     bf16: bool = False  # no-grad target evaluations under bf16 autocast; JVP and loss in fp32
     name: str = "imf"
+    # The same shapes every step and nothing chosen on the host (a step that can be captured in a CUDA graph): the
+    # target call evaluates v_c' and v_u on every row (2B rows; guidance masked where a row is not guided) and the
+    # fused pass computes du on every row. The same loss, with more device work than the rows chosen per step.
+    static_rows: bool = False
 
     def __post_init__(self) -> None:
         check_jvp_path("IMFObjective", self.jvp)
@@ -256,19 +263,23 @@ class IMFObjective:
         v_t = d.e - x
         # omega' = omega inside the guidance interval, else 1 (on fm rows the interval is (0, 1): omega' = omega)
         omega_p = torch.where((d.t_min <= d.t) & (d.t <= d.t_max), d.omega, torch.ones_like(d.omega))
-        # the rows are chosen on the host copies of the draws (the same values: no wait for the device)
-        h = host_draws(d)
-        guided = (torch.where((h.t_min <= h.t) & (h.t <= h.t_max), h.omega, torch.ones_like(h.omega)) != 1) & ~h.drop
-        if share_fm_rows:
-            shared = (h.t == h.r) & (h.t_min == 0) & (h.t_max == 1) & ~h.drop
-            needs_cp = (h.t != h.r) | (guided & ~shared)
-        else:
-            shared = needs_cp = None
         null = torch.full_like(y, model.cfg.num_classes)
         zero, one = torch.zeros_like(d.t), torch.ones_like(d.t)
-        cp_rows_host = torch.arange(b) if needs_cp is None else torch.nonzero(needs_cp).flatten()
-        u_rows_host = torch.nonzero(guided).flatten()
-        cp_rows, u_rows = to_device(cp_rows_host, x), to_device(u_rows_host, x)
+        if self.static_rows:  # every row in both parts; the guidance term masked on the device
+            shared = needs_cp = None
+            cp_rows = u_rows = torch.arange(b, device=x.device)
+        else:  # the rows are chosen on the host copies of the draws (the same values: no wait for the device)
+            h = host_draws(d)
+            inside = (h.t_min <= h.t) & (h.t <= h.t_max)
+            guided = (torch.where(inside, h.omega, torch.ones_like(h.omega)) != 1) & ~h.drop
+            if share_fm_rows:
+                shared = (h.t == h.r) & (h.t_min == 0) & (h.t_max == 1) & ~h.drop
+                needs_cp = (h.t != h.r) | (guided & ~shared)
+            else:
+                shared = needs_cp = None
+            cp_rows_host = torch.arange(b) if needs_cp is None else torch.nonzero(needs_cp).flatten()
+            u_rows_host = torch.nonzero(guided).flatten()
+            cp_rows, u_rows = to_device(cp_rows_host, x), to_device(u_rows_host, x)
         idx = torch.cat([cp_rows, u_rows])
         cond = Cond(
             h=zero[idx],
@@ -278,7 +289,7 @@ class IMFObjective:
             t_max=one[idx],
             t=d.t[idx],
         )
-        with target_autocast(self.bf16, x):
+        with target_autocast(self.bf16, x, cache=not self.static_rows):
             v_all = (model.fused_v if runs_fused(model, self.jvp) else model.v)(z[idx], cond)
         v_all = v_all.to(x.dtype)
         v_cp_rows, v_u_all = v_all.split([cp_rows.numel(), u_rows.numel()])
@@ -288,8 +299,11 @@ class IMFObjective:
             v_cp = torch.zeros_like(x)
             v_cp[cp_rows] = v_cp_rows
         weight = _col(1 - 1 / omega_p, x)
-        v_g = v_t.clone()
         pending = None
+        if self.static_rows:  # weight 0 where a row is not guided: v_g = v_t there, exactly
+            guided = _col((omega_p != 1) & ~d.drop, x)
+            return z, v_t, v_t + torch.where(guided, weight, 0) * (v_cp - v_u_all), v_cp, pending
+        v_g = v_t.clone()
         if shared is None:
             v_g[u_rows] = v_t[u_rows] + weight[u_rows] * (v_cp[u_rows] - v_u_all)
         else:
@@ -311,7 +325,7 @@ class IMFObjective:
 
     def loss_from_draws(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws):
         if runs_fused(model, self.jvp):  # the fused loss kernel on the fused pass's outputs, du where h != 0
-            _, _, v_g, _, _, u, du, v = self.outputs(model, x, y, d, du_everywhere=False)
+            _, _, v_g, _, _, u, du, v = self.outputs(model, x, y, d, du_everywhere=self.static_rows)
             loss, stats = imf_kernels.imf_loss(u, du, v, v_g, d.t, d.r, c=self.c, p=self.p)
             return loss, {"loss": loss.detach(), **stats}
         terms = self.terms(model, x, y, d)
@@ -395,6 +409,7 @@ class MeanFlowObjective:
     jvp: str = "fused"  # "fused" or "reference" (module docstring)
     bf16: bool = False  # no-grad target evaluations under bf16 autocast; JVP and loss in fp32
     name: str = "mf"
+    static_rows: bool = False  # du on every row: the same shapes every step (IMFObjective's)
 
     def __post_init__(self) -> None:
         check_jvp_path("MeanFlowObjective", self.jvp)
@@ -421,7 +436,7 @@ class MeanFlowObjective:
         null = torch.full_like(y, model.cfg.num_classes)
         fused = runs_fused(model, self.jvp)
         if self.cfg_kappa != 0.0 or self.cfg_omega != 1.0:
-            with torch.no_grad(), target_autocast(self.bf16, x):  # v_c, v_u from the network itself at h = 0
+            with torch.no_grad(), target_autocast(self.bf16, x, cache=not self.static_rows):  # v_c, v_u at h = 0
                 both = Cond(
                     zero.repeat(2),
                     torch.cat([y, null]),
@@ -441,8 +456,9 @@ class MeanFlowObjective:
         v_g = torch.where(_col(d.drop, x), v_t, v_g)
         cond = Cond(h=d.t - d.r, y=y, omega=one, t_min=zero, t_max=one, t=d.t)
         if fused:
-            h = host_draws(d)
-            u, du, _ = model_fused_jvp(model, z, cond, v_g, with_v=False, rows=h.t != h.r)  # du where h != 0
+            h = None if self.static_rows else host_draws(d)
+            rows = None if h is None else h.t != h.r  # du where h != 0
+            u, du, _ = model_fused_jvp(model, z, cond, v_g, with_v=False, rows=rows)
             loss, stats = imf_kernels.meanflow_loss(u, du, v_g, d.t, d.r, c=self.c, p=self.p)
             return loss, {"loss": loss.detach(), "loss_u": stats["loss"]}
         u, du = model_jvp(model, z, cond, v_g)

@@ -511,3 +511,44 @@ def test_a_fused_step_never_waits_for_the_device(objective, backend):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+# --------------------------------------------------------------------------- static rows (CUDA-graph-able steps)
+
+
+@pytest.mark.parametrize("jvp", ["fused", "reference"])
+@pytest.mark.parametrize("objective_type", [IMFObjective, MeanFlowObjective])
+def test_static_rows_give_the_same_loss_and_gradients(objective_type, jvp, monkeypatch):
+    """static_rows: every row in the target call (2B for iMF) and du on every row, so every step has the same
+    shapes; the loss and every gradient are those of the rows chosen per step (float64). The host copies of the
+    draws are never read: poisoned copies change nothing."""
+    cfg = tiny_config(head_dim=8)
+    net = randomised(cfg)
+    x, y = training_batch(cfg, 8)
+    draws = objective_type().draw(x, torch.Generator().manual_seed(15))
+
+    def loss_and_grads(objective, d):  # MF leaves the v head without a gradient
+        net.zero_grad(set_to_none=True)
+        loss = objective.loss_from_draws(net, x, y, d)[0]
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads(objective_type(jvp=jvp), draws)
+    poisoned = copy.deepcopy(draws)
+    poisoned.host = copy.deepcopy(draws.host)
+    for value in vars(poisoned.host).values():
+        if value is not None:
+            value.copy_(value.flip(0) if value.dtype == torch.bool else value.flip(0) * 0.5)
+    calls = []
+    forward = net.forward
+    monkeypatch.setattr(net, "forward", lambda z, *a, **k: calls.append(z.shape[0]) or forward(z, *a, **k))
+    if hasattr(net, "fused_v"):
+        fused_v = net.fused_v
+        monkeypatch.setattr(net, "fused_v", lambda z, cond: calls.append(z.shape[0]) or fused_v(z, cond))
+    static_loss, static_grads = loss_and_grads(objective_type(jvp=jvp, static_rows=True), poisoned)
+    torch.testing.assert_close(static_loss, loss, rtol=FLOAT64_RTOL, atol=0)
+    assert static_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(static_grads[name], grad, rtol=FLOAT64_RTOL, atol=1e-12, msg=name)
+    if jvp == "fused" and objective_type is IMFObjective:
+        assert calls == [16, 8]  # the target call on 2B rows, the fused pass on B
