@@ -18,6 +18,10 @@ Variants:
               instead of the whole step, the norms unchanged: the no-grad targets and the primal forward with
               grad (and its backward) run compiled, the JVP pass (torch.func.jvp under no_grad) the eager modules.
   fused-<b>   iMF through the fused forward-with-tangent on imf_kernels backend <b> (every usable one)
+  graph-<b>   GPU: the fused step with static rows (IMFObjective(static_rows=True): every step the same shapes, more
+              device work) captured whole, loss and backward, in one CUDA graph and replayed: no host time per
+              kernel. The capture (after 3 eager steps on a side stream) is its warm-up; its peak memory counts
+              from before the warm-up (the graph's pool holds the step's memory)
   fm, mf      flow matching and MeanFlow steps of the same model on the fused path (default backend)
 JVP overhead = (forward + tangent + backward) / (forward + backward) of the model on the same loss of u and v.
 Each variant runs in its own process (spawned). Peak memory is that of one warm step above what was held before it
@@ -56,10 +60,16 @@ TARGETS_CPU = dict(
     fused_vs_reference=0.75, overhead=1.6, fused_vs_compiled=1.0, fused_vs_compiled_modules=1.0, imf_vs_fm=2.3
 )
 TARGETS_GPU = dict(
-    fused_vs_reference=0.5, overhead=1.5, fused_vs_compiled=0.8, fused_vs_compiled_modules=0.8, imf_vs_fm=2.3
+    fused_vs_reference=0.5,
+    graph_vs_reference=0.5,
+    overhead=1.5,
+    fused_vs_compiled=0.8,
+    fused_vs_compiled_modules=0.8,
+    imf_vs_fm=2.3,
 )
 RATIO_KEYS = (
     "fused_vs_reference",
+    "graph_vs_reference",
     "fused_vs_compiled",
     "fused_vs_compiled_modules",
     "overhead",
@@ -208,6 +218,10 @@ def make_step(variant: str, model, x, y, draws, bf16: bool):
     if variant.startswith("fused-"):
         objective = IMFObjective(bf16=bf16)
         return with_backward(lambda: objective.loss_from_draws(model, x, y, draws)[0], variant.removeprefix("fused-"))
+    if variant.startswith("graph-"):
+        objective = IMFObjective(bf16=bf16, static_rows=True)
+        eager = with_backward(lambda: objective.loss_from_draws(model, x, y, draws)[0], variant.removeprefix("graph-"))
+        return graphed(model, eager)
     if variant == "fm":
         objective = FlowMatchingObjective()
         return with_backward(lambda: objective.loss(model, x, y, torch.Generator().manual_seed(0))[0])
@@ -274,6 +288,34 @@ def _proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"bench/step.py: no {field} in /proc/self/status")
 
 
+def graphed(model, eager_step: Callable[[], None]) -> Callable[[], None]:
+    """`eager_step` (zero_grad, loss, backward) captured in one CUDA graph on its first call, after 3 eager steps
+    on a side stream (torch's whole-network capture); every call replays it and points the parameters' .grad at the
+    gradients the graph writes (a zero_grad(set_to_none=True) between calls detaches them)."""
+    import torch
+
+    state: dict = {}
+
+    def step():
+        if "graph" not in state:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    eager_step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                eager_step()
+            state["graph"] = graph
+            state["grads"] = [(p, p.grad) for p in model.parameters() if p.grad is not None]
+        state["graph"].replay()
+        for param, grad in state["grads"]:
+            param.grad = grad
+
+    return step
+
+
 def warmup_calls(variant: str) -> int:
     """Untimed calls before a variant's step is warm: the compiled baselines compile the forward and the backward
     graphs over their first calls."""
@@ -291,6 +333,8 @@ def run_variant(
     model, x, y, draws = build(preset, batch, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     step = make_step(variant, model, x, y, draws, bf16)
+    if variant.startswith("graph-"):  # the graph's pool, allocated in the warm-up, is the step's memory
+        base = _reset_peak(device)
     start = time.perf_counter()
     calls = warmup_calls(variant)
     for call in range(calls):
@@ -300,8 +344,9 @@ def run_variant(
             elapsed = time.perf_counter() - start
             print(f"  {variant}: warm-up call {call + 1}/{calls} done at {elapsed:.1f} s", flush=True)
     warmup_s = time.perf_counter() - start
-    model.zero_grad(set_to_none=True)
-    base = _reset_peak(device)  # the peak of a warm step over the model, inputs and compiled code
+    if not variant.startswith("graph-"):
+        model.zero_grad(set_to_none=True)
+        base = _reset_peak(device)  # the peak of a warm step over the model, inputs and compiled code
     step()
     sync()
     peak = _peak_bytes(device) - base
@@ -459,6 +504,7 @@ def ratios(rows: dict[str, dict], backend: str, time_key: str) -> dict[str, floa
     fused = t(f"fused-{backend}")
     return dict(
         fused_vs_reference=fused / t("reference"),
+        graph_vs_reference=t(f"graph-{backend}") / t("reference"),
         fused_vs_compiled=fused / t("compiled"),
         fused_vs_compiled_modules=fused / t("compiled-modules"),
         overhead=t("fwd-tan-bwd") / t("fwd-bwd"),
@@ -537,7 +583,8 @@ def main() -> None:
     backends = usable_backends(device)
     compiled = ["compiled", "compiled-modules"]
     # the compiled baselines last: their compilation takes minutes, and a run cut short (a GPU lease) keeps the rest
-    variants = ["reference", *(f"fused-{b}" for b in backends), "fm", "mf"]
+    graphs = [f"graph-{b}" for b in backends if b != "torch"] if on_gpu else []  # CUDA graphs: GPU kernels only
+    variants = ["reference", *(f"fused-{b}" for b in backends), *graphs, "fm", "mf"]
     variants += ["fwd-bwd", "fwd-tan-bwd", "ref-fwd-bwd", "ref-fwd-tan-bwd", *compiled]
     if args.variants is not None:
         chosen = [name.strip() for name in args.variants.split(",") if name.strip()]

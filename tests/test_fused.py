@@ -552,3 +552,37 @@ def test_static_rows_give_the_same_loss_and_gradients(objective_type, jvp, monke
         torch.testing.assert_close(static_grads[name], grad, rtol=FLOAT64_RTOL, atol=1e-12, msg=name)
     if jvp == "fused" and objective_type is IMFObjective:
         assert calls == [16, 8]  # the target call on 2B rows, the fused pass on B
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_whole_static_step_captured_in_a_cuda_graph_replays_the_eager_step(backend):
+    """bench/step.py's graph-<b> variant: the static-rows fused step (loss and backward) captured in one CUDA graph;
+    each call (the capture, then a replay) gives the eager static step's gradients, on the parameters' .grad."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import step as bench_step
+    finally:
+        sys.path.pop(0)
+    cfg = get_preset("digits").model
+    net = randomised(cfg, dtype=torch.float32).cuda()
+    x = torch.randn(16, cfg.image_channels, cfg.image_size, cfg.image_size, device="cuda")
+    y = torch.randint(0, cfg.num_classes, (16,), device="cuda")
+    draws = IMFObjective().draw(x, torch.Generator().manual_seed(16))
+    net.zero_grad(set_to_none=True)
+    with imf_kernels.use_backend(backend):  # the same step eagerly (static rows: tests above show them exact)
+        IMFObjective(bf16=True, static_rows=True).loss_from_draws(net, x, y, draws)[0].backward()
+    want = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+    graphed = bench_step.make_step(f"graph-{backend}", net, x, y, draws, bf16=True)
+    for _ in range(2):  # the capture, then a replay
+        net.zero_grad(set_to_none=True)
+        graphed()
+        torch.cuda.synchronize()
+        got = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+        assert got.keys() == want.keys()
+        for name in want:  # the same kernels on the same inputs; cuDNN's weight gradients may sum in another order
+            scale = want[name].abs().max().item()
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4 * max(scale, 1e-6), msg=name)
