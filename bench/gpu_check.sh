@@ -205,8 +205,8 @@ if [ -n "$prewarm_pid" ]; then
     wait "$prewarm_pid"
     prewarm_status=$?
     if [ "$cut_prewarm" = 1 ]; then
-        statuses+=("prewarm-compile: stopped after $((SECONDS - prewarm_started)) s, ${PREWARM_RESERVE:-240} s" \
-            "before the deadline; the step runs without the compiled variant")
+        note="${PREWARM_RESERVE:-240} s before the deadline; the step runs without the compiled variant"
+        statuses+=("prewarm-compile: stopped after $((SECONDS - prewarm_started)) s, $note")
         kept=$(tr ',' '\n' <<<"$step_variants" | grep -vx compiled | paste -sd, -)
         for i in "${!step_args[@]}"; do
             [ "${step_args[$i]}" = "$step_variants" ] && step_args[$i]=$kept
