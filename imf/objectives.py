@@ -456,8 +456,8 @@ class MeanFlowObjective:
         v_g = torch.where(_col(d.drop, x), v_t, v_g)
         cond = Cond(h=d.t - d.r, y=y, omega=one, t_min=zero, t_max=one, t=d.t)
         if fused:
-            h = None if self.static_rows else host_draws(d)
-            rows = None if h is None else h.t != h.r  # du where h != 0
+            host = None if self.static_rows else host_draws(d)
+            rows = None if host is None else host.t != host.r  # du where h = t - r != 0
             u, du, _ = model_fused_jvp(model, z, cond, v_g, with_v=False, rows=rows)
             loss, stats = imf_kernels.meanflow_loss(u, du, v_g, d.t, d.r, c=self.c, p=self.p)
             return loss, {"loss": loss.detach(), "loss_u": stats["loss"]}
