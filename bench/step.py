@@ -292,22 +292,13 @@ def graphed(model, eager_step: Callable[[], None]) -> Callable[[], None]:
     """`eager_step` (zero_grad, loss, backward) captured in one CUDA graph on its first call, after 3 eager steps
     on a side stream (torch's whole-network capture); every call replays it and points the parameters' .grad at the
     gradients the graph writes (a zero_grad(set_to_none=True) between calls detaches them)."""
-    import torch
+    from imf.sampler import capture_cuda_graph
 
     state: dict = {}
 
     def step():
         if "graph" not in state:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    eager_step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                eager_step()
-            state["graph"] = graph
+            state["graph"], _ = capture_cuda_graph(eager_step)
             state["grads"] = [(p, p.grad) for p in model.parameters() if p.grad is not None]
         state["graph"].replay()
         for param, grad in state["grads"]:
@@ -333,7 +324,8 @@ def run_variant(
     model, x, y, draws = build(preset, batch, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     step = make_step(variant, model, x, y, draws, bf16)
-    if variant.startswith("graph-"):  # the graph's pool, allocated in the warm-up, is the step's memory
+    graph = variant.startswith("graph-")
+    if graph:  # the graph's pool, allocated in the warm-up, is the step's memory
         base = _reset_peak(device)
     start = time.perf_counter()
     calls = warmup_calls(variant)
@@ -344,7 +336,7 @@ def run_variant(
             elapsed = time.perf_counter() - start
             print(f"  {variant}: warm-up call {call + 1}/{calls} done at {elapsed:.1f} s", flush=True)
     warmup_s = time.perf_counter() - start
-    if not variant.startswith("graph-"):
+    if not graph:
         model.zero_grad(set_to_none=True)
         base = _reset_peak(device)  # the peak of a warm step over the model, inputs and compiled code
     step()

@@ -195,6 +195,12 @@ class IMFDraws:
     host: HostDraws | None = field(default=None, repr=False, compare=False)  # CPU copies (`draw` makes them)
 
 
+def _omega_prime(d: IMFDraws | HostDraws) -> Tensor:
+    """omega' = omega inside the guidance interval, else 1 (on fm rows the interval is (0, 1): omega' = omega), of
+    the draws on the device or of their host copies."""
+    return torch.where((d.t_min <= d.t) & (d.t <= d.t_max), d.omega, torch.ones_like(d.omega))
+
+
 @dataclass
 class IMFObjective:
     """DESIGN 2.2: the iMF loss, with the network's own guided velocity as the JVP tangent."""
@@ -261,8 +267,7 @@ class IMFObjective:
         tb = _col(d.t, x)
         z = (1 - tb) * x + tb * d.e
         v_t = d.e - x
-        # omega' = omega inside the guidance interval, else 1 (on fm rows the interval is (0, 1): omega' = omega)
-        omega_p = torch.where((d.t_min <= d.t) & (d.t <= d.t_max), d.omega, torch.ones_like(d.omega))
+        omega_p = _omega_prime(d)
         null = torch.full_like(y, model.cfg.num_classes)
         zero, one = torch.zeros_like(d.t), torch.ones_like(d.t)
         if self.static_rows:  # every row in both parts; the guidance term masked on the device
@@ -270,8 +275,7 @@ class IMFObjective:
             cp_rows = u_rows = torch.arange(b, device=x.device)
         else:  # the rows are chosen on the host copies of the draws (the same values: no wait for the device)
             h = host_draws(d)
-            inside = (h.t_min <= h.t) & (h.t <= h.t_max)
-            guided = (torch.where(inside, h.omega, torch.ones_like(h.omega)) != 1) & ~h.drop
+            guided = (_omega_prime(h) != 1) & ~h.drop
             if share_fm_rows:
                 shared = (h.t == h.r) & (h.t_min == 0) & (h.t_max == 1) & ~h.drop
                 needs_cp = (h.t != h.r) | (guided & ~shared)
@@ -343,7 +347,8 @@ class IMFObjective:
         cond = Cond(h=d.t - d.r, y=y, omega=d.omega, t_min=d.t_min, t_max=d.t_max, t=d.t)
         at_h0 = cond._replace(h=torch.zeros_like(d.t))
         if runs_fused(model, self.jvp):
-            rows = None if du_everywhere else host_draws(d).t != host_draws(d).r
+            host = None if du_everywhere else host_draws(d)
+            rows = None if host is None else host.t != host.r
             u, du, v = model_fused_jvp(model, z, cond, v_cp, with_v=model.cfg.v_head == "aux", rows=rows)
             if model.cfg.v_head != "aux":  # v_head="boundary": v = u(z, h = 0), its own forward with grad
                 v, _ = model(z, at_h0, with_v=False)

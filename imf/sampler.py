@@ -79,6 +79,21 @@ def sample(
     return _steps(model, noise, y, full(omega), full(interval[0]), full(interval[1]), steps, euler, bf16)
 
 
+def capture_cuda_graph(run, warmup: int = 3):
+    """(graph, what run() returned under capture): `warmup` calls of run() on a side stream first (lazy init,
+    autotuning and the allocator outside the capture), then one captured; graph.replay() reruns it in place."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
 class CudaGraphSampler:
     """`sample` for one fixed batch shape, captured once as a CUDA graph and replayed on each call (batch-1
     latency is launch-bound without it). noise, y, omega and the interval are copied into the graph's static
@@ -107,15 +122,7 @@ class CudaGraphSampler:
         self.t_max = torch.full((b,), DEFAULT_INTERVAL[1], device=device)
         run = lambda: _steps(model, self.noise, self.y, self.omega, self.t_min, self.t_max, steps, euler, bf16)
         with torch.no_grad():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture (lazy init, autotuning, allocator)
-                for _ in range(warmup):
-                    run()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = run()
+            self.graph, self.out = capture_cuda_graph(run, warmup)
 
     @torch.no_grad()
     def __call__(
