@@ -189,13 +189,13 @@ def test_the_whole_reference_step_compiles_with_the_norms_affine_outside(bf16):
         step.official_style_loss(model64, IMFObjective(jvp="reference"), inputs.double(), y, draws64).backward()
         return loss, [p.grad.clone() for p in model.parameters()], [p.grad for p in model64.parameters()]
 
-    # bf16 targets: the eager step's error on each parameter at inputs moved by about a bf16 rounding (new roundings
-    # everywhere), a sample of that parameter's rounding noise
+    # the eager step's error on each parameter at inputs moved by about a bf16 rounding (new roundings everywhere), a
+    # sample of that parameter's rounding noise
     generator = torch.Generator().manual_seed(seed)
     noise_samples = [
         [(g.double() - e).norm() for g, e in zip(*eager_and_exact(x + 2**-8 * x.std() * torch.randn(
             x.shape, generator=generator))[1:], strict=True)]
-        for _ in range(NOISE_SAMPLES if bf16 else 0)
+        for _ in range(NOISE_SAMPLES)
     ]  # fmt: skip
     eager, eager_grads, exact = eager_and_exact(x)
 
@@ -218,31 +218,24 @@ def test_the_whole_reference_step_compiles_with_the_norms_affine_outside(bf16):
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
     # The compiled graphs order the arithmetic differently, so the gradients differ from eager's by rounding (with
     # bf16 targets by bf16 rounding, ~1e-3): against float64, the compiled step's error is at most twice the eager
-    # step's in the same dtype over all gradients together (measured 0.8-1.1x), and so is the worst parameter's
-    # (relative to its norm) in fp32. With bf16 targets each parameter's error is held to twice eager's on the same
-    # parameter plus 4 bf16 roundings (2^-6) of its gradient plus 3 times the RMS of eager's error on it over
-    # NOISE_SAMPLES moved inputs: a gradient that is a cancelling sum is far off in both, and eager's error on it
-    # at these very inputs may be ~0 by chance (seed 944374977: v_out.conv.bias, |grad| 1.8e-3, compiled 4.6e-2
-    # relative, eager 2.2e-2; seed 773579445: the same bias, |grad| 6.0e-3, compiled 1.0e-4, eager 1.6e-6). In fp32
-    # single parameters are not compared one by one: eager's error on one can be ~0 by cancellation.
-
-    def errors(grads):
-        differences = [g.double() - e for g, e in zip(grads, exact, strict=True)]
-        whole = torch.cat([d.flatten() for d in differences]).norm()
-        worst = max(d.norm() / e.norm() for d, e in zip(differences, exact, strict=True))
-        return whole, worst
-
+    # step's in the same dtype over all gradients together (measured 0.8-1.1x), and on each parameter at most twice
+    # eager's on the same parameter plus 4 roundings of the dtype of the targets (2^-22 fp32, 2^-6 bf16) of its
+    # gradient plus 3 times the RMS of eager's error on it over NOISE_SAMPLES moved inputs: a gradient that is a
+    # cancelling sum is far off in both, and eager's error on it at these very inputs may be ~0 by chance (seed
+    # 944374977, bf16: v_out.conv.bias, |grad| 1.8e-3, compiled 4.6e-2 relative, eager 2.2e-2; seed 773579445, bf16:
+    # the same bias, |grad| 6.0e-3, compiled 1.0e-4, eager 1.6e-6). Comparing only the worst parameter's relative
+    # error with twice eager's worst at these inputs failed in fp32 at 2.01x (seed 652009699 on the CI machine;
+    # 0.73-1.71x over 13 seeds here): a ratio of two maxima of noise, each of one sample.
     compiled_grads = [p.grad for p in model.parameters()]
-    (compiled_whole, compiled_worst), (eager_whole, eager_worst) = errors(compiled_grads), errors(eager_grads)
-    assert compiled_whole <= 2 * eager_whole, (seed, compiled_whole, eager_whole)
-    if not bf16:
-        assert compiled_worst <= 2 * eager_worst, (seed, compiled_worst)
-        return
+    whole = [torch.cat([(g.double() - e).flatten() for g, e in zip(grads, exact, strict=True)]).norm()
+             for grads in (compiled_grads, eager_grads)]  # fmt: skip
+    assert whole[0] <= 2 * whole[1], (seed, *whole)
     names = [name for name, _ in model.named_parameters()]
     noise = [torch.stack(sample).square().mean().sqrt() for sample in zip(*noise_samples, strict=True)]
+    roundings = 2**-6 if bf16 else 2**-22
     for name, c, g, e, rms in zip(names, compiled_grads, eager_grads, exact, noise, strict=True):
         compiled_error, eager_error = (c.double() - e).norm(), (g.double() - e).norm()
-        bound = 2 * eager_error + 2**-6 * e.norm() + 3 * rms
+        bound = 2 * eager_error + roundings * e.norm() + 3 * rms
         assert compiled_error <= bound, (seed, name, compiled_error, eager_error, rms)
 
 
