@@ -61,6 +61,11 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, help="base channel count of the U-Net")
     g.add_argument("--objective", choices=("imf", "mf", "fm"), help="training objective (default: imf)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for the no-grad target evaluations (GPU)")
+    g.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each step's loss and backward from one CUDA graph (one GPU; imf or mf objective)",
+    )
     g.add_argument("--sample-every", type=int, help="steps between sample grids in OUT/samples (0: end only)")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (one is always written last)")
 
@@ -230,6 +235,7 @@ def _preset_with_overrides(args: argparse.Namespace):
         if getattr(args, name) is not None:
             setattr(t, name, getattr(args, name))
     t.bf16 = t.bf16 or args.bf16
+    t.cuda_graph = t.cuda_graph or args.cuda_graph
     model_knobs = {
         "width": "width",
         "channels": "image_channels",
@@ -286,9 +292,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{preset.name}")
     if not args.resume and (out / MANIFEST).exists():
         raise CLIError(f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out")
+    if preset.train.cuda_graph and preset.objective not in ("imf", "mf"):
+        raise CLIError(f"--cuda-graph takes the imf or mf objective, got {preset.objective!r}")
+    if preset.train.cuda_graph and device.type != "cuda":
+        raise CLIError(f"--cuda-graph needs --device cuda, got {device}")
     dist = init_distributed(device)
     try:
         if dist.enabled:
+            if preset.train.cuda_graph:
+                raise CLIError("--cuda-graph runs in one process; leave it out under torchrun")
             try:
                 dist.check_batch(preset.train.batch_size)
             except ValueError as error:

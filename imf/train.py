@@ -75,16 +75,17 @@ class BF16Targets(nn.Module):
     (`forward` with tangents, `fused_u`, `fused_v`), so a model with a fused forward-with-tangent keeps it: the
     targets through the fused primal in bf16, the graded pass `model(z, cond, dz, dcond)` in fp32."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, cache: bool = True):
         super().__init__()
         self.inner = model
         self.cfg = model.cfg
         self.takes_tangents = getattr(model, "takes_tangents", False)
+        self.cache = cache  # autocast's weight-cast cache; off for a step captured in a CUDA graph (torch's advice)
 
     def _maybe_autocast(self, fn: Callable, z: torch.Tensor, *args: Any, **kwargs: Any):
         if torch.is_grad_enabled():
             return fn(z, *args, **kwargs)
-        with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16):
+        with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16, cache_enabled=self.cache):
             out = fn(z, *args, **kwargs)
         return tuple(o if o is None else o.float() for o in out) if isinstance(out, tuple) else out.float()
 
@@ -105,6 +106,58 @@ class BF16Targets(nn.Module):
         return self._maybe_autocast(self.inner.fused_v, z, cond)
 
 
+class GraphedStep:
+    """The objective's loss and its backward for one fixed batch shape, captured in one CUDA graph on the first call
+    and replayed on every call after (`TrainConfig.cuda_graph`): the host queues one graph instead of a thousand
+    kernels a step (eager, the fused latent-b step on an H100 was host-bound: device busy 65% of the step).
+
+    Each call draws the step's randomness from `generator` exactly as `objective.loss` does (so a run resumes the
+    same way with or without the graph), copies x, y and the draws into the graph's static inputs, replays, and
+    points the parameters' `.grad` at the gradients the graph writes. It returns (loss, metrics), tensors the
+    graph overwrites on its next replay. The objective must choose nothing on the host (`static_rows`).
+    `capture(run)` -> (graph, run's outputs): `imf.sampler.capture_cuda_graph`, or a stand-in in the CPU tests."""
+
+    def __init__(self, model: nn.Module, objective, loss_model: nn.Module, capture: Callable | None = None):
+        from imf.sampler import capture_cuda_graph
+
+        if not getattr(objective, "static_rows", False):
+            raise ValueError(f"GraphedStep: objective {objective!r} must have static_rows=True")
+        self.model, self.objective, self.loss_model = model, objective, loss_model
+        self.capture = capture if capture is not None else capture_cuda_graph
+        self.graph = None
+
+    def _run(self):
+        self.model.zero_grad(set_to_none=True)  # the backward under capture allocates the gradients in its pool
+        loss, metrics = self.objective.loss_from_draws(self.loss_model, self.x, self.y, self.draws)
+        loss.backward()
+        return loss.detach(), metrics
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
+        draws = self.objective.draw(x, generator)
+        tensors = {f.name: getattr(draws, f.name) for f in dataclasses.fields(draws)}
+        tensors = {name: value for name, value in tensors.items() if isinstance(value, torch.Tensor)}
+        if self.graph is None:
+            # host=None: a static-rows step reads no host copy; one that did would wait for the device under capture
+            self.x, self.y = x.clone(), y.clone()
+            self.draws = dataclasses.replace(draws, host=None, **{k: v.clone() for k, v in tensors.items()})
+            self.graph, (self.loss, self.metrics) = self.capture(self._run)
+            self.grads = [(p, p.grad) for p in self.model.parameters() if p.grad is not None]
+        else:
+            if x.shape != self.x.shape:
+                raise ValueError(
+                    f"GraphedStep: every batch must have the captured shape {tuple(self.x.shape)} (cuda_graph), got "
+                    f"{tuple(x.shape)}"
+                )
+            self.x.copy_(x)
+            self.y.copy_(y)
+            for name, value in tensors.items():
+                getattr(self.draws, name).copy_(value)
+        self.graph.replay()
+        for param, grad in self.grads:
+            param.grad = grad
+        return self.loss, self.metrics
+
+
 class Trainer:
     """`next_batch()` returns (x, y) on the model's device; if it also has `state_dict` / `load_state_dict`
     (a `DataStream`), its position is part of the checkpoint. `generator` drives the objective's randomness.
@@ -113,7 +166,9 @@ class Trainer:
     stream) and `cfg.batch_size` is that global batch; each rank trains on its slice through DDP (`parallel="ddp"`)
     or FSDP2 (`parallel="fsdp"`). `self.model` is the module itself (sharded in place under FSDP2); its state_dict
     holds whole tensors, so checkpoints do not depend on the world size or the mode.
-    `skip_nonfinite`: a NaN or inf loss skips the update instead of raising `NonFiniteLossError`."""
+    `skip_nonfinite`: a NaN or inf loss skips the update instead of raising `NonFiniteLossError`.
+    `cfg.cuda_graph`: each step's loss and backward replayed from one CUDA graph (`GraphedStep`; one process, the
+    model on a CUDA device, the imf or mf objective); the optimizer step, clipping and EMA stay eager."""
 
     def __init__(
         self,
@@ -129,6 +184,8 @@ class Trainer:
     ):
         from imf.distributed import PARALLEL_MODES, shard_fsdp, wrap_ddp
 
+        if cfg.cuda_graph:
+            self._check_cuda_graph(model, objective, dist if dist is not None else DistInfo())
         self.model, self.objective, self.next_batch, self.cfg = model, objective, next_batch, cfg
         self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
         self.dist = dist if dist is not None else DistInfo()
@@ -153,6 +210,28 @@ class Trainer:
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
         self.step_count = 0
         self._loss_model = BF16Targets(self.train_model) if cfg.bf16 else self.train_model
+        self.graphed: GraphedStep | None = None  # cfg.cuda_graph: the loss and backward of every step from one graph
+        if cfg.cuda_graph:
+            self.objective = dataclasses.replace(objective, static_rows=True)
+            loss_model = BF16Targets(model, cache=False) if cfg.bf16 else model
+            self.graphed = GraphedStep(model, self.objective, loss_model)
+
+    @staticmethod
+    def _check_cuda_graph(model: nn.Module, objective, dist: DistInfo) -> None:
+        """TrainConfig.cuda_graph's conditions: one process, a model on a CUDA device, an objective with a static-rows
+        form (imf, mf: the same loss, more rows computed, none chosen on the host)."""
+        name = getattr(objective, "name", objective)
+        is_dataclass = dataclasses.is_dataclass(objective)
+        if "static_rows" not in ({f.name for f in dataclasses.fields(objective)} if is_dataclass else ()):
+            raise ValueError(f"Trainer: cuda_graph takes the imf or mf objective, got {name!r}")
+        if dist.enabled:
+            raise ValueError(
+                f"Trainer: cuda_graph runs in one process, got a world size of {dist.world_size}; train without it "
+                "under torchrun"
+            )
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"Trainer: cuda_graph needs the model on a CUDA device, got {device}")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, constant, then (with `cfg.cooldown` > 0) a linear decay that reaches 0 at `cfg.steps`."""
@@ -174,9 +253,13 @@ class Trainer:
         x, y = self.next_batch()
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step_count)
-        loss, metrics = self._loss(x, y)
-        loss_value = float(all_mean(loss.detach(), self.dist))  # the global batch's loss, the same on every rank
-        self.opt.zero_grad(set_to_none=True)
+        if self.graphed is not None:  # the backward is in the graph: a non-finite loss skips the update after it
+            loss, metrics = self.graphed(x, y, self.generator)
+            loss_value = float(loss)
+        else:
+            loss, metrics = self._loss(x, y)
+            loss_value = float(all_mean(loss.detach(), self.dist))  # the global batch's loss, the same on every rank
+            self.opt.zero_grad(set_to_none=True)
         if not math.isfinite(loss_value):
             if not self.skip_nonfinite:
                 raise NonFiniteLossError(self.step_count + 1, loss_value)
@@ -186,7 +269,8 @@ class Trainer:
             self.step_count += 1
             self.skipped_steps += 1
             return {"loss": loss_value, "skipped": 1.0}
-        loss.backward()
+        if self.graphed is None:
+            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.ema.update(self.model, self.step_count)
@@ -296,6 +380,8 @@ class DataStream:
         x, y = next(self.source)
         if y is None:
             y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long)
+        if self.device.type == "cuda":  # from pinned memory, queued without the host waiting for the device
+            return tuple(a.pin_memory().to(self.device, non_blocking=True) for a in (x, y))
         return x.to(self.device), y.to(self.device)
 
     def state_dict(self) -> dict[str, Any]:
@@ -463,8 +549,10 @@ def train(
     if resume:
         manifest, state = load_checkpoint(out)
         saved = preset_from_dict(manifest["config"])
-        # The run's identity comes from the checkpoint; only the stopping rule may change on resume.
+        # The run's identity comes from the checkpoint; only the stopping rule and how a step runs may change on
+        # resume (with or without a CUDA graph, the same loss from the same draws).
         saved.train.steps, saved.train.minutes = preset.train.steps, preset.train.minutes
+        saved.train.cuda_graph = preset.train.cuda_graph
         preset = saved
         history = list(manifest.get("history", []))
         last_good = (out, int(manifest["step"]))

@@ -105,6 +105,12 @@ BAD_INPUT = [
     ("t_min > t_max", ["eval", "--ckpt", "{ckpt}", "--interval", "0.7", "0.3", "--out", "{tmp}"], "t_min 0.7 is"),
     ("mixed image sizes", ["train", "--preset", "cifar", "--data", "{tmp}/mixed", "--out", "{tmp}/run"], "differ"),
     ("existing run", ["train", "--out", "{ckpt}", "--steps", "9"], "already holds a checkpoint"),
+    ("graph on a cpu", ["train", "--cuda-graph", "--device", "cpu", "--out", "{tmp}/run"], "needs --device cuda"),
+    (
+        "graph of fm",
+        ["train", "--cuda-graph", "--objective", "fm", "--device", "cpu", "--out", "{tmp}/run"],
+        "--cuda-graph takes the imf or mf objective, got 'fm'",
+    ),
 ]
 
 

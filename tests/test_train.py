@@ -2,6 +2,7 @@
 target wrapper, and whole runs through `train()` (stopping rules, files, exact resume from disk)."""
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -11,7 +12,7 @@ import torch.nn as nn
 
 from imf.config import TrainConfig, get_preset
 from imf.model import Cond, IMFNet
-from imf.objectives import IMFObjective
+from imf.objectives import IMFObjective, MeanFlowObjective
 from imf.train import EMA, BF16Targets, Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -190,3 +191,148 @@ def test_train_stops_at_the_wall_clock_limit(tmp_path):
     result = train(preset, tmp_path, progress=False, log=lambda _: None)
     assert result.stopped_by == "minutes" and result.trainer.step_count <= 1
     assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == result.trainer.step_count
+
+
+class EagerGraph:
+    """A CUDA graph's stand-in on the CPU: replay() runs the captured step again and writes its outputs and the
+    gradients into the tensors the capture returned, where a real replay writes them in place."""
+
+    def __init__(self, run, model):
+        self.run, self.model = run, model
+        self.out = run()
+        self.grads = [(p, p.grad) for p in model.parameters() if p.grad is not None]
+        self.replays = 0
+
+    def replay(self):
+        loss, metrics = self.run()
+        self.out[0].copy_(loss)
+        for name, value in metrics.items():
+            self.out[1][name].copy_(value)
+        for param, grad in self.grads:
+            grad.copy_(param.grad)
+        self.replays += 1
+
+
+def graphed_trainer(model, objective, next_batch, cfg, **kwargs):
+    """A Trainer whose step runs through GraphedStep, EagerGraph for the capture (cuda_graph itself needs a GPU)."""
+    from imf.train import GraphedStep
+
+    trainer = Trainer(model, objective, next_batch, cfg, **kwargs)
+    graphs = []
+
+    def capture(run):
+        graphs.append(EagerGraph(run, model))
+        return graphs[-1], graphs[-1].out
+
+    trainer.graphed = GraphedStep(model, dataclasses.replace(objective, static_rows=True), model, capture=capture)
+    return trainer, graphs
+
+
+def batches(count, shape=(6, 1, 8, 8), seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("objective", [IMFObjective(), MeanFlowObjective()], ids=["imf", "mf"])
+def test_a_graphed_step_trains_like_the_eager_static_rows_step(objective):
+    """cuda_graph's plumbing, the graph replaced by a rerun: one capture, then each step's batch and draws copied into
+    the static inputs, the gradients pointed at the captured ones, the optimizer stepped: every logged metric and
+    every weight after 4 steps equal the eager trainer's with the static-rows objective, bit for bit."""
+    preset = tiny_digits()
+    torch.manual_seed(5)
+    model = IMFNet(preset.model)
+    with torch.no_grad():  # non-zero output layers, so u, du and v are not identically 0
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    twin = copy.deepcopy(model)
+    data = batches(4)
+    eager_data, graph_data = iter(data), iter(data)
+    static = dataclasses.replace(objective, static_rows=True)
+    eager = Trainer(twin, static, lambda: next(eager_data), preset.train)
+    graphed, graphs = graphed_trainer(model, objective, lambda: next(graph_data), preset.train)
+    eager_history = [eager.step() for _ in range(4)]
+    graph_history = [graphed.step() for _ in range(4)]
+    assert len(graphs) == 1 and graphs[0].replays == 4
+    assert graph_history == eager_history
+    assert len({h["loss"] for h in graph_history}) == 4  # each step saw its own batch and draws
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert graphed.graphed.grads and all(p.grad is grad for p, grad in graphed.graphed.grads)  # the captured ones
+
+
+def test_a_graphed_step_refuses_another_batch_shape_and_skips_a_nonfinite_loss():
+    preset = tiny_digits()
+    torch.manual_seed(6)
+    model = IMFNet(preset.model)
+    data = batches(3) + batches(1, shape=(5, 1, 8, 8))
+    data[1][0][0, 0, 0, 0] = float("nan")
+    stream = iter(data)
+    trainer, _ = graphed_trainer(model, IMFObjective(), lambda: next(stream), preset.train, skip_nonfinite=True)
+    trainer.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    assert trainer.step() == {"loss": pytest.approx(float("nan"), nan_ok=True), "skipped": 1.0}
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))  # no update
+    assert math.isfinite(trainer.step()["loss"]) and trainer.step_count == 3 and trainer.skipped_steps == 1
+    with pytest.raises(ValueError, match=r"captured shape \(6, 1, 8, 8\).*got \(5, 1, 8, 8\)"):
+        trainer.step()
+
+
+def test_cuda_graph_names_what_it_needs():
+    from imf.distributed import DistInfo
+    from imf.objectives import FlowMatchingObjective
+
+    preset = tiny_digits()
+    preset.train.cuda_graph = True
+    model = IMFNet(preset.model)
+    batch = lambda: batches(1)[0]  # noqa: E731
+    with pytest.raises(ValueError, match="cuda_graph takes the imf or mf objective, got 'fm'"):
+        Trainer(model, FlowMatchingObjective(), batch, preset.train)
+    with pytest.raises(ValueError, match="cuda_graph runs in one process, got a world size of 2"):
+        Trainer(model, IMFObjective(), batch, preset.train, dist=DistInfo(rank=0, world_size=2))
+    with pytest.raises(ValueError, match="cuda_graph needs the model on a CUDA device, got cpu"):
+        Trainer(model, IMFObjective(), batch, preset.train)
+    from imf.train import GraphedStep
+
+    with pytest.raises(ValueError, match="must have static_rows=True"):
+        GraphedStep(model, IMFObjective(), model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-targets"])
+def test_cuda_graph_training_follows_the_eager_static_rows_training(backend, bf16):
+    """TrainConfig.cuda_graph on a GPU: 5 steps of the digits preset through one captured graph against the eager
+    trainer with the static-rows objective (same weights, batches and draws): the first step's gradients, and every
+    step's loss terms, agree to rounding (cuDNN's weight gradients may sum in another order)."""
+    import imf_kernels
+
+    preset = get_preset("digits")
+    preset.train.batch_size, preset.train.bf16 = 16, bf16
+    torch.manual_seed(8)
+    model = IMFNet(preset.model).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    twin = copy.deepcopy(model)
+    m = preset.model
+    data = [(x.cuda(), y.cuda()) for x, y in batches(5, shape=(16, m.image_channels, m.image_size, m.image_size))]
+    eager_data, graph_data = iter(data), iter(data)
+    with imf_kernels.use_backend(backend):
+        eager = Trainer(twin, IMFObjective(static_rows=True), lambda: next(eager_data), preset.train)
+        graphed = Trainer(
+            model, IMFObjective(), lambda: next(graph_data), dataclasses.replace(preset.train, cuda_graph=True)
+        )
+        assert graphed.graphed is not None and graphed.objective.static_rows
+        histories = [[eager.step()], [graphed.step()]]
+        for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            if q.grad is not None:
+                scale = q.grad.abs().max().item()
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4 * max(scale, 1e-6), msg=name)
+        for _ in range(4):
+            histories[0].append(eager.step())
+            histories[1].append(graphed.step())
+    for want, got in zip(*histories, strict=True):
+        assert got.keys() == want.keys()
+        for key in ("loss", "loss_u", "loss_v"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4), (key, got, want)
+    assert len({h["loss_u"] for h in histories[1]}) == 5  # each step its own batch and draws
