@@ -8,7 +8,7 @@ The tangent may cover only the first m rows of the batch (`dx.shape[0] = m <= x.
 (the objectives need du only where h = t - r != 0, about half the batch); the fused ops take such tangents as they
 are (`imf_kernels`: one call on backends with TANGENT_ROWS, else the op splits the batch).
 
-- linear / conv: y = W x + b, dy = W dx (no bias on the tangent);
+- linear / conv: y = W x + b, dy = W dx (no bias on the tangent); FiLM's linear as two contiguous halves;
 - GroupNorm + modulation + SiLU and attention: the fused `imf_kernels` ops (backend by `imf_kernels` dispatch);
 - LayerNorm: dy = weight * rstd * (dx - mean(dx) - xh mean(xh dx)), written by hand (the context norm);
 - sinusoidal embedding: d/dx [cos(f x), sin(f x)] = [-f sin(f x), f cos(f x)] dx (tangent only).
@@ -37,6 +37,22 @@ def linear(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple[Tensor,
         return y, None
     with torch.no_grad():
         return y, F.linear(dx.to(y.dtype), layer.weight.to(y.dtype))
+
+
+def film(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple[Tensor, Tensor, MaybeTensor, MaybeTensor]:
+    """(scale, shift, dscale, dshift) of a FiLM layer, whose 2C outputs are [scale; shift]: one batched matmul over
+    the weight's two halves gives (2, B, C), so each part is a contiguous (B, C) tensor, where `linear`'s (B, 2C)
+    halves are strided views the GroupNorm kernels would copy (two launches each; ~100 a latent-b step)."""
+    two_c, features = layer.weight.shape
+    weight = layer.weight.view(2, two_c // 2, features).transpose(1, 2)  # (2, P, C)
+    inputs = x.expand(2, -1, -1)
+    out = torch.bmm(inputs, weight) if layer.bias is None else torch.baddbmm(layer.bias.view(2, 1, -1), inputs, weight)
+    scale, shift = out.unbind(0)
+    if dx is None:
+        return scale, shift, None, None
+    with torch.no_grad():
+        dscale, dshift = torch.bmm(dx.to(out.dtype).expand(2, -1, -1), weight.to(out.dtype)).unbind(0)
+        return scale, shift, dscale, dshift
 
 
 def channel_linear(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:

@@ -240,9 +240,7 @@ class ResBlock(nn.Module):
 
     def fused(self, x, pooled, dx=None, dpooled=None):
         """(y, dy); dscale/dshift = W_film dpooled (no bias)."""
-        film, dfilm = layers.linear(pooled, self.film, dpooled)
-        scale, shift = (part.contiguous() for part in film.chunk(2, dim=1))
-        dscale, dshift = (None, None) if dfilm is None else (part.contiguous() for part in dfilm.chunk(2, dim=1))
+        scale, shift, dscale, dshift = layers.film(pooled, self.film, dpooled)
         h, dh = layers.group_norm_act(x, self.norm1, dx, scale=scale, shift=shift, dscale=dscale, dshift=dshift)
         h, dh = layers.conv2d(h, self.conv1, dh)
         h, dh = layers.group_norm_act(h, self.norm2, dh)

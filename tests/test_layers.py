@@ -52,6 +52,28 @@ def test_linear_and_channel_linear(bias, batch, rows):
 
 
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch, rows", [(3, 3), (5, 2), (1, 1)])
+def test_film_is_the_linear_layer_in_two_contiguous_halves(bias, batch, rows):
+    """film: (scale, shift) = the halves of W x + b, (dscale, dshift) those of W dx, each a contiguous (B, C) tensor,
+    and the gradients of x, W and b those of the linear layer."""
+    gen = torch.Generator().manual_seed(batch * 10 + rows + 100)
+    torch.manual_seed(batch)
+    layer = nn.Linear(11, 2 * 13, bias=bias).double()
+    x, dx, dx_full = rows_case(batch, rows, (11,), gen)
+    scale, shift, dscale, dshift = layers.film(x, layer, dx)
+    for part, tangent, half in ((scale, dscale, 0), (shift, dshift, 1)):
+        assert part.is_contiguous() and tangent.is_contiguous() and part.shape == (batch, 13)
+        check(part, tangent, x, dx_full, lambda a, half=half: layer(a).chunk(2, dim=1)[half], rows)
+    assert layers.film(x, layer)[2:] == (None, None)
+    g_scale, g_shift = torch.randn(2, batch, 13, dtype=torch.float64, generator=gen)
+    params = [x, *layer.parameters()]
+    got = torch.autograd.grad((scale * g_scale).sum() + (shift * g_shift).sum(), params)
+    want = torch.autograd.grad((layer(x) * torch.cat([g_scale, g_shift], dim=1)).sum(), params)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=RTOL)
+
+
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv2d(bias, stride):
     gen = torch.Generator().manual_seed(stride)
