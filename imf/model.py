@@ -278,8 +278,8 @@ class AttnBlock(nn.Module):
 
         The feature map stays channels-first, (B, C, L) with L = H W: q^T = W_q x and the output projection are
         batched matmuls on it (`layers.channel_linear`), and q, k, v enter the attention op as (B, heads, L, d)
-        views, so no token-major copy is made (the op reads strided inputs on the torch backend and makes them
-        contiguous for the kernels that need it)."""
+        views, so no token-major copy is made (the torch and triton backends read strided inputs and lay o out
+        like q; the op makes them contiguous for the cuda kernels)."""
         b, c, hh, ww = x.shape
         length = hh * ww
         normed, dnormed = layers.group_norm_act(x, self.norm, dx, act="none")

@@ -108,20 +108,27 @@ def test_attention_jvp_matches_reference(backend, shape, variant, dtype):
 STRIDED_SHAPE = (2, 2, 24, 20, 32)  # (B, H, Lq, Lk, D)
 
 
-def strided_inputs(dtype=torch.float32):
+def strided_inputs(dtype=torch.float32, kv_layout="tokens"):
     """q, dq as transposed views of (B, H, D, Lq) tensors (a channels-first feature map's pixels) and k, v, dk, dv
-    as views of token-major (B, Lk, 2, H, D) tensors (a linear's output), with the leaves they are views of."""
+    as views of token-major (B, Lk, 2, H, D) tensors (a linear's output; kv_layout="tokens", cross-attention) or
+    of channels-first (B, 2, H, D, Lk) ones (kv_layout="channels", self-attention on the map), with the leaves
+    they are views of."""
     batch, heads, len_q, len_k, head_dim = STRIDED_SHAPE
+    kv_shape = (batch, len_k, 2, heads, head_dim) if kv_layout == "tokens" else (batch, 2, heads, head_dim, len_k)
     leaves = {
         "q": torch.randn(batch, heads, head_dim, len_q, dtype=dtype),
-        "kv": torch.randn(batch, len_k, 2, heads, head_dim, dtype=dtype),
+        "kv": torch.randn(kv_shape, dtype=dtype),
         "dq": torch.randn(batch, heads, head_dim, len_q, dtype=dtype),
-        "dkv": torch.randn(batch, len_k, 2, heads, head_dim, dtype=dtype),
+        "dkv": torch.randn(kv_shape, dtype=dtype),
     }
 
     def views(leaves):
-        k, v = leaves["kv"].permute(2, 0, 3, 1, 4).unbind(0)
-        dk, dv = leaves["dkv"].permute(2, 0, 3, 1, 4).unbind(0)
+        if kv_layout == "tokens":
+            k, v = leaves["kv"].permute(2, 0, 3, 1, 4).unbind(0)
+            dk, dv = leaves["dkv"].permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            k, v = leaves["kv"].transpose(-1, -2).unbind(1)
+            dk, dv = leaves["dkv"].transpose(-1, -2).unbind(1)
         return leaves["q"].transpose(-1, -2), k, v, leaves["dq"].transpose(-1, -2), dk, dv
 
     return leaves, views
@@ -129,15 +136,17 @@ def strided_inputs(dtype=torch.float32):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_tangent", [False, True], ids=["primal", "jvp"])
-def test_strided_inputs_match_the_reference(backend, with_tangent):
-    """q, k, v (and tangents) as transposed and permuted views: every backend takes them (the torch backend as
-    they are, the others after a copy the op makes) and returns the reference's o, do and gradients."""
-    leaves, views = strided_inputs()
+@pytest.mark.parametrize("kv_layout", ["tokens", "channels"])
+def test_strided_inputs_match_the_reference(backend, with_tangent, kv_layout):
+    """q, k, v (and tangents) as transposed and permuted views, and grad_o a transposed view too (the gradient of
+    a channels-first map's view): every backend takes them (those with STRIDED_INPUTS as they are, the others
+    after a copy the op makes) and returns the reference's o, do and gradients."""
+    leaves, views = strided_inputs(kv_layout=kv_layout)
     q, k, v, dq, dk, dv = views(leaves)
     assert not any(tensor.is_contiguous() for tensor in (q, k, v, dq, dk, dv))
     op = "attention_jvp" if with_tangent else "attention"
     skip_unless_runs(backend, op, dict(q=q, k=k, v=v, dq=dq, dk=dk, dv=dv, scale=None))
-    grad_o = torch.randn(q.shape)
+    grad_o = torch.randn(q.shape[:2] + q.shape[2:][::-1]).transpose(-1, -2)
 
     def run(fn, leaves, **backend_arg):
         leaves = {name: value.detach().clone().requires_grad_(name in ("q", "kv")) for name, value in leaves.items()}
@@ -156,7 +165,7 @@ def test_strided_inputs_match_the_reference(backend, with_tangent):
         reference.check_parity("do", kernel[1], truth[1], baseline[1], floor)
     for name, grad, grad64, grad32 in zip(("q", "kv"), kernel[2], truth[2], baseline[2], strict=True):
         reference.check_parity(f"grad_{name}", grad, grad64, grad32, floor)
-    if backend == "torch":  # outputs laid out like q: back to (B, H * D, Lq) is a view, no copy
+    if backend in ("torch", "triton"):  # outputs laid out like q: back to (B, H * D, Lq) is a view, no copy
         for name, out in (("o", kernel[0]), ("do", kernel[1])):
             if out is not None:
                 assert out.transpose(-1, -2).is_contiguous(), name
@@ -173,7 +182,8 @@ def test_torch_forward_on_each_cpu_path(monkeypatch, limit):
         for dtype in (torch.float32, torch.float16):
             for variant in VARIANTS:
                 check_against_reference("torch", shape, variant, dtype, with_tangent=False)
-    test_strided_inputs_match_the_reference("torch", with_tangent=False)
+    for kv_layout in ("tokens", "channels"):
+        test_strided_inputs_match_the_reference("torch", with_tangent=False, kv_layout=kv_layout)
 
 
 def first_rows_cases():

@@ -295,10 +295,13 @@ def test_aot_specs_cover_every_launch_for_the_presets():
         }
         assert list(spec["signature"]) == spec["fn"].arg_names
         assert all(spec["signature"][arg] == "constexpr" for arg in spec["constexprs"])
-        assert set(spec["divisible_by_16"]) <= {a for a, t in spec["signature"].items() if t.startswith("*")}
+        assert set(spec["divisible_by_16"]) <= {a for a, t in spec["signature"].items() if t[0] in "*i"}
     # Every config the launchers pick for a preset shape has its spec (bf16 and fp32; fp16 tiles = bf16).
+    keys = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "SINGLE_TILE", "TANGENT", "HAS_DK", "HAS_DV", "DOT_PRECISION")
     picked = {
-        (s["name"], s["signature"].get("Q", s["signature"].get("O"))) + tuple(s["constexprs"].values()) for s in specs
+        (s["name"], s["signature"].get("Q", s["signature"].get("O")))
+        + tuple(s["constexprs"][key] for key in keys if key in s["constexprs"])
+        for s in specs
     }
     for Lq, Lk, D in attn.AOT_SHAPES:
         for dtype, ptr in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
@@ -320,6 +323,15 @@ def test_aot_specs_cover_every_launch_for_the_presets():
                 assert ("attn_bwd_dq", ptr, D, cfg.block_m, cfg.block_n, precision) in picked
     names = {s["name"] for s in specs}
     assert names == {"attn_fwd", "attn_jvp", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq"}
+    # the model's layouts, specialised as the JIT does (a stride of 1 is a constexpr): q channels-first (unit stride
+    # along the pixels); k and v channels-first for self-attention (unit stride along the keys) and contiguous for
+    # the context's tokens (unit stride along d)
+    units = set()
+    for spec in (s for s in specs if s["name"] in ("attn_fwd", "attn_jvp")):
+        assert spec["constexprs"]["stride_qm"] == 1 and spec["signature"]["stride_qd"] == "i32"
+        unit = [arg for arg, value in spec["constexprs"].items() if arg.startswith("stride_k") and value == 1]
+        units.add(tuple(unit))
+    assert units == {("stride_kn",), ("stride_kd",)}
     assert {s["constexprs"].get("SINGLE_TILE") for s in specs if s["name"] == "attn_jvp"} == {True, False}
 
 

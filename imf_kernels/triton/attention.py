@@ -34,6 +34,9 @@ MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, which holds B * H
 
 # tangents on the first m <= B samples: two launches into one output (`imf_kernels.interface`)
 TANGENT_ROWS = True
+# q, k, v, their tangents and grad_o of any strides, read as they are; o, do and the gradients laid out like their
+# inputs (`torch.empty_like`): a channels-first map's (B, heads, L, d) views go in and come out without a copy
+STRIDED_INPUTS = True
 
 
 def _interpreted() -> bool:
@@ -43,6 +46,13 @@ def _interpreted() -> bool:
 # --------------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_offsets(b, h, rows, cols, stride_b, stride_h, stride_l, stride_d):
+    """Element offsets of rows x cols of sample b, head h in a (B, H, L, D) tensor of these strides (64-bit base,
+    32-bit offsets within the head)."""
+    return b * stride_b + h * stride_h + (rows[:, None] * stride_l + cols[None, :] * stride_d)
 
 
 @triton.jit
@@ -105,8 +115,17 @@ def _attn_fwd_kernel(
     LSE,
     Lq,
     Lk,
+    H,
     qk_scale2,
     scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -115,22 +134,29 @@ def _attn_fwd_kernel(
     HAS_DK: tl.constexpr,
     HAS_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """Grid (cdiv(Lq, BLOCK_M), B * H). o, lse and, if TANGENT, do for BLOCK_M query rows.
-    SINGLE_TILE: the whole context is one BLOCK_N tile (Lk <= BLOCK_N), no KV loop."""
+    SINGLE_TILE: the whole context is one BLOCK_N tile (Lk <= BLOCK_N), no KV loop. Every (B, H, L, D) tensor is
+    read and written through its own strides (a channels-first map's (B, heads, L, d) view needs no copy)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     row_mask = rows < Lq
-    q_off = bh * Lq * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]
-    kv_base = bh * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + cols[None, :]
 
-    q = tl.load(Q + q_off, mask=row_mask[:, None], other=0.0)
+    q = tl.load(Q + _tile_offsets(b, h, rows, cols, stride_qb, stride_qh, stride_qm, stride_qd),
+                mask=row_mask[:, None], other=0.0)  # fmt: skip
     dq = q
     if TANGENT:
-        dq = tl.load(DQ + q_off, mask=row_mask[:, None], other=0.0)
+        dq = tl.load(DQ + _tile_offsets(b, h, rows, cols, stride_dqb, stride_dqh, stride_dqm, stride_dqd),
+                     mask=row_mask[:, None], other=0.0)  # fmt: skip
+    k_ptrs = K + _tile_offsets(b, h, offs_n, cols, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_ptrs = V + _tile_offsets(b, h, offs_n, cols, stride_vb, stride_vh, stride_vn, stride_vd)
+    dk_ptrs = DK + _tile_offsets(b, h, offs_n, cols, stride_dkb, stride_dkh, stride_dkn, stride_dkd)
+    dv_ptrs = DV + _tile_offsets(b, h, offs_n, cols, stride_dvb, stride_dvh, stride_dvn, stride_dvd)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     rs = tl.zeros([BLOCK_M], tl.float32)
@@ -141,39 +167,49 @@ def _attn_fwd_kernel(
         # One update from the empty state (alpha = 0): plain softmax over the padded context.
         col_valid = offs_n < Lk
         m_i, l_i, acc, dacc, rs = _fwd_tile(
-            q, dq, K + kv_base, V + kv_base, DK + kv_base, DV + kv_base, col_valid[:, None], col_valid,
+            q, dq, k_ptrs, v_ptrs, dk_ptrs, dv_ptrs, col_valid[:, None], col_valid,
             m_i, l_i, acc, dacc, rs, qk_scale2, scale, TANGENT, HAS_DK, HAS_DV, DOT_PRECISION,
         )  # fmt: skip
     else:
         for start_n in range(0, Lk, BLOCK_N):
             col_valid = start_n + offs_n < Lk
-            kv_off = kv_base + start_n * HEAD_DIM
             m_i, l_i, acc, dacc, rs = _fwd_tile(
-                q, dq, K + kv_off, V + kv_off, DK + kv_off, DV + kv_off, col_valid[:, None], col_valid,
+                q, dq, k_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn, dk_ptrs + start_n * stride_dkn,
+                dv_ptrs + start_n * stride_dvn, col_valid[:, None], col_valid,
                 m_i, l_i, acc, dacc, rs, qk_scale2, scale, TANGENT, HAS_DK, HAS_DV, DOT_PRECISION,
             )  # fmt: skip
 
     inv_l = 1.0 / l_i
     o = acc * inv_l[:, None]
-    tl.store(O + q_off, o.to(O.dtype.element_ty), mask=row_mask[:, None])
-    # lse in natural-log units: log(l * 2^m) = (m + log2 l) * ln 2.
+    o_off = _tile_offsets(b, h, rows, cols, stride_ob, stride_oh, stride_om, stride_od)
+    tl.store(O + o_off, o.to(O.dtype.element_ty), mask=row_mask[:, None])
+    # lse (B, H, Lq) contiguous, in natural-log units: log(l * 2^m) = (m + log2 l) * ln 2.
     tl.store(LSE + bh * Lq + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=row_mask)
     if TANGENT:
         do = (dacc - rs[:, None] * o) * inv_l[:, None]
-        tl.store(DO + q_off, do.to(DO.dtype.element_ty), mask=row_mask[:, None])
+        do_off = _tile_offsets(b, h, rows, cols, stride_dob, stride_doh, stride_dom, stride_dod)
+        tl.store(DO + do_off, do.to(DO.dtype.element_ty), mask=row_mask[:, None])
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(O, GRAD_O, DELTA, Lq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_delta_kernel(
+    O, GRAD_O, DELTA, Lq, H,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     """delta = rowsum(dO * O), float32: the softmax backward's row correction."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
     row_mask = rows < Lq
-    off = bh * Lq * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]
-    o = tl.load(O + off, mask=row_mask[:, None], other=0.0).to(tl.float32)
-    grad_o = tl.load(GRAD_O + off, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    o_off = _tile_offsets(b, h, rows, cols, stride_ob, stride_oh, stride_om, stride_od)
+    g_off = _tile_offsets(b, h, rows, cols, stride_gb, stride_gh, stride_gm, stride_gd)
+    o = tl.load(O + o_off, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    grad_o = tl.load(GRAD_O + g_off, mask=row_mask[:, None], other=0.0).to(tl.float32)
     tl.store(DELTA + bh * Lq + rows, tl.sum(o * grad_o, 1), mask=row_mask)
 
 
@@ -189,34 +225,45 @@ def _attn_bwd_dkdv_kernel(
     GRAD_V,
     Lq,
     Lk,
+    H,
     qk_scale2,
     scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_gkb, stride_gkh, stride_gkn, stride_gkd,
+    stride_gvb, stride_gvh, stride_gvn, stride_gvd,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """Grid (cdiv(Lk, BLOCK_N), B * H): one KV block loops over every query block, in transposed form
     (rows = keys): p^T = exp2(c2 k q^T - lse2), dV = p^T dO, dp^T = V dO^T,
     dK = c (p^T * (dp^T - delta)) Q."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, HEAD_DIM)
     offs_m = tl.arange(0, BLOCK_M)
     key_mask = keys < Lk
-    kv_off = bh * Lk * HEAD_DIM + keys[:, None] * HEAD_DIM + cols[None, :]
-    k = tl.load(K + kv_off, mask=key_mask[:, None], other=0.0)
-    v = tl.load(V + kv_off, mask=key_mask[:, None], other=0.0)
+    k = tl.load(K + _tile_offsets(b, h, keys, cols, stride_kb, stride_kh, stride_kn, stride_kd),
+                mask=key_mask[:, None], other=0.0)  # fmt: skip
+    v = tl.load(V + _tile_offsets(b, h, keys, cols, stride_vb, stride_vh, stride_vn, stride_vd),
+                mask=key_mask[:, None], other=0.0)  # fmt: skip
+    q_ptrs = Q + _tile_offsets(b, h, offs_m, cols, stride_qb, stride_qh, stride_qm, stride_qd)
+    g_ptrs = GRAD_O + _tile_offsets(b, h, offs_m, cols, stride_gb, stride_gh, stride_gm, stride_gd)
     grad_k = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     grad_v = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
     for start_m in range(0, Lq, BLOCK_M):
         rows = start_m + offs_m
         row_mask = rows < Lq
-        q_off = bh * Lq * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]
-        q = tl.load(Q + q_off, mask=row_mask[:, None], other=0.0)
-        grad_o = tl.load(GRAD_O + q_off, mask=row_mask[:, None], other=0.0)
+        q = tl.load(q_ptrs + start_m * stride_qm, mask=row_mask[:, None], other=0.0)
+        grad_o = tl.load(g_ptrs + start_m * stride_gm, mask=row_mask[:, None], other=0.0)
         # Padded query rows load q = dO = 0 and lse = +inf: p = 0, so they add nothing to dK, dV.
         lse2 = tl.load(LSE + bh * Lq + rows, mask=row_mask, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + bh * Lq + rows, mask=row_mask, other=0.0)
@@ -226,8 +273,10 @@ def _attn_bwd_dkdv_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         grad_k += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
-    tl.store(GRAD_K + kv_off, (grad_k * scale).to(GRAD_K.dtype.element_ty), mask=key_mask[:, None])
-    tl.store(GRAD_V + kv_off, grad_v.to(GRAD_V.dtype.element_ty), mask=key_mask[:, None])
+    gk_off = _tile_offsets(b, h, keys, cols, stride_gkb, stride_gkh, stride_gkn, stride_gkd)
+    gv_off = _tile_offsets(b, h, keys, cols, stride_gvb, stride_gvh, stride_gvn, stride_gvd)
+    tl.store(GRAD_K + gk_off, (grad_k * scale).to(GRAD_K.dtype.element_ty), mask=key_mask[:, None])
+    tl.store(GRAD_V + gv_off, grad_v.to(GRAD_V.dtype.element_ty), mask=key_mask[:, None])
 
 
 @triton.jit
@@ -241,41 +290,52 @@ def _attn_bwd_dq_kernel(
     GRAD_Q,
     Lq,
     Lk,
+    H,
     qk_scale2,
     scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_gqb, stride_gqh, stride_gqm, stride_gqd,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """Grid (cdiv(Lq, BLOCK_M), B * H): p = exp2(c2 q k^T - lse2), dp = dO V^T,
     dQ = c (p * (dp - delta)) K."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     row_mask = rows < Lq
-    q_off = bh * Lq * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]
-    q = tl.load(Q + q_off, mask=row_mask[:, None], other=0.0)
-    grad_o = tl.load(GRAD_O + q_off, mask=row_mask[:, None], other=0.0)
+    q = tl.load(Q + _tile_offsets(b, h, rows, cols, stride_qb, stride_qh, stride_qm, stride_qd),
+                mask=row_mask[:, None], other=0.0)  # fmt: skip
+    grad_o = tl.load(GRAD_O + _tile_offsets(b, h, rows, cols, stride_gb, stride_gh, stride_gm, stride_gd),
+                     mask=row_mask[:, None], other=0.0)  # fmt: skip
     lse2 = tl.load(LSE + bh * Lq + rows, mask=row_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh * Lq + rows, mask=row_mask, other=0.0)
+    k_ptrs = K + _tile_offsets(b, h, offs_n, cols, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_ptrs = V + _tile_offsets(b, h, offs_n, cols, stride_vb, stride_vh, stride_vn, stride_vd)
     grad_q = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     for start_n in range(0, Lk, BLOCK_N):
         keys = start_n + offs_n
         key_mask = keys < Lk
-        kv_off = bh * Lk * HEAD_DIM + keys[:, None] * HEAD_DIM + cols[None, :]
-        k = tl.load(K + kv_off, mask=key_mask[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=key_mask[:, None], other=0.0)
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=key_mask[:, None], other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=key_mask[:, None], other=0.0)
         # Padded keys load k = v = 0: their dp is 0 and their ds column multiplies k = 0, so no mask on p.
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2 - lse2[:, None])
         dp = tl.dot(grad_o, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         grad_q += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    tl.store(GRAD_Q + q_off, (grad_q * scale).to(GRAD_Q.dtype.element_ty), mask=row_mask[:, None])
+    gq_off = _tile_offsets(b, h, rows, cols, stride_gqb, stride_gqh, stride_gqm, stride_gqd)
+    tl.store(GRAD_Q + gq_off, (grad_q * scale).to(GRAD_Q.dtype.element_ty), mask=row_mask[:, None])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -345,6 +405,10 @@ _TILES = {
     **{("bwd_dkdv", d, _FP32): (16, 64, 4, 64, 4) for d in (16, 32)},
     **{("bwd_dq", d, _FP32): (32, 32, 8, 32, 8) for d in (16, 32)},
     ("bwd", 64, _FP32): (64, 32, 8, 32, 8),
+    # q and dO read through their strides (a channels-first map's views, unit stride along the queries) took the
+    # 64-query dK/dV tile to 255 registers, and 8 bytes of stack with triton 3.6's single-TF32 dots (104-180 for
+    # contiguous inputs)
+    ("bwd_dkdv", 64, _FP32): (32, 32, 8, 32, 8),
     ("bwd", 128, _FP32): (32, 32, 8, 32, 8),
 }
 
@@ -406,22 +470,39 @@ def check_config(cfg: BlockConfig, D: int, Lk: int) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _like(t: torch.Tensor) -> torch.Tensor:
+    """An empty dense tensor of t's shape and dtype with t's order of dims in memory (`torch.empty_like` keeps it
+    only for dense t; a k that is a channels-first map's view with v beside it is not): a gradient laid out so,
+    transposed back to the map, is a view."""
+    out = torch.empty_like(t)
+    if out.stride() == t.stride():  # t was dense
+        return out
+    order = sorted(range(t.dim()), key=lambda dim: -t.stride(dim))  # outermost first
+    dense = torch.empty([t.shape[dim] for dim in order], dtype=t.dtype, device=t.device)
+    return dense.permute([order.index(dim) for dim in range(t.dim())])
+
+
+def _fwd_strides(q, k, v, dq, dk, dv, o, do) -> tuple[int, ...]:
+    return (*q.stride(), *k.stride(), *v.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *o.stride(), *do.stride())
+
+
 def _launch_fwd(q, k, v, dq, dk, dv, scale: float, cfg: BlockConfig, o=None, lse=None):
     """One launch; o and lse (optional) are buffers to write into, e.g. rows of a larger batch's outputs."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     check_config(cfg, D, Lk)
     tangent = dq is not None
-    o = torch.empty_like(q) if o is None else o
+    o = _like(q) if o is None else o
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32) if lse is None else lse
-    do = torch.empty_like(q) if tangent else o
+    do = _like(q) if tangent else o
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
     # Absent tangents are never read (constexpr flags); any tensor of the right dtype fills their slot.
+    has_dk, has_dv = dk is not None, dv is not None
+    dq, dk, dv = dq if tangent else q, dk if has_dk else k, dv if has_dv else v
     _attn_fwd_kernel[grid](
-        q, k, v, dq if tangent else q, dk if dk is not None else k, dv if dv is not None else v,
-        o, do, lse, Lq, Lk, scale * LOG2E, scale,
+        q, k, v, dq, dk, dv, o, do, lse, Lq, Lk, H, scale * LOG2E, scale, *_fwd_strides(q, k, v, dq, dk, dv, o, do),
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
-        TANGENT=tangent, HAS_DK=dk is not None, HAS_DV=dv is not None, DOT_PRECISION=dot_precision(q.dtype),
+        TANGENT=tangent, HAS_DK=has_dk, HAS_DV=has_dv, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return o, (do if tangent else None), lse
@@ -450,7 +531,7 @@ def attention_jvp_fwd(
     cfg = pick_config("jvp", Lq, Lk, D, q.dtype)
     if rows == B:
         return _launch_fwd(q, k, v, dq, dk, dv, scale, cfg)
-    o = torch.empty_like(q)
+    o = _like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     _, do, _ = _launch_fwd(q[:rows], k[:rows], v[:rows], dq, dk, dv, scale, cfg, o[:rows], lse[:rows])
     primal_cfg = pick_config("fwd", Lq, Lk, D, q.dtype)
@@ -463,19 +544,21 @@ def _launch_bwd(grad_o, q, k, v, o, lse, scale: float, cfg_dkdv: BlockConfig, cf
     Lk = k.shape[2]
     check_config(cfg_dkdv, D, Lk)
     check_config(cfg_dq, D, Lk)
-    grad_o = grad_o.contiguous()
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    grad_q, grad_k, grad_v = _like(q), _like(k), _like(v)
+    inputs = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
     _attn_bwd_delta_kernel[(triton.cdiv(Lq, cfg_dq.block_m), B * H)](
-        o, grad_o, delta, Lq, HEAD_DIM=D, BLOCK_M=cfg_dq.block_m, num_warps=cfg_dq.num_warps, num_stages=1
-    )
+        o, grad_o, delta, Lq, H, *o.stride(), *grad_o.stride(),
+        HEAD_DIM=D, BLOCK_M=cfg_dq.block_m, num_warps=cfg_dq.num_warps, num_stages=1,
+    )  # fmt: skip
     _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg_dkdv.block_n), B * H)](
-        q, k, v, grad_o, lse, delta, grad_k, grad_v, Lq, Lk, scale * LOG2E, scale,
+        q, k, v, grad_o, lse, delta, grad_k, grad_v, Lq, Lk, H, scale * LOG2E, scale,
+        *inputs, *grad_k.stride(), *grad_v.stride(),
         HEAD_DIM=D, BLOCK_M=cfg_dkdv.block_m, BLOCK_N=cfg_dkdv.block_n, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages,
     )  # fmt: skip
     _attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg_dq.block_m), B * H)](
-        q, k, v, grad_o, lse, delta, grad_q, Lq, Lk, scale * LOG2E, scale,
+        q, k, v, grad_o, lse, delta, grad_q, Lq, Lk, H, scale * LOG2E, scale, *inputs, *grad_q.stride(),
         HEAD_DIM=D, BLOCK_M=cfg_dq.block_m, BLOCK_N=cfg_dq.block_n, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages,
     )  # fmt: skip
@@ -536,11 +619,26 @@ AOT_SHAPES = (
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+def _model_layouts(Lq: int, Lk: int, D: int, dtype: torch.dtype, batch: int = 2, heads: int = 4):
+    """q, k, v (meta tensors) laid out as the U-Net's attention blocks give them (`imf.model.AttnBlock.fused`): q a
+    channels-first map's (B, heads, L, d) view; self-attention (Lk = Lq) k and v the two halves of one such map,
+    cross-attention (the context's Lk tokens) contiguous."""
+    channels = heads * D
+    q = torch.empty(batch, channels, Lq, dtype=dtype, device="meta").view(batch, heads, D, Lq).transpose(-1, -2)
+    if Lk == Lq:
+        kv = torch.empty(batch, 2 * channels, Lk, dtype=dtype, device="meta")
+        k, v = (part.view(batch, heads, D, Lk).transpose(-1, -2) for part in kv.chunk(2, dim=1))
+    else:
+        k, v = torch.empty(2, batch, heads, Lk, D, dtype=dtype, device="meta").unbind(0)
+    return q, k, v
+
+
 def aot_specs(
     shapes: tuple[tuple[int, int, int], ...] = AOT_SHAPES,
     dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32),
 ) -> list[dict]:
-    """Every kernel launch the launchers pick for these (Lq, Lk, D) shapes and dtypes, deduplicated, as
+    """Every kernel launch the launchers pick for these (Lq, Lk, D) shapes and dtypes, with q, k, v laid out as
+    the model gives them (`_model_layouts`), deduplicated, as
     {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "divisible_by_16"}. Each compiles for
     sm_90 with `triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
     options={"num_warps", "num_stages"})`, where attrs marks the `divisible_by_16` arguments with
@@ -548,18 +646,29 @@ def aot_specs(
     3.8 take the same format). fp16 is left out by default: it picks exactly the tiles of bf16."""
     specs: dict[tuple, dict] = {}
 
-    def add(name, fn, signature, constexprs, cfg):
+    def add(name, fn, pointers, ints, floats, constexprs, cfg):
+        """ints by name: as the JIT specialises them, 1 a constexpr, a multiple of 16 marked divisible."""
+        kinds = {**pointers, **floats}
+        kinds.update(
+            {arg: ("i32" if -(2**31) <= value < 2**31 else "i64") for arg, value in ints.items() if value != 1}
+        )
+        constexprs = {**{arg: 1 for arg, value in ints.items() if value == 1}, **constexprs}
+        signature = {arg: kinds.get(arg, "constexpr") for arg in fn.arg_names}
         key = (name, tuple(signature.items()), tuple(constexprs.items()), cfg.num_warps, cfg.num_stages)
         specs[key] = {
             "name": name,
             "fn": fn,
-            "signature": {**signature, **{arg: "constexpr" for arg in constexprs}},
+            "signature": signature,
             "constexprs": constexprs,
             "num_warps": cfg.num_warps,
             "num_stages": cfg.num_stages,
             # torch allocations are 16-byte aligned, and the JIT specialises such pointers the same way.
-            "divisible_by_16": [arg for arg, kind in signature.items() if kind.startswith("*")],
+            "divisible_by_16": [*pointers, *(arg for arg, value in ints.items() if value != 1 and value % 16 == 0)],
         }
+
+    def int_args(fn, values, **named):
+        """The kernel's stride arguments (in order) with these values, and the named ints."""
+        return {**named, **dict(zip([arg for arg in fn.arg_names if arg.startswith("stride_")], values, strict=True))}
 
     for Lq, Lk, D in shapes:
         for dtype, precision in [
@@ -568,39 +677,53 @@ def aot_specs(
             for precision in (FP32_DOT_PRECISIONS if each == torch.float32 else (dot_precision(each),))
         ]:
             ptr = "*" + _TRITON_TYPE[dtype]
-            scalars = {"Lq": "i32", "Lk": "i32", "qk_scale2": "fp32", "scale": "fp32"}
-            fwd_sig = {a: ptr for a in ("Q", "K", "V", "DQ", "DK", "DV", "O", "DO")}
-            fwd_sig.update(LSE="*fp32", **scalars)
+            q, k, v = _model_layouts(Lq, Lk, D, dtype)
+            o = _like(q)
+            scalars = {"qk_scale2": "fp32", "scale": "fp32"}
+            lengths = dict(Lq=Lq, Lk=Lk, H=q.shape[1])
+            fwd_ptrs = {a: ptr for a in ("Q", "K", "V", "DQ", "DK", "DV", "O", "DO")}
+            fwd_ptrs.update(LSE="*fp32")
             for kind, flags in (("fwd", [(False, False, False)]), ("jvp", _JVP_FLAGS)):
                 cfg = pick_config(kind, Lq, Lk, D, dtype)
                 check_config(cfg, D, Lk)
+                fwd_ints = int_args(_attn_fwd_kernel, _fwd_strides(q, k, v, q, k, v, o, o), **lengths)
                 for tangent, has_dk, has_dv in flags:
                     constexprs = dict(
                         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
                         TANGENT=tangent, HAS_DK=has_dk, HAS_DV=has_dv, DOT_PRECISION=precision,
                     )  # fmt: skip
-                    add(f"attn_{kind}", _attn_fwd_kernel, fwd_sig, constexprs, cfg)
+                    add(f"attn_{kind}", _attn_fwd_kernel, fwd_ptrs, fwd_ints, scalars, constexprs, cfg)
             cfg_dkdv = pick_config("bwd_dkdv", Lq, Lk, D, dtype)
             cfg_dq = pick_config("bwd_dq", Lq, Lk, D, dtype)
             check_config(cfg_dkdv, D, Lk)
             check_config(cfg_dq, D, Lk)
+            grad_o = o  # the gradient of a channels-first map's view arrives laid out like o
             add(
                 "attn_bwd_delta",
                 _attn_bwd_delta_kernel,
-                {"O": ptr, "GRAD_O": ptr, "DELTA": "*fp32", "Lq": "i32"},
+                {"O": ptr, "GRAD_O": ptr, "DELTA": "*fp32"},
+                int_args(_attn_bwd_delta_kernel, (*o.stride(), *grad_o.stride()), Lq=Lq, H=q.shape[1]),
+                {},
                 dict(HEAD_DIM=D, BLOCK_M=cfg_dq.block_m),
                 BlockConfig(cfg_dq.block_m, cfg_dq.block_n, cfg_dq.num_warps, 1),
             )
-            bwd_sig = {a: ptr for a in ("Q", "K", "V", "GRAD_O")}
-            bwd_sig.update(LSE="*fp32", DELTA="*fp32")
-            dkdv_sig = {**bwd_sig, "GRAD_K": ptr, "GRAD_V": ptr, **scalars}
-            dq_sig = {**bwd_sig, "GRAD_Q": ptr, **scalars}
-            for name, fn, sig, cfg in (
-                ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, dkdv_sig, cfg_dkdv),
-                ("attn_bwd_dq", _attn_bwd_dq_kernel, dq_sig, cfg_dq),
+            bwd_ptrs = {a: ptr for a in ("Q", "K", "V", "GRAD_O")}
+            bwd_ptrs.update(LSE="*fp32", DELTA="*fp32")
+            inputs = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
+            dkdv_ints = int_args(_attn_bwd_dkdv_kernel, (*inputs, *_like(k).stride(), *_like(v).stride()), **lengths)
+            dq_ints = int_args(_attn_bwd_dq_kernel, (*inputs, *_like(q).stride()), **lengths)
+            for name, fn, pointers, ints, cfg in (
+                (
+                    "attn_bwd_dkdv",
+                    _attn_bwd_dkdv_kernel,
+                    {**bwd_ptrs, "GRAD_K": ptr, "GRAD_V": ptr},
+                    dkdv_ints,
+                    cfg_dkdv,
+                ),
+                ("attn_bwd_dq", _attn_bwd_dq_kernel, {**bwd_ptrs, "GRAD_Q": ptr}, dq_ints, cfg_dq),
             ):
                 constexprs = dict(HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=precision)
-                add(name, fn, sig, constexprs, cfg)
+                add(name, fn, pointers, ints, scalars, constexprs, cfg)
     return list(specs.values())
 
 
