@@ -14,8 +14,10 @@ Two paths through the same modules and weights:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -531,3 +533,49 @@ class IMFNet(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# bf16 copies of a model's parameters, by model: (the bf16 buffers, the parameters' ids). The value holds no
+# reference to the model, so the entry goes with it.
+_BF16_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# the modules whose parameters the fused path only ever uses in bf16 under autocast (convolutions and matmuls cast
+# them; imf.layers casts GroupNorm's to the activations' dtype); an embedding or a hand-written norm would compute
+# in bf16 what it computed in fp32
+BF16_CAST_MODULES = (nn.Conv2d, nn.Linear, nn.GroupNorm)
+
+
+@contextlib.contextmanager
+def bf16_parameters(model: nn.Module, enabled: bool = True):
+    """Inside, under torch.no_grad(): each parameter of `model`'s BF16_CAST_MODULES is a bf16 copy, refreshed on
+    entry by one multi-tensor copy into buffers kept for the model (the same buffers every step: a CUDA graph can
+    hold them). For the fused path's no-grad target evaluations under bf16 autocast, which would otherwise cast
+    each weight at each layer, one kernel per tensor (~350 of the ~3800 kernels of a latent-b step on the H100), to
+    the same values. Does nothing with grad enabled, when not `enabled`, or for a model whose parameters are
+    DTensors (FSDP2) or that DDP wraps (its forward manages the parameters itself)."""
+    if not enabled or torch.is_grad_enabled() or isinstance(model, nn.parallel.DistributedDataParallel):
+        yield
+        return
+    slots = [
+        (module, name, param)
+        for module in model.modules()
+        if isinstance(module, BF16_CAST_MODULES)
+        for name, param in module._parameters.items()
+        if param is not None and param.is_floating_point()
+    ]
+    if not slots or type(slots[0][2]) not in (nn.Parameter, torch.Tensor):
+        yield
+        return
+    params = [param for _, _, param in slots]
+    ids = tuple(map(id, params))
+    entry = _BF16_COPIES.get(model)
+    if entry is None or entry[1] != ids:  # made once, again if the parameters were replaced
+        entry = _BF16_COPIES[model] = ([torch.empty_like(p, dtype=torch.bfloat16) for p in params], ids)
+    copies = entry[0]
+    torch._foreach_copy_(copies, params)
+    try:
+        for (module, name, _), copy_ in zip(slots, copies, strict=True):
+            module._parameters[name] = copy_
+        yield
+    finally:
+        for module, name, param in slots:
+            module._parameters[name] = param

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 import imf_kernels
-from imf.model import Cond, CondTangent
+from imf.model import Cond, CondTangent, bf16_parameters
 
 Tensor = torch.Tensor
 
@@ -293,8 +293,9 @@ class IMFObjective:
             t_max=one[idx],
             t=d.t[idx],
         )
-        with target_autocast(self.bf16, x, cache=not self.static_rows):
-            v_all = (model.fused_v if runs_fused(model, self.jvp) else model.v)(z[idx], cond)
+        fused = runs_fused(model, self.jvp)
+        with target_autocast(self.bf16, x, cache=not self.static_rows), bf16_parameters(model, self.bf16 and fused):
+            v_all = (model.fused_v if fused else model.v)(z[idx], cond)
         v_all = v_all.to(x.dtype)
         v_cp_rows, v_u_all = v_all.split([cp_rows.numel(), u_rows.numel()])
         if needs_cp is None:
@@ -441,7 +442,11 @@ class MeanFlowObjective:
         null = torch.full_like(y, model.cfg.num_classes)
         fused = runs_fused(model, self.jvp)
         if self.cfg_kappa != 0.0 or self.cfg_omega != 1.0:
-            with torch.no_grad(), target_autocast(self.bf16, x, cache=not self.static_rows):  # v_c, v_u at h = 0
+            with (
+                torch.no_grad(),
+                target_autocast(self.bf16, x, cache=not self.static_rows),
+                bf16_parameters(model, self.bf16 and fused),
+            ):  # v_c, v_u at h = 0
                 both = Cond(
                     zero.repeat(2),
                     torch.cat([y, null]),

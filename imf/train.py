@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from imf.config import Preset, TrainConfig
 from imf.distributed import DistInfo, all_mean, any_rank, full_tensors, shard_like, shard_optimizer_state, slice_rows
-from imf.model import Cond, IMFNet, ModelConfig
+from imf.model import Cond, IMFNet, ModelConfig, bf16_parameters
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,22 +82,27 @@ class BF16Targets(nn.Module):
         self.takes_tangents = getattr(model, "takes_tangents", False)
         self.cache = cache  # autocast's weight-cast cache; off for a step captured in a CUDA graph (torch's advice)
 
-    def _maybe_autocast(self, fn: Callable, z: torch.Tensor, *args: Any, **kwargs: Any):
+    def _maybe_autocast(self, fn: Callable, z: torch.Tensor, *args: Any, fused: bool = True, **kwargs: Any):
+        """fn under bf16 autocast when grad is off; a fused entry point with the weights cast once beforehand
+        (`bf16_parameters`: one multi-tensor copy, not a cast per layer)."""
         if torch.is_grad_enabled():
             return fn(z, *args, **kwargs)
-        with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16, cache_enabled=self.cache):
+        with (
+            torch.autocast(device_type=z.device.type, dtype=torch.bfloat16, cache_enabled=self.cache),
+            bf16_parameters(self.inner, fused),
+        ):
             out = fn(z, *args, **kwargs)
         return tuple(o if o is None else o.float() for o in out) if isinstance(out, tuple) else out.float()
 
     def forward(self, z: torch.Tensor, cond: Cond, *args: Any, **kwargs: Any):
         """The model's own forward: (u, v), or (u, du, v) with tangents (`IMFNet.forward`)."""
-        return self._maybe_autocast(self.inner, z, cond, *args, **kwargs)
+        return self._maybe_autocast(self.inner, z, cond, *args, fused=self.takes_tangents, **kwargs)
 
     def u(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return self._maybe_autocast(self.inner.u, z, cond)
+        return self._maybe_autocast(self.inner.u, z, cond, fused=False)
 
     def v(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return self._maybe_autocast(self.inner.v, z, cond)
+        return self._maybe_autocast(self.inner.v, z, cond, fused=False)
 
     def fused_u(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self._maybe_autocast(self.inner.fused_u, z, cond)

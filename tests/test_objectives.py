@@ -311,3 +311,87 @@ def test_flow_matching_loss_is_plain_regression_on_e_minus_x():
     z = (1 - col(t)) * x + col(t) * e
     u = net.u(z, Cond(zero, y, one, zero, one, t))
     torch.testing.assert_close(loss, ((u - (e - x)) ** 2).sum(dim=(1, 2, 3)).mean(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective", [IMFObjective, MeanFlowObjective], ids=["imf", "mf"])
+def test_bf16_targets_cast_the_weights_once_with_the_same_results(objective, monkeypatch):
+    """The fused path's bf16 target evaluation takes the conv, linear and GroupNorm weights as bf16 copies made by
+    one multi-tensor copy (`bf16_parameters`) instead of autocast's cast of each weight (a kernel each): the same
+    loss and gradients bit for bit, no weight cast left (and every cast gone is a weight's), and the fp32 weights
+    back after."""
+    import contextlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import imf.objectives
+    import imf_kernels
+    from imf.model import BF16_CAST_MODULES
+
+    torch.manual_seed(11)
+    model = IMFNet(ModelConfig(width=16, context_dim=16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    weights = {p.data_ptr() for m in model.modules() if isinstance(m, BF16_CAST_MODULES) for p in m.parameters(False)}
+    gen = torch.Generator().manual_seed(12)
+    x, y = torch.randn(5, 1, 8, 8, generator=gen), torch.randint(0, 10, (5,), generator=gen)
+    obj = objective(bf16=True)
+    draws = obj.draw(x, torch.Generator().manual_seed(13))
+
+    class Casts(TorchDispatchMode):
+        """_to_copy calls: of a weight, and of anything else; and the multi-tensor copies."""
+
+        def __init__(self):
+            super().__init__()
+            self.weights, self.others, self.foreach = 0, 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name == "_to_copy":
+                if args[0].data_ptr() in weights:
+                    self.weights += 1
+                else:
+                    self.others += 1
+            self.foreach += name == "_foreach_copy_"
+            return func(*args, **(kwargs or {}))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with imf_kernels.use_backend("torch"), Casts() as casts:
+            loss = obj.loss_from_draws(model, x, y, draws)[0]
+            loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], casts
+
+    swapped = step()
+    with monkeypatch.context() as patch:
+        patch.setattr(imf.objectives, "bf16_parameters", lambda model, enabled=True: contextlib.nullcontext())
+        cast = step()
+    assert torch.equal(swapped[0], cast[0])
+    assert all(torch.equal(a, b) for a, b in zip(swapped[1], cast[1], strict=True))
+    assert (swapped[2].weights, swapped[2].foreach) == (0, 1)
+    assert cast[2].weights > 0 and cast[2].foreach == 0
+    assert swapped[2].others == cast[2].others  # the activations' casts are the same
+    assert all(p.dtype == torch.float32 and isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+def test_bf16_parameters_swaps_only_without_grad_and_reuses_its_buffers():
+    from imf.model import bf16_parameters
+
+    model = IMFNet(ModelConfig(width=16, context_dim=16))
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    with bf16_parameters(model):  # grad enabled: the graded pass keeps its fp32 weights
+        assert conv.weight.dtype == torch.float32
+    with torch.no_grad():
+        with bf16_parameters(model):
+            first = conv.weight
+            assert first.dtype == torch.bfloat16 and torch.equal(first, conv._parameters["weight"])
+        model.apply(lambda m: m.weight.add_(1.0) if m is conv else None)
+        with bf16_parameters(model):  # the same buffer, refreshed from the updated weights
+            assert conv.weight is first
+            refreshed = conv.weight.clone()
+        assert torch.equal(refreshed, conv.weight.to(torch.bfloat16))
+        with pytest.raises(RuntimeError, match="inside"), bf16_parameters(model):
+            raise RuntimeError("inside")
+        assert conv.weight.dtype == torch.float32 and isinstance(conv.weight, nn.Parameter)
+        with bf16_parameters(model, enabled=False):
+            assert conv.weight.dtype == torch.float32
