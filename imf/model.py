@@ -293,12 +293,12 @@ class AttnBlock(nn.Module):
             kvt, dkvt = layers.channel_linear(flat(normed), self.to_kv, flat(dnormed))
             k, v = (heads_of(part) for part in kvt.chunk(2, dim=1))
             dk, dv = (None, None) if dkvt is None else (heads_of(part) for part in dkvt.chunk(2, dim=1))
-        else:  # the context's few tokens: (B, Lk, 2C) -> k, v (B, heads, Lk, d), contiguous when heads > 1 (a
-            # permuted view's B and heads dims do not merge, and each batched matmul would copy it again)
+        else:  # the context's few tokens: (B, Lk, 2C) -> k, v (B, heads, Lk, d) views, read as they are by the
+            # triton kernels (the torch backend's batched matmuls copy them, B and heads not merging: Lk = 20-24
+            # tokens; the cuda backend gets contiguous copies from the op)
 
             def split(a):
-                parts = a.view(a.shape[0], a.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-                return parts.contiguous() if self.heads > 1 else parts
+                return a.view(a.shape[0], a.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
 
             kv, dkv = layers.linear(ctx, self.to_kv, dctx)
             k, v = split(kv).unbind(0)

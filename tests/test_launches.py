@@ -51,3 +51,25 @@ def test_recorder_sees_the_launches_this_file_rules_out():
         x.sum(0)
         x.view(3, 4).t()  # views launch nothing
     assert launched == ["zeros", "_to_copy", "sum"]
+
+
+def test_the_fused_step_copies_no_layout(calls):
+    """The fused iMF step's forward (targets and the pass with tangents) on backend="triton", with cross- and
+    self-attention: FiLM's scale and shift come out contiguous (`imf.layers.film`) and the attention kernels read
+    the channels-first (B, heads, L, d) views as they are and write o laid out like q, so the only copies left are
+    the objective's two of its targets (v_g from v_t, and again when the training forward's v completes it)."""
+    import imf_kernels
+    from imf.model import IMFNet, ModelConfig
+    from imf.objectives import IMFObjective
+
+    torch.manual_seed(21)
+    model = IMFNet(ModelConfig(width=16, head_dim=16, context_dim=16, self_attn_resolutions=(4,)))  # 1-2 heads
+    gen = torch.Generator().manual_seed(22)
+    x, y = torch.randn(4, 1, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+    objective = IMFObjective()
+    draws = objective.draw(x, torch.Generator().manual_seed(3))
+    assert 0 < int((draws.t != draws.r).sum()) < 4  # rows with and without a tangent: both paths of the ops
+    with imf_kernels.use_backend("triton"), launches.recorded() as launched:
+        objective.loss_from_draws(model, x, y, draws)
+    assert "triton:_attn_fwd_kernel" in launched and launched.count("triton:_gn_fwd_kernel") > 10
+    assert launched.count("clone") == 2, [name for name in launched if name in ("clone", "contiguous", "_to_copy")]
