@@ -23,6 +23,14 @@ probe='import tests.test_cuda_ops as t; exec(t.EXTENSION_ERRORS)'
     echo "== the probe, plain"
     PYTHONPATH=$PWD "$PYTHON" -c "$probe"
     echo "exit $?"
+    # c10::Error records a backtrace when thrown and symbolises it when its message is read: if the crash is in the
+    # symbolising, these change it (C++ frames in the message; no addr2line)
+    echo "== the probe, TORCH_SHOW_CPP_STACKTRACES=1"
+    TORCH_SHOW_CPP_STACKTRACES=1 PYTHONPATH=$PWD "$PYTHON" -c "$probe"
+    echo "exit $?"
+    echo "== the probe, TORCH_DISABLE_ADDR2LINE=1"
+    TORCH_DISABLE_ADDR2LINE=1 PYTHONPATH=$PWD "$PYTHON" -c "$probe"
+    echo "exit $?"
     echo "== the probe under cuda-gdb"
     gdb=${CUDA_GDB:-$(command -v cuda-gdb || echo /usr/local/cuda/bin/cuda-gdb)}
     PYTHONPATH=$PWD timeout 120 "$gdb" -q -batch -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary" \

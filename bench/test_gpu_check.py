@@ -217,8 +217,8 @@ def test_the_device_is_named_with_this_checkout_on_the_path(tmp_path):
 
 
 def test_diagnose_extension_errors_runs_the_probe_plain_and_under_cuda_gdb(tmp_path):
-    """bench/diagnose_extension_errors.sh with stand-ins: the probe runs twice (plain, then under the debugger with
-    a backtrace asked for) and the log holds every section."""
+    """bench/diagnose_extension_errors.sh with stand-ins: the probe runs plain, with two settings of torch's C++
+    backtraces, then under the debugger with a backtrace asked for, and the log holds every section."""
     script = Path(__file__).with_name("diagnose_extension_errors.sh")
     (tmp_path / "bench").mkdir()
     shutil.copy(script, tmp_path / "bench" / script.name)
@@ -237,7 +237,7 @@ def test_diagnose_extension_errors_runs_the_probe_plain_and_under_cuda_gdb(tmp_p
     assert proc.returncode == 0, proc.stdout + proc.stderr
     probe = "import tests.test_cuda_ops as t; exec(t.EXTENSION_ERRORS)"
     lines = calls.read_text().splitlines()
-    assert f"python -c {probe}" in lines
+    assert lines.count(f"python -c {probe}") == 3
     gdb = [line for line in lines if line.startswith("gdb ")]
     assert len(gdb) == 1 and "-ex run -ex bt" in gdb[0] and gdb[0].endswith(f"fakepy -c {probe}")
     (log,) = (tmp_path / "out").glob("extension-errors-*.log")
@@ -245,6 +245,8 @@ def test_diagnose_extension_errors_runs_the_probe_plain_and_under_cuda_gdb(tmp_p
     for section in (
         "== compiler and libraries",
         "== the probe, plain",
+        "== the probe, TORCH_SHOW_CPP_STACKTRACES=1",
+        "== the probe, TORCH_DISABLE_ADDR2LINE=1",
         "== the probe under cuda-gdb",
         "#0 0x0 in crash",
     ):
