@@ -290,19 +290,16 @@ def _proc_status_bytes(field: str) -> int:
 
 def graphed(model, eager_step: Callable[[], None]) -> Callable[[], None]:
     """`eager_step` (zero_grad, loss, backward) captured in one CUDA graph on its first call, after 3 eager steps
-    on a side stream (torch's whole-network capture); every call replays it and points the parameters' .grad at the
-    gradients the graph writes (a zero_grad(set_to_none=True) between calls detaches them)."""
-    from imf.sampler import capture_cuda_graph
+    on a side stream (torch's whole-network capture); every call replays it, the parameters' .grad on the gradients
+    the graph writes (`imf.train.CapturedBackward`, the trainer's cuda_graph step)."""
+    from imf.train import CapturedBackward
 
     state: dict = {}
 
     def step():
-        if "graph" not in state:
-            state["graph"], _ = capture_cuda_graph(eager_step)
-            state["grads"] = [(p, p.grad) for p in model.parameters() if p.grad is not None]
-        state["graph"].replay()
-        for param, grad in state["grads"]:
-            param.grad = grad
+        if "captured" not in state:
+            state["captured"] = CapturedBackward(model, eager_step)
+        state["captured"]()
 
     return step
 

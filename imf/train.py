@@ -111,6 +111,25 @@ class BF16Targets(nn.Module):
         return self._maybe_autocast(self.inner.fused_v, z, cond)
 
 
+class CapturedBackward:
+    """`run` (zero_grad, loss, backward) captured by `capture` (default `imf.sampler.capture_cuda_graph`: warm-up
+    calls on a side stream, then one captured). Each call replays it and points the parameters' `.grad` at the
+    gradients the graph writes (a zero_grad(set_to_none=True) between calls detaches them); returns what `run`
+    returned under capture, tensors the next replay overwrites."""
+
+    def __init__(self, model: nn.Module, run: Callable, capture: Callable | None = None):
+        from imf.sampler import capture_cuda_graph
+
+        self.graph, self.out = (capture if capture is not None else capture_cuda_graph)(run)
+        self.grads = [(p, p.grad) for p in model.parameters() if p.grad is not None]
+
+    def __call__(self):
+        self.graph.replay()
+        for param, grad in self.grads:
+            param.grad = grad
+        return self.out
+
+
 class GraphedStep:
     """The objective's loss and its backward for one fixed batch shape, captured in one CUDA graph on the first call
     and replayed on every call after (`TrainConfig.cuda_graph`): the host queues one graph instead of a thousand
@@ -118,18 +137,15 @@ class GraphedStep:
 
     Each call draws the step's randomness from `generator` exactly as `objective.loss` does (so a run resumes the
     same way with or without the graph), copies x, y and the draws into the graph's static inputs, replays, and
-    points the parameters' `.grad` at the gradients the graph writes. It returns (loss, metrics), tensors the
-    graph overwrites on its next replay. The objective must choose nothing on the host (`static_rows`).
-    `capture(run)` -> (graph, run's outputs): `imf.sampler.capture_cuda_graph`, or a stand-in in the CPU tests."""
+    points the parameters' `.grad` at the gradients the graph writes (`CapturedBackward`). It returns (loss,
+    metrics), tensors the graph overwrites on its next replay. The objective must choose nothing on the host
+    (`static_rows`). `capture(run)` -> (graph, run's outputs): `CapturedBackward`'s, or a stand-in in the CPU tests."""
 
     def __init__(self, model: nn.Module, objective, loss_model: nn.Module, capture: Callable | None = None):
-        from imf.sampler import capture_cuda_graph
-
         if not getattr(objective, "static_rows", False):
             raise ValueError(f"GraphedStep: objective {objective!r} must have static_rows=True")
-        self.model, self.objective, self.loss_model = model, objective, loss_model
-        self.capture = capture if capture is not None else capture_cuda_graph
-        self.graph = None
+        self.model, self.objective, self.loss_model, self.capture = model, objective, loss_model, capture
+        self.captured: CapturedBackward | None = None
 
     def _run(self):
         self.model.zero_grad(set_to_none=True)  # the backward under capture allocates the gradients in its pool
@@ -141,12 +157,11 @@ class GraphedStep:
         draws = self.objective.draw(x, generator)
         tensors = {f.name: getattr(draws, f.name) for f in dataclasses.fields(draws)}
         tensors = {name: value for name, value in tensors.items() if isinstance(value, torch.Tensor)}
-        if self.graph is None:
+        if self.captured is None:
             # host=None: a static-rows step reads no host copy; one that did would wait for the device under capture
             self.x, self.y = x.clone(), y.clone()
             self.draws = dataclasses.replace(draws, host=None, **{k: v.clone() for k, v in tensors.items()})
-            self.graph, (self.loss, self.metrics) = self.capture(self._run)
-            self.grads = [(p, p.grad) for p in self.model.parameters() if p.grad is not None]
+            self.captured = CapturedBackward(self.model, self._run, self.capture)
         else:
             if x.shape != self.x.shape:
                 raise ValueError(
@@ -157,10 +172,7 @@ class GraphedStep:
             self.y.copy_(y)
             for name, value in tensors.items():
                 getattr(self.draws, name).copy_(value)
-        self.graph.replay()
-        for param, grad in self.grads:
-            param.grad = grad
-        return self.loss, self.metrics
+        return self.captured()
 
 
 class Trainer:

@@ -257,7 +257,8 @@ def test_a_graphed_step_trains_like_the_eager_static_rows_step(objective):
     assert len({h["loss"] for h in graph_history}) == 4  # each step saw its own batch and draws
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q), name
-    assert graphed.graphed.grads and all(p.grad is grad for p, grad in graphed.graphed.grads)  # the captured ones
+    grads = graphed.graphed.captured.grads
+    assert grads and all(p.grad is grad for p, grad in grads)  # the captured ones
 
 
 def test_a_graphed_step_refuses_another_batch_shape_and_skips_a_nonfinite_loss():
