@@ -482,8 +482,9 @@ def _like(t: torch.Tensor) -> torch.Tensor:
     return dense.permute([order.index(dim) for dim in range(t.dim())])
 
 
-def _fwd_strides(q, k, v, dq, dk, dv, o, do) -> tuple[int, ...]:
-    return (*q.stride(), *k.stride(), *v.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *o.stride(), *do.stride())
+def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """The stride arguments of a kernel, in the order of its tensors: (B, H, L, D) strides of each."""
+    return tuple(stride for tensor in tensors for stride in tensor.stride())
 
 
 def _launch_fwd(q, k, v, dq, dk, dv, scale: float, cfg: BlockConfig, o=None, lse=None):
@@ -500,7 +501,7 @@ def _launch_fwd(q, k, v, dq, dk, dv, scale: float, cfg: BlockConfig, o=None, lse
     has_dk, has_dv = dk is not None, dv is not None
     dq, dk, dv = dq if tangent else q, dk if has_dk else k, dv if has_dv else v
     _attn_fwd_kernel[grid](
-        q, k, v, dq, dk, dv, o, do, lse, Lq, Lk, H, scale * LOG2E, scale, *_fwd_strides(q, k, v, dq, dk, dv, o, do),
+        q, k, v, dq, dk, dv, o, do, lse, Lq, Lk, H, scale * LOG2E, scale, *_strides(q, k, v, dq, dk, dv, o, do),
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
         TANGENT=tangent, HAS_DK=has_dk, HAS_DV=has_dv, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -546,19 +547,18 @@ def _launch_bwd(grad_o, q, k, v, o, lse, scale: float, cfg_dkdv: BlockConfig, cf
     check_config(cfg_dq, D, Lk)
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     grad_q, grad_k, grad_v = _like(q), _like(k), _like(v)
-    inputs = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
     _attn_bwd_delta_kernel[(triton.cdiv(Lq, cfg_dq.block_m), B * H)](
-        o, grad_o, delta, Lq, H, *o.stride(), *grad_o.stride(),
+        o, grad_o, delta, Lq, H, *_strides(o, grad_o),
         HEAD_DIM=D, BLOCK_M=cfg_dq.block_m, num_warps=cfg_dq.num_warps, num_stages=1,
     )  # fmt: skip
     _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg_dkdv.block_n), B * H)](
         q, k, v, grad_o, lse, delta, grad_k, grad_v, Lq, Lk, H, scale * LOG2E, scale,
-        *inputs, *grad_k.stride(), *grad_v.stride(),
+        *_strides(q, k, v, grad_o, grad_k, grad_v),
         HEAD_DIM=D, BLOCK_M=cfg_dkdv.block_m, BLOCK_N=cfg_dkdv.block_n, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages,
     )  # fmt: skip
     _attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg_dq.block_m), B * H)](
-        q, k, v, grad_o, lse, delta, grad_q, Lq, Lk, H, scale * LOG2E, scale, *inputs, *grad_q.stride(),
+        q, k, v, grad_o, lse, delta, grad_q, Lq, Lk, H, scale * LOG2E, scale, *_strides(q, k, v, grad_o, grad_q),
         HEAD_DIM=D, BLOCK_M=cfg_dq.block_m, BLOCK_N=cfg_dq.block_n, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages,
     )  # fmt: skip
@@ -686,7 +686,7 @@ def aot_specs(
             for kind, flags in (("fwd", [(False, False, False)]), ("jvp", _JVP_FLAGS)):
                 cfg = pick_config(kind, Lq, Lk, D, dtype)
                 check_config(cfg, D, Lk)
-                fwd_ints = int_args(_attn_fwd_kernel, _fwd_strides(q, k, v, q, k, v, o, o), **lengths)
+                fwd_ints = int_args(_attn_fwd_kernel, _strides(q, k, v, q, k, v, o, o), **lengths)
                 for tangent, has_dk, has_dv in flags:
                     constexprs = dict(
                         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
@@ -702,16 +702,15 @@ def aot_specs(
                 "attn_bwd_delta",
                 _attn_bwd_delta_kernel,
                 {"O": ptr, "GRAD_O": ptr, "DELTA": "*fp32"},
-                int_args(_attn_bwd_delta_kernel, (*o.stride(), *grad_o.stride()), Lq=Lq, H=q.shape[1]),
+                int_args(_attn_bwd_delta_kernel, _strides(o, grad_o), Lq=Lq, H=q.shape[1]),
                 {},
                 dict(HEAD_DIM=D, BLOCK_M=cfg_dq.block_m),
                 BlockConfig(cfg_dq.block_m, cfg_dq.block_n, cfg_dq.num_warps, 1),
             )
             bwd_ptrs = {a: ptr for a in ("Q", "K", "V", "GRAD_O")}
             bwd_ptrs.update(LSE="*fp32", DELTA="*fp32")
-            inputs = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
-            dkdv_ints = int_args(_attn_bwd_dkdv_kernel, (*inputs, *_like(k).stride(), *_like(v).stride()), **lengths)
-            dq_ints = int_args(_attn_bwd_dq_kernel, (*inputs, *_like(q).stride()), **lengths)
+            dkdv_ints = int_args(_attn_bwd_dkdv_kernel, _strides(q, k, v, grad_o, _like(k), _like(v)), **lengths)
+            dq_ints = int_args(_attn_bwd_dq_kernel, _strides(q, k, v, grad_o, _like(q)), **lengths)
             for name, fn, pointers, ints, cfg in (
                 (
                     "attn_bwd_dkdv",
