@@ -79,7 +79,7 @@ def to_device(a: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tens
     queued like a kernel and the host goes on (torch's pinned allocator keeps the buffer until the copy ran)."""
     if dtype is not None:
         a = a.to(dtype)  # on the CPU first: a copy that also converts would stage a pageable converted copy
-    if like.device.type == "cuda":
+    if like.device.type == "cuda" and not torch.compiler.is_compiling():  # dynamo has no fake pin_memory
         a = a.pin_memory()
     return a.to(like.device, non_blocking=True)
 

@@ -555,6 +555,20 @@ def test_static_rows_give_the_same_loss_and_gradients(objective_type, jvp, monke
 
 
 @pytest.mark.gpu
+def test_the_objectives_copies_to_the_gpu_trace_under_torch_compile():
+    """bench/step.py's `compiled` baseline compiles the whole reference step, the objectives' host-to-device copies
+    of the draws' rows included: eagerly from pinned memory, under dynamo a plain copy (fake tensors have no
+    pin_memory: on the H200, 2026-11-27, the compiled baseline failed there)."""
+    from imf.objectives import to_device
+
+    like = torch.empty(1, device="cuda")
+    copy_twice = torch.compile(lambda a: to_device(a, like, torch.float32) * 2, backend="eager", fullgraph=True)
+    a = torch.randint(-9, 9, (7,))
+    torch.testing.assert_close(copy_twice(a), 2 * a.float().cuda(), rtol=0, atol=0)
+    assert to_device(a, like).is_cuda  # and eagerly
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_a_whole_static_step_captured_in_a_cuda_graph_replays_the_eager_step(backend):
     """bench/step.py's graph-<b> variant: the static-rows fused step (loss and backward) captured in one CUDA graph;
