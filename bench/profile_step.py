@@ -116,7 +116,9 @@ def launching_ops(prof) -> list[dict]:
     return sorted(rows, key=lambda row: -row["device_us"])
 
 
-SYNC_WARNING = "synchroniz"  # torch's sync debug mode: "called a synchronizing CUDA operation"
+# torch's sync debug mode warns "called a synchronizing CUDA operation" at each sync; setting the mode warns once that
+# it "is a prototype feature and does not yet detect all synchronizing operations" (counted as a sync until 2026-11-27)
+SYNC_WARNING = "called a synchronizing cuda operation"
 
 
 def step_syncs(step, set_mode=None) -> list[str]:

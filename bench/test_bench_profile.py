@@ -120,7 +120,8 @@ def test_launching_ops_ranks_aten_operators_by_the_device_time_they_launch():
 
 def test_step_syncs_lists_where_the_sync_debug_mode_warned():
     """One step under the sync debug mode ("warn" set, "default" restored even when the step raises): each warning
-    that names a synchronising operation, with the file and line that asked for it; other warnings are not syncs."""
+    that names a synchronising operation, with the file and line that asked for it; other warnings are not syncs, the
+    mode's own notice that it is a prototype among them (torch 2.11 on the H200 gives it on the first "warn")."""
     import warnings
 
     modes = []
@@ -129,6 +130,11 @@ def test_step_syncs_lists_where_the_sync_debug_mode_warned():
         warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
         warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
         warnings.warn("TensorFloat32 tensor cores available but not enabled", stacklevel=1)
+        warnings.warn(
+            "Synchronization debug mode is a prototype feature and does not yet detect all synchronizing operations "
+            "(Triggered internally at /pytorch/torch/csrc/cuda/Module.cpp:1003.)",
+            stacklevel=1,
+        )
 
     syncs = profile_step.step_syncs(step, set_mode=modes.append)
     assert modes == ["warn", "default"]
