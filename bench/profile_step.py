@@ -12,6 +12,9 @@ The step is `bench/step.py`'s (same model, inputs, draws and variants). After wa
 - Which kernels cost what? One profiled step (torch.profiler): the top kernels by device time (GPU) or aten
   operators by self CPU time (CPU), and the totals by kind (matmul/conv, our GroupNorm, attention and loss kernels,
   PyTorch's norms, elementwise and reductions, copies and casts), each as a share of the step's device time.
+- GPU: where does the host's time go? The same profiled step's CPU-side events by self CPU time (aten operators,
+  CUDA runtime and driver calls, autograd nodes) and what no event covers (Python: the model's, torch's, Triton's
+  launchers; and the profiler's own cost), as shares of that step's host time.
 Results: a rich table and bench/results/<device>-profile-<variant>.json.
 """
 
@@ -105,6 +108,47 @@ def host_and_wall(step, steps: int, device: str) -> tuple[list[float], list[floa
     return host, wall
 
 
+# (kind, pattern): where the host's time inside the profiler's CPU-side events goes; first match wins
+HOST_KINDS = (
+    ("CUDA runtime / driver calls (launches, copies, allocation)", r"^cu(da)?[A-Z]"),
+    ("autograd engine (backward nodes)", r"^autograd::|Backward\d*$|^torch::autograd::"),
+    ("aten operators (dispatch, checks, kernel setup)", r"^aten::"),
+)
+# the profiler's own wait for the device after the step (torch.cuda.synchronize), not the step's host time
+HOST_EXCLUDED = re.compile(r"^cuda(Device|Stream)Synchronize$")
+
+
+def host_kind(name: str) -> str:
+    for kind, pattern in HOST_KINDS:
+        if re.search(pattern, name):
+            return kind
+    return "other profiled events"
+
+
+def host_rows(prof) -> list[dict]:
+    """One row per CPU-side event of the profiled step (aten operator, CUDA runtime or driver call, autograd node,
+    ...), with its self CPU time in us, largest first: the host's time inside C++ that the profiler sees. The rest of
+    the host's time is Python (the model's, torch's and Triton's launchers) and the profiler's own overhead."""
+    rows = [
+        {"name": event.key, "calls": event.count, "self_us": float(event.self_cpu_time_total),
+         "kind": host_kind(event.key)}
+        for event in prof.key_averages()
+        if event.device_type == DeviceType.CPU and event.self_cpu_time_total > 0 and not HOST_EXCLUDED.match(event.key)
+    ]  # fmt: skip
+    return sorted(rows, key=lambda row: -row["self_us"])
+
+
+def host_summary(rows: list[dict], profiled_host_ms: float) -> dict:
+    """The profiled step's host time split by HOST_KINDS, and what no event covers ("Python and the profiler")."""
+    kinds: dict[str, float] = {}
+    for row in rows:
+        kinds[row["kind"]] = kinds.get(row["kind"], 0.0) + row["self_us"] / 1e3
+    in_events = sum(kinds.values())
+    kinds = dict(sorted(kinds.items(), key=lambda item: -item[1]))
+    kinds["outside profiled events: Python, the profiler"] = max(profiled_host_ms - in_events, 0.0)
+    return {"profiled_host_ms": profiled_host_ms, "kinds_ms": kinds, "rows": rows}
+
+
 def launching_ops(prof) -> list[dict]:
     """GPU: one row per aten operator that launched kernels, with the device time of the kernels it launched itself
     (not its children's), largest first: which calls the copies, casts and elementwise kernels come from."""
@@ -152,7 +196,9 @@ def profile(preset: str, variant: str, batch: int, steps: int, bf16: bool, devic
         torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
         step()
+        profiled_host_ms = (time.perf_counter() - start) * 1e3  # the profiler slows the host: a share, not a time
         if on_gpu:
             torch.cuda.synchronize()
     if trace:
@@ -178,6 +224,8 @@ def profile(preset: str, variant: str, batch: int, steps: int, bf16: bool, devic
         "busy": total_us / 1e3 / wall_ms,
         "syncs": syncs,  # GPU: where one step made the host wait for the device (None on a CPU)
         "ops": launching_ops(prof) if on_gpu else None,  # GPU: device time by the aten operator that launched it
+        # GPU: where the host's time goes (on a CPU the rows above are already the aten operators' CPU time)
+        "host": host_summary(host_rows(prof), profiled_host_ms) if on_gpu else None,
         "kinds_ms": {kind: us / 1e3 for kind, us in sorted(kinds.items(), key=lambda item: -item[1])},
         "rows": rows,
     }
@@ -223,6 +271,25 @@ def print_report(result: dict, device_label: str, top: int) -> None:
             ms = row["device_us"] / 1e3
             ops.add_row(row["name"], str(row["calls"]), f"{ms:.3f}", f"{ms / total:.1%}")
         console.print(ops)
+    if result.get("host"):
+        host = result["host"]
+        profiled = host["profiled_host_ms"]
+        by_kind = Table(
+            title=f"host time by kind (the profiled step: {profiled:.1f} ms of host time under the profiler)"
+        )
+        for column in ("kind", "ms", "share"):
+            by_kind.add_column(column, justify="left" if column == "kind" else "right")
+        for kind, ms in host["kinds_ms"].items():
+            by_kind.add_row(kind, f"{ms:.3f}", f"{ms / profiled:.1%}")
+        console.print(by_kind)
+        events = Table(title="host time by profiled event (self CPU time, one step)")
+        for column in ("event", "kind", "calls", "ms", "us per call"):
+            events.add_column(column, justify="left" if column in ("event", "kind") else "right")
+        for row in host["rows"][:top]:
+            name = row["name"] if len(row["name"]) <= 60 else row["name"][:57] + "..."
+            ms = row["self_us"] / 1e3
+            events.add_row(name, row["kind"], str(row["calls"]), f"{ms:.3f}", f"{row['self_us'] / row['calls']:.1f}")
+        console.print(events)
     if result.get("syncs") is not None:
         syncs = result["syncs"]
         console.print(f"host-device synchronisations in one step: {len(syncs)}")

@@ -89,10 +89,83 @@ def test_a_cpu_profile_adds_up_and_is_saved(tmp_path, capsys):
     assert {"aten::convolution_backward"} <= {row["name"] for row in rows}
     assert 0 < result["host_ms"] <= result["wall_ms"] * 1.0001
     assert result["variant"] == "fused-torch" and result["preset"] == "digits" and result["commit"]
-    assert result["syncs"] is None and result["ops"] is None  # GPU only
+    assert result["syncs"] is None and result["ops"] is None and result["host"] is None  # GPU only
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     printed = capsys.readouterr().out
     assert "time by kind" in printed and f"wrote {out}" in printed
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("cudaLaunchKernel", "CUDA runtime / driver calls (launches, copies, allocation)"),
+        ("cuLaunchKernelEx", "CUDA runtime / driver calls (launches, copies, allocation)"),
+        ("cudaMemcpyAsync", "CUDA runtime / driver calls (launches, copies, allocation)"),
+        ("autograd::engine::evaluate_function: ConvolutionBackward0", "autograd engine (backward nodes)"),
+        ("ConvolutionBackward0", "autograd engine (backward nodes)"),
+        ("aten::cudnn_convolution", "aten operators (dispatch, checks, kernel setup)"),
+        ("aten::empty", "aten operators (dispatch, checks, kernel setup)"),
+        ("ProfilerStep#1", "other profiled events"),
+        ("cuda_graph_replay", "other profiled events"),  # not a runtime call: a lower-case word after "cuda"
+    ],
+)
+def test_host_kind_of_a_cpu_event(name, kind):
+    assert profile_step.host_kind(name) == kind
+
+
+def test_the_host_summary_splits_the_profiled_host_time_and_leaves_out_the_final_sync():
+    """host_rows: the CPU-side events by self CPU time (CUDA kernels and events without self time left out, and the
+    profiler's torch.cuda.synchronize after the step); host_summary: their sum by kind, and the rest of the profiled
+    host time as Python and the profiler's overhead (never negative)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    event = lambda key, device_type, us, count=1: SimpleNamespace(
+        key=key, device_type=device_type, self_cpu_time_total=us, count=count
+    )
+    prof = SimpleNamespace(
+        key_averages=lambda: [
+            event("aten::add", DeviceType.CPU, 300.0, 30),
+            event("cudaLaunchKernel", DeviceType.CPU, 500.0, 100),
+            event("cudaDeviceSynchronize", DeviceType.CPU, 9000.0),  # the profiler's wait after the step
+            event("void at::elementwise_kernel<128, 2>", DeviceType.CUDA, 40.0, 7),
+            event("AddBackward0", DeviceType.CPU, 200.0, 10),
+            event("aten::view", DeviceType.CPU, 0.0, 90),
+        ]
+    )
+    rows = profile_step.host_rows(prof)
+    assert [row["name"] for row in rows] == ["cudaLaunchKernel", "aten::add", "AddBackward0"]
+    assert rows[0] == {
+        "name": "cudaLaunchKernel",
+        "calls": 100,
+        "self_us": 500.0,
+        "kind": "CUDA runtime / driver calls (launches, copies, allocation)",
+    }
+    summary = profile_step.host_summary(rows, profiled_host_ms=2.5)
+    assert summary["kinds_ms"] == {
+        "CUDA runtime / driver calls (launches, copies, allocation)": 0.5,
+        "aten operators (dispatch, checks, kernel setup)": 0.3,
+        "autograd engine (backward nodes)": 0.2,
+        "outside profiled events: Python, the profiler": 1.5,
+    }
+    short = profile_step.host_summary(rows, profiled_host_ms=0.5)["kinds_ms"]
+    assert short["outside profiled events: Python, the profiler"] == 0.0  # the events outlast a short host time
+    assert summary["profiled_host_ms"] == 2.5 and summary["rows"] is rows
+
+
+def test_the_report_prints_the_host_split(capsys):
+    rows = [{"name": "cudaLaunchKernel", "calls": 4, "self_us": 40.0, "kind": "CUDA runtime / driver calls"}]
+    result = {
+        "on_gpu": True, "preset": "latent-b", "variant": "fused-triton", "batch": 2, "steps": 1, "wall_ms": 1.0,
+        "host_ms": 0.9, "device_ms": 0.5, "busy": 0.5, "kinds_ms": {"matmul / conv": 0.5},
+        "rows": [{"name": "k", "calls": 1, "self_us": 500.0, "kind": "matmul / conv"}], "ops": None, "syncs": [],
+        "host": profile_step.host_summary(rows, profiled_host_ms=0.1),
+    }  # fmt: skip
+    profile_step.print_report(result, "GPU", top=5)
+    printed = capsys.readouterr().out
+    assert "host time by kind" in printed and "cudaLaunchKernel" in printed and "10.0" in printed  # us per call
+    assert "outside profiled events" in printed
 
 
 def test_launching_ops_ranks_aten_operators_by_the_device_time_they_launch():
