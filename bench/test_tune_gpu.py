@@ -66,3 +66,51 @@ def test_launch_config_replaces_the_pick_inside_the_block_only():
             assert gn.pick_blocks(40, 256, torch.float32) == candidate  # every call, whatever its shape
             raise RuntimeError("inside")
     assert gn.pick_blocks(16, 64, torch.bfloat16) == picked  # restored, also after an error
+
+
+@pytest.mark.parametrize("text, shape", [("768x16", (768, 16)), ("256X8", (256, 8)), ("32x1", (32, 1))])
+def test_gn_shapes_are_channels_by_resolution(text, shape):
+    assert tune_gpu.gn_shape(text) == shape
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("768", "is not CxRES"),
+        ("768x16x2", "is not CxRES"),
+        ("ax16", "is not CxRES"),
+        ("100x16", "multiple of 32"),
+        ("0x16", "multiple of 32"),
+        ("768x0", "res >= 1"),
+    ],
+)
+def test_bad_gn_shapes_are_refused_by_name(text, message):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        tune_gpu.gn_shape(text)
+
+
+def test_a_smoke_sweep_takes_the_shapes_and_passes_asked_for(tmp_path):
+    """--gn-shapes and --passes narrow the sweep (a lease's minute on the shapes that miss their targets): the rows
+    are those shapes and passes only (here under the interpreter, --smoke)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "rows.json"
+    script = Path(tune_gpu.__file__)
+    args = ["--smoke", "--families", "group_norm", "--gn-shapes", "64x4", "--passes", "jvp", "--budget", "0.001"]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # --smoke runs Triton's interpreter on CPU tensors
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--out", str(out)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and {(row["shape"], row["pass_"]) for row in rows} == {("B1 C64 4x4 G32", "jvp")}
+    assert sum(row["default"] for row in rows) == 1 and all(row["ms"] is not None for row in rows)
+    bad = [sys.executable, str(script), "--smoke", "--gn-shapes", "100x4"]
+    bad = subprocess.run(bad, capture_output=True, text=True, timeout=600, env=env)
+    assert bad.returncode == 2 and "'100x4': channels must be a positive multiple of 32" in bad.stderr

@@ -2,6 +2,7 @@
 
     python bench/tune_gpu.py [--out sweep.json] [--budget 0.05]
     python bench/tune_gpu.py --families cuda_group_norm   # the cuda GroupNorm kernel kinds side by side
+    python bench/tune_gpu.py --families group_norm --gn-shapes 768x16 256x8 --passes jvp bwd   # a lease's minute
 
 For each layer shape and pass it times every candidate block configuration (the launcher's own choice marked
 `*`) with the same rules as bench/ops.py (CUDA events after an L2 flush, medians; bench/common.py), calling the
@@ -137,11 +138,26 @@ def gn_passes(module, device, dtype, batch: int, channels: int, res: int, groups
     }
 
 
-def sweep_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES):
+GN_PASSES = ("fwd", "jvp", "bwd")
+ATTN_PASSES = ("fwd", "jvp")
+
+
+def gn_shape(text: str) -> tuple[int, int]:
+    """'CxRES' (e.g. 768x16: C768 at 16x16, 32 groups) for --gn-shapes."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"'{text}' is not CxRES (channels x height = width, e.g. 768x16)")
+    channels, res = map(int, parts)
+    if channels < 32 or channels % 32 or res < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': channels must be a positive multiple of 32 (32 groups), res >= 1")
+    return channels, res
+
+
+def sweep_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES, passes_=GN_PASSES):
     from imf_kernels.triton import group_norm as gn
 
     for channels, res in shapes:
-        passes = gn_passes(gn, sweep.device, dtype, batch, channels, res)
+        passes = {k: v for k, v in gn_passes(gn, sweep.device, dtype, batch, channels, res).items() if k in passes_}
         default = gn.pick_blocks(channels // 32, res * res, dtype)
         candidates = gn_candidates(channels // 32, res * res, dtype)
         for pass_name, (nbytes, fn) in passes.items():
@@ -154,7 +170,7 @@ def sweep_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES):
             torch.cuda.empty_cache()
 
 
-def sweep_cuda_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES):
+def sweep_cuda_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES, passes_=GN_PASSES):
     """The cuda backend's GroupNorm kernel kinds side by side: "auto" (its launch rule) against "looped" (the kernels
     lease d timed), "resident" (a block per group) and "warp" (a warp per group; new since lease d, both); a kind
     that cannot take a shape is a row with its reason."""
@@ -162,6 +178,7 @@ def sweep_cuda_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES):
 
     for channels, res in shapes:
         passes = gn_passes(cuda_gn, sweep.device, dtype, batch, channels, res)
+        passes = {name: value for name, value in passes.items() if name in passes_}
         for pass_name, (nbytes, fn) in passes.items():
             sweep.time_configs(
                 cuda_gn, "pick_kernel", list(cuda_gn.KERNELS), "auto", fn, nbytes, str,
@@ -172,7 +189,7 @@ def sweep_cuda_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES):
             torch.cuda.empty_cache()
 
 
-def sweep_attention(sweep: Sweep, dtype, shapes=ATTN_SHAPES):
+def sweep_attention(sweep: Sweep, dtype, shapes=ATTN_SHAPES, passes_=ATTN_PASSES):
     from imf_kernels.triton import attention as attn
 
     device = sweep.device
@@ -196,6 +213,7 @@ def sweep_attention(sweep: Sweep, dtype, shapes=ATTN_SHAPES):
         candidates += [attn.BlockConfig(bm, bn, warps, stages) for bm, bn, warps, stages in (
             (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3))
             if bn <= padded]  # fmt: skip
+        passes = {name: value for name, value in passes.items() if name in passes_}
         for pass_name, (nbytes, fn) in passes.items():
             default = attn.pick_config(pass_name, lq, lk, d, dtype)
             sweep.time_configs(
@@ -225,6 +243,21 @@ def main() -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1, fp32, tiny shapes: checks the script runs"
     )
+    parser.add_argument(
+        "--gn-shapes",
+        nargs="+",
+        type=gn_shape,
+        default=None,
+        metavar="CxRES",
+        help="GroupNorm shapes to sweep, e.g. 768x16 256x8 (batch 256, 32 groups; default: every latent-b layer)",
+    )
+    parser.add_argument(
+        "--passes",
+        nargs="+",
+        choices=GN_PASSES,
+        default=list(GN_PASSES),
+        help="passes to sweep (attention has fwd and jvp; default: all)",
+    )
     args = parser.parse_args()
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
@@ -235,6 +268,9 @@ def main() -> int:
     else:
         print("tune_gpu.py: needs a CUDA device (or --smoke)", file=sys.stderr)
         return 1
+    if args.gn_shapes:
+        gn_kwargs["shapes"] = tuple(args.gn_shapes)
+    gn_kwargs["passes_"] = attn_kwargs["passes_"] = tuple(args.passes)
     torch.manual_seed(0)
     copy_gbps, _ = copy_bandwidth(device)
     print(f"{device_name(device)}: device-to-device copy {copy_gbps:.1f} GB/s", flush=True)
