@@ -24,6 +24,7 @@
 #   --tune=FAMILIES: last, bench/tune_gpu.py --families FAMILIES (comma-separated: group_norm, attention,
 #          cuda_group_norm) on the time left (with --deadline: stops starting configurations 30 s before it, and is
 #          skipped with under 45 s left), rows to bench/results/tune-<device>-<time>.json
+#   --tune-gn-shapes=768x16,256x8 / --tune-passes=jvp,bwd: only those GroupNorm shapes (CxRES) / passes in the sweep
 #
 # Installs nothing but this project (pip --no-deps --no-build-isolation): the machine needs torch, triton,
 # nvcc (CUDA_HOME, default /usr/local/cuda) and the test tools already. Every step runs even when an earlier
@@ -47,6 +48,8 @@ prewarm=0
 step_variants=""
 ncu=0
 tune=""
+tune_gn_shapes=""
+tune_passes=""
 for arg in "$@"; do
     case "$arg" in
         --skip-tests) skip_tests=1 ;;
@@ -59,9 +62,11 @@ for arg in "$@"; do
         --ops-no-compile) ops_args+=(--no-compile) ;;
         --ncu) ncu=1 ;;
         --tune=*) tune=${arg#--tune=} ;;
+        --tune-gn-shapes=*) tune_gn_shapes=${arg#--tune-gn-shapes=} ;;
+        --tune-passes=*) tune_passes=${arg#--tune-passes=} ;;
         *) echo "gpu_check.sh: unknown argument '$arg' (accepted: --skip-tests, --quick, --gpu-tests-only," \
                "--deadline=SECONDS, --copy-to=DIR, --prewarm-compile, --step-variants=LIST, --ops-no-compile, --ncu," \
-               "--tune=FAMILIES)" >&2
+               "--tune=FAMILIES, --tune-gn-shapes=CxRES,..., --tune-passes=PASSES)" >&2
            exit 2 ;;
     esac
 done
@@ -81,6 +86,15 @@ tune_families="group_norm|attention|cuda_group_norm"  # bench/tune_gpu.py --fami
 if [ -n "$tune" ] && ! [[ "$tune" =~ ^($tune_families)(,($tune_families))*$ ]]; then
     echo "gpu_check.sh: --tune takes bench/tune_gpu.py families (${tune_families//|/, }) separated" \
          "by commas, got '$tune'" >&2
+    exit 2
+fi
+if [ -n "$tune_gn_shapes" ] && ! [[ "$tune_gn_shapes" =~ ^[0-9]+[xX][0-9]+(,[0-9]+[xX][0-9]+)*$ ]]; then
+    echo "gpu_check.sh: --tune-gn-shapes takes GroupNorm shapes CxRES separated by commas (e.g. 768x16,256x8)," \
+         "got '$tune_gn_shapes'" >&2
+    exit 2
+fi
+if [ -n "$tune_passes" ] && ! [[ "$tune_passes" =~ ^(fwd|jvp|bwd)(,(fwd|jvp|bwd))*$ ]]; then
+    echo "gpu_check.sh: --tune-passes takes fwd, jvp, bwd separated by commas, got '$tune_passes'" >&2
     exit 2
 fi
 if [ -n "$copy_to" ] && ! mkdir -p "$copy_to"; then
@@ -226,6 +240,8 @@ if [ -z "$prewarm_pid" ]; then
 fi
 if [ -n "$tune" ]; then
     tune_args=(--families ${tune//,/ } --out "bench/results/tune-${slug}-$(date -u +%Y%m%dT%H%M%SZ).json")
+    [ -n "$tune_gn_shapes" ] && tune_args+=(--gn-shapes ${tune_gn_shapes//,/ })
+    [ -n "$tune_passes" ] && tune_args+=(--passes ${tune_passes//,/ })
     tune_left=$(( ${deadline:-0} - SECONDS ))
     if [ -n "$deadline" ] && [ "$tune_left" -lt 45 ]; then
         echo
