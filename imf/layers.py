@@ -39,19 +39,58 @@ def linear(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple[Tensor,
         return y, F.linear(dx.to(y.dtype), layer.weight.to(y.dtype))
 
 
+def _film_halves(x: Tensor, weight: Tensor, bias: MaybeTensor) -> Tensor:
+    """(2, B, C): [scale; shift] = the two halves of x W^T + b from one batched matmul over the weight's halves."""
+    two_c, features = weight.shape
+    halves = weight.view(2, two_c // 2, features).transpose(1, 2)  # (2, P, C)
+    inputs = x.expand(2, -1, -1)
+    return torch.bmm(inputs, halves) if bias is None else torch.baddbmm(bias.view(2, 1, -1), inputs, halves)
+
+
+class _FiLM(torch.autograd.Function):
+    """FiLM's (scale, shift) with an autograd graph: the forward is `_film_halves`; the backward works in the
+    weight's own (2C, P) layout from one concatenation of the two output gradients: dx = g W, dW = g^T x,
+    db = sum_b g (4 kernels, where autograd's backward of the batched form launches 6: a sum for the expanded input
+    and one for the broadcast bias, a copy for the transposed weight view, a stack for the unbind)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: MaybeTensor):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        scale, shift = _film_halves(x, weight, bias).unbind(0)
+        return scale, shift
+
+    @staticmethod
+    def backward(ctx, grad_scale: Tensor, grad_shift: Tensor):
+        x, weight = ctx.saved_tensors
+        grad = torch.cat((grad_scale, grad_shift), dim=1)  # (B, 2C), like the linear layer's output
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t() @ x if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
 def film(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple[Tensor, Tensor, MaybeTensor, MaybeTensor]:
     """(scale, shift, dscale, dshift) of a FiLM layer, whose 2C outputs are [scale; shift]: one batched matmul over
     the weight's two halves gives (2, B, C), so each part is a contiguous (B, C) tensor, where `linear`'s (B, 2C)
-    halves are strided views the GroupNorm kernels would copy (two launches each; ~100 a latent-b step)."""
-    two_c, features = layer.weight.shape
-    weight = layer.weight.view(2, two_c // 2, features).transpose(1, 2)  # (2, P, C)
-    inputs = x.expand(2, -1, -1)
-    out = torch.bmm(inputs, weight) if layer.bias is None else torch.baddbmm(layer.bias.view(2, 1, -1), inputs, weight)
-    scale, shift = out.unbind(0)
+    halves are strided views the GroupNorm kernels would copy (two launches each; ~100 a latent-b step). With an
+    autograd graph (and no autocast, whose casts the backward would have to mirror) through `_FiLM`, whose
+    backward launches 4 kernels instead of 6."""
+    weight, bias = layer.weight, layer.bias
+    graded = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if graded and not torch.is_autocast_enabled(x.device.type):
+        scale, shift = _FiLM.apply(x, weight, bias)
+        dtype = scale.dtype
+    else:
+        out = _film_halves(x, weight, bias)
+        scale, shift = out.unbind(0)
+        dtype = out.dtype
     if dx is None:
         return scale, shift, None, None
     with torch.no_grad():
-        dscale, dshift = torch.bmm(dx.to(out.dtype).expand(2, -1, -1), weight.to(out.dtype)).unbind(0)
+        two_c, features = weight.shape
+        halves = weight.to(dtype).view(2, two_c // 2, features).transpose(1, 2)
+        dscale, dshift = torch.bmm(dx.to(dtype).expand(2, -1, -1), halves).unbind(0)
         return scale, shift, dscale, dshift
 
 

@@ -74,6 +74,39 @@ def test_film_is_the_linear_layer_in_two_contiguous_halves(bias, batch, rows):
 
 
 @pytest.mark.parametrize("bias", [True, False])
+def test_films_graded_form_has_the_linear_layers_gradients_in_four_launches(bias):
+    """With an autograd graph, film runs through `_FiLM`: gradcheck in float64 (x, W, b; one of the two halves
+    unused too), the same values as without a graph, and a backward of 4 kernels (cat, two matmuls, the bias sum)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launches import recorded
+
+    gen = torch.Generator().manual_seed(31 + bias)
+    layer = nn.Linear(7, 2 * 5, bias=bias).double()
+    x = torch.randn(3, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    params = (x, layer.weight, layer.bias) if bias else (x, layer.weight, None)
+    assert torch.autograd.gradcheck(lambda *a: layers._FiLM.apply(*a), params)
+    assert torch.autograd.gradcheck(lambda *a: layers._FiLM.apply(*a)[1], params)  # the scale unused
+    scale, shift = layers.film(x, layer)[:2]
+    assert scale.grad_fn is not None and "_FiLM" in type(scale.grad_fn).__name__
+    with torch.no_grad():
+        plain = layers.film(x, layer)[:2]
+    for got, want in zip((scale, shift), plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert got.is_contiguous()
+    g_scale, g_shift = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen)
+    loss = (scale * g_scale).sum() + (shift * g_shift).sum()
+    with recorded() as launched:
+        torch.autograd.grad(loss, [p for p in params if p is not None])
+    # the loss's own backward (ones_like, two muls), then FiLM's: autograd's of the batched form launched stack,
+    # bmm, bmm, sum (the expanded input), [sum (the broadcast bias),] clone (the transposed weight view)
+    assert launched[:3] == ["ones_like", "mul", "mul"]
+    assert launched[3:] == ["cat", "mm", "mm", *(["sum"] if bias else [])]
+
+
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv2d(bias, stride):
     gen = torch.Generator().manual_seed(stride)
