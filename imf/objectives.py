@@ -73,15 +73,16 @@ def time_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def to_device(a: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """`a`, made on the CPU, on like's device without waiting for it: a plain `.to("cuda")` synchronises the stream
+def to_device(a: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """`a`, made on the CPU, on `device` without waiting for it: a plain `.to("cuda")` synchronises the stream
     after its copy (the host waits for all the work queued before it); from pinned memory a non_blocking copy is
-    queued like a kernel and the host goes on (torch's pinned allocator keeps the buffer until the copy ran)."""
+    queued like a kernel and the host goes on (torch's pinned allocator keeps the buffer until the copy ran). The
+    objectives' draws and `imf.train.DataStream`'s batches."""
     if dtype is not None:
         a = a.to(dtype)  # on the CPU first: a copy that also converts would stage a pageable converted copy
-    if like.device.type == "cuda" and not torch.compiler.is_compiling():  # dynamo has no fake pin_memory
+    if device.type == "cuda" and not torch.compiler.is_compiling():  # dynamo has no fake pin_memory
         a = a.pin_memory()
-    return a.to(like.device, non_blocking=True)
+    return a.to(device, non_blocking=True)
 
 
 @dataclass
@@ -163,7 +164,7 @@ def model_fused_jvp(
         order, tangent_rows = None, b
     else:  # the rows that need du first (a stable sort keeps each group's order)
         order_host = torch.argsort((~rows).to(torch.uint8), stable=True)
-        order, inverse = to_device(order_host, z), to_device(torch.argsort(order_host), z)
+        order, inverse = to_device(order_host, z.device), to_device(torch.argsort(order_host), z.device)
         z, dz = z[order], dz[order[:count]]
         cond = Cond(*(None if a is None else a[order] for a in cond))
         tangent_rows = count
@@ -228,7 +229,7 @@ class IMFObjective:
         t, r = sample_logit_normal_pair(x, self.p_mean, self.p_std, generator)
         fm = torch.rand(b, generator=generator) < self.fm_fraction
         r = torch.where(fm, t, r)
-        e = to_device(torch.randn(x.shape, generator=generator), x, x.dtype)
+        e = to_device(torch.randn(x.shape, generator=generator), x.device, x.dtype)
         uniform = lambda: torch.rand(b, generator=generator).to(time_dtype(x))
         omega = self.omega_max ** uniform()
         t_min = 0.5 * uniform()
@@ -237,7 +238,9 @@ class IMFObjective:
         t_max = torch.where(fm, torch.ones_like(t_max), t_max)
         drop = torch.rand(b, generator=generator) < self.class_dropout
         host = HostDraws(t, r, omega, t_min, t_max, drop)
-        t_d, r_d, omega_d, t_min_d, t_max_d, drop_d = (to_device(a, x) for a in (t, r, omega, t_min, t_max, drop))
+        t_d, r_d, omega_d, t_min_d, t_max_d, drop_d = (
+            to_device(a, x.device) for a in (t, r, omega, t_min, t_max, drop)
+        )
         return IMFDraws(t_d, r_d, e, omega_d, t_min_d, t_max_d, drop_d, host)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
@@ -283,7 +286,7 @@ class IMFObjective:
                 shared = needs_cp = None
             cp_rows_host = torch.arange(b) if needs_cp is None else torch.nonzero(needs_cp).flatten()
             u_rows_host = torch.nonzero(guided).flatten()
-            cp_rows, u_rows = to_device(cp_rows_host, x), to_device(u_rows_host, x)
+            cp_rows, u_rows = to_device(cp_rows_host, x.device), to_device(u_rows_host, x.device)
         idx = torch.cat([cp_rows, u_rows])
         cond = Cond(
             h=zero[idx],
@@ -313,7 +316,7 @@ class IMFObjective:
             v_g[u_rows] = v_t[u_rows] + weight[u_rows] * (v_cp[u_rows] - v_u_all)
         else:
             from_cp = ~shared[u_rows_host]  # the guided rows (u_rows) whose v_c' is in this call
-            in_call, later_in_call = (to_device(torch.nonzero(m).flatten(), x) for m in (from_cp, ~from_cp))
+            in_call, later_in_call = (to_device(torch.nonzero(m).flatten(), x.device) for m in (from_cp, ~from_cp))
             rows, later = u_rows[in_call], u_rows[later_in_call]
             v_g[rows] = v_t[rows] + weight[rows] * (v_cp[rows] - v_u_all[in_call])
             pending = (later, weight[later], v_u_all[later_in_call])
@@ -425,10 +428,10 @@ class MeanFlowObjective:
         t, r = sample_logit_normal_pair(x, self.p_mean, self.p_std, generator)
         fm = torch.rand(b, generator=generator) < self.fm_fraction
         r = torch.where(fm, t, r)
-        e = to_device(torch.randn(x.shape, generator=generator), x, x.dtype)
+        e = to_device(torch.randn(x.shape, generator=generator), x.device, x.dtype)
         drop = torch.rand(b, generator=generator) < self.class_dropout
         host = HostDraws(t, r, drop=drop)
-        return MFDraws(to_device(t, x), to_device(r, x), e, to_device(drop, x), host)
+        return MFDraws(to_device(t, x.device), to_device(r, x.device), e, to_device(drop, x.device), host)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
         return self.loss_from_draws(model, x, y, self.draw(x, generator))

@@ -30,6 +30,7 @@ import torch.nn as nn
 from imf.config import Preset, TrainConfig
 from imf.distributed import DistInfo, all_mean, any_rank, full_tensors, shard_like, shard_optimizer_state, slice_rows
 from imf.model import Cond, IMFNet, ModelConfig, bf16_parameters
+from imf.objectives import to_device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -397,9 +398,7 @@ class DataStream:
         x, y = next(self.source)
         if y is None:
             y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long)
-        if self.device.type == "cuda":  # from pinned memory, queued without the host waiting for the device
-            return tuple(a.pin_memory().to(self.device, non_blocking=True) for a in (x, y))
-        return x.to(self.device), y.to(self.device)
+        return to_device(x, self.device), to_device(y, self.device)  # the host does not wait for the device
 
     def state_dict(self) -> dict[str, Any]:
         return self.source.state_dict()

@@ -561,11 +561,11 @@ def test_the_objectives_copies_to_the_gpu_trace_under_torch_compile():
     pin_memory: on the H200, 2026-11-27, the compiled baseline failed there)."""
     from imf.objectives import to_device
 
-    like = torch.empty(1, device="cuda")
-    copy_twice = torch.compile(lambda a: to_device(a, like, torch.float32) * 2, backend="eager", fullgraph=True)
+    cuda = torch.device("cuda")
+    copy_twice = torch.compile(lambda a: to_device(a, cuda, torch.float32) * 2, backend="eager", fullgraph=True)
     a = torch.randint(-9, 9, (7,))
     torch.testing.assert_close(copy_twice(a), 2 * a.float().cuda(), rtol=0, atol=0)
-    assert to_device(a, like).is_cuda  # and eagerly
+    assert to_device(a, cuda).is_cuda  # and eagerly
 
 
 @pytest.mark.gpu
