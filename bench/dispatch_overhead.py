@@ -10,7 +10,8 @@ call (the machine is shared: wall-clock medians swing with the other processes' 
 `reps` runs of `calls` calls, the variants' runs interleaved:
   public     the public op with backend=None (auto), what a model calls
   named      the public op with backend="torch"
-  apply      the op's autograd Function called directly: Function.apply(torch family module, ...)
+  apply      the op's autograd Function called directly: Function.apply(torch family module, ...) (the public
+             op records a graph through the Function's old-style twin, `_plain`, without apply's binding)
   forward    the Function's forward alone: the torch launcher (plus the loss total for the losses)
   overhead   public - forward: everything Python adds around the launcher (for the losses this includes the
              two batch means of the returned stats, which are tensor ops)
@@ -51,6 +52,13 @@ def per_call_us(variants: dict[str, Callable[[], Any]], calls: int, reps: int) -
                 fn()
             samples[name].append((time.thread_time() - start) / calls * 1e6)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _no_grad_forward(function: type[torch.autograd.Function], *args: Any) -> Any:
+    """function.forward(*args) as Function.apply runs it: under no_grad (the torch launchers write into
+    preallocated outputs with out=, which autograd refuses when an input requires grad)."""
+    with torch.no_grad():
+        return function.forward(*args)
 
 
 def cases() -> tuple[dict[str, dict[str, Callable[[], Any]]], tuple[torch.Tensor, ...]]:
@@ -117,7 +125,7 @@ def cases() -> tuple[dict[str, dict[str, Callable[[], Any]]], tuple[torch.Tensor
             "public": functools.partial(public, None),
             "named": functools.partial(public, "torch"),
             "apply": functools.partial(function.apply, family, *function_args),
-            "forward": functools.partial(function.forward, family, *function_args),
+            "forward": functools.partial(_no_grad_forward, function, family, *function_args),
             "select": functools.partial(dispatch.select, op, select_args),
         }
     return variants, (x, weight, bias, scale, shift, q, k, v, u, v_pred)

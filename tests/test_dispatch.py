@@ -345,12 +345,13 @@ def test_the_cache_follows_the_triton_interpreter_switch(monkeypatch):
 
 def test_calls_without_a_graph_skip_the_autograd_function(monkeypatch):
     """With nothing for autograd to record (no_grad, or no input requiring grad) the op runs the Function's
-    forward directly, with the same result; with an input requiring grad it goes through Function.apply."""
+    forward directly, with the same result; with an input requiring grad it goes through the apply of the
+    Function's old-style twin (`_plain`, which skips apply's argument binding)."""
     q, k, v = torch.randn(3, 1, 2, 6, 16)
     expected = api._Attention.apply(torch_attention, q, k, v, 16**-0.5)[0]
     applied = []
-    apply = api._Attention.apply
-    monkeypatch.setattr(api._Attention, "apply", lambda *args: applied.append(1) or apply(*args))
+    apply = api._Attention._plain.apply
+    monkeypatch.setattr(api._Attention._plain, "apply", lambda *args: applied.append(1) or apply(*args))
     assert torch.equal(imf_kernels.attention(q, k, v), expected)
     with torch.no_grad():
         assert torch.equal(imf_kernels.attention(q, k, v.requires_grad_()), expected)
@@ -361,3 +362,69 @@ def test_calls_without_a_graph_skip_the_autograd_function(monkeypatch):
     # o = p v, so d sum(o) / dv = column sums of p
     p = torch.softmax(q @ k.transpose(-1, -2) * 16**-0.5, dim=-1)
     torch.testing.assert_close(grad_v, p.sum(-2)[..., None].expand_as(v), rtol=1e-6, atol=1e-6)
+
+
+def _function_cases():
+    """(Function, its arguments on the torch family, the indices of the arguments that require grad) for each of
+    the public ops' Functions, on fresh random inputs of odd sizes."""
+    from imf_kernels.torch_ops import group_norm as torch_group_norm
+    from imf_kernels.torch_ops import loss as torch_loss
+
+    x, dx = torch.randn(2, 6, 3, 5, dtype=torch.float64), torch.randn(2, 6, 3, 5, dtype=torch.float64)
+    weight, bias = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    scale, shift, dscale, dshift = torch.randn(4, 2, 6, dtype=torch.float64)
+    q, k, v, dq, dk, dv = torch.randn(6, 2, 3, 5, 8, dtype=torch.float64)
+    u, du, v_pred, v_target = torch.randn(4, 3, 2, 5, dtype=torch.float64)
+    t, r = torch.rand(3, dtype=torch.float64), 0.3 * torch.rand(3, dtype=torch.float64)
+    gn, attn, loss = torch_group_norm, torch_attention, torch_loss
+    return [
+        (api._GroupNormAct, (gn, x, 3, weight, bias, scale, shift, 1e-5, "silu"), (1, 3, 4, 5, 6)),
+        (api._GroupNormActJvp, (gn, x, dx, 3, weight, bias, scale, shift, dscale, dshift, 1e-5, "silu"), (1, 4, 7)),
+        (api._Attention, (attn, q, k, v, 8**-0.5), (1, 2, 3)),
+        (api._AttentionJvp, (attn, q, k, v, dq, dk, dv, 8**-0.5), (1, 2, 3)),
+        (api._ImfLoss, (loss, u, du, v_pred, v_target, t, r, 0.01, 1.0), (1, 3)),
+        (api._MeanflowLoss, (loss, u, du, v_target, t, r, 0.01, 1.0), (1,)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_the_plain_twin_records_the_functions_graph(case):
+    """Each Function's old-style twin returns the same outputs, marks the same ones non-differentiable and
+    back-propagates the same gradients as the Function's own apply (float64, every differentiable input)."""
+    function, args, graded = _function_cases()[case]
+    results = []
+    for apply in (function.apply, function._plain.apply):
+        inputs = [a.detach().requires_grad_() if i in graded else a for i, a in enumerate(args)]
+        outputs = apply(*inputs)
+        differentiable = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
+        seeds = [torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(i)) for i, o in
+                 enumerate(differentiable)]  # fmt: skip
+        grads = torch.autograd.grad(differentiable, [inputs[i] for i in graded], seeds)
+        results.append(([o for o in outputs if isinstance(o, torch.Tensor)], len(differentiable), grads))
+    (outputs, count, grads), (twin_outputs, twin_count, twin_grads) = results
+    assert count == twin_count >= 1
+    assert all(torch.equal(a, b) for a, b in zip(outputs, twin_outputs, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(grads, twin_grads, strict=True))
+
+
+def test_transforms_and_forward_ad_use_the_ctx_free_function(monkeypatch):
+    """torch.func.jvp and forward-mode AD need the ctx-free Function (its setup_context and jvp): the op calls
+    its own apply there, and the twin only for a plain graph."""
+    calls = []
+    for function in (api._Attention, api._Attention._plain):
+        apply = function.apply
+        monkeypatch.setattr(function, "apply", lambda *a, _f=function, _apply=apply: calls.append(_f) or _apply(*a))
+    q, k, v, dq = torch.randn(4, 1, 2, 5, 8, dtype=torch.float64)
+    out, tangent = torch.func.jvp(lambda q: imf_kernels.attention(q, k, v), (q,), (dq,))
+    assert calls and set(calls) == {api._Attention}  # (functorch applies it again one level down)
+    calls.clear()
+    with torch.autograd.forward_ad.dual_level():
+        dual = imf_kernels.attention(torch.autograd.forward_ad.make_dual(q, dq), k, v)
+        forward_tangent = torch.autograd.forward_ad.unpack_dual(dual).tangent
+    assert calls == [api._Attention]
+    imf_kernels.attention(q.requires_grad_(), k, v)
+    assert calls == [api._Attention, api._Attention._plain]
+    truth_out, truth_tangent = torch.func.jvp(lambda q: reference.attention(q, k, v), (q.detach(),), (dq,))
+    torch.testing.assert_close(out, truth_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tangent, truth_tangent, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(forward_tangent, truth_tangent, rtol=1e-10, atol=1e-12)
