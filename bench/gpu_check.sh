@@ -25,6 +25,8 @@
 #          cuda_group_norm) on the time left (with --deadline: stops starting configurations 30 s before it, and is
 #          skipped with under 45 s left), rows to bench/results/tune-<device>-<time>.json
 #   --tune-gn-shapes=768x16,256x8 / --tune-passes=jvp,bwd: only those GroupNorm shapes (CxRES) / passes in the sweep
+#   --launch: after the profile, bench/launch_overhead.py: the host's time per call of each op, layer by layer
+#          (public op, launcher, Triton's JIT launch, a compiled kernel's launch; ~30 s, most of it compiling)
 #
 # Installs nothing but this project (pip --no-deps --no-build-isolation): the machine needs torch, triton,
 # nvcc (CUDA_HOME, default /usr/local/cuda) and the test tools already. Every step runs even when an earlier
@@ -50,6 +52,7 @@ ncu=0
 tune=""
 tune_gn_shapes=""
 tune_passes=""
+launch=0
 for arg in "$@"; do
     case "$arg" in
         --skip-tests) skip_tests=1 ;;
@@ -64,9 +67,10 @@ for arg in "$@"; do
         --tune=*) tune=${arg#--tune=} ;;
         --tune-gn-shapes=*) tune_gn_shapes=${arg#--tune-gn-shapes=} ;;
         --tune-passes=*) tune_passes=${arg#--tune-passes=} ;;
+        --launch) launch=1 ;;
         *) echo "gpu_check.sh: unknown argument '$arg' (accepted: --skip-tests, --quick, --gpu-tests-only," \
                "--deadline=SECONDS, --copy-to=DIR, --prewarm-compile, --step-variants=LIST, --ops-no-compile, --ncu," \
-               "--tune=FAMILIES, --tune-gn-shapes=CxRES,..., --tune-passes=PASSES)" >&2
+               "--tune=FAMILIES, --tune-gn-shapes=CxRES,..., --tune-passes=PASSES, --launch)" >&2
            exit 2 ;;
     esac
 done
@@ -235,6 +239,9 @@ fi
 run_step ops "$PYTHON" bench/ops.py ${ops_args[@]+"${ops_args[@]}"}
 # where the fused step's time goes (kernels by kind; whether the host keeps ahead): one profiled step, ~30 s
 run_step profile "$PYTHON" bench/profile_step.py
+if [ "$launch" = 1 ]; then
+    run_step launch "$PYTHON" bench/launch_overhead.py
+fi
 if [ -z "$prewarm_pid" ]; then
     run_step step "$PYTHON" bench/step.py ${step_args[@]+"${step_args[@]}"}
 fi

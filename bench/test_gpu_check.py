@@ -122,6 +122,13 @@ def test_prewarm_compiles_in_the_background_and_step_runs_first(tmp_path):
     assert len(logs) == 1
 
 
+def test_launch_runs_after_the_profile(tmp_path):
+    proc, commands = run_script(tmp_path, "--skip-tests", "--quick", "--launch")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert commands[-3:] == ["bench/profile_step.py", "bench/launch_overhead.py", "bench/step.py --reps 3"]
+    assert "  launch: exit 0" in proc.stdout
+
+
 def test_tune_runs_last_on_the_time_left(tmp_path):
     proc, commands = run_script(tmp_path, "--skip-tests", "--quick", "--tune=cuda_group_norm,group_norm")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,244 @@
+"""The host's time per launch on a GPU, layer by layer: how much of an op's host time is Triton's own launch path.
+
+    python bench/launch_overhead.py            # GPU only: tiny inputs, the host's time per call, us
+    python bench/launch_overhead.py --calls 500 --rounds 7 --out /tmp/launch.json
+
+The eager fused training step is bound by its host (an H200: device busy 63%, ~150 ms of host time for ~3100
+kernels), and `bench/ops.py` puts a Triton op's host time above the same op on the cuda backend (GroupNorm forward
+141 us against 100 us on the lease-f H200). This splits one call of each op into what it runs, on inputs small
+enough that the GPU keeps up with the host (so the time measured is the host's: `calls` calls between two
+synchronisations, per call):
+  torch add        one PyTorch elementwise op (x + 1): the cost of a launch through ATen
+  public grad      the public op with inputs that require grad (as the training step calls it)
+  public no_grad   the same under torch.no_grad (as sampling calls it)
+  launcher         the backend's launcher alone (imf_kernels.<backend>.<family>), allocations included
+  jit launch       Triton only: the launcher's kernel launches replayed as `kernel[grid](*args, **kwargs)`
+                   (JITFunction.run: binding, specialisation key, cache lookup, launch)
+  compiled launch  Triton only: the same launches through the compiled kernel (`compiled[grid](*args)`), the
+                   specialisation skipped: what a launcher that cached its compiled kernels would pay
+The rows are interleaved round by round and their medians reported; a table and a JSON file
+(bench/results/<device>-launch.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+import imf_kernels  # noqa: E402
+from imf_kernels import dispatch  # noqa: E402
+
+# options of a Triton launch that are not kernel arguments
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: records each launch's (grid, args, kwargs) and launches it."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.launches: list[tuple[Any, tuple, dict]] = []
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        def launch(*args: Any, **kwargs: Any) -> Any:
+            self.launches.append((grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@contextlib.contextmanager
+def recording(module: Any, names: tuple[str, ...]) -> Iterator[dict[str, _Recorder]]:
+    """The kernels `names` of `module` replaced by recorders for the block (restored after it, even on error)."""
+    kernels = {name: getattr(module, name) for name in names}
+    recorders = {name: _Recorder(kernel) for name, kernel in kernels.items()}
+    try:
+        for name, recorder in recorders.items():
+            setattr(module, name, recorder)
+        yield recorders
+    finally:
+        for name, kernel in kernels.items():
+            setattr(module, name, kernel)
+
+
+def captured_launches(module: Any, names: tuple[str, ...], fn: Callable[[], Any]) -> list[tuple[Any, Any, tuple, dict]]:
+    """(kernel, grid, args, kwargs) of every launch of the kernels `names` of `module` while fn() runs."""
+    with recording(module, names) as recorders:
+        fn()
+    return [
+        (recorder.kernel, grid, args, kwargs)
+        for recorder in recorders.values()
+        for grid, args, kwargs in recorder.launches
+    ]
+
+
+def jit_replay(launches: list[tuple[Any, Any, tuple, dict]]) -> Callable[[], None]:
+    """The captured launches again, each through the kernel's own `kernel[grid](*args, **kwargs)`."""
+
+    def replay() -> None:
+        for kernel, grid, args, kwargs in launches:
+            kernel[grid](*args, **kwargs)
+
+    return replay
+
+
+def kernel_arguments(kernel: Any, args: tuple, kwargs: dict) -> list[Any]:
+    """Every argument of the kernel in its signature's order (constexprs included: the compiled kernel's launcher
+    takes them as JITFunction.run passes them), from a launch's positional and keyword arguments."""
+    names = kernel.arg_names
+    missing = [name for name in names[len(args) :] if name not in kwargs]
+    if missing:
+        raise ValueError(f"launch of {kernel.__name__} misses arguments {missing} (defaults are not filled in)")
+    return [*args, *(kwargs[name] for name in names[len(args) :])]
+
+
+def compiled_replay(launches: list[tuple[Any, Any, tuple, dict]]) -> Callable[[], None]:
+    """The captured launches through their compiled kernels (`compiled[grid](*arguments)`), each compiled kernel
+    taken from one JIT launch first (GPU only: the interpreter has no compiled kernels)."""
+    runs = []
+    for kernel, grid, args, kwargs in launches:
+        compiled = kernel[grid](*args, **kwargs)
+        if compiled is None or not hasattr(compiled, "run"):
+            raise RuntimeError(f"{kernel.__name__}: no compiled kernel came back (Triton interpreter?)")
+        runs.append((compiled, grid, kernel_arguments(kernel, args, kwargs)))
+
+    def replay() -> None:
+        for compiled, grid, arguments in runs:
+            compiled[grid](*arguments)
+
+    return replay
+
+
+def host_us(variants: dict[str, Callable[[], Any]], calls: int, rounds: int, device: torch.device) -> dict:
+    """Per variant: the median over `rounds` of the host's time per call (`calls` calls between synchronisations,
+    the variants interleaved round by round), in us, and each round's value."""
+    for fn in variants.values():
+        for _ in range(10):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            common.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls * 1e6)
+            common.synchronize(device)
+    return {name: {"median_us": statistics.median(values), "rounds_us": values} for name, values in samples.items()}
+
+
+def cases(device: torch.device, backend: str) -> dict[str, dict[str, Callable[[], Any]]]:
+    """Per op: its timed variants on `backend` (tiny bf16 inputs on `device`)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    make = lambda *shape, grad=False: torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)  # noqa: E731
+    x, dx = make(2, 64, 8, 8), make(2, 64, 8, 8)
+    weight, bias, scale, shift = make(64), make(64), make(2, 64), make(2, 64)
+    xg, weight_g, bias_g = make(2, 64, 8, 8, grad=True), make(64, grad=True), make(64, grad=True)
+    q, k, v, dq = make(2, 2, 64, 32), make(2, 2, 64, 32), make(2, 2, 64, 32), make(2, 2, 64, 32)
+    qg = make(2, 2, 64, 32, grad=True)
+    gn = dispatch.family_module(backend, "group_norm_act")
+    attention = dispatch.family_module(backend, "attention")
+    ops = {
+        "group_norm_act": (
+            lambda: imf_kernels.group_norm_act(xg, 32, weight_g, bias_g, scale=scale, shift=shift, backend=backend),
+            lambda: imf_kernels.group_norm_act(x, 32, weight, bias, scale=scale, shift=shift, backend=backend),
+            lambda: gn.gn_act_fwd(x, 32, weight, bias, scale, shift, 1e-5, "silu"),
+            (gn, ("_gn_fwd_kernel",)),
+        ),
+        "group_norm_act_jvp": (
+            lambda: imf_kernels.group_norm_act_jvp(
+                xg, dx, 32, weight_g, bias_g, scale=scale, shift=shift, backend=backend
+            ),
+            lambda: imf_kernels.group_norm_act_jvp(x, dx, 32, weight, bias, scale=scale, shift=shift, backend=backend),
+            lambda: gn.gn_act_jvp_fwd(x, dx, 32, weight, bias, scale, shift, None, None, 1e-5, "silu"),
+            (gn, ("_gn_fwd_kernel",)),
+        ),
+        "attention": (
+            lambda: imf_kernels.attention(qg, k, v, backend=backend),
+            lambda: imf_kernels.attention(q, k, v, backend=backend),
+            lambda: attention.attention_fwd(q, k, v, 32**-0.5),
+            (attention, ("_attn_fwd_kernel",)),
+        ),
+        "attention_jvp": (
+            lambda: imf_kernels.attention_jvp(qg, k, v, dq, backend=backend),
+            lambda: imf_kernels.attention_jvp(q, k, v, dq, backend=backend),
+            lambda: attention.attention_jvp_fwd(q, k, v, dq, None, None, 32**-0.5),
+            (attention, ("_attn_fwd_kernel",)),
+        ),
+    }
+    out = {}
+    for op, (public_grad, public, launcher, (module, kernels)) in ops.items():
+        variants = {
+            "torch add": lambda: x + 1,
+            "public grad": public_grad,
+            "public no_grad": lambda public=public: _no_grad(public),
+            "launcher": launcher,
+        }
+        if backend == "triton":
+            launches = captured_launches(module, kernels, launcher)
+            variants["jit launch"] = jit_replay(launches)
+            if device.type == "cuda":
+                variants["compiled launch"] = compiled_replay(launches)
+        out[op] = variants
+    return out
+
+
+def _no_grad(fn: Callable[[], Any]) -> Any:
+    with torch.no_grad():
+        return fn()
+
+
+COLUMNS = ("torch add", "public grad", "public no_grad", "launcher", "jit launch", "compiled launch")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=300, help="calls per timed run (default 300)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians reported (default 5)")
+    parser.add_argument("--backends", default="triton,cuda", help="comma-separated (default triton,cuda)")
+    parser.add_argument("--out", default=None, help="default: bench/results/<device>-launch.json")
+    options = parser.parse_args(argv)
+    if options.calls < 1 or options.rounds < 1:
+        parser.error(f"--calls and --rounds must be >= 1, got {options.calls} and {options.rounds}")
+    backends = [name for name in options.backends.split(",") if name]
+    unknown = [name for name in backends if name not in ("triton", "cuda", "torch")]
+    if unknown:
+        parser.error(f"--backends takes triton, cuda, torch; got {', '.join(unknown)}")
+    if not torch.cuda.is_available():
+        parser.exit(2, "launch_overhead.py: needs a CUDA device (it measures the host's time per GPU launch)\n")
+    device = torch.device("cuda")
+    usable = {status.name: status for status in imf_kernels.backends()}
+    result: dict[str, Any] = {**common.run_tags(device, "launch_overhead"), "calls": options.calls, "rows": []}
+    print(f"host time per call, us (median of {options.rounds} rounds of {options.calls} calls), {result['device']}")
+    print(f"{'backend':<8}{'op':<20}" + "".join(f"{column:>17}" for column in COLUMNS))
+    for backend in backends:
+        if not usable[backend].usable:
+            print(f"{backend}: not usable here ({usable[backend].reason})")
+            continue
+        for op, variants in cases(device, backend).items():
+            times = host_us(variants, options.calls, options.rounds, device)
+            result["rows"].append({"backend": backend, "op": op, **{name: t for name, t in times.items()}})
+            cells = [f"{times[c]['median_us']:>17.1f}" if c in times else f"{'-':>17}" for c in COLUMNS]
+            print(f"{backend:<8}{op:<20}" + "".join(cells))
+    out = Path(options.out) if options.out else Path("bench/results") / f"{common.device_slug(device)}-launch.json"
+    from step import write_results
+
+    write_results(out, result)
+    print(f"written: {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
