@@ -16,6 +16,8 @@ synchronisations, per call):
                    (JITFunction.run: binding, specialisation key, cache lookup, launch)
   compiled launch  Triton only: the same launches through the compiled kernel (`compiled[grid](*args)`), the
                    specialisation skipped: what a launcher that cached its compiled kernels would pay
+  binder           Triton only: the JIT's argument binder alone (its specialisation of every argument, the first
+                   part of JITFunction.run): what a cache keyed on Triton's own specialisation would still pay
 The rows are interleaved round by round and their medians reported; a table and a JSON file
 (bench/results/<device>-launch.json).
 """
@@ -121,6 +123,25 @@ def compiled_replay(launches: list[tuple[Any, Any, tuple, dict]]) -> Callable[[]
     return replay
 
 
+def binder_replay(launches: list[tuple[Any, Any, tuple, dict]], device: torch.device) -> Callable[[], None]:
+    """Triton's binder (JITFunction.run's argument binding and specialisation) on the captured launches' arguments,
+    nothing launched (GPU only: the binder is built with the device's cache on the first launch)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    binders = []
+    for kernel, grid, args, kwargs in launches:
+        kernel[grid](*args, **kwargs)
+        caches = getattr(kernel, "device_caches", None)
+        if caches is None or index not in caches:
+            raise RuntimeError(f"{kernel.__name__}: no device cache with a binder (this Triton lays it out otherwise)")
+        binders.append((caches[index][-1], args, kwargs))
+
+    def replay() -> None:
+        for binder, args, kwargs in binders:
+            binder(*args, **kwargs)
+
+    return replay
+
+
 def host_us(variants: dict[str, Callable[[], Any]], calls: int, rounds: int, device: torch.device) -> dict:
     """Per variant: the median over `rounds` of the host's time per call (`calls` calls between synchronisations,
     the variants interleaved round by round), in us, and each round's value."""
@@ -191,6 +212,7 @@ def cases(device: torch.device, backend: str) -> dict[str, dict[str, Callable[[]
             variants["jit launch"] = jit_replay(launches)
             if device.type == "cuda":
                 variants["compiled launch"] = compiled_replay(launches)
+                variants["binder"] = binder_replay(launches, device)
         out[op] = variants
     return out
 
@@ -200,7 +222,7 @@ def _no_grad(fn: Callable[[], Any]) -> Any:
         return fn()
 
 
-COLUMNS = ("torch add", "public grad", "public no_grad", "launcher", "jit launch", "compiled launch")
+COLUMNS = ("torch add", "public grad", "public no_grad", "launcher", "jit launch", "compiled launch", "binder")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -218,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--backends takes triton, cuda, torch; got {', '.join(unknown)}")
     if not torch.cuda.is_available():
         parser.exit(2, "launch_overhead.py: needs a CUDA device (it measures the host's time per GPU launch)\n")
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     usable = {status.name: status for status in imf_kernels.backends()}
     result: dict[str, Any] = {**common.run_tags(device, "launch_overhead"), "calls": options.calls, "rows": []}
     print(f"host time per call, us (median of {options.rounds} rounds of {options.calls} calls), {result['device']}")

@@ -94,7 +94,7 @@ def test_bad_options_are_named(args, message):
 def test_on_a_gpu_every_row_is_measured(tmp_path):
     result = launch_overhead.main(["--calls", "5", "--rounds", "1", "--out", str(tmp_path / "launch.json")])
     triton_rows = [row for row in result["rows"] if row["backend"] == "triton"]
-    assert len(triton_rows) == 4 and all("compiled launch" in row for row in triton_rows)
+    assert len(triton_rows) == 4 and all("compiled launch" in row and "binder" in row for row in triton_rows)
     assert (tmp_path / "launch.json").exists()
 
 
@@ -107,7 +107,7 @@ def test_every_variant_runs():
         for variants in rows.values():
             expected = {"torch add", "public grad", "public no_grad", "launcher"}
             if backend == "triton":
-                expected |= {"jit launch", "compiled launch"} if ON_GPU else {"jit launch"}
+                expected |= {"jit launch", "compiled launch", "binder"} if ON_GPU else {"jit launch"}
             assert set(variants) == expected
             for fn in variants.values():
                 fn()
