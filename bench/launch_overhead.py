@@ -11,7 +11,9 @@ synchronisations, per call):
   torch add        one PyTorch elementwise op (x + 1): the cost of a launch through ATen
   public grad      the public op with inputs that require grad (as the training step calls it)
   public no_grad   the same under torch.no_grad (as sampling calls it)
-  launcher         the backend's launcher alone (imf_kernels.<backend>.<family>), allocations included
+  launcher         the backend's launcher alone (imf_kernels.<backend>.<family>), allocations included; for
+                   Triton through its cached compiled kernels (imf_kernels/triton/_launch.py)
+  launcher uncached  Triton only: the launcher with that cache off (every launch through JITFunction.run)
   jit launch       Triton only: the launcher's kernel launches replayed as `kernel[grid](*args, **kwargs)`
                    (JITFunction.run: binding, specialisation key, cache lookup, launch)
   compiled launch  Triton only: the same launches through the compiled kernel (`compiled[grid](*args)`), the
@@ -114,7 +116,10 @@ def compiled_replay(launches: list[tuple[Any, Any, tuple, dict]]) -> Callable[[]
         compiled = kernel[grid](*args, **kwargs)
         if compiled is None or not hasattr(compiled, "run"):
             raise RuntimeError(f"{kernel.__name__}: no compiled kernel came back (Triton interpreter?)")
-        runs.append((compiled, grid, kernel_arguments(kernel, args, kwargs)))
+        if callable(grid):
+            raise ValueError(f"{kernel.__name__}: a grid function is not replayed; launchers pass tuples")
+        grid3 = (*grid, 1, 1)[:3]  # the compiled kernel's runner reads grid[0..2] (JITFunction.run pads them)
+        runs.append((compiled, grid3, kernel_arguments(kernel, args, kwargs)))
 
     def replay() -> None:
         for compiled, grid, arguments in runs:
@@ -208,6 +213,7 @@ def cases(device: torch.device, backend: str) -> dict[str, dict[str, Callable[[]
             "launcher": launcher,
         }
         if backend == "triton":
+            variants["launcher uncached"] = lambda launcher=launcher: _uncached(launcher)
             launches = captured_launches(module, kernels, launcher)
             variants["jit launch"] = jit_replay(launches)
             if device.type == "cuda":
@@ -217,12 +223,32 @@ def cases(device: torch.device, backend: str) -> dict[str, dict[str, Callable[[]
     return out
 
 
+def _uncached(fn: Callable[[], Any]) -> Any:
+    """fn() with the Triton launchers' compiled-kernel cache off (every launch through JITFunction.run)."""
+    from imf_kernels.triton import _launch
+
+    enabled, _launch.ENABLED = _launch.ENABLED, False
+    try:
+        return fn()
+    finally:
+        _launch.ENABLED = enabled
+
+
 def _no_grad(fn: Callable[[], Any]) -> Any:
     with torch.no_grad():
         return fn()
 
 
-COLUMNS = ("torch add", "public grad", "public no_grad", "launcher", "jit launch", "compiled launch", "binder")
+COLUMNS = (
+    "torch add",
+    "public grad",
+    "public no_grad",
+    "launcher",
+    "launcher uncached",
+    "jit launch",
+    "compiled launch",
+    "binder",
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -244,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     usable = {status.name: status for status in imf_kernels.backends()}
     result: dict[str, Any] = {**common.run_tags(device, "launch_overhead"), "calls": options.calls, "rows": []}
     print(f"host time per call, us (median of {options.rounds} rounds of {options.calls} calls), {result['device']}")
-    print(f"{'backend':<8}{'op':<20}" + "".join(f"{column:>17}" for column in COLUMNS))
+    print(f"{'backend':<8}{'op':<20}" + "".join(f"{column:>19}" for column in COLUMNS))
     for backend in backends:
         if not usable[backend].usable:
             print(f"{backend}: not usable here ({usable[backend].reason})")
@@ -252,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         for op, variants in cases(device, backend).items():
             times = host_us(variants, options.calls, options.rounds, device)
             result["rows"].append({"backend": backend, "op": op, **{name: t for name, t in times.items()}})
-            cells = [f"{times[c]['median_us']:>17.1f}" if c in times else f"{'-':>17}" for c in COLUMNS]
+            cells = [f"{times[c]['median_us']:>19.1f}" if c in times else f"{'-':>19}" for c in COLUMNS]
             print(f"{backend:<8}{op:<20}" + "".join(cells))
     out = Path(options.out) if options.out else Path("bench/results") / f"{common.device_slug(device)}-launch.json"
     from step import write_results

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from imf_kernels.triton._launch import launch_kernel
+
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_LK = 4096
@@ -500,7 +502,7 @@ def _launch_fwd(q, k, v, dq, dk, dv, scale: float, cfg: BlockConfig, o=None, lse
     # Absent tangents are never read (constexpr flags); any tensor of the right dtype fills their slot.
     has_dk, has_dv = dk is not None, dv is not None
     dq, dk, dv = dq if tangent else q, dk if has_dk else k, dv if has_dv else v
-    _attn_fwd_kernel[grid](
+    launch_kernel(_attn_fwd_kernel, grid,
         q, k, v, dq, dk, dv, o, do, lse, Lq, Lk, H, scale * LOG2E, scale, *_strides(q, k, v, dq, dk, dv, o, do),
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
         TANGENT=tangent, HAS_DK=has_dk, HAS_DV=has_dv, DOT_PRECISION=dot_precision(q.dtype),
@@ -547,17 +549,17 @@ def _launch_bwd(grad_o, q, k, v, o, lse, scale: float, cfg_dkdv: BlockConfig, cf
     check_config(cfg_dq, D, Lk)
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     grad_q, grad_k, grad_v = _like(q), _like(k), _like(v)
-    _attn_bwd_delta_kernel[(triton.cdiv(Lq, cfg_dq.block_m), B * H)](
+    launch_kernel(_attn_bwd_delta_kernel, (triton.cdiv(Lq, cfg_dq.block_m), B * H),
         o, grad_o, delta, Lq, H, *_strides(o, grad_o),
         HEAD_DIM=D, BLOCK_M=cfg_dq.block_m, num_warps=cfg_dq.num_warps, num_stages=1,
     )  # fmt: skip
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg_dkdv.block_n), B * H)](
+    launch_kernel(_attn_bwd_dkdv_kernel, (triton.cdiv(Lk, cfg_dkdv.block_n), B * H),
         q, k, v, grad_o, lse, delta, grad_k, grad_v, Lq, Lk, H, scale * LOG2E, scale,
         *_strides(q, k, v, grad_o, grad_k, grad_v),
         HEAD_DIM=D, BLOCK_M=cfg_dkdv.block_m, BLOCK_N=cfg_dkdv.block_n, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages,
     )  # fmt: skip
-    _attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg_dq.block_m), B * H)](
+    launch_kernel(_attn_bwd_dq_kernel, (triton.cdiv(Lq, cfg_dq.block_m), B * H),
         q, k, v, grad_o, lse, delta, grad_q, Lq, Lk, H, scale * LOG2E, scale, *_strides(q, k, v, grad_o, grad_q),
         HEAD_DIM=D, BLOCK_M=cfg_dq.block_m, BLOCK_N=cfg_dq.block_n, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages,

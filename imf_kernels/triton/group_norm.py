@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from imf_kernels.triton._aot import compile_spec
+from imf_kernels.triton._launch import launch_kernel
 
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float16)
@@ -805,7 +806,9 @@ def _launch(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, 
     dy = torch.empty_like(x) if with_tangent else y
     # Absent optional tensors are never read (their HAS_* flag is off); x stands in as a valid pointer.
     _check_groups(blocks, num_groups)
-    _gn_fwd_kernel[(batch * num_groups // blocks.groups,)](
+    launch_kernel(
+        _gn_fwd_kernel,
+        (batch * num_groups // blocks.groups,),
         x,
         dx if with_tangent else x,
         y,
@@ -897,7 +900,9 @@ def gn_act_bwd(
     grad_scale = torch.empty((batch, channels), device=x.device, dtype=scale.dtype) if scale is not None else x
     grad_shift = torch.empty((batch, channels), device=x.device, dtype=shift.dtype) if shift is not None else x
     _check_groups(blocks, num_groups)
-    _gn_bwd_kernel[(batch * num_groups // blocks.groups,)](
+    launch_kernel(
+        _gn_bwd_kernel,
+        (batch * num_groups // blocks.groups,),
         grad_y,
         x,
         grad_x,
@@ -922,7 +927,9 @@ def gn_act_bwd(
     grad_weight = None if weight is None else torch.empty((channels,), device=x.device, dtype=weight.dtype)
     grad_bias = None if bias is None else torch.empty((channels,), device=x.device, dtype=bias.dtype)
     if partials is not None:
-        _param_sums_kernel[(triton.cdiv(channels, PARAM_BLOCK_C),)](
+        launch_kernel(
+            _param_sums_kernel,
+            (triton.cdiv(channels, PARAM_BLOCK_C),),
             grad_weight_partial,
             grad_bias_partial,
             x if grad_weight is None else grad_weight,

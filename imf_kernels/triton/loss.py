@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from imf_kernels.triton._aot import compile_spec
+from imf_kernels.triton._launch import launch_kernel
 
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float16)
@@ -275,7 +276,9 @@ def _forward(u, du, v, v_target, t, r, c, p, with_v: bool, clip_gap: bool):
     loss_u, w_u = per_sample[0], per_sample[1]
     loss_v, w_v = (per_sample[2], per_sample[3]) if with_v else (loss_u, w_u)
     partials_u, partials_v = partials[0], partials[-1]  # without v: one plane, partials_v is never used
-    _loss_partial_kernel[(batch, launch.num_chunks)](
+    launch_kernel(
+        _loss_partial_kernel,
+        (batch, launch.num_chunks),
         u,
         du,
         v if with_v else u,  # never read without WITH_V
@@ -291,7 +294,9 @@ def _forward(u, du, v, v_target, t, r, c, p, with_v: bool, clip_gap: bool):
         CLIP_GAP=clip_gap,
         num_warps=launch.num_warps,
     )
-    _loss_finish_kernel[(1,)](
+    launch_kernel(
+        _loss_finish_kernel,
+        (1,),
         partials_u,
         partials_v,
         loss_u,
@@ -317,7 +322,9 @@ def _backward(grad_total, u, du, v, v_target, t, r, w_u, w_v, with_v: bool, clip
     block, num_warps = pick_block(numel_per_sample, u.dtype)
     grad_u = torch.empty_like(u)
     grad_v = torch.empty_like(v) if with_v else grad_u
-    _loss_bwd_kernel[(batch, triton.cdiv(numel_per_sample, block))](
+    launch_kernel(
+        _loss_bwd_kernel,
+        (batch, triton.cdiv(numel_per_sample, block)),
         grad_total,
         u,
         du,
