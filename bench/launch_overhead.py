@@ -1,7 +1,8 @@
 """The host's time per launch on a GPU, layer by layer: how much of an op's host time is Triton's own launch path.
 
-    python bench/launch_overhead.py            # GPU only: tiny inputs, the host's time per call, us
+    python bench/launch_overhead.py            # GPU: tiny inputs, the host's time per call, us
     python bench/launch_overhead.py --calls 500 --rounds 7 --out /tmp/launch.json
+    PYTHONPATH=. python bench/launch_overhead.py --stand-in-driver   # no GPU: the Triton rows' Python only
 
 The eager fused training step is bound by its host (an H200: device busy 63%, ~150 ms of host time for ~3100
 kernels), and `bench/ops.py` puts a Triton op's host time above the same op on the cuda backend (GroupNorm forward
@@ -128,10 +129,9 @@ def compiled_replay(launches: list[tuple[Any, Any, tuple, dict]]) -> Callable[[]
     return replay
 
 
-def binder_replay(launches: list[tuple[Any, Any, tuple, dict]], device: torch.device) -> Callable[[], None]:
+def binder_replay(launches: list[tuple[Any, Any, tuple, dict]], index: int) -> Callable[[], None]:
     """Triton's binder (JITFunction.run's argument binding and specialisation) on the captured launches' arguments,
-    nothing launched (GPU only: the binder is built with the device's cache on the first launch)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    nothing launched (the binder is built with device `index`'s cache on the first launch; not in the interpreter)."""
     binders = []
     for kernel, grid, args, kwargs in launches:
         kernel[grid](*args, **kwargs)
@@ -165,9 +165,13 @@ def host_us(variants: dict[str, Callable[[], Any]], calls: int, rounds: int, dev
     return {name: {"median_us": statistics.median(values), "rounds_us": values} for name, values in samples.items()}
 
 
-def cases(device: torch.device, backend: str) -> dict[str, dict[str, Callable[[], Any]]]:
-    """Per op: its timed variants on `backend` (tiny bf16 inputs on `device`)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def cases(
+    device: torch.device, backend: str, compiled: bool | None = None, public: bool = True
+) -> dict[str, dict[str, Callable[[], Any]]]:
+    """Per op: its timed variants on `backend` (tiny inputs on `device`: bf16 where Triton compiles, fp32 for the
+    interpreter); `compiled` (default: on a GPU) adds the compiled-kernel and binder rows, `public` the public ops."""
+    compiled = device.type == "cuda" if compiled is None else compiled
+    dtype = torch.bfloat16 if compiled else torch.float32
     make = lambda *shape, grad=False: torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)  # noqa: E731
     x, dx = make(2, 64, 8, 8), make(2, 64, 8, 8)
     weight, bias, scale, shift = make(64), make(64), make(2, 64), make(2, 64)
@@ -205,20 +209,20 @@ def cases(device: torch.device, backend: str) -> dict[str, dict[str, Callable[[]
         ),
     }
     out = {}
+    with_public = public
     for op, (public_grad, public, launcher, (module, kernels)) in ops.items():
-        variants = {
-            "torch add": lambda: x + 1,
-            "public grad": public_grad,
-            "public no_grad": lambda public=public: _no_grad(public),
-            "launcher": launcher,
-        }
+        variants = {"torch add": lambda: x + 1, "launcher": launcher}
+        if with_public:
+            variants["public grad"] = public_grad
+            variants["public no_grad"] = lambda public=public: _no_grad(public)
         if backend == "triton":
             variants["launcher uncached"] = lambda launcher=launcher: _uncached(launcher)
             launches = captured_launches(module, kernels, launcher)
             variants["jit launch"] = jit_replay(launches)
-            if device.type == "cuda":
+            if compiled:
                 variants["compiled launch"] = compiled_replay(launches)
-                variants["binder"] = binder_replay(launches, device)
+                index = device.index if device.type == "cuda" and device.index is not None else 0
+                variants["binder"] = binder_replay(launches, index)
         out[op] = variants
     return out
 
@@ -257,6 +261,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians reported (default 5)")
     parser.add_argument("--backends", default="triton,cuda", help="comma-separated (default triton,cuda)")
     parser.add_argument("--out", default=None, help="default: bench/results/<device>-launch.json")
+    parser.add_argument(
+        "--stand-in-driver",
+        action="store_true",
+        help="without a GPU: the Triton rows under a stand-in CUDA driver (compiled, never run): Python only",
+    )
     options = parser.parse_args(argv)
     if options.calls < 1 or options.rounds < 1:
         parser.error(f"--calls and --rounds must be >= 1, got {options.calls} and {options.rounds}")
@@ -264,27 +273,72 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [name for name in backends if name not in ("triton", "cuda", "torch")]
     if unknown:
         parser.error(f"--backends takes triton, cuda, torch; got {', '.join(unknown)}")
+    if options.stand_in_driver:
+        if torch.cuda.is_available():
+            parser.error("--stand-in-driver is for a machine without a GPU (here, time the real launches)")
+        return _stand_in(options)
     if not torch.cuda.is_available():
-        parser.exit(2, "launch_overhead.py: needs a CUDA device (it measures the host's time per GPU launch)\n")
+        parser.exit(
+            2,
+            "launch_overhead.py: needs a CUDA device (it measures the host's time per GPU launch); without one, "
+            "--stand-in-driver times Triton's launch paths under a stand-in driver\n",
+        )
     device = torch.device("cuda", torch.cuda.current_device())
     usable = {status.name: status for status in imf_kernels.backends()}
     result: dict[str, Any] = {**common.run_tags(device, "launch_overhead"), "calls": options.calls, "rows": []}
-    print(f"host time per call, us (median of {options.rounds} rounds of {options.calls} calls), {result['device']}")
-    print(f"{'backend':<8}{'op':<20}" + "".join(f"{column:>19}" for column in COLUMNS))
+    _header(options, result["device"])
     for backend in backends:
         if not usable[backend].usable:
             print(f"{backend}: not usable here ({usable[backend].reason})")
             continue
         for op, variants in cases(device, backend).items():
-            times = host_us(variants, options.calls, options.rounds, device)
-            result["rows"].append({"backend": backend, "op": op, **{name: t for name, t in times.items()}})
-            cells = [f"{times[c]['median_us']:>19.1f}" if c in times else f"{'-':>19}" for c in COLUMNS]
-            print(f"{backend:<8}{op:<20}" + "".join(cells))
+            _row(result, backend, op, host_us(variants, options.calls, options.rounds, device))
     out = Path(options.out) if options.out else Path("bench/results") / f"{common.device_slug(device)}-launch.json"
+    _write(out, result)
+    return result
+
+
+def _header(options: argparse.Namespace, device_label: str) -> None:
+    print(f"host time per call, us (median of {options.rounds} rounds of {options.calls} calls), {device_label}")
+    print(f"{'backend':<8}{'op':<20}" + "".join(f"{column:>19}" for column in COLUMNS))
+
+
+def _row(result: dict, backend: str, op: str, times: dict) -> None:
+    result["rows"].append({"backend": backend, "op": op, **times})
+    cells = [f"{times[c]['median_us']:>19.1f}" if c in times else f"{'-':>19}" for c in COLUMNS]
+    print(f"{backend:<8}{op:<20}" + "".join(cells))
+
+
+def _write(out: Path, result: dict) -> None:
     from step import write_results
 
     write_results(out, result)
     print(f"written: {out}")
+
+
+def _stand_in(options: argparse.Namespace) -> dict:
+    """The Triton rows on this CPU under tests/triton_launch_check.py's stand-in CUDA driver: kernels compiled for
+    sm_90, launches recorded and dropped, so each column is the Python of its launch path (no driver call)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("launch_overhead.py: --stand-in-driver compiles kernels: unset TRITON_INTERPRET")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import triton_launch_check
+
+    triton_launch_check.RECORD = False
+    device = torch.device("cpu")
+    result: dict[str, Any] = {
+        **common.run_tags(device, "launch_overhead"),
+        "driver": "stand-in (tests/triton_launch_check.py): launches not run",
+        "calls": options.calls,
+        "rows": [],
+    }
+    _header(options, result["device"] + ", stand-in CUDA driver")
+    for op, variants in cases(device, "triton", compiled=True, public=False).items():
+        _row(result, "triton", op, host_us(variants, options.calls, options.rounds, device))
+    out = Path(options.out) if options.out else Path("bench/results") / f"{common.device_slug(device)}-launch.json"
+    _write(out, result)
     return result
 
 

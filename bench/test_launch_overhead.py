@@ -1,6 +1,8 @@
 """bench/launch_overhead.py: its replays launch what the launcher launched, with the same result, and it refuses
 what it cannot measure (here: the Triton interpreter on CPU; the timings themselves need a GPU)."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +114,24 @@ def test_every_variant_runs():
             assert set(variants) == expected
             for fn in variants.values():
                 fn()
+
+
+@pytest.mark.skipif(ON_GPU, reason="the stand-in driver is for a machine without a GPU")
+def test_the_stand_in_driver_times_every_triton_launch_path(tmp_path):
+    """Without a GPU, --stand-in-driver compiles the kernels for sm_90 and times each launch path's Python: the
+    cached launcher below the uncached one is what the next GPU run should confirm."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SCRIPT.parents[1]), env.get("PYTHONPATH")]))
+    out = tmp_path / "launch.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--stand-in-driver", "--calls", "3", "--rounds", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["op"] for row in rows] == ["group_norm_act", "group_norm_act_jvp", "attention", "attention_jvp"]
+    columns = {"torch add", "launcher", "launcher uncached", "jit launch", "compiled launch", "binder"}
+    assert all(columns <= set(row) for row in rows)

@@ -23,6 +23,7 @@ from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
 STREAM = 1234  # the stand-in's current stream, as the launch must pass it
 LAUNCHES: list[tuple] = []  # what reached the "C launcher": (grid_x, grid_y, grid_z, stream, function, ..., args)
+RECORD = True  # False: launches are dropped (bench/launch_overhead.py --stand-in-driver times them)
 
 
 def _record_launch(*args) -> None:
@@ -31,7 +32,8 @@ def _record_launch(*args) -> None:
     metadata, enter, exit_ = args[6:9]
     if enter is not None:
         enter(metadata)
-    LAUNCHES.append(args)
+    if RECORD:
+        LAUNCHES.append(args)
     if exit_ is not None:
         exit_(metadata)
 
