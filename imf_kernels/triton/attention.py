@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from imf_kernels.triton._launch import launch_kernel
+from imf_kernels.triton._launch import cdiv, launch_kernel
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
@@ -486,7 +486,7 @@ def _like(t: torch.Tensor) -> torch.Tensor:
 
 def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
     """The stride arguments of a kernel, in the order of its tensors: (B, H, L, D) strides of each."""
-    return tuple(stride for tensor in tensors for stride in tensor.stride())
+    return sum((tensor.stride() for tensor in tensors), ())
 
 
 def _launch_fwd(q, k, v, dq, dk, dv, scale: float, cfg: BlockConfig, o=None, lse=None):
@@ -498,7 +498,7 @@ def _launch_fwd(q, k, v, dq, dk, dv, scale: float, cfg: BlockConfig, o=None, lse
     o = _like(q) if o is None else o
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32) if lse is None else lse
     do = _like(q) if tangent else o
-    grid = (triton.cdiv(Lq, cfg.block_m), B * H)
+    grid = (cdiv(Lq, cfg.block_m), B * H)
     # Absent tangents are never read (constexpr flags); any tensor of the right dtype fills their slot.
     has_dk, has_dv = dk is not None, dv is not None
     dq, dk, dv = dq if tangent else q, dk if has_dk else k, dv if has_dv else v
@@ -549,17 +549,17 @@ def _launch_bwd(grad_o, q, k, v, o, lse, scale: float, cfg_dkdv: BlockConfig, cf
     check_config(cfg_dq, D, Lk)
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     grad_q, grad_k, grad_v = _like(q), _like(k), _like(v)
-    launch_kernel(_attn_bwd_delta_kernel, (triton.cdiv(Lq, cfg_dq.block_m), B * H),
+    launch_kernel(_attn_bwd_delta_kernel, (cdiv(Lq, cfg_dq.block_m), B * H),
         o, grad_o, delta, Lq, H, *_strides(o, grad_o),
         HEAD_DIM=D, BLOCK_M=cfg_dq.block_m, num_warps=cfg_dq.num_warps, num_stages=1,
     )  # fmt: skip
-    launch_kernel(_attn_bwd_dkdv_kernel, (triton.cdiv(Lk, cfg_dkdv.block_n), B * H),
+    launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(Lk, cfg_dkdv.block_n), B * H),
         q, k, v, grad_o, lse, delta, grad_k, grad_v, Lq, Lk, H, scale * LOG2E, scale,
         *_strides(q, k, v, grad_o, grad_k, grad_v),
         HEAD_DIM=D, BLOCK_M=cfg_dkdv.block_m, BLOCK_N=cfg_dkdv.block_n, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages,
     )  # fmt: skip
-    launch_kernel(_attn_bwd_dq_kernel, (triton.cdiv(Lq, cfg_dq.block_m), B * H),
+    launch_kernel(_attn_bwd_dq_kernel, (cdiv(Lq, cfg_dq.block_m), B * H),
         q, k, v, grad_o, lse, delta, grad_q, Lq, Lk, H, scale * LOG2E, scale, *_strides(q, k, v, grad_o, grad_q),
         HEAD_DIM=D, BLOCK_M=cfg_dq.block_m, BLOCK_N=cfg_dq.block_n, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages,

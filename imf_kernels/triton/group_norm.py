@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from imf_kernels.triton._aot import compile_spec
-from imf_kernels.triton._launch import launch_kernel
+from imf_kernels.triton._launch import cdiv, launch_kernel
 
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float16)
@@ -929,7 +929,7 @@ def gn_act_bwd(
     if partials is not None:
         launch_kernel(
             _param_sums_kernel,
-            (triton.cdiv(channels, PARAM_BLOCK_C),),
+            (cdiv(channels, PARAM_BLOCK_C),),
             grad_weight_partial,
             grad_bias_partial,
             x if grad_weight is None else grad_weight,

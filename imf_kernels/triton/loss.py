@@ -12,6 +12,7 @@ partials and writes L, w and the batch totals, so the public op needs no further
 elementwise: one program per (sample, block).
 """
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import triton
 import triton.language as tl
 
 from imf_kernels.triton._aot import compile_spec
-from imf_kernels.triton._launch import launch_kernel
+from imf_kernels.triton._launch import cdiv, launch_kernel
 
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float16)
@@ -55,6 +56,7 @@ def _warps_for(elements: int, elements_per_thread: int) -> int:
     return min(_MAX_WARPS, max(1, elements // (32 * elements_per_thread)))
 
 
+@functools.lru_cache(maxsize=256)  # (triton's cdiv and next_power_of_2 cost ~2 us each from Python)
 def pick_block(numel_per_sample: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK, num_warps) of one program's tile, for the backward and the forward's first launch."""
     block = min(_MAX_BLOCK, triton.next_power_of_2(numel_per_sample))
@@ -76,6 +78,7 @@ class ForwardLaunch:
     finish_num_warps: int
 
 
+@functools.lru_cache(maxsize=256)
 def pick_forward(batch: int, numel_per_sample: int, dtype: torch.dtype) -> ForwardLaunch:
     """The forward's launch configuration from the batch, the per-sample size and the dtype (rules above)."""
     block, num_warps = pick_block(numel_per_sample, dtype)
@@ -324,7 +327,7 @@ def _backward(grad_total, u, du, v, v_target, t, r, w_u, w_v, with_v: bool, clip
     grad_v = torch.empty_like(v) if with_v else grad_u
     launch_kernel(
         _loss_bwd_kernel,
-        (batch, triton.cdiv(numel_per_sample, block)),
+        (batch, cdiv(numel_per_sample, block)),
         grad_total,
         u,
         du,
