@@ -30,6 +30,8 @@ import os
 from typing import Any
 
 import torch
+from triton import knobs
+from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 ENABLED = os.environ.get("IMF_TRITON_CACHED_LAUNCH", "1") != "0"
@@ -75,9 +77,6 @@ def launch_kernel(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any)
     if not ENABLED or not isinstance(kernel, JITFunction) or torch.compiler.is_compiling():
         kernel[grid](*args, **kwargs)
         return
-    from triton import knobs
-    from triton.runtime.driver import driver
-
     active = driver.active
     device = active.get_current_device()
     key = launch_key(device, args, kwargs)
