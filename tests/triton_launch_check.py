@@ -158,7 +158,7 @@ def check_the_key_is_as_fine_as_tritons_specialisation() -> None:
 
 def check_hooks_and_unfilled_parameters_take_tritons_path() -> None:
     """A registered launch hook sees every launch with its metadata; a launch leaving a parameter to its default is
-    never cached (Triton fills the default)."""
+    never cached (Triton fills the default); a runtime argument by keyword is refused (the key would hold it)."""
     import triton
     import triton.language as tl
     from triton import knobs
@@ -172,6 +172,12 @@ def check_hooks_and_unfilled_parameters_take_tritons_path() -> None:
     for _ in range(3):
         _launch.launch_kernel(_copy, (2,), src, dst, 40)
     assert list(_copy._imf_compiled.values()) == [_launch._NOT_CACHED], "a defaulted parameter was cached"
+    try:
+        _launch.launch_kernel(_copy, (2,), src, dst, n=40, BLOCK=32)
+    except TypeError as error:
+        assert "gets runtime arguments by keyword (n)" in str(error), error
+    else:
+        raise AssertionError("a runtime argument by keyword was taken")
     seen = []
     hook = lambda metadata: seen.append(metadata)  # noqa: E731
     knobs.runtime.launch_enter_hook.add(hook)

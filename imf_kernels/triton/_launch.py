@@ -54,6 +54,22 @@ def _hooks_idle(runtime: Any) -> bool:
     return True
 
 
+# keyword arguments of a launch that are options of the compile, not kernel parameters
+OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def _check_keywords(kernel: Any, kwargs: dict) -> None:
+    """The launch contract the cache relies on: runtime arguments positional, keywords only for constexprs and
+    options (a tensor by keyword would key the cache by its identity and keep it alive)."""
+    constexprs = {param.name for param in kernel.params if param.is_constexpr}
+    runtime = [name for name in kwargs if name not in constexprs and name not in OPTIONS]
+    if runtime:
+        raise TypeError(
+            f"launch_kernel: {kernel.__name__} gets runtime arguments by keyword ({', '.join(runtime)}); pass them "
+            "positionally (keywords are for constexprs and launch options)"
+        )
+
+
 def launch_key(device: int, args: tuple, kwargs: dict) -> tuple:
     """The cache key of a launch (module docstring): at least as fine as Triton's specialisation of its arguments."""
     return (
@@ -85,6 +101,7 @@ def launch_kernel(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any)
         cache = kernel._imf_compiled = {}
     entry = cache.get(key)
     if entry is None:
+        _check_keywords(kernel, kwargs)
         compiled = kernel[grid](*args, **kwargs)
         names = kernel.arg_names[len(args) :]
         if len(cache) >= MAX_KEYS:
