@@ -3,7 +3,10 @@ with every Triton kernel stubbed out (its launches return at once), so what is t
 GPU runs: our Python (imf, imf_kernels), torch's Python, the C++ calls into torch and the autograd engine.
 
     PYTHONPATH=. python bench/host_profile.py                  # latent-b's structure at width 32, 8x8, batch 2
-    PYTHONPATH=. python bench/host_profile.py --steps 10 --top 40 --width 16
+    PYTHONPATH=. python bench/host_profile.py --steps 10 --top 40 --width 64
+    env -u TRITON_INTERPRET PYTHONPATH=. python bench/host_profile.py --cached-launch-ab 8
+        # the step with Triton's real launch path (kernels compiled for sm_90 under tests/triton_launch_check.py's
+        # stand-in CUDA driver, launches dropped), the launchers' compiled-kernel cache on and off, interleaved
 
 On a GPU the eager fused step is bound by its host (an H200: device busy 63%, ~150 ms of host time a step), and its
 host time can only be profiled during a lease; this is the stand-in. What it cannot show: Triton's own launch path
@@ -24,13 +27,12 @@ import contextlib
 import cProfile
 import os
 import pstats
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the launchers take CPU tensors
-
-import torch  # noqa: E402
+import torch
 
 REPO = str(Path(__file__).resolve().parents[1])
 # (module, kernel names) of every Triton kernel the fused step launches
@@ -105,6 +107,54 @@ def build_step(preset: str, width: int, resolution: int, batch: int, objective: 
     return step
 
 
+def cached_launch_ab(options: argparse.Namespace) -> dict:
+    """The step's thread CPU time with the Triton launchers' compiled-kernel cache on and off, `rounds` interleaved
+    rounds of two steps each, under the stand-in CUDA driver (kernels compiled for sm_90, launches dropped; the
+    triton backend told to take CPU tensors as it does under the interpreter)."""
+    import statistics
+
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import triton_launch_check
+
+    import imf_kernels
+    import imf_kernels.triton as triton_backend
+    from imf_kernels.triton import _launch, attention, group_norm, loss
+
+    triton_launch_check.RECORD = False
+    on_cpu = lambda: True  # noqa: E731
+    triton_backend._interpreting = group_norm._interpreter_on = loss._interpreter_on = attention._interpreted = on_cpu
+    threads, enabled = torch.get_num_threads(), _launch.ENABLED
+    torch.set_num_threads(1)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        step = build_step(options.preset, options.width, options.resolution, options.batch, options.objective)
+        with imf_kernels.use_backend("triton"):
+            for _ in range(3):
+                step()
+            for _ in range(options.cached_launch_ab):
+                for cached in (True, False):
+                    _launch.ENABLED = cached
+                    started = time.thread_time()
+                    step()
+                    step()
+                    times[cached].append((time.thread_time() - started) * 1e3 / 2)
+    finally:
+        torch.set_num_threads(threads)
+        _launch.ENABLED = enabled
+    savings = [off - on for on, off in zip(times[True], times[False], strict=True)]
+    result = {
+        "cached_ms": statistics.median(times[True]),
+        "triton_ms": statistics.median(times[False]),
+        "saving_ms": statistics.median(savings),
+        "rounds": {"cached": times[True], "triton": times[False]},
+    }
+    label = f"{options.preset} structure, width {options.width}, {options.resolution}x{options.resolution}"
+    print(f"{label}, batch {options.batch}, {options.objective}; stand-in CUDA driver, thread CPU time a step:")
+    print(f"  cached launch {result['cached_ms']:.2f} ms, Triton's launch {result['triton_ms']:.2f} ms (medians)")
+    print(f"  saving per round: median {result['saving_ms']:.2f} ms ({', '.join(f'{d:.1f}' for d in savings)})")
+    return result
+
+
 def category(filename: str, name: str) -> str:
     """The split's row of one cProfile entry (its file and function name)."""
     if filename.startswith(os.path.join(REPO, "imf_kernels")):
@@ -137,12 +187,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--objective", default="imf", choices=("imf", "mf"))
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (after 3 warm-up steps)")
     parser.add_argument("--top", type=int, default=25, help="functions to list by own time (0: none)")
+    parser.add_argument(
+        "--cached-launch-ab",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead: ROUNDS interleaved rounds of the step with the Triton launch cache on and off, under a "
+        "stand-in CUDA driver (TRITON_INTERPRET unset)",
+    )
     options = parser.parse_args(argv)
     for name in ("width", "resolution", "batch", "steps"):
         if getattr(options, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(options, name)}")
     if options.width % 32:
         parser.error(f"--width must be a multiple of 32 (GroupNorm's 32 groups), got {options.width}")
+    if options.cached_launch_ab < 0:
+        parser.error(f"--cached-launch-ab must be >= 0, got {options.cached_launch_ab}")
+    if options.cached_launch_ab:
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            parser.error("--cached-launch-ab compiles the kernels: unset TRITON_INTERPRET")
+        return cached_launch_ab(options)
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the launchers take CPU tensors
     import imf_kernels
 
     threads = torch.get_num_threads()

@@ -62,3 +62,22 @@ def test_category_of_a_profile_entry(filename, name, expected):
 def test_bad_options_are_named(args, message):
     done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_the_cached_launch_ab_runs_the_step_through_tritons_real_launch_path():
+    """--cached-launch-ab compiles the kernels (stand-in CUDA driver) and times the step with the cache on and off."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [host_profile.REPO, env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cached-launch-ab", "1"], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cached launch" in done.stdout and "Triton's launch" in done.stdout
+    refused = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cached-launch-ab", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "TRITON_INTERPRET": "1"},
+    )
+    assert refused.returncode == 2 and "unset TRITON_INTERPRET" in refused.stderr
