@@ -18,6 +18,8 @@ Variants:
               instead of the whole step, the norms unchanged: the no-grad targets and the primal forward with
               grad (and its backward) run compiled, the JVP pass (torch.func.jvp under no_grad) the eager modules.
   fused-<b>   iMF through the fused forward-with-tangent on imf_kernels backend <b> (every usable one)
+  fused-triton-jit  GPU: fused-triton with every Triton launch through Triton's own JITFunction.run, the launchers'
+              compiled-kernel cache off (imf_kernels/triton/_launch.py): what that cache saves the host-bound step
   graph-<b>   GPU: the fused step with static rows (IMFObjective(static_rows=True): every step the same shapes, more
               device work) captured whole, loss and backward, in one CUDA graph and replayed: no host time per
               kernel. The capture (after 3 eager steps on a side stream) is its warm-up; its peak memory counts
@@ -215,6 +217,11 @@ def make_step(variant: str, model, x, y, draws, bf16: bool):
         objective = IMFObjective(jvp="reference", bf16=bf16)
         modules = CompiledModules(model)
         return with_backward(lambda: official_style_loss(model, objective, x, y, draws, modules))
+    if variant == "fused-triton-jit":
+        from imf_kernels.triton import _launch
+
+        _launch.ENABLED = False  # for the life of this variant's process
+        variant = "fused-triton"
     if variant.startswith("fused-"):
         objective = IMFObjective(bf16=bf16)
         return with_backward(lambda: objective.loss_from_draws(model, x, y, draws)[0], variant.removeprefix("fused-"))
@@ -573,7 +580,8 @@ def main() -> None:
     compiled = ["compiled", "compiled-modules"]
     # the compiled baselines last: their compilation takes minutes, and a run cut short (a GPU lease) keeps the rest
     graphs = [f"graph-{b}" for b in backends if b != "torch"] if on_gpu else []  # CUDA graphs: GPU kernels only
-    variants = ["reference", *(f"fused-{b}" for b in backends), *graphs, "fm", "mf"]
+    jit = ["fused-triton-jit"] if on_gpu and "triton" in backends else []  # the launch cache off, for its A/B
+    variants = ["reference", *(f"fused-{b}" for b in backends), *jit, *graphs, "fm", "mf"]
     variants += ["fwd-bwd", "fwd-tan-bwd", "ref-fwd-bwd", "ref-fwd-tan-bwd", *compiled]
     if args.variants is not None:
         chosen = [name.strip() for name in args.variants.split(",") if name.strip()]

@@ -259,3 +259,19 @@ def test_each_timed_process_takes_the_cudnn_benchmark_setting(flag, monkeypatch)
     finally:
         torch.backends.cudnn.benchmark = before
     assert queue == [("ok", flag == "1")]
+
+
+def test_the_jit_variant_turns_the_launch_cache_off(monkeypatch):
+    """`fused-triton-jit` (a GPU variant) is the fused-triton step in a process whose Triton launchers' compiled-kernel
+    cache is off (each variant runs in its own process): building it turns the cache off; fused-triton leaves it on.
+    (The step itself is fused-triton's code; tests/test_triton_launch.py checks that both launch paths agree.)"""
+    import step
+
+    from imf_kernels.triton import _launch
+
+    monkeypatch.setattr(_launch, "ENABLED", True)  # restored after the test
+    model, x, y, draws = step.build("gauss", 6, "cpu")
+    step.make_step("fused-triton", model, x, y, draws, bf16=False)
+    assert _launch.ENABLED
+    assert callable(step.make_step("fused-triton-jit", model, x, y, draws, bf16=False))
+    assert not _launch.ENABLED
