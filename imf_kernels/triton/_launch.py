@@ -3,11 +3,11 @@
 
 `JITFunction.run` specialises every argument on every launch (the binder), builds a cache key from that and a string
 of the options, checks the kernel's globals, and makes launch metadata for the hooks, before the C launcher runs:
-13 us of the host's time per GroupNorm launch on this repository's CPU (19 us for the attention forward, whose
-strides are 30 arguments), measured with Triton's own launch path under a stand-in driver
-(tests/test_triton_launch.py), where the compiled kernel's launcher alone takes 2 us. The eager fused step makes
-~300-400 Triton launches and is bound by its host on a GPU, so the launchers here keep each compiled kernel under a
-key of their own, cheaper to build than Triton's but at least as fine, and call its launcher directly:
+14 us of the host's time per GroupNorm launch on this repository's CPU (19 us for the attention forward, whose
+strides are 32 arguments), where the compiled kernel's launcher alone takes 3 us (`bench/launch_overhead.py
+--stand-in-driver`: Triton's own launch path under a stand-in CUDA driver). The eager fused step makes ~300-400
+Triton launches and is bound by its host on a GPU, so the launchers here keep each compiled kernel under a key of
+their own, cheaper to build than Triton's but at least as fine, and call its launcher directly:
 
 - the key holds every argument as Triton specialises it or finer: a tensor by its dtype and its address modulo 16
   (Triton: element type and 16-byte alignment), an int by its value (Triton: i32 / i64 / u64 by range, divisibility
