@@ -18,7 +18,7 @@ synchronisations, per call):
   jit launch       Triton only: the launcher's kernel launches replayed as `kernel[grid](*args, **kwargs)`
                    (JITFunction.run: binding, specialisation key, cache lookup, launch)
   compiled launch  Triton only: the same launches through the compiled kernel (`compiled[grid](*args)`), the
-                   specialisation skipped: what a launcher that cached its compiled kernels would pay
+                   specialisation skipped: the floor of the launchers' cached launch (which adds its key)
   binder           Triton only: the JIT's argument binder alone (its specialisation of every argument, the first
                    part of JITFunction.run): what a cache keyed on Triton's own specialisation would still pay
 The rows are interleaved round by round and their medians reported; a table and a JSON file
@@ -44,9 +44,6 @@ import common  # noqa: E402
 
 import imf_kernels  # noqa: E402
 from imf_kernels import dispatch  # noqa: E402
-
-# options of a Triton launch that are not kernel arguments
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
 class _Recorder:
