@@ -39,10 +39,15 @@ def linear(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple[Tensor,
         return y, F.linear(dx.to(y.dtype), layer.weight.to(y.dtype))
 
 
+def _weight_halves(weight: Tensor) -> Tensor:
+    """(2, P, C): the (2C, P) FiLM weight's scale and shift halves, transposed for a batched matmul (a view)."""
+    two_c, features = weight.shape
+    return weight.view(2, two_c // 2, features).transpose(1, 2)
+
+
 def _film_halves(x: Tensor, weight: Tensor, bias: MaybeTensor) -> Tensor:
     """(2, B, C): [scale; shift] = the two halves of x W^T + b from one batched matmul over the weight's halves."""
-    two_c, features = weight.shape
-    halves = weight.view(2, two_c // 2, features).transpose(1, 2)  # (2, P, C)
+    halves = _weight_halves(weight)
     inputs = x.expand(2, -1, -1)
     return torch.bmm(inputs, halves) if bias is None else torch.baddbmm(bias.view(2, 1, -1), inputs, halves)
 
@@ -88,8 +93,7 @@ def film(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple[Tensor, T
     if dx is None:
         return scale, shift, None, None
     with torch.no_grad():
-        two_c, features = weight.shape
-        halves = weight.to(dtype).view(2, two_c // 2, features).transpose(1, 2)
+        halves = _weight_halves(weight.to(dtype))
         dscale, dshift = torch.bmm(dx.to(dtype).expand(2, -1, -1), halves).unbind(0)
         return scale, shift, dscale, dshift
 
