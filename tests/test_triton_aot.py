@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
+from triton_builds import BUILDS, compiling_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("group_norm", "loss", "attention")
@@ -104,33 +105,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
 
-EXTRA_TRITON_VARIABLE = "IMF_AOT_EXTRA_TRITON"
-
-
-def _extra_triton_version(folder: Path) -> str:
-    """The version of the Triton installed (pip --target) in `folder`."""
-    infos = sorted(folder.glob("triton-*.dist-info"))
-    assert (folder / "triton").is_dir() and infos, f"${EXTRA_TRITON_VARIABLE}={folder} holds no Triton installation"
-    return infos[-1].name.removeprefix("triton-").removesuffix(".dist-info")
-
-
-@pytest.fixture(scope="module", params=["installed", "gpu-image"])
+@pytest.fixture(scope="module", params=BUILDS)
 def compiled_rows(request) -> list[dict]:
     """Every spec's row, compiled with the installed Triton or the GPU image's (IMF_AOT_EXTRA_TRITON)."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    paths = [str(REPO_ROOT), env.get("PYTHONPATH")]
-    expected_version = None
-    if request.param == "gpu-image":
-        extra = env.get(EXTRA_TRITON_VARIABLE)
-        if not extra:
-            pytest.skip(
-                f"${EXTRA_TRITON_VARIABLE} is not set (`make test` installs the GPU image's Triton and sets it)"
-            )
-        folder = Path(extra).resolve()
-        expected_version = _extra_triton_version(folder)
-        paths.insert(0, str(folder))
-        env["TRITON_CACHE_DIR"] = str(folder / ".cache")  # compiled kernels of one Triton version only
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    env, expected_version = compiling_env(request.param)
     result = subprocess.run(
         [sys.executable, __file__], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900
     )

@@ -3,18 +3,17 @@ passes, keys at least as finely as Triton specialises, and steps aside for hooks
 without a GPU by tests/triton_launch_check.py under a stand-in CUDA driver, with the Triton installed here and the
 GPU image's (IMF_AOT_EXTRA_TRITON, as tests/test_triton_aot.py); on a GPU, the launches are run and compared."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from triton_builds import BUILDS, compiling_env
 
 import imf_kernels
 from imf_kernels import reference
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECK = Path(__file__).with_name("triton_launch_check.py")
 CHECKS = (
     "check_cached_launches_pass_what_triton_passes",
@@ -23,19 +22,9 @@ CHECKS = (
 )
 
 
-@pytest.mark.parametrize("triton_build", ["installed", "gpu-image"])
+@pytest.mark.parametrize("triton_build", BUILDS)
 def test_cached_launches_match_tritons_own_under_a_stand_in_driver(triton_build):
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    paths = [str(REPO_ROOT), env.get("PYTHONPATH")]
-    if triton_build == "gpu-image":
-        extra = env.get("IMF_AOT_EXTRA_TRITON")
-        if not extra:
-            pytest.skip("$IMF_AOT_EXTRA_TRITON is not set (`make test` installs the GPU image's Triton and sets it)")
-        folder = Path(extra).resolve()
-        assert (folder / "triton").is_dir(), f"$IMF_AOT_EXTRA_TRITON={folder} holds no Triton installation"
-        paths.insert(0, str(folder))
-        env["TRITON_CACHE_DIR"] = str(folder / ".cache")  # compiled kernels of one Triton version only
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    env, _ = compiling_env(triton_build)
     done = subprocess.run([sys.executable, str(CHECK)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [line.split()[1] for line in done.stdout.splitlines() if line.startswith("ok ")] == list(CHECKS)
