@@ -142,6 +142,11 @@ GN_PASSES = ("fwd", "jvp", "bwd")
 ATTN_PASSES = ("fwd", "jvp")
 
 
+def only(passes: dict, names: tuple[str, ...]) -> dict:
+    """The passes (name -> (bytes, fn)) among `names` (--passes), in their own order."""
+    return {name: value for name, value in passes.items() if name in names}
+
+
 def gn_shape(text: str) -> tuple[int, int]:
     """'CxRES' (e.g. 768x16: C768 at 16x16, 32 groups) for --gn-shapes."""
     parts = text.lower().split("x")
@@ -157,7 +162,7 @@ def sweep_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES, passes_=G
     from imf_kernels.triton import group_norm as gn
 
     for channels, res in shapes:
-        passes = {k: v for k, v in gn_passes(gn, sweep.device, dtype, batch, channels, res).items() if k in passes_}
+        passes = only(gn_passes(gn, sweep.device, dtype, batch, channels, res), passes_)
         default = gn.pick_blocks(channels // 32, res * res, dtype)
         candidates = gn_candidates(channels // 32, res * res, dtype)
         for pass_name, (nbytes, fn) in passes.items():
@@ -177,8 +182,7 @@ def sweep_cuda_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES, pass
     from imf_kernels.cuda import group_norm as cuda_gn
 
     for channels, res in shapes:
-        passes = gn_passes(cuda_gn, sweep.device, dtype, batch, channels, res)
-        passes = {name: value for name, value in passes.items() if name in passes_}
+        passes = only(gn_passes(cuda_gn, sweep.device, dtype, batch, channels, res), passes_)
         for pass_name, (nbytes, fn) in passes.items():
             sweep.time_configs(
                 cuda_gn, "pick_kernel", list(cuda_gn.KERNELS), "auto", fn, nbytes, str,
@@ -213,7 +217,7 @@ def sweep_attention(sweep: Sweep, dtype, shapes=ATTN_SHAPES, passes_=ATTN_PASSES
         candidates += [attn.BlockConfig(bm, bn, warps, stages) for bm, bn, warps, stages in (
             (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3))
             if bn <= padded]  # fmt: skip
-        passes = {name: value for name, value in passes.items() if name in passes_}
+        passes = only(passes, passes_)
         for pass_name, (nbytes, fn) in passes.items():
             default = attn.pick_config(pass_name, lq, lk, d, dtype)
             sweep.time_configs(
