@@ -114,3 +114,35 @@ def test_a_smoke_sweep_takes_the_shapes_and_passes_asked_for(tmp_path):
     bad = [sys.executable, str(script), "--smoke", "--gn-shapes", "100x4"]
     bad = subprocess.run(bad, capture_output=True, text=True, timeout=600, env=env)
     assert bad.returncode == 2 and "'100x4': channels must be a positive multiple of 32" in bad.stderr
+
+
+def test_the_backward_sweep_times_the_batch_sums_tiles_too(tmp_path):
+    """--passes bwd also times the backward under each tile of its batch sums (the second launch), the launcher's
+    own once, as family group_norm_param_sums (here under the interpreter, --smoke: batch 1)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "rows.json"
+    args = ["--smoke", "--families", "group_norm", "--gn-shapes", "64x4", "--passes", "bwd", "--budget", "0.001"]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, str(Path(tune_gpu.__file__)), *args, "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [row for row in json.loads(out.read_text())["rows"] if row["family"] == "group_norm_param_sums"]
+    assert {row["config"] for row in rows} == {"sums b1 c8 w1", "sums b32 c32 w4"}
+    assert [row["config"] for row in rows if row["default"]] == ["sums b1 c8 w1"]
+    assert all(row["ms"] is not None and row["pass_"] == "bwd" for row in rows)
+
+
+def test_batch_sums_candidates_include_the_rule_and_the_old_tile():
+    from imf_kernels.triton import group_norm as gn
+
+    candidates = tune_gpu.param_candidates(256)
+    assert candidates[0] == gn.pick_param_blocks(256) and gn.ParamBlocks(32, 32, 4, False) in candidates
+    assert len(set(candidates)) == len(candidates)
+    assert all(c.block_b == 256 and c.one_step for c in candidates[2:])

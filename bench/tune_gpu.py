@@ -109,6 +109,26 @@ def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
     return out
 
 
+def param_candidates(batch: int) -> list:
+    """Tiles of the GroupNorm backward's batch sums: the rule before 2026-11-27 (32 channels, 32 samples a step, 4
+    warps: the ~10 us of lease 5's Nsight Compute pages), and one step over the whole batch (up to 256 samples) at
+    4-32 channels a program with one to four 16-byte vectors of each partial per thread."""
+    from imf_kernels.triton import group_norm as gn
+
+    rows = min(gn.PARAM_MAX_ROWS, triton.next_power_of_2(batch))
+    candidates = [gn.pick_param_blocks(batch), gn.ParamBlocks(32, 32, 4, batch <= 32)]
+    for block_c in (4, 8, 16, 32):
+        for per_thread in (4, 8, 16):
+            warps = rows * block_c // (32 * per_thread)
+            if 1 <= warps <= 16:
+                candidates.append(gn.ParamBlocks(rows, block_c, warps, batch <= rows))
+    return list(dict.fromkeys(candidates))
+
+
+def param_label(blocks) -> str:
+    return f"sums b{blocks.block_b} c{blocks.block_c} w{blocks.num_warps}{'' if blocks.one_step else ' loop'}"
+
+
 def gn_label(blocks) -> str:
     rows = f"c{blocks.block_c}" + (f"+{blocks.block_c2}" if blocks.block_c2 else "")
     slabs = f" x{blocks.groups}" if blocks.groups > 1 else ""
@@ -169,6 +189,13 @@ def sweep_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES, passes_=G
             sweep.time_configs(
                 gn, "pick_blocks", candidates, default, fn, nbytes, gn_label,
                 family="group_norm", shape=f"B{batch} C{channels} {res}x{res} G32", pass_=pass_name,
+            )  # fmt: skip
+        if "bwd" in passes:  # the backward again, under each tile of its second launch (the batch sums)
+            nbytes, fn = passes["bwd"]
+            sweep.time_configs(
+                gn, "pick_param_blocks", param_candidates(batch), gn.pick_param_blocks(batch), fn, nbytes,
+                param_label, family="group_norm_param_sums", shape=f"B{batch} C{channels} {res}x{res} G32",
+                pass_="bwd",
             )  # fmt: skip
         del passes
         if sweep.device.type == "cuda":

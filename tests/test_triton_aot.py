@@ -14,6 +14,7 @@ second Triton is a folder installed with `pip install --target` (`make test` doe
 IMF_AOT_EXTRA_TRITON; without the variable that half is skipped, with it pointing at no Triton it fails.
 """
 
+import dataclasses
 import importlib
 import json
 import os
@@ -156,9 +157,18 @@ def test_specs_cover_every_config_picked_for_the_presets():
         for spec in gn_specs
         if spec["fn"] is not group_norm._param_sums_kernel
     }
-    # the backward's second launch, the batch sums of grad_weight and grad_bias: one configuration per dtype
-    param_sums = {spec["name"] for spec in gn_specs if spec["fn"] is group_norm._param_sums_kernel}
-    assert param_sums == {"gn_param_sums_fp32_c16", "gn_param_sums_bf16_c16"}, param_sums
+    # the backward's second launch, the batch sums of grad_weight and grad_bias: the tile each preset batch picks,
+    # the largest (the bench's batch of 256) and the loop over larger batches, in each dtype
+    param_sums = {
+        (constexprs["BLOCK_B"], constexprs["BLOCK_C"], spec["num_warps"], constexprs["ONE_STEP"])
+        for spec in gn_specs
+        for constexprs in [spec["constexprs"]]
+        if spec["fn"] is group_norm._param_sums_kernel
+    }
+    batches = {shape[0] for shape in group_norm.AOT_SHAPES} | {256, 512}
+    picked = {dataclasses.astuple(group_norm.pick_param_blocks(batch)) for batch in batches}
+    assert param_sums == picked, (param_sums, picked)
+    assert picked == {(8, 8, 1, True), (64, 8, 4, True), (256, 8, 16, True), (256, 8, 16, False)}, picked
     loss_compiled = {
         (spec["fn"].__name__, tuple(sorted(spec["constexprs"].items())), spec["num_warps"]) for spec in loss.aot_specs()
     }

@@ -42,7 +42,8 @@ CASES = [
     Case(1, 8, 8, ("weight", "bias"), "none"),
     Case(3, 5, 7, ("weight", "scale", "dscale"), "none"),
     Case(1, 5, 7, ("bias", "scale", "shift"), "silu"),
-    # the backward's batch sums of grad_weight, grad_bias: 40 channels in two blocks of 32, 37 samples in two steps
+    # the backward's batch sums of grad_weight, grad_bias: 37 samples in one masked step of 64 (5 programs of 8
+    # channels); with the "param-loop" layout, in steps of 16 (3 programs of 16 channels, the last one masked)
     Case(37, 2, 3, ("weight", "bias", "scale"), "silu"),
 ]
 
@@ -66,7 +67,11 @@ def poisoned_allocations():
 def use_layout(layout: str, monkeypatch) -> None:
     """The chunked layout at test sizes: tiles of at most 64 elements, chunks of 32 (4 H*W columns of 8).
     "split-single" / "split-chunked": the same with the channel column split in two unpadded tiles (5 channels
-    per group: 4 + 1 rows), the candidate configuration bench/tune_gpu.py sweeps."""
+    per group: 4 + 1 rows), the candidate configuration bench/tune_gpu.py sweeps. "param-loop": the backward's
+    batch sums in steps of 16 samples (the loop a batch above PARAM_MAX_ROWS takes), 16 channels a program."""
+    if layout == "param-loop":
+        monkeypatch.setattr(triton_gn, "PARAM_MAX_ROWS", 16)
+        monkeypatch.setattr(triton_gn, "PARAM_BLOCK_C", 16)
     if layout.endswith("chunked"):
         monkeypatch.setattr(triton_gn, "_MAX_SINGLE_TILE", 64)
         monkeypatch.setattr(triton_gn, "_CHUNK_TILE", 32)
@@ -218,6 +223,7 @@ PARITY_RUNS = [
     *[(CASES[i], torch.float32, "groups2") for i in (0, 2, 3)],
     *[(CASES[i], torch.float16, "groups4") for i in (1, 4)],
     *[(CASES[i], torch.float32, "groups8") for i in (5,)],
+    *[(CASES[i], dtype, "param-loop") for i in (6,) for dtype in (torch.float32, torch.float16)],
 ]
 
 
@@ -285,6 +291,25 @@ def test_block_picker_follows_gpu_rules():
             blocks = triton_gn.pick_blocks(channels_per_group, hw, torch.float16)
             assert blocks.block_c >= channels_per_group
             assert blocks.block_c * blocks.block_hw <= triton_gn._MAX_SINGLE_TILE
+
+
+def test_param_sums_picker_follows_gpu_rules(monkeypatch):
+    # the backward's batch sums: the whole batch as one tile up to 256 samples, one 16-byte vector of each
+    # partial per thread (8 channels x 256 samples: 16 warps); above 256 samples, a loop of 256-sample steps
+    pick = triton_gn.pick_param_blocks
+    assert pick(1) == triton_gn.ParamBlocks(1, 8, 1, True)
+    assert pick(64) == triton_gn.ParamBlocks(64, 8, 4, True)
+    assert pick(256) == triton_gn.ParamBlocks(256, 8, 16, True)
+    assert pick(257) == triton_gn.ParamBlocks(256, 8, 16, False)
+    for batch in (1, 2, 3, 37, 100, 255, 256, 1000):
+        blocks = pick(batch)
+        for value in (blocks.block_b, blocks.block_c, blocks.num_warps):
+            assert value & (value - 1) == 0  # powers of two, as a GPU compiler needs
+        assert blocks.one_step == (batch <= blocks.block_b)
+        assert blocks.num_warps <= 16
+    monkeypatch.setattr(triton_gn, "PARAM_MAX_ROWS", 16)  # the "param-loop" layout of the parity runs
+    monkeypatch.setattr(triton_gn, "PARAM_BLOCK_C", 16)
+    assert pick(37) == triton_gn.ParamBlocks(16, 16, 2, False)
 
 
 @pytest.mark.gpu

@@ -690,10 +690,66 @@ def _gn_bwd_kernel(
 
 
 # The backward's second launch: grad_weight and grad_bias summed over the batch from their (B, C) fp32 partials,
-# PARAM_BLOCK_C channels per program, PARAM_BLOCK_B samples per step, in a fixed order (the same result every run).
-PARAM_BLOCK_C = 32
-PARAM_BLOCK_B = 32
-PARAM_NUM_WARPS = 4
+# PARAM_BLOCK_C channels per program, up to PARAM_MAX_ROWS samples per step as one tile, in a fixed order (the same
+# result every run). Its data is small (2 B C fp32: 512 KiB at latent-b's B256 C256), so its time is latency: the
+# lease-5 Nsight Compute pages found the earlier rule (32 channels, 32 samples a step: 8 programs of 8 dependent
+# steps at C256 B256) taking ~10 us at 6% occupancy, half of the C256 8x8 backward. This rule (16 channels, the
+# latent-b batch of 256 in one step: 16 programs issuing all their loads at once, 16 fp32 of each partial per
+# thread) is not yet timed on a GPU; bench/tune_gpu.py's group_norm sweep times both beside each other ("bwd" pass).
+PARAM_BLOCK_C = 8
+PARAM_MAX_ROWS = 256
+_PARAM_ELEMENTS_PER_THREAD = 4
+
+
+@dataclass(frozen=True)
+class ParamBlocks:
+    """Launch configuration of the batch sums: BLOCK_B samples per step, BLOCK_C channels per program."""
+
+    block_b: int
+    block_c: int
+    num_warps: int
+    one_step: bool  # batch <= block_b: no loop
+
+
+_picked_param_blocks: dict[tuple, ParamBlocks] = {}
+
+
+def pick_param_blocks(batch: int) -> ParamBlocks:
+    """The batch sums' tile for `batch` samples (power-of-2 blocks and warps, as a GPU compiler needs)."""
+    key = (batch, PARAM_BLOCK_C, PARAM_MAX_ROWS)
+    blocks = _picked_param_blocks.get(key)
+    if blocks is None:
+        block_b = min(PARAM_MAX_ROWS, triton.next_power_of_2(batch))
+        num_warps = max(1, min(_MAX_WARPS, block_b * PARAM_BLOCK_C // (32 * _PARAM_ELEMENTS_PER_THREAD)))
+        blocks = _picked_param_blocks[key] = ParamBlocks(block_b, PARAM_BLOCK_C, num_warps, batch <= block_b)
+    return blocks
+
+
+@triton.jit
+def _param_tiles(
+    grad_weight_partial_ptr,
+    grad_bias_partial_ptr,
+    start,
+    batch,
+    channels,
+    columns,
+    c_mask,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """The [BLOCK_B, BLOCK_C] tiles of both partials from sample `start` (zeros for an absent one)."""
+    samples = start + tl.arange(0, BLOCK_B)
+    offs = samples[:, None] * channels + columns[None, :]
+    mask = (samples[:, None] < batch) & c_mask[None, :]
+    weight_tile = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+    bias_tile = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+    if HAS_WEIGHT:
+        weight_tile = tl.load(grad_weight_partial_ptr + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        bias_tile = tl.load(grad_bias_partial_ptr + offs, mask=mask, other=0.0)
+    return weight_tile, bias_tile
 
 
 @triton.jit
@@ -706,21 +762,26 @@ def _param_sums_kernel(
     channels,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    ONE_STEP: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
     columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = columns < channels
-    acc_weight = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
-    acc_bias = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
-    for start in range(0, batch, BLOCK_B):
-        samples = start + tl.arange(0, BLOCK_B)
-        offs = samples[:, None] * channels + columns[None, :]
-        mask = (samples[:, None] < batch) & c_mask[None, :]
-        if HAS_WEIGHT:
-            acc_weight += tl.load(grad_weight_partial_ptr + offs, mask=mask, other=0.0)
-        if HAS_BIAS:
-            acc_bias += tl.load(grad_bias_partial_ptr + offs, mask=mask, other=0.0)
+    if ONE_STEP:
+        # batch <= BLOCK_B: straight-line code, where ptxas issues both tiles' loads at once (in the loop below it
+        # waited for each 16-byte load before the next: sm_90 SASS of Triton 3.6 and 3.8)
+        acc_weight, acc_bias = _param_tiles(grad_weight_partial_ptr, grad_bias_partial_ptr, 0, batch, channels,
+                                            columns, c_mask, BLOCK_B, BLOCK_C, HAS_WEIGHT, HAS_BIAS)  # fmt: skip
+    else:
+        acc_weight = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+        acc_bias = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+        for start in range(0, batch, BLOCK_B):
+            weight_tile, bias_tile = _param_tiles(grad_weight_partial_ptr, grad_bias_partial_ptr, start, batch,
+                                                  channels, columns, c_mask, BLOCK_B, BLOCK_C, HAS_WEIGHT,
+                                                  HAS_BIAS)  # fmt: skip
+            acc_weight += weight_tile
+            acc_bias += bias_tile
     if HAS_WEIGHT:
         grad_weight = tl.sum(acc_weight, axis=0)
         tl.store(grad_weight_ptr + columns, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=c_mask)
@@ -927,20 +988,22 @@ def gn_act_bwd(
     grad_weight = None if weight is None else torch.empty((channels,), device=x.device, dtype=weight.dtype)
     grad_bias = None if bias is None else torch.empty((channels,), device=x.device, dtype=bias.dtype)
     if partials is not None:
+        param_blocks = pick_param_blocks(batch)
         launch_kernel(
             _param_sums_kernel,
-            (cdiv(channels, PARAM_BLOCK_C),),
+            (cdiv(channels, param_blocks.block_c),),
             grad_weight_partial,
             grad_bias_partial,
             x if grad_weight is None else grad_weight,
             x if grad_bias is None else grad_bias,
             batch,
             channels,
-            BLOCK_B=PARAM_BLOCK_B,
-            BLOCK_C=PARAM_BLOCK_C,
+            BLOCK_B=param_blocks.block_b,
+            BLOCK_C=param_blocks.block_c,
+            ONE_STEP=param_blocks.one_step,
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None,
-            num_warps=PARAM_NUM_WARPS,
+            num_warps=param_blocks.num_warps,
         )
     return (
         grad_x,
@@ -1012,7 +1075,7 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
         "HAS_SHIFT": True,
     }
     specs = {}
-    for _, channels, height, width, num_groups in shapes:
+    for batch, channels, height, width, num_groups in shapes:
         for dtype, type_name in _AOT_DTYPE_NAMES.items():
             picked = pick_blocks(channels // num_groups, height * width, dtype)
             hw_aligned = height * width % 16 == 0
@@ -1071,17 +1134,22 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                     ["HW"] if hw_aligned else [],
                     pointer_type=f"*{type_name}",
                 )
-        # the backward's batch sums of grad_weight, grad_bias (both present)
-        for type_name in _AOT_DTYPE_NAMES.values():
-            key = ("param_sums", type_name, channels % 16 == 0)
-            if key not in specs:
+        # the backward's batch sums of grad_weight, grad_bias (both present), for this batch's tile, the largest
+        # (PARAM_MAX_ROWS samples at once: the bench's batch of 256) and the loop over larger batches
+        for param_blocks in {pick_param_blocks(b) for b in (batch, PARAM_MAX_ROWS, 2 * PARAM_MAX_ROWS)}:
+            for type_name in _AOT_DTYPE_NAMES.values():
+                key = ("param_sums", type_name, channels % 16 == 0, param_blocks)
+                if key in specs:
+                    continue
                 specs[key] = compile_spec(
-                    f"gn_param_sums_{type_name}{'_c16' if channels % 16 == 0 else ''}",
+                    f"gn_param_sums_{type_name}{'_c16' if channels % 16 == 0 else ''}_b{param_blocks.block_b}"
+                    f"_c{param_blocks.block_c}{'_one' if param_blocks.one_step else ''}",
                     _param_sums_kernel,
-                    {"BLOCK_B": PARAM_BLOCK_B, "BLOCK_C": PARAM_BLOCK_C, "HAS_WEIGHT": True, "HAS_BIAS": True},
+                    {"BLOCK_B": param_blocks.block_b, "BLOCK_C": param_blocks.block_c,
+                     "ONE_STEP": param_blocks.one_step, "HAS_WEIGHT": True, "HAS_BIAS": True},
                     {"grad_weight_partial_ptr": "*fp32", "grad_bias_partial_ptr": "*fp32", "batch": "i32",
                      "channels": "i32"},
-                    PARAM_NUM_WARPS,
+                    param_blocks.num_warps,
                     ["channels"] if channels % 16 == 0 else [],
                     pointer_type=f"*{type_name}",
                 )  # fmt: skip
