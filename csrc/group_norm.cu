@@ -467,8 +467,12 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
 
 // grad_weight[c] = sum_n grad_weight_partial[n, c] (and grad_bias alike), the backward's second launch: a block
 // takes kParamColumns channels; its kParamRows rows of threads each sum every kParamRows-th sample in order, then
-// row 0 adds the rows' sums in order (the same result every run).
-constexpr int kParamColumns = 32, kParamRows = 8;
+// row 0 adds the rows' sums in order (the same result every run). Its data is small (2 B C floats: 512 KiB at
+// latent-b's B256 C256), so its time is latency: 8 columns (one 32-byte sector a row) by 32 rows leave a thread 8
+// samples of each partial at batch 256, loaded kParamUnroll at a time into registers of their own before any is
+// added (summed as they arrived, ptxas waited for each load before issuing the next: sm_90 SASS), where 32 columns
+// by 8 rows left a thread 32 (the Triton twin of that shape measured ~10 us at C256 B256; this one not yet timed).
+constexpr int kParamColumns = 8, kParamRows = 32, kParamUnroll = 8;
 
 template <typename T>
 __global__ void __launch_bounds__(kParamColumns * kParamRows)
@@ -479,11 +483,20 @@ __global__ void __launch_bounds__(kParamColumns * kParamRows)
   const float* partials[2] = {p.grad_weight_partial, p.grad_bias_partial};
   float sums[2] = {0.f, 0.f};
   if (channel < p.channels) {
-#pragma unroll 4
-    for (int64_t n = row; n < p.batch; n += kParamRows) {
+    for (int64_t base = row; base < p.batch; base += kParamRows * kParamUnroll) {
+      float values[2][kParamUnroll];
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
-        if (partials[k] != nullptr) sums[k] += partials[k][n * p.channels + channel];
+#pragma unroll
+        for (int i = 0; i < kParamUnroll; ++i) {
+          const int64_t n = base + static_cast<int64_t>(i) * kParamRows;
+          values[k][i] = partials[k] != nullptr && n < p.batch ? partials[k][n * p.channels + channel] : 0.f;
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+#pragma unroll
+        for (int i = 0; i < kParamUnroll; ++i) sums[k] += values[k][i];
       }
     }
   }
