@@ -17,18 +17,26 @@ def test_the_launchers_pick_is_a_candidate(channels, res, dtype):
     candidates = tune_gpu.gn_candidates(cpg, hw, dtype)
     assert gn.pick_blocks(cpg, hw, dtype) in candidates
     assert len(set(candidates)) == len(candidates)
-    padded = [blocks for blocks in candidates if blocks.block_c2 == 0 and blocks.groups == 1]
+    # (the chunked pick's pipeline-stage twins aside: test_chunked_picks_sweep_fewer_pipeline_stages)
+    stages = gn.chunk_stages(dtype)
+    padded = [
+        blocks
+        for blocks in candidates
+        if blocks.block_c2 == 0 and blocks.groups == 1 and (blocks.single_tile or blocks.stages == stages)
+    ]
     for blocks in padded:
         per_thread = blocks.block_c * blocks.block_hw // (32 * blocks.num_warps)
         assert blocks.block_c == 1 << (cpg - 1).bit_length()  # a channel column padded to a power of two
         assert per_thread >= 16 // dtype.itemsize  # at least one 16-byte vector of each input per thread
         assert blocks.single_tile or blocks.block_hw < 1 << (hw - 1).bit_length()
     # C/G = 24, 40, 48: every padded configuration again as two unpadded tiles
-    split = [blocks for blocks in candidates if blocks.block_c2]
+    split = [b for b in candidates if b.block_c2 and (b.single_tile or b.stages == min(stages, 2))]
     assert len(split) == (len(padded) if gn.split_channels(cpg) else 0)
     for blocks in split:
         assert blocks.block_c + blocks.block_c2 == cpg
-        assert gn.GNBlocks(1 << (cpg - 1).bit_length(), blocks.block_hw, blocks.single_tile, blocks.num_warps) in padded
+        column = 1 << (cpg - 1).bit_length()
+        twin_stages = 1 if blocks.single_tile else stages
+        assert gn.GNBlocks(column, blocks.block_hw, blocks.single_tile, blocks.num_warps, stages=twin_stages) in padded
 
 
 def test_split_candidates_are_labelled():
@@ -146,3 +154,16 @@ def test_batch_sums_candidates_include_the_rule_and_the_old_tile():
     assert candidates[0] == gn.pick_param_blocks(256) and gn.ParamBlocks(32, 32, 4, False) in candidates
     assert len(set(candidates)) == len(candidates)
     assert all(c.block_b == 256 and c.one_step for c in candidates[2:])
+
+
+def test_chunked_picks_sweep_fewer_pipeline_stages():
+    """The launcher's chunked pick (3 stages) beside its plain-loop (1) and 2-stage twins, and the split twin (2
+    stages) beside its plain-loop one (C/G = 24); single tiles have no loop to pipeline."""
+    default = gn.pick_blocks(24, 256, torch.bfloat16)  # C768 16x16: chunked
+    assert not default.single_tile and default.stages == 3
+    labels = [tune_gpu.gn_label(blocks) for blocks in tune_gpu.gn_candidates(24, 256, torch.bfloat16)]
+    assert [label for label in labels if " chunk s" in label and "hw128" in label and "w16" in label] == [
+        "c32 hw128 chunk s3 w16", "c16+8 hw128 chunk s2 w16", "c32 hw128 chunk s1 w16", "c32 hw128 chunk s2 w16",
+        "c16+8 hw128 chunk s1 w16",
+    ]  # fmt: skip
+    assert not [b for b in tune_gpu.gn_candidates(16, 64, torch.bfloat16) if b.stages != 1]  # single tiles

@@ -75,7 +75,7 @@ def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
     """Single register tiles on 1-32 warps (a 16-byte vector to 256 elements of each input per thread) and chunked
     tiles; the launcher's own pick always among them; for channel counts that are a sum of two powers of two, each
     configuration again with its channel column split in two unpadded tiles; for small single tiles, the launcher's
-    pick with 2-8 slabs per program."""
+    pick with 2-8 slabs per program; for chunked picks, the pick with fewer pipeline stages."""
     from imf_kernels.triton import group_norm as gn
 
     block_c = triton.next_power_of_2(cpg)
@@ -92,12 +92,18 @@ def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
     for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16)):
         block_hw = tile // block_c
         if tile < total and 1 <= block_hw <= hw2 and tile // (32 * warps) >= vector:
-            out.append(gn.GNBlocks(block_c, block_hw, False, warps))
+            out.append(gn.GNBlocks(block_c, block_hw, False, warps, stages=gn.chunk_stages(dtype)))
     default = gn.pick_blocks(cpg, hw, dtype)
     out = out if default in out else [default, *out]
     # each padded column's split twin (e.g. 48 channels as 32 + 16 rows): the same tiles without the padding
     # (no GPU has timed them yet; the launcher picks none)
     out += [split for blocks in out if (split := gn.split_tile(blocks, cpg)) is not None]
+    # the launcher's chunked pick with 1 (plain loops: the kernels before 2026-11-27), 2 and 3 pipeline stages, its
+    # split twin with 1 and 2 (split_tile's limit); each configuration's own among them
+    if not default.single_tile:
+        for blocks, stages in ((default, (1, 2, 3)), (gn.split_tile(default, cpg), (1, 2))):
+            if blocks is not None:
+                out += [dataclasses.replace(blocks, stages=s) for s in stages if s != blocks.stages]
     # small single tiles: 2-8 (sample, group) slabs per program, up to 8192 elements, on the launcher's warps times
     # the slabs (its elements per thread) or half that (no GPU has timed them yet; the launcher picks none)
     tile = default.block_c * default.block_hw
@@ -132,7 +138,8 @@ def param_label(blocks) -> str:
 def gn_label(blocks) -> str:
     rows = f"c{blocks.block_c}" + (f"+{blocks.block_c2}" if blocks.block_c2 else "")
     slabs = f" x{blocks.groups}" if blocks.groups > 1 else ""
-    return f"{rows}{slabs} hw{blocks.block_hw} {'single' if blocks.single_tile else 'chunk'} w{blocks.num_warps}"
+    layout = "single" if blocks.single_tile else f"chunk s{blocks.stages}"
+    return f"{rows}{slabs} hw{blocks.block_hw} {layout} w{blocks.num_warps}"
 
 
 def attention_label(cfg) -> str:

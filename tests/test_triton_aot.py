@@ -153,9 +153,10 @@ def test_specs_cover_every_config_picked_for_the_presets():
 
     gn_specs = group_norm.aot_specs()
     gn_compiled = {
-        (spec["name"].split("_")[1], spec["constexprs"]["BLOCK_C"], spec["constexprs"]["BLOCK_HW"], spec["num_warps"])
+        (spec["name"].split("_")[1], c["BLOCK_C"], c["BLOCK_HW"], spec["num_warps"], c["STAGES"])
         for spec in gn_specs
         if spec["fn"] is not group_norm._param_sums_kernel
+        for c in [spec["constexprs"]]
     }
     # the backward's second launch, the batch sums of grad_weight and grad_bias: the tile each preset batch picks,
     # the largest (the bench's batch of 256) and the loop over larger batches, in each dtype
@@ -176,7 +177,7 @@ def test_specs_cover_every_config_picked_for_the_presets():
         for _, channels, height, width, num_groups in group_norm.AOT_SHAPES:
             for pass_name in ("fwd", "jvp", "bwd"):
                 blocks = group_norm.pick_blocks(channels // num_groups, height * width, dtype)
-                assert (pass_name, blocks.block_c, blocks.block_hw, blocks.num_warps) in gn_compiled
+                assert (pass_name, blocks.block_c, blocks.block_hw, blocks.num_warps, blocks.stages) in gn_compiled
         for batch, *sample in loss.AOT_SHAPES:
             numel_per_sample = sample[0] * sample[1] * sample[2]
             forward = loss.pick_forward(batch, numel_per_sample, dtype)

@@ -59,6 +59,12 @@ class GNBlocks:
     # [groups, block_c, block_hw] tile, so that small groups share a program's fixed costs (reduction barriers,
     # per-channel stores)
     groups: int = 1
+    # chunked tiles only: the loops over chunks are software-pipelined with this many stages (Triton's tl.range
+    # num_stages; 3: the next two chunks' loads are in flight, as asynchronous copies to shared memory, while a
+    # chunk is reduced or written; 2: a chunk's x and dx are loaded together, after the previous chunk's work).
+    # 1: plain loops, where ptxas waited for each chunk's x before issuing its dx (sm_90 SASS, Triton 3.6 and 3.8),
+    # so a chunk cost two memory latencies plus its reductions' barriers.
+    stages: int = 1
 
 
 # tangents on the first m <= B samples: two launches into one output (`imf_kernels.interface`)
@@ -97,7 +103,9 @@ def split_tile(blocks: GNBlocks, channels_per_group: int) -> GNBlocks | None:
     split = split_channels(channels_per_group)
     if split is None or blocks.groups > 1:
         return None
-    return dataclasses.replace(blocks, block_c=split[0], block_c2=split[1])
+    # (at most 2 stages: four tiles a chunk; at 3, Triton 3.6 spilled the C/G = 40 forward (32 + 8 rows) and gave
+    # the C/G = 24 forward-with-tangent (16 + 8) 111 registers on 16 warps, one program per SM)
+    return dataclasses.replace(blocks, block_c=split[0], block_c2=split[1], stages=min(blocks.stages, 2))
 
 
 def group_tile(blocks: GNBlocks, groups: int, num_warps: int | None = None) -> GNBlocks | None:
@@ -127,6 +135,13 @@ def pick_blocks(channels_per_group: int, hw: int, dtype: torch.dtype) -> GNBlock
     return blocks
 
 
+def chunk_stages(dtype: torch.dtype) -> int:
+    """Pipeline stages of a chunked tile's loops (GNBlocks.stages): 3 in half precision (not yet timed on a GPU:
+    bench/tune_gpu.py sweeps 1 and 2 beside it); fp32 keeps plain loops: at 3 stages Triton 3.6 spilled its
+    16-warp forward, and the GPU runs (bf16) do not use it."""
+    return 3 if dtype.itemsize == 2 else 1
+
+
 def _pick_blocks(channels_per_group: int, hw: int, dtype: torch.dtype) -> GNBlocks:
     block_c = triton.next_power_of_2(channels_per_group)
     hw_pow2 = triton.next_power_of_2(hw)
@@ -140,7 +155,7 @@ def _pick_blocks(channels_per_group: int, hw: int, dtype: torch.dtype) -> GNBloc
         block_hw = max(1, (2 * _CHUNK_TILE if wide else _CHUNK_TILE) // block_c)
         elements_per_thread = (8 if wide else 16) if half else 8
     num_warps = min(_MAX_WARPS, max(_MIN_WARPS, block_c * block_hw // (32 * elements_per_thread)))
-    blocks = GNBlocks(block_c, block_hw, single_tile, num_warps)
+    blocks = GNBlocks(block_c, block_hw, single_tile, num_warps, stages=1 if single_tile else chunk_stages(dtype))
     check_gpu_rules(blocks)
     return blocks
 
@@ -416,6 +431,7 @@ def _gn_fwd_kernel(
     BLOCK_HW: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     GROUPS: tl.constexpr,
+    STAGES: tl.constexpr,
     WITH_TANGENT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -480,7 +496,7 @@ def _gn_fwd_kernel(
         m2 = tl.full([], 0.0, tl.float32)
         dx_mean = tl.full([], 0.0, tl.float32)
         comoment = tl.full([], 0.0, tl.float32)
-        for start in range(0, HW, BLOCK_HW):
+        for start in tl.range(0, HW, BLOCK_HW, num_stages=STAGES):
             offs, mask = _tile(start, rows, hw_offs, CPG, HW)
             x, dx = _load_inputs(x_ptr, dx_ptr, offs, mask, WITH_TANGENT)
             offs2, mask2, x2, dx2 = offs, mask, x, dx
@@ -503,7 +519,7 @@ def _gn_fwd_kernel(
         rstd = 1.0 / tl.sqrt_rn(m2 / n + eps)
         xh_dx_mean = rstd * comoment / n
         # Pass 2: normalise, modulate, activate, write.
-        for start in range(0, HW, BLOCK_HW):
+        for start in tl.range(0, HW, BLOCK_HW, num_stages=STAGES):
             offs, mask = _tile(start, rows, hw_offs, CPG, HW)
             x, dx = _load_inputs(x_ptr, dx_ptr, offs, mask, WITH_TANGENT)
             if BLOCK_C2 > 0:
@@ -535,7 +551,7 @@ def _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU: tl.constexpr
 @triton.jit
 def _chunked_channel_sums(
     x_ptr, grad_y_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta,
-    BLOCK: tl.constexpr, BLOCK_HW: tl.constexpr, ACT_SILU: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_HW: tl.constexpr, ACT_SILU: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     # Per channel of `rows`: S1 = sum_hw gh and S2 = sum_hw gh xh, gh = dL/dh, over chunks of BLOCK_HW positions.
     # Tile-shaped accumulators, reduced once after the loop. (Reducing inside the loop into [BLOCK] sums made
@@ -543,7 +559,7 @@ def _chunked_channel_sums(
     # SiLU when a sum has several uses: seen on an H200, 2026-11-26, reproduced by the AOT test.)
     acc_grad_h = tl.zeros([BLOCK, BLOCK_HW], tl.float32)
     acc_grad_h_xh = tl.zeros([BLOCK, BLOCK_HW], tl.float32)
-    for start in range(0, HW, BLOCK_HW):
+    for start in tl.range(0, HW, BLOCK_HW, num_stages=STAGES):
         offs, mask = _tile(start, rows, hw_offs, CPG, HW)
         x, grad_y = _load_inputs(x_ptr, grad_y_ptr, offs, mask, True)
         xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
@@ -573,10 +589,10 @@ def _store_channel_grads(
 @triton.jit
 def _chunked_grad_x(
     x_ptr, grad_y_ptr, grad_x_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta, g_mean, g_xh_mean,
-    BLOCK_HW: tl.constexpr, ACT_SILU: tl.constexpr,
+    BLOCK_HW: tl.constexpr, ACT_SILU: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     # grad_x = rstd (alpha gh - mean_g(alpha gh) - xh mean_g(alpha gh xh)), chunk by chunk (read again).
-    for start in range(0, HW, BLOCK_HW):
+    for start in tl.range(0, HW, BLOCK_HW, num_stages=STAGES):
         offs, mask = _tile(start, rows, hw_offs, CPG, HW)
         x, grad_y = _load_inputs(x_ptr, grad_y_ptr, offs, mask, True)
         xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
@@ -607,6 +623,7 @@ def _gn_bwd_kernel(
     BLOCK_HW: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     GROUPS: tl.constexpr,
+    STAGES: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -657,12 +674,12 @@ def _gn_bwd_kernel(
             sum_grad_h_xh2 = tl.sum(grad_h2 * xh2, axis=-1)
     else:
         sum_grad_h, sum_grad_h_xh = _chunked_channel_sums(
-            x_ptr, grad_y_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta, BLOCK_C, BLOCK_HW, ACT_SILU
+            x_ptr, grad_y_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta, BLOCK_C, BLOCK_HW, ACT_SILU, STAGES
         )
         if BLOCK_C2 > 0:
-            sum_grad_h2, sum_grad_h_xh2 = _chunked_channel_sums(
-                x_ptr, grad_y_ptr, rows2, hw_offs, CPG, HW, mean, rstd, alpha2, beta2, BLOCK_C2, BLOCK_HW, ACT_SILU
-            )
+            sum_grad_h2, sum_grad_h_xh2 = _chunked_channel_sums(x_ptr, grad_y_ptr, rows2, hw_offs, CPG, HW, mean, rstd,
+                                                                alpha2, beta2, BLOCK_C2, BLOCK_HW, ACT_SILU,
+                                                                STAGES)  # fmt: skip
 
     _store_channel_grads(*outputs, sample_offs, c_mask, w, b, one_plus_s, sum_grad_h, sum_grad_h_xh, *flags)
     # (sums over the channel axis, the last: a scalar for one slab, [GROUPS] for several)
@@ -683,10 +700,10 @@ def _gn_bwd_kernel(
             tl.store(grad_x_ptr + offs2, grad_x2.to(grad_x_ptr.dtype.element_ty), mask=mask2)
     else:
         _chunked_grad_x(x_ptr, grad_y_ptr, grad_x_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta, g_mean,
-                        g_xh_mean, BLOCK_HW, ACT_SILU)  # fmt: skip
+                        g_xh_mean, BLOCK_HW, ACT_SILU, STAGES)  # fmt: skip
         if BLOCK_C2 > 0:
             _chunked_grad_x(x_ptr, grad_y_ptr, grad_x_ptr, rows2, hw_offs, CPG, HW, mean, rstd, alpha2, beta2, g_mean,
-                            g_xh_mean, BLOCK_HW, ACT_SILU)  # fmt: skip
+                            g_xh_mean, BLOCK_HW, ACT_SILU, STAGES)  # fmt: skip
 
 
 # The backward's second launch: grad_weight and grad_bias summed over the batch from their (B, C) fp32 partials,
@@ -886,6 +903,7 @@ def _launch(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, 
         BLOCK_HW=blocks.block_hw,
         SINGLE_TILE=blocks.single_tile,
         GROUPS=blocks.groups,
+        STAGES=blocks.stages,
         WITH_TANGENT=with_tangent,
         HAS_DSCALE=with_tangent and dscale is not None,
         HAS_DSHIFT=with_tangent and dshift is not None,
@@ -982,6 +1000,7 @@ def gn_act_bwd(
         BLOCK_HW=blocks.block_hw,
         SINGLE_TILE=blocks.single_tile,
         GROUPS=blocks.groups,
+        STAGES=blocks.stages,
         num_warps=blocks.num_warps,
         **_flags(weight, bias, scale, shift, act),
     )
@@ -1088,6 +1107,10 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
             tile = picked.block_c * picked.block_hw
             if dtype == torch.bfloat16 and picked.single_tile and tile <= _MAX_SINGLE_TILE // 2:
                 candidates.append(group_tile(picked, min(num_groups, _MAX_SINGLE_TILE // tile)))
+            # and, for chunked bf16 picks, the plain loops (1 stage: the kernels before 2026-11-27) and 2 stages,
+            # bench/tune_gpu.py's candidates
+            if dtype == torch.bfloat16 and not picked.single_tile:
+                candidates += [dataclasses.replace(picked, stages=stages) for stages in (1, 2)]
             for blocks, pass_name, act_silu in itertools.product(
                 [b for b in candidates if b is not None], ("fwd", "jvp", "bwd"), (True, False)
             ):
@@ -1100,6 +1123,7 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                     "BLOCK_HW": blocks.block_hw,
                     "GROUPS": blocks.groups,
                     "SINGLE_TILE": blocks.single_tile,
+                    "STAGES": blocks.stages,
                     **all_options,
                     "ACT_SILU": act_silu,
                 }
@@ -1124,6 +1148,7 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                 layout = "single" if blocks.single_tile else "chunked"
                 split = f"s{blocks.block_c2}" if blocks.block_c2 else ""
                 split += f"g{blocks.groups}" if blocks.groups > 1 else ""
+                split += f"_s{blocks.stages}" if not blocks.single_tile and blocks.stages != GNBlocks.stages else ""
                 specs[key] = compile_spec(
                     f"gn_{pass_name}_{type_name}_c{blocks.block_c}{split}_hw{blocks.block_hw}_{layout}"
                     f"_{'silu' if act_silu else 'none'}",
