@@ -187,7 +187,7 @@ def test_specs_cover_every_config_picked_for_the_presets():
                 launches = (
                     (
                         "_loss_partial_kernel",
-                        {"CHUNK": forward.chunk, "BLOCK": forward.block, **flags},
+                        {"CHUNK": forward.chunk, "BLOCK": forward.block, **flags, "STAGES": forward.stages},
                         forward.num_warps,
                     ),
                     (

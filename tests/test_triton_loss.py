@@ -146,7 +146,9 @@ def test_loss_matches_reference(shape, dtype, c, p, meanflow):
 @pytest.mark.gpu
 @pytest.mark.parametrize("meanflow", [False, True], ids=["imf", "meanflow"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("shape", [(64, 4, 32, 32), (256, 3, 32, 32)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(64, 4, 32, 32), (256, 3, 32, 32), (8, 16, 64, 64)], ids=lambda s: "x".join(map(str, s))
+)  # (the last: chunks of 4 blocks, the pipelined loop)
 def test_loss_matches_reference_at_model_shapes(shape, dtype, meanflow):
     run_and_check(shape, dtype, "cuda", 0.01, 1.0, meanflow, seed=2)
 
@@ -181,14 +183,17 @@ def test_forward_picker():
         chunk=8, block=8, num_warps=1, num_chunks=1, finish_block_b=256, finish_block_c=1, finish_num_warps=4
     )
     # 3x256x256 pixels: chunks of 16 blocks, 12 per sample.
+    # (a chunk of several blocks: its loop pipelined over 3 stages)
     assert triton_loss.pick_forward(2, 3 * 256 * 256, torch.float16) == triton_loss.ForwardLaunch(
-        chunk=16384, block=1024, num_warps=4, num_chunks=12, finish_block_b=2, finish_block_c=16, finish_num_warps=1
-    )
+        chunk=16384, block=1024, num_warps=4, num_chunks=12, finish_block_b=2, finish_block_c=16, finish_num_warps=1,
+        stages=3,
+    )  # fmt: skip
     for numel in range(1, 300_000, 997):
         launch = triton_loss.pick_forward(7, numel, torch.float32)
         assert launch.chunk % launch.block == 0 and launch.num_chunks <= 16, numel
         assert (launch.num_chunks - 1) * launch.chunk < numel <= launch.num_chunks * launch.chunk, numel
         assert launch.finish_block_c >= launch.num_chunks, numel
+        assert launch.stages == (3 if launch.chunk > launch.block else 1), numel
 
 
 @pytest.mark.parametrize("block, num_warps", [(96, 1), (128, 3), (0, 1)])

@@ -76,6 +76,10 @@ class ForwardLaunch:
     finish_block_b: int  # samples per iteration of the finish program
     finish_block_c: int  # partials per sample, padded to a power of two
     finish_num_warps: int
+    # the chunk loop's software-pipeline stages (Triton's tl.range num_stages): 3 where a chunk is several blocks,
+    # so the next blocks' loads are in flight while one is summed (in a plain loop ptxas waited for a block's
+    # loads before the next block's: sm_90 SASS, samples above 16384 elements); 1 for one block a chunk (latent-b)
+    stages: int = 1
 
 
 @functools.lru_cache(maxsize=256)
@@ -90,7 +94,8 @@ def pick_forward(batch: int, numel_per_sample: int, dtype: torch.dtype) -> Forwa
     check_gpu_rules(chunk, num_warps, "CHUNK")
     check_gpu_rules(finish_block_b, finish_num_warps, "BLOCK_B")
     check_gpu_rules(finish_block_c, finish_num_warps, "BLOCK_C")
-    return ForwardLaunch(chunk, block, num_warps, num_chunks, finish_block_b, finish_block_c, finish_num_warps)
+    stages = 3 if chunk > block else 1
+    return ForwardLaunch(chunk, block, num_warps, num_chunks, finish_block_b, finish_block_c, finish_num_warps, stages)
 
 
 @triton.jit
@@ -123,6 +128,7 @@ def _loss_partial_kernel(
     BLOCK: tl.constexpr,
     WITH_V: tl.constexpr,
     CLIP_GAP: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     # partials[sample, chunk] = sum of e^2 over elements [chunk CHUNK, (chunk + 1) CHUNK) of the sample.
     sample = tl.program_id(0)
@@ -135,7 +141,7 @@ def _loss_partial_kernel(
     gap = _time_gap(t_ptr, r_ptr, sample, CLIP_GAP)
     acc_u = tl.zeros([BLOCK], tl.float32)
     acc_v = tl.zeros([BLOCK], tl.float32)
-    for offset in range(0, CHUNK, BLOCK):
+    for offset in tl.range(0, CHUNK, BLOCK, num_stages=STAGES):
         offs = chunk * CHUNK + offset + tl.arange(0, BLOCK)
         mask = offs < numel_per_sample
         v_target = tl.load(v_target_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -295,6 +301,7 @@ def _forward(u, du, v, v_target, t, r, c, p, with_v: bool, clip_gap: bool):
         BLOCK=launch.block,
         WITH_V=with_v,
         CLIP_GAP=clip_gap,
+        STAGES=launch.stages,
         num_warps=launch.num_warps,
     )
     launch_kernel(
@@ -410,8 +417,12 @@ def meanflow_loss_bwd(
 
 
 # Per-tensor shapes of the losses of the `latent-b` (4x32x32) and `cifar` (3x32x32) presets, at the training
-# batches and at the benchmark's batch 256 (the finish program's block follows the batch).
-AOT_SHAPES = tuple((batch, *sample) for sample in ((4, 32, 32), (3, 32, 32)) for batch in (8, 64, 256))
+# batches and at the benchmark's batch 256 (the finish program's block follows the batch), and bench/ops.py's big
+# loss (16x64x64: chunks of 4 blocks, the pipelined loop).
+AOT_SHAPES = (
+    *((batch, *sample) for sample in ((4, 32, 32), (3, 32, 32)) for batch in (8, 64, 256)),
+    (256, 16, 64, 64),
+)
 _LOSSES = (("imf", True, False), ("meanflow", False, True))  # (name, WITH_V, CLIP_GAP)
 
 
@@ -442,7 +453,7 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                     (
                         f"{loss_name}_loss_fwd_{type_name}_chunk{launch.chunk}_block{launch.block}",
                         _loss_partial_kernel,
-                        {"CHUNK": launch.chunk, "BLOCK": launch.block, **flags},
+                        {"CHUNK": launch.chunk, "BLOCK": launch.block, **flags, "STAGES": launch.stages},
                         runtime_types,
                         launch.num_warps,
                         aligned_numel,
