@@ -60,7 +60,7 @@ def test_small_single_tiles_sweep_several_slabs_per_program():
 def test_small_groups_sweep_one_and_two_warps():
     candidates = tune_gpu.gn_candidates(16, 64, torch.bfloat16)
     labels = [tune_gpu.gn_label(blocks) for blocks in candidates if blocks.groups == 1]
-    assert labels == ["c16 hw64 single w1", "c16 hw64 single w2", "c16 hw64 single w4"]
+    assert labels == ["c16 hw64 single w2", "c16 hw64 single w1", "c16 hw64 single w4"]  # the pick (w2) first
 
 
 def test_launch_config_replaces_the_pick_inside_the_block_only():
@@ -162,8 +162,8 @@ def test_chunked_picks_sweep_fewer_pipeline_stages():
     default = gn.pick_blocks(24, 256, torch.bfloat16)  # C768 16x16: chunked
     assert not default.single_tile and default.stages == 3
     labels = [tune_gpu.gn_label(blocks) for blocks in tune_gpu.gn_candidates(24, 256, torch.bfloat16)]
-    assert [label for label in labels if " chunk s" in label and "hw128" in label and "w16" in label] == [
-        "c32 hw128 chunk s3 w16", "c16+8 hw128 chunk s2 w16", "c32 hw128 chunk s1 w16", "c32 hw128 chunk s2 w16",
+    assert labels[:5] == [  # the pick and its variants first: what a sweep cut at a lease's deadline times
+        "c32 hw128 chunk s3 w16", "c32 hw128 chunk s1 w16", "c32 hw128 chunk s2 w16", "c16+8 hw128 chunk s2 w16",
         "c16+8 hw128 chunk s1 w16",
     ]  # fmt: skip
     assert not [b for b in tune_gpu.gn_candidates(16, 64, torch.bfloat16) if b.stages != 1]  # single tiles

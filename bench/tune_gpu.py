@@ -75,7 +75,8 @@ def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
     """Single register tiles on 1-32 warps (a 16-byte vector to 256 elements of each input per thread) and chunked
     tiles; the launcher's own pick always among them; for channel counts that are a sum of two powers of two, each
     configuration again with its channel column split in two unpadded tiles; for small single tiles, the launcher's
-    pick with 2-8 slabs per program; for chunked picks, the pick with fewer pipeline stages."""
+    pick with 2-8 slabs per program; for chunked picks, the pick with fewer pipeline stages. The pick and its
+    variants come first."""
     from imf_kernels.triton import group_norm as gn
 
     block_c = triton.next_power_of_2(cpg)
@@ -100,10 +101,11 @@ def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
     out += [split for blocks in out if (split := gn.split_tile(blocks, cpg)) is not None]
     # the launcher's chunked pick with 1 (plain loops: the kernels before 2026-11-27), 2 and 3 pipeline stages, its
     # split twin with 1 and 2 (split_tile's limit); each configuration's own among them
+    first = [default]
     if not default.single_tile:
         for blocks, stages in ((default, (1, 2, 3)), (gn.split_tile(default, cpg), (1, 2))):
             if blocks is not None:
-                out += [dataclasses.replace(blocks, stages=s) for s in stages if s != blocks.stages]
+                first += [blocks, *(dataclasses.replace(blocks, stages=s) for s in stages if s != blocks.stages)]
     # small single tiles: 2-8 (sample, group) slabs per program, up to 8192 elements, on the launcher's warps times
     # the slabs (its elements per thread) or half that (no GPU has timed them yet; the launcher picks none)
     tile = default.block_c * default.block_hw
@@ -111,8 +113,9 @@ def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
         for groups in (2, 4, 8):
             for warps in sorted({default.num_warps * groups, max(1, default.num_warps * groups // 2)}):
                 if tile * groups <= 8192 and warps <= 16 and tile * groups // (32 * warps) >= vector:
-                    out.append(gn.group_tile(default, groups, num_warps=warps))
-    return out
+                    first.append(gn.group_tile(default, groups, num_warps=warps))
+    # the pick and the variants of it first (a short lease's sweep, cut at its deadline, times those), then the rest
+    return list(dict.fromkeys([*first, *out]))
 
 
 def param_candidates(batch: int) -> list:
