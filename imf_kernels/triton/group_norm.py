@@ -710,9 +710,10 @@ def _gn_bwd_kernel(
 # PARAM_BLOCK_C channels per program, up to PARAM_MAX_ROWS samples per step as one tile, in a fixed order (the same
 # result every run). Its data is small (2 B C fp32: 512 KiB at latent-b's B256 C256), so its time is latency: the
 # lease-5 Nsight Compute pages found the earlier rule (32 channels, 32 samples a step: 8 programs of 8 dependent
-# steps at C256 B256) taking ~10 us at 6% occupancy, half of the C256 8x8 backward. This rule (16 channels, the
-# latent-b batch of 256 in one step: 16 programs issuing all their loads at once, 16 fp32 of each partial per
-# thread) is not yet timed on a GPU; bench/tune_gpu.py's group_norm sweep times both beside each other ("bwd" pass).
+# steps at C256 B256) taking ~10 us at 6% occupancy, half of the C256 8x8 backward. This rule (8 channels a
+# program, the latent-b batch of 256 in one straight-line step: 32 programs at C256, one 16-byte vector of each
+# partial per thread on 16 warps, both loads issued at once) is not yet timed on a GPU; bench/tune_gpu.py's
+# group_norm sweep times both, and other tiles, beside each other (its "bwd" pass). Batches above 256 loop.
 PARAM_BLOCK_C = 8
 PARAM_MAX_ROWS = 256
 _PARAM_ELEMENTS_PER_THREAD = 4
