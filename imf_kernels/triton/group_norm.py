@@ -794,7 +794,7 @@ def _param_sums_kernel(
     else:
         acc_weight = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
         acc_bias = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
-        for start in range(0, batch, BLOCK_B):
+        for start in tl.range(0, batch, BLOCK_B, num_stages=3):  # (pipelined: the same wait as above otherwise)
             weight_tile, bias_tile = _param_tiles(grad_weight_partial_ptr, grad_bias_partial_ptr, start, batch,
                                                   channels, columns, c_mask, BLOCK_B, BLOCK_C, HAS_WEIGHT,
                                                   HAS_BIAS)  # fmt: skip
