@@ -163,7 +163,41 @@ def test_chunked_picks_sweep_fewer_pipeline_stages():
     assert not default.single_tile and default.stages == 3
     labels = [tune_gpu.gn_label(blocks) for blocks in tune_gpu.gn_candidates(24, 256, torch.bfloat16)]
     assert labels[:5] == [  # the pick and its variants first: what a sweep cut at a lease's deadline times
-        "c32 hw128 chunk s3 w16", "c32 hw128 chunk s1 w16", "c32 hw128 chunk s2 w16", "c16+8 hw128 chunk s2 w16",
+        "c32 hw128 chunk s3 w16", "c16+8 hw128 chunk s2 w16", "c32 hw128 chunk s1 w16", "c32 hw128 chunk s2 w16",
         "c16+8 hw128 chunk s1 w16",
     ]  # fmt: skip
     assert not [b for b in tune_gpu.gn_candidates(16, 64, torch.bfloat16) if b.stages != 1]  # single tiles
+
+
+def test_the_sweep_times_every_shapes_pick_and_variants_before_the_rest(tmp_path):
+    """Two rounds over the shapes (a lease's sweep is cut at its deadline): the launcher's pick and its variants on
+    every shape first, then the other candidates (here under the interpreter, --smoke, two shapes)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "rows.json"
+    args = ["--smoke", "--families", "group_norm", "--gn-shapes", "64x8", "256x4", "--passes", "jvp"]
+    done = subprocess.run(
+        [sys.executable, str(Path(tune_gpu.__file__)), *args, "--budget", "0.001", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    first = {
+        shape: [tune_gpu.gn_label(b) for b in tune_gpu.gn_candidate_groups(cpg, hw, torch.float32)[0]]
+        for shape, cpg, hw in (("B1 C64 8x8 G32", 2, 64), ("B1 C256 4x4 G32", 8, 16))
+    }
+    in_first = [row["config"] in first[row["shape"]] for row in rows]
+    assert in_first == sorted(in_first, reverse=True) and any(in_first) and not all(in_first)
+    assert [row["shape"] for row in rows[: in_first.count(True)]] == [
+        shape for shape in first for _ in first[shape]
+    ]  # the first round: each shape's pick and variants, in the order asked for
+
+
+def test_the_first_group_has_the_picks_split_twin_for_single_tiles_too():
+    first, rest = tune_gpu.gn_candidate_groups(24, 64, torch.bfloat16)  # C768 8x8: a padded single tile
+    assert [tune_gpu.gn_label(b) for b in first[:2]] == ["c32 hw64 single w2", "c16+8 hw64 single w2"]
+    assert not set(first) & set(rest)

@@ -71,12 +71,18 @@ class Sweep:
             )
 
 
-def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
+def gn_candidates(cpg: int, hw: int, dtype: torch.dtype) -> list:
+    """Every candidate of gn_candidate_groups, the pick and its variants first."""
+    first, rest = gn_candidate_groups(cpg, hw, dtype)
+    return [*first, *rest]
+
+
+def gn_candidate_groups(cpg: int, hw: int, dtype: torch.dtype) -> tuple[list, list]:
     """Single register tiles on 1-32 warps (a 16-byte vector to 256 elements of each input per thread) and chunked
     tiles; the launcher's own pick always among them; for channel counts that are a sum of two powers of two, each
     configuration again with its channel column split in two unpadded tiles; for small single tiles, the launcher's
-    pick with 2-8 slabs per program; for chunked picks, the pick with fewer pipeline stages. The pick and its
-    variants come first."""
+    pick with 2-8 slabs per program; for chunked picks, the pick with fewer pipeline stages. (the pick and its
+    variants, every other candidate): a sweep cut at a lease's deadline should have timed the first group."""
     from imf_kernels.triton import group_norm as gn
 
     block_c = triton.next_power_of_2(cpg)
@@ -101,11 +107,11 @@ def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
     out += [split for blocks in out if (split := gn.split_tile(blocks, cpg)) is not None]
     # the launcher's chunked pick with 1 (plain loops: the kernels before 2026-11-27), 2 and 3 pipeline stages, its
     # split twin with 1 and 2 (split_tile's limit); each configuration's own among them
-    first = [default]
+    first = [default, *[split for split in [gn.split_tile(default, cpg)] if split is not None]]
     if not default.single_tile:
         for blocks, stages in ((default, (1, 2, 3)), (gn.split_tile(default, cpg), (1, 2))):
             if blocks is not None:
-                first += [blocks, *(dataclasses.replace(blocks, stages=s) for s in stages if s != blocks.stages)]
+                first += [dataclasses.replace(blocks, stages=s) for s in stages if s != blocks.stages]
     # small single tiles: 2-8 (sample, group) slabs per program, up to 8192 elements, on the launcher's warps times
     # the slabs (its elements per thread) or half that (no GPU has timed them yet; the launcher picks none)
     tile = default.block_c * default.block_hw
@@ -114,8 +120,8 @@ def gn_candidates(cpg: int, hw: int, dtype: torch.dtype):
             for warps in sorted({default.num_warps * groups, max(1, default.num_warps * groups // 2)}):
                 if tile * groups <= 8192 and warps <= 16 and tile * groups // (32 * warps) >= vector:
                     first.append(gn.group_tile(default, groups, num_warps=warps))
-    # the pick and the variants of it first (a short lease's sweep, cut at its deadline, times those), then the rest
-    return list(dict.fromkeys([*first, *out]))
+    first = list(dict.fromkeys(first))
+    return first, [blocks for blocks in dict.fromkeys(out) if blocks not in first]
 
 
 def param_candidates(batch: int) -> list:
@@ -189,27 +195,33 @@ def gn_shape(text: str) -> tuple[int, int]:
 
 
 def sweep_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES, passes_=GN_PASSES):
+    """Two rounds over the shapes: first the launcher's pick and its variants (and the batch sums' rule beside the
+    tile it replaced), then every other candidate, so that a sweep cut at a lease's deadline has the comparisons
+    that decide the rules on every shape asked for."""
     from imf_kernels.triton import group_norm as gn
 
-    for channels, res in shapes:
-        passes = only(gn_passes(gn, sweep.device, dtype, batch, channels, res), passes_)
-        default = gn.pick_blocks(channels // 32, res * res, dtype)
-        candidates = gn_candidates(channels // 32, res * res, dtype)
-        for pass_name, (nbytes, fn) in passes.items():
-            sweep.time_configs(
-                gn, "pick_blocks", candidates, default, fn, nbytes, gn_label,
-                family="group_norm", shape=f"B{batch} C{channels} {res}x{res} G32", pass_=pass_name,
-            )  # fmt: skip
-        if "bwd" in passes:  # the backward again, under each tile of its second launch (the batch sums)
-            nbytes, fn = passes["bwd"]
-            sweep.time_configs(
-                gn, "pick_param_blocks", param_candidates(batch), gn.pick_param_blocks(batch), fn, nbytes,
-                param_label, family="group_norm_param_sums", shape=f"B{batch} C{channels} {res}x{res} G32",
-                pass_="bwd",
-            )  # fmt: skip
-        del passes
-        if sweep.device.type == "cuda":
-            torch.cuda.empty_cache()
+    for first_round in (True, False):
+        for channels, res in shapes:
+            cpg, hw = channels // 32, res * res
+            candidates = gn_candidate_groups(cpg, hw, dtype)[0 if first_round else 1]
+            sums = param_candidates(batch)
+            sums = sums[:2] if first_round else sums[2:]
+            passes = only(gn_passes(gn, sweep.device, dtype, batch, channels, res), passes_)
+            shape = f"B{batch} C{channels} {res}x{res} G32"
+            for pass_name, (nbytes, fn) in passes.items():
+                sweep.time_configs(
+                    gn, "pick_blocks", candidates, gn.pick_blocks(cpg, hw, dtype), fn, nbytes, gn_label,
+                    family="group_norm", shape=shape, pass_=pass_name,
+                )  # fmt: skip
+            if "bwd" in passes:  # the backward again, under each tile of its second launch (the batch sums)
+                nbytes, fn = passes["bwd"]
+                sweep.time_configs(
+                    gn, "pick_param_blocks", sums, gn.pick_param_blocks(batch), fn, nbytes, param_label,
+                    family="group_norm_param_sums", shape=shape, pass_="bwd",
+                )  # fmt: skip
+            del passes
+            if sweep.device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def sweep_cuda_group_norm(sweep: Sweep, dtype, batch=256, shapes=GN_SHAPES, passes_=GN_PASSES):
