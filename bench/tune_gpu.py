@@ -5,7 +5,8 @@
     python bench/tune_gpu.py --families group_norm --gn-shapes 768x16 256x8 --passes jvp bwd   # a lease's minute
 
 For each layer shape and pass it times every candidate block configuration (the launcher's own choice marked
-`*`) with the same rules as bench/ops.py (CUDA events after an L2 flush, medians; bench/common.py), calling the
+`*`; GroupNorm in two rounds over the shapes: the pick and its variants, then the rest) with the same rules as
+bench/ops.py (CUDA events after an L2 flush, medians; bench/common.py), calling the
 launchers in `imf_kernels.triton` directly with their `pick_blocks` / `pick_config` replaced for the call. Prints
 the time, GB/s and fraction of a 512 MiB device-to-device copy of each, best first; writes every row as JSON.
 What the sweep finds goes into the launchers' tables by hand (and through tests/test_triton_aot.py's spill check).
