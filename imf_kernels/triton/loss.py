@@ -160,10 +160,10 @@ def _loss_partial_kernel(
 
 
 @triton.jit
-def _finish_one_loss(partials_ptr, loss_ptr, w_ptr, samples, in_batch, tile, tile_mask, c, p):
-    """L = sum of a sample's partials and w = 1 / (L + c)^p for a block of samples, stored in float32;
-    returns (L, w L) in float64, 0 outside the batch, for the batch totals."""
-    loss = tl.sum(tl.load(partials_ptr + tile, mask=tile_mask, other=0.0).to(tl.float64), axis=1)
+def _finish_one_loss(partials, loss_ptr, w_ptr, samples, in_batch, c, p):
+    """L = sum of a sample's partials (a loaded [samples, chunks] tile) and w = 1 / (L + c)^p for a block of
+    samples, stored in float32; returns (L, w L) in float64, 0 outside the batch, for the batch totals."""
+    loss = tl.sum(partials.to(tl.float64), axis=1)
     weight = _loss_weight(loss, c, p)
     tl.store(loss_ptr + samples, loss.to(tl.float32), mask=in_batch)
     tl.store(w_ptr + samples, weight.to(tl.float32), mask=in_batch)
@@ -199,15 +199,18 @@ def _loss_finish_kernel(
         in_batch = samples < batch
         tile = samples[:, None] * num_chunks + chunks[None, :]
         tile_mask = in_batch[:, None] & (chunks[None, :] < num_chunks)
-        loss_u, weighted_u = _finish_one_loss(
-            partials_u_ptr, loss_u_ptr, w_u_ptr, samples, in_batch, tile, tile_mask, c, p
-        )
+        # both losses' partials are loaded before either is summed: the sums' barriers would otherwise hold the
+        # second load back a whole memory latency (sm_90 SASS: the v partials were loaded after the u loss's
+        # reductions)
+        partials_u = tl.load(partials_u_ptr + tile, mask=tile_mask, other=0.0)
+        partials_v = partials_u
+        if WITH_V:
+            partials_v = tl.load(partials_v_ptr + tile, mask=tile_mask, other=0.0)
+        loss_u, weighted_u = _finish_one_loss(partials_u, loss_u_ptr, w_u_ptr, samples, in_batch, c, p)
         loss_u_sum += loss_u
         weighted_sum += weighted_u
         if WITH_V:
-            loss_v, weighted_v = _finish_one_loss(
-                partials_v_ptr, loss_v_ptr, w_v_ptr, samples, in_batch, tile, tile_mask, c, p
-            )
+            loss_v, weighted_v = _finish_one_loss(partials_v, loss_v_ptr, w_v_ptr, samples, in_batch, c, p)
             loss_v_sum += loss_v
             weighted_sum += weighted_v
     tl.store(totals_ptr, (tl.sum(weighted_sum, axis=0) / batch).to(tl.float32))
