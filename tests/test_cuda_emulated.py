@@ -140,9 +140,9 @@ def test_group_norm_kernel_kinds(shape, dtype, kind, emulated, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_group_norm_parameter_sums_over_several_steps(dtype, emulated):
-    """The backward's batch sums of grad_weight and grad_bias where a block's 32 rows of threads take each 8 samples
-    more than once (300 samples: two steps, the second masked) and 20 channels leave the third block's columns
-    partly empty: in parity with the float64 reference."""
+    """The backward's batch sums of grad_weight and grad_bias: each of a block's 32 rows of threads loads 8 samples
+    a step, so 300 samples take two steps (the second masked), and 20 channels leave the third block of 8 columns
+    half empty; in parity with the float64 reference."""
     emulated.emulator_launches()
     cuda_tests.check_gn_backward((300, 20, 2, 3, 4), "full-silu", dtype)
     assert emulated.emulator_launches()[-1] == [3, 1, 256, 0]
