@@ -66,8 +66,7 @@ def _load_registers(opcode: str, destination: str) -> set[int]:
 def load_schedule(sass: str) -> LoadSchedule:
     """Counts the loads of one kernel's SASS and lists those that waited (see the module docstring)."""
     schedule = LoadSchedule()
-    pending: set[int] = set()  # registers of issued loads whose data no instruction has read yet
-    loaded: set[int] = set()  # registers of every load issued so far (their data may have been read)
+    loaded: set[int] = set()  # registers holding data of a load issued so far (until overwritten)
     read_since_load = barrier_since_load = seen_load = False
     for text in instructions(sass):
         body = re.sub(r"^@!?U?P\w+\s+", "", text)  # the predicate
@@ -85,9 +84,7 @@ def load_schedule(sass: str) -> LoadSchedule:
                 schedule.waited.append(body)
             elif seen_load and barrier_since_load:
                 schedule.after_barrier.append(body)
-            registers = _load_registers(opcode, parts[0])
-            pending |= registers
-            loaded |= registers
+            loaded |= _load_registers(opcode, parts[0])
             read_since_load = barrier_since_load = False
             seen_load = True
             continue
@@ -97,13 +94,10 @@ def load_schedule(sass: str) -> LoadSchedule:
         # every operand of a store is read; of anything else, all but the first (its destination)
         sources = parts if opcode.startswith(("ST", "RED", "ATOM")) else parts[1:]
         read = {int(number) for part in sources for number in _REGISTER.findall(part)}
-        if read & loaded:
-            read_since_load = True
-            pending -= read
+        read_since_load = read_since_load or bool(read & loaded)
         # a destination overwritten is no longer a load's data
         if not opcode.startswith(("ST", "RED")) and parts and (match := _REGISTER.search(parts[0])):
             loaded.discard(int(match.group(1)))
-            pending.discard(int(match.group(1)))
     return schedule
 
 
