@@ -23,15 +23,14 @@ import dataclasses
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
 _REGISTER = re.compile(r"\bR(\d+)\b")
+_PREDICATE = re.compile(r"^@!?U?P\w+\s+")
 _VECTOR_REGISTERS = {".128": 4, ".64": 2}
 
 
@@ -55,6 +54,10 @@ def instructions(sass: str) -> list[str]:
     return [match.group(1) for line in sass.splitlines() if (match := _INSTRUCTION.search(line))]
 
 
+def _without_predicate(text: str) -> str:
+    return _PREDICATE.sub("", text)
+
+
 def _load_registers(opcode: str, destination: str) -> set[int]:
     first = _REGISTER.search(destination)
     if first is None:
@@ -69,7 +72,7 @@ def load_schedule(sass: str) -> LoadSchedule:
     loaded: set[int] = set()  # registers holding data of a load issued so far (until overwritten)
     read_since_load = barrier_since_load = seen_load = False
     for text in instructions(sass):
-        body = re.sub(r"^@!?U?P\w+\s+", "", text)  # the predicate
+        body = _without_predicate(text)
         opcode, _, operands = body.partition(" ")
         parts = [part.strip() for part in operands.split(",")]
         if opcode.startswith("LDGSTS"):
@@ -101,50 +104,31 @@ def load_schedule(sass: str) -> LoadSchedule:
     return schedule
 
 
-def cuobjdump() -> Path:
-    import triton
-
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+def _aot_tests():
+    """tests/test_triton_aot.py: the AOT specs, their sm_90 compile and cuobjdump."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        import test_triton_aot
+    finally:
+        sys.path.pop(0)
+    return test_triton_aot
 
 
 def spec_sass(family_spec) -> str:
     """The sm_90 SASS of one (family, spec) of tests/test_triton_aot.family_specs()."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        import test_triton_aot
-    finally:
-        sys.path.pop(0)
-    _, spec = family_spec
-    kernel = triton.compile(
-        test_triton_aot._ast_source(spec),
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]},
-    )
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        listing = subprocess.run([str(cuobjdump()), "-sass", cubin.name], capture_output=True, text=True, check=True)
-        return listing.stdout
+    aot = _aot_tests()
+    return aot.cuobjdump(aot.compile_sm90(family_spec[1]), "-sass")
 
 
-def matching_specs(text: str) -> list:
-    """(family, spec) of every ahead-of-time spec whose name contains `text` (first of each name). Needs a process
-    without TRITON_INTERPRET=1 when imf_kernels is imported (the interpreter's functions cannot be compiled): the
-    command line removes it; tests run the command in a child process."""
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        import test_triton_aot
-    finally:
-        sys.path.pop(0)
-    seen, out = set(), []
-    for family, spec in test_triton_aot.family_specs():
-        if text in spec["name"] and spec["name"] not in seen:
-            seen.add(spec["name"])
-            out.append((family, spec))
-    return out
+def matching_specs(*texts: str) -> list:
+    """(family, spec) of every ahead-of-time spec whose name contains one of `texts` (first of each name). Needs a
+    process without TRITON_INTERPRET=1 when imf_kernels is imported (the interpreter's functions cannot be
+    compiled): the command line removes it; tests run the command in a child process."""
+    out = {}
+    for family, spec in _aot_tests().family_specs():
+        if any(text in spec["name"] for text in texts):
+            out.setdefault(spec["name"], (family, spec))
+    return list(out.values())
 
 
 def main() -> int:
@@ -153,13 +137,11 @@ def main() -> int:
     parser.add_argument("--sass", action="store_true", help="also print the loads, barriers and branches")
     parser.add_argument("--json", action="store_true", help="one JSON row per spec instead of the table")
     args = parser.parse_args()
-    specs = []
-    for name in args.names:
-        found = matching_specs(name)
-        if not found:
-            print(f"sass_loads.py: no ahead-of-time spec name contains {name!r}", file=sys.stderr)
-            return 2
-        specs += [spec for spec in found if spec[1]["name"] not in {known[1]["name"] for known in specs}]
+    specs = matching_specs(*args.names)
+    unmatched = [name for name in args.names if not any(name in spec["name"] for _, spec in specs)]
+    if unmatched:
+        print(f"sass_loads.py: no ahead-of-time spec name contains {', '.join(unmatched)}", file=sys.stderr)
+        return 2
     import triton
 
     if args.json:
@@ -181,7 +163,7 @@ def main() -> int:
         if args.sass:
             for text in instructions(sass):
                 if re.search(r"\b(LDG|LDGSTS|DEPBAR|BAR|BRA)\b|LDG\.|LDGSTS\.", text):
-                    mark = " <- waited" if re.sub(r"^@!?U?P\w+\s+", "", text) in schedule.waited else ""
+                    mark = " <- waited" if _without_predicate(text) in schedule.waited else ""
                     print(f"    {text}{mark}")
     return 0
 

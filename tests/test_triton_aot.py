@@ -59,31 +59,41 @@ def _ast_source(spec: dict):
     return triton.compiler.ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
 
 
-def compile_spec(index: int) -> dict:
-    """Compile spec `index` of family_specs() for sm_90 and read its resource usage from the cubin."""
+def compile_sm90(spec: dict):
+    """The CompiledKernel of one spec for sm_90 (what a GPU's JIT would build; no GPU needed)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
+    return triton.compile(
+        _ast_source(spec),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]},
+    )
+
+
+def cuobjdump(kernel, flag: str) -> str:
+    """`cuobjdump <flag>` (e.g. -res-usage, -sass) of a compiled kernel's cubin, with Triton's bundled cuobjdump."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([str(tool), flag, cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def compile_spec(index: int) -> dict:
+    """Compile spec `index` of family_specs() for sm_90 and read its resource usage from the cubin."""
     family, spec = family_specs()[index]
     blocks = " ".join(f"{arg}={value}" for arg, value in spec["constexprs"].items() if arg.startswith("BLOCK"))
     row = {"family": family, "name": spec["name"], "config": f"{blocks} warps={spec['num_warps']}"}
     start = time.perf_counter()
     try:
-        kernel = triton.compile(
-            _ast_source(spec),
-            target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]},
-        )
+        kernel = compile_sm90(spec)
     except Exception as error:  # every failure is reported as a row and fails the test
         row["error"] = f"{type(error).__name__}: {error}"[:2000]
         return row
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run(
-            [str(cuobjdump), "-res-usage", cubin.name], capture_output=True, text=True, check=True
-        ).stdout
+    usage = cuobjdump(kernel, "-res-usage")
     registers, stack, static_shared, local = map(int, RESOURCE_PATTERN.search(usage).groups())
     # Triton allocates its scratch as dynamic shared memory, which the cubin's SHARED does not count.
     row.update(
