@@ -3,6 +3,12 @@ get the 1-2 warp configurations the launcher picks for them."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import tune_gpu
@@ -99,49 +105,36 @@ def test_bad_gn_shapes_are_refused_by_name(text, message):
         tune_gpu.gn_shape(text)
 
 
+def smoke_rows(tmp_path, *args: str) -> list[dict]:
+    """The rows of `bench/tune_gpu.py --smoke --families group_norm --budget 0.001 ARGS` in a child process (Triton's
+    interpreter on CPU tensors)."""
+    out = tmp_path / "rows.json"
+    done = run_tune_gpu("--smoke", "--families", "group_norm", "--budget", "0.001", *args, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text())["rows"]
+
+
+def run_tune_gpu(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # --smoke runs Triton's interpreter on CPU tensors
+    command = [sys.executable, str(Path(tune_gpu.__file__)), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
 def test_a_smoke_sweep_takes_the_shapes_and_passes_asked_for(tmp_path):
     """--gn-shapes and --passes narrow the sweep (a lease's minute on the shapes that miss their targets): the rows
     are those shapes and passes only (here under the interpreter, --smoke)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    out = tmp_path / "rows.json"
-    script = Path(tune_gpu.__file__)
-    args = ["--smoke", "--families", "group_norm", "--gn-shapes", "64x4", "--passes", "jvp", "--budget", "0.001"]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # --smoke runs Triton's interpreter on CPU tensors
-    done = subprocess.run(
-        [sys.executable, str(script), *args, "--out", str(out)], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = smoke_rows(tmp_path, "--gn-shapes", "64x4", "--passes", "jvp")
     assert rows and {(row["shape"], row["pass_"]) for row in rows} == {("B1 C64 4x4 G32", "jvp")}
     assert sum(row["default"] for row in rows) == 1 and all(row["ms"] is not None for row in rows)
-    bad = [sys.executable, str(script), "--smoke", "--gn-shapes", "100x4"]
-    bad = subprocess.run(bad, capture_output=True, text=True, timeout=600, env=env)
+    bad = run_tune_gpu("--smoke", "--gn-shapes", "100x4")
     assert bad.returncode == 2 and "'100x4': channels must be a positive multiple of 32" in bad.stderr
 
 
 def test_the_backward_sweep_times_the_batch_sums_tiles_too(tmp_path):
     """--passes bwd also times the backward under each tile of its batch sums (the second launch), the launcher's
     own once, as family group_norm_param_sums (here under the interpreter, --smoke: batch 1)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    out = tmp_path / "rows.json"
-    args = ["--smoke", "--families", "group_norm", "--gn-shapes", "64x4", "--passes", "bwd", "--budget", "0.001"]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, str(Path(tune_gpu.__file__)), *args, "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = [row for row in json.loads(out.read_text())["rows"] if row["family"] == "group_norm_param_sums"]
+    rows = smoke_rows(tmp_path, "--gn-shapes", "64x4", "--passes", "bwd")
+    rows = [row for row in rows if row["family"] == "group_norm_param_sums"]
     assert {row["config"] for row in rows} == {"sums b1 c8 w1", "sums b32 c32 w4"}
     assert [row["config"] for row in rows if row["default"]] == ["sums b1 c8 w1"]
     assert all(row["ms"] is not None and row["pass_"] == "bwd" for row in rows)
@@ -172,20 +165,7 @@ def test_chunked_picks_sweep_fewer_pipeline_stages():
 def test_the_sweep_times_every_shapes_pick_and_variants_before_the_rest(tmp_path):
     """Two rounds over the shapes (a lease's sweep is cut at its deadline): the launcher's pick and its variants on
     every shape first, then the other candidates (here under the interpreter, --smoke, two shapes)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    out = tmp_path / "rows.json"
-    args = ["--smoke", "--families", "group_norm", "--gn-shapes", "64x8", "256x4", "--passes", "jvp"]
-    done = subprocess.run(
-        [sys.executable, str(Path(tune_gpu.__file__)), *args, "--budget", "0.001", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = smoke_rows(tmp_path, "--gn-shapes", "64x8", "256x4", "--passes", "jvp")
     first = {
         shape: [tune_gpu.gn_label(b) for b in tune_gpu.gn_candidate_groups(cpg, hw, torch.float32)[0]]
         for shape, cpg, hw in (("B1 C64 8x8 G32", 2, 64), ("B1 C256 4x4 G32", 8, 16))

@@ -102,15 +102,15 @@ def gn_candidate_groups(cpg: int, hw: int, dtype: torch.dtype) -> tuple[list, li
         if tile < total and 1 <= block_hw <= hw2 and tile // (32 * warps) >= vector:
             out.append(gn.GNBlocks(block_c, block_hw, False, warps, stages=gn.chunk_stages(dtype)))
     default = gn.pick_blocks(cpg, hw, dtype)
-    out = out if default in out else [default, *out]
     # each padded column's split twin (e.g. 48 channels as 32 + 16 rows): the same tiles without the padding
     # (no GPU has timed them yet; the launcher picks none)
     out += [split for blocks in out if (split := gn.split_tile(blocks, cpg)) is not None]
     # the launcher's chunked pick with 1 (plain loops: the kernels before 2026-11-27), 2 and 3 pipeline stages, its
     # split twin with 1 and 2 (split_tile's limit); each configuration's own among them
-    first = [default, *[split for split in [gn.split_tile(default, cpg)] if split is not None]]
+    default_split = gn.split_tile(default, cpg)
+    first = [default] if default_split is None else [default, default_split]
     if not default.single_tile:
-        for blocks, stages in ((default, (1, 2, 3)), (gn.split_tile(default, cpg), (1, 2))):
+        for blocks, stages in ((default, (1, 2, 3)), (default_split, (1, 2))):
             if blocks is not None:
                 first += [dataclasses.replace(blocks, stages=s) for s in stages if s != blocks.stages]
     # small single tiles: 2-8 (sample, group) slabs per program, up to 8192 elements, on the launcher's warps times
