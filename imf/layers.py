@@ -8,7 +8,8 @@ The tangent may cover only the first m rows of the batch (`dx.shape[0] = m <= x.
 (the objectives need du only where h = t - r != 0, about half the batch); the fused ops take such tangents as they
 are (`imf_kernels`: one call on backends with TANGENT_ROWS, else the op splits the batch).
 
-- linear / conv: y = W x + b, dy = W dx (no bias on the tangent); FiLM's linear as two contiguous halves;
+- linear / conv: y = W x + b, dy = W dx (no bias on the tangent); FiLM's linear as two contiguous halves, and
+  the FiLM layers of every block of a pass from one matmul (`film_bank`);
 - GroupNorm + modulation + SiLU and attention: the fused `imf_kernels` ops (backend by `imf_kernels` dispatch);
 - LayerNorm: dy = weight * rstd * (dx - mean(dx) - xh mean(xh dx)), written by hand (the context norm);
 - sinusoidal embedding: d/dx [cos(f x), sin(f x)] = [-f sin(f x), f cos(f x)] dx (tangent only).
@@ -18,6 +19,7 @@ Under bf16 autocast, linear and conv outputs are bf16; the kernels get weights c
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -96,6 +98,104 @@ def film(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple[Tensor, T
         halves = _weight_halves(weight.to(dtype))
         dscale, dshift = torch.bmm(dx.to(dtype).expand(2, -1, -1), halves).unbind(0)
         return scale, shift, dscale, dshift
+
+
+@functools.lru_cache(maxsize=8)
+def _film_bank_order(widths: tuple[int, ...], rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(order, inverse): `order` indexes the flattened (rows, T) output of the FiLM layers' joint matmul, T = the
+    sum of their 2 C_i outputs, so that gathering by it lays the layers out one after another, each as its scale
+    then its shift, contiguous (rows, C_i) blocks; `inverse` maps that layout back. int32 where it fits (half the
+    bytes a gather reads). Built on the device (kernels, no host-to-device copy: a CUDA graph may be capturing),
+    once per shape (one per batch size: tangents of fewer rows are padded to the batch, see `film_bank`)."""
+    total = 2 * sum(widths)
+    dtype = torch.int32 if rows * total < 2**31 else torch.int64
+    row_starts = torch.arange(rows, device=device, dtype=dtype).view(1, rows, 1) * total
+    pieces, start = [], 0
+    for width in widths:
+        columns = torch.arange(start, start + 2 * width, device=device, dtype=dtype).view(2, 1, width)
+        pieces.append((columns + row_starts).reshape(-1))
+        start += 2 * width
+    order = torch.cat(pieces)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=device, dtype=dtype)
+    return order, inverse
+
+
+class _FiLMBank(torch.autograd.Function):
+    """The FiLM layers of several blocks from one matmul over their concatenated weights, laid out per layer by
+    one gather (`_film_bank_order`); the backward: the inverse gather, then dx = g W, dW = g^T x, db = sum_b g."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, order: Tensor, inverse: Tensor):
+        ctx.save_for_backward(x, weight, inverse)
+        return torch.addmm(bias, x, weight.t()).view(-1).index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, inverse = ctx.saved_tensors
+        grad = grad.index_select(0, inverse).view(x.shape[0], -1)  # (B, T), the matmul's output layout
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t() @ x if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+FiLMOutputs = tuple[Tensor, Tensor, MaybeTensor, MaybeTensor]
+
+
+def _film_parts(flat: Tensor, widths: tuple[int, ...], rows: int) -> list[tuple[Tensor, Tensor]]:
+    """[(scale, shift), ...]: (rows, C_i) views of `_FiLMBank`'s layout, from one split (whose backward is one
+    concatenation: views of views of it, e.g. unbind's, would add a stack per layer)."""
+    parts = flat.split([rows * width for width in widths for _ in range(2)])
+    views = [part.view(rows, width) for part, width in zip(parts, [w for w in widths for _ in range(2)], strict=True)]
+    return list(zip(views[0::2], views[1::2], strict=True))
+
+
+def film_bank(
+    x: Tensor, layers: list[nn.Linear], dx: MaybeTensor = None, tangent_layers: int | None = None
+) -> list[FiLMOutputs] | None:
+    """`film` of every layer in `layers` (each nn.Linear(P, 2 C_i) with a bias, all reading the same x (B, P)):
+    [(scale, shift, dscale, dshift), ...], from one matmul over the concatenated weights and one gather that lays
+    each layer's scale and shift out as contiguous (B, C_i) tensors: 4 kernels (the weights' and biases'
+    concatenations, the matmul, the gather) where one `film` call per layer launches one, and the backward 5 (a
+    concatenation of the gradients, the inverse gather, two matmuls, the bias sum) where each layer's launched 4
+    and the shared input's gradient was summed over the layers. Tangents (one matmul, one gather, no bias; a pad
+    first where dx has fewer rows than x) for the first `tangent_layers` layers (default all; dx None: none), of
+    dx's rows: contiguous (m, C_i) views of the first m rows.
+
+    None where the layers cannot be concatenated (a parameter that is not a plain tensor, e.g. a DTensor shard of
+    FSDP2, which gathers each block's parameters only around that block's own call; a layer without a bias):
+    callers fall back to `film` per layer."""
+    weights = [layer.weight for layer in layers]
+    biases = [layer.bias for layer in layers]
+    if not layers or any(bias is None for bias in biases):
+        return None
+    if any(type(param) not in (nn.Parameter, torch.Tensor) for param in weights + biases):
+        return None
+    rows = x.shape[0]
+    if dx is not None and not 0 < dx.shape[0] <= rows:
+        raise ValueError(f"film_bank: dx must have 1 to {rows} rows (those of x, or its first m), got {dx.shape[0]}")
+    widths = tuple(weight.shape[0] // 2 for weight in weights)
+    tangent_layers = len(layers) if tangent_layers is None else tangent_layers
+    weight, bias = torch.cat(weights), torch.cat(biases)
+    order, inverse = _film_bank_order(widths, rows, x.device)
+    graded = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if graded and not torch.is_autocast_enabled(x.device.type):
+        flat = _FiLMBank.apply(x, weight, bias, order, inverse)
+    else:
+        flat = torch.addmm(bias, x, weight.t()).view(-1).index_select(0, order)
+    outputs = _film_parts(flat, widths, rows)
+    tangents: list[tuple[MaybeTensor, MaybeTensor]] = [(None, None)] * len(layers)
+    if dx is not None and tangent_layers > 0:
+        with torch.no_grad():
+            dtype, moving = flat.dtype, dx.shape[0]
+            # every layer's tangent, of all rows: the tangent of the first m rows padded with zero rows, so the
+            # gather is the primal's (one order per batch size, where m changes from step to step)
+            padded = F.pad(dx.to(dtype), (0, 0, 0, rows - moving)) if moving < rows else dx.to(dtype)
+            dflat = (padded @ weight.detach().to(dtype).t()).view(-1).index_select(0, order)
+            parts = _film_parts(dflat, widths, rows)[:tangent_layers]
+            tangents[:tangent_layers] = [(dscale[:moving], dshift[:moving]) for dscale, dshift in parts]
+    return [(scale, shift, dscale, dshift) for (scale, shift), (dscale, dshift) in zip(outputs, tangents, strict=True)]
 
 
 def channel_linear(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:

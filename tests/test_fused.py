@@ -260,6 +260,46 @@ def test_tangent_never_reaches_a_weight_gradient():
     assert_close_everywhere(with_tangent, without, 1e-12, "grad")
 
 
+def test_every_fused_pass_takes_its_film_layers_from_one_bank(monkeypatch):
+    """The fused passes (with tangents on the first rows, the v-head beside; `fused_u`; `fused_v`) compute every
+    ResBlock's FiLM in one `imf.layers.film_bank` (no `film` per block), with the outputs and every parameter
+    gradient of the blocks' own `film` calls, in float64."""
+    from imf import layers
+
+    cfg = tiny_config(head_dim=8)
+    net = randomised(cfg)
+    z, dz, cond = inputs(cfg, 5)
+    ones = torch.ones_like(cond.h)
+    gen = torch.Generator().manual_seed(8)
+    weights = torch.randn(2, *z.shape, generator=gen, dtype=z.dtype)
+
+    def passes():
+        net.zero_grad(set_to_none=True)
+        u, du, v = net(z, cond, dz[:3], CondTangent(ones[:3], ones[:3]))
+        ((u * weights[0]).sum() + (v * weights[1]).sum()).backward()
+        with torch.no_grad():
+            outputs = {"u": u, "du": du, "v": v, "fused_u": net.fused_u(z, cond), "fused_v": net.fused_v(z, cond)}
+        return outputs, {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+
+    with imf_kernels.use_backend("torch"):
+        with monkeypatch.context() as patch:
+            patch.setattr(layers, "film_bank", lambda *args, **kwargs: None)  # each block its own film
+            want_outputs, want_grads = passes()
+        banks = []
+        film_bank = layers.film_bank
+        monkeypatch.setattr(
+            layers, "film_bank", lambda *args, **kwargs: banks.append(len(args[1])) or film_bank(*args, **kwargs)
+        )
+        monkeypatch.setattr(layers, "film", lambda *args, **kwargs: pytest.fail("a block computed its own FiLM"))
+        got_outputs, got_grads = passes()
+    blocks = sum(1 for m in net.modules() if type(m).__name__ == "ResBlock")
+    head = len(net.up[-1].res)
+    assert banks == [blocks, blocks - head, blocks - head]  # the training pass, fused_u, fused_v
+    assert_close_everywhere(got_outputs, want_outputs, 1e-10, "output")
+    assert_close_everywhere(got_grads, want_grads, 1e-10, "grad")
+    assert got_grads.keys() == want_grads.keys() and any(".film." in name for name in got_grads)
+
+
 def test_bad_jvp_path_is_refused():
     with pytest.raises(ValueError, match="IMFObjective: jvp must be one of 'fused', 'reference', got 'fast'"):
         IMFObjective(jvp="fast")

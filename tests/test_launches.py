@@ -55,7 +55,7 @@ def test_recorder_sees_the_launches_this_file_rules_out():
 
 def test_the_fused_step_copies_no_layout(calls):
     """The fused iMF step's forward (targets and the pass with tangents) on backend="triton", with cross- and
-    self-attention: FiLM's scale and shift come out contiguous (`imf.layers.film`) and the attention kernels read
+    self-attention: FiLM's scale and shift come out contiguous (`imf.layers.film_bank`) and the attention kernels read
     the channels-first (B, heads, L, d) views as they are and write o laid out like q, so the only copies left are
     the objective's two of its targets (v_g from v_t, and again when the training forward's v completes it)."""
     import imf_kernels

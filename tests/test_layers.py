@@ -106,6 +106,105 @@ def test_films_graded_form_has_the_linear_layers_gradients_in_four_launches(bias
     assert launched[3:] == ["cat", "mm", "mm", *(["sum"] if bias else [])]
 
 
+def film_layers(widths, features=11, seed=0):
+    torch.manual_seed(seed)
+    return [nn.Linear(features, 2 * width).double() for width in widths]
+
+
+@pytest.mark.parametrize("batch, rows, tangent_layers", [(3, 3, 3), (5, 2, 2), (1, 1, 0), (4, 4, None)])
+def test_film_bank_is_film_of_each_layer(batch, rows, tangent_layers):
+    """film_bank: one matmul over several FiLM layers (widths 13, 5, 8: not multiples of anything) gives each
+    layer's film: contiguous (B, C_i) scale and shift, tangents of dx's rows for the first `tangent_layers` only,
+    and the gradients of x and of every weight and bias those of the layers called one by one."""
+    gen = torch.Generator().manual_seed(batch * 10 + rows + 200)
+    layer_list = film_layers((13, 5, 8), seed=batch)
+    x, dx, _ = rows_case(batch, rows, (11,), gen)
+    layers._film_bank_order.cache_clear()
+    bank = layers.film_bank(x, layer_list, dx, tangent_layers)
+    layers.film_bank(x, layer_list, dx[:1], tangent_layers)
+    assert layers._film_bank_order.cache_info().currsize == 1  # one gather order per batch size, any tangent rows
+    moving = len(layer_list) if tangent_layers is None else tangent_layers
+    assert len(bank) == len(layer_list)
+    upstream = []
+    for i, (layer, got) in enumerate(zip(layer_list, bank, strict=True)):
+        want = layers.film(x, layer, dx if i < moving else None)
+        for part, expected in zip(got, want, strict=True):
+            if expected is None:
+                assert part is None
+                continue
+            assert part.is_contiguous() and part.shape == expected.shape
+            torch.testing.assert_close(part, expected, rtol=RTOL, atol=RTOL)
+        for part in got[2:]:
+            assert part is None or (not part.requires_grad and part.grad_fn is None)
+        upstream.append(torch.randn(2, batch, layer.out_features // 2, dtype=torch.float64, generator=gen))
+    params = [x] + [p for layer in layer_list for p in layer.parameters()]
+    got = torch.autograd.grad(
+        sum((s * g[0]).sum() + (t * g[1]).sum() for (s, t, *_), g in zip(bank, upstream, strict=True)), params
+    )
+    films = [layers.film(x, layer) for layer in layer_list]
+    want = torch.autograd.grad(
+        sum((s * g[0]).sum() + (t * g[1]).sum() for (s, t, *_), g in zip(films, upstream, strict=True)), params
+    )
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=RTOL)
+
+
+def test_film_banks_graded_form_launches_nine_kernels():
+    """film_bank with an autograd graph: gradcheck of `_FiLMBank` in float64 (one layer's outputs unused too), and
+    4 kernels forward (the weights' and biases' concatenations, the matmul, the gather) and 5 backward (the
+    gradients' concatenation, the inverse gather, two matmuls, the bias sum) for any number of layers, where a
+    `film` per layer launches 1 and 4, and the shared input's gradients are summed over the layers."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launches import recorded
+
+    gen = torch.Generator().manual_seed(41)
+    layer_list = film_layers((3, 6, 2, 5), features=7, seed=41)
+    x = torch.randn(4, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.cat([layer.weight for layer in layer_list]).detach().requires_grad_()
+    bias = torch.cat([layer.bias for layer in layer_list]).detach().requires_grad_()
+    order, inverse = layers._film_bank_order((3, 6, 2, 5), 4, x.device)
+    assert sorted(order.tolist()) == list(range(4 * 32)) and torch.equal(
+        order[inverse.long()].long(), torch.arange(4 * 32)
+    )
+    bank = lambda *a: layers._FiLMBank.apply(*a, order, inverse)
+    assert torch.autograd.gradcheck(bank, (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda *a: bank(*a)[: 2 * 4 * 3 + 2 * 4 * 6], (x, weight, bias))
+    with recorded() as launched:
+        outputs = [part for film in layers.film_bank(x, layer_list) for part in film[:2]]
+    assert launched == ["cat", "cat", "addmm", "index_select"]
+    grads = [torch.randn(part.shape, dtype=torch.float64, generator=gen) for part in outputs]
+    with recorded() as launched:
+        torch.autograd.grad(outputs, [x] + [p for layer in layer_list for p in layer.parameters()], grads)
+    assert launched == ["cat", "index_select", "mm", "mm", "sum"]
+
+
+def test_film_bank_refuses_a_tangent_of_more_rows_than_x():
+    layer_list = film_layers((3, 4))
+    x = torch.randn(2, 11, dtype=torch.float64)
+    with pytest.raises(ValueError, match="dx must have 1 to 2 rows"):
+        layers.film_bank(x, layer_list, torch.randn(3, 11, dtype=torch.float64))
+
+
+def test_film_bank_leaves_layers_it_cannot_concatenate_to_film():
+    """None (the callers fall back to `film` per layer) for a layer without a bias, a parameter that is not a
+    plain tensor (e.g. an FSDP2 shard) or no layers."""
+    layer_list = film_layers((3, 4))
+    x = torch.randn(2, 11, dtype=torch.float64)
+    assert layers.film_bank(x, []) is None
+    no_bias = [layer_list[0], nn.Linear(11, 8, bias=False).double()]
+    assert layers.film_bank(x, no_bias) is None
+
+    class Shard(torch.Tensor):
+        pass
+
+    layer_list[1].weight = nn.Parameter(layer_list[1].weight.detach().as_subclass(Shard))
+    assert type(layer_list[1].weight) is not nn.Parameter
+    assert layers.film_bank(x, layer_list) is None
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv2d(bias, stride):

@@ -339,21 +339,27 @@ def test_bf16_targets_cast_the_weights_once_with_the_same_results(objective, mon
     draws = obj.draw(x, torch.Generator().manual_seed(13))
 
     class Casts(TorchDispatchMode):
-        """_to_copy calls: of a weight, and of anything else; and the multi-tensor copies."""
+        """_to_copy calls: of a weight (or of weights concatenated, as the FiLM layers' by `imf.layers.film_bank`),
+        and of anything else; and the multi-tensor copies."""
 
         def __init__(self):
             super().__init__()
             self.weights, self.others, self.foreach = 0, 0, 0
+            self.joined, self.kept = set(), []  # data pointers of concatenations of weights, kept alive (no reuse)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
             if name == "_to_copy":
-                if args[0].data_ptr() in weights:
+                if args[0].data_ptr() in weights | self.joined:
                     self.weights += 1
                 else:
                     self.others += 1
             self.foreach += name == "_foreach_copy_"
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            if name == "cat" and all(part.data_ptr() in weights for part in args[0]):
+                self.joined.add(out.data_ptr())
+                self.kept.append(out)
+            return out
 
     def step():
         model.zero_grad(set_to_none=True)
