@@ -7,7 +7,9 @@ shorter step wherever the host sets the pace.
     PYTHONPATH=. python bench/count_launches.py --backend torch --bf16 --top 20
 
 The model keeps the preset's structure (levels, blocks, attention) at a narrower `--width`, so the interpreter
-finishes in minutes; the counts do not depend on the width or the batch. bf16 targets need --backend torch here
+finishes in minutes; the counts do not depend on the width or the batch while the width is at least the preset's
+head dim (latent-b: 64; below it the attention layers' head dims differ and `imf.layers.kv_bank` leaves each
+cross-attention block its own keys and values: ~150 launches more). bf16 targets need --backend torch here
 (the interpreter takes fp32/fp16 only). Prints the total and the most frequent ops; --json writes them.
 """
 

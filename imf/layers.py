@@ -198,6 +198,60 @@ def film_bank(
     return [(scale, shift, dscale, dshift) for (scale, shift), (dscale, dshift) in zip(outputs, tangents, strict=True)]
 
 
+KVOutputs = tuple[Tensor, Tensor, MaybeTensor, MaybeTensor]
+
+
+def _kv_parts(out: Tensor, heads: tuple[int, ...], head_dim: int) -> list[tuple[Tensor, Tensor]]:
+    """[(k, v), ...]: (B, h_i, Lk, d) views of the joint key/value projection (B, Lk, T), T = sum 2 h_i d, each
+    layer's k heads then its v heads, from one split (whose backward is one concatenation of the gradients)."""
+    rows, tokens = out.shape[:2]
+    parts = out.view(rows, tokens, -1, head_dim).split([h for h in heads for _ in range(2)], dim=2)
+    views = [part.permute(0, 2, 1, 3) for part in parts]
+    return list(zip(views[0::2], views[1::2], strict=True))
+
+
+def kv_bank(
+    ctx: Tensor,
+    layers: list[nn.Linear],
+    heads: list[int],
+    dctx: MaybeTensor = None,
+    tangent_layers: int | None = None,
+) -> list[KVOutputs] | None:
+    """The keys and values of several cross-attention layers reading the same context ctx (B, Lk, P): each
+    layer's `to_kv` (nn.Linear(P, 2 C_i), [k; v] with C_i = heads_i d) gives [(k, v, dk, dv), ...], k and v
+    (B, heads_i, Lk, d) views, from one matmul over the concatenated weights, where a `linear` per layer launched
+    one (and one for its tangent). The attention kernels read the views as they are (strided inputs). The
+    backward: one concatenation of every layer's key and value gradients, two matmuls and the bias sum, where
+    each layer's launched a stack (unbind's), a copy (its view of a permuted gradient), two matmuls, a sum, and
+    an add for the shared context's gradient. Tangents (one matmul, no bias) for the first `tangent_layers`
+    layers (default all; dctx None: none), of dctx's rows.
+
+    None where the layers cannot be concatenated (as `film_bank`), or their head dims differ: callers fall back
+    to `linear` per layer."""
+    weights = [layer.weight for layer in layers]
+    biases = [layer.bias for layer in layers]
+    if not layers or len(heads) != len(layers) or any(bias is None for bias in biases):
+        return None
+    if any(type(param) not in (nn.Parameter, torch.Tensor) for param in weights + biases):
+        return None
+    shapes = [(weight.shape[0], 2 * count) for weight, count in zip(weights, heads, strict=True)]
+    head_dims = {outputs // parts for outputs, parts in shapes}
+    if len(head_dims) != 1 or any(outputs % parts for outputs, parts in shapes):
+        return None
+    head_dim, heads = head_dims.pop(), tuple(heads)
+    tangent_layers = len(layers) if tangent_layers is None else tangent_layers
+    weight, bias = torch.cat(weights), torch.cat(biases)
+    out = F.linear(ctx, weight, bias)
+    outputs = _kv_parts(out, heads, head_dim)
+    tangents: list[tuple[MaybeTensor, MaybeTensor]] = [(None, None)] * len(layers)
+    if dctx is not None and tangent_layers > 0:
+        moving = heads[:tangent_layers]
+        with torch.no_grad():
+            dweight = weight.detach()[: 2 * head_dim * sum(moving)].to(out.dtype)
+            tangents[:tangent_layers] = _kv_parts(F.linear(dctx.to(out.dtype), dweight), moving, head_dim)
+    return [(k, v, dk, dv) for (k, v), (dk, dv) in zip(outputs, tangents, strict=True)]
+
+
 def channel_linear(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:
     """(W x + b, W dx) over the channels of x (B, C, L): `linear` on the tokens x^T without transposing, so a
     feature map's pixels go in and come out as (B, C, L), and a (B, heads, L, d) view of either side is a

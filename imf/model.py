@@ -98,7 +98,7 @@ class Features(NamedTuple):
     dctx: torch.Tensor | None
     pooled: torch.Tensor
     dpooled: torch.Tensor | None
-    films: dict = {}  # ResBlock -> its FiLM outputs, for the blocks of the pass (`IMFNet._film_bank`)
+    banked: dict = {}  # block -> its FiLM (ResBlock) or keys and values (cross-attention), `IMFNet._banks`
 
 
 def num_groups_for(channels: int) -> int:
@@ -282,8 +282,10 @@ class AttnBlock(nn.Module):
         o = attention(q, k, v).transpose(1, 2).reshape(b, hh * ww, c)
         return x + self.proj(o).transpose(1, 2).reshape(b, c, hh, ww)
 
-    def fused(self, x, ctx, dx=None, dctx=None):
-        """(y, dy); for cross-attention dk = W_k dctx, dv = W_v dctx (None when the context does not move).
+    def fused(self, x, ctx, dx=None, dctx=None, kv: layers.KVOutputs | None = None):
+        """(y, dy); for cross-attention dk = W_k dctx, dv = W_v dctx (None when the context does not move). `kv`:
+        this block's (k, v, dk, dv) where the model computed them with every other cross-attention block's
+        (`layers.kv_bank`), else its own.
 
         The feature map stays channels-first, (B, C, L) with L = H W: q^T = W_q x and the output projection are
         batched matmuls on it (`layers.channel_linear`), and q, k, v enter the attention op as (B, heads, L, d)
@@ -307,9 +309,12 @@ class AttnBlock(nn.Module):
             def split(a):
                 return a.view(a.shape[0], a.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
 
-            kv, dkv = layers.linear(ctx, self.to_kv, dctx)
-            k, v = split(kv).unbind(0)
-            dk, dv = (None, None) if dkv is None else split(dkv).unbind(0)
+            if kv is not None:
+                k, v, dk, dv = kv
+            else:
+                kv, dkv = layers.linear(ctx, self.to_kv, dctx)
+                k, v = split(kv).unbind(0)
+                dk, dv = (None, None) if dkv is None else split(dkv).unbind(0)
         o, do = layers.attention(q, k, v, dq, dk, dv)
         # (B, heads, L, d) -> (B, C, L): a view when the op's output is laid out like q, or heads = 1
         channels_first = lambda a: None if a is None else a.transpose(-1, -2).reshape(a.shape[0], c, length)
@@ -453,20 +458,32 @@ class IMFNet(nn.Module):
 
     # --- the fused path (DESIGN 3.3) -------------------------------------------------------------------------
 
-    def _film_bank(self, pooled, dpooled, heads: tuple[Level, ...], tangent_heads: int) -> dict:
-        """{ResBlock: (scale, shift, dscale, dshift)} for the trunk's blocks and those of `heads` (the decoder levels
-        run on the trunk's features, the first `tangent_heads` of them with tangents), from one matmul over their
-        FiLM weights (`layers.film_bank`: ~150 fewer kernels a latent-b training step than a FiLM call per block).
-        Empty under FSDP2, whose units gather their parameters only around their own calls: the blocks then compute
-        their own."""
-        trunk = [res for level in self.down for res in level.res] + [self.mid1, self.mid2]
-        trunk += [res for level in self.up[:-1] for res in level.res]
-        blocks = trunk + [res for level in heads for res in level.res]
-        if _FSDPModule and any(isinstance(block, _FSDPModule) for block in blocks):
+    def _banks(self, ctx, dctx, pooled, dpooled, heads: tuple[Level, ...], tangent_heads: int) -> dict:
+        """{ResBlock: (scale, shift, dscale, dshift), cross-attention AttnBlock: (k, v, dk, dv)} for the trunk's
+        blocks and those of `heads` (the decoder levels run on the trunk's features, the first `tangent_heads` of
+        them with tangents): the FiLM layers, all reading the pooled context, from one matmul over their weights
+        (`layers.film_bank`), and the cross-attention keys and values, all projections of the context, from another
+        (`layers.kv_bank`): ~290 fewer kernels a latent-b training step than a call per block. Empty under FSDP2,
+        whose units gather their parameters only around their own calls: the blocks then compute their own."""
+        trunk_res = [res for level in self.down for res in level.res] + [self.mid1, self.mid2]
+        trunk_res += [res for level in self.up[:-1] for res in level.res]
+        cross = lambda levels: [attn for level in levels for attn in level.attn if isinstance(attn, AttnBlock)]
+        trunk_attn = cross(self.down) + [self.mid_cross_attn] + cross(self.up[:-1])
+        res_blocks = trunk_res + [res for level in heads for res in level.res]
+        attn_blocks = trunk_attn + cross(heads)
+        if _FSDPModule and any(isinstance(block, _FSDPModule) for block in res_blocks + attn_blocks):
             return {}
-        tangent_blocks = len(trunk) + sum(len(level.res) for level in heads[:tangent_heads])
-        bank = layers.film_bank(pooled, [block.film for block in blocks], dpooled, tangent_blocks)
-        return {} if bank is None else dict(zip(blocks, bank, strict=True))
+        banked = {}
+        moving = len(trunk_res) + sum(len(level.res) for level in heads[:tangent_heads])
+        films = layers.film_bank(pooled, [block.film for block in res_blocks], dpooled, moving)
+        if films is not None:
+            banked.update(zip(res_blocks, films, strict=True))
+        moving = len(trunk_attn) + len(cross(heads[:tangent_heads]))
+        to_kv = [block.to_kv for block in attn_blocks]
+        kvs = layers.kv_bank(ctx, to_kv, [block.heads for block in attn_blocks], dctx, moving)
+        if kvs is not None:
+            banked.update(zip(attn_blocks, kvs, strict=True))
+        return banked
 
     def fused_trunk(
         self,
@@ -480,48 +497,48 @@ class IMFNet(nn.Module):
     ) -> Features:
         """`trunk` with tangents: every layer returns (y, dy) in one pass; dz None means no tangents at all.
         `heads`: the decoder levels that will run on these features, the first `tangent_heads` with tangents,
-        whose FiLM layers are computed here with the trunk's (`Features.films`)."""
+        whose FiLM layers and cross-attention keys and values are computed here with the trunk's (`Features.banked`)."""
         ctx, dctx = self.cond.fused(cond, dcond if dz is not None else None)
         pooled, dpooled = ctx.mean(dim=1), None if dctx is None else dctx.mean(dim=1)
-        films = self._film_bank(pooled, dpooled, heads, tangent_heads)
+        banked = self._banks(ctx, dctx, pooled, dpooled, heads, tangent_heads)
         h, dh = layers.conv2d(z, self.conv_in, dz)
         skips = [(h, dh)]
         for i, level in enumerate(self.down):
             for res, attn in zip(level.res, level.attn, strict=True):
-                h, dh = res.fused(h, pooled, dh, dpooled, films.get(res))
+                h, dh = res.fused(h, pooled, dh, dpooled, banked.get(res))
                 if isinstance(attn, AttnBlock):
-                    h, dh = attn.fused(h, ctx, dh, dctx)
+                    h, dh = attn.fused(h, ctx, dh, dctx, banked.get(attn))
                 skips.append((h, dh))
             if i < len(self.downsample):
                 h, dh = layers.conv2d(h, self.downsample[i], dh)
                 skips.append((h, dh))
-        h, dh = self.mid1.fused(h, pooled, dh, dpooled, films.get(self.mid1))
+        h, dh = self.mid1.fused(h, pooled, dh, dpooled, banked.get(self.mid1))
         if self.mid_self_attn is not None:
             h, dh = self.mid_self_attn.fused(h, None, dh, None)
-        h, dh = self.mid_cross_attn.fused(h, ctx, dh, dctx)
-        h, dh = self.mid2.fused(h, pooled, dh, dpooled, films.get(self.mid2))
+        h, dh = self.mid_cross_attn.fused(h, ctx, dh, dctx, banked.get(self.mid_cross_attn))
+        h, dh = self.mid2.fused(h, pooled, dh, dpooled, banked.get(self.mid2))
         upsample = lambda a: None if a is None else F.interpolate(a, scale_factor=2.0, mode="nearest")
         for i, level in enumerate(self.up[:-1]):
-            h, dh = self._fused_level(level, h, dh, skips, ctx, dctx, pooled, dpooled, films)
+            h, dh = self._fused_level(level, h, dh, skips, ctx, dctx, pooled, dpooled, banked)
             h, dh = layers.conv2d(upsample(h), self.upsample[i], upsample(dh))
-        return Features(h, dh, skips, ctx, dctx, pooled, dpooled, films)
+        return Features(h, dh, skips, ctx, dctx, pooled, dpooled, banked)
 
-    def _fused_level(self, level: Level, h, dh, skips, ctx, dctx, pooled, dpooled, films: dict):
+    def _fused_level(self, level: Level, h, dh, skips, ctx, dctx, pooled, dpooled, banked: dict):
         for res, attn in zip(level.res, level.attn, strict=True):
             skip, dskip = skips.pop()
             dh = None if dh is None else torch.cat([dh, dskip], dim=1)
-            h, dh = res.fused(torch.cat([h, skip], dim=1), pooled, dh, dpooled, films.get(res))
+            h, dh = res.fused(torch.cat([h, skip], dim=1), pooled, dh, dpooled, banked.get(res))
             if isinstance(attn, AttnBlock):
-                h, dh = attn.fused(h, ctx, dh, dctx)
+                h, dh = attn.fused(h, ctx, dh, dctx, banked.get(attn))
         return h, dh
 
     def _fused_head(self, level: Level, out: OutputLayer, f: Features, with_tangent: bool):
         """The last decoder level and the output layer on the trunk's features, with or without their tangents."""
         if with_tangent:
-            h, dh = self._fused_level(level, f.h, f.dh, list(f.skips), f.ctx, f.dctx, f.pooled, f.dpooled, f.films)
+            h, dh = self._fused_level(level, f.h, f.dh, list(f.skips), f.ctx, f.dctx, f.pooled, f.dpooled, f.banked)
         else:
             skips = [(skip, None) for skip, _ in f.skips]
-            h, dh = self._fused_level(level, f.h, None, skips, f.ctx, None, f.pooled, None, f.films)
+            h, dh = self._fused_level(level, f.h, None, skips, f.ctx, None, f.pooled, None, f.banked)
         return out.fused(h, dh)
 
     def forward(

@@ -260,11 +260,13 @@ def test_tangent_never_reaches_a_weight_gradient():
     assert_close_everywhere(with_tangent, without, 1e-12, "grad")
 
 
-def test_every_fused_pass_takes_its_film_layers_from_one_bank(monkeypatch):
+def test_every_fused_pass_takes_its_film_and_cross_attention_keys_from_one_bank_each(monkeypatch):
     """The fused passes (with tangents on the first rows, the v-head beside; `fused_u`; `fused_v`) compute every
-    ResBlock's FiLM in one `imf.layers.film_bank` (no `film` per block), with the outputs and every parameter
-    gradient of the blocks' own `film` calls, in float64."""
+    ResBlock's FiLM in one `imf.layers.film_bank` and every cross-attention block's keys and values in one
+    `imf.layers.kv_bank` (no `film` per block, no block projecting its own), with the outputs and every parameter
+    gradient of the blocks' own calls, in float64."""
     from imf import layers
+    from imf.model import AttnBlock
 
     cfg = tiny_config(head_dim=8)
     net = randomised(cfg)
@@ -282,22 +284,36 @@ def test_every_fused_pass_takes_its_film_layers_from_one_bank(monkeypatch):
         return outputs, {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
 
     with imf_kernels.use_backend("torch"):
-        with monkeypatch.context() as patch:
-            patch.setattr(layers, "film_bank", lambda *args, **kwargs: None)  # each block its own film
+        with monkeypatch.context() as patch:  # each block its own FiLM, keys and values
+            patch.setattr(layers, "film_bank", lambda *args, **kwargs: None)
+            patch.setattr(layers, "kv_bank", lambda *args, **kwargs: None)
             want_outputs, want_grads = passes()
-        banks = []
-        film_bank = layers.film_bank
-        monkeypatch.setattr(
-            layers, "film_bank", lambda *args, **kwargs: banks.append(len(args[1])) or film_bank(*args, **kwargs)
-        )
+        sizes = {"film_bank": [], "kv_bank": []}
+        for name, bank in [(name, getattr(layers, name)) for name in sizes]:
+            record = lambda *args, name=name, bank=bank, **kwargs: (
+                sizes[name].append(len(args[1])) or bank(*args, **kwargs)
+            )
+            monkeypatch.setattr(layers, name, record)
         monkeypatch.setattr(layers, "film", lambda *args, **kwargs: pytest.fail("a block computed its own FiLM"))
+        fused, own_kv = AttnBlock.fused, []
+
+        def spy(self, x, ctx, dx=None, dctx=None, kv=None):
+            own_kv.append(ctx is not None and kv is None)  # a cross-attention block left to project its own
+            return fused(self, x, ctx, dx, dctx, kv)
+
+        monkeypatch.setattr(AttnBlock, "fused", spy)
         got_outputs, got_grads = passes()
-    blocks = sum(1 for m in net.modules() if type(m).__name__ == "ResBlock")
+    assert not any(own_kv) and len(own_kv) > 3
+    res_blocks = sum(1 for m in net.modules() if type(m).__name__ == "ResBlock")
+    cross = sum(1 for m in net.modules() if isinstance(m, AttnBlock) and m.to_kv.in_features == cfg.context_dim)
+    head_cross = sum(isinstance(attn, AttnBlock) for attn in net.up[-1].attn)
     head = len(net.up[-1].res)
-    assert banks == [blocks, blocks - head, blocks - head]  # the training pass, fused_u, fused_v
+    assert head_cross > 0  # the heads' cross-attention is banked with the trunk's
+    assert sizes["film_bank"] == [res_blocks, res_blocks - head, res_blocks - head]  # training pass, fused_u, fused_v
+    assert sizes["kv_bank"] == [cross, cross - head_cross, cross - head_cross]
     assert_close_everywhere(got_outputs, want_outputs, 1e-10, "output")
     assert_close_everywhere(got_grads, want_grads, 1e-10, "grad")
-    assert got_grads.keys() == want_grads.keys() and any(".film." in name for name in got_grads)
+    assert got_grads.keys() == want_grads.keys() and any(".to_kv." in name for name in got_grads)
 
 
 def test_bad_jvp_path_is_refused():

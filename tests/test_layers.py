@@ -205,6 +205,69 @@ def test_film_bank_leaves_layers_it_cannot_concatenate_to_film():
     assert layers.film_bank(x, layer_list) is None
 
 
+def split_kv(kv, heads):
+    """AttnBlock's own split of a (B, Lk, 2C) key/value projection: (k, v), each (B, heads, Lk, d)."""
+    return kv.view(kv.shape[0], kv.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@pytest.mark.parametrize("batch, rows, tangent_layers", [(3, 3, 3), (4, 2, 2), (1, 1, 0)])
+def test_kv_bank_is_each_layers_keys_and_values(batch, rows, tangent_layers):
+    """kv_bank: one matmul over several cross-attention `to_kv` layers (1, 3 and 2 heads of 4) gives each layer's
+    k and v as `linear` and AttnBlock's split give them, (B, heads, Lk, d) views; tangents of dctx's rows for the
+    first `tangent_layers`; the gradients of the context and of every weight and bias those of the layers called
+    one by one; and 4 kernels forward (two concatenations, the matmul; the tangent's one more), 4 backward (one
+    concatenation of all the key and value gradients, two matmuls, the bias sum)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launches import recorded
+
+    gen = torch.Generator().manual_seed(batch * 10 + rows + 300)
+    heads = [1, 3, 2]
+    torch.manual_seed(batch)
+    layer_list = [nn.Linear(6, 2 * 4 * count).double() for count in heads]
+    ctx, dctx, _ = rows_case(batch, rows, (5, 6), gen)  # 5 context tokens of 6 features
+    with recorded() as launched:
+        bank = layers.kv_bank(ctx, layer_list, heads, dctx, tangent_layers)
+    assert launched == ["cat", "cat", "addmm"] + (["mm"] if tangent_layers else [])
+    upstream = []
+    for i, (layer, count, got) in enumerate(zip(layer_list, heads, bank, strict=True)):
+        kv, dkv = layers.linear(ctx, layer, dctx if i < tangent_layers else None)
+        want = (*split_kv(kv, count), *((None, None) if dkv is None else split_kv(dkv, count)))
+        for part, expected in zip(got, want, strict=True):
+            if expected is None:
+                assert part is None
+                continue
+            assert part.shape == expected.shape
+            torch.testing.assert_close(part, expected, rtol=RTOL, atol=RTOL)
+        for part in got[2:]:
+            assert part is None or (not part.requires_grad and part.grad_fn is None)
+        upstream += [torch.randn(got[0].shape, dtype=torch.float64, generator=gen) for _ in range(2)]
+    params = [ctx] + [p for layer in layer_list for p in layer.parameters()]
+    with recorded() as launched:
+        got = torch.autograd.grad([part for kv in bank for part in kv[:2]], params, upstream)
+    assert launched == ["cat", "mm", "mm", "sum"]
+    own = [split_kv(layers.linear(ctx, layer)[0], count) for layer, count in zip(layer_list, heads, strict=True)]
+    want = torch.autograd.grad([part for kv in own for part in kv], params, upstream)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=RTOL)
+
+
+def test_kv_bank_leaves_layers_it_cannot_concatenate_to_their_own_calls():
+    """None (each block projects its own) for head dims that differ, heads that do not divide a layer's outputs,
+    a layer without a bias, or no layers."""
+    torch.manual_seed(0)
+    ctx = torch.randn(2, 3, 6, dtype=torch.float64)
+    fours = [nn.Linear(6, 8).double(), nn.Linear(6, 16).double()]
+    assert layers.kv_bank(ctx, fours, [1, 2]) is not None
+    assert layers.kv_bank(ctx, fours, [1, 1]) is None  # head dims 4 and 8
+    assert layers.kv_bank(ctx, [nn.Linear(6, 12).double()], [3]) is not None  # 3 heads of 2
+    assert layers.kv_bank(ctx, [nn.Linear(6, 10).double()], [2]) is None  # 10 outputs in 2 x 2 parts
+    assert layers.kv_bank(ctx, [fours[0], nn.Linear(6, 16, bias=False).double()], [1, 2]) is None
+    assert layers.kv_bank(ctx, [], []) is None
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv2d(bias, stride):
