@@ -252,17 +252,25 @@ def kv_bank(
     return [(k, v, dk, dv) for (k, v), (dk, dv) in zip(outputs, tangents, strict=True)]
 
 
-def channel_linear(x: Tensor, layer: nn.Linear, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:
+def channel_linear(
+    x: Tensor, layer: nn.Linear, dx: MaybeTensor = None, dresidual: MaybeTensor = None
+) -> tuple[Tensor, MaybeTensor]:
     """(W x + b, W dx) over the channels of x (B, C, L): `linear` on the tokens x^T without transposing, so a
     feature map's pixels go in and come out as (B, C, L), and a (B, heads, L, d) view of either side is a
-    transposed view the attention op reads as it is (the batched matmul takes any strides)."""
+    transposed view the attention op reads as it is (the batched matmul takes any strides).
+
+    `dresidual` (dx's rows, the output's shape): a residual branch's tangent to add, dy = dresidual + W dx, by the
+    matmul itself where the dtypes agree (baddbmm: one kernel, not a matmul and an add), else by an add."""
     weight = layer.weight.expand(x.shape[0], -1, -1)
     y = torch.bmm(weight, x) if layer.bias is None else torch.baddbmm(layer.bias[:, None], weight, x)
     if dx is None:
         return y, None
     with torch.no_grad():
-        weight = layer.weight.to(y.dtype)
-        return y, torch.bmm(weight.expand(dx.shape[0], -1, -1), dx.to(y.dtype))
+        weight = layer.weight.to(y.dtype).expand(dx.shape[0], -1, -1)
+        if dresidual is not None and dresidual.dtype == y.dtype and not torch.is_autocast_enabled(y.device.type):
+            return y, torch.baddbmm(dresidual, weight, dx.to(y.dtype))
+        dy = torch.bmm(weight, dx.to(y.dtype))
+        return y, dy if dresidual is None else dresidual + dy
 
 
 def conv2d(x: Tensor, layer: nn.Conv2d, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:

@@ -318,9 +318,10 @@ class AttnBlock(nn.Module):
         o, do = layers.attention(q, k, v, dq, dk, dv)
         # (B, heads, L, d) -> (B, C, L): a view when the op's output is laid out like q, or heads = 1
         channels_first = lambda a: None if a is None else a.transpose(-1, -2).reshape(a.shape[0], c, length)
-        out, dout = layers.channel_linear(channels_first(o), self.proj, channels_first(do))
+        dresidual = None if do is None else dx.reshape(dx.shape[0], c, length)  # added by the matmul
+        out, dout = layers.channel_linear(channels_first(o), self.proj, channels_first(do), dresidual)
         as_map = lambda a: a.view(a.shape[0], c, hh, ww)
-        return x + as_map(out), None if dout is None else dx + as_map(dout)
+        return x + as_map(out), None if dout is None else as_map(dout)
 
 
 class Level(nn.Module):

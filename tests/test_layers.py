@@ -37,6 +37,12 @@ def rows_case(batch, rows, shape, gen):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batch, rows", [(3, 3), (5, 2), (1, 1)])
 def test_linear_and_channel_linear(bias, batch, rows):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launches import recorded
+
     gen = torch.Generator().manual_seed(batch * 10 + rows)
     torch.manual_seed(batch)
     layer = nn.Linear(19, 13, bias=bias).double()
@@ -49,6 +55,16 @@ def test_linear_and_channel_linear(bias, batch, rows):
     y, dy = layers.channel_linear(x, layer, dx)
     check(y, dy, x, dx_full, lambda a: layer(a.transpose(1, 2)).transpose(1, 2), rows)
     assert layers.channel_linear(x, layer)[1] is None
+    # a residual branch's tangent added by the matmul: dresidual + W dx, one kernel
+    dresidual = torch.randn(rows, 13, 7, dtype=torch.float64, generator=gen)
+    with recorded() as launched:
+        dy_plus = layers.channel_linear(x.detach(), layer, dx, dresidual)[1]
+    assert launched == ["baddbmm" if bias else "bmm", "baddbmm"]  # the primal's, then the tangent's
+    torch.testing.assert_close(dy_plus, dresidual + dy, rtol=RTOL, atol=RTOL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # dtypes that differ: added after, in the promoted dtype
+        y16, dy16 = layers.channel_linear(x.detach().float(), layer.float(), dx.float(), dresidual.float())
+    assert y16.dtype == torch.bfloat16 and dy16.dtype == torch.float32
+    layer.double()
 
 
 @pytest.mark.parametrize("bias", [True, False])
