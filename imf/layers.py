@@ -109,6 +109,11 @@ def _film_bank_order(widths: tuple[int, ...], rows: int, device: torch.device) -
     once per shape (one per batch size: tangents of fewer rows are padded to the batch, see `film_bank`)."""
     total = 2 * sum(widths)
     dtype = torch.int32 if rows * total < 2**31 else torch.int64
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, even if first built for a sampler's call
+        return _build_film_bank_order(widths, rows, total, dtype, device)
+
+
+def _build_film_bank_order(widths, rows, total, dtype, device) -> tuple[Tensor, Tensor]:
     row_starts = torch.arange(rows, device=device, dtype=dtype).view(1, rows, 1) * total
     pieces, start = [], 0
     for width in widths:

@@ -197,6 +197,18 @@ def test_film_banks_graded_form_launches_nine_kernels():
     assert launched == ["cat", "index_select", "mm", "mm", "sum"]
 
 
+def test_film_bank_trains_after_its_first_call_ran_under_inference_mode():
+    """The gather order is cached per batch size; one first built inside torch.inference_mode (e.g. sampling) is
+    a plain tensor, which the graded pass can save for its backward."""
+    layer_list = film_layers((3, 4), seed=5)
+    x = torch.randn(7, 11, dtype=torch.float64)  # a batch size no other test uses: built here
+    with torch.inference_mode():
+        sampled = layers.film_bank(x, layer_list)
+    graded = layers.film_bank(x.clone().requires_grad_(), layer_list)
+    torch.autograd.grad(sum(part.sum() for film in graded for part in film[:2]), layer_list[0].weight)
+    torch.testing.assert_close(graded[1][1], sampled[1][1], rtol=0, atol=0)
+
+
 def test_film_bank_refuses_a_tangent_of_more_rows_than_x():
     layer_list = film_layers((3, 4))
     x = torch.randn(2, 11, dtype=torch.float64)
