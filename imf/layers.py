@@ -362,12 +362,46 @@ def silu(x: Tensor, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:
         return y, dx * sig * (1 + xd * (1 - sig))
 
 
-def sinusoidal_embedding_tangent(x: Tensor, dx: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
-    """The tangent of `imf.model.sinusoidal_embedding` [cos(f x), sin(f x)]: [-f sin(f x), f cos(f x)] dx."""
+def embedding_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The sinusoidal embedding's dtype: float64 for float64 inputs (exact checks), else float32 (what
+    torch.promote_types(dtype, float32) gives for real dtypes, without its dispatcher call)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=16)
+def _frequencies(half: int, max_period: float, dtype: torch.dtype, device: torch.device, signed: bool) -> Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, whatever mode the first call ran in
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=device) / half)
+        return torch.cat([-freqs, freqs]) if signed else freqs
+
+
+def sinusoidal_frequencies(
+    half: int, max_period: float, dtype: torch.dtype, device: torch.device, signed: bool = False
+) -> Tensor:
+    """f_k = max_period^(-k / half), k < half, of `imf.model.sinusoidal_embedding` ([-f, f] with `signed`, its
+    tangent's factors): computed once per (half, period, dtype, device) and kept (4 kernels a call otherwise, ~10
+    calls a training step); under torch.compile computed in the traced code (dynamo would skip the cache anyway,
+    with a warning)."""
+    if torch.compiler.is_compiling():
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=device) / half)
+        return torch.cat([-freqs, freqs]) if signed else freqs
+    return _frequencies(half, float(max_period), dtype, device, signed)
+
+
+def sinusoidal_embedding_tangent(
+    x: Tensor, dx: Tensor, dim: int = 256, max_period: float = 10000.0, emb: MaybeTensor = None
+) -> Tensor:
+    """The tangent of `imf.model.sinusoidal_embedding` [cos(f x), sin(f x)]: [-f sin(f x), f cos(f x)] dx. `emb`:
+    that embedding of x, already computed (its first rows' sines and cosines are the tangent's: 3 kernels, the
+    same numbers)."""
     half = dim // 2
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = embedding_dtype(x.dtype)
     with torch.no_grad():
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=x.device) / half)
-        args = x.detach()[: dx.shape[0]].to(dtype)[:, None] * freqs[None]
+        rows = dx.shape[0]
+        if emb is not None and emb.dtype == dtype and emb.shape == (x.shape[0], 2 * half):
+            rate = dx.to(dtype)[:, None] * sinusoidal_frequencies(half, max_period, dtype, x.device, signed=True)
+            return emb[:rows].roll(half, dims=-1) * rate  # [sin, cos] * [-f dx, f dx]
+        freqs = sinusoidal_frequencies(half, max_period, dtype, x.device)
+        args = x.detach()[:rows].to(dtype)[:, None] * freqs[None]
         rate = dx.to(dtype)[:, None] * freqs[None]
         return torch.cat([-torch.sin(args) * rate, torch.cos(args) * rate], dim=-1)

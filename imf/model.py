@@ -112,8 +112,8 @@ def num_groups_for(channels: int) -> int:
 def sinusoidal_embedding(x: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """[cos(f x), sin(f x)] with f = max_period^(-k / (dim/2)); raw value, no x1000 scaling (DESIGN 3.1)."""
     half = dim // 2
-    dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for exact checks
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=x.device) / half)
+    dtype = layers.embedding_dtype(x.dtype)  # float32, or float64 for exact checks
+    freqs = layers.sinusoidal_frequencies(half, max_period, dtype, x.device)
     args = x.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -132,8 +132,10 @@ class ScalarTokens(nn.Module):
 
     def fused(self, value: torch.Tensor, dvalue: torch.Tensor | None = None):
         """(tokens, dtokens): the tangent is d/dvalue of the embedding pushed through the MLP, the same for all K."""
-        emb_in = sinusoidal_embedding(value).to(self.tokens.dtype)
-        demb_in = None if dvalue is None else layers.sinusoidal_embedding_tangent(value, dvalue).to(emb_in.dtype)
+        emb = sinusoidal_embedding(value)
+        demb_in = None if dvalue is None else layers.sinusoidal_embedding_tangent(value, dvalue, emb=emb)
+        emb_in = emb.to(self.tokens.dtype)
+        demb_in = None if demb_in is None else demb_in.to(emb_in.dtype)
         first, _, second = self.mlp
         a, da = layers.linear(emb_in, first, demb_in)
         a, da = layers.silu(a, da)

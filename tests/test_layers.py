@@ -2,6 +2,8 @@
 the primal, the tangent (of every row, or of the first m rows only), with and without bias, and that the tangent
 records no graph."""
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -318,6 +320,62 @@ def test_layer_norm_and_silu():
     check(y, dy, x, dx_full, norm, 2)
     y, dy = layers.silu(x, dx)
     check(y, dy, x, dx_full, F.silu, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sinusoidal_embedding_and_its_tangent(dtype):
+    """The embedding [cos(f x), sin(f x)] and its tangent of the first rows against torch.func.jvp (float64), the
+    tangent from the embedding's own sines and cosines bit for bit the tangent computed afresh, the frequencies
+    kept (built once, the formula's values, a plain tensor even if first made under inference mode), and the
+    launches of a warm call: mul, cos, sin, cat for the embedding; mul, roll, mul for the tangent from it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launches import recorded
+
+    from imf.model import sinusoidal_embedding
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(5, generator=gen, dtype=dtype) * 3
+    dx = torch.randn(3, generator=gen, dtype=dtype)
+    layers._frequencies.cache_clear()
+    with torch.inference_mode():
+        sinusoidal_embedding(x, dim=12)
+    freqs = layers.sinusoidal_frequencies(6, 10000.0, dtype, x.device)
+    assert not freqs.is_inference() and layers._frequencies.cache_info().currsize == 1
+    torch.testing.assert_close(freqs, torch.exp(-math.log(10000.0) * torch.arange(6, dtype=dtype) / 6), rtol=0, atol=0)
+    with recorded() as launched:
+        emb = sinusoidal_embedding(x, dim=12)
+    assert launched == ["mul", "cos", "sin", "cat"]
+    layers.sinusoidal_embedding_tangent(x, dx, dim=12, emb=emb)  # builds the signed frequencies once
+    with recorded() as launched:
+        from_emb = layers.sinusoidal_embedding_tangent(x, dx, dim=12, emb=emb)
+    assert launched == ["mul", "roll", "mul"]
+    afresh = layers.sinusoidal_embedding_tangent(x, dx, dim=12)
+    assert torch.equal(from_emb, afresh) and from_emb.shape == (3, 12)
+    if dtype == torch.float64:
+        full = torch.cat([dx, torch.randn(2, generator=gen, dtype=dtype)])
+        want_emb, want_tangent = torch.func.jvp(lambda a: sinusoidal_embedding(a, dim=12), (x,), (full,))
+        torch.testing.assert_close(emb, want_emb, rtol=RTOL, atol=RTOL)
+        torch.testing.assert_close(afresh, want_tangent[:3], rtol=RTOL, atol=RTOL)
+
+
+def test_the_sinusoidal_embedding_traces_whole_under_torch_compile():
+    """The compiled reference baseline (bench/step.py) traces the embedding in one graph, to the same values; the
+    traced code computes the frequencies itself rather than call the cache (which dynamo skips with a warning)."""
+    import warnings
+
+    from imf.model import sinusoidal_embedding
+
+    x = torch.rand(4, generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(lambda a: sinusoidal_embedding(a, dim=8), backend="eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = compiled(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(traced, sinusoidal_embedding(x, dim=8), rtol=0, atol=0)
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
 
 
 def test_the_tangent_never_reaches_a_weight_gradient():
