@@ -151,9 +151,23 @@ FiLMOutputs = tuple[Tensor, Tensor, MaybeTensor, MaybeTensor]
 def _film_parts(flat: Tensor, widths: tuple[int, ...], rows: int) -> list[tuple[Tensor, Tensor]]:
     """[(scale, shift), ...]: (rows, C_i) views of `_FiLMBank`'s layout, from one split (whose backward is one
     concatenation: views of views of it, e.g. unbind's, would add a stack per layer)."""
-    parts = flat.split([rows * width for width in widths for _ in range(2)])
-    views = [part.view(rows, width) for part, width in zip(parts, [w for w in widths for _ in range(2)], strict=True)]
+    halves = [width for width in widths for _ in range(2)]  # each layer's scale, then its shift
+    parts = flat.split([rows * width for width in halves])
+    views = [part.view(rows, width) for part, width in zip(parts, halves, strict=True)]
     return list(zip(views[0::2], views[1::2], strict=True))
+
+
+def _joinable(layers: list[nn.Linear]) -> tuple[list[Tensor], list[Tensor]] | None:
+    """(weights, biases) of layers a bank can concatenate: some, each with a bias, every parameter a plain tensor
+    (not, e.g., a DTensor shard of FSDP2, which gathers each block's parameters only around that block's own
+    call); else None."""
+    weights = [layer.weight for layer in layers]
+    biases = [layer.bias for layer in layers]
+    if not layers or any(bias is None for bias in biases):
+        return None
+    if any(type(param) not in (nn.Parameter, torch.Tensor) for param in weights + biases):
+        return None
+    return weights, biases
 
 
 def film_bank(
@@ -171,12 +185,10 @@ def film_bank(
     None where the layers cannot be concatenated (a parameter that is not a plain tensor, e.g. a DTensor shard of
     FSDP2, which gathers each block's parameters only around that block's own call; a layer without a bias):
     callers fall back to `film` per layer."""
-    weights = [layer.weight for layer in layers]
-    biases = [layer.bias for layer in layers]
-    if not layers or any(bias is None for bias in biases):
+    joinable = _joinable(layers)
+    if joinable is None:
         return None
-    if any(type(param) not in (nn.Parameter, torch.Tensor) for param in weights + biases):
-        return None
+    weights, biases = joinable
     rows = x.shape[0]
     if dx is not None and not 0 < dx.shape[0] <= rows:
         raise ValueError(f"film_bank: dx must have 1 to {rows} rows (those of x, or its first m), got {dx.shape[0]}")
@@ -233,12 +245,10 @@ def kv_bank(
 
     None where the layers cannot be concatenated (as `film_bank`), or their head dims differ: callers fall back
     to `linear` per layer."""
-    weights = [layer.weight for layer in layers]
-    biases = [layer.bias for layer in layers]
-    if not layers or len(heads) != len(layers) or any(bias is None for bias in biases):
+    joinable = _joinable(layers)
+    if joinable is None or len(heads) != len(layers):
         return None
-    if any(type(param) not in (nn.Parameter, torch.Tensor) for param in weights + biases):
-        return None
+    weights, biases = joinable
     shapes = [(weight.shape[0], 2 * count) for weight, count in zip(weights, heads, strict=True)]
     head_dims = {outputs // parts for outputs, parts in shapes}
     if len(head_dims) != 1 or any(outputs % parts for outputs, parts in shapes):
@@ -368,11 +378,15 @@ def embedding_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _frequency_values(half: int, max_period: float, dtype: torch.dtype, device: torch.device, signed: bool) -> Tensor:
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=device) / half)
+    return torch.cat([-freqs, freqs]) if signed else freqs
+
+
 @functools.lru_cache(maxsize=16)
 def _frequencies(half: int, max_period: float, dtype: torch.dtype, device: torch.device, signed: bool) -> Tensor:
     with torch.inference_mode(False), torch.no_grad():  # a plain tensor, whatever mode the first call ran in
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=device) / half)
-        return torch.cat([-freqs, freqs]) if signed else freqs
+        return _frequency_values(half, max_period, dtype, device, signed)
 
 
 def sinusoidal_frequencies(
@@ -383,8 +397,7 @@ def sinusoidal_frequencies(
     calls a training step); under torch.compile computed in the traced code (dynamo would skip the cache anyway,
     with a warning)."""
     if torch.compiler.is_compiling():
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=device) / half)
-        return torch.cat([-freqs, freqs]) if signed else freqs
+        return _frequency_values(half, max_period, dtype, device, signed)
     return _frequencies(half, float(max_period), dtype, device, signed)
 
 
