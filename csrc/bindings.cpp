@@ -173,7 +173,8 @@ void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTen
                         const Tensor& mean, const Tensor& rstd, int64_t num_groups, bool silu, const Tensor& grad_x,
                         const OptionalTensor& grad_weight, const OptionalTensor& grad_bias,
                         const OptionalTensor& grad_scale, const OptionalTensor& grad_shift,
-                        const OptionalTensor& weight_bias_partials, int64_t kernel) {
+                        const OptionalTensor& weight_bias_partials, const OptionalTensor& grad_residual,
+                        int64_t kernel) {
   const char* op = "group_norm_act backward";
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got shape ", x.sizes());
   const int64_t batch = x.size(0), channels = x.size(1), hw = x.size(2) * x.size(3);
@@ -196,6 +197,7 @@ void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTen
   check_tensor(op, mean, "mean", x, at::kFloat, {batch, num_groups});
   check_tensor(op, rstd, "rstd", x, at::kFloat, {batch, num_groups});
   check_tensor(op, grad_x, "grad_x", x, dtype, x_shape);
+  check_optional(op, grad_residual, "grad_residual", x, dtype, x_shape);
   // a parameter's gradient comes with the parameter; weight and bias sum (2, B, C) float32 partials over the batch
   TORCH_CHECK_VALUE(grad_weight.has_value() == weight.has_value() && grad_bias.has_value() == bias.has_value() &&
                         grad_scale.has_value() == scale.has_value() && grad_shift.has_value() == shift.has_value(),
@@ -224,6 +226,7 @@ void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTen
   params.mean = mean.data_ptr<float>();
   params.rstd = rstd.data_ptr<float>();
   params.grad_x = grad_x.data_ptr();
+  params.grad_residual = data_or_null(grad_residual);
   params.grad_weight = mutable_data_or_null(grad_weight);
   params.grad_bias = mutable_data_or_null(grad_bias);
   params.grad_scale = mutable_data_or_null(grad_scale);
@@ -233,7 +236,9 @@ void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTen
     params.grad_weight_partial = weight.has_value() ? partials : nullptr;
     params.grad_bias_partial = bias.has_value() ? partials + batch * channels : nullptr;
   }
-  params.vectorized = hw % vector_width(x) == 0 && aligned16({params.grad_y, params.x, params.grad_x});
+  params.vectorized = hw % vector_width(x) == 0 &&
+                      aligned16({params.grad_y, params.x, params.grad_x}) &&
+                      (params.grad_residual == nullptr || aligned16({params.grad_residual}));
   params.kernel = group_norm_kernel(op, kernel, hw, channels / num_groups, x, params.vectorized);
 
   const OnDevice device(x);
@@ -464,7 +469,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm_act_bwd", &group_norm_act_bwd, "grad_x and the parameter gradients (two launches)",
         arg("grad_y"), arg("x"), arg("weight"), arg("bias"), arg("scale"), arg("shift"), arg("mean"), arg("rstd"),
         arg("num_groups"), arg("silu"), arg("grad_x"), arg("grad_weight"), arg("grad_bias"), arg("grad_scale"),
-        arg("grad_shift"), arg("weight_bias_partials"), arg("kernel") = 0);
+        arg("grad_shift"), arg("weight_bias_partials"), arg("grad_residual") = pybind11::none(), arg("kernel") = 0);
   m.def("attention_fwd", &attention_fwd, "short-context attention (and its tangent) with log-sum-exp", arg("q"),
         arg("k"), arg("v"), arg("dq"), arg("dk"), arg("dv"), arg("scale"), arg("o"), arg("d_o"), arg("lse"));
   m.def("attention_bwd", &attention_bwd, "grad_q, and grad_k, grad_v summed from per-split partials (two launches)",

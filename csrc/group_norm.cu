@@ -284,17 +284,24 @@ __device__ __forceinline__ void grad_at_h(bool silu, const ChannelAffine& affine
   }
 }
 
-// grad_x = rstd * (gxh - mean_g(gxh) - xh * mean_g(gxh * xh)) with gxh = weight (1 + s) gh, one chunk.
+// grad_x = rstd * (gxh - mean_g(gxh) - xh * mean_g(gxh * xh)) with gxh = weight (1 + s) gh, one chunk; plus the
+// residual branch's gradient where there is one (`residual`: the chunk's grad_residual, or nullptr), in float.
 template <typename T, int kWidth>
 __device__ __forceinline__ void write_grad_x(const ChannelAffine& affine, const float (&xv)[kWidth],
                                              const float (&ghv)[kWidth], float mean, float rstd, float mean_gxh,
-                                             float mean_gxh_xh, T* grad_x) {
+                                             float mean_gxh_xh, const T* residual, T* grad_x) {
   const float gain = affine.weight * affine.one_plus_scale;
   float gxv[kWidth];
+  if (residual != nullptr) {
+    load_as_float<T, kWidth>(residual, gxv);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) gxv[i] = 0.f;
+  }
 #pragma unroll
   for (int i = 0; i < kWidth; ++i) {
     const float xh = (xv[i] - mean) * rstd;
-    gxv[i] = rstd * (gain * ghv[i] - mean_gxh - xh * mean_gxh_xh);
+    gxv[i] += rstd * (gain * ghv[i] - mean_gxh - xh * mean_gxh_xh);
   }
   store_from_float<T, kWidth>(grad_x, gxv);
 }
@@ -379,7 +386,10 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_bwd_kernel(const Grou
     load_as_float<T, kWidth>(x + chunk * kWidth, xv);
     load_as_float<T, kWidth>(grad_y + chunk * kWidth, gv);
     grad_at_h<kWidth>(p.silu, affine, xv, gv, mean, rstd, unused[0], unused[1]);
-    write_grad_x<T, kWidth>(affine, xv, gv, mean, rstd, mean_gxh, mean_gxh_xh, grad_x + chunk * kWidth);
+    const T* residual = p.grad_residual == nullptr  // (from the parameter space in the loop: no register held)
+                            ? nullptr
+                            : static_cast<const T*>(p.grad_residual) + offset + chunk * kWidth;
+    write_grad_x<T, kWidth>(affine, xv, gv, mean, rstd, mean_gxh, mean_gxh_xh, residual, grad_x + chunk * kWidth);
   }
 }
 
@@ -460,7 +470,10 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
     if (chunk >= num_chunks) continue;
     const int64_t channel = g * channels_per_group + chunk / chunks_per_channel;
     const ChannelAffine affine = load_affine<T>(p.weight, p.bias, p.scale, p.shift, channel, n * p.channels + channel);
-    write_grad_x<T, kWidth>(affine, xv[item], gv[item], mean, rstd, mean_gxh, mean_gxh_xh,
+    const T* residual = p.grad_residual == nullptr
+                            ? nullptr
+                            : static_cast<const T*>(p.grad_residual) + offset + chunk * kWidth;
+    write_grad_x<T, kWidth>(affine, xv[item], gv[item], mean, rstd, mean_gxh, mean_gxh_xh, residual,
                             static_cast<T*>(p.grad_x) + offset + chunk * kWidth);
   }
 }

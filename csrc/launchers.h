@@ -53,6 +53,7 @@ struct GroupNormBwdParams {
   const void* shift;
   const float* mean;
   const float* rstd;
+  const void* grad_residual;  // nullptr, or x's shape: a residual branch's gradient of x, added into grad_x
   void* grad_x;
   void* grad_scale;
   void* grad_shift;

@@ -90,6 +90,11 @@ def _check_tensor(
     return value
 
 
+def _check_flag(op: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(op, f"{name} must be True or False, got {value!r}")
+
+
 def _check_number(op: str, name: str, value: Any, minimum: float, strict: bool) -> float:
     """A finite real number >= minimum (> minimum when strict)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -254,15 +259,34 @@ def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
     active, it returns what forward returns, without a graph; so forward is called directly. A graph without
     any of those active is recorded by the old-style twin (`_plain_twin`), which skips apply's binding.
     """
-    if (
-        _functorch.maybe_current_level() is not None
-        or getattr(forward_ad, "_current_level", 0) >= 0  # -1 when no dual level is open
-        or torch.compiler.is_compiling()
-    ):
+    if _transformed():
         return function.apply(*args)
     if torch.is_grad_enabled() and any(isinstance(arg, Tensor) and arg.requires_grad for arg in args):
         return function._plain.apply(*args)
     return function.forward(*args)
+
+
+def _transformed() -> bool:
+    """Whether a torch.func transform, a forward-AD level or a torch.compile trace is active."""
+    return (
+        _functorch.maybe_current_level() is not None
+        or getattr(forward_ad, "_current_level", 0) >= 0  # -1 when no dual level is open
+        or torch.compiler.is_compiling()
+    )
+
+
+def _input_output(function: type[torch.autograd.Function], x: Tensor, *args: Any) -> tuple:
+    """A GroupNorm Function's outputs, then x itself as one more output of its node (`return_input=True`).
+
+    Where x requires grad and a graph is recorded without transforms, `function._with_input` (the old-style twin
+    whose forward also returns x, and whose backward adds that output's gradient into grad_x in the kernel) runs:
+    a residual branch that reads the returned x sends its gradient into the op's backward, where autograd would
+    otherwise add x's two gradients with a launch and a pass of its own. Elsewhere (no grad, torch.func, forward
+    AD, torch.compile) the outputs are the plain ones and x is returned as it is."""
+    family, *rest = args
+    if x.requires_grad and torch.is_grad_enabled() and not _transformed():
+        return function._with_input.apply(family, x, *rest)
+    return (*_apply(function, family, x, *rest), x)
 
 
 def _in_layout(family: Any, tensor: Tensor | None) -> Tensor | None:
@@ -317,6 +341,36 @@ def _gn_weight_tangent(
     return dh.view_as(x)
 
 
+def _gn_grads(ctx: Any, grad_y: Tensor | None, grad_residual: Tensor | None) -> tuple:
+    """(grad_x, grad_weight, grad_bias, grad_scale, grad_shift) of a GroupNorm node; grad_residual (the gradient
+    of the x a `_with_input` twin returned, or None) is added into grad_x by the launcher."""
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    if grad_y is None:  # only the returned x was used
+        return grad_residual, None, None, None, None
+    extra = () if grad_residual is None else (grad_residual.contiguous(),)
+    args = (grad_y.contiguous(), x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, ctx.act, *extra)
+    return _on_plain_tensors(ctx.family.gn_act_bwd, *args)
+
+
+def _with_input_twin(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Give `function` (a GroupNorm Function: x its second input, its backward taking a last grad_residual) a
+    `_with_input` twin in the old style whose forward returns x too, as an output of the node: autograd hands that
+    output's gradient to the twin's backward, which passes it on as grad_residual (`_input_output`)."""
+
+    def forward(ctx, *args):
+        output = function.forward(*args)
+        function.setup_context(ctx, args, output)
+        return (*output, args[1])
+
+    def backward(ctx, *grads):
+        return function.backward(ctx, *grads)
+
+    body = {"forward": staticmethod(forward), "backward": staticmethod(backward), "__doc__": function.__doc__}
+    function._with_input = type(function.__name__ + "WithInput", (torch.autograd.Function,), body)
+    return function
+
+
+@_with_input_twin
 @_signature_once
 class _GroupNormAct(torch.autograd.Function):
     """(y, mean, rstd) = launcher(x, ...); differentiable in x, weight, bias, scale, shift."""
@@ -337,22 +391,8 @@ class _GroupNormAct(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
-        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-        grads = _on_plain_tensors(
-            ctx.family.gn_act_bwd,
-            grad_y.contiguous(),
-            x,
-            ctx.num_groups,
-            weight,
-            bias,
-            scale,
-            shift,
-            mean,
-            rstd,
-            ctx.act,
-        )
-        grad_x, grad_weight, grad_bias, grad_scale, grad_shift = grads
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd, grad_residual=None):
+        grad_x, grad_weight, grad_bias, grad_scale, grad_shift = _gn_grads(ctx, grad_y, grad_residual)
         return None, grad_x, None, grad_weight, grad_bias, grad_scale, grad_shift, None, None
 
     @staticmethod
@@ -385,6 +425,7 @@ class _GroupNormAct(torch.autograd.Function):
         return dy, None, None
 
 
+@_with_input_twin
 @_signature_once
 class _GroupNormActJvp(torch.autograd.Function):
     """(y, dy, mean, rstd) = launcher(x, dx, ...); y differentiable as in _GroupNormAct, dy constant."""
@@ -404,22 +445,8 @@ class _GroupNormActJvp(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y, _grad_dy, _grad_mean, _grad_rstd):
-        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-        grads = _on_plain_tensors(
-            ctx.family.gn_act_bwd,
-            grad_y.contiguous(),
-            x,
-            ctx.num_groups,
-            weight,
-            bias,
-            scale,
-            shift,
-            mean,
-            rstd,
-            ctx.act,
-        )
-        grad_x, grad_weight, grad_bias, grad_scale, grad_shift = grads
+    def backward(ctx, grad_y, _grad_dy, _grad_mean, _grad_rstd, grad_residual=None):
+        grad_x, grad_weight, grad_bias, grad_scale, grad_shift = _gn_grads(ctx, grad_y, grad_residual)
         return (
             None,
             grad_x,
@@ -577,15 +604,27 @@ def group_norm_act(
     eps: float = 1e-5,
     act: str = "silu",
     backend: str | None = None,
-) -> Tensor:
+    return_input: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """y = act((GroupNorm(x) * weight + bias) * (1 + scale) + shift), x (B, C, H, W), scale/shift (B, C).
 
     act is "silu" or "none". Works under autograd, torch.func.jvp and torch.autograd.forward_ad.
+
+    return_input=True returns (y, x_out), x_out being x itself (its values, a view: no copy) as an output of the
+    op. For a residual connection that adds x to what follows the norm: given x_out instead of x, its gradient
+    reaches the op's backward, which adds it into grad_x as it writes it (no add of x's two gradients by
+    autograd: a launch and a pass over grad_x fewer).
     """
     op = "group_norm_act"
     args = dict(x=x, num_groups=num_groups, weight=weight, bias=bias, scale=scale, shift=shift, eps=eps, act=act)
     _check_group_norm(op, args)
+    _check_flag(op, "return_input", return_input)
     _, family = dispatch.select(op, args, backend)
+    if return_input:
+        y, _, _, x_out = _input_output(
+            _GroupNormAct, x, family, num_groups, weight, bias, scale, shift, args["eps"], act
+        )
+        return y, x_out
     y, _, _ = _apply(_GroupNormAct, family, x, num_groups, weight, bias, scale, shift, args["eps"], act)
     return y
 
@@ -604,11 +643,15 @@ def group_norm_act_jvp(
     eps: float = 1e-5,
     act: str = "silu",
     backend: str | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_input: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """(y, dy): group_norm_act and its tangent along (dx, dscale, dshift) in one pass; dy has no graph.
 
     The tangent may cover the first m <= B samples only (dx (m, C, H, W), dscale/dshift (m, C)): y is that of
-    all B samples, dy that of the first m (one launch on backends with TANGENT_ROWS, else two)."""
+    all B samples, dy that of the first m (one launch on backends with TANGENT_ROWS, else two).
+
+    return_input=True: (y, dy, x_out), x_out as in `group_norm_act` (on a backend without TANGENT_ROWS and a
+    tangent of fewer rows, x itself: there autograd adds the residual branch's gradient)."""
     op = "group_norm_act_jvp"
     args = dict(
         x=x,
@@ -624,12 +667,15 @@ def group_norm_act_jvp(
         act=act,
     )
     _check_group_norm(op, args)
+    _check_flag(op, "return_input", return_input)
     _, family = dispatch.select(op, args, backend)
     eps, rows = args["eps"], dx.shape[0]
     if rows == x.shape[0] or getattr(family, "TANGENT_ROWS", False):
-        y, dy, _, _ = _apply(
-            _GroupNormActJvp, family, x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act
-        )
+        inputs = (family, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act)
+        if return_input:
+            y, dy, _, _, x_out = _input_output(_GroupNormActJvp, x, *inputs)
+            return y, dy, x_out
+        y, dy, _, _ = _apply(_GroupNormActJvp, inputs[0], x, *inputs[1:])
         return y, dy
     # a tangent on the first rows, on a backend that takes the whole batch only: the jvp op on those rows, the
     # primal op on the rest
@@ -640,7 +686,8 @@ def group_norm_act_jvp(
     rest = dict(x=x_rest, num_groups=num_groups, weight=weight, bias=bias, scale=scale_rest, shift=shift_rest)
     _, rest_family = dispatch.select("group_norm_act", {**rest, "eps": eps, "act": act}, backend)
     y_rest, _, _ = _apply(_GroupNormAct, rest_family, *rest.values(), eps, act)
-    return torch.cat([y_head, y_rest]), dy
+    y = torch.cat([y_head, y_rest])
+    return (y, dy, x) if return_input else (y, dy)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str | None = None) -> Tensor:

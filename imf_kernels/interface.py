@@ -41,8 +41,10 @@ group_norm (DESIGN 4.3), x: (B, C, H, W), G = num_groups divides C, weight/bias:
         mean, rstd: (B, G) float32
     gn_act_jvp_fwd(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act)
         -> (y, dy, mean, rstd)          # dscale/dshift may be None (zero tangent)
-    gn_act_bwd(grad_y, x, num_groups, weight, bias, scale, shift, mean, rstd, act)
+    gn_act_bwd(grad_y, x, num_groups, weight, bias, scale, shift, mean, rstd, act, grad_residual=None)
         -> (grad_x, grad_weight, grad_bias, grad_scale, grad_shift)   # None where the input is None
+        grad_residual: None or x's shape and dtype, contiguous: a gradient of x from another branch (a residual
+        connection's), added into grad_x as it is written (kernel backends: no launch of its own)
 
 attention (DESIGN 4.3), q: (B, H, Lq, D), k, v: (B, H, Lk, D); s = scale * q k^T, p = softmax(s), o = p v:
     attention_fwd(q, k, v, scale) -> (o, lse)                 # lse: (B, H, Lq) float32, log-sum-exp of s

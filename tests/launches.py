@@ -118,6 +118,16 @@ def op_calls(backend: str, dtype: torch.dtype, seed: int = 0) -> dict[str, Calla
     plain_leaf = leaves(x)
     y_plain = K.group_norm_act(plain_leaf[0], 32, backend=backend)
     calls["gn.bwd-no-params"] = lambda: torch.autograd.grad(y_plain, plain_leaf, grad_y, retain_graph=True)
+    # a residual block's norm: x returned by the op (return_input), its gradient added inside the backward
+    residual_leaves = leaves(x, weight, bias, scale, shift)
+    y_res, x_out = K.group_norm_act(
+        residual_leaves[0], 32, *residual_leaves[1:3], scale=residual_leaves[3], shift=residual_leaves[4],
+        backend=backend, return_input=True,
+    )  # fmt: skip
+    grad_x_out = randn(4, 64, 8, 8)
+    calls["gn.bwd-residual"] = lambda: torch.autograd.grad(
+        [y_res, x_out], residual_leaves, [grad_y, grad_x_out], retain_graph=True
+    )
     # attention: 2 x 4 heads, 64 query rows, 24 keys of 32
     q, dq, grad_o = randn(2, 4, 64, 32), randn(2, 4, 64, 32), randn(2, 4, 64, 32)
     k, v, dk, dv = (randn(2, 4, 24, 32) for _ in range(4))

@@ -55,6 +55,12 @@ def test_group_norm(shape, dtype, variant, emulated):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", cuda_tests.GN_RESIDUAL_SHAPES, ids=cuda_tests.gn_id)
+def test_group_norm_backward_adds_a_residual_gradient(shape, dtype, emulated):
+    cuda_tests.test_group_norm_backward_adds_a_residual_gradient(shape, dtype, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_group_norm_edge_cases(dtype, emulated):
     """Zero modulation tangents with scale / shift present, and misaligned tensors (the scalar path)."""
     cuda_tests.check_gn_jvp(cuda_tests.GN_SHAPES[1], "full-silu", dtype, with_modulation_tangent=False)
@@ -265,6 +271,13 @@ def test_group_norm_tangent_on_the_first_rows(variant, rows, emulated_backend):
     group_norm_tests.check_first_rows("cuda", group_norm_tests.SHAPES[2], variant, torch.float32, rows)
 
 
+@pytest.mark.parametrize("rows", [None, 2, 1], ids=["primal", "jvp", "jvp-first-row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+def test_group_norm_return_input(dtype, rows, emulated_backend):
+    """return_input=True: the residual branch's gradient added by the backward kernel (tests/test_group_norm.py)."""
+    group_norm_tests.test_return_input_adds_the_residual_gradient_in_the_op("cuda", dtype, rows)
+
+
 @pytest.mark.parametrize("with_tangent", [False, True], ids=["primal", "jvp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("variant", attention_tests.VARIANTS)
@@ -286,6 +299,7 @@ CUDA_LAUNCHES = {
     "gn.jvp-first-rows": 2,  # the jvp kernel on the tangent's rows, the primal one on the rest
     "gn.bwd": 2,  # grad_weight, grad_bias summed over the batch by a second kernel
     "gn.bwd-no-params": 1,
+    "gn.bwd-residual": 2,  # the returned x's gradient added inside the kernel
     "attn.fwd": 1,
     "attn.jvp": 1,
     "attn.bwd": 2,  # grad_k, grad_v summed over the splits of query rows by a second kernel

@@ -273,17 +273,25 @@ def gn_grads(normalize, x, num_groups, params, act, grad_y):
     return [None if leaf is None else next(grads) for leaf in leaves]
 
 
-def check_gn_backward(shape, variant, dtype, make_misaligned=False):
+def check_gn_backward(shape, variant, dtype, make_misaligned=False, with_residual=False):
+    """with_residual: a residual branch's gradient of x given to the backward (`grad_residual`), against the
+    float64 sum and PyTorch's (autograd adds the two gradients in the dtype)."""
     x, num_groups, params, act, _, _, _, grad_y = gn_inputs(shape, variant, dtype, seed=3)
     x_d, grad_y_d = on_device(x, dtype), on_device(grad_y, dtype)
+    residual = rounded(x.shape, dtype, torch.Generator().manual_seed(4)) if with_residual else None
+    residual_d = on_device(residual, dtype)
     if make_misaligned:
         x_d, grad_y_d = misaligned(x_d), misaligned(grad_y_d)
+        residual_d = None if residual_d is None else misaligned(residual_d)
     params_d = {name: on_device(value, dtype) for name, value in params.items()}
     ordered = [params_d[name] for name in ("weight", "bias", "scale", "shift")]
     _, mean, rstd = cuda_group_norm.gn_act_fwd(x_d, num_groups, *ordered, EPS, act)
-    grads = cuda_group_norm.gn_act_bwd(grad_y_d, x_d, num_groups, *ordered, mean, rstd, act)
+    grads = cuda_group_norm.gn_act_bwd(grad_y_d, x_d, num_groups, *ordered, mean, rstd, act, residual_d)
     references = gn_grads(explicit_group_norm, x, num_groups, params, act, grad_y)
     torch_grads = gn_grads(torch_group_norm, x_d, num_groups, params_d, act, grad_y_d)
+    if with_residual:
+        references[0] = references[0] + residual
+        torch_grads[0] = torch_grads[0] + residual_d
     names = ("grad_x", "grad_weight", "grad_bias", "grad_scale", "grad_shift")
     for name, grad, torch_grad, reference in zip(names, grads, torch_grads, references, strict=True):
         if reference is None:
@@ -295,7 +303,7 @@ def check_gn_backward(shape, variant, dtype, make_misaligned=False):
     args = dict(x=x_d, num_groups=num_groups, **params_d, eps=EPS, act=act)
     triton = triton_family("group_norm_act", args)
     if triton is not None and not make_misaligned:
-        triton_grads = triton.gn_act_bwd(grad_y_d, x_d, num_groups, *ordered, mean, rstd, act)
+        triton_grads = triton.gn_act_bwd(grad_y_d, x_d, num_groups, *ordered, mean, rstd, act, residual_d)
         assert_agrees_with_triton("grad_x", grads[0], triton_grads[0], torch_grads[0], references[0], dtype)
 
 
@@ -329,6 +337,19 @@ def test_group_norm_backward(shape, dtype, variant, poisoned):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_group_norm_scalar_path_on_misaligned_tensors(dtype, poisoned):
     check_gn_backward(GN_SHAPES[1], "full-silu", dtype, make_misaligned=True)
+
+
+# the scalar path (H W = 35), resident groups of one block and several, a looped group (fp32), batch 19
+GN_RESIDUAL_SHAPES = [GN_SHAPES[0], GN_SHAPES[1], GN_SHAPES[4], GN_SHAPES[8], GN_SHAPES[10]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", GN_RESIDUAL_SHAPES, ids=gn_id)
+def test_group_norm_backward_adds_a_residual_gradient(shape, dtype, poisoned):
+    """grad_residual (a residual branch's gradient of x) is added into grad_x by the kernel."""
+    check_gn_backward(shape, "full-silu", dtype, with_residual=True)
+    if shape == GN_SHAPES[1]:
+        check_gn_backward(shape, "plain-none", dtype, make_misaligned=True, with_residual=True)
 
 
 # ---------------------------------------------------------------------------------------------- attention

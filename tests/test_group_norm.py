@@ -232,6 +232,113 @@ def test_tangent_of_the_primal_op_under_forward_ad(backend):
     reference.check_parity("dy", dy, dy64, dy32, FLOOR[torch.float32])
 
 
+def residual_block_grads(fn, inputs, num_groups, act, rows, grad_y, grad_residual, return_input, **backend):
+    """Gradients of sum(y grad_y) + sum(x' grad_residual) in x and the parameters, x' being the x the op returned
+    (return_input=True) or x itself (autograd adds its two gradients); with a tangent on the first `rows` rows."""
+    inputs = {name: value.detach().clone() for name, value in inputs.items()}
+    leaves = {name: inputs[name].requires_grad_() for name in ("x", *PARAMETER_NAMES) if name in inputs}
+    params = {name: inputs.get(name) for name in PARAMETER_NAMES}
+    tangents = {} if rows is None else {"dscale": inputs.get("dscale"), "dshift": inputs.get("dshift")}
+    tangents = {name: None if t is None else t[:rows] for name, t in tangents.items()}
+    extra = {"return_input": True} if return_input else {}
+    x = leaves["x"]
+    if rows is None:
+        out = fn(x, num_groups, **params, act=act, **extra, **backend)
+    else:
+        out = fn(x, inputs["dx"][:rows], num_groups, **params, **tangents, act=act, **extra, **backend)
+    out = out if isinstance(out, tuple) else (out,)
+    x_out = out[-1] if return_input else x
+    loss = (out[0] * grad_y.to(out[0].dtype)).sum() + (x_out * grad_residual.to(x.dtype)).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return x_out, dict(zip(leaves, grads, strict=True))
+
+
+RESIDUAL_CASES = [
+    pytest.param(backend, dtype, rows, id=f"{backend}-{str(dtype)[6:]}-{'primal' if rows is None else rows}")
+    for backend in BACKENDS
+    for dtype in (torch.float32, torch.float16)
+    for rows in (None, 2, 1)
+]
+
+
+@pytest.mark.parametrize(("backend", "dtype", "rows"), RESIDUAL_CASES)
+def test_return_input_adds_the_residual_gradient_in_the_op(backend, dtype, rows):
+    """A residual block's norm: x returned by the op (return_input=True) and added by the block; its gradient
+    reaches the op's backward, which adds it into grad_x. Every gradient against float64 (PyTorch's same-dtype
+    error the yardstick), and in fp32 bit for bit what autograd gives when it adds x's two gradients itself."""
+    shape = SHAPES[0]
+    inputs, num_groups, act = make_inputs(shape, "modulated", dtype)
+    op = "group_norm_act" if rows is None else "group_norm_act_jvp"
+    args = {name: inputs.get(name) for name in ("x", "weight", "bias", "scale", "shift")}
+    args.update(num_groups=num_groups, eps=1e-5, act=act)
+    if rows is not None:
+        args.update(dx=inputs["dx"][:rows], dscale=inputs["dscale"][:rows], dshift=inputs["dshift"][:rows])
+    skip_unless_runs(backend, op, args)
+    fn = imf_kernels.group_norm_act if rows is None else imf_kernels.group_norm_act_jvp
+    oracle = reference.group_norm_act if rows is None else reference.group_norm_act_jvp
+    grad_y, grad_residual = torch.randn(shape[:4]), torch.randn(shape[:4])
+    run = (inputs, num_groups, act, rows, grad_y, grad_residual)
+
+    x_out, fused = residual_block_grads(fn, *run, return_input=True, backend=backend)
+    assert torch.equal(x_out, inputs["x"]) and x_out.requires_grad
+    assert "WithInput" in type(x_out.grad_fn).__name__  # the op's node, not x's
+    _, summed = residual_block_grads(fn, *run, return_input=False, backend=backend)
+    # the references' tangents cover the whole batch (the gradients do not depend on them)
+    whole = (inputs, num_groups, act, None if rows is None else shape[0], grad_y, grad_residual)
+    inputs64 = {name: value.double() for name, value in inputs.items()}
+    _, truth = residual_block_grads(oracle, inputs64, *whole[1:], return_input=False)
+    _, baseline = residual_block_grads(oracle, *whole, return_input=False)
+    for name, grad in fused.items():
+        assert grad.dtype == dtype, name
+        reference.check_parity(f"grad_{name}", grad, truth[name], baseline[name], FLOOR[dtype])
+        if dtype == torch.float32:
+            assert torch.equal(grad, summed[name]), name
+
+
+def test_return_input_through_the_op_split(monkeypatch):
+    """A tangent on the first rows on a backend without TANGENT_ROWS (the op splits the batch): x comes back as it
+    is and autograd adds its two gradients, the same numbers."""
+    from imf_kernels.torch_ops import group_norm as torch_group_norm
+
+    inputs, num_groups, act = make_inputs(SHAPES[2], "modulated", torch.float32)
+    grad_y, grad_residual = torch.randn(SHAPES[2][:4]), torch.randn(SHAPES[2][:4])
+    run = (inputs, num_groups, act, 2, grad_y, grad_residual)
+    fn = imf_kernels.group_norm_act_jvp
+    _, fused = residual_block_grads(fn, *run, return_input=True, backend="torch")
+    monkeypatch.setattr(torch_group_norm, "TANGENT_ROWS", False)
+    x_out, split = residual_block_grads(fn, *run, return_input=True, backend="torch")
+    assert x_out.grad_fn is None  # x itself (a leaf)
+    for name, grad in split.items():
+        torch.testing.assert_close(grad, fused[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_input_without_a_graph_returns_x_itself(backend):
+    """No graph to record (no grad, torch.func.jvp, forward AD): x comes back as it is, and y as without it."""
+    inputs, num_groups, act = make_inputs(SHAPES[0], "affine", torch.float32)
+    x, weight, bias = inputs["x"], inputs["weight"], inputs["bias"]
+    skip_unless_runs(backend, "group_norm_act", {"x": x, "num_groups": num_groups, "weight": weight, "bias": bias,
+                                                  "scale": None, "shift": None, "eps": 1e-5, "act": act})  # fmt: skip
+    y = imf_kernels.group_norm_act(x, num_groups, weight, bias, backend=backend)
+    with torch.no_grad():
+        y_out, x_out = imf_kernels.group_norm_act(x, num_groups, weight, bias, backend=backend, return_input=True)
+    assert x_out is x and torch.equal(y_out, y)
+
+    def through(x):
+        y, x_out = imf_kernels.group_norm_act(x, num_groups, weight, bias, backend=backend, return_input=True)
+        assert x_out is x
+        return y + x_out
+
+    out, tangent = torch.func.jvp(through, (x,), (inputs["dx"],))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, inputs["dx"])
+        forward_out, forward_tangent = torch.autograd.forward_ad.unpack_dual(through(dual))
+    expected = reference.group_norm_act_jvp(x, inputs["dx"], num_groups, weight, bias)
+    for value, want in ((out, y + x), (tangent, expected[1] + inputs["dx"])):
+        reference.check_parity("jvp", value, want.double(), want, FLOOR[torch.float32])
+    assert torch.equal(forward_out, out) and torch.allclose(forward_tangent, tangent, atol=1e-6)
+
+
 def test_statistics_survive_a_large_mean():
     """Two-pass statistics: x = 1000 + N(0, 1) in float32 still normalises to the float64 answer."""
     x = 1000 + torch.randn(2, 40, 5, 7)
@@ -391,6 +498,11 @@ def test_torch_backend_with_partial_modulation(present, dtype):
 # ------------------------------------------------------------------------------------------------ bad input
 
 BAD_CALLS = [
+    (
+        "return_input",
+        lambda: imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2, return_input="yes"),
+        "return_input must be True or False, got 'yes'",
+    ),
     ("x rank", lambda: imf_kernels.group_norm_act(torch.randn(3, 5), 1), "x must be 4-D (B, C, H, W)"),
     (
         "groups",

@@ -17,6 +17,7 @@ TRITON_LAUNCHES = {
     "gn.jvp-first-rows": [GN_FWD, GN_FWD],  # the jvp kernel on the tangent's rows, the primal one on the rest
     "gn.bwd": [GN_BWD, PARAM_SUMS],  # grad_weight, grad_bias summed over the batch by a second kernel
     "gn.bwd-no-params": [GN_BWD],
+    "gn.bwd-residual": [GN_BWD, PARAM_SUMS],  # the returned x's gradient added inside the kernel, no add of its own
     "attn.fwd": ["triton:_attn_fwd_kernel"],
     "attn.jvp": ["triton:_attn_fwd_kernel"],
     "attn.bwd": ["triton:_attn_bwd_delta_kernel", "triton:_attn_bwd_dkdv_kernel", "triton:_attn_bwd_dq_kernel"],

@@ -189,6 +189,15 @@ def run_and_check(case: Case, dtype: torch.dtype, device: str, seed: int) -> Non
             case.act,
         )
         grads = triton_gn.gn_act_bwd(inputs["grad_y"], inputs["x"], case.num_groups, *params, mean, rstd, case.act)
+        # a residual branch's gradient of x, added into grad_x by the kernel
+        residual = torch.randn_like(inputs["x"])
+        grad_x_residual = triton_gn.gn_act_bwd(
+            inputs["grad_y"], inputs["x"], case.num_groups, *params, mean, rstd, case.act, residual
+        )[0]
+    assert grad_x_residual.dtype == dtype
+    exact_sum = exact["grad_x"] + residual.double()
+    same_dtype_sum = same_dtype["grad_x"] + residual  # as autograd adds x's two gradients, in the dtype
+    assert_close_to_reference("grad_x + residual", grad_x_residual, exact_sum, same_dtype_sum, dtype)
 
     assert y.dtype == dy.dtype == dtype
     assert mean.dtype == rstd.dtype == torch.float32

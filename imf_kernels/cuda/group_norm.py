@@ -145,12 +145,14 @@ def gn_act_bwd(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     act: str,
+    grad_residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(grad_x, grad_weight, grad_bias, grad_scale, grad_shift), None where the input is None.
 
     Two launches and no other work: the kernel writes grad_x, grad_scale and grad_shift, and (1 + scale)-weighted
     per-(sample, channel) partials of grad_weight and grad_bias, which a second kernel sums over the batch in a fixed
     order (deterministic, no atomics). Parameters are of x's dtype (the package checks it) and read as they are.
+    grad_residual (x's shape, dtype, contiguous) is added into grad_x in float before its one rounding.
     """
     batch, channels = x.shape[:2]
     weight, bias, scale, shift = map(_common.contiguous, (weight, bias, scale, shift))
@@ -180,6 +182,7 @@ def gn_act_bwd(
         grad_scale,
         grad_shift,
         partials,
+        grad_residual,
         _kernel(x, num_groups),
     )
     return grad_x, grad_weight, grad_bias, grad_scale, grad_shift

@@ -292,6 +292,26 @@ def gn_act_bwd(
     mean: Tensor,
     rstd: Tensor,
     act: str,
+    grad_residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    grads = _gn_act_bwd(grad_y, x, num_groups, weight, bias, scale, shift, mean, rstd, act)
+    if grad_residual is None:
+        return grads
+    # grad_x is a tensor of its own here (ATen's backward's result, or its cast to x's dtype): added in place
+    return (grads[0].add_(grad_residual), *grads[1:])
+
+
+def _gn_act_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    act: str,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     batch, channels = x.shape[:2]
     dtype = _compute_dtype(x)

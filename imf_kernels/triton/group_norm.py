@@ -588,15 +588,20 @@ def _store_channel_grads(
 
 @triton.jit
 def _chunked_grad_x(
-    x_ptr, grad_y_ptr, grad_x_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta, g_mean, g_xh_mean,
-    BLOCK_HW: tl.constexpr, ACT_SILU: tl.constexpr, STAGES: tl.constexpr,
+    x_ptr, grad_y_ptr, grad_x_ptr, residual_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta, g_mean, g_xh_mean,
+    BLOCK_HW: tl.constexpr, ACT_SILU: tl.constexpr, STAGES: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
-    # grad_x = rstd (alpha gh - mean_g(alpha gh) - xh mean_g(alpha gh xh)), chunk by chunk (read again).
+    # grad_x = rstd (alpha gh - mean_g(alpha gh) - xh mean_g(alpha gh xh)) (+ grad_residual), chunk by chunk (read
+    # again).
     for start in tl.range(0, HW, BLOCK_HW, num_stages=STAGES):
         offs, mask = _tile(start, rows, hw_offs, CPG, HW)
         x, grad_y = _load_inputs(x_ptr, grad_y_ptr, offs, mask, True)
+        if HAS_RESIDUAL:
+            residual = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xh, grad_h = _recompute_grad_h(x, grad_y, mean, rstd, alpha, beta, ACT_SILU)
         grad_x = rstd * (grad_h * tl.expand_dims(alpha, -1) - g_mean - xh * g_xh_mean)
+        if HAS_RESIDUAL:
+            grad_x += residual
         tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
@@ -605,6 +610,7 @@ def _gn_bwd_kernel(
     grad_y_ptr,
     x_ptr,
     grad_x_ptr,
+    residual_ptr,
     mean_ptr,
     rstd_ptr,
     weight_ptr,
@@ -629,6 +635,7 @@ def _gn_bwd_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     ACT_SILU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
     # With gh = dL/dh and per-channel sums S1 = sum_hw gh, S2 = sum_hw gh xh, and g = alpha gh (= dL/dxh):
     # grad_x = rstd (g - mean_g(g) - xh mean_g(g xh)), mean_g(g) = sum_c alpha S1 / n, mean_g(g xh) likewise.
@@ -639,6 +646,7 @@ def _gn_bwd_kernel(
     grad_y_ptr += group_base
     x_ptr += group_base
     grad_x_ptr += group_base
+    residual_ptr += group_base  # (grad_residual, added into grad_x where HAS_RESIDUAL; x's when absent, never read)
     rows = tl.arange(0, BLOCK_C)
     hw_offs = tl.arange(0, BLOCK_HW)
     n = (CPG * HW).to(tl.float32)
@@ -694,16 +702,20 @@ def _gn_bwd_kernel(
     g_xh_mean = _per_group(g_xh_sum / n, GROUPS)
     if SINGLE_TILE:
         grad_x = rstd * (grad_h * tl.expand_dims(alpha, -1) - g_mean - xh * g_xh_mean)
+        if HAS_RESIDUAL:
+            grad_x += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
         if BLOCK_C2 > 0:
             grad_x2 = rstd * (grad_h2 * tl.expand_dims(alpha2, -1) - g_mean - xh2 * g_xh_mean)
+            if HAS_RESIDUAL:
+                grad_x2 += tl.load(residual_ptr + offs2, mask=mask2, other=0.0).to(tl.float32)
             tl.store(grad_x_ptr + offs2, grad_x2.to(grad_x_ptr.dtype.element_ty), mask=mask2)
     else:
-        _chunked_grad_x(x_ptr, grad_y_ptr, grad_x_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta, g_mean,
-                        g_xh_mean, BLOCK_HW, ACT_SILU, STAGES)  # fmt: skip
+        _chunked_grad_x(x_ptr, grad_y_ptr, grad_x_ptr, residual_ptr, rows, hw_offs, CPG, HW, mean, rstd, alpha, beta,
+                        g_mean, g_xh_mean, BLOCK_HW, ACT_SILU, STAGES, HAS_RESIDUAL)  # fmt: skip
         if BLOCK_C2 > 0:
-            _chunked_grad_x(x_ptr, grad_y_ptr, grad_x_ptr, rows2, hw_offs, CPG, HW, mean, rstd, alpha2, beta2, g_mean,
-                            g_xh_mean, BLOCK_HW, ACT_SILU, STAGES)  # fmt: skip
+            _chunked_grad_x(x_ptr, grad_y_ptr, grad_x_ptr, residual_ptr, rows2, hw_offs, CPG, HW, mean, rstd, alpha2,
+                            beta2, g_mean, g_xh_mean, BLOCK_HW, ACT_SILU, STAGES, HAS_RESIDUAL)  # fmt: skip
 
 
 # The backward's second launch: grad_weight and grad_bias summed over the batch from their (B, C) fp32 partials,
@@ -957,11 +969,13 @@ def gn_act_bwd(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     act: str,
+    grad_residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(grad_x, grad_weight, grad_bias, grad_scale, grad_shift), None where the input is None.
 
     Two launches and no other work: grad_weight and grad_bias are written per (sample, channel) in fp32 and
-    summed over the batch by a second kernel in a fixed order (deterministic, no atomics).
+    summed over the batch by a second kernel in a fixed order (deterministic, no atomics). grad_residual (x's
+    shape, dtype and layout) is read beside grad_y and added to grad_x in fp32 before its one rounding.
     """
     batch, channels, height, width = x.shape
     hw = height * width
@@ -986,6 +1000,7 @@ def gn_act_bwd(
         grad_y,
         x,
         grad_x,
+        x if grad_residual is None else grad_residual,
         mean,
         rstd,
         *(t if t is not None else x for t in (weight, bias, scale, shift)),
@@ -1003,6 +1018,7 @@ def gn_act_bwd(
         GROUPS=blocks.groups,
         STAGES=blocks.stages,
         num_warps=blocks.num_warps,
+        HAS_RESIDUAL=grad_residual is not None,
         **_flags(weight, bias, scale, shift, act),
     )
     grad_weight = None if weight is None else torch.empty((channels,), device=x.device, dtype=weight.dtype)
@@ -1082,7 +1098,8 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
     """Ahead-of-time compile specs for every launch configuration the launchers pick for `shapes`.
 
     `shapes`: iterable of (B, C, H, W, num_groups). One spec per (pass, dtype, blocks, H*W % 16 == 0,
-    activation), with every other option on (weight, bias, scale, shift, their tangents): with SiLU, the variant
+    activation), with every other option on (weight, bias, scale, shift, their tangents, the backward's residual
+    gradient): with SiLU, the variant
     with the most live registers; without, the one whose simpler loop body Triton 3.6's
     TritonGPUOptimizeThreadLocality pass once failed to compile (the chunked backward, fp32). `divisible_by_16`
     names the arguments the JIT would specialise as multiples of 16 (torch's allocations are 16-byte aligned), so
@@ -1130,6 +1147,7 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                 }
                 if pass_name == "bwd":
                     fn = _gn_bwd_kernel
+                    constexprs["HAS_RESIDUAL"] = True  # a residual branch's gradient read and added too
                 else:
                     fn = _gn_fwd_kernel
                     with_tangent = pass_name == "jvp"
