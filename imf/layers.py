@@ -315,14 +315,19 @@ def group_norm_act(
     dscale: MaybeTensor = None,
     dshift: MaybeTensor = None,
     act: str = "silu",
-) -> tuple[Tensor, MaybeTensor]:
-    """act((GN(x) * weight + bias) * (1 + scale) + shift) and its tangent, one `imf_kernels` call."""
+    return_input: bool = False,
+) -> tuple[Tensor, MaybeTensor] | tuple[Tensor, MaybeTensor, Tensor]:
+    """act((GN(x) * weight + bias) * (1 + scale) + shift) and its tangent, one `imf_kernels` call.
+
+    return_input=True: (y, dy, x_out), x_out being x as an output of the op, for the block's residual branch to
+    add: its gradient then enters grad_x inside the op's backward (`imf_kernels.group_norm_act`)."""
     weight, bias = _cast(norm.weight, x), _cast(norm.bias, x)
     scale, shift = _cast(scale, x), _cast(shift, x)
     if dx is None:
-        return imf_kernels.group_norm_act(
-            x, norm.num_groups, weight, bias, scale=scale, shift=shift, eps=norm.eps, act=act
-        ), None
+        out = imf_kernels.group_norm_act(
+            x, norm.num_groups, weight, bias, scale=scale, shift=shift, eps=norm.eps, act=act, return_input=return_input
+        )
+        return (out[0], None, out[1]) if return_input else (out, None)
     return imf_kernels.group_norm_act_jvp(
         x,
         dx.to(x.dtype).contiguous(),
@@ -335,6 +340,7 @@ def group_norm_act(
         dshift=_cast(dshift, x),
         eps=norm.eps,
         act=act,
+        return_input=return_input,
     )
 
 

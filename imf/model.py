@@ -252,7 +252,10 @@ class ResBlock(nn.Module):
         """(y, dy); dscale/dshift = W_film dpooled (no bias). `film`: this block's (scale, shift, dscale, dshift)
         where the model computed them with every other block's (`layers.film_bank`), else its own `layers.film`."""
         scale, shift, dscale, dshift = layers.film(pooled, self.film, dpooled) if film is None else film
-        h, dh = layers.group_norm_act(x, self.norm1, dx, scale=scale, shift=shift, dscale=dscale, dshift=dshift)
+        # x from the norm (itself, as the op's output): the skip branch's gradient is added in the norm's backward
+        h, dh, x = layers.group_norm_act(
+            x, self.norm1, dx, scale=scale, shift=shift, dscale=dscale, dshift=dshift, return_input=True
+        )
         h, dh = layers.conv2d(h, self.conv1, dh)
         h, dh = layers.group_norm_act(h, self.norm2, dh)
         h, dh = layers.conv2d(h, self.conv2, dh)
@@ -295,7 +298,8 @@ class AttnBlock(nn.Module):
         like q; the op makes them contiguous for the cuda kernels)."""
         b, c, hh, ww = x.shape
         length = hh * ww
-        normed, dnormed = layers.group_norm_act(x, self.norm, dx, act="none")
+        # x from the norm (itself, as the op's output): the residual's gradient is added in the norm's backward
+        normed, dnormed, x = layers.group_norm_act(x, self.norm, dx, act="none", return_input=True)
         flat = lambda a: None if a is None else a.view(a.shape[0], c, length)
         heads_of = lambda a: None if a is None else a.view(a.shape[0], self.heads, -1, length).transpose(-1, -2)
         qt, dqt = layers.channel_linear(flat(normed), self.to_q, flat(dnormed))

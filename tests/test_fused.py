@@ -260,6 +260,63 @@ def test_tangent_never_reaches_a_weight_gradient():
     assert_close_everywhere(with_tangent, without, 1e-12, "grad")
 
 
+@pytest.mark.parametrize("block", ["resblock", "resblock-1x1-skip", "self-attention", "cross-attention"])
+@pytest.mark.parametrize("with_tangent", [False, True], ids=["primal", "jvp"])
+def test_a_block_adds_no_gradient_of_its_input(block, with_tangent, monkeypatch):
+    """The residual blocks take x back from their first GroupNorm (`return_input`), so the skip branch's gradient of x
+    is added by the norm's backward kernel: one add fewer in the block's backward than with x returned as it is
+    (triton, recorded; self-attention keeps the add of its normed input's two gradients, q's and k/v's), and every
+    gradient as the plain forward's (float64 on the torch backend, a copy of the block's weights)."""
+    import launches
+
+    from imf.model import AttnBlock, ResBlock
+    from imf_kernels import api
+
+    torch.manual_seed(5)
+    if block.startswith("resblock"):
+        net, side = ResBlock(32, 48 if block.endswith("skip") else 32, 8), torch.randn(3, 8)  # side: pooled context
+    else:
+        cross = block == "cross-attention"
+        net, side = AttnBlock(32, 16, 8 if cross else None), torch.randn(3, 5, 8) if cross else None  # context
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(3, 32, 4, 4)
+    tangents = (torch.randn_like(x), None if side is None else torch.randn_like(side)) if with_tangent else ()
+
+    def cast(t, dtype):
+        return None if t is None else t.to(dtype)
+
+    def run(module, dtype, backend=None):
+        leaf = x.to(dtype).clone().requires_grad_()
+        module = module.to(dtype)
+        with imf_kernels.use_backend(backend or "torch"):
+            if backend is None:  # the plain forward
+                y = module(leaf, cast(side, dtype))
+            else:
+                y, _ = module.fused(leaf, cast(side, dtype), *(cast(t, dtype) for t in tangents))
+            grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+            with launches.recorded() as launched:
+                y.backward(grad)
+        return launched, [leaf.grad, *(p.grad for p in module.parameters())]
+
+    launched, _ = run(copy.deepcopy(net), torch.float32, "triton")
+    assert "triton:_gn_bwd_kernel" in launched
+    adds = [name for name in launched if name.startswith("add")]
+    assert adds == (["add"] if block == "self-attention" else []), launched
+    with monkeypatch.context() as patch:  # x returned as it is: autograd adds its two gradients
+        patch.setattr(
+            api, "_input_output", lambda function, x, family, *rest: (*api._apply(function, family, x, *rest), x)
+        )
+        unfused, _ = run(copy.deepcopy(net), torch.float32, "triton")
+    assert [name for name in unfused if name.startswith("add")] == [*adds, "add"], unfused
+    _, fused = run(copy.deepcopy(net), torch.float64, "torch")
+    _, expected = run(copy.deepcopy(net), torch.float64)
+    for got, want in zip(fused, expected, strict=True):
+        assert got is not None and want is not None
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_every_fused_pass_takes_its_film_and_cross_attention_keys_from_one_bank_each(monkeypatch):
     """The fused passes (with tangents on the first rows, the v-head beside; `fused_u`; `fused_v`) compute every
     ResBlock's FiLM in one `imf.layers.film_bank` and every cross-attention block's keys and values in one
