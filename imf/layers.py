@@ -244,9 +244,11 @@ def kv_bank(
     layers (default all; dctx None: none), of dctx's rows.
 
     None where the layers cannot be concatenated (as `film_bank`), or their head dims differ: callers fall back
-    to `linear` per layer."""
+    to `linear` per layer. A heads list of another length than layers is a caller's error (ValueError)."""
+    if len(heads) != len(layers):
+        raise ValueError(f"kv_bank: heads must give one count per layer ({len(layers)}), got {len(heads)}")
     joinable = _joinable(layers)
-    if joinable is None or len(heads) != len(layers):
+    if joinable is None:
         return None
     weights, biases = joinable
     shapes = [(weight.shape[0], 2 * count) for weight, count in zip(weights, heads, strict=True)]

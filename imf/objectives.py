@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 import imf_kernels
+from imf import layers
 from imf.model import Cond, CondTangent, bf16_parameters
 
 Tensor = torch.Tensor
@@ -69,8 +70,9 @@ def target_autocast(bf16: bool, x: Tensor, cache: bool = True):
 
 
 def time_dtype(x: Tensor) -> torch.dtype:
-    """Times and scales are float32, or float64 for float64 data (exact checks)."""
-    return torch.promote_types(x.dtype, torch.float32)
+    """Times and scales are float32, or float64 for float64 data (exact checks): the embedding's rule
+    (`imf.layers.embedding_dtype`, no dispatcher call as torch.promote_types makes)."""
+    return layers.embedding_dtype(x.dtype)
 
 
 def to_device(a: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:

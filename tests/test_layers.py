@@ -298,6 +298,12 @@ def test_kv_bank_leaves_layers_it_cannot_concatenate_to_their_own_calls():
     assert layers.kv_bank(ctx, [], []) is None
 
 
+def test_kv_bank_refuses_a_heads_list_of_another_length():
+    ctx = torch.randn(2, 3, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^kv_bank: heads must give one count per layer \(2\), got 1$"):
+        layers.kv_bank(ctx, [nn.Linear(6, 8).double(), nn.Linear(6, 16).double()], [1])
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv2d(bias, stride):
