@@ -231,7 +231,7 @@ def _signature_once(function: type[torch.autograd.Function]) -> type[torch.autog
     return function
 
 
-def _plain_twin(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+def _plain_twin(function: type[torch.autograd.Function], with_input: bool = False) -> type[torch.autograd.Function]:
     """The same Function in the old style (ctx the first argument of forward, no setup_context), for `_apply`
     to record a graph with when no torch.func transform, forward-AD level or compile trace is active.
 
@@ -239,15 +239,17 @@ def _plain_twin(function: type[torch.autograd.Function]) -> type[torch.autograd.
     call, even with the signature stored (`_bind_default_args`: 14 us of the 18 us a 10-argument apply costs on
     this repository's CPU, against 4 us for the old style); the op's arguments are always complete and
     positional, so the binding does nothing. The twin runs the same forward, setup_context and backward.
+
+    with_input: its forward also returns x (the second argument) as an output of the node (`_with_input_twin`).
     """
 
     def forward(ctx, *args):
         output = function.forward(*args)
         function.setup_context(ctx, args, output)
-        return output
+        return (*output, args[1]) if with_input else output
 
     body = {"forward": staticmethod(forward), "backward": staticmethod(function.backward), "__doc__": function.__doc__}
-    return type(function.__name__ + "Plain", (torch.autograd.Function,), body)
+    return type(function.__name__ + ("WithInput" if with_input else "Plain"), (torch.autograd.Function,), body)
 
 
 def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
@@ -354,19 +356,9 @@ def _gn_grads(ctx: Any, grad_y: Tensor | None, grad_residual: Tensor | None) -> 
 
 def _with_input_twin(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
     """Give `function` (a GroupNorm Function: x its second input, its backward taking a last grad_residual) a
-    `_with_input` twin in the old style whose forward returns x too, as an output of the node: autograd hands that
-    output's gradient to the twin's backward, which passes it on as grad_residual (`_input_output`)."""
-
-    def forward(ctx, *args):
-        output = function.forward(*args)
-        function.setup_context(ctx, args, output)
-        return (*output, args[1])
-
-    def backward(ctx, *grads):
-        return function.backward(ctx, *grads)
-
-    body = {"forward": staticmethod(forward), "backward": staticmethod(backward), "__doc__": function.__doc__}
-    function._with_input = type(function.__name__ + "WithInput", (torch.autograd.Function,), body)
+    `_with_input` twin, `_plain_twin`'s with x returned too, as an output of the node: autograd hands that
+    output's gradient to the backward as its last argument, grad_residual (`_input_output`)."""
+    function._with_input = _plain_twin(function, with_input=True)
     return function
 
 
