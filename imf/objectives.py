@@ -87,6 +87,14 @@ def to_device(a: Tensor, device: torch.device, dtype: torch.dtype | None = None)
     return a.to(device, non_blocking=True)
 
 
+def to_device_together(tensors: list[Tensor], device: torch.device) -> list[Tensor]:
+    """CPU tensors of one dtype on `device` from one copy (`to_device`) of their concatenation: views of it, in
+    order, each of its tensor's shape (a step's draws or row indices: one pinned copy instead of one each)."""
+    flat = to_device(torch.cat([a.reshape(-1) for a in tensors]), device)
+    parts = flat.split([a.numel() for a in tensors])
+    return [part.view(a.shape) for part, a in zip(parts, tensors, strict=True)]
+
+
 @dataclass
 class HostDraws:
     """CPU copies of a step's (B,) draws (those an objective has; the others None). The objectives choose rows
@@ -166,7 +174,7 @@ def model_fused_jvp(
         order, tangent_rows = None, b
     else:  # the rows that need du first (a stable sort keeps each group's order)
         order_host = torch.argsort((~rows).to(torch.uint8), stable=True)
-        order, inverse = to_device(order_host, z.device), to_device(torch.argsort(order_host), z.device)
+        order, inverse = to_device_together([order_host, torch.argsort(order_host)], z.device)
         z, dz = z[order], dz[order[:count]]
         cond = Cond(*(None if a is None else a[order] for a in cond))
         tangent_rows = count
@@ -240,10 +248,8 @@ class IMFObjective:
         t_max = torch.where(fm, torch.ones_like(t_max), t_max)
         drop = torch.rand(b, generator=generator) < self.class_dropout
         host = HostDraws(t, r, omega, t_min, t_max, drop)
-        t_d, r_d, omega_d, t_min_d, t_max_d, drop_d = (
-            to_device(a, x.device) for a in (t, r, omega, t_min, t_max, drop)
-        )
-        return IMFDraws(t_d, r_d, e, omega_d, t_min_d, t_max_d, drop_d, host)
+        t_d, r_d, omega_d, t_min_d, t_max_d = to_device_together([t, r, omega, t_min, t_max], x.device)
+        return IMFDraws(t_d, r_d, e, omega_d, t_min_d, t_max_d, to_device(drop, x.device), host)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
         return self.loss_from_draws(model, x, y, self.draw(x, generator))
@@ -278,6 +284,7 @@ class IMFObjective:
         if self.static_rows:  # every row in both parts; the guidance term masked on the device
             shared = needs_cp = None
             cp_rows = u_rows = torch.arange(b, device=x.device)
+            idx = torch.cat([cp_rows, u_rows])
         else:  # the rows are chosen on the host copies of the draws (the same values: no wait for the device)
             h = host_draws(d)
             guided = (_omega_prime(h) != 1) & ~h.drop
@@ -288,8 +295,8 @@ class IMFObjective:
                 shared = needs_cp = None
             cp_rows_host = torch.arange(b) if needs_cp is None else torch.nonzero(needs_cp).flatten()
             u_rows_host = torch.nonzero(guided).flatten()
-            cp_rows, u_rows = to_device(cp_rows_host, x.device), to_device(u_rows_host, x.device)
-        idx = torch.cat([cp_rows, u_rows])
+            idx = to_device(torch.cat([cp_rows_host, u_rows_host]), x.device)  # one copy; the two parts are views
+            cp_rows, u_rows = idx.split([cp_rows_host.numel(), u_rows_host.numel()])
         cond = Cond(
             h=zero[idx],
             y=torch.cat([y[cp_rows], null[u_rows]]),
@@ -318,7 +325,9 @@ class IMFObjective:
             v_g[u_rows] = v_t[u_rows] + weight[u_rows] * (v_cp[u_rows] - v_u_all)
         else:
             from_cp = ~shared[u_rows_host]  # the guided rows (u_rows) whose v_c' is in this call
-            in_call, later_in_call = (to_device(torch.nonzero(m).flatten(), x.device) for m in (from_cp, ~from_cp))
+            in_call, later_in_call = to_device_together(
+                [torch.nonzero(m).flatten() for m in (from_cp, ~from_cp)], x.device
+            )
             rows, later = u_rows[in_call], u_rows[later_in_call]
             v_g[rows] = v_t[rows] + weight[rows] * (v_cp[rows] - v_u_all[in_call])
             pending = (later, weight[later], v_u_all[later_in_call])
@@ -433,7 +442,8 @@ class MeanFlowObjective:
         e = to_device(torch.randn(x.shape, generator=generator), x.device, x.dtype)
         drop = torch.rand(b, generator=generator) < self.class_dropout
         host = HostDraws(t, r, drop=drop)
-        return MFDraws(to_device(t, x.device), to_device(r, x.device), e, to_device(drop, x.device), host)
+        t_d, r_d = to_device_together([t, r], x.device)
+        return MFDraws(t_d, r_d, e, to_device(drop, x.device), host)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
         return self.loss_from_draws(model, x, y, self.draw(x, generator))

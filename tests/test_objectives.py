@@ -122,6 +122,23 @@ def test_draws_follow_the_recipe():
     assert abs(both.mean() + 0.4) < 0.03 and abs(both.std() - 1.0) < 0.03
 
 
+def test_to_device_together_gives_views_of_one_copy_in_order():
+    """Several CPU tensors of one dtype reach the device in one copy: each a view of its part, with its shape and
+    values (empty parts included); the draws' float fields and the row indices come through it."""
+    from imf.objectives import to_device_together
+
+    parts = [torch.randn(5), torch.randn(2, 3), torch.randn(0), torch.randn(1)]
+    out = to_device_together(parts, torch.device("cpu"))
+    assert [tuple(a.shape) for a in out] == [tuple(a.shape) for a in parts]
+    assert all(torch.equal(a, b) for a, b in zip(out, parts, strict=True))
+    assert len({a.untyped_storage().data_ptr() for a in out}) == 1
+    d = IMFObjective().draw(torch.randn(6, 1, 2, 2), torch.Generator().manual_seed(1))
+    fields = (d.t, d.r, d.omega, d.t_min, d.t_max)
+    assert len({a.untyped_storage().data_ptr() for a in fields}) == 1
+    assert all(torch.equal(a, b) for a, b in zip(fields, (d.host.t, d.host.r, d.host.omega, d.host.t_min,
+                                                          d.host.t_max), strict=True))  # fmt: skip
+
+
 def test_imf_loss_equals_the_formula_step_by_step():
     net = TinyNet()
     x, y = batch()
