@@ -294,25 +294,6 @@ def gn_act_bwd(
     act: str,
     grad_residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    grads = _gn_act_bwd(grad_y, x, num_groups, weight, bias, scale, shift, mean, rstd, act)
-    if grad_residual is None:
-        return grads
-    # grad_x is a tensor of its own here (ATen's backward's result, or its cast to x's dtype): added in place
-    return (grads[0].add_(grad_residual), *grads[1:])
-
-
-def _gn_act_bwd(
-    grad_y: Tensor,
-    x: Tensor,
-    num_groups: int,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    act: str,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     batch, channels = x.shape[:2]
     dtype = _compute_dtype(x)
     per_sample = scale is not None or shift is not None
@@ -321,7 +302,7 @@ def _gn_act_bwd(
     groups, group_size = layout.groups, rows // layout.groups
     rstd_slope = _slope_of_xh(rstd, layout)
     if not per_sample:
-        return _unmodulated_bwd(grad_y, x, layout, weight, bias, mean, rstd_slope, act)
+        return _with_residual(_unmodulated_bwd(grad_y, x, layout, weight, bias, mean, rstd_slope, act), grad_residual)
     centered = _centered(layout.x, mean, groups)  # one pass, for precision (`_centered`)
     grad_h = grad_y.to(dtype).reshape(layout.x.shape)
     if act == "silu":
@@ -355,4 +336,10 @@ def _gn_act_bwd(
             grad_scale = grad_scale + sum_g * bias.to(dtype)
         grad_scale = grad_scale.to(scale.dtype)
     grad_shift = None if shift is None else sum_g.to(shift.dtype)
-    return grad_x, grad_weight, grad_bias, grad_scale, grad_shift
+    return _with_residual((grad_x, grad_weight, grad_bias, grad_scale, grad_shift), grad_residual)
+
+
+def _with_residual(grads: tuple, grad_residual: Tensor | None) -> tuple:
+    """gn_act_bwd's gradients with grad_residual added into grad_x, a tensor of its own here (ATen's backward's
+    result, or its cast to x's dtype): in place."""
+    return grads if grad_residual is None else (grads[0].add_(grad_residual), *grads[1:])
