@@ -306,6 +306,12 @@ __device__ __forceinline__ void write_grad_x(const ChannelAffine& affine, const 
   store_from_float<T, kWidth>(grad_x, gxv);
 }
 
+// The residual gradient's elements from `index` on, or nullptr when the backward has none.
+template <typename T>
+__device__ __forceinline__ const T* residual_at(const GroupNormBwdParams& p, int64_t index) {
+  return p.grad_residual == nullptr ? nullptr : static_cast<const T*>(p.grad_residual) + index;
+}
+
 // The per-channel sums S1 = sum gh, S3 = sum gh * xh of one (sample, channel) give its parameter gradients
 // (GroupNormBwdParams); their gain-weighted sums are added to the group's sums.
 template <typename T>
@@ -386,10 +392,9 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_bwd_kernel(const Grou
     load_as_float<T, kWidth>(x + chunk * kWidth, xv);
     load_as_float<T, kWidth>(grad_y + chunk * kWidth, gv);
     grad_at_h<kWidth>(p.silu, affine, xv, gv, mean, rstd, unused[0], unused[1]);
-    const T* residual = p.grad_residual == nullptr  // (from the parameter space in the loop: no register held)
-                            ? nullptr
-                            : static_cast<const T*>(p.grad_residual) + offset + chunk * kWidth;
-    write_grad_x<T, kWidth>(affine, xv, gv, mean, rstd, mean_gxh, mean_gxh_xh, residual, grad_x + chunk * kWidth);
+    // (the residual pointer from the parameter space in the loop: one held across it spilled the fp16 instance)
+    write_grad_x<T, kWidth>(affine, xv, gv, mean, rstd, mean_gxh, mean_gxh_xh,
+                            residual_at<T>(p, offset + chunk * kWidth), grad_x + chunk * kWidth);
   }
 }
 
@@ -470,11 +475,9 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
     if (chunk >= num_chunks) continue;
     const int64_t channel = g * channels_per_group + chunk / chunks_per_channel;
     const ChannelAffine affine = load_affine<T>(p.weight, p.bias, p.scale, p.shift, channel, n * p.channels + channel);
-    const T* residual = p.grad_residual == nullptr
-                            ? nullptr
-                            : static_cast<const T*>(p.grad_residual) + offset + chunk * kWidth;
-    write_grad_x<T, kWidth>(affine, xv[item], gv[item], mean, rstd, mean_gxh, mean_gxh_xh, residual,
-                            static_cast<T*>(p.grad_x) + offset + chunk * kWidth);
+    const int64_t index = offset + chunk * kWidth;
+    write_grad_x<T, kWidth>(affine, xv[item], gv[item], mean, rstd, mean_gxh, mean_gxh_xh, residual_at<T>(p, index),
+                            static_cast<T*>(p.grad_x) + index);
   }
 }
 

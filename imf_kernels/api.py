@@ -277,18 +277,19 @@ def _transformed() -> bool:
     )
 
 
-def _input_output(function: type[torch.autograd.Function], x: Tensor, *args: Any) -> tuple:
-    """A GroupNorm Function's outputs, then x itself as one more output of its node (`return_input=True`).
+def _input_output(function: type[torch.autograd.Function], *args: Any) -> tuple:
+    """A GroupNorm Function's outputs for its arguments (family, x, ...), then x itself as one more output of its
+    node (`return_input=True`).
 
     Where x requires grad and a graph is recorded without transforms, `function._with_input` (the old-style twin
     whose forward also returns x, and whose backward adds that output's gradient into grad_x in the kernel) runs:
     a residual branch that reads the returned x sends its gradient into the op's backward, where autograd would
     otherwise add x's two gradients with a launch and a pass of its own. Elsewhere (no grad, torch.func, forward
     AD, torch.compile) the outputs are the plain ones and x is returned as it is."""
-    family, *rest = args
+    x = args[1]
     if x.requires_grad and torch.is_grad_enabled() and not _transformed():
-        return function._with_input.apply(family, x, *rest)
-    return (*_apply(function, family, x, *rest), x)
+        return function._with_input.apply(*args)
+    return (*_apply(function, *args), x)
 
 
 def _in_layout(family: Any, tensor: Tensor | None) -> Tensor | None:
@@ -612,12 +613,11 @@ def group_norm_act(
     _check_group_norm(op, args)
     _check_flag(op, "return_input", return_input)
     _, family = dispatch.select(op, args, backend)
+    inputs = (family, x, num_groups, weight, bias, scale, shift, args["eps"], act)
     if return_input:
-        y, _, _, x_out = _input_output(
-            _GroupNormAct, x, family, num_groups, weight, bias, scale, shift, args["eps"], act
-        )
+        y, _, _, x_out = _input_output(_GroupNormAct, *inputs)
         return y, x_out
-    y, _, _ = _apply(_GroupNormAct, family, x, num_groups, weight, bias, scale, shift, args["eps"], act)
+    y, _, _ = _apply(_GroupNormAct, *inputs)
     return y
 
 
@@ -663,11 +663,11 @@ def group_norm_act_jvp(
     _, family = dispatch.select(op, args, backend)
     eps, rows = args["eps"], dx.shape[0]
     if rows == x.shape[0] or getattr(family, "TANGENT_ROWS", False):
-        inputs = (family, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act)
+        inputs = (family, x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act)
         if return_input:
-            y, dy, _, _, x_out = _input_output(_GroupNormActJvp, x, *inputs)
+            y, dy, _, _, x_out = _input_output(_GroupNormActJvp, *inputs)
             return y, dy, x_out
-        y, dy, _, _ = _apply(_GroupNormActJvp, inputs[0], x, *inputs[1:])
+        y, dy, _, _ = _apply(_GroupNormActJvp, *inputs)
         return y, dy
     # a tangent on the first rows, on a backend that takes the whole batch only: the jvp op on those rows, the
     # primal op on the rest
