@@ -83,8 +83,8 @@ AT_ONCE = ("gn_param_sums_bf16_c16_b256_c8_one", "imf_loss_finish_b256_c4")
 def test_the_kernels_changed_on_2026_11_27_issue_their_loads_together(build):
     rows = schedules(build, *PIPELINED, *PIPELINED.values(), *AT_ONCE)
     # C768 16x16 (the worst forward-with-tangent of the sixth lease), forward-with-tangent and backward: the
-    # launcher's pick (3 stages) copies asynchronously and no 16-byte load waits; its plain-loop twin read each
-    # chunk's x before loading its dx
+    # 3-stage variant copies asynchronously and no 16-byte load waits; the plain loops (the launcher's pick again
+    # since the seventh lease timed both) read each chunk's x before loading its dx
     for pipelined, plain in PIPELINED.items():
         assert rows[pipelined]["async_copies"] >= 8 and rows[pipelined]["vector_loads"] == 0, pipelined
         assert not [load for load in rows[pipelined]["waited"] if ".128" in load], pipelined

@@ -24,7 +24,8 @@ def test_the_launchers_pick_is_a_candidate(channels, res, dtype):
     assert gn.pick_blocks(cpg, hw, dtype) in candidates
     assert len(set(candidates)) == len(candidates)
     # (the chunked pick's pipeline-stage twins aside: test_chunked_picks_sweep_fewer_pipeline_stages)
-    stages = gn.chunk_stages(dtype)
+    column = 1 << (cpg - 1).bit_length()
+    stages = gn.chunk_stages(dtype, column)
     padded = [
         blocks
         for blocks in candidates
@@ -40,7 +41,6 @@ def test_the_launchers_pick_is_a_candidate(channels, res, dtype):
     assert len(split) == (len(padded) if gn.split_channels(cpg) else 0)
     for blocks in split:
         assert blocks.block_c + blocks.block_c2 == cpg
-        column = 1 << (cpg - 1).bit_length()
         twin_stages = 1 if blocks.single_tile else stages
         assert gn.GNBlocks(column, blocks.block_hw, blocks.single_tile, blocks.num_warps, stages=twin_stages) in padded
 
@@ -150,15 +150,20 @@ def test_batch_sums_candidates_include_the_rule_and_the_old_tile():
 
 
 def test_chunked_picks_sweep_fewer_pipeline_stages():
-    """The launcher's chunked pick (3 stages) beside its plain-loop (1) and 2-stage twins, and the split twin (2
-    stages) beside its plain-loop one (C/G = 24); single tiles have no loop to pipeline."""
-    default = gn.pick_blocks(24, 256, torch.bfloat16)  # C768 16x16: chunked
-    assert not default.single_tile and default.stages == 3
+    """A chunked pick beside its twins of 1 (plain loops), 2 and 3 pipeline stages, and its split twin (at most 2
+    stages) beside the split's other depth (C/G = 24: plain loops, the wide chunks' rule; C/G = 8: 3 stages);
+    single tiles have no loop to pipeline."""
+    default = gn.pick_blocks(24, 256, torch.bfloat16)  # C768 16x16: chunked, 32 rows
+    assert not default.single_tile and default.stages == 1
     labels = [tune_gpu.gn_label(blocks) for blocks in tune_gpu.gn_candidates(24, 256, torch.bfloat16)]
     assert labels[:5] == [  # the pick and its variants first: what a sweep cut at a lease's deadline times
-        "c32 hw128 chunk s3 w16", "c16+8 hw128 chunk s2 w16", "c32 hw128 chunk s1 w16", "c32 hw128 chunk s2 w16",
-        "c16+8 hw128 chunk s1 w16",
+        "c32 hw128 chunk s1 w16", "c16+8 hw128 chunk s1 w16", "c32 hw128 chunk s2 w16", "c32 hw128 chunk s3 w16",
+        "c16+8 hw128 chunk s2 w16",
     ]  # fmt: skip
+    narrow = gn.pick_blocks(8, 1024, torch.bfloat16)  # C256 32x32: chunked, 8 rows
+    assert not narrow.single_tile and narrow.stages == 3
+    labels = [tune_gpu.gn_label(blocks) for blocks in tune_gpu.gn_candidates(8, 1024, torch.bfloat16)]
+    assert labels[:3] == ["c8 hw256 chunk s3 w4", "c8 hw256 chunk s1 w4", "c8 hw256 chunk s2 w4"]
     assert not [b for b in tune_gpu.gn_candidates(16, 64, torch.bfloat16) if b.stages != 1]  # single tiles
 
 

@@ -100,7 +100,7 @@ def gn_candidate_groups(cpg: int, hw: int, dtype: torch.dtype) -> tuple[list, li
     for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16)):
         block_hw = tile // block_c
         if tile < total and 1 <= block_hw <= hw2 and tile // (32 * warps) >= vector:
-            out.append(gn.GNBlocks(block_c, block_hw, False, warps, stages=gn.chunk_stages(dtype)))
+            out.append(gn.GNBlocks(block_c, block_hw, False, warps, stages=gn.chunk_stages(dtype, block_c)))
     default = gn.pick_blocks(cpg, hw, dtype)
     # each padded column's split twin (e.g. 48 channels as 32 + 16 rows): the same tiles without the padding
     # (no GPU has timed them yet; the launcher picks none)

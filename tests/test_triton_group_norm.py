@@ -290,10 +290,13 @@ def test_block_picker_follows_gpu_rules():
     # (<= 16 channels) or 4096 elements)
     assert triton_gn.pick_blocks(5, 35, torch.float32) == triton_gn.GNBlocks(8, 64, True, 2)
     assert triton_gn.pick_blocks(8, 1024, torch.float32) == triton_gn.GNBlocks(8, 256, False, 8)
-    # (chunked tiles in half precision pipeline their loops over 3 stages, fp32 over 1)
+    # (chunked tiles of up to 16 rows in half precision pipeline their loops over 3 stages; wider ones and fp32
+    # run plain loops: an H200 timed both, chunk_stages)
     assert triton_gn.pick_blocks(8, 1024, torch.bfloat16) == triton_gn.GNBlocks(8, 256, False, 4, stages=3)
+    assert triton_gn.pick_blocks(16, 1024, torch.bfloat16) == triton_gn.GNBlocks(16, 128, False, 4, stages=3)
     assert triton_gn.pick_blocks(16, 1024, torch.float32) == triton_gn.GNBlocks(16, 128, False, 8)
-    assert triton_gn.pick_blocks(24, 1024, torch.bfloat16) == triton_gn.GNBlocks(32, 128, False, 16, stages=3)
+    assert triton_gn.pick_blocks(24, 1024, torch.bfloat16) == triton_gn.GNBlocks(32, 128, False, 16)
+    assert triton_gn.pick_blocks(24, 256, torch.bfloat16) == triton_gn.GNBlocks(32, 128, False, 16)
     assert triton_gn.pick_blocks(16, 256, torch.bfloat16) == triton_gn.GNBlocks(16, 256, True, 4)
     assert triton_gn.pick_blocks(48, 64, torch.float16) == triton_gn.GNBlocks(64, 64, True, 4)
     for channels_per_group in (1, 3, 5, 24, 40, 48, 1024):
@@ -301,9 +304,10 @@ def test_block_picker_follows_gpu_rules():
             blocks = triton_gn.pick_blocks(channels_per_group, hw, torch.float16)
             assert blocks.block_c >= channels_per_group
             assert blocks.block_c * blocks.block_hw <= triton_gn._MAX_SINGLE_TILE
-            assert blocks.stages == (1 if blocks.single_tile else 3)
-    # a split chunked tile (four tiles a chunk) pipelines over at most 2 stages
-    assert triton_gn.split_tile(triton_gn.pick_blocks(24, 1024, torch.bfloat16), 24).stages == 2
+            assert blocks.stages == (1 if blocks.single_tile or blocks.block_c > 16 else 3)
+    # a split chunked tile (four tiles a chunk) pipelines over at most 2 stages (12 = 8 + 4 rows; 16 padded)
+    assert triton_gn.split_tile(triton_gn.pick_blocks(12, 1024, torch.bfloat16), 12).stages == 2
+    assert triton_gn.split_tile(triton_gn.pick_blocks(24, 1024, torch.bfloat16), 24).stages == 1
     assert triton_gn.split_tile(triton_gn.pick_blocks(24, 1024, torch.float32), 24).stages == 1
 
 

@@ -135,11 +135,15 @@ def pick_blocks(channels_per_group: int, hw: int, dtype: torch.dtype) -> GNBlock
     return blocks
 
 
-def chunk_stages(dtype: torch.dtype) -> int:
-    """Pipeline stages of a chunked tile's loops (GNBlocks.stages): 3 in half precision (not yet timed on a GPU:
-    bench/tune_gpu.py sweeps 1 and 2 beside it); fp32 keeps plain loops: at 3 stages Triton 3.6 spilled its
-    16-warp forward, and the GPU runs (bf16) do not use it."""
-    return 3 if dtype.itemsize == 2 else 1
+def chunk_stages(dtype: torch.dtype, block_c: int) -> int:
+    """Pipeline stages of a chunked tile's loops (GNBlocks.stages): 3 for half-precision channel columns of up to
+    16, else 1 (plain loops). Measured on an H200 (2026-11-27, bf16, batch 256, 1 stage in the sixth lease against
+    3 in the seventh, the other kernels within 1%): 3 stages gained on the narrow 2048-element chunks (C256 32x32
+    tangent pass 199 -> 178 us, C512 32x32 forward 211 -> 192 us, tangent 405 -> 384 us) and lost on the wide
+    4096-element chunks on 16 warps (C768 16x16 forward 118 -> 166 us, tangent 222 -> 251 us, backward 188 -> 233
+    us; the cause not measured). fp32 keeps plain loops: at 3 stages Triton 3.6 spilled its 16-warp
+    forward, and the GPU runs (bf16) do not use it."""
+    return 3 if dtype.itemsize == 2 and block_c <= 16 else 1
 
 
 def _pick_blocks(channels_per_group: int, hw: int, dtype: torch.dtype) -> GNBlocks:
@@ -155,7 +159,8 @@ def _pick_blocks(channels_per_group: int, hw: int, dtype: torch.dtype) -> GNBloc
         block_hw = max(1, (2 * _CHUNK_TILE if wide else _CHUNK_TILE) // block_c)
         elements_per_thread = (8 if wide else 16) if half else 8
     num_warps = min(_MAX_WARPS, max(_MIN_WARPS, block_c * block_hw // (32 * elements_per_thread)))
-    blocks = GNBlocks(block_c, block_hw, single_tile, num_warps, stages=1 if single_tile else chunk_stages(dtype))
+    stages = 1 if single_tile else chunk_stages(dtype, block_c)
+    blocks = GNBlocks(block_c, block_hw, single_tile, num_warps, stages=stages)
     check_gpu_rules(blocks)
     return blocks
 
@@ -1138,10 +1143,10 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
             tile = picked.block_c * picked.block_hw
             if dtype == torch.bfloat16 and picked.single_tile and tile <= _MAX_SINGLE_TILE // 2:
                 candidates.append(group_tile(picked, min(num_groups, _MAX_SINGLE_TILE // tile)))
-            # and, for chunked bf16 picks, the plain loops (1 stage: the kernels before 2026-11-27) and 2 stages,
+            # and, for chunked bf16 picks, the other pipeline depths of 1 (plain loops), 2 and 3 stages,
             # bench/tune_gpu.py's candidates
             if dtype == torch.bfloat16 and not picked.single_tile:
-                candidates += [dataclasses.replace(picked, stages=stages) for stages in (1, 2)]
+                candidates += [dataclasses.replace(picked, stages=s) for s in (1, 2, 3) if s != picked.stages]
             for blocks, pass_name, act_silu in itertools.product(
                 [b for b in candidates if b is not None], ("fwd", "jvp", "bwd"), (True, False)
             ):
