@@ -33,7 +33,11 @@ probe='import tests.test_cuda_ops as t; exec(t.EXTENSION_ERRORS)'
     echo "exit $?"
     echo "== the probe under cuda-gdb"
     gdb=${CUDA_GDB:-$(command -v cuda-gdb || echo /usr/local/cuda/bin/cuda-gdb)}
-    PYTHONPATH=$PWD timeout 120 "$gdb" -q -batch -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary" \
-        --args "$PYTHON" -c "$probe" 2>&1 | grep -vE "^\[(New|Thread|Detaching)" | tail -80
+    # the whole backtrace (the seventh lease's log kept only its last 13 frames: a tail of the library list cut
+    # the crashing ones), the faulting instruction, then only the libraries an exception's path runs through
+    PYTHONPATH=$PWD timeout 120 "$gdb" -q -batch -ex "set pagination off" -ex run -ex "bt 60" -ex "x/3i \$pc" \
+        -ex "info sharedlibrary" --args "$PYTHON" -c "$probe" 2>&1 | grep -vE "^\[(New|Thread|Detaching)" |
+        grep -vE "^0x[0-9a-f]+ +0x[0-9a-f]+ .*/(lib(m|z|expat|bz2|lzma|ffi|crypto|ssl|cu[a-z]+|nv[a-zA-Z]+|nccl|"\
+"cublas[A-Za-z]*|cudnn[a-z_]*)\.so|python3\.12/lib-dynload|numpy)" | head -150
 } 2>&1 | tee "$log"
 echo "log: $log"

@@ -240,7 +240,10 @@ def test_diagnose_extension_errors_runs_the_probe_plain_and_under_cuda_gdb(tmp_p
     calls = tmp_path / "calls.txt"
     fakes = {
         "fakepy": 'echo "python $*" >> "$CALLS"; case "$2" in *m.__file__*) echo /x/_C.so ;; esac',
-        "fakegdb": 'echo "gdb $*" >> "$CALLS"; echo "#0 0x0 in crash ()"',
+        "fakegdb": 'echo "gdb $*" >> "$CALLS"; echo "#0 0x0 in crash ()"; for i in $(seq 1 40); do '
+        'echo "#$i 0x0 in f"; done; '
+        "for lib in /lib/libm.so.6 /lib/libstdc++.so.6 /t/lib/libc10.so /n/cu13/lib/libcublas.so.13; do "
+        'echo "0x00007ffff7ed9420  0x00007ffff7f573a6  Yes (*)     $lib"; done',
     }
     for name, body in fakes.items():
         (tmp_path / name).write_text(f"#!/usr/bin/env bash\n{body}\nexit 0\n")
@@ -266,3 +269,7 @@ def test_diagnose_extension_errors_runs_the_probe_plain_and_under_cuda_gdb(tmp_p
         "#0 0x0 in crash",
     ):
         assert section in text
+    # the whole backtrace (a tail of the library list once cut its first frames), the libraries an exception's
+    # path runs through, not the math and CUDA ones
+    assert "#40 0x0 in f" in text and "libstdc++.so.6" in text and "libc10.so" in text
+    assert "libm.so.6" not in text and "libcublas" not in text
