@@ -197,7 +197,8 @@ if [ "$skip_tests" = 0 ]; then
     if [ "$gpu_tests_only" = 1 ] && "$PYTHON" -c "import xdist" 2>/dev/null; then
         test_args+=(-n 8)
     fi
-    run_step tests "$PYTHON" -m pytest -q tests ${test_args[@]+"${test_args[@]}"}
+    # (--durations: the slowest tests in the log, for trimming a lease's 2-minute test step)
+    run_step tests "$PYTHON" -m pytest -q --durations=15 tests ${test_args[@]+"${test_args[@]}"}
 fi
 if [ "$ncu" = 1 ]; then
     run_step ncu env PYTHON="$PYTHON" bash bench/ncu_kernels.sh bench/results

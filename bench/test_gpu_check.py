@@ -65,7 +65,7 @@ def test_default_order_and_summary(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert commands == [
         "-m pip install -e . --no-build-isolation --no-deps",
-        "-m pytest -q tests",
+        "-m pytest -q --durations=15 tests",
         "bench/ops.py --quick",
         "bench/profile_step.py",
         "bench/step.py --reps 3",
@@ -101,7 +101,7 @@ def test_prewarm_compiles_in_the_background_and_step_runs_first(tmp_path):
     assert summary.startswith("bench/ncu_kernels.py --summarize ") and summary.endswith(".csv")
     assert rest == [
         "-m pip install -e . --no-build-isolation --no-deps",
-        "-m pytest -q tests -m gpu -n 8",  # the stand-in answers that xdist imports
+        "-m pytest -q --durations=15 tests -m gpu -n 8",  # the stand-in answers that xdist imports
         profile,
         details,
         raw,
