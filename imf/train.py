@@ -55,12 +55,44 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
+        """One multi-tensor lerp over the parameters and one multi-tensor copy of the buffers (on a GPU a few
+        launches, not one per tensor: latent-b has 340 parameters); FSDP2 shards one whole tensor at a time."""
         # warm-start: average over the steps seen so far while that is shorter than the EMA's horizon
         decay = min(self.decay, (1 + step) / (10 + step))
-        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            e.lerp_(_full(p.detach()), 1 - decay)
-        for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            e.copy_(b)
+        ema, params = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        if len(ema) != len(params):
+            raise ValueError(f"EMA.update: the model has {len(params)} parameters, the average {len(ema)}")
+        if any(hasattr(p, "full_tensor") for p in params):  # (all of them at once would be a second whole model)
+            for e, p in zip(ema, params, strict=True):
+                e.lerp_(_full(p), 1 - decay)
+        elif ema:
+            torch._foreach_lerp_(ema, params, 1 - decay)
+        ema_buffers, buffers = list(self.model.buffers()), list(model.buffers())
+        if len(ema_buffers) != len(buffers):
+            raise ValueError(f"EMA.update: the model has {len(buffers)} buffers, the average {len(ema_buffers)}")
+        if buffers:
+            torch._foreach_copy_(ema_buffers, buffers)
+
+
+def host_floats(values: list) -> list[float]:
+    """`values` (tensors of one element, or numbers) as Python floats, the tensors of each device read in one copy
+    (one wait for a GPU, not one per value), each in its own dtype's precision (float64 stays exact)."""
+    by_device: dict[torch.device, list[int]] = {}
+    for index, value in enumerate(values):
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"host_floats: tensors of one element only, got shape {tuple(value.shape)}")
+            by_device.setdefault(value.device, []).append(index)
+    out = [value if isinstance(value, torch.Tensor) else float(value) for value in values]
+    for indices in by_device.values():
+        tensors = [values[i].detach().reshape(()) for i in indices]
+        dtype = tensors[0].dtype
+        for tensor in tensors[1:]:
+            dtype = torch.promote_types(dtype, tensor.dtype)
+        read = torch.stack([t.to(dtype) for t in tensors]).tolist()
+        for i, number in zip(indices, read, strict=True):
+            out[i] = float(number)
+    return out
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -267,35 +299,36 @@ class Trainer:
         return self.objective.loss_from_draws(self._loss_model, x[rows], y[rows], slice_rows(draws, rows))
 
     def step(self) -> dict[str, float]:
+        """One update. The host waits for the device once a step, after the backward and the clipping are queued:
+        the loss, its terms and the gradient norm come back in one copy, which decides whether the update runs (a
+        NaN or inf loss drops the backward's gradients). The optimizer step and the EMA are queued behind it, and
+        the next step's work behind them, so the device stays busy while the host prepares it."""
         self.train_model.train()
         x, y = self.next_batch()
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step_count)
-        if self.graphed is not None:  # the backward is in the graph: a non-finite loss skips the update after it
+        if self.graphed is not None:  # zero_grad, the loss and the backward, replayed
             loss, metrics = self.graphed(x, y, self.generator)
-            loss_value = float(loss)
         else:
-            loss, metrics = self._loss(x, y)
-            loss_value = float(all_mean(loss.detach(), self.dist))  # the global batch's loss, the same on every rank
             self.opt.zero_grad(set_to_none=True)
+            loss, metrics = self._loss(x, y)
+            loss.backward()
+            loss = all_mean(loss.detach(), self.dist)  # the global batch's loss, the same on every rank
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        loss_value, grad_norm_value, *terms = host_floats([loss, grad_norm, *metrics.values()])
         if not math.isfinite(loss_value):
+            self.opt.zero_grad(set_to_none=True)  # (under DDP / FSDP every rank ran its backward: the same bookkeeping)
             if not self.skip_nonfinite:
                 raise NonFiniteLossError(self.step_count + 1, loss_value)
-            if self.dist.enabled:  # a backward keeps DDP's / FSDP's per-step bookkeeping in step; its grads are dropped
-                (loss * 0).backward()
-                self.opt.zero_grad(set_to_none=True)
             self.step_count += 1
             self.skipped_steps += 1
             return {"loss": loss_value, "skipped": 1.0}
-        if self.graphed is None:
-            loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.ema.update(self.model, self.step_count)
         self.step_count += 1
-        out = {k: float(v) for k, v in metrics.items()}
+        out = dict(zip(metrics, terms, strict=True))
         out["loss"] = loss_value
-        out["grad_norm"] = float(_full(grad_norm))
+        out["grad_norm"] = grad_norm_value
         return out
 
     def run(

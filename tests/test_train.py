@@ -72,6 +72,99 @@ def test_ema_recursion_with_warm_start():
         assert torch.allclose(got, e, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_ema_update_equals_a_lerp_per_tensor_bit_for_bit(device):
+    """EMA.update's multi-tensor lerp and buffer copy give exactly the per-tensor lerp_ / copy_ results, on every
+    parameter and buffer of a model (IMFNet's, and a BatchNorm's running statistics as buffers)."""
+    torch.manual_seed(3)
+    norm = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model = nn.ModuleDict({"net": IMFNet(tiny_digits().model), "norm": norm}).to(device)
+    ema = EMA(model, decay=0.9)
+    twin = [p.detach().clone() for p in ema.model.parameters()]
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            for b in model.buffers():
+                if b.is_floating_point():
+                    b.add_(torch.randn_like(b))
+        ema.update(model, step)
+        decay = min(0.9, (1 + step) / (10 + step))
+        for t, p in zip(twin, model.parameters(), strict=True):
+            t.lerp_(p.detach(), 1 - decay)
+    for t, got in zip(twin, ema.model.parameters(), strict=True):
+        assert torch.equal(got, t)
+    for b, got in zip(model.buffers(), ema.model.buffers(), strict=True):
+        assert torch.equal(got, b)
+    with pytest.raises(ValueError, match="the model has 2 parameters, the average"):
+        ema.update(nn.Linear(2, 2).to(device), 0)
+
+
+def test_host_floats_reads_each_devices_tensors_in_one_copy():
+    from imf.train import host_floats
+
+    third = torch.tensor(1 / 3, dtype=torch.float64)
+    got = host_floats([third, 2, torch.tensor([0.5]), torch.tensor(7, dtype=torch.int64), 1.25])
+    assert got == [1 / 3, 2.0, 0.5, 7.0, 1.25]  # float64 exact: the tensors promoted together, not through float32
+    assert all(type(value) is float for value in got) and host_floats([]) == []
+    with pytest.raises(ValueError, match=r"host_floats: tensors of one element only, got shape \(2,\)"):
+        host_floats([torch.zeros(2)])
+
+
+def test_a_step_reads_the_device_once_after_the_backward_and_before_the_update(monkeypatch):
+    """Trainer.step waits for the device once: the loss, its terms and the gradient norm in one host_floats call,
+    made when the backward has run (every gradient there) and the update has not (the weights as before), so a
+    non-finite loss can still skip the update."""
+    import imf.train as train_module
+
+    preset = tiny_digits()
+    torch.manual_seed(4)
+    model = IMFNet(preset.model)
+    data = iter(batches(2))
+    trainer = Trainer(model, IMFObjective(), lambda: next(data), preset.train)
+    calls, read = [], train_module.host_floats
+
+    def recording(values):
+        before = [p.detach().clone() for p in model.parameters()]
+        calls.append((all(p.grad is not None for p in model.parameters()), before))
+        return read(values)
+
+    monkeypatch.setattr(train_module, "host_floats", recording)
+    weights = [p.detach().clone() for p in model.parameters()]
+    metrics = trainer.step()
+    assert len(calls) == 1
+    graded, at_read = calls[0]
+    assert graded and all(torch.equal(a, b) for a, b in zip(at_read, weights, strict=True))
+    assert any(not torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))  # then updated
+    assert set(metrics) == {"loss", "loss_u", "loss_v", "grad_norm"} and all(type(v) is float for v in metrics.values())
+
+
+@pytest.mark.gpu
+def test_a_trainer_step_waits_for_the_device_once():
+    """On a GPU the whole Trainer.step (the loss and backward, clipping, AdamW, the EMA) synchronises with the device
+    once, at the copy of its numbers (torch's sync debug mode warns at each wait): the forward's loss is no longer
+    read before the backward is queued, and no value is read after the update is queued."""
+    import warnings
+
+    preset = tiny_digits()
+    torch.manual_seed(6)
+    model = IMFNet(preset.model).cuda()
+    data = iter([(x.cuda(), y.cuda()) for x, y in batches(3)])
+    trainer = Trainer(model, IMFObjective(), lambda: next(data), preset.train)
+    trainer.step()  # warm-up: compiles, autotunes and the optimizer's state may synchronise
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            metrics = trainer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) == 1, waits
+    assert math.isfinite(metrics["loss"])
+
+
 def tiny_digits():
     preset = get_preset("digits")
     preset.model.width = 8
