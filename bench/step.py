@@ -25,6 +25,9 @@ Variants:
               kernel. The capture (after 3 eager steps on a side stream) is its warm-up; its peak memory counts
               from before the warm-up (the graph's pool holds the step's memory)
   fm, mf      flow matching and MeanFlow steps of the same model on the fused path (default backend)
+  trainer     one whole `imf train` step on the default backend: Trainer.step with the default TrainConfig (fresh
+              draws each step, the fused loss and backward, clipping, AdamW, the EMA, and the step's numbers
+              read back once), the optimizer's moments and the EMA allocated in the warm-up
 JVP overhead = (forward + tangent + backward) / (forward + backward) of the model on the same loss of u and v.
 Each variant runs in its own process (spawned). Peak memory is that of one warm step above what was held before it
 (model, inputs, compiled code): on GPU the allocator's, measured in the timing process; on CPU the peak RSS (reset
@@ -229,6 +232,17 @@ def make_step(variant: str, model, x, y, draws, bf16: bool):
         objective = IMFObjective(bf16=bf16, static_rows=True)
         eager = with_backward(lambda: objective.loss_from_draws(model, x, y, draws)[0], variant.removeprefix("graph-"))
         return graphed(model, eager)
+    if variant == "trainer":
+        from imf.config import TrainConfig
+        from imf.train import Trainer
+
+        cfg = TrainConfig(batch_size=x.shape[0], bf16=bf16)
+        trainer = Trainer(model, IMFObjective(), lambda: (x, y), cfg, torch.Generator().manual_seed(2))
+
+        def trainer_step():
+            trainer.step()
+
+        return trainer_step
     if variant == "fm":
         objective = FlowMatchingObjective()
         return with_backward(lambda: objective.loss(model, x, y, torch.Generator().manual_seed(0))[0])
@@ -581,7 +595,7 @@ def main() -> None:
     # the compiled baselines last: their compilation takes minutes, and a run cut short (a GPU lease) keeps the rest
     graphs = [f"graph-{b}" for b in backends if b != "torch"] if on_gpu else []  # CUDA graphs: GPU kernels only
     jit = ["fused-triton-jit"] if on_gpu and "triton" in backends else []  # the launch cache off, for its A/B
-    variants = ["reference", *(f"fused-{b}" for b in backends), *jit, *graphs, "fm", "mf"]
+    variants = ["reference", *(f"fused-{b}" for b in backends), *jit, *graphs, "trainer", "fm", "mf"]
     variants += ["fwd-bwd", "fwd-tan-bwd", "ref-fwd-bwd", "ref-fwd-tan-bwd", *compiled]
     if args.variants is not None:
         chosen = [name.strip() for name in args.variants.split(",") if name.strip()]

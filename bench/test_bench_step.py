@@ -275,3 +275,23 @@ def test_the_jit_variant_turns_the_launch_cache_off(monkeypatch):
     assert _launch.ENABLED
     assert callable(step.make_step("fused-triton-jit", model, x, y, draws, bf16=False))
     assert not _launch.ENABLED
+
+
+def test_the_trainer_variant_runs_whole_training_steps(monkeypatch):
+    """`trainer` times Trainer.step: each call draws afresh, updates the weights through AdamW and moves the EMA, and
+    reads its numbers back once (host_floats), as `imf train` does."""
+    import step
+
+    import imf.train as train_module
+
+    reads, read = [], train_module.host_floats
+    monkeypatch.setattr(train_module, "host_floats", lambda values: reads.append(len(values)) or read(values))
+    model, x, y, draws = step.build("gauss", 6, "cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+    run = step.make_step("trainer", model, x, y, draws, bf16=False)
+    run()
+    moved = [p.detach().clone() for p in model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, moved, strict=True))  # an AdamW update
+    run()
+    assert any(not torch.equal(a, p) for a, p in zip(moved, model.parameters(), strict=True))
+    assert len(reads) == 2  # one read of the step's numbers a step
