@@ -160,10 +160,13 @@ def test_chunked_picks_sweep_fewer_pipeline_stages():
         "c32 hw128 chunk s1 w16", "c16+8 hw128 chunk s1 w16", "c32 hw128 chunk s2 w16", "c32 hw128 chunk s3 w16",
         "c16+8 hw128 chunk s2 w16",
     ]  # fmt: skip
+    # then the whole group as one tile, padded and split (16 elements of each input per thread)
+    assert labels[5:7] == ["c32 hw256 single w16", "c16+8 hw256 single w16"]
     narrow = gn.pick_blocks(8, 1024, torch.bfloat16)  # C256 32x32: chunked, 8 rows
     assert not narrow.single_tile and narrow.stages == 3
     labels = [tune_gpu.gn_label(blocks) for blocks in tune_gpu.gn_candidates(8, 1024, torch.bfloat16)]
     assert labels[:3] == ["c8 hw256 chunk s3 w4", "c8 hw256 chunk s1 w4", "c8 hw256 chunk s2 w4"]
+    assert labels[3] == "c8 hw1024 single w16"  # 8 channels have no split
     assert not [b for b in tune_gpu.gn_candidates(16, 64, torch.bfloat16) if b.stages != 1]  # single tiles
 
 

@@ -113,6 +113,13 @@ def gn_candidate_groups(cpg: int, hw: int, dtype: torch.dtype) -> tuple[list, li
         for blocks, stages in ((default, (1, 2, 3)), (default_split, (1, 2))):
             if blocks is not None:
                 first += [dataclasses.replace(blocks, stages=s) for s in stages if s != blocks.stages]
+        # and the whole group as one register tile of up to 8192 elements, 16 of each input per thread, padded and
+        # split: one read of x where the chunks read it twice (C768 16x16, 24 x 256, the worst forward-with-tangent
+        # of the seventh lease at 39% of copy; the fourth lease timed 8192-element single tiles slower only at C256
+        # 32x32, 8 x 1024)
+        if total <= 8192:
+            whole = gn.GNBlocks(block_c, hw2, True, min(16, max(1, total // (32 * 16))))
+            first += [whole] + ([split] if (split := gn.split_tile(whole, cpg)) is not None else [])
     # small single tiles: 2-8 (sample, group) slabs per program, up to 8192 elements, on the launcher's warps times
     # the slabs (its elements per thread) or half that (no GPU has timed them yet; the launcher picks none)
     tile = default.block_c * default.block_hw
