@@ -129,3 +129,26 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(env, ckpt, tmp_path, ca
     assert len(lines) == 1 and lines[0].startswith("imf: error: ") and message in lines[0], (case, done.stderr)
     after = {p: p.read_bytes() for p in list(tmp_path.rglob("*")) + list(ckpt.rglob("*")) if p.is_file()}
     assert after == before, case
+
+
+def test_matmul_precision_is_set_on_a_gpu_only(monkeypatch):
+    """--matmul-precision (train, sample, eval, demo; default high: TF32 matrix products, as cuDNN's convolutions
+    already run) reaches torch.set_float32_matmul_precision on a CUDA device and leaves a CPU run's untouched."""
+    import argparse
+
+    import torch
+
+    import imf.cli as cli
+
+    set_to = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", set_to.append)
+    for command in ("train", "sample", "eval", "demo"):
+        required = {"sample": ["--ckpt", "c", "--out", "o.png"], "eval": ["--ckpt", "c"]}.get(command, [])
+        args = build_parser().parse_args([command, *required])
+        assert args.matmul_precision == "high", command
+    args = argparse.Namespace(device="cpu", threads=None, matmul_precision="highest")
+    assert cli._runtime(args) == torch.device("cpu") and set_to == []
+    monkeypatch.setattr(cli, "_device", lambda name: torch.device("cuda"))
+    assert cli._runtime(args) == torch.device("cuda") and set_to == ["highest"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--matmul-precision", "medium"])
