@@ -138,7 +138,7 @@ def pick_blocks(channels_per_group: int, hw: int, dtype: torch.dtype) -> GNBlock
 def chunk_stages(dtype: torch.dtype, block_c: int) -> int:
     """Pipeline stages of a chunked tile's loops (GNBlocks.stages): 3 for half-precision channel columns of up to
     16, else 1 (plain loops). Measured on an H200 (2026-11-27, bf16, batch 256, 1 stage in the sixth lease against
-    3 in the seventh, the other kernels within 1%): 3 stages gained on the narrow 2048-element chunks (C256 32x32
+    3 in the seventh, the attention kernels within 2%): 3 stages gained on the narrow 2048-element chunks (C256 32x32
     tangent pass 199 -> 178 us, C512 32x32 forward 211 -> 192 us, tangent 405 -> 384 us) and lost on the wide
     4096-element chunks on 16 warps (C768 16x16 forward 118 -> 166 us, tangent 222 -> 251 us, backward 188 -> 233
     us; the cause not measured). fp32 keeps plain loops: at 3 stages Triton 3.6 spilled its 16-warp
