@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--cudnn-benchmark",
         action=argparse.BooleanOptionalAction,
         default=on_gpu,
-        help="torch.backends.cudnn.benchmark (default: on on a GPU, as bench/step.py and `imf train` run)",
+        help="torch.backends.cudnn.benchmark (default: on on a GPU, as bench/step.py runs its fixed-draw variants)",
     )
     args = parser.parse_args(argv)
     if args.steps < 1:

@@ -37,7 +37,8 @@ page fault per fresh page (it made every step 2-2.5x slower in CPU time), so the
 default allocator, as training does.
 Times are medians over repetitions of wall-clock (CUDA-synchronised on GPU) and, on CPU, of the process CPU time;
 the ratios use CPU time on CPU (wall-clock medians on a shared machine swing with its load) and wall-clock on GPU.
-On a GPU every variant runs with torch.backends.cudnn.benchmark on (--no-cudnn-benchmark: off), as `imf train` does.
+On a GPU every variant runs with torch.backends.cudnn.benchmark on (--no-cudnn-benchmark: off) but `trainer`, which
+sets it as `imf train` does (off for iMF without a CUDA graph: its row count, so its shapes, change every step).
 With --rounds R (default 3 on CPU) every variant's process runs R times, the variants interleaved, and each time is
 the median of the R per-process medians (the tables show their range; the ratio table each round's own ratios):
 on a shared machine the load drifts between one variant's process and the next.
@@ -234,9 +235,13 @@ def make_step(variant: str, model, x, y, draws, bf16: bool):
         return graphed(model, eager)
     if variant == "trainer":
         from imf.config import TrainConfig
-        from imf.train import Trainer
+        from imf.train import Trainer, cudnn_benchmark_pays
 
         cfg = TrainConfig(batch_size=x.shape[0], bf16=bf16)
+        # as `imf train` sets it (whatever --cudnn-benchmark says): off for iMF without a CUDA graph, whose row
+        # count changes every step (each new count a new cuDNN search: 2 s steps on an H200)
+        if not cudnn_benchmark_pays("imf", cfg.cuda_graph):
+            torch.backends.cudnn.benchmark = False
         trainer = Trainer(model, IMFObjective(), lambda: (x, y), cfg, torch.Generator().manual_seed(2))
 
         def trainer_step():
@@ -439,9 +444,9 @@ GPU_BATCH = 64
 # float32 matmul precision of every timed process (--float32-matmul-precision; children are spawned, so it travels
 # in the environment): "highest" is PyTorch's default; "high" lets matmuls and the triton fp32 attention use TF32.
 PRECISION_ENV = "IMF_BENCH_FLOAT32_MATMUL_PRECISION"
-# torch.backends.cudnn.benchmark of every timed process ("1" or "0"; --cudnn-benchmark): on by default on a GPU, as
-# a training run sets it (imf train does), for every variant alike: cuDNN times its convolution algorithms for
-# each shape in the first (untimed) call instead of picking one by heuristics.
+# torch.backends.cudnn.benchmark of every timed process ("1" or "0"; --cudnn-benchmark): on by default on a GPU, for
+# every variant alike but `trainer` (which sets it as `imf train` does): the variants' draws are fixed, so cuDNN
+# times its convolution algorithms for each shape in the first (untimed) call instead of picking one by heuristics.
 CUDNN_BENCHMARK_ENV = "IMF_BENCH_CUDNN_BENCHMARK"
 
 
@@ -573,7 +578,8 @@ def main() -> None:
         "--cudnn-benchmark",
         action=argparse.BooleanOptionalAction,
         default=on_gpu,
-        help="torch.backends.cudnn.benchmark for every variant (default: on on a GPU, as `imf train` runs)",
+        help="torch.backends.cudnn.benchmark for every variant but trainer (default: on on a GPU: the variants' "
+        "draws are fixed, so are their shapes; trainer sets it as `imf train` does)",
     )
     args = parser.parse_args()
     os.environ[PRECISION_ENV] = args.float32_matmul_precision

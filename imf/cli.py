@@ -305,12 +305,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from imf.checkpoint import MANIFEST
     from imf.distributed import init_distributed, shutdown
-    from imf.train import train
+    from imf.train import cudnn_benchmark_pays, train
 
     preset = _preset_with_overrides(args)
     device = _runtime(args)
-    # every step has the same shapes: cuDNN times its convolution algorithms once per shape and keeps the fastest
-    torch.backends.cudnn.benchmark = device.type == "cuda"
+    # cuDNN's algorithm search pays only where every step has the same shapes (imf.train.cudnn_benchmark_pays)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and cudnn_benchmark_pays(
+        preset.objective, preset.train.cuda_graph
+    )
     out = Path(args.out or f"runs/{preset.name}")
     if not args.resume and (out / MANIFEST).exists():
         raise CLIError(f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out")

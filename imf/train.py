@@ -502,6 +502,18 @@ def preset_from_dict(data: dict[str, Any]) -> Preset:
     )
 
 
+def cudnn_benchmark_pays(objective: str, cuda_graph: bool) -> bool:
+    """Whether `torch.backends.cudnn.benchmark` suits a training run: only where every step has the same shapes, the
+    FM objective or a CUDA-graph step (static rows). The iMF and MF steps draw each step how many rows carry a
+    tangent, and cuDNN searches its convolution algorithms again for each new row count: on an H200 (2026-11-27,
+    latent-b batch 64, bf16) that made Trainer.step 1.6-2.3 s for most of its first ten steps (127-134 ms without),
+    while on fixed shapes the search gained nothing measurable (the fused step 130 / 130 ms with it, 118 / 148 ms
+    without; bench/results/nvidia-h200-2026-11-27h-trainer-probe.txt)."""
+    if objective not in ("imf", "mf", "fm"):
+        raise ValueError(f"cudnn_benchmark_pays: objective must be one of imf, mf, fm, got {objective!r}")
+    return objective == "fm" or bool(cuda_graph)
+
+
 def seed_everything(seed: int) -> None:
     """The global RNG (model initialisation); the objective and the data use their own generators."""
     torch.manual_seed(seed)

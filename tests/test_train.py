@@ -160,9 +160,35 @@ def test_a_trainer_step_waits_for_the_device_once():
             metrics = trainer.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-    assert len(waits) == 1, waits
+    # one warning per wait ("called a synchronizing CUDA operation"); the mode's own notice that it is a prototype
+    # ("Synchronization debug mode is a prototype feature ...", once a process) is not a wait
+    waits = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+    assert len(waits) == 1, [str(w.message) for w in caught]
     assert math.isfinite(metrics["loss"])
+
+
+def test_cudnn_benchmark_pays_only_where_every_step_has_the_same_shapes():
+    """imf train's torch.backends.cudnn.benchmark: FM and CUDA-graph steps keep their shapes; iMF and MF draw a new
+    count of tangent rows each step, and each count would start cuDNN's algorithm search again (2 s steps on an
+    H200)."""
+    from imf.train import cudnn_benchmark_pays
+
+    assert [cudnn_benchmark_pays(name, False) for name in ("imf", "mf", "fm")] == [False, False, True]
+    assert [cudnn_benchmark_pays(name, True) for name in ("imf", "mf", "fm")] == [True, True, True]
+    with pytest.raises(ValueError, match="objective must be one of imf, mf, fm, got 'gan'"):
+        cudnn_benchmark_pays("gan", False)
+
+
+def test_the_imf_step_changes_its_row_count_between_steps():
+    """Why the above: without static rows, the number of rows that carry a tangent (so the shapes the convolutions
+    see) is drawn each step."""
+    x = torch.randn(64, 1, 8, 8)
+    generator = torch.Generator().manual_seed(3)
+    counts = set()
+    for _ in range(8):
+        draws = IMFObjective().draw(x, generator)
+        counts.add(int((draws.t != draws.r).sum()))  # the rows whose du the loss uses (h = t - r != 0)
+    assert len(counts) > 1, counts
 
 
 def tiny_digits():
