@@ -74,8 +74,20 @@ def use_layout(layout: str, monkeypatch) -> None:
         monkeypatch.setattr(triton_gn, "PARAM_BLOCK_C", 16)
     if layout.endswith("chunked"):
         monkeypatch.setattr(triton_gn, "_MAX_SINGLE_TILE", 64)
+        monkeypatch.setattr(triton_gn, "_MAX_SPLIT_TILE", 0)  # chunks, not the launcher's split single tiles
         monkeypatch.setattr(triton_gn, "_CHUNK_TILE", 32)
-    if layout.startswith("split"):
+    if layout == "split-picked":  # the launcher's own split pick: 5 x 64 fits a tile of 384 unpadded, not 8 x 64
+        monkeypatch.setattr(triton_gn, "_MAX_SINGLE_TILE", 256)
+        monkeypatch.setattr(triton_gn, "_MAX_SPLIT_TILE", 384)
+        launcher_pick = triton_gn.pick_blocks
+
+        def pick_checked(channels_per_group, hw, dtype):
+            blocks = launcher_pick(channels_per_group, hw, dtype)
+            assert blocks.single_tile and blocks.block_c2 > 0, blocks
+            return blocks
+
+        monkeypatch.setattr(triton_gn, "pick_blocks", pick_checked)
+    if layout in ("split-single", "split-chunked"):
         pick = triton_gn.pick_blocks
 
         def pick_split(channels_per_group, hw, dtype):
@@ -227,6 +239,7 @@ PARITY_RUNS = [
     *[(CASES[i], torch.float16, "chunked") for i in (1, 5)],
     *[(CASES[i], torch.float32, "split-single") for i in (0, 3, 4)],
     *[(CASES[i], torch.float16, "split-single") for i in (1,)],
+    *[(CASES[i], torch.float16, "split-picked") for i in (0, 5)],
     *[(CASES[i], torch.float32, "split-chunked") for i in (0, 5)],
     *[(CASES[i], torch.float16, "split-chunked") for i in (4,)],
     *[(CASES[i], torch.float32, "groups2") for i in (0, 2, 3)],
@@ -296,14 +309,21 @@ def test_block_picker_follows_gpu_rules():
     assert triton_gn.pick_blocks(16, 1024, torch.bfloat16) == triton_gn.GNBlocks(16, 128, False, 4, stages=3)
     assert triton_gn.pick_blocks(16, 1024, torch.float32) == triton_gn.GNBlocks(16, 128, False, 8)
     assert triton_gn.pick_blocks(24, 1024, torch.bfloat16) == triton_gn.GNBlocks(32, 128, False, 16)
-    assert triton_gn.pick_blocks(24, 256, torch.bfloat16) == triton_gn.GNBlocks(32, 128, False, 16)
+    # (a half-precision group that fits one tile only unpadded: one split tile, 24 elements per thread; fp32 chunks)
+    assert triton_gn.pick_blocks(24, 256, torch.bfloat16) == triton_gn.GNBlocks(16, 256, True, 8, block_c2=8)
+    assert triton_gn.pick_blocks(24, 256, torch.float32) == triton_gn.GNBlocks(32, 128, False, 16)
+    assert triton_gn.pick_blocks(12, 512, torch.float16) == triton_gn.GNBlocks(8, 512, True, 8, block_c2=4)
+    assert triton_gn.pick_blocks(12, 1024, torch.float16) == triton_gn.GNBlocks(16, 128, False, 4, stages=3)
     assert triton_gn.pick_blocks(16, 256, torch.bfloat16) == triton_gn.GNBlocks(16, 256, True, 4)
     assert triton_gn.pick_blocks(48, 64, torch.float16) == triton_gn.GNBlocks(64, 64, True, 4)
     for channels_per_group in (1, 3, 5, 24, 40, 48, 1024):
         for hw in (1, 35, 64, 1024, 4096):
             blocks = triton_gn.pick_blocks(channels_per_group, hw, torch.float16)
-            assert blocks.block_c >= channels_per_group
-            assert blocks.block_c * blocks.block_hw <= triton_gn._MAX_SINGLE_TILE
+            assert blocks.block_c + blocks.block_c2 >= channels_per_group
+            rows = blocks.block_c + blocks.block_c2 if blocks.block_c2 else blocks.block_c
+            limit = triton_gn._MAX_SPLIT_TILE if blocks.block_c2 else triton_gn._MAX_SINGLE_TILE
+            assert rows * blocks.block_hw <= limit
+            assert not blocks.block_c2 or blocks.single_tile  # the launcher's split tiles are single tiles
             assert blocks.stages == (1 if blocks.single_tile or blocks.block_c > 16 else 3)
     # a split chunked tile (four tiles a chunk) pipelines over at most 2 stages (12 = 8 + 4 rows; 16 padded)
     assert triton_gn.split_tile(triton_gn.pick_blocks(12, 1024, torch.bfloat16), 12).stages == 2

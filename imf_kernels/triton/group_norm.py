@@ -9,7 +9,8 @@ One program per (sample, group): the group is the contiguous slab x[b, g*C/G:(g+
 rows). When it fits in registers it is loaded once (exact two-pass statistics in registers); otherwise a loop over
 H*W chunks merges per-chunk two-pass statistics (Chan's formula), a second loop writes. Small single tiles may go
 several to a program (GNBlocks.groups: consecutive slabs as one [groups, channels, H*W] tile, statistics per slab).
-Split and grouped tiles are candidates of bench/tune_gpu.py, not yet picked by the launcher.
+The launcher picks a split single tile for half-precision groups that fit one only unpadded (_MAX_SPLIT_TILE);
+other split tiles and grouped tiles are candidates of bench/tune_gpu.py, not picked by the launcher.
 """
 
 import dataclasses
@@ -39,6 +40,12 @@ MAX_CHANNELS_PER_GROUP = 1024
 # backward 584 us against 670 us; 8 warps spill in the tangent pass). fp32 keeps 8 elements per thread (not
 # measured on a GPU; `tests/test_triton_aot.py` checks that nothing spills).
 _MAX_SINGLE_TILE = 4096
+# In half precision a group whose padded column does not fit one tile but whose channels are a sum of two powers of
+# two (GNBlocks.block_c2) is one split register tile of up to 6144 elements, 24 per thread: C768 16x16 (24 = 16 + 8
+# channels, 256 positions; the eighth H200 lease, 2026-11-27, bench/tune_gpu.py, bf16 batch 256) took 167 us in
+# the tangent pass against 222 us chunked (c32 hw128 on 16 warps), and 120 us against 183 us in the backward;
+# 16 warps 172 / 147 us, 4 warps 203 / 154 us.
+_MAX_SPLIT_TILE = 6144
 _CHUNK_TILE = 2048
 _MIN_WARPS = 2
 _MAX_WARPS = 16
@@ -98,8 +105,8 @@ def split_channels(channels_per_group: int) -> tuple[int, int] | None:
 def split_tile(blocks: GNBlocks, channels_per_group: int) -> GNBlocks | None:
     """`blocks` (a padded channel column) with its column split in two unpadded tiles, the same positions per
     tile and warps; None when channels_per_group is not a sum of two powers of two or `blocks` takes several slabs
-    per program (the two do not combine). Not yet picked by
-    pick_blocks: a candidate of bench/tune_gpu.py until a GPU has timed it."""
+    per program (the two do not combine). pick_blocks picks split single tiles where only the unpadded group fits
+    one (_MAX_SPLIT_TILE); this is bench/tune_gpu.py's candidate for the other shapes."""
     split = split_channels(channels_per_group)
     if split is None or blocks.groups > 1:
         return None
@@ -128,7 +135,7 @@ def pick_blocks(channels_per_group: int, hw: int, dtype: torch.dtype) -> GNBlock
 
     The rules and the measurements behind them are next to _MAX_SINGLE_TILE.
     """
-    key = (channels_per_group, hw, dtype, _MAX_SINGLE_TILE, _CHUNK_TILE, _MIN_WARPS, _MAX_WARPS)
+    key = (channels_per_group, hw, dtype, _MAX_SINGLE_TILE, _MAX_SPLIT_TILE, _CHUNK_TILE, _MIN_WARPS, _MAX_WARPS)
     blocks = _picked.get(key)
     if blocks is None:
         blocks = _picked[key] = _pick_blocks(channels_per_group, hw, dtype)
@@ -151,6 +158,13 @@ def _pick_blocks(channels_per_group: int, hw: int, dtype: torch.dtype) -> GNBloc
     hw_pow2 = triton.next_power_of_2(hw)
     single_tile = block_c * hw_pow2 <= _MAX_SINGLE_TILE
     half = dtype.itemsize == 2
+    split = split_channels(channels_per_group)
+    if half and not single_tile and split is not None and channels_per_group * hw_pow2 <= _MAX_SPLIT_TILE:
+        # one split register tile (_MAX_SPLIT_TILE): 24 elements per thread at 6144, on a power of two of warps
+        warps = triton.next_power_of_2(cdiv(channels_per_group * hw_pow2, 32 * 24))
+        blocks = GNBlocks(split[0], hw_pow2, True, min(_MAX_WARPS, max(_MIN_WARPS, warps)), block_c2=split[1])
+        check_gpu_rules(blocks)
+        return blocks
     if single_tile:
         block_hw = hw_pow2
         elements_per_thread = 32 if half else 8
