@@ -12,6 +12,8 @@
 #include <initializer_list>
 #include <limits>
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "launchers.h"
@@ -20,6 +22,44 @@ namespace {
 
 using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
+
+// The messages of failed checks, built without std::ostream. TORCH_CHECK_VALUE formats its arguments with
+// c10::str, an ostringstream inlined here; on the GPU image (Ubuntu's GCC 13.3 building against torch 2.11) that
+// crashed inside the extension (SIGSEGV in std::ostream::_M_insert<long>, inserting an integer: the eighth H200
+// lease's bench/results/nvidia-h200-2026-11-27h-extension-errors.log) before any ValueError was thrown, so every
+// failed check killed the process. Strings, std::to_string and libc10's own Device::str take no stream here.
+void append(std::string& out, const char* text) { out += text; }
+void append(std::string& out, const std::string& text) { out += text; }
+template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool> &&
+                                           !std::is_same_v<T, char>, int> = 0>
+void append(std::string& out, T value) {
+  out += std::to_string(value);
+}
+void append(std::string& out, at::IntArrayRef sizes) {  // as c10 prints them: [2, 8, 32, 32]
+  out += '[';
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i > 0) out += ", ";
+    out += std::to_string(sizes[i]);
+  }
+  out += ']';
+}
+void append(std::string& out, at::ScalarType type) { out += c10::toString(type); }  // Float, Half, BFloat16
+void append(std::string& out, const c10::Device& device) { out += device.str(); }  // cpu, cuda:0
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string out;
+  (append(out, args), ...);
+  return out;
+}
+
+// TORCH_CHECK_VALUE's ValueError (a Python ValueError) and source location, with message()'s text.
+#define IMF_CHECK(cond, ...)                                                                                    \
+  do {                                                                                                          \
+    if (C10_UNLIKELY(!(cond))) {                                                                                \
+      throw ::c10::ValueError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)}, message(__VA_ARGS__)); \
+    }                                                                                                           \
+  } while (false)
 
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxGridY = 65535;
@@ -51,7 +91,7 @@ struct OnDevice {
 
 imf::DType element_dtype(const char* op, const Tensor& tensor, const char* name) {
   const auto type = tensor.scalar_type();
-  TORCH_CHECK_VALUE(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, op, ": ", name,
+  IMF_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, op, ": ", name,
                     " must be float32, float16 or bfloat16, got ", type);
   return type == at::kFloat ? imf::DType::Float32 : type == at::kHalf ? imf::DType::Float16 : imf::DType::BFloat16;
 }
@@ -59,15 +99,15 @@ imf::DType element_dtype(const char* op, const Tensor& tensor, const char* name)
 // `tensor` must sit on `like`'s CUDA device, be contiguous and have the given dtype and shape.
 void check_tensor(const char* op, const Tensor& tensor, const char* name, const Tensor& like, at::ScalarType dtype,
                   const std::vector<int64_t>& shape) {
-  TORCH_CHECK_VALUE(on_kernel_device(tensor), op, ": ", name, " must be a ", kDevice, " tensor, got device ",
+  IMF_CHECK(on_kernel_device(tensor), op, ": ", name, " must be a ", kDevice, " tensor, got device ",
                     tensor.device());
-  TORCH_CHECK_VALUE(tensor.device() == like.device(), op, ": ", name, " is on ", tensor.device(),
+  IMF_CHECK(tensor.device() == like.device(), op, ": ", name, " is on ", tensor.device(),
                     " but the first input is on ", like.device());
-  TORCH_CHECK_VALUE(tensor.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
+  IMF_CHECK(tensor.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
                     tensor.scalar_type());
-  TORCH_CHECK_VALUE(tensor.sizes() == at::IntArrayRef(shape), op, ": ", name, " must have shape ",
+  IMF_CHECK(tensor.sizes() == at::IntArrayRef(shape), op, ": ", name, " must have shape ",
                     at::IntArrayRef(shape), ", got ", tensor.sizes());
-  TORCH_CHECK_VALUE(tensor.is_contiguous(), op, ": ", name, " must be contiguous");
+  IMF_CHECK(tensor.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 void check_optional(const char* op, const OptionalTensor& tensor, const char* name, const Tensor& like,
@@ -99,11 +139,11 @@ int64_t vector_width(const Tensor& tensor) { return 16 / static_cast<int64_t>(te
 // with a block per group, 3 resident with a warp per group (where the group fits them).
 int group_norm_kernel(const char* op, int64_t kernel, int64_t hw, int64_t channels_per_group, const Tensor& x,
                       bool vectorized) {
-  TORCH_CHECK_VALUE(kernel >= 0 && kernel <= 3, op,
+  IMF_CHECK(kernel >= 0 && kernel <= 3, op,
                     ": kernel must be 0 (the launch rule), 1 (looped), 2 (resident) or 3 (warp), got ", kernel);
   const imf::GroupNormLaunch rule =
       imf::group_norm_launch(hw, channels_per_group, x.element_size(), vectorized, static_cast<int>(kernel));
-  TORCH_CHECK_VALUE(rule.items >= 0, op, ": the ", kernel == 2 ? "resident" : "warp",
+  IMF_CHECK(rule.items >= 0, op, ": the ", kernel == 2 ? "resident" : "warp",
                     " kernels need the vector path (H*W a multiple of ", vector_width(x),
                     ", 16-byte aligned tensors), a power-of-two number of 16-byte chunks per channel and at most ",
                     kernel == 2 ? 2048 : 128, " per group; got H*W=", hw, ", C/G=", channels_per_group);
@@ -116,15 +156,15 @@ void group_norm_act_fwd(const Tensor& x, const OptionalTensor& dx, const Optiona
                         bool silu, const Tensor& y, const OptionalTensor& dy, const Tensor& mean, const Tensor& rstd,
                         int64_t kernel) {
   const char* op = dx.has_value() ? "group_norm_act_jvp" : "group_norm_act";
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got shape ", x.sizes());
+  IMF_CHECK(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got shape ", x.sizes());
   const int64_t batch = x.size(0), channels = x.size(1), hw = x.size(2) * x.size(3);
-  TORCH_CHECK_VALUE(num_groups > 0 && channels % num_groups == 0, op, ": num_groups=", num_groups,
+  IMF_CHECK(num_groups > 0 && channels % num_groups == 0, op, ": num_groups=", num_groups,
                     " must divide C=", channels);
-  TORCH_CHECK_VALUE(batch > 0 && hw > 0, op, ": x must be non-empty, got shape ", x.sizes());
-  TORCH_CHECK_VALUE(batch * num_groups <= kMaxGridX, op, ": B * num_groups=", batch * num_groups, " exceeds ",
+  IMF_CHECK(batch > 0 && hw > 0, op, ": x must be non-empty, got shape ", x.sizes());
+  IMF_CHECK(batch * num_groups <= kMaxGridX, op, ": B * num_groups=", batch * num_groups, " exceeds ",
                     kMaxGridX);
-  TORCH_CHECK_VALUE(dx.has_value() == dy.has_value(), op, ": dx and dy come together");
-  TORCH_CHECK_VALUE(dx.has_value() || (!dscale.has_value() && !dshift.has_value()), op,
+  IMF_CHECK(dx.has_value() == dy.has_value(), op, ": dx and dy come together");
+  IMF_CHECK(dx.has_value() || (!dscale.has_value() && !dshift.has_value()), op,
                     ": dscale/dshift need dx");
   const auto dtype = x.scalar_type();
   const std::vector<int64_t> x_shape(x.sizes().begin(), x.sizes().end());
@@ -176,15 +216,15 @@ void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTen
                         const OptionalTensor& weight_bias_partials, const OptionalTensor& grad_residual,
                         int64_t kernel) {
   const char* op = "group_norm_act backward";
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got shape ", x.sizes());
+  IMF_CHECK(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got shape ", x.sizes());
   const int64_t batch = x.size(0), channels = x.size(1), hw = x.size(2) * x.size(3);
-  TORCH_CHECK_VALUE(num_groups > 0 && channels % num_groups == 0, op, ": num_groups=", num_groups,
+  IMF_CHECK(num_groups > 0 && channels % num_groups == 0, op, ": num_groups=", num_groups,
                     " must divide C=", channels);
-  TORCH_CHECK_VALUE(batch > 0 && hw > 0, op, ": x must be non-empty, got shape ", x.sizes());
-  TORCH_CHECK_VALUE(batch * num_groups <= kMaxGridX, op, ": B * num_groups=", batch * num_groups, " exceeds ",
+  IMF_CHECK(batch > 0 && hw > 0, op, ": x must be non-empty, got shape ", x.sizes());
+  IMF_CHECK(batch * num_groups <= kMaxGridX, op, ": B * num_groups=", batch * num_groups, " exceeds ",
                     kMaxGridX);
   const int64_t smem = imf::group_norm_bwd_smem_bytes(channels / num_groups);
-  TORCH_CHECK_VALUE(smem <= 48 * 1024, op, ": C / num_groups=", channels / num_groups,
+  IMF_CHECK(smem <= 48 * 1024, op, ": C / num_groups=", channels / num_groups,
                     " channels per group need ", smem, " bytes of shared memory, more than 48 KiB");
   const auto dtype = x.scalar_type();
   const std::vector<int64_t> x_shape(x.sizes().begin(), x.sizes().end());
@@ -199,10 +239,10 @@ void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTen
   check_tensor(op, grad_x, "grad_x", x, dtype, x_shape);
   check_optional(op, grad_residual, "grad_residual", x, dtype, x_shape);
   // a parameter's gradient comes with the parameter; weight and bias sum (2, B, C) float32 partials over the batch
-  TORCH_CHECK_VALUE(grad_weight.has_value() == weight.has_value() && grad_bias.has_value() == bias.has_value() &&
+  IMF_CHECK(grad_weight.has_value() == weight.has_value() && grad_bias.has_value() == bias.has_value() &&
                         grad_scale.has_value() == scale.has_value() && grad_shift.has_value() == shift.has_value(),
                     op, ": grad_weight, grad_bias, grad_scale, grad_shift must be given for the parameters given");
-  TORCH_CHECK_VALUE(weight_bias_partials.has_value() == (weight.has_value() || bias.has_value()), op,
+  IMF_CHECK(weight_bias_partials.has_value() == (weight.has_value() || bias.has_value()), op,
                     ": weight_bias_partials must be given exactly when weight or bias is");
   check_optional(op, grad_weight, "grad_weight", x, dtype, {channels});
   check_optional(op, grad_bias, "grad_bias", x, dtype, {channels});
@@ -247,16 +287,16 @@ void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTen
 
 // Shape checks shared by the attention forward and backward: q (B, H, Lq, D), k and v (B, H, Lk, D).
 void check_attention_shapes(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
-  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+  IMF_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
                     ": q, k, v must be 4-D (B, H, L, D), got shapes ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   const int64_t head_dim = q.size(3), lk = k.size(2);
-  TORCH_CHECK_VALUE(head_dim == 32 || head_dim == 64 || head_dim == 128, op,
+  IMF_CHECK(head_dim == 32 || head_dim == 64 || head_dim == 128, op,
                     ": head dim D=", head_dim, " not supported by cuda (32, 64 or 128)");
-  TORCH_CHECK_VALUE(lk >= 1 && lk <= imf::kAttentionMaxKeys, op, ": Lk=", lk, " not supported by cuda (1 to ",
+  IMF_CHECK(lk >= 1 && lk <= imf::kAttentionMaxKeys, op, ": Lk=", lk, " not supported by cuda (1 to ",
                     imf::kAttentionMaxKeys, " context tokens, held in shared memory)");
-  TORCH_CHECK_VALUE(q.size(0) * q.size(1) >= 1 && q.size(2) >= 1, op, ": q must be non-empty, got shape ",
+  IMF_CHECK(q.size(0) * q.size(1) >= 1 && q.size(2) >= 1, op, ": q must be non-empty, got shape ",
                     q.sizes());
-  TORCH_CHECK_VALUE(q.size(0) * q.size(1) <= kMaxGridX, op, ": B * H=", q.size(0) * q.size(1), " exceeds ",
+  IMF_CHECK(q.size(0) * q.size(1) <= kMaxGridX, op, ": B * H=", q.size(0) * q.size(1), " exceeds ",
                     kMaxGridX);
   const auto dtype = q.scalar_type();
   check_tensor(op, q, "q", q, dtype, {q.size(0), q.size(1), q.size(2), head_dim});
@@ -266,7 +306,7 @@ void check_attention_shapes(const char* op, const Tensor& q, const Tensor& k, co
 
 void check_smem(const char* op, int64_t bytes) {
   const int64_t limit = smem_optin_bytes();
-  TORCH_CHECK_VALUE(bytes <= limit, op, ": needs ", bytes, " bytes of shared memory per block, the device allows ",
+  IMF_CHECK(bytes <= limit, op, ": needs ", bytes, " bytes of shared memory per block, the device allows ",
                     limit);
 }
 
@@ -275,8 +315,8 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Opti
                    const OptionalTensor& d_o, const Tensor& lse) {
   const char* op = dq.has_value() ? "attention_jvp" : "attention";
   check_attention_shapes(op, q, k, v);
-  TORCH_CHECK_VALUE(dq.has_value() == d_o.has_value(), op, ": dq and do come together");
-  TORCH_CHECK_VALUE(dq.has_value() || (!dk.has_value() && !dv.has_value()), op, ": dk/dv need dq");
+  IMF_CHECK(dq.has_value() == d_o.has_value(), op, ": dq and do come together");
+  IMF_CHECK(dq.has_value() || (!dk.has_value() && !dv.has_value()), op, ": dk/dv need dq");
   const auto dtype = q.scalar_type();
   const std::vector<int64_t> q_shape(q.sizes().begin(), q.sizes().end());
   const std::vector<int64_t> kv_shape(k.sizes().begin(), k.sizes().end());
@@ -287,7 +327,7 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Opti
   check_optional(op, d_o, "do", q, dtype, q_shape);
   check_tensor(op, lse, "lse", q, at::kFloat, {q.size(0), q.size(1), q.size(2)});
   const int64_t lq = q.size(2);
-  TORCH_CHECK_VALUE((lq + 63) / 64 <= kMaxGridY, op, ": Lq=", lq, " exceeds ", kMaxGridY * 64);
+  IMF_CHECK((lq + 63) / 64 <= kMaxGridY, op, ": Lq=", lq, " exceeds ", kMaxGridY * 64);
 
   imf::AttentionFwdParams params{};
   params.dtype = element_dtype(op, q, "q");
@@ -324,10 +364,10 @@ void attention_bwd(const Tensor& grad_o, const Tensor& q, const Tensor& k, const
   check_tensor(op, grad_o, "grad_o", q, dtype, q_shape);
   check_tensor(op, lse, "lse", q, at::kFloat, {q.size(0), q.size(1), q.size(2)});
   check_tensor(op, grad_q, "grad_q", q, dtype, q_shape);
-  TORCH_CHECK_VALUE(grad_k_partial.dim() == 4, op, ": grad_k_partial must be (B * H, splits, Lk, D), got shape ",
+  IMF_CHECK(grad_k_partial.dim() == 4, op, ": grad_k_partial must be (B * H, splits, Lk, D), got shape ",
                     grad_k_partial.sizes());
   const int64_t batch_heads = q.size(0) * q.size(1), splits = grad_k_partial.size(1);
-  TORCH_CHECK_VALUE(splits >= 1 && splits <= kMaxGridY, op, ": splits=", splits, " must lie in [1, ", kMaxGridY,
+  IMF_CHECK(splits >= 1 && splits <= kMaxGridY, op, ": splits=", splits, " must lie in [1, ", kMaxGridY,
                     "]");
   const std::vector<int64_t> partial_shape{batch_heads, splits, k.size(2), k.size(3)};
   check_tensor(op, grad_k_partial, "grad_k_partial", q, at::kFloat, partial_shape);
@@ -364,8 +404,8 @@ void attention_bwd(const Tensor& grad_o, const Tensor& q, const Tensor& k, const
 // Shape checks shared by the loss forward and backward: u, du, v, v_target (B, ...), t and r (B,) float32.
 void check_loss_inputs(const char* op, const Tensor& u, const Tensor& du, const OptionalTensor& v,
                        const Tensor& v_target, const Tensor& t, const Tensor& r) {
-  TORCH_CHECK_VALUE(u.dim() >= 1 && u.numel() > 0, op, ": u must be non-empty (B, ...), got shape ", u.sizes());
-  TORCH_CHECK_VALUE(u.size(0) <= kMaxGridX, op, ": B=", u.size(0), " exceeds ", kMaxGridX);
+  IMF_CHECK(u.dim() >= 1 && u.numel() > 0, op, ": u must be non-empty (B, ...), got shape ", u.sizes());
+  IMF_CHECK(u.size(0) <= kMaxGridX, op, ": B=", u.size(0), " exceeds ", kMaxGridX);
   const auto dtype = u.scalar_type();
   const std::vector<int64_t> shape(u.sizes().begin(), u.sizes().end());
   check_tensor(op, u, "u", u, dtype, shape);
@@ -382,7 +422,7 @@ void loss_fwd(const Tensor& u, const Tensor& du, const OptionalTensor& v, const 
               const Tensor& w_u, const OptionalTensor& w_v, const Tensor& totals) {
   const char* op = v.has_value() ? "imf_loss" : "meanflow_loss";
   check_loss_inputs(op, u, du, v, v_target, t, r);
-  TORCH_CHECK_VALUE(v.has_value() == loss_v.has_value() && v.has_value() == w_v.has_value(), op,
+  IMF_CHECK(v.has_value() == loss_v.has_value() && v.has_value() == w_v.has_value(), op,
                     ": v, loss_v and w_v come together");
   const int64_t batch = u.size(0);
   check_tensor(op, loss_u, "loss_u", u, at::kFloat, {batch});
@@ -421,7 +461,7 @@ void loss_bwd(const Tensor& grad_total, const Tensor& u, const Tensor& du, const
               const Tensor& grad_u, const OptionalTensor& grad_v) {
   const char* op = v.has_value() ? "imf_loss backward" : "meanflow_loss backward";
   check_loss_inputs(op, u, du, v, v_target, t, r);
-  TORCH_CHECK_VALUE(v.has_value() == w_v.has_value() && v.has_value() == grad_v.has_value(), op,
+  IMF_CHECK(v.has_value() == w_v.has_value() && v.has_value() == grad_v.has_value(), op,
                     ": v, w_v and grad_v come together");
   const int64_t batch = u.size(0);
   const std::vector<int64_t> shape(u.sizes().begin(), u.sizes().end());

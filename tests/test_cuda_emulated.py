@@ -245,6 +245,27 @@ def test_bindings_check_their_inputs_in_the_emulated_build(emulated):
         emulated.group_norm_act_fwd(x, None, None, None, None, None, None, None, 3, 1e-5, True, x, None, mean, rstd)
 
 
+def test_bindings_messages_print_every_kind_of_value(emulated):
+    """The checks' messages are built without std::ostream (bindings.cpp's message(): an ostream insertion crashed
+    the real build on the GPU image): integers, shapes, dtypes and devices as c10 prints them."""
+    x = torch.randn(2, 8, 3, 5)
+    mean, rstd = torch.empty(2, 4), torch.empty(2, 4)
+    fwd = emulated.group_norm_act_fwd
+    with pytest.raises(ValueError) as caught:
+        fwd(x, None, None, None, None, None, None, None, 4, 1e-5, True, torch.empty(2, 8, 15), None, mean, rstd)
+    assert str(caught.value).startswith("group_norm_act: y must have shape [2, 8, 3, 5], got [2, 8, 15]")
+    with pytest.raises(ValueError) as caught:
+        fwd(x, None, None, None, None, None, None, None, 4, 1e-5, True, x.half(), None, mean, rstd)
+    assert str(caught.value).startswith("group_norm_act: y must be Float, got Half")
+    with pytest.raises(ValueError) as caught:
+        fwd(x[0], None, None, None, None, None, None, None, 4, 1e-5, True, x, None, mean, rstd)
+    assert str(caught.value).startswith("group_norm_act: x must be 4-D (B, C, H, W), got shape [8, 3, 5]")
+    big = torch.randn(1, 8, 2, 2)
+    with pytest.raises(ValueError) as caught:
+        fwd(big, None, None, None, None, None, None, None, -4, 1e-5, True, big, None, mean, rstd)
+    assert str(caught.value).startswith("group_norm_act: num_groups=-4 must divide C=8")
+
+
 # ----------------------------------------------------- the public ops and the model on backend="cuda"
 
 
