@@ -92,7 +92,7 @@ struct OnDevice {
 imf::DType element_dtype(const char* op, const Tensor& tensor, const char* name) {
   const auto type = tensor.scalar_type();
   IMF_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, op, ": ", name,
-                    " must be float32, float16 or bfloat16, got ", type);
+            " must be float32, float16 or bfloat16, got ", type);
   return type == at::kFloat ? imf::DType::Float32 : type == at::kHalf ? imf::DType::Float16 : imf::DType::BFloat16;
 }
 
@@ -100,13 +100,13 @@ imf::DType element_dtype(const char* op, const Tensor& tensor, const char* name)
 void check_tensor(const char* op, const Tensor& tensor, const char* name, const Tensor& like, at::ScalarType dtype,
                   const std::vector<int64_t>& shape) {
   IMF_CHECK(on_kernel_device(tensor), op, ": ", name, " must be a ", kDevice, " tensor, got device ",
-                    tensor.device());
+            tensor.device());
   IMF_CHECK(tensor.device() == like.device(), op, ": ", name, " is on ", tensor.device(),
-                    " but the first input is on ", like.device());
+            " but the first input is on ", like.device());
   IMF_CHECK(tensor.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
-                    tensor.scalar_type());
+            tensor.scalar_type());
   IMF_CHECK(tensor.sizes() == at::IntArrayRef(shape), op, ": ", name, " must have shape ",
-                    at::IntArrayRef(shape), ", got ", tensor.sizes());
+            at::IntArrayRef(shape), ", got ", tensor.sizes());
   IMF_CHECK(tensor.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
@@ -140,13 +140,13 @@ int64_t vector_width(const Tensor& tensor) { return 16 / static_cast<int64_t>(te
 int group_norm_kernel(const char* op, int64_t kernel, int64_t hw, int64_t channels_per_group, const Tensor& x,
                       bool vectorized) {
   IMF_CHECK(kernel >= 0 && kernel <= 3, op,
-                    ": kernel must be 0 (the launch rule), 1 (looped), 2 (resident) or 3 (warp), got ", kernel);
+            ": kernel must be 0 (the launch rule), 1 (looped), 2 (resident) or 3 (warp), got ", kernel);
   const imf::GroupNormLaunch rule =
       imf::group_norm_launch(hw, channels_per_group, x.element_size(), vectorized, static_cast<int>(kernel));
   IMF_CHECK(rule.items >= 0, op, ": the ", kernel == 2 ? "resident" : "warp",
-                    " kernels need the vector path (H*W a multiple of ", vector_width(x),
-                    ", 16-byte aligned tensors), a power-of-two number of 16-byte chunks per channel and at most ",
-                    kernel == 2 ? 2048 : 128, " per group; got H*W=", hw, ", C/G=", channels_per_group);
+            " kernels need the vector path (H*W a multiple of ", vector_width(x),
+            ", 16-byte aligned tensors), a power-of-two number of 16-byte chunks per channel and at most ",
+            kernel == 2 ? 2048 : 128, " per group; got H*W=", hw, ", C/G=", channels_per_group);
   return static_cast<int>(kernel);
 }
 
@@ -159,13 +159,13 @@ void group_norm_act_fwd(const Tensor& x, const OptionalTensor& dx, const Optiona
   IMF_CHECK(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got shape ", x.sizes());
   const int64_t batch = x.size(0), channels = x.size(1), hw = x.size(2) * x.size(3);
   IMF_CHECK(num_groups > 0 && channels % num_groups == 0, op, ": num_groups=", num_groups,
-                    " must divide C=", channels);
+            " must divide C=", channels);
   IMF_CHECK(batch > 0 && hw > 0, op, ": x must be non-empty, got shape ", x.sizes());
   IMF_CHECK(batch * num_groups <= kMaxGridX, op, ": B * num_groups=", batch * num_groups, " exceeds ",
-                    kMaxGridX);
+            kMaxGridX);
   IMF_CHECK(dx.has_value() == dy.has_value(), op, ": dx and dy come together");
   IMF_CHECK(dx.has_value() || (!dscale.has_value() && !dshift.has_value()), op,
-                    ": dscale/dshift need dx");
+            ": dscale/dshift need dx");
   const auto dtype = x.scalar_type();
   const std::vector<int64_t> x_shape(x.sizes().begin(), x.sizes().end());
   check_tensor(op, x, "x", x, dtype, x_shape);
@@ -219,13 +219,13 @@ void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTen
   IMF_CHECK(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got shape ", x.sizes());
   const int64_t batch = x.size(0), channels = x.size(1), hw = x.size(2) * x.size(3);
   IMF_CHECK(num_groups > 0 && channels % num_groups == 0, op, ": num_groups=", num_groups,
-                    " must divide C=", channels);
+            " must divide C=", channels);
   IMF_CHECK(batch > 0 && hw > 0, op, ": x must be non-empty, got shape ", x.sizes());
   IMF_CHECK(batch * num_groups <= kMaxGridX, op, ": B * num_groups=", batch * num_groups, " exceeds ",
-                    kMaxGridX);
+            kMaxGridX);
   const int64_t smem = imf::group_norm_bwd_smem_bytes(channels / num_groups);
   IMF_CHECK(smem <= 48 * 1024, op, ": C / num_groups=", channels / num_groups,
-                    " channels per group need ", smem, " bytes of shared memory, more than 48 KiB");
+            " channels per group need ", smem, " bytes of shared memory, more than 48 KiB");
   const auto dtype = x.scalar_type();
   const std::vector<int64_t> x_shape(x.sizes().begin(), x.sizes().end());
   check_tensor(op, x, "x", x, dtype, x_shape);
@@ -240,10 +240,10 @@ void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTen
   check_optional(op, grad_residual, "grad_residual", x, dtype, x_shape);
   // a parameter's gradient comes with the parameter; weight and bias sum (2, B, C) float32 partials over the batch
   IMF_CHECK(grad_weight.has_value() == weight.has_value() && grad_bias.has_value() == bias.has_value() &&
-                        grad_scale.has_value() == scale.has_value() && grad_shift.has_value() == shift.has_value(),
-                    op, ": grad_weight, grad_bias, grad_scale, grad_shift must be given for the parameters given");
+                grad_scale.has_value() == scale.has_value() && grad_shift.has_value() == shift.has_value(),
+            op, ": grad_weight, grad_bias, grad_scale, grad_shift must be given for the parameters given");
   IMF_CHECK(weight_bias_partials.has_value() == (weight.has_value() || bias.has_value()), op,
-                    ": weight_bias_partials must be given exactly when weight or bias is");
+            ": weight_bias_partials must be given exactly when weight or bias is");
   check_optional(op, grad_weight, "grad_weight", x, dtype, {channels});
   check_optional(op, grad_bias, "grad_bias", x, dtype, {channels});
   check_optional(op, grad_scale, "grad_scale", x, dtype, {batch, channels});
@@ -288,16 +288,16 @@ void group_norm_act_bwd(const Tensor& grad_y, const Tensor& x, const OptionalTen
 // Shape checks shared by the attention forward and backward: q (B, H, Lq, D), k and v (B, H, Lk, D).
 void check_attention_shapes(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
   IMF_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
-                    ": q, k, v must be 4-D (B, H, L, D), got shapes ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+            ": q, k, v must be 4-D (B, H, L, D), got shapes ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   const int64_t head_dim = q.size(3), lk = k.size(2);
   IMF_CHECK(head_dim == 32 || head_dim == 64 || head_dim == 128, op,
-                    ": head dim D=", head_dim, " not supported by cuda (32, 64 or 128)");
+            ": head dim D=", head_dim, " not supported by cuda (32, 64 or 128)");
   IMF_CHECK(lk >= 1 && lk <= imf::kAttentionMaxKeys, op, ": Lk=", lk, " not supported by cuda (1 to ",
-                    imf::kAttentionMaxKeys, " context tokens, held in shared memory)");
+            imf::kAttentionMaxKeys, " context tokens, held in shared memory)");
   IMF_CHECK(q.size(0) * q.size(1) >= 1 && q.size(2) >= 1, op, ": q must be non-empty, got shape ",
-                    q.sizes());
+            q.sizes());
   IMF_CHECK(q.size(0) * q.size(1) <= kMaxGridX, op, ": B * H=", q.size(0) * q.size(1), " exceeds ",
-                    kMaxGridX);
+            kMaxGridX);
   const auto dtype = q.scalar_type();
   check_tensor(op, q, "q", q, dtype, {q.size(0), q.size(1), q.size(2), head_dim});
   check_tensor(op, k, "k", q, dtype, {q.size(0), q.size(1), lk, head_dim});
@@ -307,7 +307,7 @@ void check_attention_shapes(const char* op, const Tensor& q, const Tensor& k, co
 void check_smem(const char* op, int64_t bytes) {
   const int64_t limit = smem_optin_bytes();
   IMF_CHECK(bytes <= limit, op, ": needs ", bytes, " bytes of shared memory per block, the device allows ",
-                    limit);
+            limit);
 }
 
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptionalTensor& dq,
@@ -365,10 +365,10 @@ void attention_bwd(const Tensor& grad_o, const Tensor& q, const Tensor& k, const
   check_tensor(op, lse, "lse", q, at::kFloat, {q.size(0), q.size(1), q.size(2)});
   check_tensor(op, grad_q, "grad_q", q, dtype, q_shape);
   IMF_CHECK(grad_k_partial.dim() == 4, op, ": grad_k_partial must be (B * H, splits, Lk, D), got shape ",
-                    grad_k_partial.sizes());
+            grad_k_partial.sizes());
   const int64_t batch_heads = q.size(0) * q.size(1), splits = grad_k_partial.size(1);
   IMF_CHECK(splits >= 1 && splits <= kMaxGridY, op, ": splits=", splits, " must lie in [1, ", kMaxGridY,
-                    "]");
+            "]");
   const std::vector<int64_t> partial_shape{batch_heads, splits, k.size(2), k.size(3)};
   check_tensor(op, grad_k_partial, "grad_k_partial", q, at::kFloat, partial_shape);
   check_tensor(op, grad_v_partial, "grad_v_partial", q, at::kFloat, partial_shape);
@@ -423,7 +423,7 @@ void loss_fwd(const Tensor& u, const Tensor& du, const OptionalTensor& v, const 
   const char* op = v.has_value() ? "imf_loss" : "meanflow_loss";
   check_loss_inputs(op, u, du, v, v_target, t, r);
   IMF_CHECK(v.has_value() == loss_v.has_value() && v.has_value() == w_v.has_value(), op,
-                    ": v, loss_v and w_v come together");
+            ": v, loss_v and w_v come together");
   const int64_t batch = u.size(0);
   check_tensor(op, loss_u, "loss_u", u, at::kFloat, {batch});
   check_tensor(op, w_u, "w_u", u, at::kFloat, {batch});
@@ -462,7 +462,7 @@ void loss_bwd(const Tensor& grad_total, const Tensor& u, const Tensor& du, const
   const char* op = v.has_value() ? "imf_loss backward" : "meanflow_loss backward";
   check_loss_inputs(op, u, du, v, v_target, t, r);
   IMF_CHECK(v.has_value() == w_v.has_value() && v.has_value() == grad_v.has_value(), op,
-                    ": v, w_v and grad_v come together");
+            ": v, w_v and grad_v come together");
   const int64_t batch = u.size(0);
   const std::vector<int64_t> shape(u.sizes().begin(), u.sizes().end());
   check_tensor(op, grad_total, "grad_total", u, at::kFloat, {});
