@@ -76,6 +76,14 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replay each step's loss and backward from one CUDA graph (one GPU; imf or mf objective)",
     )
+    g.add_argument(
+        "--cudnn-benchmark",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="cuDNN's convolution algorithm search on a GPU (torch.backends.cudnn.benchmark); auto: on only where "
+        "every step has the same shapes (fm, --cuda-graph): iMF and MF draw their tangent row count each step, and "
+        "each new count is searched again (default: auto)",
+    )
     g.add_argument("--sample-every", type=int, help="steps between sample grids in OUT/samples (0: end only)")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (one is always written last)")
 
@@ -300,6 +308,14 @@ def _load_model(ckpt: str, weights: str, device):
 # --------------------------------------------------------------------------------------------------------
 
 
+def _cudnn_benchmark(choice: str, device, preset, pays) -> bool:
+    """--cudnn-benchmark: on / off as asked, on a GPU; auto: where the search pays (imf.train.cudnn_benchmark_pays:
+    every step the same shapes)."""
+    if device.type != "cuda" or choice == "off":
+        return False
+    return choice == "on" or pays(preset.objective, preset.train.cuda_graph)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -309,10 +325,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     preset = _preset_with_overrides(args)
     device = _runtime(args)
-    # cuDNN's algorithm search pays only where every step has the same shapes (imf.train.cudnn_benchmark_pays)
-    torch.backends.cudnn.benchmark = device.type == "cuda" and cudnn_benchmark_pays(
-        preset.objective, preset.train.cuda_graph
-    )
+    torch.backends.cudnn.benchmark = _cudnn_benchmark(args.cudnn_benchmark, device, preset, cudnn_benchmark_pays)
     out = Path(args.out or f"runs/{preset.name}")
     if not args.resume and (out / MANIFEST).exists():
         raise CLIError(f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out")

@@ -152,3 +152,31 @@ def test_matmul_precision_is_set_on_a_gpu_only(monkeypatch):
     assert cli._runtime(args) == torch.device("cuda") and set_to == ["highest"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--matmul-precision", "medium"])
+
+
+def test_cudnn_benchmark_follows_the_flag_and_the_objective():
+    """--cudnn-benchmark (train; default auto): auto turns cuDNN's search on only on a GPU and where every step has
+    the same shapes (fm, --cuda-graph); on / off as asked on a GPU; never on a CPU."""
+    import torch
+
+    import imf.cli as cli
+    from imf.config import get_preset
+    from imf.train import cudnn_benchmark_pays
+
+    assert build_parser().parse_args(["train"]).cudnn_benchmark == "auto"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def preset(objective, cuda_graph=False):
+        p = get_preset("digits")
+        p.objective, p.train.cuda_graph = objective, cuda_graph
+        return p
+
+    def chosen(choice, device, p):
+        return cli._cudnn_benchmark(choice, device, p, cudnn_benchmark_pays)
+
+    assert [chosen("auto", cuda, preset(o)) for o in ("imf", "mf", "fm")] == [False, False, True]
+    assert chosen("auto", cuda, preset("imf", cuda_graph=True)) is True
+    assert chosen("on", cuda, preset("imf")) is True and chosen("off", cuda, preset("fm")) is False
+    assert not any(chosen(c, cpu, preset("fm", True)) for c in ("auto", "on", "off"))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--cudnn-benchmark", "yes"])
