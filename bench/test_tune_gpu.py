@@ -153,15 +153,21 @@ def test_chunked_picks_sweep_fewer_pipeline_stages():
     """A chunked pick beside its twins of 1 (plain loops), 2 and 3 pipeline stages, and its split twin (at most 2
     stages) beside the split's other depth (C/G = 24: plain loops, the wide chunks' rule; C/G = 8: 3 stages);
     single tiles have no loop to pipeline."""
-    default = gn.pick_blocks(24, 256, torch.bfloat16)  # C768 16x16: chunked, 32 rows
-    assert not default.single_tile and default.stages == 1
-    labels = [tune_gpu.gn_label(blocks) for blocks in tune_gpu.gn_candidates(24, 256, torch.bfloat16)]
-    assert labels[:5] == [  # the pick and its variants first: what a sweep cut at a lease's deadline times
+    first_five = [  # the pick and its variants first: what a sweep cut at a lease's deadline times
         "c32 hw128 chunk s1 w16", "c16+8 hw128 chunk s1 w16", "c32 hw128 chunk s2 w16", "c32 hw128 chunk s3 w16",
         "c16+8 hw128 chunk s2 w16",
     ]  # fmt: skip
-    # then the whole group as one tile, padded and split (16 elements of each input per thread)
-    assert labels[5:7] == ["c32 hw256 single w16", "c16+8 hw256 single w16"]
+    default = gn.pick_blocks(24, 1024, torch.bfloat16)  # C768 32x32: chunked, 32 rows
+    assert not default.single_tile and default.stages == 1
+    labels = [tune_gpu.gn_label(blocks) for blocks in tune_gpu.gn_candidates(24, 1024, torch.bfloat16)]
+    assert labels[:5] == first_five
+    # a chunked pick of up to 8192 elements: then the whole group as one tile, padded and split (16 elements of each
+    # input per thread). C768 16x16 in fp32; in half precision that group is the launcher's split tile already
+    assert not gn.pick_blocks(24, 256, torch.float32).single_tile
+    labels = [tune_gpu.gn_label(blocks) for blocks in tune_gpu.gn_candidates(24, 256, torch.float32)]
+    assert labels[:7] == [*first_five, "c32 hw256 single w16", "c16+8 hw256 single w16"]
+    labels = [tune_gpu.gn_label(blocks) for blocks in tune_gpu.gn_candidates(24, 256, torch.bfloat16)]
+    assert labels[0] == "c16+8 hw256 single w8"
     narrow = gn.pick_blocks(8, 1024, torch.bfloat16)  # C256 32x32: chunked, 8 rows
     assert not narrow.single_tile and narrow.stages == 3
     labels = [tune_gpu.gn_label(blocks) for blocks in tune_gpu.gn_candidates(8, 1024, torch.bfloat16)]
