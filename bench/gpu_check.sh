@@ -25,6 +25,8 @@
 #          cuda_group_norm) on the time left (with --deadline: stops starting configurations 30 s before it, and is
 #          skipped with under 45 s left), rows to bench/results/tune-<device>-<time>.json
 #   --tune-gn-shapes=768x16,256x8 / --tune-passes=jvp,bwd: only those GroupNorm shapes (CxRES) / passes in the sweep
+#   --tune-dtype=float32: the sweep's inputs in float32 (default bfloat16): the training step's graded pass and its
+#          backward run in float32 also with --bf16 targets, and no GPU had timed float32 launch rules
 #   --launch: after the profile, bench/launch_overhead.py: the host's time per call of each op, layer by layer
 #          (public op, launcher, Triton's JIT launch, a compiled kernel's launch; ~30 s, most of it compiling)
 #
@@ -52,6 +54,7 @@ ncu=0
 tune=""
 tune_gn_shapes=""
 tune_passes=""
+tune_dtype=""
 launch=0
 for arg in "$@"; do
     case "$arg" in
@@ -67,10 +70,11 @@ for arg in "$@"; do
         --tune=*) tune=${arg#--tune=} ;;
         --tune-gn-shapes=*) tune_gn_shapes=${arg#--tune-gn-shapes=} ;;
         --tune-passes=*) tune_passes=${arg#--tune-passes=} ;;
+        --tune-dtype=*) tune_dtype=${arg#--tune-dtype=} ;;
         --launch) launch=1 ;;
         *) echo "gpu_check.sh: unknown argument '$arg' (accepted: --skip-tests, --quick, --gpu-tests-only," \
                "--deadline=SECONDS, --copy-to=DIR, --prewarm-compile, --step-variants=LIST, --ops-no-compile, --ncu," \
-               "--tune=FAMILIES, --tune-gn-shapes=CxRES,..., --tune-passes=PASSES, --launch)" >&2
+               "--tune=FAMILIES, --tune-gn-shapes=CxRES,..., --tune-passes=PASSES, --tune-dtype=DTYPE, --launch)" >&2
            exit 2 ;;
     esac
 done
@@ -95,6 +99,10 @@ fi
 if [ -n "$tune_gn_shapes" ] && ! [[ "$tune_gn_shapes" =~ ^[0-9]+[xX][0-9]+(,[0-9]+[xX][0-9]+)*$ ]]; then
     echo "gpu_check.sh: --tune-gn-shapes takes GroupNorm shapes CxRES separated by commas (e.g. 768x16,256x8)," \
          "got '$tune_gn_shapes'" >&2
+    exit 2
+fi
+if [ -n "$tune_dtype" ] && ! [[ "$tune_dtype" =~ ^(bfloat16|float32)$ ]]; then
+    echo "gpu_check.sh: --tune-dtype takes bfloat16 or float32, got '$tune_dtype'" >&2
     exit 2
 fi
 if [ -n "$tune_passes" ] && ! [[ "$tune_passes" =~ ^(fwd|jvp|bwd)(,(fwd|jvp|bwd))*$ ]]; then
@@ -250,6 +258,7 @@ if [ -n "$tune" ]; then
     tune_args=(--families ${tune//,/ } --out "bench/results/tune-${slug}-$(date -u +%Y%m%dT%H%M%SZ).json")
     [ -n "$tune_gn_shapes" ] && tune_args+=(--gn-shapes ${tune_gn_shapes//,/ })
     [ -n "$tune_passes" ] && tune_args+=(--passes ${tune_passes//,/ })
+    [ -n "$tune_dtype" ] && tune_args+=(--dtype "$tune_dtype")
     tune_left=$(( ${deadline:-0} - SECONDS ))
     if [ -n "$deadline" ] && [ "$tune_left" -lt 45 ]; then
         echo

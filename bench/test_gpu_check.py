@@ -140,6 +140,9 @@ def test_tune_runs_last_on_the_time_left(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert commands[-1].startswith("bench/tune_gpu.py --families group_norm --out bench/results/tune-")
     assert commands[-1].endswith(".json --gn-shapes 768x16 256x8 --passes jvp bwd"), commands[-1]
+    proc, commands = run_script(tmp_path, "--skip-tests", "--tune=group_norm", "--tune-dtype=float32")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert commands[-1].endswith(".json --dtype float32"), commands[-1]
     proc, commands = run_script(tmp_path, "--skip-tests", "--quick", "--tune=attention", "--deadline=500")
     # 30 s before the deadline, less the seconds the (stand-in) steps before it took
     assert 460 <= int(commands[-1].rsplit("--max-seconds ", 1)[1]) <= 470, commands[-1]
@@ -165,6 +168,7 @@ def test_deadline_cuts_the_running_step_and_skips_the_rest(tmp_path):
         (["--tune=group_norm,"], "--tune takes bench/tune_gpu.py families"),
         (["--tune-gn-shapes=768-16"], "--tune-gn-shapes takes GroupNorm shapes CxRES"),
         (["--tune-passes=jvp,back"], "--tune-passes takes fwd, jvp, bwd"),
+        (["--tune-dtype=fp32"], "--tune-dtype takes bfloat16 or float32, got 'fp32'"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, args, message):

@@ -130,6 +130,20 @@ def test_a_smoke_sweep_takes_the_shapes_and_passes_asked_for(tmp_path):
     assert bad.returncode == 2 and "'100x4': channels must be a positive multiple of 32" in bad.stderr
 
 
+def test_the_rows_file_names_the_dtype_swept(tmp_path):
+    """--dtype (GPU: bfloat16 by default, float32 for the training step's graded pass) is written beside the rows;
+    --smoke sweeps float32 whatever it says; another name is refused."""
+    out = tmp_path / "rows.json"
+    done = run_tune_gpu(
+        "--smoke", "--families", "group_norm", "--budget", "0.001", "--gn-shapes", "64x4", "--passes", "fwd",
+        "--dtype", "bfloat16", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(out.read_text())["dtype"] == "float32"
+    bad = run_tune_gpu("--smoke", "--dtype", "fp32")
+    assert bad.returncode == 2 and "--dtype: invalid choice: 'fp32'" in bad.stderr
+
+
 def test_the_backward_sweep_times_the_batch_sums_tiles_too(tmp_path):
     """--passes bwd also times the backward under each tile of its batch sums (the second launch), the launcher's
     own once, as family group_norm_param_sums (here under the interpreter, --smoke: batch 1)."""

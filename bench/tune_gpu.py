@@ -286,6 +286,10 @@ def sweep_attention(sweep: Sweep, dtype, shapes=ATTN_SHAPES, passes_=ATTN_PASSES
             torch.cuda.empty_cache()
 
 
+# --dtype's choices
+TUNE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="JSON rows (default: print only)")
@@ -319,12 +323,19 @@ def main() -> int:
         default=list(GN_PASSES),
         help="passes to sweep (attention has fwd and jvp; default: all)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(TUNE_DTYPES),
+        default="bfloat16",
+        help="the inputs' dtype on a GPU (default bfloat16, the kernel benchmark's; float32: the training step's "
+        "graded forward-with-tangent and backward, which run in float32 also with --bf16 targets); --smoke: float32",
+    )
     args = parser.parse_args()
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
         gn_kwargs, attn_kwargs = dict(batch=1, shapes=((256, 16),)), dict(shapes=((1, 1, 40, 24, 32),))
     elif torch.cuda.is_available():
-        device, dtype = torch.device("cuda"), torch.bfloat16
+        device, dtype = torch.device("cuda"), TUNE_DTYPES[args.dtype]
         gn_kwargs, attn_kwargs = {}, {}
     else:
         print("tune_gpu.py: needs a CUDA device (or --smoke)", file=sys.stderr)
@@ -361,7 +372,10 @@ def main() -> int:
                 )
     print(f"\nsweep took {time.perf_counter() - started:.0f} s")
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": device_name(device), "copy_gbps": copy_gbps, "rows": rows}))
+        dtype_name = str(dtype).removeprefix("torch.")
+        Path(args.out).write_text(
+            json.dumps({"device": device_name(device), "dtype": dtype_name, "copy_gbps": copy_gbps, "rows": rows})
+        )
     return 0
 
 
