@@ -1,4 +1,5 @@
-"""Launch-configuration sweep of the Triton GroupNorm and attention kernels on a GPU (bf16, latent-b shapes).
+"""Launch-configuration sweep of the Triton GroupNorm and attention kernels on a GPU (bf16 unless --dtype float32;
+latent-b shapes).
 
     python bench/tune_gpu.py [--out sweep.json] [--budget 0.05]
     python bench/tune_gpu.py --families cuda_group_norm   # the cuda GroupNorm kernel kinds side by side
