@@ -308,12 +308,14 @@ def _load_model(ckpt: str, weights: str, device):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _cudnn_benchmark(choice: str, device, preset, pays) -> bool:
+def _cudnn_benchmark(choice: str, device, preset) -> bool:
     """--cudnn-benchmark: on / off as asked, on a GPU; auto: where the search pays (imf.train.cudnn_benchmark_pays:
     every step the same shapes)."""
+    from imf.train import cudnn_benchmark_pays
+
     if device.type != "cuda" or choice == "off":
         return False
-    return choice == "on" or pays(preset.objective, preset.train.cuda_graph)
+    return choice == "on" or cudnn_benchmark_pays(preset.objective, preset.train.cuda_graph)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -321,11 +323,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from imf.checkpoint import MANIFEST
     from imf.distributed import init_distributed, shutdown
-    from imf.train import cudnn_benchmark_pays, train
+    from imf.train import train
 
     preset = _preset_with_overrides(args)
     device = _runtime(args)
-    torch.backends.cudnn.benchmark = _cudnn_benchmark(args.cudnn_benchmark, device, preset, cudnn_benchmark_pays)
+    torch.backends.cudnn.benchmark = _cudnn_benchmark(args.cudnn_benchmark, device, preset)
     out = Path(args.out or f"runs/{preset.name}")
     if not args.resume and (out / MANIFEST).exists():
         raise CLIError(f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out")

@@ -161,7 +161,6 @@ def test_cudnn_benchmark_follows_the_flag_and_the_objective():
 
     import imf.cli as cli
     from imf.config import get_preset
-    from imf.train import cudnn_benchmark_pays
 
     assert build_parser().parse_args(["train"]).cudnn_benchmark == "auto"
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -172,7 +171,7 @@ def test_cudnn_benchmark_follows_the_flag_and_the_objective():
         return p
 
     def chosen(choice, device, p):
-        return cli._cudnn_benchmark(choice, device, p, cudnn_benchmark_pays)
+        return cli._cudnn_benchmark(choice, device, p)
 
     assert [chosen("auto", cuda, preset(o)) for o in ("imf", "mf", "fm")] == [False, False, True]
     assert chosen("auto", cuda, preset("imf", cuda_graph=True)) is True
