@@ -104,7 +104,7 @@ def gn_candidate_groups(cpg: int, hw: int, dtype: torch.dtype) -> tuple[list, li
             out.append(gn.GNBlocks(block_c, block_hw, False, warps, stages=gn.chunk_stages(dtype, block_c)))
     default = gn.pick_blocks(cpg, hw, dtype)
     # each padded column's split twin (e.g. 48 channels as 32 + 16 rows): the same tiles without the padding
-    # (no GPU has timed them yet; the launcher picks none)
+    # (the launcher picks only the half-precision single one where the padded column fits no tile)
     out += [split for blocks in out if (split := gn.split_tile(blocks, cpg)) is not None]
     # the launcher's chunked pick with 1 (plain loops: the kernels before 2026-11-27), 2 and 3 pipeline stages, its
     # split twin with 1 and 2 (split_tile's limit); each configuration's own among them

@@ -159,22 +159,23 @@ def _pick_blocks(channels_per_group: int, hw: int, dtype: torch.dtype) -> GNBloc
     single_tile = block_c * hw_pow2 <= _MAX_SINGLE_TILE
     half = dtype.itemsize == 2
     split = split_channels(channels_per_group)
-    if half and not single_tile and split is not None and channels_per_group * hw_pow2 <= _MAX_SPLIT_TILE:
-        # one split register tile (_MAX_SPLIT_TILE): 24 elements per thread at 6144, on a power of two of warps
-        warps = triton.next_power_of_2(cdiv(channels_per_group * hw_pow2, 32 * 24))
-        blocks = GNBlocks(split[0], hw_pow2, True, min(_MAX_WARPS, max(_MIN_WARPS, warps)), block_c2=split[1])
-        check_gpu_rules(blocks)
-        return blocks
+    block_c2 = 0
     if single_tile:
         block_hw = hw_pow2
         elements_per_thread = 32 if half else 8
+    elif half and split is not None and channels_per_group * hw_pow2 <= _MAX_SPLIT_TILE:
+        # one split register tile (_MAX_SPLIT_TILE), 24 elements per thread at 6144
+        (block_c, block_c2), block_hw, single_tile = split, hw_pow2, True
+        elements_per_thread = 24
     else:
         wide = block_c > 16
         block_hw = max(1, (2 * _CHUNK_TILE if wide else _CHUNK_TILE) // block_c)
         elements_per_thread = (8 if wide else 16) if half else 8
-    num_warps = min(_MAX_WARPS, max(_MIN_WARPS, block_c * block_hw // (32 * elements_per_thread)))
+    # a power of two of warps (the split tile's rows and its 24 per thread are not powers of two)
+    warps = triton.next_power_of_2(cdiv((block_c + block_c2) * block_hw, 32 * elements_per_thread))
+    num_warps = min(_MAX_WARPS, max(_MIN_WARPS, warps))
     stages = 1 if single_tile else chunk_stages(dtype, block_c)
-    blocks = GNBlocks(block_c, block_hw, single_tile, num_warps, stages=stages)
+    blocks = GNBlocks(block_c, block_hw, single_tile, num_warps, block_c2=block_c2, stages=stages)
     check_gpu_rules(blocks)
     return blocks
 
