@@ -295,3 +295,17 @@ def test_the_trainer_variant_runs_whole_training_steps(monkeypatch):
     run()
     assert any(not torch.equal(a, p) for a, p in zip(moved, model.parameters(), strict=True))
     assert len(reads) == 2  # one read of the step's numbers a step
+
+
+def test_warm_up_calls_cover_compilation_and_the_trainers_row_counts():
+    """The compiled baselines compile over their first 3 calls; `trainer` meets the common tangent-row counts first
+    (each new count a new shape); the other variants are warm after one call. And the claim in the comment: at batch
+    64, iMF's count is Binomial(64, 1/2), whose ten likeliest counts hold ~79% of the draws."""
+    import step
+
+    assert step.warmup_calls("compiled") == step.warmup_calls("compiled-modules") == 3
+    assert step.warmup_calls("trainer") == step.TRAINER_WARMUP_CALLS == 20
+    assert {step.warmup_calls(v) for v in ("reference", "fused-triton", "graph-triton", "fm", "fwd-bwd")} == {1}
+    pmf = sorted((math.comb(64, k) / 2**64 for k in range(65)), reverse=True)
+    assert sum(pmf[:10]) == pytest.approx(0.7855, abs=1e-4)
+    assert [1 - (1 - p) ** 20 for p in (pmf[0], pmf[9])] == pytest.approx([0.877, 0.609], abs=1e-3)
