@@ -37,6 +37,10 @@ page fault per fresh page (it made every step 2-2.5x slower in CPU time), so the
 default allocator, as training does.
 Times are medians over repetitions of wall-clock (CUDA-synchronised on GPU) and, on CPU, of the process CPU time;
 the ratios use CPU time on CPU (wall-clock medians on a shared machine swing with its load) and wall-clock on GPU.
+`queued` is the time per step of the same number of steps queued back to back with one wait at the end: a training
+loop that never waits for the device (`imf train` waits once a step, for the loss: see `trainer`), where the host
+prepares a step while the device finishes the one before; on a CPU there is no queue (it is the wall time). Its
+ratio fused_vs_compiled_queued, and graph_vs_compiled, are printed without a target.
 On a GPU every variant runs with torch.backends.cudnn.benchmark on (--no-cudnn-benchmark: off) but `trainer`, which
 sets it as `imf train` does (off for iMF without a CUDA graph: its row count, so its shapes, change every step).
 With --rounds R (default 3 on CPU) every variant's process runs R times, the variants interleaved, and each time is
@@ -78,6 +82,8 @@ RATIO_KEYS = (
     "graph_vs_reference",
     "fused_vs_compiled",
     "fused_vs_compiled_modules",
+    "graph_vs_compiled",
+    "fused_vs_compiled_queued",
     "overhead",
     "reference_overhead",
     "imf_vs_fm",
@@ -384,12 +390,19 @@ def run_variant(
         cpu.append(time.process_time() - c0)
     if not timed:
         return dict(peak_mib=peak / 2**20)
+    # the same steps queued back to back, one wait at the end (module docstring: queued)
+    w0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    sync()
+    queued_s = (time.perf_counter() - w0) / reps if reps else float("nan")
     return dict(
         variant=variant,
         threads=threads,
         median_s=statistics.median(wall),
         min_s=min(wall),
         cpu_median_s=statistics.median(cpu),
+        queued_s=queued_s,
         warmup_s=warmup_s,
         peak_mib=peak / 2**20,
     )
@@ -526,12 +539,15 @@ def device_name(device: str) -> str:
 def ratios(rows: dict[str, dict], backend: str, time_key: str) -> dict[str, float]:
     """The targets' ratios from each variant's `time_key` median (NaN where a variant failed)."""
     t = lambda name: rows.get(name, {}).get(time_key, float("nan"))
+    queued = lambda name: rows.get(name, {}).get("queued_s", float("nan"))
     fused = t(f"fused-{backend}")
     return dict(
         fused_vs_reference=fused / t("reference"),
         graph_vs_reference=t(f"graph-{backend}") / t("reference"),
         fused_vs_compiled=fused / t("compiled"),
         fused_vs_compiled_modules=fused / t("compiled-modules"),
+        graph_vs_compiled=t(f"graph-{backend}") / t("compiled"),
+        fused_vs_compiled_queued=queued(f"fused-{backend}") / queued("compiled"),
         overhead=t("fwd-tan-bwd") / t("fwd-bwd"),
         reference_overhead=t("ref-fwd-tan-bwd") / t("ref-fwd-bwd"),
         imf_vs_fm=fused / t("fm"),
@@ -688,6 +704,7 @@ def merge_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
             done[0],
             median_s=statistics.median(row["median_s"] for row in done),
             cpu_median_s=statistics.median(row["cpu_median_s"] for row in done),
+            queued_s=statistics.median(row.get("queued_s", float("nan")) for row in done),
             min_s=min(row["min_s"] for row in done),
             round_median_s=[row["median_s"] for row in done],
             round_cpu_median_s=[row["cpu_median_s"] for row in done],
@@ -715,16 +732,17 @@ def print_table(results: dict, run: dict) -> None:
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs: the ratio columns unabbreviated
     title = f"{results['device']} {results['preset']} batch {results['batch']} threads {run['threads']}"
     table = Table(title=title)
-    for column in ("variant", "median ms", "cpu ms", "warm-up s", "peak MiB"):
+    for column in ("variant", "median ms", "cpu ms", "queued ms", "warm-up s", "peak MiB"):
         table.add_column(column, justify="right" if column != "variant" else "left")
     for name, row in run["steps"].items():
         if "error" in row:
-            table.add_row(name, row["error"][:300], "", "", "")
+            table.add_row(name, row["error"][:300], "", "", "", "")
             continue
         table.add_row(
             name,
             f"{1e3 * row['median_s']:.1f}{_spread_ms(row, 'round_median_s')}",
             f"{1e3 * row['cpu_median_s']:.1f}{_spread_ms(row, 'round_cpu_median_s')}",
+            f"{1e3 * row.get('queued_s', float('nan')):.1f}",
             f"{row['warmup_s']:.1f}",
             f"{row['peak_mib']:.0f}",
         )

@@ -39,11 +39,14 @@ def test_a_subset_of_variants_is_timed_and_saved(tmp_path):
     assert list(run["steps"]) == ["fused-torch", "fm"]  # the script's order, only those asked for
     for row in run["steps"].values():
         assert row["cpu_median_s"] > 0 and row["peak_mib"] > 0
+        assert row["queued_s"] > 0  # the steps queued back to back, per step
     assert run["sampling"] == {}
     ratios = run["ratios"]["torch"]
     steps = run["steps"]
     assert ratios["imf_vs_fm"] == steps["fused-torch"]["cpu_median_s"] / steps["fm"]["cpu_median_s"]
     assert math.isnan(ratios["fused_vs_reference"]) and math.isnan(ratios["overhead"])  # not timed: n/a
+    assert math.isnan(ratios["fused_vs_compiled_queued"]) and math.isnan(ratios["graph_vs_compiled"])
+    assert "queued ms" in done.stdout
     assert not list(out.parent.glob("*.tmp"))  # atomic_write's temporary file (hidden, unique name) is gone
 
 
@@ -85,7 +88,9 @@ def test_merge_rounds_skips_failed_rounds_and_keeps_an_error_that_never_ran():
     import step
 
     def row(t):
-        return dict(variant="v", median_s=t, cpu_median_s=2 * t, min_s=t / 2, warmup_s=9.0 + t, peak_mib=100 + t)
+        return dict(
+            variant="v", median_s=t, cpu_median_s=2 * t, min_s=t / 2, queued_s=t / 4, warmup_s=9.0 + t, peak_mib=100 + t
+        )
 
     rounds = [
         {"a": row(3.0), "b": {"error": "boom"}},
@@ -96,7 +101,7 @@ def test_merge_rounds_skips_failed_rounds_and_keeps_an_error_that_never_ran():
     merged = step.merge_rounds(rounds)
     assert merged["b"] == {"error": "boom"}
     a = merged["a"]
-    assert (a["median_s"], a["cpu_median_s"], a["min_s"]) == (2.0, 4.0, 0.5)
+    assert (a["median_s"], a["cpu_median_s"], a["min_s"], a["queued_s"]) == (2.0, 4.0, 0.5, 0.5)
     assert (a["warmup_s"], a["peak_mib"]) == (12.0, 103.0)  # the first round that ran: compile time, memory
     assert a["round_median_s"] == [3.0, 1.0, 2.0] and a["round_cpu_median_s"] == [6.0, 2.0, 4.0]
 
@@ -309,3 +314,20 @@ def test_warm_up_calls_cover_compilation_and_the_trainers_row_counts():
     pmf = sorted((math.comb(64, k) / 2**64 for k in range(65)), reverse=True)
     assert sum(pmf[:10]) == pytest.approx(0.7855, abs=1e-4)
     assert [1 - (1 - p) ** 20 for p in (pmf[0], pmf[9])] == pytest.approx([0.877, 0.609], abs=1e-3)
+
+
+def test_the_ratios_without_a_target_come_from_the_rows_they_name():
+    """graph_vs_compiled from the medians, fused_vs_compiled_queued from the steps queued back to back."""
+    import step
+
+    rows = {
+        "fused-triton": dict(median_s=0.125, queued_s=0.110),
+        "graph-triton": dict(median_s=0.100, queued_s=0.099),
+        "compiled": dict(median_s=0.150, queued_s=0.140),
+    }
+    ratios = step.ratios(rows, "triton", "median_s")
+    assert ratios["fused_vs_compiled"] == 0.125 / 0.150
+    assert ratios["graph_vs_compiled"] == 0.100 / 0.150
+    assert ratios["fused_vs_compiled_queued"] == 0.110 / 0.140
+    assert not {"graph_vs_compiled", "fused_vs_compiled_queued"} & (set(step.TARGETS_CPU) | set(step.TARGETS_GPU))
+    assert set(ratios) == set(step.RATIO_KEYS)
