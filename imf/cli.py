@@ -77,6 +77,13 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         help="replay each step's loss and backward from one CUDA graph (one GPU; imf or mf objective)",
     )
     g.add_argument(
+        "--pipelined",
+        action="store_true",
+        help="read each step's numbers after queuing the next step's loss and backward (the host prepares a step "
+        "while the device finishes the one before; fused AdamW; a NaN or inf loss skips its update on the device); "
+        "not with --parallel fsdp",
+    )
+    g.add_argument(
         "--cudnn-benchmark",
         choices=("auto", "on", "off"),
         default="auto",
@@ -267,6 +274,7 @@ def _preset_with_overrides(args: argparse.Namespace):
             setattr(t, name, getattr(args, name))
     t.bf16 = t.bf16 or args.bf16
     t.cuda_graph = t.cuda_graph or args.cuda_graph
+    t.pipelined = t.pipelined or args.pipelined
     model_knobs = {
         "width": "width",
         "channels": "image_channels",
@@ -340,6 +348,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if dist.enabled:
             if preset.train.cuda_graph:
                 raise CLIError("--cuda-graph runs in one process; leave it out under torchrun")
+            if preset.train.pipelined and args.parallel == "fsdp":
+                raise CLIError("--pipelined takes one process or --parallel ddp; leave it out with --parallel fsdp")
             try:
                 dist.check_batch(preset.train.batch_size)
             except ValueError as error:

@@ -21,6 +21,7 @@ class TrainConfig:
     minutes: float | None = None  # wall-clock limit: training stops at `steps` or here, whichever comes first
     bf16: bool = False  # autocast the no-grad target evaluations to bf16; the JVP pass and the loss stay fp32
     cuda_graph: bool = False  # one CUDA graph replays each step's loss and backward (one GPU, imf or mf objective)
+    pipelined: bool = False  # read each step's numbers after queuing the next step's loss and backward (Trainer)
     sample_every: int = 0  # steps between sample grids written during training (0: only at the end)
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
 

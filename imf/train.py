@@ -54,24 +54,74 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
+    def update(self, model: nn.Module, step: int, keep: torch.Tensor | None = None) -> None:
         """One multi-tensor lerp over the parameters and one multi-tensor copy of the buffers (on a GPU a few
-        launches, not one per tensor: latent-b has 340 parameters); FSDP2 shards one whole tensor at a time."""
+        launches, not one per tensor: latent-b has 340 parameters); FSDP2 shards one whole tensor at a time.
+
+        `keep`: a one-element tensor on the parameters' device, 1 to update and 0 to leave the average as it is (the
+        weight of the lerp times `keep`: a step skipped on the device, no host read; `TrainConfig.pipelined`)."""
         # warm-start: average over the steps seen so far while that is shorter than the EMA's horizon
         decay = min(self.decay, (1 + step) / (10 + step))
+        weight: float | torch.Tensor = 1 - decay
+        if keep is not None:
+            weight = keep.reshape(()).to(torch.float32) * (1 - decay)
         ema, params = list(self.model.parameters()), [p.detach() for p in model.parameters()]
         if len(ema) != len(params):
             raise ValueError(f"EMA.update: the model has {len(params)} parameters, the average {len(ema)}")
         if any(hasattr(p, "full_tensor") for p in params):  # (all of them at once would be a second whole model)
             for e, p in zip(ema, params, strict=True):
-                e.lerp_(_full(p), 1 - decay)
+                e.lerp_(_full(p), weight)
         elif ema:
-            torch._foreach_lerp_(ema, params, 1 - decay)
+            _foreach_lerp(ema, params, weight)
         ema_buffers, buffers = list(self.model.buffers()), list(model.buffers())
         if len(ema_buffers) != len(buffers):
             raise ValueError(f"EMA.update: the model has {len(buffers)} buffers, the average {len(ema_buffers)}")
         if buffers:
             torch._foreach_copy_(ema_buffers, buffers)
+
+
+def _foreach_lerp(tensors: list[torch.Tensor], ends: list[torch.Tensor], weight: float | torch.Tensor) -> None:
+    """torch._foreach_lerp_ with a number or a one-element tensor as the weight (a torch without the tensor-weight
+    overload lerps tensor by tensor)."""
+    try:
+        torch._foreach_lerp_(tensors, ends, weight)
+    except (RuntimeError, TypeError):
+        if not isinstance(weight, torch.Tensor):
+            raise
+        for tensor, end in zip(tensors, ends, strict=True):
+            tensor.lerp_(end, weight)
+
+
+class _HostRead:
+    """`host_floats(values)` started now and finished by `floats()`: on a GPU the values of each device are copied
+    into pinned host memory behind the work queued so far, so `floats()` waits for that work only, not for what the
+    host queued after (a pipelined step's successor); on a CPU the values are already computed."""
+
+    def __init__(self, values: list):
+        self.values, self.copies = list(values), []
+        by_device: dict[torch.device, list[int]] = {}
+        for index, value in enumerate(self.values):
+            if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                by_device.setdefault(value.device, []).append(index)
+        for device, indices in by_device.items():
+            tensors = [self.values[i].detach().reshape(()) for i in indices]
+            dtype = tensors[0].dtype
+            for tensor in tensors[1:]:
+                dtype = torch.promote_types(dtype, tensor.dtype)
+            stacked = torch.stack([t.to(dtype) for t in tensors])
+            host = torch.empty(stacked.shape, dtype=dtype, pin_memory=True)
+            host.copy_(stacked, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self.copies.append((indices, host, event))
+
+    def floats(self) -> list[float]:
+        values = list(self.values)
+        for indices, host, event in self.copies:
+            event.synchronize()
+            for i, number in zip(indices, host.tolist(), strict=True):
+                values[i] = float(number)
+        return host_floats(values)
 
 
 def host_floats(values: list) -> list[float]:
@@ -208,6 +258,16 @@ class GraphedStep:
         return self.captured()
 
 
+@dataclasses.dataclass
+class _PendingStep:
+    """A pipelined step whose update is queued: its number (1-based), its metrics' names, and the read of its loss,
+    gradient norm and metrics."""
+
+    step: int
+    names: list[str]
+    read: _HostRead
+
+
 class Trainer:
     """`next_batch()` returns (x, y) on the model's device; if it also has `state_dict` / `load_state_dict`
     (a `DataStream`), its position is part of the checkpoint. `generator` drives the objective's randomness.
@@ -218,7 +278,12 @@ class Trainer:
     holds whole tensors, so checkpoints do not depend on the world size or the mode.
     `skip_nonfinite`: a NaN or inf loss skips the update instead of raising `NonFiniteLossError`.
     `cfg.cuda_graph`: each step's loss and backward replayed from one CUDA graph (`GraphedStep`; one process, the
-    model on a CUDA device, the imf or mf objective); the optimizer step, clipping and EMA stay eager."""
+    model on a CUDA device, the imf or mf objective); the optimizer step, clipping and EMA stay eager.
+    `cfg.pipelined`: `run` reads each step's numbers after it has queued the next step's loss and backward, so the host
+    prepares that step while the device finishes the one before (the plain loop waits for every step's backward
+    before its update). A non-finite loss then skips its update on the device (fused AdamW's `found_inf`, the EMA's
+    weight times 0), and the states, numbers and errors are those of the plain loop with fused AdamW; not with
+    `parallel="fsdp"`."""
 
     def __init__(
         self,
@@ -236,6 +301,11 @@ class Trainer:
 
         if cfg.cuda_graph:
             self._check_cuda_graph(model, objective, dist if dist is not None else DistInfo())
+        if cfg.pipelined and dist is not None and dist.enabled and parallel == "fsdp":
+            raise ValueError(
+                "Trainer: pipelined takes one process or parallel='ddp' (its fused AdamW is not used on FSDP2 shards "
+                "here); train with parallel='fsdp' without it"
+            )
         self.model, self.objective, self.next_batch, self.cfg = model, objective, next_batch, cfg
         self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
         self.dist = dist if dist is not None else DistInfo()
@@ -257,8 +327,12 @@ class Trainer:
                 # every parameter is in the graded pass only for iMF with the aux v-head
                 all_used = getattr(objective, "name", "") == "imf" and getattr(model.cfg, "v_head", "") == "aux"
                 self.train_model = wrap_ddp(model, self.dist, find_unused_parameters=not all_used)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        # pipelined: the fused implementation, whose `found_inf` skips a step's update on the device
+        fused = True if cfg.pipelined else None
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
         self.step_count = 0
+        # pipelined, between a step's draws and its update: the draw state before them (what `state_dict` saves)
+        self._in_flight_draws: dict[str, Any] | None = None
         self._loss_model = BF16Targets(self.train_model) if cfg.bf16 else self.train_model
         self.graphed: GraphedStep | None = None  # cfg.cuda_graph: the loss and backward of every step from one graph
         if cfg.cuda_graph:
@@ -302,18 +376,11 @@ class Trainer:
         """One update. The host waits for the device once a step, after the backward and the clipping are queued:
         the loss, its terms and the gradient norm come back in one copy, which decides whether the update runs (a
         NaN or inf loss drops the backward's gradients). The optimizer step and the EMA are queued behind it, and
-        the next step's work behind them, so the device stays busy while the host prepares it."""
-        self.train_model.train()
-        x, y = self.next_batch()
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(self.step_count)
-        if self.graphed is not None:  # zero_grad, the loss and the backward, replayed
-            loss, metrics = self.graphed(x, y, self.generator)
-        else:
-            self.opt.zero_grad(set_to_none=True)
-            loss, metrics = self._loss(x, y)
-            loss.backward()
-            loss = all_mean(loss.detach(), self.dist)  # the global batch's loss, the same on every rank
+        the next step's work behind them, so the device stays busy while the host prepares it. (Pipelined: the
+        update is queued before the read, skipped on the device where the loss is not finite.)"""
+        if self.cfg.pipelined:
+            return self._finish(self._queue_update(*self._forward_backward()))
+        loss, metrics = self._forward_backward()
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
         loss_value, grad_norm_value, *terms = host_floats([loss, grad_norm, *metrics.values()])
         if not math.isfinite(loss_value):
@@ -331,6 +398,49 @@ class Trainer:
         out["grad_norm"] = grad_norm_value
         return out
 
+    def _forward_backward(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A step's first half: its batch and learning rate, the loss (averaged over the ranks) and the backward. It
+        draws the step's data and randomness and updates no state."""
+        self.train_model.train()
+        x, y = self.next_batch()
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step_count)
+        if self.graphed is not None:  # zero_grad, the loss and the backward, replayed
+            return self.graphed(x, y, self.generator)
+        self.opt.zero_grad(set_to_none=True)
+        loss, metrics = self._loss(x, y)
+        loss.backward()
+        return all_mean(loss.detach(), self.dist), metrics  # the global batch's loss, the same on every rank
+
+    def _queue_update(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> _PendingStep:
+        """Pipelined, a step's second half, queued without a wait: clipping, the AdamW step and the EMA, both skipped
+        on the device where the loss is not finite, and the copy of its numbers to the host."""
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        nonfinite = (~torch.isfinite(loss)).to(torch.float32).reshape(())
+        self.opt.found_inf = nonfinite  # read by the fused AdamW step (as under torch.amp's GradScaler)
+        self.opt.step()
+        self.ema.update(self.model, self.step_count, keep=1 - nonfinite)
+        pending = _PendingStep(self.step_count + 1, list(metrics), _HostRead([loss, grad_norm, *metrics.values()]))
+        self.step_count += 1
+        return pending
+
+    def _finish(self, pending: _PendingStep) -> dict[str, float]:
+        """Pipelined: a queued step's numbers (one wait, for that step's work only), and the plain loop's bookkeeping
+        of a non-finite loss (its update was skipped on the device)."""
+        loss_value, grad_norm_value, *terms = pending.read.floats()
+        if not math.isfinite(loss_value):
+            if self._in_flight_draws is None:  # (else they are the queued step's gradients: `_run_pipelined` owns them)
+                self.opt.zero_grad(set_to_none=True)
+            if not self.skip_nonfinite:
+                self.step_count = pending.step - 1  # as the plain loop, which raises before counting the step
+                raise NonFiniteLossError(pending.step, loss_value)
+            self.skipped_steps += 1
+            return {"loss": loss_value, "skipped": 1.0}
+        out = dict(zip(pending.names, terms, strict=True))
+        out["loss"] = loss_value
+        out["grad_norm"] = grad_norm_value
+        return out
+
     def run(
         self,
         steps: int | None = None,
@@ -341,46 +451,98 @@ class Trainer:
     ) -> list[dict]:
         """Steps until `steps` more steps or `seconds` of wall-clock have passed (whichever comes first), or until
         `stop()` (asked after each step) says so. `progress` shows a tqdm bar (rank 0 only) with the loss terms and
-        the throughput in images per second."""
+        the throughput in images per second. `callback(trainer, metrics)` sees the trainer as that step left it
+        (pipelined too: the next step's loss and backward may be queued, its draws are not in `state_dict`)."""
         from tqdm.auto import tqdm
 
         history, start, done = [], time.perf_counter(), 0
         bar = tqdm(total=steps, disable=not progress or not self.dist.is_main, unit="step", dynamic_ncols=True)
+
+        def record(metrics: dict) -> bool:
+            """Books one finished step; whether to stop."""
+            nonlocal done
+            metrics["step"] = self.step_count
+            metrics["time"] = time.perf_counter() - start
+            history.append(metrics)
+            done += 1
+            bar.update(1)
+            bar.set_postfix(
+                loss_u=f"{metrics.get('loss_u', metrics['loss']):.3g}",
+                loss_v=f"{metrics.get('loss_v', float('nan')):.3g}",
+                img_s=f"{done * self.cfg.batch_size / metrics['time']:.0f}",
+                refresh=False,
+            )
+            if callback is not None:
+                callback(self, metrics)
+            return stop is not None and stop()
+
         try:
-            while (steps is None or done < steps) and (seconds is None or time.perf_counter() - start < seconds):
-                metrics = self.step()
-                metrics["step"] = self.step_count
-                metrics["time"] = time.perf_counter() - start
-                history.append(metrics)
-                done += 1
-                bar.update(1)
-                bar.set_postfix(
-                    loss_u=f"{metrics.get('loss_u', metrics['loss']):.3g}",
-                    loss_v=f"{metrics.get('loss_v', float('nan')):.3g}",
-                    img_s=f"{done * self.cfg.batch_size / metrics['time']:.0f}",
-                    refresh=False,
-                )
-                if callback is not None:
-                    callback(self, metrics)
-                if stop is not None and stop():
-                    break
+            if self.cfg.pipelined:
+                self._run_pipelined(steps, seconds, start, record)
+            else:
+                while (steps is None or done < steps) and (seconds is None or time.perf_counter() - start < seconds):
+                    if record(self.step()):
+                        break
         finally:
             bar.close()
         return history
 
+    def _run_pipelined(self, steps: int | None, seconds: float | None, start: float, record) -> None:
+        """`run`'s loop, pipelined: queue step k's loss and backward, then read step k-1's numbers (its work is done
+        or nearly: it was queued before) and book it, then queue step k's update. A step whose loss and backward were
+        queued when the loop ends (stop, an error) is undone: its draws are put back and its gradients dropped."""
+        pending: _PendingStep | None = None
+        queued = 0
+        try:
+            while True:
+                more = (steps is None or queued < steps) and (seconds is None or time.perf_counter() - start < seconds)
+                if more:
+                    self._in_flight_draws = self._draw_state()
+                    loss, metrics = self._forward_backward()
+                if pending is not None:
+                    finished, pending = pending, None
+                    if record(self._finish(finished)):
+                        break
+                if not more:
+                    break
+                pending = self._queue_update(loss, metrics)
+                self._in_flight_draws = None
+                queued += 1
+        finally:
+            if self._in_flight_draws is not None:
+                self._set_draw_state(self._in_flight_draws)
+                self._in_flight_draws = None
+                self.opt.zero_grad(set_to_none=True)
+
+    def _draw_state(self) -> dict[str, Any]:
+        """What a step draws from: the objective's generator, the global RNG and the data stream's position."""
+        data_state = getattr(self.next_batch, "state_dict", None)
+        return {
+            "generator": self.generator.get_state(),
+            "global_rng": torch.get_rng_state(),
+            "data": data_state() if data_state is not None else None,
+        }
+
+    def _set_draw_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["global_rng"])
+        if state.get("data") is not None and hasattr(self.next_batch, "load_state_dict"):
+            self.next_batch.load_state_dict(state["data"])
+
     # --- exact resume -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything the next step depends on: weights, EMA, optimizer, step count, the objective's generator,
-        the global RNG and the data stream's position."""
-        data_state = getattr(self.next_batch, "state_dict", None)
+        the global RNG and the data stream's position (pipelined, inside `run`'s callback: before the draws of the
+        step whose loss and backward are queued, which a resume draws again)."""
+        draws = self._in_flight_draws if self._in_flight_draws is not None else self._draw_state()
         return {  # under FSDP2 the shards are gathered into whole tensors (call on every rank)
             "model": full_tensors(self.model.state_dict()),
             "ema": self.ema.model.state_dict(),
             "optimizer": full_tensors(self.opt.state_dict()),
             "step_count": self.step_count,
-            "generator": self.generator.get_state(),
-            "global_rng": torch.get_rng_state(),
-            "data": data_state() if data_state is not None else None,
+            "generator": draws["generator"],
+            "global_rng": draws["global_rng"],
+            "data": draws["data"],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -388,7 +550,13 @@ class Trainer:
 
         load_weights(self.model, shard_like(state["model"], self.model.state_dict()), "model weights")
         load_weights(self.ema.model, state["ema"], "EMA weights")
-        self.opt.load_state_dict(shard_optimizer_state(state["optimizer"], list(self.model.parameters())))
+        optimizer = shard_optimizer_state(state["optimizer"], list(self.model.parameters()))
+        # how AdamW runs is this trainer's (pipelined: fused), not the checkpoint's; its step counts follow it
+        groups = [
+            {**saved, **{key: current[key] for key in ("foreach", "fused") if key in current}}
+            for saved, current in zip(optimizer["param_groups"], self.opt.param_groups, strict=True)
+        ]
+        self.opt.load_state_dict({**optimizer, "param_groups": groups})
         self.step_count = int(state["step_count"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["global_rng"])
@@ -611,9 +779,9 @@ def train(
         manifest, state = load_checkpoint(out)
         saved = preset_from_dict(manifest["config"])
         # The run's identity comes from the checkpoint; only the stopping rule and how a step runs may change on
-        # resume (with or without a CUDA graph, the same loss from the same draws).
+        # resume (with or without a CUDA graph, pipelined or not: the same loss from the same draws).
         saved.train.steps, saved.train.minutes = preset.train.steps, preset.train.minutes
-        saved.train.cuda_graph = preset.train.cuda_graph
+        saved.train.cuda_graph, saved.train.pipelined = preset.train.cuda_graph, preset.train.pipelined
         preset = saved
         history = list(manifest.get("history", []))
         last_good = (out, int(manifest["step"]))
