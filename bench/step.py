@@ -28,6 +28,9 @@ Variants:
   trainer     one whole `imf train` step on the default backend: Trainer.step with the default TrainConfig (fresh
               draws each step, the fused loss and backward, clipping, AdamW, the EMA, and the step's numbers
               read back once), the optimizer's moments and the EMA allocated in the warm-up
+  trainer-pipelined  the same with TrainConfig(pipelined=True), timed as Trainer.run over 4 steps a call (its times
+              per step): each step's numbers read after the next step's loss and backward are queued, so the host
+              prepares a step while the device finishes the one before (fused AdamW)
 JVP overhead = (forward + tangent + backward) / (forward + backward) of the model on the same loss of u and v.
 Each variant runs in its own process (spawned). Peak memory is that of one warm step above what was held before it
 (model, inputs, compiled code): on GPU the allocator's, measured in the timing process; on CPU the peak RSS (reset
@@ -39,8 +42,8 @@ Times are medians over repetitions of wall-clock (CUDA-synchronised on GPU) and,
 the ratios use CPU time on CPU (wall-clock medians on a shared machine swing with its load) and wall-clock on GPU.
 `queued` is the time per step of the same number of steps queued back to back with one wait at the end: a training
 loop that never waits for the device (`imf train` waits once a step, for the loss: see `trainer`), where the host
-prepares a step while the device finishes the one before; on a CPU there is no queue (it is the wall time). Its
-ratio fused_vs_compiled_queued, and graph_vs_compiled, are printed without a target.
+prepares a step while the device finishes the one before; on a CPU there is no queue (it is the wall time).
+The ratios fused_vs_compiled_queued (of the queued times), graph_vs_compiled and pipelined_vs_trainer have no target.
 On a GPU every variant runs with torch.backends.cudnn.benchmark on (--no-cudnn-benchmark: off) but `trainer`, which
 sets it as `imf train` does (off for iMF without a CUDA graph: its row count, so its shapes, change every step).
 With --rounds R (default 3 on CPU) every variant's process runs R times, the variants interleaved, and each time is
@@ -84,6 +87,7 @@ RATIO_KEYS = (
     "fused_vs_compiled_modules",
     "graph_vs_compiled",
     "fused_vs_compiled_queued",
+    "pipelined_vs_trainer",
     "overhead",
     "reference_overhead",
     "imf_vs_fm",
@@ -239,11 +243,11 @@ def make_step(variant: str, model, x, y, draws, bf16: bool):
         objective = IMFObjective(bf16=bf16, static_rows=True)
         eager = with_backward(lambda: objective.loss_from_draws(model, x, y, draws)[0], variant.removeprefix("graph-"))
         return graphed(model, eager)
-    if variant == "trainer":
+    if variant in ("trainer", "trainer-pipelined"):
         from imf.config import TrainConfig
         from imf.train import Trainer, cudnn_benchmark_pays
 
-        cfg = TrainConfig(batch_size=x.shape[0], bf16=bf16)
+        cfg = TrainConfig(batch_size=x.shape[0], bf16=bf16, pipelined=variant == "trainer-pipelined")
         # as `imf train` sets it (whatever --cudnn-benchmark says): off for iMF without a CUDA graph, whose row
         # count changes every step (each new count a new cuDNN search: 2 s steps on an H200)
         if not cudnn_benchmark_pays("imf", cfg.cuda_graph):
@@ -251,8 +255,12 @@ def make_step(variant: str, model, x, y, draws, bf16: bool):
         trainer = Trainer(model, IMFObjective(), lambda: (x, y), cfg, torch.Generator().manual_seed(2))
 
         def trainer_step():
-            trainer.step()
+            if cfg.pipelined:  # the overlap is between the steps of one run
+                trainer.run(steps=steps_per_call(variant))
+            else:
+                trainer.step()
 
+        trainer_step.trainer = trainer  # (for the tests)
         return trainer_step
     if variant == "fm":
         objective = FlowMatchingObjective()
@@ -344,12 +352,21 @@ def warmup_calls(variant: str) -> int:
     so it meets the common counts first."""
     if variant.startswith("compiled"):
         return 3
-    return TRAINER_WARMUP_CALLS if variant == "trainer" else 1
+    if variant.startswith("trainer"):
+        return TRAINER_WARMUP_STEPS // steps_per_call(variant)
+    return 1
 
 
-# warm-up calls of the `trainer` variant: at batch 64 (iMF, half the rows flow matching: the count is Binomial(64, 1/2))
-# ten counts hold 79% of the draws, and 20 draws meet each of those with probability 0.6-0.9
-TRAINER_WARMUP_CALLS = 20
+def steps_per_call(variant: str) -> int:
+    """Training steps one call of a variant's step function runs (its times are divided by it)."""
+    return PIPELINED_STEPS_PER_CALL if variant == "trainer-pipelined" else 1
+
+
+# steps per call of `trainer-pipelined` (Trainer.run(steps=4): four steps, the first read after the second is queued)
+PIPELINED_STEPS_PER_CALL = 4
+# warm-up steps of the `trainer` variants: at batch 64 (iMF, half the rows flow matching: the count is
+# Binomial(64, 1/2)) ten counts hold 79% of the draws, and 20 draws meet each of those with probability 0.6-0.9
+TRAINER_WARMUP_STEPS = 20
 
 
 def run_variant(
@@ -381,13 +398,13 @@ def run_variant(
     step()
     sync()
     peak = _peak_bytes(device) - base
-    wall, cpu = [], []
+    wall, cpu, per_call = [], [], steps_per_call(variant)
     for _ in range(reps if timed else 0):
         w0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
+        wall.append((time.perf_counter() - w0) / per_call)
+        cpu.append((time.process_time() - c0) / per_call)
     if not timed:
         return dict(peak_mib=peak / 2**20)
     # the same steps queued back to back, one wait at the end (module docstring: queued)
@@ -395,7 +412,7 @@ def run_variant(
     for _ in range(reps):
         step()
     sync()
-    queued_s = (time.perf_counter() - w0) / reps if reps else float("nan")
+    queued_s = (time.perf_counter() - w0) / (reps * per_call) if reps else float("nan")
     return dict(
         variant=variant,
         threads=threads,
@@ -548,6 +565,7 @@ def ratios(rows: dict[str, dict], backend: str, time_key: str) -> dict[str, floa
         fused_vs_compiled_modules=fused / t("compiled-modules"),
         graph_vs_compiled=t(f"graph-{backend}") / t("compiled"),
         fused_vs_compiled_queued=queued(f"fused-{backend}") / queued("compiled"),
+        pipelined_vs_trainer=t("trainer-pipelined") / t("trainer"),
         overhead=t("fwd-tan-bwd") / t("fwd-bwd"),
         reference_overhead=t("ref-fwd-tan-bwd") / t("ref-fwd-bwd"),
         imf_vs_fm=fused / t("fm"),
@@ -627,7 +645,16 @@ def main() -> None:
     # the compiled baselines last: their compilation takes minutes, and a run cut short (a GPU lease) keeps the rest
     graphs = [f"graph-{b}" for b in backends if b != "torch"] if on_gpu else []  # CUDA graphs: GPU kernels only
     jit = ["fused-triton-jit"] if on_gpu and "triton" in backends else []  # the launch cache off, for its A/B
-    variants = ["reference", *(f"fused-{b}" for b in backends), *jit, *graphs, "trainer", "fm", "mf"]
+    variants = [
+        "reference",
+        *(f"fused-{b}" for b in backends),
+        *jit,
+        *graphs,
+        "trainer",
+        "trainer-pipelined",
+        "fm",
+        "mf",
+    ]
     variants += ["fwd-bwd", "fwd-tan-bwd", "ref-fwd-bwd", "ref-fwd-tan-bwd", *compiled]
     if args.variants is not None:
         chosen = [name.strip() for name in args.variants.split(",") if name.strip()]
