@@ -37,12 +37,15 @@ def tiny_gauss():
     return preset
 
 
-def float64_trainer(dist: DistInfo | None = None, parallel: str = "ddp", nan_at: int | None = None) -> Trainer:
+def float64_trainer(
+    dist: DistInfo | None = None, parallel: str = "ddp", nan_at: int | None = None, pipelined: bool = False
+) -> Trainer:
     """The tiny iMF run in float64 (fused JVP path), so that agreement is checked at float64 round-off: in float32,
     Adam's division by sqrt(v) turns the round-off of near-zero gradients (behind the zero-initialised layers)
     into visible parameter differences. `nan_at`: that step's batch has a NaN in its last row (the last rank's
-    slice) and the trainer skips non-finite steps."""
+    slice) and the trainer skips non-finite steps. `pipelined`: TrainConfig.pipelined."""
     preset = tiny_gauss()
+    preset.train.pipelined = pipelined
     stream = make_stream(preset)
     torch.manual_seed(preset.train.seed)
     model = IMFNet(preset.model).double()
@@ -73,12 +76,13 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 120) -> subprocess.Com
 
 def worker(out: str) -> None:
     """Each rank: STEPS float64 steps under DDP, then under FSDP2, then under DDP with a NaN at step 2 that only
-    rank 1's rows see (skipped); rank 0 saves the trainers' states."""
+    rank 1's rows see (skipped), plain and pipelined; rank 0 saves the trainers' states."""
     torch.set_num_threads(1)
     dist = init_distributed("cpu")
     assert dist.world_size == 2
-    for name, parallel, nan_at in (("ddp", "ddp", None), ("fsdp", "fsdp", None), ("ddp_nan", "ddp", 2)):
-        trainer = float64_trainer(dist, parallel, nan_at)
+    runs = (("ddp", "ddp", None, False), ("fsdp", "fsdp", None, False), ("ddp_nan", "ddp", 2, False))
+    for name, parallel, nan_at, pipelined in (*runs, ("ddp_nan_pipelined", "ddp", 2, True)):
+        trainer = float64_trainer(dist, parallel, nan_at, pipelined)
         history = trainer.run(steps=STEPS)
         state = trainer.state_dict()  # whole tensors (gathered on every rank under FSDP2)
         if dist.is_main:
@@ -133,6 +137,19 @@ def test_a_nan_on_one_rank_is_skipped_on_every_rank_as_in_one_process(worker_out
     assert got["losses"][1] != got["losses"][1]
     assert got["losses"][::2] == pytest.approx(losses[::2], rel=1e-12, abs=0)
     assert max_difference(got["state"]["model"], single.model.state_dict()) < 1e-10
+
+
+def test_a_pipelined_ddp_run_skips_the_nan_on_the_device_of_every_rank(worker_out):
+    """Pipelined under DDP: the all-reduced NaN loss skips step 2's update on every rank without a host read (fused
+    AdamW's found_inf), and the run equals one plain process skipping the same step, to float64 round-off."""
+    single = float64_trainer(nan_at=2)
+    losses = [h["loss"] for h in single.run(steps=STEPS)]
+    got = torch.load(worker_out / "ddp_nan_pipelined.pt", weights_only=False)
+    assert got["losses"][1] != got["losses"][1]  # NaN
+    assert got["losses"][::2] == pytest.approx(losses[::2], rel=1e-12, abs=0)
+    assert max_difference(got["state"]["model"], single.model.state_dict()) < 1e-10
+    assert max_difference(got["state"]["ema"], single.ema.model.state_dict()) < 1e-10
+    assert got["state"]["step_count"] == STEPS
 
 
 def test_fsdp_checkpoint_state_resumes_in_one_process(worker_out, single_float64):
