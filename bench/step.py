@@ -347,9 +347,9 @@ def graphed(model, eager_step: Callable[[], None]) -> Callable[[], None]:
 def warmup_calls(variant: str) -> int:
     """Untimed calls before a variant's step is warm: the compiled baselines compile the forward and the backward
     graphs over their first calls; `trainer` draws how many rows carry a tangent every step, and each count it has
-    not met yet is a new shape for the convolutions and matmuls (cuDNN and cuBLAS pick their kernels again; the
-    ninth lease's three steps after one warm-up call took 179-309 ms, against ~130 ms warm in the eighth's probe),
-    so it meets the common counts first."""
+    not met yet is a new shape for the convolutions and matmuls, for which cuDNN and cuBLAS choose their kernels
+    again (the likely cause of the ninth lease's three steps after one warm-up call taking 179-309 ms, against
+    ~130 ms warm in the eighth's probe; not confirmed), so it meets the common counts first."""
     if variant.startswith("compiled"):
         return 3
     if variant.startswith("trainer"):
