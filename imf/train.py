@@ -54,42 +54,24 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int, keep: torch.Tensor | None = None) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
         """One multi-tensor lerp over the parameters and one multi-tensor copy of the buffers (on a GPU a few
-        launches, not one per tensor: latent-b has 340 parameters); FSDP2 shards one whole tensor at a time.
-
-        `keep`: a one-element tensor on the parameters' device, 1 to update and 0 to leave the average as it is (the
-        weight of the lerp times `keep`: a step skipped on the device, no host read; `TrainConfig.pipelined`)."""
+        launches, not one per tensor: latent-b has 340 parameters); FSDP2 shards one whole tensor at a time."""
         # warm-start: average over the steps seen so far while that is shorter than the EMA's horizon
         decay = min(self.decay, (1 + step) / (10 + step))
-        weight: float | torch.Tensor = 1 - decay
-        if keep is not None:
-            weight = keep.reshape(()).to(torch.float32) * (1 - decay)
         ema, params = list(self.model.parameters()), [p.detach() for p in model.parameters()]
         if len(ema) != len(params):
             raise ValueError(f"EMA.update: the model has {len(params)} parameters, the average {len(ema)}")
         if any(hasattr(p, "full_tensor") for p in params):  # (all of them at once would be a second whole model)
             for e, p in zip(ema, params, strict=True):
-                e.lerp_(_full(p), weight)
+                e.lerp_(_full(p), 1 - decay)
         elif ema:
-            _foreach_lerp(ema, params, weight)
+            torch._foreach_lerp_(ema, params, 1 - decay)
         ema_buffers, buffers = list(self.model.buffers()), list(model.buffers())
         if len(ema_buffers) != len(buffers):
             raise ValueError(f"EMA.update: the model has {len(buffers)} buffers, the average {len(ema_buffers)}")
         if buffers:
             torch._foreach_copy_(ema_buffers, buffers)
-
-
-def _foreach_lerp(tensors: list[torch.Tensor], ends: list[torch.Tensor], weight: float | torch.Tensor) -> None:
-    """torch._foreach_lerp_ with a number or a one-element tensor as the weight (a torch without the tensor-weight
-    overload lerps tensor by tensor)."""
-    try:
-        torch._foreach_lerp_(tensors, ends, weight)
-    except (RuntimeError, TypeError):
-        if not isinstance(weight, torch.Tensor):
-            raise
-        for tensor, end in zip(tensors, ends, strict=True):
-            tensor.lerp_(end, weight)
 
 
 class _HostRead:
@@ -281,8 +263,9 @@ class Trainer:
     model on a CUDA device, the imf or mf objective); the optimizer step, clipping and EMA stay eager.
     `cfg.pipelined`: `run` reads each step's numbers after it has queued the next step's loss and backward, so the host
     prepares that step while the device finishes the one before (the plain loop waits for every step's backward
-    before its update). A non-finite loss then skips its update on the device (fused AdamW's `found_inf`, the EMA's
-    weight times 0), and the states, numbers and errors are those of the plain loop with fused AdamW; not with
+    before its update). A non-finite loss then skips the AdamW step on the device (fused AdamW's `found_inf`), and the
+    EMA is updated once the step's numbers are read (queued behind the next step's backward, which does not change
+    the weights); the states, numbers and errors are those of the plain loop with fused AdamW. Not with
     `parallel="fsdp"`."""
 
     def __init__(
@@ -413,20 +396,20 @@ class Trainer:
         return all_mean(loss.detach(), self.dist), metrics  # the global batch's loss, the same on every rank
 
     def _queue_update(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> _PendingStep:
-        """Pipelined, a step's second half, queued without a wait: clipping, the AdamW step and the EMA, both skipped
-        on the device where the loss is not finite, and the copy of its numbers to the host."""
+        """Pipelined, a step's second half, queued without a wait: clipping, the AdamW step (skipped on the device
+        where the loss is not finite) and the copy of its numbers to the host; the EMA follows in `_finish`."""
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
-        nonfinite = (~torch.isfinite(loss)).to(torch.float32).reshape(())
-        self.opt.found_inf = nonfinite  # read by the fused AdamW step (as under torch.amp's GradScaler)
+        # read by the fused AdamW step (as under torch.amp's GradScaler): 1 skips the update, its step count too
+        self.opt.found_inf = (~torch.isfinite(loss)).to(torch.float32).reshape(())
         self.opt.step()
-        self.ema.update(self.model, self.step_count, keep=1 - nonfinite)
         pending = _PendingStep(self.step_count + 1, list(metrics), _HostRead([loss, grad_norm, *metrics.values()]))
         self.step_count += 1
         return pending
 
     def _finish(self, pending: _PendingStep) -> dict[str, float]:
-        """Pipelined: a queued step's numbers (one wait, for that step's work only), and the plain loop's bookkeeping
-        of a non-finite loss (its update was skipped on the device)."""
+        """Pipelined: a queued step's numbers (one wait, for that step's work only), then its EMA update (the weights
+        are still that step's: the next step's update is not queued yet), or the plain loop's bookkeeping of a
+        non-finite loss (its AdamW step was skipped on the device)."""
         loss_value, grad_norm_value, *terms = pending.read.floats()
         if not math.isfinite(loss_value):
             if self._in_flight_draws is None:  # (else they are the queued step's gradients: `_run_pipelined` owns them)
@@ -436,6 +419,7 @@ class Trainer:
                 raise NonFiniteLossError(pending.step, loss_value)
             self.skipped_steps += 1
             return {"loss": loss_value, "skipped": 1.0}
+        self.ema.update(self.model, pending.step - 1)
         out = dict(zip(pending.names, terms, strict=True))
         out["loss"] = loss_value
         out["grad_norm"] = grad_norm_value
