@@ -44,8 +44,9 @@ the ratios use CPU time on CPU (wall-clock medians on a shared machine swing wit
 loop that never waits for the device (`imf train` waits once a step, for the loss: see `trainer`), where the host
 prepares a step while the device finishes the one before; on a CPU there is no queue (it is the wall time).
 The ratios fused_vs_compiled_queued (of the queued times), graph_vs_compiled and pipelined_vs_trainer have no target.
-On a GPU every variant runs with torch.backends.cudnn.benchmark on (--no-cudnn-benchmark: off) but `trainer`, which
-sets it as `imf train` does (off for iMF without a CUDA graph: its row count, so its shapes, change every step).
+On a GPU every variant runs with torch.backends.cudnn.benchmark on (--no-cudnn-benchmark: off) but the `trainer`
+variants, which set it as `imf train` does (off for iMF without a CUDA graph: its row count, so its shapes, change
+every step).
 With --rounds R (default 3 on CPU) every variant's process runs R times, the variants interleaved, and each time is
 the median of the R per-process medians (the tables show their range; the ratio table each round's own ratios):
 on a shared machine the load drifts between one variant's process and the next.
