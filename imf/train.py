@@ -74,57 +74,61 @@ class EMA:
             torch._foreach_copy_(ema_buffers, buffers)
 
 
-class _HostRead:
-    """`host_floats(values)` started now and finished by `floats()`: on a GPU the values of each device are copied
-    into pinned host memory behind the work queued so far, so `floats()` waits for that work only, not for what the
-    host queued after (a pipelined step's successor); on a CPU the values are already computed."""
-
-    def __init__(self, values: list):
-        self.values, self.copies = list(values), []
-        by_device: dict[torch.device, list[int]] = {}
-        for index, value in enumerate(self.values):
-            if isinstance(value, torch.Tensor) and value.device.type == "cuda":
-                by_device.setdefault(value.device, []).append(index)
-        for device, indices in by_device.items():
-            tensors = [self.values[i].detach().reshape(()) for i in indices]
-            dtype = tensors[0].dtype
-            for tensor in tensors[1:]:
-                dtype = torch.promote_types(dtype, tensor.dtype)
-            stacked = torch.stack([t.to(dtype) for t in tensors])
-            host = torch.empty(stacked.shape, dtype=dtype, pin_memory=True)
-            host.copy_(stacked, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
-            self.copies.append((indices, host, event))
-
-    def floats(self) -> list[float]:
-        values = list(self.values)
-        for indices, host, event in self.copies:
-            event.synchronize()
-            for i, number in zip(indices, host.tolist(), strict=True):
-                values[i] = float(number)
-        return host_floats(values)
-
-
-def host_floats(values: list) -> list[float]:
-    """`values` (tensors of one element, or numbers) as Python floats, the tensors of each device read in one copy
-    (one wait for a GPU, not one per value), each in its own dtype's precision (float64 stays exact)."""
+def _stacked_by_device(values: list) -> list[tuple[list[int], torch.Tensor]]:
+    """The tensors among `values` (one element each), per device: their indices and one tensor of them stacked in
+    their promoted dtype (float64 stays exact)."""
     by_device: dict[torch.device, list[int]] = {}
     for index, value in enumerate(values):
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(f"host_floats: tensors of one element only, got shape {tuple(value.shape)}")
             by_device.setdefault(value.device, []).append(index)
-    out = [value if isinstance(value, torch.Tensor) else float(value) for value in values]
+    stacks = []
     for indices in by_device.values():
         tensors = [values[i].detach().reshape(()) for i in indices]
         dtype = tensors[0].dtype
         for tensor in tensors[1:]:
             dtype = torch.promote_types(dtype, tensor.dtype)
-        read = torch.stack([t.to(dtype) for t in tensors]).tolist()
-        for i, number in zip(indices, read, strict=True):
+        stacks.append((indices, torch.stack([t.to(dtype) for t in tensors])))
+    return stacks
+
+
+def host_floats(values: list) -> list[float]:
+    """`values` (tensors of one element, or numbers) as Python floats, the tensors of each device read in one copy
+    (one wait for a GPU, not one per value), each in its own dtype's precision (float64 stays exact)."""
+    out = [value if isinstance(value, torch.Tensor) else float(value) for value in values]
+    for indices, stacked in _stacked_by_device(values):
+        for i, number in zip(indices, stacked.tolist(), strict=True):
             out[i] = float(number)
     return out
+
+
+class _HostRead:
+    """`host_floats(values)` started now and finished by `floats()`: on a GPU the values of each device are copied
+    into pinned host memory behind the work queued so far, so `floats()` waits for that work only, not for what the
+    host queued after (a pipelined step's successor); on a CPU the values are already computed."""
+
+    def __init__(self, values: list):
+        self.numbers = [None if isinstance(value, torch.Tensor) else float(value) for value in values]
+        self.reads: list[tuple[list[int], torch.Tensor, torch.cuda.Event | None]] = []
+        for indices, stacked in _stacked_by_device(values):
+            event = None
+            if stacked.device.type == "cuda":
+                host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+                host.copy_(stacked, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(stacked.device))
+                stacked = host
+            self.reads.append((indices, stacked, event))
+
+    def floats(self) -> list[float]:
+        out = list(self.numbers)
+        for indices, stacked, event in self.reads:
+            if event is not None:
+                event.synchronize()
+            for i, number in zip(indices, stacked.tolist(), strict=True):
+                out[i] = float(number)
+        return out
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -508,6 +512,7 @@ class Trainer:
         }
 
     def _set_draw_state(self, state: dict[str, Any]) -> None:
+        """Sets what `_draw_state` (and `state_dict`, under the same keys) returns."""
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["global_rng"])
         if state.get("data") is not None and hasattr(self.next_batch, "load_state_dict"):
@@ -542,10 +547,7 @@ class Trainer:
         ]
         self.opt.load_state_dict({**optimizer, "param_groups": groups})
         self.step_count = int(state["step_count"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["global_rng"])
-        if state.get("data") is not None and hasattr(self.next_batch, "load_state_dict"):
-            self.next_batch.load_state_dict(state["data"])
+        self._set_draw_state(state)
 
 
 # --------------------------------------------------------------------------------------------------------
