@@ -8,19 +8,17 @@ import math
 
 import pytest
 import torch
+from test_train import tiny_digits as plain_tiny_digits
 
-from imf.config import TrainConfig, get_preset
+from imf.config import TrainConfig
 from imf.train import NonFiniteLossError, Trainer, _HostRead, build_trainer, make_stream, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_digits(pipelined: bool):
-    preset = get_preset("digits")
-    preset.model.width = 8
-    preset.model.context_dim = 16
-    preset.train.batch_size = 6
-    preset.train.warmup_steps = 3
+    """test_train's tiny digits run, pipelined or not."""
+    preset = plain_tiny_digits()
     preset.train.pipelined = pipelined
     return preset
 

@@ -320,9 +320,8 @@ def test_block_picker_follows_gpu_rules():
         for hw in (1, 35, 64, 1024, 4096):
             blocks = triton_gn.pick_blocks(channels_per_group, hw, torch.float16)
             assert blocks.block_c + blocks.block_c2 >= channels_per_group
-            rows = blocks.block_c + blocks.block_c2 if blocks.block_c2 else blocks.block_c
             limit = triton_gn._MAX_SPLIT_TILE if blocks.block_c2 else triton_gn._MAX_SINGLE_TILE
-            assert rows * blocks.block_hw <= limit
+            assert (blocks.block_c + blocks.block_c2) * blocks.block_hw <= limit
             assert not blocks.block_c2 or blocks.single_tile  # the launcher's split tiles are single tiles
             assert blocks.stages == (1 if blocks.single_tile or blocks.block_c > 16 else 3)
     # a split chunked tile (four tiles a chunk) pipelines over at most 2 stages (12 = 8 + 4 rows; 16 padded)
