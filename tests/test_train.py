@@ -278,6 +278,46 @@ def test_run_stops_at_steps_or_seconds():
     assert history == [] and trainer.step_count == 3
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_run_freezes_the_heap_for_the_collector_and_thaws_it_after(pipelined):
+    """Trainer.run keeps the garbage collector off the objects that exist when it starts (gc.freeze) and gives them
+    back on the way out, after an error too; a heap that something else froze, or a collector that is off, it
+    leaves as it found them."""
+    import gc
+
+    from imf.train import build_trainer, make_stream
+
+    preset = tiny_digits()
+    preset.train.pipelined = pipelined
+    trainer = build_trainer(preset, make_stream(preset))
+    assert gc.get_freeze_count() == 0
+    seen = []
+    trainer.run(steps=2, callback=lambda tr, metrics: seen.append(gc.get_freeze_count()))
+    assert len(seen) == 2 and min(seen) > 1000  # the model, torch's modules, ... (each step's new objects are not)
+    assert gc.get_freeze_count() == 0
+
+    def fail(tr, metrics):
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        trainer.run(steps=2, callback=fail)
+    assert gc.get_freeze_count() == 0
+
+    gc.freeze()  # someone else's freeze: kept, not thawed by the run
+    try:
+        frozen = gc.get_freeze_count()
+        trainer.run(steps=1)
+        assert gc.get_freeze_count() > frozen // 2  # still frozen (less what reference counts freed meanwhile)
+    finally:
+        gc.unfreeze()
+    gc.disable()
+    try:
+        trainer.run(steps=1, callback=lambda tr, metrics: seen.append(gc.get_freeze_count()))
+        assert seen[-1] == 0 and not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_train_writes_files_and_resumes_exactly_from_disk(tmp_path):
     preset = tiny_digits()
     preset.train.steps = 4
