@@ -180,8 +180,13 @@ def assert_close_to_reference(name: str, kernel, exact, torch_same_dtype, dtype)
     assert kernel_error <= bound, f"{name}: kernel error {kernel_error:.3g} > bound {bound:.3g}"
 
 
-def run_and_check(case: Case, dtype: torch.dtype, device: str, seed: int) -> None:
+def run_and_check(case: Case, dtype: torch.dtype, device: str, seed: int, channels_last: bool = False) -> None:
+    """channels_last: the maps (x, dx, grad_y, the residual gradient) in `torch.channels_last`, and every map the
+    kernels write (y, dy, grad_x) must come out so too."""
     inputs = make_inputs(case, dtype, device, seed)
+    if channels_last:
+        for name in ("x", "dx", "grad_y"):
+            inputs[name] = inputs[name].contiguous(memory_format=torch.channels_last)
     exact = reference(case, {k: v.double() if v is not None else None for k, v in inputs.items()})
     same_dtype = reference(case, inputs)
     # mean and rstd are float32 by contract: PyTorch's float32 error on the same (rounded) inputs is their
@@ -202,7 +207,7 @@ def run_and_check(case: Case, dtype: torch.dtype, device: str, seed: int) -> Non
         )
         grads = triton_gn.gn_act_bwd(inputs["grad_y"], inputs["x"], case.num_groups, *params, mean, rstd, case.act)
         # a residual branch's gradient of x, added into grad_x by the kernel
-        residual = torch.randn_like(inputs["x"])
+        residual = torch.randn_like(inputs["x"])  # (x's layout)
         grad_x_residual = triton_gn.gn_act_bwd(
             inputs["grad_y"], inputs["x"], case.num_groups, *params, mean, rstd, case.act, residual
         )[0]
@@ -212,6 +217,9 @@ def run_and_check(case: Case, dtype: torch.dtype, device: str, seed: int) -> Non
     assert_close_to_reference("grad_x + residual", grad_x_residual, exact_sum, same_dtype_sum, dtype)
 
     assert y.dtype == dy.dtype == dtype
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for name, value in (("y", y), ("dy", dy), ("y_jvp", y_jvp), ("grad_x", grads[0]), ("+residual", grad_x_residual)):
+        assert value.is_contiguous(memory_format=layout), f"{name}: strides {value.stride()}, not x's layout"
     assert mean.dtype == rstd.dtype == torch.float32
     assert mean.shape == rstd.shape == (case.batch, case.num_groups)
     outputs = {"y": y, "dy": dy, "mean": mean, "rstd": rstd}
@@ -249,6 +257,22 @@ PARITY_RUNS = [
 ]
 
 
+# channels-last maps (the kernels address a channel's positions C elements apart, a position's channels 1 apart):
+# every tile kind once
+CHANNELS_LAST_RUNS = [
+    (CASES[0], torch.float32, "single"),
+    (CASES[1], torch.float16, "single"),
+    (CASES[4], torch.float32, "chunked"),
+    (CASES[5], torch.float16, "chunked"),
+    (CASES[3], torch.float32, "split-single"),
+    (CASES[0], torch.float16, "split-picked"),
+    (CASES[5], torch.float32, "split-chunked"),
+    (CASES[2], torch.float32, "groups2"),
+    (CASES[4], torch.float16, "groups4"),
+    (CASES[6], torch.float32, "param-loop"),
+]
+
+
 def run_id(run) -> str:
     case, dtype, layout = run
     options = "-".join(case.options) or "plain"
@@ -263,16 +287,25 @@ def test_group_norm_act_matches_reference(run, monkeypatch):
     run_and_check(case, dtype, device, seed=zlib.crc32(run_id(run).encode()))
 
 
+@pytest.mark.parametrize("run", CHANNELS_LAST_RUNS, ids=run_id)
+def test_group_norm_act_matches_reference_on_channels_last_maps(run, monkeypatch):
+    case, dtype, layout = run
+    use_layout(layout, monkeypatch)
+    device = "cuda" if HAS_CUDA else "cpu"
+    run_and_check(case, dtype, device, seed=zlib.crc32(("cl" + run_id(run)).encode()), channels_last=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize(
     "shape",
     [(8, 256, 32, 32, 32), (8, 512, 32, 32, 32), (4, 768, 16, 16, 32), (4, 1536, 8, 8, 32), (2, 384, 16, 16, 32)],
 )
-def test_group_norm_act_matches_reference_at_model_shapes(shape, dtype):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_act_matches_reference_at_model_shapes(shape, dtype, channels_last):
     batch, channels, height, width, num_groups = shape
     case = Case(batch, height, width, ALL_OPTIONS, "silu", channels, num_groups)
-    run_and_check(case, dtype, "cuda", seed=1)
+    run_and_check(case, dtype, "cuda", seed=1, channels_last=channels_last)
 
 
 @pytest.mark.gpu
