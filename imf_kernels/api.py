@@ -121,8 +121,20 @@ def _check_tangent_rows(
     return rows
 
 
+def _dense_map(t: Tensor) -> bool:
+    """Whether a (B, C, H, W) map is laid out as the GroupNorm ops take it: contiguous (channels-first) or
+    channels-last (`torch.channels_last`)."""
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _check_map(op: str, name: str, value: Tensor) -> None:
+    if not _dense_map(value):
+        _fail(op, f"{name} must be contiguous or channels-last (call .contiguous()), got strides {value.stride()}")
+
+
 def _check_group_norm(op: str, args: dict[str, Any]) -> None:
-    x = _check_tensor(op, "x", args["x"], "(B, C, H, W)", ndim=4)
+    x = _check_tensor(op, "x", args["x"], "(B, C, H, W)", ndim=4, contiguous=False)
+    _check_map(op, "x", x)
     batch, channels = x.shape[:2]
     num_groups = args["num_groups"]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
@@ -141,7 +153,8 @@ def _check_group_norm(op: str, args: dict[str, Any]) -> None:
         _fail(op, f"act must be one of {', '.join(map(repr, ACTIVATIONS))}, got {args['act']!r}")
     if "dx" in args:
         layout = "(B, C, H, W) like x, or its first m rows (m, C, H, W)"
-        rows = _check_tangent_rows(op, "dx", args["dx"], layout, tuple(x.shape), like)
+        rows = _check_tangent_rows(op, "dx", args["dx"], layout, tuple(x.shape), like, contiguous=False)
+        _check_map(op, "dx", args["dx"])
         for name in ("scale", "shift"):
             tangent = args["d" + name]
             if tangent is None:
@@ -300,6 +313,33 @@ def _in_layout(family: Any, tensor: Tensor | None) -> Tensor | None:
     return tensor.contiguous()
 
 
+def _as_map(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """t (a map of x's shape, or of its first rows) in x's layout, channels-first or channels-last: itself when it
+    is (no copy), else a copy."""
+    if t is None:
+        return None
+    layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    return t if t.is_contiguous(memory_format=layout) else t.contiguous(memory_format=layout)
+
+
+def _maps_for(family: Any, x: Tensor, dx: Tensor | None = None) -> tuple[Tensor, Tensor | None, bool]:
+    """(x, dx, relaid) as the GroupNorm launchers of `family` take them: a family that reads channels-last maps
+    (`CHANNELS_LAST`) gets x as it is and dx in x's layout; the others contiguous maps, `relaid` True where x was
+    channels-last and is now a contiguous copy (the op then lays its maps out as x was, `_as_channels_last`)."""
+    if getattr(family, "CHANNELS_LAST", False):
+        return x, _as_map(dx, x), False
+    if x.is_contiguous():
+        return x, None if dx is None else dx.contiguous(), False
+    return x.contiguous(), None if dx is None else dx.contiguous(), True
+
+
+def _as_channels_last(relaid: bool, *maps: Tensor) -> tuple[Tensor, ...]:
+    """The op's output maps laid out channels-last where `_maps_for` relaid x (else as they are)."""
+    if not relaid:
+        return maps
+    return tuple(t.contiguous(memory_format=torch.channels_last) for t in maps)
+
+
 def _split_rows(rows: int, *tensors: Tensor | None) -> list[tuple[Tensor | None, Tensor | None]]:
     """(first `rows` samples, the rest) of each tensor (None: (None, None)), by `Tensor.split`, whose backward
     is one concatenation (two slices' would each fill a zero tensor of the whole batch, then be added)."""
@@ -350,8 +390,9 @@ def _gn_grads(ctx: Any, grad_y: Tensor | None, grad_residual: Tensor | None) -> 
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
     if grad_y is None:  # only the returned x was used
         return grad_residual, None, None, None, None
-    extra = () if grad_residual is None else (grad_residual.contiguous(),)
-    args = (grad_y.contiguous(), x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, ctx.act, *extra)
+    # (x is as the family took it: the gradients in its layout)
+    extra = () if grad_residual is None else (_as_map(grad_residual, x),)
+    args = (_as_map(grad_y, x), x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, ctx.act, *extra)
     return _on_plain_tensors(ctx.family.gn_act_bwd, *args)
 
 
@@ -399,7 +440,7 @@ class _GroupNormAct(torch.autograd.Function):
         _, dy, _, _ = _on_plain_tensors(
             ctx.family.gn_act_jvp_fwd,
             x,
-            _zero_if_none(dx, x).contiguous(),
+            _as_map(_zero_if_none(dx, x), x),
             ctx.num_groups,
             weight,
             bias,
@@ -613,12 +654,13 @@ def group_norm_act(
     _check_group_norm(op, args)
     _check_flag(op, "return_input", return_input)
     _, family = dispatch.select(op, args, backend)
+    x, _, relaid = _maps_for(family, x)
     inputs = (family, x, num_groups, weight, bias, scale, shift, args["eps"], act)
     if return_input:
         y, _, _, x_out = _input_output(_GroupNormAct, *inputs)
-        return y, x_out
+        return _as_channels_last(relaid, y, x_out)
     y, _, _ = _apply(_GroupNormAct, *inputs)
-    return y
+    return _as_channels_last(relaid, y)[0]
 
 
 def group_norm_act_jvp(
@@ -661,14 +703,15 @@ def group_norm_act_jvp(
     _check_group_norm(op, args)
     _check_flag(op, "return_input", return_input)
     _, family = dispatch.select(op, args, backend)
+    x, dx, relaid = _maps_for(family, x, dx)
     eps, rows = args["eps"], dx.shape[0]
     if rows == x.shape[0] or getattr(family, "TANGENT_ROWS", False):
         inputs = (family, x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act)
         if return_input:
             y, dy, _, _, x_out = _input_output(_GroupNormActJvp, *inputs)
-            return y, dy, x_out
+            return _as_channels_last(relaid, y, dy, x_out)
         y, dy, _, _ = _apply(_GroupNormActJvp, *inputs)
-        return y, dy
+        return _as_channels_last(relaid, y, dy)
     # a tangent on the first rows, on a backend that takes the whole batch only: the jvp op on those rows, the
     # primal op on the rest
     (x_head, x_rest), (scale_head, scale_rest), (shift_head, shift_rest) = _split_rows(rows, x, scale, shift)
@@ -679,7 +722,7 @@ def group_norm_act_jvp(
     _, rest_family = dispatch.select("group_norm_act", {**rest, "eps": eps, "act": act}, backend)
     y_rest, _, _ = _apply(_GroupNormAct, rest_family, *rest.values(), eps, act)
     y = torch.cat([y_head, y_rest])
-    return (y, dy, x) if return_input else (y, dy)
+    return _as_channels_last(relaid, y, dy, x) if return_input else _as_channels_last(relaid, y, dy)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str | None = None) -> Tensor:

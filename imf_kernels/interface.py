@@ -19,9 +19,12 @@ and may set `TAKES_EVERY_CALL = True` when it runs everywhere and takes every ca
 Conventions shared by every launcher:
 - inputs arrive validated by `imf_kernels.api` (rank, dtype, device, contiguity, shapes); launchers still
   assert the rules only their hardware enforces (e.g. Triton: tl.dot dims >= 16, power-of-2 blocks);
-- contiguity: group_norm and loss inputs are contiguous. The public attention ops take q, k, v (and tangents)
-  of any strides; a family module that sets `STRIDED_INPUTS = True` gets them (and grad_o) as they are,
-  the others contiguous (the op copies what is not);
+- contiguity: group_norm and loss inputs are contiguous. The public group_norm ops also take channels-last maps
+  (`torch.channels_last`) and return their maps (y, dy; grad_x) laid out as x is: a family module that sets
+  `CHANNELS_LAST = True` gets them as they are (x, dx, grad_y and grad_residual all in x's layout), the others
+  contiguous copies (and the op lays their outputs out channels-last again). The public attention ops take q,
+  k, v (and tangents) of any strides; a family module that sets `STRIDED_INPUTS = True` gets them (and grad_o)
+  as they are, the others contiguous (the op copies what is not);
 - tangent rows: the public `*_jvp` ops take a tangent on the first m <= B samples only (dx, dscale, dshift
   of m rows; dq, dk, dv of m rows), returning a tangent of m rows. A family module that sets
   `TANGENT_ROWS = True` gets such calls as they are (its y / o and statistics cover all B samples); for the
@@ -43,7 +46,7 @@ group_norm (DESIGN 4.3), x: (B, C, H, W), G = num_groups divides C, weight/bias:
         -> (y, dy, mean, rstd)          # dscale/dshift may be None (zero tangent)
     gn_act_bwd(grad_y, x, num_groups, weight, bias, scale, shift, mean, rstd, act, grad_residual=None)
         -> (grad_x, grad_weight, grad_bias, grad_scale, grad_shift)   # None where the input is None
-        grad_residual: None or x's shape and dtype, contiguous: a gradient of x from another branch (a residual
+        grad_residual: None or x's shape, dtype and layout: a gradient of x from another branch (a residual
         connection's), added into grad_x as it is written (kernel backends: no launch of its own)
 
 attention (DESIGN 4.3), q: (B, H, Lq, D), k, v: (B, H, Lk, D); s = scale * q k^T, p = softmax(s), o = p v:

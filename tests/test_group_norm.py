@@ -295,6 +295,58 @@ def test_return_input_adds_the_residual_gradient_in_the_op(backend, dtype, rows)
             assert torch.equal(grad, summed[name]), name
 
 
+def channels_last_run(backend, dtype, rows, channels_last, dx_channels_last, device):
+    """(y, dy, x_out, {name: gradient}) of a residual block's norm on one batch: the maps channels-last or not."""
+    torch.manual_seed(3)  # the same values in both layouts
+    inputs, num_groups, act = make_inputs((3, 40, 6, 5, 8), "modulated", dtype, device)
+    grad_y, grad_residual = torch.randn_like(inputs["x"]), torch.randn_like(inputs["x"])
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    dx_layout = torch.channels_last if dx_channels_last else torch.contiguous_format
+    leaves = {name: inputs[name].clone().requires_grad_() for name in ("x", *PARAMETER_NAMES)}
+    x = leaves["x"].contiguous(memory_format=layout)
+    params = {name: leaves[name] for name in PARAMETER_NAMES}
+    if rows is None:
+        (y, x_out), dy = imf_kernels.group_norm_act(x, num_groups, **params, act=act, return_input=True,
+                                                    backend=backend), None  # fmt: skip
+    else:
+        dx = inputs["dx"][:rows].contiguous(memory_format=dx_layout)
+        tangents = {"dscale": inputs["dscale"][:rows], "dshift": inputs["dshift"][:rows]}
+        y, dy, x_out = imf_kernels.group_norm_act_jvp(
+            x, dx, num_groups, **params, **tangents, act=act, return_input=True, backend=backend
+        )
+    loss = (y * grad_y.contiguous(memory_format=layout)).sum() + (x_out * grad_residual).sum()
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
+    return y, dy, x_out, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(("rows", "dx_channels_last"), [(None, False), (3, True), (2, True), (2, False)])
+def test_channels_last_maps_give_the_contiguous_numbers_laid_out_as_x(backend, dtype, rows, dx_channels_last):
+    """x channels-last (a conv's output in `torch.channels_last`): y, dy and x's gradient come out laid out as x,
+    with the numbers of the same call on contiguous maps (bit for bit on the CPU: the triton kernels address the
+    layouts alike and reduce in the same order, the other backends compute on contiguous copies), a tangent of the
+    first rows and a dx in the other layout too."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = dict(x=torch.randn(3, 40, 6, 5, device=device, dtype=dtype), num_groups=8, eps=1e-5, act="silu")
+    skip_unless_runs(backend, "group_norm_act", args)
+    y, dy, x_out, grads = channels_last_run(backend, dtype, rows, True, dx_channels_last, device)
+    y0, dy0, x_out0, grads0 = channels_last_run(backend, dtype, rows, False, False, device)
+    for name, value in (("y", y), ("dy", dy), ("x_out", x_out), ("grad_x", grads["x"])):
+        if value is not None and name != "grad_x":
+            assert value.is_contiguous(memory_format=torch.channels_last), (name, value.stride())
+    pairs = [("y", y, y0), ("dy", dy, dy0), ("x_out", x_out, x_out0)] + [
+        (f"grad_{name}", grads[name], grads0[name]) for name in grads
+    ]
+    for name, value, contiguous in pairs:
+        if value is None:
+            assert contiguous is None, name
+        elif device == "cpu":
+            assert torch.equal(value, contiguous), name
+        else:  # (another reduction order on a GPU)
+            torch.testing.assert_close(value, contiguous, rtol=FLOOR[dtype], atol=FLOOR[dtype], msg=name)
+
+
 def test_return_input_through_the_op_split(monkeypatch):
     """A tangent on the first rows on a backend without TANGENT_ROWS (the op splits the batch): x comes back as it
     is and autograd adds its two gradients, the same numbers."""
@@ -527,7 +579,12 @@ BAD_CALLS = [
     (
         "contiguity",
         lambda: imf_kernels.group_norm_act(torch.randn(1, 8, 2, 3).transpose(2, 3), 2),
-        "x must be contiguous",
+        "x must be contiguous or channels-last (call .contiguous())",
+    ),
+    (
+        "dx strides",
+        lambda: imf_kernels.group_norm_act_jvp(torch.randn(1, 8, 2, 2), torch.randn(1, 8, 2, 2).transpose(2, 3), 2),
+        "dx must be contiguous or channels-last",
     ),
     (
         "integer x",
