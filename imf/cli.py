@@ -84,6 +84,12 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         "not with --parallel fsdp",
     )
     g.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="feature maps channels-last (torch.channels_last): cuDNN's NHWC convolutions without layout "
+        "transposes; the GroupNorm kernels (triton) read such maps as they are (the same numbers either way)",
+    )
+    g.add_argument(
         "--cudnn-benchmark",
         choices=("auto", "on", "off"),
         default="auto",
@@ -275,6 +281,7 @@ def _preset_with_overrides(args: argparse.Namespace):
     t.bf16 = t.bf16 or args.bf16
     t.cuda_graph = t.cuda_graph or args.cuda_graph
     t.pipelined = t.pipelined or args.pipelined
+    m.channels_last = m.channels_last or args.channels_last
     model_knobs = {
         "width": "width",
         "channels": "image_channels",
@@ -350,6 +357,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise CLIError("--cuda-graph runs in one process; leave it out under torchrun")
             if preset.train.pipelined and args.parallel == "fsdp":
                 raise CLIError("--pipelined takes one process or --parallel ddp; leave it out with --parallel fsdp")
+            if preset.model.channels_last and args.parallel == "fsdp":
+                raise CLIError("--channels-last takes one process or --parallel ddp (FSDP2 shards contiguous weights)")
             try:
                 dist.check_batch(preset.train.batch_size)
             except ValueError as error:

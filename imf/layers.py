@@ -269,15 +269,25 @@ def kv_bank(
     return [(k, v, dk, dv) for (k, v), (dk, dv) in zip(outputs, tangents, strict=True)]
 
 
+def token_major(a: Tensor) -> bool:
+    """Whether a (B, C, L) view of a feature map holds each position's C channels together (a channels-last map's
+    view: strides (L C, 1, C)), not each channel's L positions (a contiguous map's)."""
+    return a.stride(1) == 1 and a.stride(2) == a.shape[1] and not a.is_contiguous()
+
+
 def channel_linear(
     x: Tensor, layer: nn.Linear, dx: MaybeTensor = None, dresidual: MaybeTensor = None
 ) -> tuple[Tensor, MaybeTensor]:
     """(W x + b, W dx) over the channels of x (B, C, L): `linear` on the tokens x^T without transposing, so a
     feature map's pixels go in and come out as (B, C, L), and a (B, heads, L, d) view of either side is a
-    transposed view the attention op reads as it is (the batched matmul takes any strides).
+    transposed view the attention op reads as it is (the batched matmul takes any strides). A token-major x (a
+    channels-last map's view, `token_major`) goes through `linear` on its tokens as they lie, (B L, C) rows of one
+    matmul, and comes out token-major too (a channels-last map again).
 
     `dresidual` (dx's rows, the output's shape): a residual branch's tangent to add, dy = dresidual + W dx, by the
     matmul itself where the dtypes agree (baddbmm: one kernel, not a matmul and an add), else by an add."""
+    if token_major(x):
+        return _token_linear(x, layer, dx, dresidual)
     weight = layer.weight.expand(x.shape[0], -1, -1)
     y = torch.bmm(weight, x) if layer.bias is None else torch.baddbmm(layer.bias[:, None], weight, x)
     if dx is None:
@@ -287,6 +297,26 @@ def channel_linear(
         if dresidual is not None and dresidual.dtype == y.dtype and not torch.is_autocast_enabled(y.device.type):
             return y, torch.baddbmm(dresidual, weight, dx.to(y.dtype))
         dy = torch.bmm(weight, dx.to(y.dtype))
+        return y, dy if dresidual is None else dresidual + dy
+
+
+def _token_linear(x: Tensor, layer: nn.Linear, dx: MaybeTensor, dresidual: MaybeTensor) -> tuple[Tensor, MaybeTensor]:
+    """`channel_linear` of a token-major x (B, C, L): x^T (B, L, C) is contiguous, so y^T = x^T W^T + b is one
+    matmul over B L rows (its weight gradient one more, where the channels-first form sums B per-sample products),
+    and y = (y^T)^T a token-major view."""
+    y = F.linear(x.transpose(1, 2), layer.weight, layer.bias).transpose(1, 2)
+    if dx is None:
+        return y, None
+    with torch.no_grad():
+        weight = layer.weight.to(y.dtype)
+        dx_tokens = dx.to(y.dtype).transpose(1, 2)
+        fused_add = dresidual is not None and dresidual.dtype == y.dtype and token_major(dresidual)
+        if fused_add and dx_tokens.is_contiguous() and not torch.is_autocast_enabled(y.device.type):
+            rows, outputs = dx.shape[0] * dx.shape[2], weight.shape[0]
+            residual_tokens = dresidual.transpose(1, 2).reshape(rows, outputs)  # (a view: token-major)
+            dy = torch.addmm(residual_tokens, dx_tokens.reshape(rows, -1), weight.t())
+            return y, dy.view(dx.shape[0], dx.shape[2], outputs).transpose(1, 2)
+        dy = F.linear(dx_tokens, weight).transpose(1, 2)
         return y, dy if dresidual is None else dresidual + dy
 
 

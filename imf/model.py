@@ -50,6 +50,10 @@ class ModelConfig:
     num_classes: int = 10
     condition_on_t: bool = False  # also feed t as tokens (needed for low-dimensional data, DESIGN 2.1)
     v_head: str = "aux"  # "aux": a copy of the last decoder level; "boundary": v = u(z, h=0)
+    # feature maps channels-last (`torch.channels_last`): the convolutions' weights are, so their outputs are and
+    # cuDNN's NHWC kernels need no transposes; the GroupNorm kernels and the attention blocks read such maps as
+    # they are. Outputs (u, du, v) are contiguous either way.
+    channels_last: bool = False
     tokens: dict[str, int] = field(
         default_factory=lambda: {"class": 8, "omega": 4, "t_min": 2, "t_max": 2, "h": 4, "t": 4}
     )
@@ -413,6 +417,8 @@ class IMFNet(nn.Module):
         if cfg.v_head == "aux":  # a copy of the last decoder level and the output layer, own weights
             self.v_level = copy.deepcopy(self.up[-1])
             self.v_out = copy.deepcopy(self.out)
+        if cfg.channels_last:  # the 4-D weights (convolutions'): every convolution's output is channels-last then
+            self.to(memory_format=torch.channels_last)
 
     def _run_level(self, level: Level, h, skips, ctx, pooled):
         for res, attn in zip(level.res, level.attn, strict=True):
@@ -445,12 +451,12 @@ class IMFNet(nn.Module):
 
     def u_head(self, features) -> torch.Tensor:
         h, skips, ctx, pooled = features
-        return self.out(self._run_level(self.up[-1], h, list(skips), ctx, pooled))
+        return self.out(self._run_level(self.up[-1], h, list(skips), ctx, pooled)).contiguous()
 
     def v_head(self, features) -> torch.Tensor:
         """The aux v-head on the trunk's features (v_head="aux" only)."""
         h, skips, ctx, pooled = features
-        return self.v_out(self._run_level(self.v_level, h, list(skips), ctx, pooled))
+        return self.v_out(self._run_level(self.v_level, h, list(skips), ctx, pooled)).contiguous()
 
     def u(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The average velocity only (sampling): the v-head is not run."""
@@ -546,7 +552,9 @@ class IMFNet(nn.Module):
         else:
             skips = [(skip, None) for skip, _ in f.skips]
             h, dh = self._fused_level(level, f.h, None, skips, f.ctx, None, f.pooled, None, f.banked)
-        return out.fused(h, dh)
+        y, dy = out.fused(h, dh)
+        # contiguous outputs (a copy of a few channels where the maps are channels-last, ModelConfig.channels_last)
+        return y.contiguous(), None if dy is None else dy.contiguous()
 
     def forward(
         self,

@@ -331,6 +331,13 @@ class Trainer:
                     "draws the global batch's randomness once and gives each rank its rows"
                 )
             if parallel == "fsdp":
+                laid_out = next((name for name, p in model.named_parameters() if not p.is_contiguous()), None)
+                if laid_out is not None:
+                    raise ValueError(
+                        f"Trainer: parallel='fsdp' shards contiguous parameters only (FSDP2), got {laid_out} with "
+                        "strides of its own (a channels-last model, ModelConfig.channels_last); train it with "
+                        "parallel='ddp'"
+                    )
                 self.train_model = shard_fsdp(model)
             else:
                 # every parameter is in the graded pass only for iMF with the aux v-head
@@ -790,9 +797,11 @@ def train(
         manifest, state = load_checkpoint(out)
         saved = preset_from_dict(manifest["config"])
         # The run's identity comes from the checkpoint; only the stopping rule and how a step runs may change on
-        # resume (with or without a CUDA graph, pipelined or not: the same loss from the same draws).
+        # resume (with or without a CUDA graph, pipelined or not, the maps channels-last or not: the same loss from
+        # the same draws).
         saved.train.steps, saved.train.minutes = preset.train.steps, preset.train.minutes
         saved.train.cuda_graph, saved.train.pipelined = preset.train.cuda_graph, preset.train.pipelined
+        saved.model.channels_last = preset.model.channels_last
         preset = saved
         history = list(manifest.get("history", []))
         last_good = (out, int(manifest["step"]))

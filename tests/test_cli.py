@@ -73,11 +73,14 @@ def test_train_sample_eval_chain(env, ckpt, tmp_path):
     assert "FD pixels" in done.stdout
 
     # resume continues the same run: step count and config come from the checkpoint; how a step runs may change
-    # (--pipelined: the fused AdamW takes the plain one's state)
-    done = imf(env, "train", "--out", ckpt, "--resume", "--steps", 3, "--threads", 1, "--no-progress", "--pipelined")
+    # (--pipelined: the fused AdamW takes the plain one's state; --channels-last: the weights load into channels-last
+    # convolutions)
+    args = ("--resume", "--steps", 3, "--threads", 1, "--no-progress", "--pipelined", "--channels-last")
+    done = imf(env, "train", "--out", ckpt, *args)
     assert done.returncode == 0, done.stderr
     manifest = json.loads((ckpt / "checkpoint.json").read_text())
     assert manifest["step"] == 3 and manifest["config"]["train"]["pipelined"] is True
+    assert manifest["config"]["model"]["channels_last"] is True
 
 
 def test_demo_smoke(env, tmp_path):

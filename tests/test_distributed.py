@@ -38,14 +38,20 @@ def tiny_gauss():
 
 
 def float64_trainer(
-    dist: DistInfo | None = None, parallel: str = "ddp", nan_at: int | None = None, pipelined: bool = False
+    dist: DistInfo | None = None,
+    parallel: str = "ddp",
+    nan_at: int | None = None,
+    pipelined: bool = False,
+    channels_last: bool = False,
 ) -> Trainer:
     """The tiny iMF run in float64 (fused JVP path), so that agreement is checked at float64 round-off: in float32,
     Adam's division by sqrt(v) turns the round-off of near-zero gradients (behind the zero-initialised layers)
     into visible parameter differences. `nan_at`: that step's batch has a NaN in its last row (the last rank's
-    slice) and the trainer skips non-finite steps. `pipelined`: TrainConfig.pipelined."""
+    slice) and the trainer skips non-finite steps. `pipelined`: TrainConfig.pipelined; `channels_last`:
+    ModelConfig.channels_last."""
     preset = tiny_gauss()
     preset.train.pipelined = pipelined
+    preset.model.channels_last = channels_last
     stream = make_stream(preset)
     torch.manual_seed(preset.train.seed)
     model = IMFNet(preset.model).double()
@@ -75,14 +81,17 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 120) -> subprocess.Com
 
 
 def worker(out: str) -> None:
-    """Each rank: STEPS float64 steps under DDP, then under FSDP2, then under DDP with a NaN at step 2 that only
-    rank 1's rows see (skipped), plain and pipelined; rank 0 saves the trainers' states."""
+    """Each rank: STEPS float64 steps under DDP, then under FSDP2, then under DDP with channels-last maps, then under
+    DDP with a NaN at step 2 that only rank 1's rows see (skipped), plain and pipelined; rank 0 saves the trainers'
+    states."""
     torch.set_num_threads(1)
     dist = init_distributed("cpu")
     assert dist.world_size == 2
-    runs = (("ddp", "ddp", None, False), ("fsdp", "fsdp", None, False), ("ddp_nan", "ddp", 2, False))
-    for name, parallel, nan_at, pipelined in (*runs, ("ddp_nan_pipelined", "ddp", 2, True)):
-        trainer = float64_trainer(dist, parallel, nan_at, pipelined)
+    runs = [("ddp", "ddp", None, False, False), ("fsdp", "fsdp", None, False, False)]
+    runs += [("ddp_cl", "ddp", None, False, True)]
+    runs += [("ddp_nan", "ddp", 2, False, False), ("ddp_nan_pipelined", "ddp", 2, True, False)]
+    for name, parallel, nan_at, pipelined, channels_last in runs:
+        trainer = float64_trainer(dist, parallel, nan_at, pipelined, channels_last)
         history = trainer.run(steps=STEPS)
         state = trainer.state_dict()  # whole tensors (gathered on every rank under FSDP2)
         if dist.is_main:
@@ -115,7 +124,7 @@ def test_two_gloo_processes_equal_one_process_on_the_combined_batch(worker_out, 
     single, initial, losses = single_float64
     moved = max_difference(single.model.state_dict(), initial)
     assert moved > 1e-2  # the weights really moved, so agreement is not trivial
-    for parallel in ("ddp", "fsdp"):
+    for parallel in ("ddp", "fsdp", "ddp_cl"):  # (ddp_cl: channels-last maps, the same run)
         got = torch.load(worker_out / f"{parallel}.pt", weights_only=False)
         assert got["losses"] == pytest.approx(losses, rel=1e-12, abs=0)
         # a rank training on its half alone would be off by ~lr (1e-2) per step; round-off is ~1e-15
@@ -150,6 +159,13 @@ def test_a_pipelined_ddp_run_skips_the_nan_on_the_device_of_every_rank(worker_ou
     assert max_difference(got["state"]["model"], single.model.state_dict()) < 1e-10
     assert max_difference(got["state"]["ema"], single.ema.model.state_dict()) < 1e-10
     assert got["state"]["step_count"] == STEPS
+
+
+def test_fsdp_refuses_a_channels_last_model_by_name():
+    """FSDP2 shards contiguous parameters only: a channels-last model is refused with its first such weight named."""
+    dist = DistInfo(rank=0, world_size=2, local_rank=0)
+    with pytest.raises(ValueError, match=r"parallel='fsdp' shards contiguous parameters only .* train it with"):
+        float64_trainer(dist, "fsdp", channels_last=True)
 
 
 def test_fsdp_checkpoint_state_resumes_in_one_process(worker_out, single_float64):

@@ -391,18 +391,23 @@ def skip_unless_runs(backend: str, cfg: ModelConfig) -> None:
         pytest.skip(f"{backend}: " + "; ".join(dict.fromkeys(reasons)))
 
 
-def check_float32_backend(backend: str, cfg: ModelConfig, n: int, device: str = "cpu") -> None:
+def check_float32_backend(
+    backend: str, cfg: ModelConfig, n: int, device: str = "cpu", channels_last: bool = False
+) -> None:
     """u, du, v, the loss and every gradient of the fused path on `backend` in float32 against the float64
-    reference path, within 2x the error of the float32 reference path (FlashAttention's rule) plus a floor."""
+    reference path, within 2x the error of the float32 reference path (FlashAttention's rule) plus a floor.
+    channels_last: the fused path's model has channels-last weights (ModelConfig.channels_last), the references
+    not."""
     skip_unless_runs(backend, cfg)
     net64 = randomised(cfg).to(device)
     net32 = copy.deepcopy(net64).float()
+    fused_net = net32 if not channels_last else copy.deepcopy(net32).to(memory_format=torch.channels_last)
     z, dz, cond = inputs(cfg, n)
     as32 = lambda c: Cond(*(a.to(device, torch.float32) if a.is_floating_point() else a.to(device) for a in c))
     z, dz, cond64 = z.to(device), dz.to(device), Cond(*(a.to(device) for a in cond))
     ones = torch.ones(n, device=device)
     with imf_kernels.use_backend(backend):
-        fused = net32(z.float(), as32(cond), dz.float(), CondTangent(ones, ones))
+        fused = fused_net(z.float(), as32(cond), dz.float(), CondTangent(ones, ones))
     exact = model_jvp_with_v(net64, z, cond64, dz)
     baseline = model_jvp_with_v(net32, z.float(), as32(cond), dz.float())
     for name, got, want, base in zip(("u", "du", "v"), fused, exact, baseline, strict=True):
@@ -417,7 +422,7 @@ def check_float32_backend(backend: str, cfg: ModelConfig, n: int, device: str = 
         if value is not None and value.is_floating_point():
             setattr(draws32, key, value.float())
     with imf_kernels.use_backend(backend):
-        loss, _, grads = loss_and_grads(IMFObjective(), net32, x.float(), y, draws32)
+        loss, _, grads = loss_and_grads(IMFObjective(), fused_net, x.float(), y, draws32)
     loss64, _, grads64 = loss_and_grads(IMFObjective(jvp="reference"), net64, x, y, draws)
     loss32, _, grads32 = loss_and_grads(IMFObjective(jvp="reference"), net32, x.float(), y, draws32)
     reference.check_parity(f"{backend} loss", loss.double(), loss64, loss32.double(), FLOOR)
@@ -431,18 +436,65 @@ def test_torch_backend_float32():
     check_float32_backend("torch", tiny_config(), 3)
 
 
-def test_triton_backend_under_the_interpreter():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_triton_backend_under_the_interpreter(channels_last):
     """A tiny model (the interpreter runs every program in Python): every GN, attention and loss call on triton."""
-    check_float32_backend(
-        "triton", tiny_config(channel_mult=(1,), self_attn_resolutions=(), cross_attn_resolutions=(8,)), 2
-    )
+    cfg = tiny_config(channel_mult=(1,), self_attn_resolutions=(), cross_attn_resolutions=(8,))
+    check_float32_backend("triton", cfg, 2, channels_last=channels_last)
+
+
+def test_torch_backend_float32_channels_last():
+    check_float32_backend("torch", tiny_config(), 3, channels_last=True)
+
+
+@pytest.mark.parametrize("config", ["digits", "self-attention"])
+def test_channels_last_model_matches_reference_float64(config, monkeypatch):
+    """ModelConfig.channels_last: the same numbers as the reference path of the same weights (u, du on the first
+    rows, v; the loss and every gradient), every feature map channels-last from the first convolution on (each
+    GroupNorm call gets one), u, du, v contiguous."""
+    cfg = get_preset("digits").model if config == "digits" else tiny_config()
+    net = randomised(cfg)
+    cl_cfg = copy.deepcopy(cfg)
+    cl_cfg.channels_last = True
+    cl_net = IMFNet(cl_cfg).double()
+    cl_net.load_state_dict(net.state_dict())
+    weight = cl_net.mid1.conv1.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    layouts = []
+    for name in ("group_norm_act", "group_norm_act_jvp"):
+        op = getattr(imf_kernels, name)
+
+        def spy(x, *args, _op=op, **kwargs):
+            layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return _op(x, *args, **kwargs)
+
+        monkeypatch.setattr(imf_kernels, name, spy)
+    z, dz, cond = inputs(cfg, 3)
+    rows = 2
+    with imf_kernels.use_backend("torch"):
+        ones = torch.ones(rows, dtype=z.dtype)  # (h and t move at rate 1, as in model_jvp_with_v)
+        u, du, v = cl_net(z, cond, dz[:rows], CondTangent(ones, ones))
+    assert layouts and all(layouts), layouts
+    u_ref, du_ref, v_ref = model_jvp_with_v(net, z, cond, dz)
+    for name, got, want in (("u", u, u_ref), ("du", du, du_ref[:rows]), ("v", v, v_ref)):
+        assert got.is_contiguous(), name
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * want.abs().max().item(), msg=name)
+
+    x, y = training_batch(cfg, 4)
+    draws = IMFObjective().draw(x, torch.Generator().manual_seed(7))
+    with imf_kernels.use_backend("torch"):
+        loss, _, grads = loss_and_grads(IMFObjective(), cl_net, x, y, draws)
+    loss_ref, _, grads_ref = loss_and_grads(IMFObjective(jvp="reference"), net, x, y, draws)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-9, atol=0)
+    assert_close_everywhere(grads, grads_ref, 1e-9, "grad")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", list(dispatch.BACKENDS))
 @pytest.mark.parametrize("preset", ["gauss", "digits"])
-def test_every_backend_on_gpu(backend, preset):
-    check_float32_backend(backend, get_preset(preset).model, 8, device="cuda")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_every_backend_on_gpu(backend, preset, channels_last):
+    check_float32_backend(backend, get_preset(preset).model, 8, device="cuda", channels_last=channels_last)
 
 
 # --------------------------------------------------------------------------- sampling and bf16
