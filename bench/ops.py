@@ -5,7 +5,8 @@
     python bench/ops.py --no-compile                       # without the torch.compile baselines (compile time)
     python bench/ops.py --markdown bench/results/<device>.json   # the latest run as markdown, for BENCHMARKS.md
 
-Ops (rows): `gn.fwd` group_norm_act, `gn.jvp` group_norm_act_jvp, `gn.bwd` the backward of group_norm_act;
+Ops (rows): `gn.fwd` group_norm_act, `gn.jvp` group_norm_act_jvp, `gn.bwd` the backward of group_norm_act
+(`gn.jvp.cl`, `gn.bwd.cl`: the same on channels-last maps, ModelConfig.channels_last, against the same baselines);
 `attn.fwd|jvp|bwd` the same for attention; `imf_loss.fwd|bwd`, `mf_loss.fwd|bwd` the fused losses. GroupNorm runs
 the ResBlock's FiLM form (weight, bias, scale, shift, SiLU; tangents dx, dscale, dshift), attention has tangents
 on q, k and v. Each backend row is the public op with `backend=` (what a user gets, dispatch included).
@@ -288,6 +289,15 @@ def group_norm_cases(shape: GroupNormShape, sources: tuple[str, ...], device, dt
         y = K.group_norm_act(leaf_x, g, leaf_w, leaf_b, scale=leaf_s, shift=leaf_sh, backend=name)
         return _grad(y, leaves, grad_y)
 
+    # the same maps channels-last (ModelConfig.channels_last), the same baselines (on the contiguous maps)
+    x_cl, dx_cl, grad_y_cl = (t.contiguous(memory_format=torch.channels_last) for t in (x, dx, grad_y))
+    leaves_cl = (leaves[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_(), *leaves[1:])
+
+    def backend_backward_cl(name: str) -> Thunk:
+        leaf_x, leaf_w, leaf_b, leaf_s, leaf_sh = leaves_cl
+        y = K.group_norm_act(leaf_x, g, leaf_w, leaf_b, scale=leaf_s, shift=leaf_sh, backend=name)
+        return _grad(y, leaves_cl, grad_y_cl)
+
     forward_baselines = {"eager": ("eager", eager), "compile": ("compile", compiled)}
     shared = dict(shape=shape.label, dims=dims, sources=sources, flops=None)
     return [
@@ -317,6 +327,25 @@ def group_norm_cases(shape: GroupNormShape, sources: tuple[str, ...], device, dt
             op="gn.bwd",
             nbytes=3 * n * e + 4 * c * e + 4 * b * c * e + 2 * b * g * e32,
             run=backend_backward,
+            baselines={"eager": ("eager-bwd", eager_backward)},
+            **shared,
+        ),
+        # the jvp and the backward on channels-last maps (the bytes as above)
+        Case(
+            op="gn.jvp.cl",
+            nbytes=4 * n * e + 2 * c * e + 4 * b * c * e + 2 * b * g * e32,
+            run=lambda name: (
+                lambda: K.group_norm_act_jvp(
+                    x_cl, dx_cl, g, weight, bias, **modulation, dscale=dscale, dshift=dshift, backend=name
+                )
+            ),
+            baselines={**forward_baselines, "func.jvp": ("func.jvp", func_jvp)},
+            **shared,
+        ),
+        Case(
+            op="gn.bwd.cl",
+            nbytes=3 * n * e + 4 * c * e + 4 * b * c * e + 2 * b * g * e32,
+            run=backend_backward_cl,
             baselines={"eager": ("eager-bwd", eager_backward)},
             **shared,
         ),

@@ -24,6 +24,10 @@ Variants:
               device work) captured whole, loss and backward, in one CUDA graph and replayed: no host time per
               kernel. The capture (after 3 eager steps on a side stream) is its warm-up; its peak memory counts
               from before the warm-up (the graph's pool holds the step's memory)
+  <v>-cl      GPU: variant <v> (fused-triton, graph-triton; any fused or graph variant by name) with the model's
+              feature maps channels-last (ModelConfig.channels_last: cuDNN's NHWC convolutions without their layout
+              transposes, 661 a step of 10.4 ms device time in the eighth lease's profile; the triton GroupNorm
+              kernels read the maps as they are)
   fm, mf      flow matching and MeanFlow steps of the same model on the fused path (default backend)
   trainer     one whole `imf train` step on the default backend: Trainer.step with the default TrainConfig (fresh
               draws each step, the fused loss and backward, clipping, AdamW, the EMA, and the step's numbers
@@ -43,7 +47,8 @@ the ratios use CPU time on CPU (wall-clock medians on a shared machine swing wit
 `queued` is the time per step of the same number of steps queued back to back with one wait at the end: a training
 loop that never waits for the device (`imf train` waits once a step, for the loss: see `trainer`), where the host
 prepares a step while the device finishes the one before; on a CPU there is no queue (it is the wall time).
-The ratios fused_vs_compiled_queued (of the queued times), graph_vs_compiled and pipelined_vs_trainer have no target.
+The ratios fused_vs_compiled_queued (of the queued times), graph_vs_compiled, pipelined_vs_trainer,
+channels_last_vs_fused and channels_last_vs_compiled (fused-<b>-cl's) have no target.
 On a GPU every variant runs with torch.backends.cudnn.benchmark on (--no-cudnn-benchmark: off) but the `trainer`
 variants, which set it as `imf train` does (off for iMF without a CUDA graph: its row count, so its shapes, change
 every step).
@@ -89,6 +94,8 @@ RATIO_KEYS = (
     "graph_vs_compiled",
     "fused_vs_compiled_queued",
     "pipelined_vs_trainer",
+    "channels_last_vs_fused",
+    "channels_last_vs_compiled",
     "overhead",
     "reference_overhead",
     "imf_vs_fm",
@@ -232,6 +239,9 @@ def make_step(variant: str, model, x, y, draws, bf16: bool):
         objective = IMFObjective(jvp="reference", bf16=bf16)
         modules = CompiledModules(model)
         return with_backward(lambda: official_style_loss(model, objective, x, y, draws, modules))
+    if variant.endswith("-cl"):  # the same step with channels-last maps (ModelConfig.channels_last)
+        model.to(memory_format=torch.channels_last)  # (this variant's process only)
+        variant = variant.removesuffix("-cl")
     if variant == "fused-triton-jit":
         from imf_kernels.triton import _launch
 
@@ -567,6 +577,8 @@ def ratios(rows: dict[str, dict], backend: str, time_key: str) -> dict[str, floa
         graph_vs_compiled=t(f"graph-{backend}") / t("compiled"),
         fused_vs_compiled_queued=queued(f"fused-{backend}") / queued("compiled"),
         pipelined_vs_trainer=t("trainer-pipelined") / t("trainer"),
+        channels_last_vs_fused=t(f"fused-{backend}-cl") / fused,
+        channels_last_vs_compiled=t(f"fused-{backend}-cl") / t("compiled"),
         overhead=t("fwd-tan-bwd") / t("fwd-bwd"),
         reference_overhead=t("ref-fwd-tan-bwd") / t("ref-fwd-bwd"),
         imf_vs_fm=fused / t("fm"),
@@ -646,11 +658,14 @@ def main() -> None:
     # the compiled baselines last: their compilation takes minutes, and a run cut short (a GPU lease) keeps the rest
     graphs = [f"graph-{b}" for b in backends if b != "torch"] if on_gpu else []  # CUDA graphs: GPU kernels only
     jit = ["fused-triton-jit"] if on_gpu and "triton" in backends else []  # the launch cache off, for its A/B
+    # channels-last maps (no cuDNN layout transposes), eager and in the CUDA graph: the triton GroupNorm reads them
+    channels_last = ["fused-triton-cl", "graph-triton-cl"] if on_gpu and "triton" in backends else []
     variants = [
         "reference",
         *(f"fused-{b}" for b in backends),
         *jit,
         *graphs,
+        *channels_last,
         "trainer",
         "trainer-pipelined",
         "fm",

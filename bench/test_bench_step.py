@@ -282,6 +282,23 @@ def test_the_jit_variant_turns_the_launch_cache_off(monkeypatch):
     assert not _launch.ENABLED
 
 
+def test_a_channels_last_variant_lays_the_model_out_channels_last_and_gives_the_same_loss():
+    """`<variant>-cl` is <variant>'s step on a model whose convolution weights (so feature maps) are channels-last:
+    the same loss as the variant's own (the fused step on the torch backend here)."""
+    import step
+
+    losses = []
+    for name in ("fused-torch", "fused-torch-cl"):
+        model, x, y, draws = step.build("gauss", 6, "cpu")
+        run = step.make_step(name, model, x, y, draws, bf16=False)
+        weight = model.mid1.conv1.weight  # (C_in > 1: a layout of its own, unlike conv_in's one input channel)
+        assert weight.is_contiguous() != name.endswith("-cl")
+        run()
+        losses.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for plain, channels_last in zip(*losses, strict=True):
+        torch.testing.assert_close(channels_last, plain, rtol=1e-5, atol=1e-6)
+
+
 def test_the_trainer_variant_runs_whole_training_steps(monkeypatch):
     """`trainer` times Trainer.step: each call draws afresh, updates the weights through AdamW and moves the EMA, and
     reads its numbers back once (host_floats), as `imf train` does."""
@@ -339,12 +356,16 @@ def test_the_ratios_without_a_target_come_from_the_rows_they_name():
         "fused-triton": dict(median_s=0.125, queued_s=0.110),
         "graph-triton": dict(median_s=0.100, queued_s=0.099),
         "compiled": dict(median_s=0.150, queued_s=0.140),
+        "fused-triton-cl": dict(median_s=0.115, queued_s=0.105),
     }
     ratios = step.ratios(rows, "triton", "median_s")
     assert ratios["fused_vs_compiled"] == 0.125 / 0.150
     assert ratios["graph_vs_compiled"] == 0.100 / 0.150
     assert ratios["fused_vs_compiled_queued"] == 0.110 / 0.140
+    assert ratios["channels_last_vs_fused"] == 0.115 / 0.125
+    assert ratios["channels_last_vs_compiled"] == 0.115 / 0.150
     assert math.isnan(ratios["pipelined_vs_trainer"])  # neither trainer variant timed
     untargeted = {"graph_vs_compiled", "fused_vs_compiled_queued", "pipelined_vs_trainer"}
+    untargeted |= {"channels_last_vs_fused", "channels_last_vs_compiled"}
     assert not untargeted & (set(step.TARGETS_CPU) | set(step.TARGETS_GPU))
     assert set(ratios) == set(step.RATIO_KEYS)
