@@ -331,6 +331,13 @@ def conv2d(x: Tensor, layer: nn.Conv2d, dx: MaybeTensor = None) -> tuple[Tensor,
         return y, F.conv2d(dx.to(y.dtype), weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
+def _laid_out_like(t: Tensor, x: Tensor) -> Tensor:
+    """A map t as dense as the GroupNorm ops take it, in x's layout (channels-first or channels-last, ModelConfig.
+    channels_last): t itself where it is, else a copy."""
+    layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    return t if t.is_contiguous(memory_format=layout) else t.contiguous(memory_format=layout)
+
+
 def _cast(param: MaybeTensor, like: Tensor) -> MaybeTensor:
     """param in like's dtype (itself when it has it: no Tensor.to call, whose argument parsing is most of a
     batch-1 call's cost)."""
@@ -362,7 +369,7 @@ def group_norm_act(
         return (out[0], None, out[1]) if return_input else (out, None)
     return imf_kernels.group_norm_act_jvp(
         x,
-        dx.to(x.dtype).contiguous(),
+        _laid_out_like(dx.to(x.dtype), x),
         norm.num_groups,
         weight,
         bias,
