@@ -462,10 +462,11 @@ def test_channels_last_model_matches_reference_float64(config, monkeypatch):
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     layouts = []
     for name in ("group_norm_act", "group_norm_act_jvp"):
-        op = getattr(imf_kernels, name)
+        op, jvp = getattr(imf_kernels, name), name.endswith("_jvp")
 
-        def spy(x, *args, _op=op, **kwargs):
-            layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        def spy(x, *args, _op=op, _jvp=jvp, **kwargs):
+            maps = [x, args[0]] if _jvp else [x]  # (and the tangent dx, as it comes)
+            layouts.extend(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in maps)
             return _op(x, *args, **kwargs)
 
         monkeypatch.setattr(imf_kernels, name, spy)
