@@ -363,14 +363,26 @@ def _group_tile(GROUPS: tl.constexpr, rows, hw_offs, CPG, HW, G, CHANNELS_LAST: 
 
 
 @triton.jit
-def _group_base(pid, GROUPS: tl.constexpr, CPG, G, HW, CHANNELS_LAST: tl.constexpr):
+def _channel_alignment(CPG, CHANNELS_LAST: tl.constexpr, C_ALIGN: tl.constexpr):
+    # Channels-last, a group's channels are the contiguous run the loads vectorise along: CPG shown to be a multiple
+    # of C_ALIGN (a power of two dividing it, from the launcher), so are the run's starts g CPG and the position
+    # stride C = CPG G, and the mask rows < CPG is constant over each C_ALIGN rows (without it: one scalar load per
+    # element, 230 registers in the bf16 tangent pass on sm_90)
+    # (tl.multiple_of does not mark a scalar argument; a product with the constant does: the same value)
+    if CHANNELS_LAST and C_ALIGN > 1:
+        CPG = (CPG // C_ALIGN) * C_ALIGN
+    return CPG
+
+
+@triton.jit
+def _group_base(pid, GROUPS: tl.constexpr, CPG, G, HW, CHANNELS_LAST: tl.constexpr, C_ALIGN: tl.constexpr):
     # The element offset of program pid's first slab (b, g), in 64 bits (the per-element offsets from it stay
     # 32-bit): (b G + g) CPG HW channels-first (the slabs one after the other), b C HW + g CPG channels-last. A
     # program's GROUPS slabs are groups of one sample (GROUPS divides G).
     slab = pid.to(tl.int64) * GROUPS
     if CHANNELS_LAST:
         sample = slab // G
-        return sample * G * CPG * HW + (slab - sample * G) * CPG
+        return tl.multiple_of(sample * G * CPG * HW + (slab - sample * G) * CPG, C_ALIGN)
     return slab * CPG * HW
 
 
@@ -482,13 +494,15 @@ def _gn_fwd_kernel(
     HAS_DSHIFT: tl.constexpr,
     ACT_SILU: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    C_ALIGN: tl.constexpr = 1,
 ):
     # The group's channels are one tile of BLOCK_C rows, or with BLOCK_C2 > 0 two: rows [0, BLOCK_C) and
     # [BLOCK_C, BLOCK_C + BLOCK_C2), so that e.g. 48 channels are 32 + 16 rows instead of 64 with 16 masked.
     # With GROUPS > 1 (single tiles) a program takes GROUPS consecutive slabs as one [GROUPS, BLOCK_C, BLOCK_HW] tile.
     # Channels-first maps (a channel's positions consecutive) or CHANNELS_LAST ones (a position's channels).
     pid = tl.program_id(0)  # = (b * G + g) / GROUPS
-    group_base = _group_base(pid, GROUPS, CPG, G, HW, CHANNELS_LAST)
+    CPG = _channel_alignment(CPG, CHANNELS_LAST, C_ALIGN)
+    group_base = _group_base(pid, GROUPS, CPG, G, HW, CHANNELS_LAST, C_ALIGN)
     x_ptr += group_base
     dx_ptr += group_base
     y_ptr += group_base
@@ -692,13 +706,15 @@ def _gn_bwd_kernel(
     ACT_SILU: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    C_ALIGN: tl.constexpr = 1,
 ):
     # With gh = dL/dh and per-channel sums S1 = sum_hw gh, S2 = sum_hw gh xh, and g = alpha gh (= dL/dxh):
     # grad_x = rstd (g - mean_g(g) - xh mean_g(g xh)), mean_g(g) = sum_c alpha S1 / n, mean_g(g xh) likewise.
     # Channels as in the forward: one tile of BLOCK_C rows, or two (BLOCK_C2 > 0); GROUPS slabs per program (single
     # tiles) as one [GROUPS, BLOCK_C, BLOCK_HW] tile, the per-channel sums then [GROUPS, BLOCK_C], the rest [GROUPS].
     pid = tl.program_id(0)
-    group_base = _group_base(pid, GROUPS, CPG, G, HW, CHANNELS_LAST)
+    CPG = _channel_alignment(CPG, CHANNELS_LAST, C_ALIGN)
+    group_base = _group_base(pid, GROUPS, CPG, G, HW, CHANNELS_LAST, C_ALIGN)
     grad_y_ptr += group_base
     x_ptr += group_base
     grad_x_ptr += group_base
@@ -951,6 +967,28 @@ def channels_last(x: torch.Tensor) -> bool:
     raise AssertionError(f"group_norm triton: x must be contiguous or channels-last, got strides {x.stride()}")
 
 
+# the most channels a channels-last load vectorises over: 4 (16 bytes of fp32, 8 of bf16). At 8 (16 bytes of bf16)
+# the bf16 tangent pass took 168 registers where the channels-first one takes 128 (sm_90, Triton 3.8).
+_MAX_C_ALIGN = 4
+
+
+def channel_alignment(channels_per_group: int, blocks: GNBlocks, dtype: torch.dtype, backward: bool) -> int:
+    """The kernels' C_ALIGN for channels-last maps: the largest power of two dividing channels_per_group, at most
+    _MAX_C_ALIGN; 2 where 4 made ptxas spill 8 bytes (tests/test_triton_aot.py, Triton 3.8 on sm_90): chunked
+    tiles (the fp32 C/G 24 tangent pass at 16x16, 64 registers on 16 warps) and the half-precision backward of
+    4-channel groups (C128 32x32, 128 registers on 4 warps)."""
+    align = min(_MAX_C_ALIGN, channels_per_group & -channels_per_group)
+    if not blocks.single_tile or (backward and dtype.itemsize == 2 and blocks.block_c <= 4):
+        align = min(align, 2)
+    return align
+
+
+def _layout_flags(x: torch.Tensor, blocks: GNBlocks, backward: bool, channels_per_group: int) -> dict:
+    if channels_last(x):
+        return {"CHANNELS_LAST": True, "C_ALIGN": channel_alignment(channels_per_group, blocks, x.dtype, backward)}
+    return {"CHANNELS_LAST": False, "C_ALIGN": 1}
+
+
 def _rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
     return None if t is None else t[start:stop]
 
@@ -988,7 +1026,7 @@ def _launch(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, 
         WITH_TANGENT=with_tangent,
         HAS_DSCALE=with_tangent and dscale is not None,
         HAS_DSHIFT=with_tangent and dshift is not None,
-        CHANNELS_LAST=channels_last(x),
+        **_layout_flags(x, blocks, False, channels_per_group),
         num_warps=blocks.num_warps,
         **_flags(weight, bias, scale, shift, act),
     )
@@ -1089,7 +1127,7 @@ def gn_act_bwd(
         STAGES=blocks.stages,
         num_warps=blocks.num_warps,
         HAS_RESIDUAL=grad_residual is not None,
-        CHANNELS_LAST=channels_last(x),
+        **_layout_flags(x, blocks, True, channels_per_group),
         **_flags(weight, bias, scale, shift, act),
     )
     grad_weight = None if weight is None else torch.empty((channels,), device=x.device, dtype=weight.dtype)
@@ -1216,7 +1254,9 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                 # across the threads of a tile laid out along channels)
                 if layout == "nhwc" and (blocks != picked or (batch, channels, height, width) in _WIDE_SHAPES):
                     continue
-                key = (pass_name, type_name, blocks, hw_aligned, act_silu, layout)
+                c_align = channel_alignment(channels // num_groups, blocks, dtype, pass_name == "bwd")
+                c_align = c_align if layout == "nhwc" else 1
+                key = (pass_name, type_name, blocks, hw_aligned, act_silu, layout, c_align)
                 if key in specs:
                     continue
                 constexprs = {
@@ -1229,6 +1269,7 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                     **all_options,
                     "ACT_SILU": act_silu,
                     "CHANNELS_LAST": layout == "nhwc",
+                    "C_ALIGN": c_align,
                 }
                 if pass_name == "bwd":
                     fn = _gn_bwd_kernel
@@ -1257,7 +1298,7 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                 split += f"_s{blocks.stages}" if not blocks.single_tile and blocks.stages != GNBlocks.stages else ""
                 specs[key] = compile_spec(
                     f"gn_{pass_name}_{type_name}_c{blocks.block_c}{split}_hw{blocks.block_hw}_{tile}"
-                    f"_{'silu' if act_silu else 'none'}{'_nhwc' if layout == 'nhwc' else ''}",
+                    f"_{'silu' if act_silu else 'none'}{f'_nhwc{c_align}' if layout == 'nhwc' else ''}",
                     fn,
                     constexprs,
                     runtime_types,
