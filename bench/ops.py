@@ -284,23 +284,21 @@ def group_norm_cases(shape: GroupNormShape, sources: tuple[str, ...], device, dt
         y = R.group_norm_act(leaf_x, g, leaf_w, leaf_b, scale=leaf_s, shift=leaf_sh)
         return _grad(y, leaves, grad_y)
 
-    def backend_backward(name: str) -> Thunk:
-        leaf_x, leaf_w, leaf_b, leaf_s, leaf_sh = leaves
-        y = K.group_norm_act(leaf_x, g, leaf_w, leaf_b, scale=leaf_s, shift=leaf_sh, backend=name)
-        return _grad(y, leaves, grad_y)
+    def backend_backward(leaves: tuple[torch.Tensor, ...], grad_y: torch.Tensor) -> Callable[[str], Thunk]:
+        def run(name: str) -> Thunk:
+            leaf_x, leaf_w, leaf_b, leaf_s, leaf_sh = leaves
+            y = K.group_norm_act(leaf_x, g, leaf_w, leaf_b, scale=leaf_s, shift=leaf_sh, backend=name)
+            return _grad(y, leaves, grad_y)
+
+        return run
 
     # the same maps channels-last (ModelConfig.channels_last), the same baselines (on the contiguous maps)
     x_cl, dx_cl, grad_y_cl = (t.contiguous(memory_format=torch.channels_last) for t in (x, dx, grad_y))
     leaves_cl = (leaves[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_(), *leaves[1:])
 
-    def backend_backward_cl(name: str) -> Thunk:
-        leaf_x, leaf_w, leaf_b, leaf_s, leaf_sh = leaves_cl
-        y = K.group_norm_act(leaf_x, g, leaf_w, leaf_b, scale=leaf_s, shift=leaf_sh, backend=name)
-        return _grad(y, leaves_cl, grad_y_cl)
-
     forward_baselines = {"eager": ("eager", eager), "compile": ("compile", compiled)}
     shared = dict(shape=shape.label, dims=dims, sources=sources, flops=None)
-    return [
+    cases = [
         # read x + weight, bias + scale, shift; write y + mean, rstd (fp32)
         Case(
             op="gn.fwd",
@@ -309,47 +307,37 @@ def group_norm_cases(shape: GroupNormShape, sources: tuple[str, ...], device, dt
             baselines=forward_baselines,
             **shared,
         ),
-        # read x, dx + weight, bias + scale, shift, dscale, dshift; write y, dy + mean, rstd (fp32)
-        Case(
-            op="gn.jvp",
-            nbytes=4 * n * e + 2 * c * e + 4 * b * c * e + 2 * b * g * e32,
-            run=lambda name: (
-                lambda: K.group_norm_act_jvp(
-                    x, dx, g, weight, bias, **modulation, dscale=dscale, dshift=dshift, backend=name
-                )
-            ),
-            baselines={**forward_baselines, "func.jvp": ("func.jvp", func_jvp)},
-            **shared,
-        ),
-        # read grad_y, x + weight, bias + scale, shift + mean, rstd (fp32);
-        # write grad_x + grad_weight, grad_bias + grad_scale, grad_shift
-        Case(
-            op="gn.bwd",
-            nbytes=3 * n * e + 4 * c * e + 4 * b * c * e + 2 * b * g * e32,
-            run=backend_backward,
-            baselines={"eager": ("eager-bwd", eager_backward)},
-            **shared,
-        ),
-        # the jvp and the backward on channels-last maps (the bytes as above)
-        Case(
-            op="gn.jvp.cl",
-            nbytes=4 * n * e + 2 * c * e + 4 * b * c * e + 2 * b * g * e32,
-            run=lambda name: (
-                lambda: K.group_norm_act_jvp(
-                    x_cl, dx_cl, g, weight, bias, **modulation, dscale=dscale, dshift=dshift, backend=name
-                )
-            ),
-            baselines={**forward_baselines, "func.jvp": ("func.jvp", func_jvp)},
-            **shared,
-        ),
-        Case(
-            op="gn.bwd.cl",
-            nbytes=3 * n * e + 4 * c * e + 4 * b * c * e + 2 * b * g * e32,
-            run=backend_backward_cl,
-            baselines={"eager": ("eager-bwd", eager_backward)},
-            **shared,
-        ),
     ]
+    # read x, dx + weight, bias + scale, shift, dscale, dshift; write y, dy + mean, rstd (fp32);
+    # the backward: read grad_y, x + weight, bias + scale, shift + mean, rstd (fp32);
+    # write grad_x + grad_weight, grad_bias + grad_scale, grad_shift. Both also on channels-last maps (.cl: the same
+    # bytes, the same baselines).
+    layouts = (
+        ("", (x, dx), backend_backward(leaves, grad_y)),
+        (".cl", (x_cl, dx_cl), backend_backward(leaves_cl, grad_y_cl)),
+    )
+    for suffix, maps, backward in layouts:
+        cases += [
+            Case(
+                op="gn.jvp" + suffix,
+                nbytes=4 * n * e + 2 * c * e + 4 * b * c * e + 2 * b * g * e32,
+                run=lambda name, maps=maps: (
+                    lambda: K.group_norm_act_jvp(
+                        *maps, g, weight, bias, **modulation, dscale=dscale, dshift=dshift, backend=name
+                    )
+                ),
+                baselines={**forward_baselines, "func.jvp": ("func.jvp", func_jvp)},
+                **shared,
+            ),
+            Case(
+                op="gn.bwd" + suffix,
+                nbytes=3 * n * e + 4 * c * e + 4 * b * c * e + 2 * b * g * e32,
+                run=backward,
+                baselines={"eager": ("eager-bwd", eager_backward)},
+                **shared,
+            ),
+        ]
+    return cases
 
 
 def attention_cases(shape: AttentionShape, sources: tuple[str, ...], device, dtype) -> list[Case]:

@@ -80,6 +80,18 @@ def loss_and_grads(objective, net, x, y, draws):
     return loss.detach(), metrics, {name: p.grad.clone() for name, p in net.named_parameters()}
 
 
+def assert_imf_step_matches_reference(net, reference_net, cfg: ModelConfig, n: int, seed: int, rtol: float, what: str):
+    """The fused iMF loss and every parameter gradient of `net` (torch backend) against the reference path's of
+    `reference_net` (the same weights) on one fresh batch and draw."""
+    x, y = training_batch(cfg, n)
+    draws = IMFObjective().draw(x, torch.Generator().manual_seed(seed))
+    with imf_kernels.use_backend("torch"):
+        loss, _, grads = loss_and_grads(IMFObjective(), net, x, y, draws)
+    loss_ref, _, grads_ref = loss_and_grads(IMFObjective(jvp="reference"), reference_net, x, y, draws)
+    torch.testing.assert_close(loss, loss_ref, rtol=rtol, atol=0)
+    assert_close_everywhere(grads, grads_ref, rtol, what)
+
+
 def assert_close_everywhere(got: dict, want: dict, rtol: float, what: str) -> None:
     assert got.keys() == want.keys()
     for name in want:
@@ -233,13 +245,7 @@ def test_meanflow_and_flow_matching_match_reference_float64():
 def test_boundary_v_head_matches_reference_float64():
     cfg = tiny_config(v_head="boundary", head_dim=8)
     net = randomised(cfg)
-    x, y = training_batch(cfg, 5)
-    draws = IMFObjective().draw(x, torch.Generator().manual_seed(6))
-    with imf_kernels.use_backend("torch"):
-        loss, _, grads = loss_and_grads(IMFObjective(), net, x, y, draws)
-    loss_ref, _, grads_ref = loss_and_grads(IMFObjective(jvp="reference"), net, x, y, draws)
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
-    assert_close_everywhere(grads, grads_ref, 1e-6, "boundary grad")
+    assert_imf_step_matches_reference(net, net, cfg, 5, seed=6, rtol=1e-6, what="boundary grad")
 
 
 def test_tangent_never_reaches_a_weight_gradient():
@@ -481,13 +487,7 @@ def test_channels_last_model_matches_reference_float64(config, monkeypatch):
         assert got.is_contiguous(), name
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * want.abs().max().item(), msg=name)
 
-    x, y = training_batch(cfg, 4)
-    draws = IMFObjective().draw(x, torch.Generator().manual_seed(7))
-    with imf_kernels.use_backend("torch"):
-        loss, _, grads = loss_and_grads(IMFObjective(), cl_net, x, y, draws)
-    loss_ref, _, grads_ref = loss_and_grads(IMFObjective(jvp="reference"), net, x, y, draws)
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-9, atol=0)
-    assert_close_everywhere(grads, grads_ref, 1e-9, "grad")
+    assert_imf_step_matches_reference(cl_net, net, cfg, 4, seed=7, rtol=1e-9, what="grad")
 
 
 @pytest.mark.gpu
