@@ -494,7 +494,7 @@ def _gn_fwd_kernel(
     HAS_DSHIFT: tl.constexpr,
     ACT_SILU: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
-    C_ALIGN: tl.constexpr = 1,
+    C_ALIGN: tl.constexpr,
 ):
     # The group's channels are one tile of BLOCK_C rows, or with BLOCK_C2 > 0 two: rows [0, BLOCK_C) and
     # [BLOCK_C, BLOCK_C + BLOCK_C2), so that e.g. 48 channels are 32 + 16 rows instead of 64 with 16 masked.
@@ -706,7 +706,7 @@ def _gn_bwd_kernel(
     ACT_SILU: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
-    C_ALIGN: tl.constexpr = 1,
+    C_ALIGN: tl.constexpr,
 ):
     # With gh = dL/dh and per-channel sums S1 = sum_hw gh, S2 = sum_hw gh xh, and g = alpha gh (= dL/dxh):
     # grad_x = rstd (g - mean_g(g) - xh mean_g(g xh)), mean_g(g) = sum_c alpha S1 / n, mean_g(g xh) likewise.
