@@ -318,7 +318,10 @@ def _as_map(t: Tensor | None, x: Tensor) -> Tensor | None:
     is (no copy), else a copy."""
     if t is None:
         return None
-    layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    contiguous = x.is_contiguous()
+    if contiguous and t.is_contiguous():  # the common case, without memory_format's argument parsing
+        return t
+    layout = torch.contiguous_format if contiguous else torch.channels_last
     return t if t.is_contiguous(memory_format=layout) else t.contiguous(memory_format=layout)
 
 
@@ -326,10 +329,10 @@ def _maps_for(family: Any, x: Tensor, dx: Tensor | None = None) -> tuple[Tensor,
     """(x, dx, relaid) as the GroupNorm launchers of `family` take them: a family that reads channels-last maps
     (`CHANNELS_LAST`) gets x as it is and dx in x's layout; the others contiguous maps, `relaid` True where x was
     channels-last and is now a contiguous copy (the op then lays its maps out as x was, `_as_channels_last`)."""
+    if x.is_contiguous():
+        return x, None if dx is None else dx.contiguous(), False  # (a contiguous dx: itself)
     if getattr(family, "CHANNELS_LAST", False):
         return x, _as_map(dx, x), False
-    if x.is_contiguous():
-        return x, None if dx is None else dx.contiguous(), False
     return x.contiguous(), None if dx is None else dx.contiguous(), True
 
 

@@ -983,10 +983,13 @@ def channel_alignment(channels_per_group: int, blocks: GNBlocks, dtype: torch.dt
     return align
 
 
+_CHANNELS_FIRST = {"CHANNELS_LAST": False, "C_ALIGN": 1}
+
+
 def _layout_flags(x: torch.Tensor, blocks: GNBlocks, backward: bool, channels_per_group: int) -> dict:
-    if channels_last(x):
-        return {"CHANNELS_LAST": True, "C_ALIGN": channel_alignment(channels_per_group, blocks, x.dtype, backward)}
-    return {"CHANNELS_LAST": False, "C_ALIGN": 1}
+    if not channels_last(x):
+        return _CHANNELS_FIRST
+    return {"CHANNELS_LAST": True, "C_ALIGN": channel_alignment(channels_per_group, blocks, x.dtype, backward)}
 
 
 def _rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
