@@ -85,7 +85,8 @@ setup(
         "pillow",
     ],
     # ninja: tests/cuda_emulator.py builds the emulated kernels with torch.utils.cpp_extension.load
-    extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark", "ruff", "ninja"]},
+    # pytest-xdist: `make test` runs the suite on TEST_WORKERS processes
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "ruff", "ninja"]},
     entry_points={"console_scripts": ["imf=imf.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
