@@ -6,7 +6,8 @@
     python bench/ops.py --markdown bench/results/<device>.json   # the latest run as markdown, for BENCHMARKS.md
 
 Ops (rows): `gn.fwd` group_norm_act, `gn.jvp` group_norm_act_jvp, `gn.bwd` the backward of group_norm_act
-(`gn.jvp.cl`, `gn.bwd.cl`: the same on channels-last maps, ModelConfig.channels_last, against the same baselines);
+(`gn.jvp.cl`, `gn.bwd.cl`: the same on channels-last maps, ModelConfig.channels_last, against the same baselines;
+`gn.jvp.half`: the tangent on the first half of the samples only, as the iMF training step's forward has it);
 `attn.fwd|jvp|bwd` the same for attention; `imf_loss.fwd|bwd`, `mf_loss.fwd|bwd` the fused losses. GroupNorm runs
 the ResBlock's FiLM form (weight, bias, scale, shift, SiLU; tangents dx, dscale, dshift), attention has tangents
 on q, k and v. Each backend row is the public op with `backend=` (what a user gets, dispatch included).
@@ -279,6 +280,16 @@ def group_norm_cases(shape: GroupNormShape, sources: tuple[str, ...], device, dt
     def func_jvp() -> Thunk:
         return lambda: R.group_norm_act_jvp(x, dx, g, weight, bias, **modulation, dscale=dscale, dshift=dshift)
 
+    def func_jvp_half() -> Thunk:  # the primal of every sample, torch.func.jvp of the first half's
+        half = max(1, b // 2)
+
+        def run():
+            y = R.group_norm_act(x, g, weight, bias, **modulation)
+            first = dict(scale=scale[:half], shift=shift[:half], dscale=dscale[:half], dshift=dshift[:half])
+            return y, R.group_norm_act_jvp(x[:half], dx[:half], g, weight, bias, **first)[1]
+
+        return run
+
     def eager_backward() -> Thunk:
         leaf_x, leaf_w, leaf_b, leaf_s, leaf_sh = leaves
         y = R.group_norm_act(leaf_x, g, leaf_w, leaf_b, scale=leaf_s, shift=leaf_sh)
@@ -337,6 +348,30 @@ def group_norm_cases(shape: GroupNormShape, sources: tuple[str, ...], device, dt
                 **shared,
             ),
         ]
+    # the tangent on the first half of the samples (the iMF step's r = t rows have none): read x + dx, dscale, dshift
+    # of half the samples, write y + dy of half; the other reads and writes as gn.jvp's
+    half = max(1, b // 2)
+    cases.append(
+        Case(
+            op="gn.jvp.half",
+            nbytes=2 * n * e + 2 * (n // b) * half * e + 2 * c * e + 2 * b * c * e + 2 * half * c * e + 2 * b * g * e32,
+            run=lambda name: (
+                lambda: K.group_norm_act_jvp(
+                    x,
+                    dx[:half],
+                    g,
+                    weight,
+                    bias,
+                    **modulation,
+                    dscale=dscale[:half],
+                    dshift=dshift[:half],
+                    backend=name,
+                )
+            ),
+            baselines={**forward_baselines, "func.jvp": ("func.jvp", func_jvp_half)},
+            **shared,
+        )
+    )
     return cases
 
 

@@ -35,6 +35,7 @@ VARIANTS = [
     *[("group_norm", GN_SHAPE, "gn.jvp", v) for v in ("torch", "func.jvp")],
     *[("group_norm", GN_SHAPE, "gn.bwd", v) for v in ("torch", "eager")],
     *[("group_norm", GN_SHAPE, op, "torch") for op in ("gn.jvp.cl", "gn.bwd.cl")],
+    *[("group_norm", GN_SHAPE, "gn.jvp.half", v) for v in ("torch", "func.jvp")],
     *[("attention", CROSS_SHAPE, "attn.fwd", v) for v in ("torch", "eager", "compile")],
     *[("attention", shape, "attn.jvp", v) for shape in (CROSS_SHAPE, SELF_SHAPE) for v in ("torch", "math-jvp")],
     *[("attention", CROSS_SHAPE, "attn.bwd", v) for v in ("torch", "eager")],
@@ -71,8 +72,12 @@ def _tensors(result) -> list[torch.Tensor]:
     return [tensor for part in result for tensor in _tensors(part)]
 
 
+def _is_jvp(op: str) -> bool:
+    return op.split(".")[1] == "jvp"  # (gn.jvp, gn.jvp.cl, gn.jvp.half, attn.jvp, ...)
+
+
 def _reference_name(op: str) -> str:
-    return "func.jvp" if op.removesuffix(".cl").endswith(".jvp") else "eager"
+    return "func.jvp" if _is_jvp(op) else "eager"
 
 
 @pytest.mark.parametrize(
@@ -85,7 +90,7 @@ def test_bench(benchmark, family, shape, op, variant):
     outputs = _tensors(benchmark(thunk))
     expected = _tensors(_thunk(case, _reference_name(op))())
     # A primal-only baseline of a .jvp op (eager, compile) computes the first output, the primal.
-    assert len(outputs) == len(expected) or (op.removesuffix(".cl").endswith(".jvp") and len(outputs) == 1)
+    assert len(outputs) == len(expected) or (_is_jvp(op) and len(outputs) == 1)
     for index, (actual, wanted) in enumerate(zip(outputs, expected, strict=False)):
         error = (actual.double() - wanted.double()).abs().max().item()
         assert error <= 1e-4 * max(1.0, wanted.abs().max().item()), f"{op} {variant} output {index}: error {error:.3g}"
@@ -173,6 +178,11 @@ def test_floor_bytes_are_every_launcher_input_read_once_and_output_written_once(
     grads = torch_group_norm.gn_act_bwd(grad_y, x, g, weight, bias, scale, shift, mean, rstd, "silu")
     assert gn["gn.bwd"] == _nbytes(grad_y, x, weight, bias, scale, shift, mean, rstd) + _nbytes(*grads)
     assert gn["gn.jvp.cl"] == gn["gn.jvp"] and gn["gn.bwd.cl"] == gn["gn.bwd"]  # (the same bytes, laid out otherwise)
+    half = b // 2  # the tangent on the first half of the samples
+    first = (dx[:half], dscale[:half], dshift[:half])
+    outputs = torch_group_norm.gn_act_jvp_fwd(x, first[0], g, weight, bias, scale, shift, *first[1:], 1e-5, "silu")
+    assert outputs[1].shape[0] == half
+    assert gn["gn.jvp.half"] == _nbytes(x, weight, bias, scale, shift, *first) + _nbytes(*outputs)
 
     shape = CROSS_SHAPE
     q, dq, grad_o = (torch.randn(shape.batch, shape.heads, shape.lq, shape.head_dim, dtype=dtype) for _ in range(3))
@@ -472,5 +482,5 @@ def test_a_run_cut_short_keeps_the_rows_of_every_shape_it_finished(tmp_path, mon
     assert len({row["date"] for row in rows}) == 1 and rows[0]["op"] == "copy"
     assert {row["op"] for row in rows if row["kind"] in ("backend", "baseline")} == {
         f"{family}.{p}" for family in ("gn", "attn") for p in ("fwd", "jvp", "bwd")
-    } | {"gn.jvp.cl", "gn.bwd.cl"}
+    } | {"gn.jvp.cl", "gn.bwd.cl", "gn.jvp.half"}
     assert not list(tmp_path.glob("*.tmp"))

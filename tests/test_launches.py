@@ -14,7 +14,7 @@ LOSS_FWD = ["triton:_loss_partial_kernel", "triton:_loss_finish_kernel"]
 TRITON_LAUNCHES = {
     "gn.fwd": [GN_FWD],
     "gn.jvp": [GN_FWD],
-    "gn.jvp-first-rows": [GN_FWD, GN_FWD],  # the jvp kernel on the tangent's rows, the primal one on the rest
+    "gn.jvp-first-rows": [GN_FWD],  # one launch: the tangent part on the first samples' programs only
     "gn.bwd": [GN_BWD, PARAM_SUMS],  # grad_weight, grad_bias summed over the batch by a second kernel
     "gn.bwd-no-params": [GN_BWD],
     "gn.bwd-residual": [GN_BWD, PARAM_SUMS],  # the returned x's gradient added inside the kernel, no add of its own

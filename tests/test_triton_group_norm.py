@@ -10,6 +10,7 @@ import contextlib
 import zlib
 from dataclasses import dataclass
 
+import launches
 import pytest
 import torch
 import torch.nn.functional as F
@@ -293,6 +294,52 @@ def test_group_norm_act_matches_reference_on_channels_last_maps(run, monkeypatch
     use_layout(layout, monkeypatch)
     device = "cuda" if HAS_CUDA else "cpu"
     run_and_check(case, dtype, device, seed=zlib.crc32(("cl" + run_id(run)).encode()), channels_last=True)
+
+
+# a tangent on the first samples only (the training step's forward; PARTIAL_TANGENT): every tile kind, both layouts
+FIRST_ROWS_RUNS = [
+    (CASES[0], torch.float16 if layout == "split-picked" else torch.float32, layout, rows, channels_last)
+    for layout in ("single", "chunked", "split-single", "split-picked", "split-chunked", "groups2", "groups4")
+    for rows, channels_last in ((1, False), (2, True))
+] + [(CASES[4], torch.float16, "chunked", 2, False), (CASES[2], torch.float16, "single", 1, True)]
+
+
+@pytest.mark.parametrize(
+    "run", FIRST_ROWS_RUNS, ids=lambda run: f"{run_id(run[:3])}-rows{run[3]}{'-cl' if run[4] else ''}"
+)
+def test_a_tangent_on_the_first_samples_gives_the_whole_batchs_numbers(run, monkeypatch):
+    """dx, dscale, dshift on the first m of B samples: on single tiles one launch (PARTIAL_TANGENT), on chunked
+    ones two (the jvp kernel on the m samples, the primal one on the rest); y, mean and rstd bit for bit those of
+    the call with a tangent on every sample, dy (m samples, x's layout) bit for bit that call's first m samples,
+    every element written (poisoned allocations)."""
+    case, dtype, layout, rows, channels_last = run
+    use_layout(layout, monkeypatch)
+    device = "cuda" if HAS_CUDA else "cpu"
+    inputs = make_inputs(case, dtype, device, seed=zlib.crc32(f"rows{run}".encode()))
+    if channels_last:
+        for name in ("x", "dx"):
+            inputs[name] = inputs[name].contiguous(memory_format=torch.channels_last)
+    params = [inputs[name] for name in ("weight", "bias", "scale", "shift")]
+    tangents = [inputs[name] for name in ("dx", "dscale", "dshift")]
+    with poisoned_allocations():
+        whole = triton_gn.gn_act_jvp_fwd(
+            inputs["x"], tangents[0], case.num_groups, *params, *tangents[1:], EPS, case.act
+        )
+        first = [None if t is None else t[:rows] for t in tangents]
+        with launches.recorded() as launched:
+            partial = triton_gn.gn_act_jvp_fwd(
+                inputs["x"], first[0], case.num_groups, *params, *first[1:], EPS, case.act
+            )
+    blocks = triton_gn.pick_blocks(case.channels // case.num_groups, case.height * case.width, dtype)
+    kernels = [name for name in launched if name.startswith("triton:")]  # (not the poisoning fills)
+    assert kernels == ["triton:_gn_fwd_kernel"] * (1 if blocks.single_tile else 2)
+    y, dy, mean, rstd = partial
+    assert dy.shape == (rows, *inputs["x"].shape[1:])
+    layout_format = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=layout_format) and dy.is_contiguous(memory_format=layout_format)
+    assert torch.isfinite(dy).all()
+    assert torch.equal(y, whole[0]) and torch.equal(mean, whole[2]) and torch.equal(rstd, whole[3])
+    assert torch.equal(dy, whole[1][:rows])
 
 
 @pytest.mark.gpu

@@ -462,7 +462,8 @@ def _coefficient_offsets(pid, rows, CPG, G, GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _gn_fwd_kernel(
+def _gn_fwd_program(
+    pid,
     x_ptr,
     dx_ptr,
     y_ptr,
@@ -500,7 +501,7 @@ def _gn_fwd_kernel(
     # [BLOCK_C, BLOCK_C + BLOCK_C2), so that e.g. 48 channels are 32 + 16 rows instead of 64 with 16 masked.
     # With GROUPS > 1 (single tiles) a program takes GROUPS consecutive slabs as one [GROUPS, BLOCK_C, BLOCK_HW] tile.
     # Channels-first maps (a channel's positions consecutive) or CHANNELS_LAST ones (a position's channels).
-    pid = tl.program_id(0)  # = (b * G + g) / GROUPS
+    # pid = (b * G + g) / GROUPS
     CPG = _channel_alignment(CPG, CHANNELS_LAST, C_ALIGN)
     group_base = _group_base(pid, GROUPS, CPG, G, HW, CHANNELS_LAST, C_ALIGN)
     x_ptr += group_base
@@ -589,6 +590,66 @@ def _gn_fwd_kernel(
     slabs = _slabs(pid, GROUPS)
     tl.store(mean_ptr + slabs, mean)
     tl.store(rstd_ptr + slabs, rstd)
+
+
+@triton.jit
+def _gn_fwd_kernel(
+    x_ptr,
+    dx_ptr,
+    y_ptr,
+    dy_ptr,
+    mean_ptr,
+    rstd_ptr,
+    weight_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    dscale_ptr,
+    dshift_ptr,
+    HW,
+    CPG,
+    G,
+    eps,
+    tangent_rows,
+    BLOCK_C: tl.constexpr,
+    BLOCK_C2: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    GROUPS: tl.constexpr,
+    STAGES: tl.constexpr,
+    WITH_TANGENT: tl.constexpr,
+    PARTIAL_TANGENT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_DSCALE: tl.constexpr,
+    HAS_DSHIFT: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    C_ALIGN: tl.constexpr,
+):
+    # PARTIAL_TANGENT (single tiles): dx (and dy, dscale, dshift) hold the first `tangent_rows` samples only. A
+    # program of those samples runs the forward with the tangent, the others the primal forward: one branch a
+    # program, on a scalar, so each path keeps its own code (masking the tangent loads and stores instead took 154
+    # registers where this takes 130: bf16, C/G 8 at 16x16, Triton 3.6 for sm_90).
+    pid = tl.program_id(0)
+    if PARTIAL_TANGENT:
+        if (pid * GROUPS) // G < tangent_rows:
+            _gn_fwd_program(pid, x_ptr, dx_ptr, y_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, scale_ptr,
+                            shift_ptr, dscale_ptr, dshift_ptr, HW, CPG, G, eps, BLOCK_C, BLOCK_C2, BLOCK_HW,
+                            SINGLE_TILE, GROUPS, STAGES, True, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_DSCALE,
+                            HAS_DSHIFT, ACT_SILU, CHANNELS_LAST, C_ALIGN)  # fmt: skip
+        else:
+            _gn_fwd_program(pid, x_ptr, dx_ptr, y_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, scale_ptr,
+                            shift_ptr, dscale_ptr, dshift_ptr, HW, CPG, G, eps, BLOCK_C, BLOCK_C2, BLOCK_HW,
+                            SINGLE_TILE, GROUPS, STAGES, False, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, False,
+                            False, ACT_SILU, CHANNELS_LAST, C_ALIGN)  # fmt: skip
+    else:
+        _gn_fwd_program(pid, x_ptr, dx_ptr, y_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, scale_ptr,
+                        shift_ptr, dscale_ptr, dshift_ptr, HW, CPG, G, eps, BLOCK_C, BLOCK_C2, BLOCK_HW, SINGLE_TILE,
+                        GROUPS, STAGES, WITH_TANGENT, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_DSCALE,
+                        HAS_DSHIFT, ACT_SILU, CHANNELS_LAST, C_ALIGN)  # fmt: skip
 
 
 @triton.jit
@@ -929,14 +990,17 @@ def _flags(weight, bias, scale, shift, act: str) -> dict:
 
 
 def _forward(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act):
-    """y (and dy), mean, rstd. A tangent on the first m < B samples only (TANGENT_ROWS): the jvp kernel on those
-    rows and the primal kernel on the rest, into one y, mean and rstd."""
-    batch = x.shape[0]
+    """y (and dy), mean, rstd. A tangent on the first m < B samples only (TANGENT_ROWS): on single tiles one launch
+    over the whole batch whose programs of those samples take the tangent (PARTIAL_TANGENT), dy of m samples; on
+    chunked tiles the jvp kernel on those rows and the primal kernel on the rest (one kernel with both made ptxas
+    spill the fp32 chunked loops, Triton 3.6 on sm_90: they sit at 64 registers). Chunked tiles are the large maps,
+    where a launch more costs least; the small ones, bound by their launches, are single tiles."""
+    batch, channels, height, width = x.shape
     y = torch.empty_like(x)
     mean = torch.empty((batch, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty((batch, num_groups), device=x.device, dtype=torch.float32)
     rows = batch if dx is None else dx.shape[0]
-    if rows == batch:  # no slicing: each slice is a microsecond of host time, and a batch-1 call is host-bound
+    if rows == batch or pick_blocks(channels // num_groups, height * width, x.dtype).single_tile:
         dy = _launch(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act, y, mean, rstd)
         return y, dy, mean, rstd
     dy = _launch(
@@ -948,6 +1012,10 @@ def _forward(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps,
         eps, act, y[rows:], mean[rows:], rstd[rows:],
     )  # fmt: skip
     return y, dy, mean, rstd
+
+
+def _rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if t is None else t[start:stop]
 
 
 def _check_groups(blocks: GNBlocks, num_groups: int) -> None:
@@ -992,18 +1060,16 @@ def _layout_flags(x: torch.Tensor, blocks: GNBlocks, backward: bool, channels_pe
     return {"CHANNELS_LAST": True, "C_ALIGN": channel_alignment(channels_per_group, blocks, x.dtype, backward)}
 
 
-def _rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
-    return None if t is None else t[start:stop]
-
-
 def _launch(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act, y, mean, rstd):
-    """One launch over x's samples, writing y, mean, rstd (given) and returning dy (None without a tangent)."""
+    """One launch over x's samples, writing y, mean, rstd (given) and returning dy (None without a tangent): dx
+    (and dscale, dshift, dy) may hold the first samples only."""
     batch, channels, height, width = x.shape
     hw = height * width
     channels_per_group = channels // num_groups
     with_tangent = dx is not None
+    tangent_rows = dx.shape[0] if with_tangent else 0
     blocks = pick_blocks(channels_per_group, hw, x.dtype)
-    dy = torch.empty_like(x) if with_tangent else y  # (x's layout, as y's)
+    dy = torch.empty_like(dx) if with_tangent else y  # (x's layout, as dx's: the op lays the maps out alike)
     # Absent optional tensors are never read (their HAS_* flag is off); x stands in as a valid pointer.
     _check_groups(blocks, num_groups)
     launch_kernel(
@@ -1020,6 +1086,7 @@ def _launch(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, 
         channels_per_group,
         num_groups,
         eps,
+        tangent_rows,
         BLOCK_C=blocks.block_c,
         BLOCK_C2=blocks.block_c2,
         BLOCK_HW=blocks.block_hw,
@@ -1027,6 +1094,7 @@ def _launch(x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, 
         GROUPS=blocks.groups,
         STAGES=blocks.stages,
         WITH_TANGENT=with_tangent,
+        PARTIAL_TANGENT=with_tangent and tangent_rows < batch,
         HAS_DSCALE=with_tangent and dscale is not None,
         HAS_DSHIFT=with_tangent and dshift is not None,
         **_layout_flags(x, blocks, False, channels_per_group),
@@ -1250,8 +1318,15 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
             if dtype == torch.bfloat16 and not picked.single_tile:
                 candidates += [dataclasses.replace(picked, stages=s) for s in (1, 2, 3) if s != picked.stages]
             for blocks, pass_name, act_silu, layout in itertools.product(
-                [b for b in candidates if b is not None], ("fwd", "jvp", "bwd"), (True, False), ("nchw", "nhwc")
+                [b for b in candidates if b is not None],
+                ("fwd", "jvp", "jvp_rows", "bwd"),
+                (True, False),
+                ("nchw", "nhwc"),
             ):
+                # a tangent on the first samples only (PARTIAL_TANGENT, the training step's forward: the tangent's
+                # and the primal code in one kernel): the launcher's single-tile picks with SiLU, both layouts
+                if pass_name == "jvp_rows" and (blocks != picked or not blocks.single_tile or not act_silu):
+                    continue
                 # channels-last maps: the launcher's picks at the presets' shapes (not "wide": Triton 3.6 and 3.8
                 # spill 4-16 bytes in its C/G 40-48 chunked backward, c64 hw64, whose sums over positions run
                 # across the threads of a tile laid out along channels)
@@ -1281,8 +1356,9 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                     constexprs["HAS_RESIDUAL"] = blocks == picked
                 else:
                     fn = _gn_fwd_kernel
-                    with_tangent = pass_name == "jvp"
+                    with_tangent = pass_name != "fwd"
                     constexprs.update(WITH_TANGENT=with_tangent, HAS_DSCALE=with_tangent, HAS_DSHIFT=with_tangent)
+                    constexprs["PARTIAL_TANGENT"] = pass_name == "jvp_rows"
                 # Statistics and the grad_weight / grad_bias partials are fp32, the scalars i32/fp32, every
                 # other pointer (grad_scale, grad_shift included) has the input's dtype.
                 runtime_types = {
@@ -1294,14 +1370,16 @@ def aot_specs(shapes=AOT_SHAPES) -> list[dict]:
                     "CPG": "i32",
                     "G": "i32",
                     "eps": "fp32",
+                    "tangent_rows": "i32",
                 }
                 tile = "single" if blocks.single_tile else "chunked"
                 split = f"s{blocks.block_c2}" if blocks.block_c2 else ""
                 split += f"g{blocks.groups}" if blocks.groups > 1 else ""
                 split += f"_s{blocks.stages}" if not blocks.single_tile and blocks.stages != GNBlocks.stages else ""
                 specs[key] = compile_spec(
-                    f"gn_{pass_name}_{type_name}_c{blocks.block_c}{split}_hw{blocks.block_hw}_{tile}"
-                    f"_{'silu' if act_silu else 'none'}{f'_nhwc{c_align}' if layout == 'nhwc' else ''}",
+                    f"gn_{pass_name.removesuffix('_rows')}_{type_name}_c{blocks.block_c}{split}_hw{blocks.block_hw}"
+                    f"_{tile}_{'silu' if act_silu else 'none'}{f'_nhwc{c_align}' if layout == 'nhwc' else ''}"
+                    f"{'_rows' if pass_name == 'jvp_rows' else ''}",
                     fn,
                     constexprs,
                     runtime_types,
