@@ -19,6 +19,7 @@ CHECKS = (
     "check_cached_launches_pass_what_triton_passes",
     "check_the_key_is_as_fine_as_tritons_specialisation",
     "check_hooks_and_unfilled_parameters_take_tritons_path",
+    "check_tangent_row_counts_share_one_compiled_kernel",
 )
 
 

@@ -54,9 +54,13 @@ class StandInDriver(CudaDriver):
         return torch.device("cpu")
 
 
+LOADED: list[str] = []  # the name of each compiled kernel as it is loaded (once per compiled variant)
+
+
 def _init_handles(self) -> None:  # CompiledKernel's: the module "loaded" without a driver
     if self.module is not None:
         return
+    LOADED.append(self.name)
     self.module, self.function, self.n_regs, self.n_spills, self.n_max_threads = "module", f"fn:{self.name}", 0, 0, 1024
     self._run = driver.active.launcher_cls(self.src, self.metadata)
 
@@ -191,6 +195,18 @@ def check_hooks_and_unfilled_parameters_take_tritons_path() -> None:
         knobs.runtime.launch_enter_hook.remove(hook)
 
 
+def check_tangent_row_counts_share_one_compiled_kernel() -> None:
+    """The GroupNorm forward with a tangent on the first rows (the iMF step's, whose count changes every step):
+    counts Triton would specialise (1, multiples of 16) compile no variant of their own (do_not_specialize)."""
+    gen = torch.Generator().manual_seed(1)
+    x, dx = (torch.randn(40, 64, 3, 3, generator=gen).to(torch.bfloat16) for _ in range(2))
+    scale, dscale = (torch.randn(40, 64, generator=gen).to(torch.bfloat16) for _ in range(2))
+    loaded = len(LOADED)
+    for rows in (17, 16, 1, 32, 5):
+        gn_family.gn_act_jvp_fwd(x, dx[:rows], 32, None, None, scale, None, dscale[:rows], None, 1e-5, "silu")
+    assert LOADED[loaded:] == ["_gn_fwd_kernel"], LOADED[loaded:]
+
+
 def _gn_args():
     x = torch.randn(2, 64, 4, 4).to(torch.bfloat16)
     return x, 32, None, None, None, None, 1e-5, "none"
@@ -200,6 +216,7 @@ CHECKS = [
     check_cached_launches_pass_what_triton_passes,
     check_the_key_is_as_fine_as_tritons_specialisation,
     check_hooks_and_unfilled_parameters_take_tritons_path,
+    check_tangent_row_counts_share_one_compiled_kernel,
 ]
 
 if __name__ == "__main__":

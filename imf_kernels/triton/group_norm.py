@@ -592,7 +592,9 @@ def _gn_fwd_program(
     tl.store(rstd_ptr + slabs, rstd)
 
 
-@triton.jit
+# tangent_rows varies from step to step in the iMF step (its r != t rows): not specialised, so a count divisible by
+# 16 or equal to 1 compiles nothing new (Triton would otherwise compile a variant for each)
+@triton.jit(do_not_specialize=["tangent_rows"])
 def _gn_fwd_kernel(
     x_ptr,
     dx_ptr,
