@@ -74,7 +74,8 @@ class GNBlocks:
     stages: int = 1
 
 
-# tangents on the first m <= B samples: two launches into one output (`imf_kernels.interface`)
+# tangents on the first m <= B samples (`imf_kernels.interface`): one launch on single tiles (PARTIAL_TANGENT), two
+# into one output on chunked ones (`_forward`)
 TANGENT_ROWS = True
 # channels-last maps as they are (`imf_kernels.interface`): the kernels' CHANNELS_LAST variant addresses them
 CHANNELS_LAST = True
