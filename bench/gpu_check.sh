@@ -29,6 +29,10 @@
 #          backward run in float32 also with --bf16 targets, and no GPU had timed float32 launch rules
 #   --launch: after the profile, bench/launch_overhead.py: the host's time per call of each op, layer by layer
 #          (public op, launcher, Triton's JIT launch, a compiled kernel's launch; ~30 s, most of it compiling)
+#   --step-first: bench/step.py right after the tests, before bench/ops.py and the profile (a lease whose deadline
+#          may not reach all of them keeps the training-step rows)
+#   --profile-variant=NAME: the bench/step.py variant bench/profile_step.py profiles (default: its own, the fused
+#          step on triton), e.g. fused-triton-cl
 #
 # Installs nothing but this project (pip --no-deps --no-build-isolation): the machine needs torch, triton,
 # nvcc (CUDA_HOME, default /usr/local/cuda) and the test tools already. Every step runs even when an earlier
@@ -56,6 +60,8 @@ tune_gn_shapes=""
 tune_passes=""
 tune_dtype=""
 launch=0
+step_first=0
+profile_variant=""
 for arg in "$@"; do
     case "$arg" in
         --skip-tests) skip_tests=1 ;;
@@ -72,9 +78,12 @@ for arg in "$@"; do
         --tune-passes=*) tune_passes=${arg#--tune-passes=} ;;
         --tune-dtype=*) tune_dtype=${arg#--tune-dtype=} ;;
         --launch) launch=1 ;;
+        --step-first) step_first=1 ;;
+        --profile-variant=*) profile_variant=${arg#--profile-variant=} ;;
         *) echo "gpu_check.sh: unknown argument '$arg' (accepted: --skip-tests, --quick, --gpu-tests-only," \
                "--deadline=SECONDS, --copy-to=DIR, --prewarm-compile, --step-variants=LIST, --ops-no-compile, --ncu," \
-               "--tune=FAMILIES, --tune-gn-shapes=CxRES,..., --tune-passes=PASSES, --tune-dtype=DTYPE, --launch)" >&2
+               "--tune=FAMILIES, --tune-gn-shapes=CxRES,..., --tune-passes=PASSES, --tune-dtype=DTYPE, --launch," \
+               "--step-first, --profile-variant=NAME)" >&2
            exit 2 ;;
     esac
 done
@@ -107,6 +116,14 @@ if [ -n "$tune_dtype" ] && ! [[ "$tune_dtype" =~ ^(bfloat16|float32)$ ]]; then
 fi
 if [ -n "$tune_passes" ] && ! [[ "$tune_passes" =~ ^(fwd|jvp|bwd)(,(fwd|jvp|bwd))*$ ]]; then
     echo "gpu_check.sh: --tune-passes takes fwd, jvp, bwd separated by commas, got '$tune_passes'" >&2
+    exit 2
+fi
+if [ -n "$profile_variant" ] && ! [[ "$profile_variant" =~ ^[a-z0-9-]+$ ]]; then
+    echo "gpu_check.sh: --profile-variant takes one bench/step.py variant name, got '$profile_variant'" >&2
+    exit 2
+fi
+if [ "$step_first" = 1 ] && [ "$prewarm" = 1 ]; then
+    echo "gpu_check.sh: --step-first and --prewarm-compile both choose when the step runs; pass one" >&2
     exit 2
 fi
 if [ -n "$copy_to" ] && ! mkdir -p "$copy_to"; then
@@ -245,13 +262,16 @@ if [ -n "$prewarm_pid" ]; then
     copy_results
     run_step step "$PYTHON" bench/step.py ${step_args[@]+"${step_args[@]}"}
 fi
+if [ "$step_first" = 1 ]; then
+    run_step step "$PYTHON" bench/step.py ${step_args[@]+"${step_args[@]}"}
+fi
 run_step ops "$PYTHON" bench/ops.py ${ops_args[@]+"${ops_args[@]}"}
 # where the fused step's time goes (kernels by kind; whether the host keeps ahead): one profiled step, ~30 s
-run_step profile "$PYTHON" bench/profile_step.py
+run_step profile "$PYTHON" bench/profile_step.py ${profile_variant:+--variant "$profile_variant"}
 if [ "$launch" = 1 ]; then
     run_step launch "$PYTHON" bench/launch_overhead.py
 fi
-if [ -z "$prewarm_pid" ]; then
+if [ -z "$prewarm_pid" ] && [ "$step_first" != 1 ]; then
     run_step step "$PYTHON" bench/step.py ${step_args[@]+"${step_args[@]}"}
 fi
 if [ -n "$tune" ]; then

@@ -131,6 +131,23 @@ def test_launch_runs_after_the_profile(tmp_path):
     assert "  launch: exit 0" in proc.stdout
 
 
+def test_step_first_runs_the_step_before_ops_and_the_profile_of_the_variant_asked_for(tmp_path):
+    proc, commands = run_script(
+        tmp_path, "--gpu-tests-only", "--quick", "--step-first", "--step-variants=fused-triton,fused-triton-cl",
+        "--profile-variant=fused-triton-cl", "--tune=group_norm",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert commands[1:5] == [
+        "-m pytest -q --durations=15 tests -m gpu -n 8",  # (the stand-in answers that xdist imports)
+        "bench/step.py --reps 3 --variants fused-triton,fused-triton-cl --no-sampling",
+        "bench/ops.py --quick",
+        "bench/profile_step.py --variant fused-triton-cl",
+    ]
+    assert commands[5].startswith("bench/tune_gpu.py") and len(commands) == 6  # the step ran once, first
+    for step in ("build", "tests", "step", "ops", "profile", "tune"):
+        assert f"  {step}: exit 0" in proc.stdout
+
+
 def test_tune_runs_last_on_the_time_left(tmp_path):
     proc, commands = run_script(tmp_path, "--skip-tests", "--quick", "--tune=cuda_group_norm,group_norm")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -171,6 +188,8 @@ def test_deadline_cuts_the_running_step_and_skips_the_rest(tmp_path):
         (["--tune-gn-shapes=768-16"], "--tune-gn-shapes takes GroupNorm shapes CxRES"),
         (["--tune-passes=jvp,back"], "--tune-passes takes fwd, jvp, bwd"),
         (["--tune-dtype=fp32"], "--tune-dtype takes bfloat16 or float32, got 'fp32'"),
+        (["--profile-variant=fused triton"], "--profile-variant takes one bench/step.py variant name"),
+        (["--step-first", "--prewarm-compile"], "--step-first and --prewarm-compile both choose when the step runs"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, args, message):
