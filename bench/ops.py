@@ -280,13 +280,15 @@ def group_norm_cases(shape: GroupNormShape, sources: tuple[str, ...], device, dt
     def func_jvp() -> Thunk:
         return lambda: R.group_norm_act_jvp(x, dx, g, weight, bias, **modulation, dscale=dscale, dshift=dshift)
 
-    def func_jvp_half() -> Thunk:  # the primal of every sample, torch.func.jvp of the first half's
-        half = max(1, b // 2)
+    # a tangent on the first half of the samples only (the iMF step's r = t rows have none)
+    half = max(1, b // 2)
+    x_half, dx_half, dscale_half, dshift_half = x[:half], dx[:half], dscale[:half], dshift[:half]
+    modulation_half = dict(scale=scale[:half], shift=shift[:half], dscale=dscale_half, dshift=dshift_half)
 
+    def func_jvp_half() -> Thunk:  # the primal of every sample, torch.func.jvp of the first half's
         def run():
             y = R.group_norm_act(x, g, weight, bias, **modulation)
-            first = dict(scale=scale[:half], shift=shift[:half], dscale=dscale[:half], dshift=dshift[:half])
-            return y, R.group_norm_act_jvp(x[:half], dx[:half], g, weight, bias, **first)[1]
+            return y, R.group_norm_act_jvp(x_half, dx_half, g, weight, bias, **modulation_half)[1]
 
         return run
 
@@ -348,24 +350,15 @@ def group_norm_cases(shape: GroupNormShape, sources: tuple[str, ...], device, dt
                 **shared,
             ),
         ]
-    # the tangent on the first half of the samples (the iMF step's r = t rows have none): read x + dx, dscale, dshift
-    # of half the samples, write y + dy of half; the other reads and writes as gn.jvp's
-    half = max(1, b // 2)
+    # gn.jvp.half: read x + dx, dscale, dshift of half the samples, write y + dy of half; the other reads and writes
+    # as gn.jvp's
     cases.append(
         Case(
             op="gn.jvp.half",
             nbytes=2 * n * e + 2 * (n // b) * half * e + 2 * c * e + 2 * b * c * e + 2 * half * c * e + 2 * b * g * e32,
             run=lambda name: (
                 lambda: K.group_norm_act_jvp(
-                    x,
-                    dx[:half],
-                    g,
-                    weight,
-                    bias,
-                    **modulation,
-                    dscale=dscale[:half],
-                    dshift=dshift[:half],
-                    backend=name,
+                    x, dx_half, g, weight, bias, **modulation, dscale=dscale_half, dshift=dshift_half, backend=name
                 )
             ),
             baselines={**forward_baselines, "func.jvp": ("func.jvp", func_jvp_half)},
