@@ -393,28 +393,35 @@ def attention(
 
 
 def layer_norm(x: Tensor, norm: nn.LayerNorm, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:
-    """LayerNorm over the last dim; tangent dy = weight * rstd * (dx - mean(dx) - xh * mean(xh * dx))."""
+    """LayerNorm over the last dims; tangent dy = weight * rstd * (dx - mean(dx) - xh * mean(xh * dx)).
+
+    The normalisation's Jacobian rstd (I - 1 1^T / N - xh xh^T / N) is symmetric, so its product with dx is aten's
+    LayerNorm backward of dx (no weight): the tangent in 3 kernels (the rows' statistics, that backward, the
+    weight), where the formula written out launched 12."""
     y = norm(x)
     if dx is None:
         return y, None
     with torch.no_grad():
         xd = x.detach()[: dx.shape[0]]
-        var, mean = torch.var_mean(xd, dim=-1, keepdim=True, correction=0)
-        rstd = torch.rsqrt(var + norm.eps)
-        xh = (xd - mean) * rstd
-        dxh = rstd * (dx - dx.mean(-1, keepdim=True) - xh * (xh * dx).mean(-1, keepdim=True))
+        shape = norm.normalized_shape
+        _, mean, rstd = torch.native_layer_norm(xd, shape, None, None, norm.eps)
+        mask = [True, False, False]
+        dxh = torch.ops.aten.native_layer_norm_backward(dx.to(xd.dtype), xd, shape, mean, rstd, None, None, mask)[0]
         return y, dxh if norm.weight is None else dxh * norm.weight.to(dxh.dtype)
 
 
 def silu(x: Tensor, dx: MaybeTensor = None) -> tuple[Tensor, MaybeTensor]:
     """silu(x) = x sigmoid(x); d silu = dx * sigmoid(x) * (1 + x (1 - sigmoid(x)))."""
     y = F.silu(x)
-    if dx is None:
-        return y, None
+    return y, None if dx is None else silu_tangent(x.detach()[: dx.shape[0]], dx)
+
+
+def silu_tangent(x: Tensor, dx: Tensor) -> Tensor:
+    """d silu = dx * sigmoid(x) * (1 + x (1 - sigmoid(x))), of x and dx of the same shape (no graph): silu's
+    Jacobian is diagonal, so this is aten's silu backward of dx, one kernel (the formula written out launched 6)."""
     with torch.no_grad():
-        xd = x.detach()[: dx.shape[0]]
-        sig = torch.sigmoid(xd)
-        return y, dx * sig * (1 + xd * (1 - sig))
+        dtype = x.dtype if x.dtype == dx.dtype else torch.promote_types(x.dtype, dx.dtype)
+        return torch.ops.aten.silu_backward(dx.to(dtype), x.detach().to(dtype))
 
 
 def embedding_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -449,17 +456,18 @@ def sinusoidal_frequencies(
 def sinusoidal_embedding_tangent(
     x: Tensor, dx: Tensor, dim: int = 256, max_period: float = 10000.0, emb: MaybeTensor = None
 ) -> Tensor:
-    """The tangent of `imf.model.sinusoidal_embedding` [cos(f x), sin(f x)]: [-f sin(f x), f cos(f x)] dx. `emb`:
-    that embedding of x, already computed (its first rows' sines and cosines are the tangent's: 3 kernels, the
-    same numbers)."""
+    """The tangent of `imf.model.sinusoidal_embedding` [cos(f x), sin(f x)]: [-f sin(f x), f cos(f x)] dx. x (..., B)
+    and dx (..., m): the tangent of the first m values of each row of x (e.g. several scalars' values, stacked),
+    (..., m, dim). `emb`: that embedding of x, already computed (its first values' sines and cosines are the
+    tangent's: 3 kernels, the same numbers)."""
     half = dim // 2
     dtype = embedding_dtype(x.dtype)
     with torch.no_grad():
-        rows = dx.shape[0]
-        if emb is not None and emb.dtype == dtype and emb.shape == (x.shape[0], 2 * half):
-            rate = dx.to(dtype)[:, None] * sinusoidal_frequencies(half, max_period, dtype, x.device, signed=True)
-            return emb[:rows].roll(half, dims=-1) * rate  # [sin, cos] * [-f dx, f dx]
+        rows = dx.shape[-1]
+        if emb is not None and emb.dtype == dtype and emb.shape == (*x.shape, 2 * half):
+            rate = dx.to(dtype)[..., None] * sinusoidal_frequencies(half, max_period, dtype, x.device, signed=True)
+            return emb[..., :rows, :].roll(half, dims=-1) * rate  # [sin, cos] * [-f dx, f dx]
         freqs = sinusoidal_frequencies(half, max_period, dtype, x.device)
-        args = x.detach()[:rows].to(dtype)[:, None] * freqs[None]
-        rate = dx.to(dtype)[:, None] * freqs[None]
+        args = x.detach()[..., :rows].to(dtype)[..., None] * freqs
+        rate = dx.to(dtype)[..., None] * freqs
         return torch.cat([-torch.sin(args) * rate, torch.cos(args) * rate], dim=-1)

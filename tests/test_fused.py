@@ -377,6 +377,118 @@ def test_every_fused_pass_takes_its_film_and_cross_attention_keys_from_one_bank_
     assert got_grads.keys() == want_grads.keys() and any(".to_kv." in name for name in got_grads)
 
 
+def _conditioning_case(condition_on_t: bool, tangents: str, batch: int, rows: int):
+    """A randomised tiny model's conditions of `batch` rows, and a tangent of the first `rows` on h and/or t."""
+    net = randomised(tiny_config(condition_on_t=condition_on_t))
+    _, _, cond = inputs(net.cfg, batch, seed=batch + rows)
+    gen = torch.Generator().manual_seed(10 * batch + rows)
+    dh, dt = (torch.randn(rows, generator=gen, dtype=torch.float64) for _ in range(2))
+    dcond = {
+        "none": None,
+        "h": CondTangent(dh),
+        "t": CondTangent(None, dt),
+        "h,t": CondTangent(dh, dt),
+    }[tangents]
+    return net, cond, dcond
+
+
+@pytest.mark.parametrize(
+    "condition_on_t, tangents, batch, rows",
+    [(True, "h,t", 5, 3), (True, "t", 4, 4), (True, "h", 3, 1), (True, "none", 5, 5), (False, "h", 6, 2)]
+    + [(False, "none", 1, 1), (False, "h", 1, 1)],
+)
+def test_the_scalar_tokens_come_from_one_bank(condition_on_t, tangents, batch, rows, monkeypatch):
+    """`Conditioning.fused` takes the omega, t_min, t_max, h (and t) tokens from one `scalar_tokens_bank`: the
+    context, its tangent on the first rows (h's, t's or both) and every conditioning parameter's gradient are those
+    of each ScalarTokens block's own call (float64, to rounding), in fewer launches; and where a parameter cannot
+    be stacked (e.g. an FSDP2 shard) the bank declines and the blocks' own calls run."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launches import recorded
+
+    import imf.model
+
+    net, cond, dcond = _conditioning_case(condition_on_t, tangents, batch, rows)
+    upstream = torch.randn(batch, net.cond.norm.normalized_shape[0], dtype=torch.float64)
+
+    def call():
+        net.zero_grad(set_to_none=True)
+        net.cond.fused(cond, dcond)  # warm: the frequencies and the gather order are kept after the first call
+        with recorded() as forward:
+            ctx, dctx = net.cond.fused(cond, dcond)
+        with recorded() as backward:
+            (ctx * upstream[:, None]).sum().backward()
+        grads = {name: p.grad for name, p in net.cond.named_parameters()}
+        return ctx, dctx, grads, forward, backward
+
+    ctx, dctx, grads, forward, backward = call()
+    with monkeypatch.context() as patch:
+        patch.setattr(imf.model, "scalar_tokens_bank", lambda *args, **kwargs: None)
+        want_ctx, want_dctx, want_grads, own_forward, own_backward = call()
+    torch.testing.assert_close(ctx, want_ctx, rtol=1e-12, atol=1e-12)
+    if tangents == "none":
+        assert dctx is None and want_dctx is None
+    else:
+        assert dctx.shape == (rows, *ctx.shape[1:])
+        torch.testing.assert_close(dctx, want_dctx, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == want_grads.keys() and all(grad is not None for grad in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-12, atol=1e-12, msg=name)
+    scalars = 5 if condition_on_t else 4
+    # each block's own call: a sinusoid (4 kernels), two matmuls, a SiLU, the tokens' add, more for its tangent;
+    # the bank: one sinusoid of every value, two batched matmuls, a SiLU, the tokens' gather and add, whatever
+    # the count of blocks (their parameters' stacks, 4 + 1, aside)
+    assert len(own_forward) - len(forward) >= 5 * (scalars - 1), (forward, own_forward)
+    # backward (after the test's own sum): the LayerNorm's, the gather's (a zero fill and an index_add), three
+    # batched matmuls (both weights' gradients and the SiLU's input's), the SiLU's, and sums (over the batch for
+    # the biases and the tokens, over the class tokens for the class embedding; a batch of 1 needs fewer); no copy
+    # of a block's slice of the stacked gradients (each comes out of its matmul in the weight's layout)
+    sums = ["sum"] if batch > 1 else []
+    assert backward[4:] == [
+        "native_layer_norm_backward",
+        *sums,
+        "new_zeros",
+        "index_add",
+        "bmm",
+        "bmm",
+        *sums,
+        "silu_backward",
+        "bmm",
+        "sum",
+        *sums,
+        *sums,
+        "embedding_dense_backward",
+    ]
+    assert len(own_backward) - len(backward) >= 5 * scalars - 8, own_backward
+
+    class Shard(torch.Tensor):
+        pass
+
+    first = net.cond.t_min_tokens.mlp[0]
+    first.weight = torch.nn.Parameter(first.weight.detach().as_subclass(Shard))
+    blocks = [net.cond.omega_tokens, net.cond.t_min_tokens]
+    assert imf.model.scalar_tokens_bank(blocks, [cond.h, cond.h]) is None
+    with pytest.raises(ValueError, match=r"^scalar_tokens_bank: dvalues must have at most 1 entries, got 2$"):
+        imf.model.scalar_tokens_bank(blocks[:1], [cond.h], [cond.h, cond.h])
+
+
+def test_the_scalar_tokens_bank_trains_after_its_first_call_ran_under_inference_mode():
+    """The tokens' gather order is kept per token counts; one first built inside torch.inference_mode (e.g.
+    sampling) is a plain tensor, which the graded pass can save for its backward."""
+    import imf.model
+
+    net, cond, _ = _conditioning_case(True, "none", 3, 3)
+    imf.model._token_scalars.cache_clear()
+    with torch.inference_mode():
+        sampled, _ = net.cond.fused(cond)
+    graded, _ = net.cond.fused(cond)
+    graded.sum().backward()
+    assert net.cond.h_tokens.mlp[0].weight.grad is not None
+    torch.testing.assert_close(graded, sampled, rtol=0, atol=0)
+
+
 def test_bad_jvp_path_is_refused():
     with pytest.raises(ValueError, match="IMFObjective: jvp must be one of 'fused', 'reference', got 'fast'"):
         IMFObjective(jvp="fast")

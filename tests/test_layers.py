@@ -316,16 +316,28 @@ def test_conv2d(bias, stride):
 
 
 def test_layer_norm_and_silu():
+    """The tangents against torch.func.jvp (float64, a tangent on the first rows), and their launches."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launches import recorded
+
     gen = torch.Generator().manual_seed(0)
     norm = nn.LayerNorm(11).double()
     with torch.no_grad():
         norm.weight.normal_(generator=gen)
         norm.bias.normal_(generator=gen)
     x, dx, dx_full = rows_case(4, 2, (6, 11), gen)
-    y, dy = layers.layer_norm(x, norm, dx)
+    with recorded() as launched:
+        y, dy = layers.layer_norm(x, norm, dx)
     check(y, dy, x, dx_full, norm, 2)
-    y, dy = layers.silu(x, dx)
+    # the tangent from aten's LayerNorm backward (the normalisation's Jacobian is symmetric), then the weight
+    assert launched == ["native_layer_norm", "native_layer_norm", "native_layer_norm_backward", "mul"]
+    with recorded() as launched:
+        y, dy = layers.silu(x, dx)
     check(y, dy, x, dx_full, F.silu, 2)
+    assert launched == ["silu", "silu_backward"]  # the tangent from silu's backward (a diagonal Jacobian)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -356,8 +356,9 @@ def test_bf16_targets_cast_the_weights_once_with_the_same_results(objective, mon
     draws = obj.draw(x, torch.Generator().manual_seed(13))
 
     class Casts(TorchDispatchMode):
-        """_to_copy calls: of a weight (or of weights concatenated, as the FiLM layers' by `imf.layers.film_bank`),
-        and of anything else; and the multi-tensor copies."""
+        """_to_copy calls: of a weight (or of weights concatenated or stacked, as the FiLM layers' by
+        `imf.layers.film_bank`, the scalar tokens' MLPs' by `imf.model.scalar_tokens_bank`), and of anything else;
+        and the multi-tensor copies."""
 
         def __init__(self):
             super().__init__()
@@ -373,7 +374,7 @@ def test_bf16_targets_cast_the_weights_once_with_the_same_results(objective, mon
                     self.others += 1
             self.foreach += name == "_foreach_copy_"
             out = func(*args, **(kwargs or {}))
-            if name == "cat" and all(part.data_ptr() in weights for part in args[0]):
+            if name in ("cat", "stack") and all(part.data_ptr() in weights for part in args[0]):
                 self.joined.add(out.data_ptr())
                 self.kept.append(out)
             return out
