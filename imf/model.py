@@ -158,6 +158,35 @@ def _token_scalars(counts: tuple[int, ...], device: torch.device) -> torch.Tenso
         return torch.cat([torch.full((count,), i, dtype=torch.long, device=device) for i, count in enumerate(counts)])
 
 
+def _scalar_mlp_bank(x, first_weight, first_bias, second_weight, second_bias):
+    """(a, silu(a), out): S MLPs (P -> D, SiLU, D -> D) on their own inputs x (S, B, P) from two batched matmuls
+    over their stacked weights (S, D, P), (S, D, D) and biases (S, D); a is the first layer's output (S, B, D)."""
+    first = torch.baddbmm(first_bias[:, None], x, first_weight.mT)
+    hidden = F.silu(first)
+    return first, hidden, torch.baddbmm(second_bias[:, None], hidden, second_weight.mT)
+
+
+class _ScalarMLPBank(torch.autograd.Function):
+    """`_scalar_mlp_bank` with an autograd graph whose weight gradients come out of their matmuls in the weights'
+    own (S, D, P) layout, g^T x, so autograd hands each block its slice as it is (autograd's own backward of x W^T
+    gives W^T's gradient, transposed slices: a copy each), and no gradient of x (the embeddings)."""
+
+    @staticmethod
+    def forward(ctx, x, first_weight, first_bias, second_weight, second_bias):
+        first, hidden, out = _scalar_mlp_bank(x, first_weight, first_bias, second_weight, second_bias)
+        ctx.save_for_backward(x, first, hidden, second_weight)
+        ctx.mark_non_differentiable(first)
+        ctx.set_materialize_grads(False)  # first's gradient (there is none) stays None, not a zero fill
+        return first, out
+
+    @staticmethod
+    def backward(ctx, _, grad):
+        x, first, hidden, second_weight = ctx.saved_tensors
+        grad_hidden = torch.bmm(grad, second_weight)
+        grad_first = torch.ops.aten.silu_backward(grad_hidden, first)
+        return None, grad_first.mT @ x, grad_first.sum(1), grad.mT @ hidden, grad.sum(1)
+
+
 def scalar_tokens_bank(
     blocks: list[ScalarTokens], values: list[torch.Tensor], dvalues: list[torch.Tensor | None] = ()
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -183,13 +212,16 @@ def scalar_tokens_bank(
         raise ValueError(f"scalar_tokens_bank: dvalues must have at most {count} entries, got {len(dvalues)}")
     stacked = torch.stack(values)  # (S, B)
     emb = sinusoidal_embedding(stacked)  # (S, B, 256)
-    # transposed, (S, D, B): the weight gradients come out of their matmuls in the weights' own layout, so
-    # autograd hands each block its slice as it is (autograd's form of x W^T gave transposed slices, a copy each)
     first_weight, second_weight = torch.stack(weights[:count]), torch.stack(weights[count:])
-    first = torch.baddbmm(torch.stack(biases[:count])[..., None], first_weight, emb.to(first_weight.dtype).mT)
-    out = torch.baddbmm(torch.stack(biases[count:])[..., None], second_weight, F.silu(first))
+    params = (first_weight, torch.stack(biases[:count]), second_weight, torch.stack(biases[count:]))
+    x = emb.to(first_weight.dtype)
+    graded = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    if graded and not torch.is_autocast_enabled(x.device.type):
+        first, out = _ScalarMLPBank.apply(x, *params)
+    else:
+        first, _, out = _scalar_mlp_bank(x, *params)
     counts = tuple(p.shape[0] for p in token_params)
-    gathered = out.mT.index_select(0, _token_scalars(counts, out.device))  # (K, B, D): each token's block's output
+    gathered = out.index_select(0, _token_scalars(counts, out.device))  # (K, B, D): each token's block's output
     tokens = (gathered + torch.cat(token_params)[:, None]).transpose(0, 1)
     moving = [i for i, dv in enumerate(dvalues, start=count - len(dvalues)) if dv is not None]
     if not moving:
@@ -200,10 +232,10 @@ def scalar_tokens_bank(
         dv_moving = [dv if dv is not None else stacked.new_zeros(rows) for dv in dvalues]
         dv_moving = dv_moving[0][None] if len(dv_moving) == 1 else torch.stack(dv_moving)
         demb = layers.sinusoidal_embedding_tangent(stacked[start:], dv_moving, emb=emb[start:])  # (M, m, 256)
-        dfirst = torch.bmm(first_weight.detach()[start:], demb.to(first.dtype).mT)  # (M, D, m)
-        dsilu = layers.silu_tangent(first.detach()[start:, :, :rows], dfirst)
-        dout = torch.bmm(second_weight.detach()[start:].to(dsilu.dtype), dsilu)
-        dtokens = dout.mT.index_select(0, _token_scalars(counts[start:], out.device)).transpose(0, 1)
+        dfirst = torch.bmm(demb.to(first.dtype), first_weight.detach()[start:].mT)  # (M, m, D)
+        dsilu = layers.silu_tangent(first.detach()[start:, :rows], dfirst)
+        dout = torch.bmm(dsilu, second_weight.detach()[start:].to(dsilu.dtype).mT)
+        dtokens = dout.index_select(0, _token_scalars(counts[start:], out.device)).transpose(0, 1)
     return tokens, dtokens
 
 

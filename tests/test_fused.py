@@ -442,9 +442,9 @@ def test_the_scalar_tokens_come_from_one_bank(condition_on_t, tangents, batch, r
     # the count of blocks (their parameters' stacks, 4 + 1, aside)
     assert len(own_forward) - len(forward) >= 5 * (scalars - 1), (forward, own_forward)
     # backward (after the test's own sum): the LayerNorm's, the gather's (a zero fill and an index_add), three
-    # batched matmuls (both weights' gradients and the SiLU's input's), the SiLU's, and sums (over the batch for
-    # the biases and the tokens, over the class tokens for the class embedding; a batch of 1 needs fewer); no copy
-    # of a block's slice of the stacked gradients (each comes out of its matmul in the weight's layout)
+    # batched matmuls (the hidden layer's gradient, both weights' in their own layout), the SiLU's, and sums (the
+    # biases', the tokens' and the class tokens' over the batch, the class embedding's over its tokens; a batch of
+    # 1 needs fewer); no copy of a block's slice of the stacked weight gradients
     sums = ["sum"] if batch > 1 else []
     assert backward[4:] == [
         "native_layer_norm_backward",
@@ -452,12 +452,12 @@ def test_the_scalar_tokens_come_from_one_bank(condition_on_t, tangents, batch, r
         "new_zeros",
         "index_add",
         "bmm",
-        "bmm",
-        *sums,
         "silu_backward",
         "bmm",
         "sum",
-        *sums,
+        "bmm",
+        "sum",
+        "sum",
         *sums,
         "embedding_dense_backward",
     ]
