@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).with_name("count_launches.py")
 
@@ -31,3 +32,34 @@ def test_bf16_with_the_interpreter_is_refused():
 def test_unknown_choices_are_refused(flag):
     done = subprocess.run([sys.executable, str(SCRIPT), flag, "nope"], capture_output=True, text=True)
     assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+def test_each_launch_is_given_its_call_site():
+    """--sites: every launch's call site, in order: the innermost frame in imf / imf_kernels (a convolution's is
+    `imf.layers.conv2d`), the autograd node in the backward; a Triton kernel's (interpreter) its launcher's."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import count_launches
+    from launches import recorded
+
+    import imf_kernels
+
+    sites: list[str] = []
+    launched = count_launches.count_step("digits", 16, 4, "torch", bf16=False, objective="imf", sites=sites)
+    assert len(sites) == len(launched)
+    by_op = {}
+    for name, site in zip(launched, sites, strict=True):
+        by_op.setdefault(name, set()).add(site.split(":")[0] if not site.startswith("backward") else site)
+    assert by_op["convolution"] == {"layers.py"}
+    assert by_op["convolution_backward"] == {"backward: ConvolutionBackward0"}
+    assert "?" not in sites
+    x = torch.randn(2, 8, 4, 4)
+    triton_sites: list[str] = []
+    with recorded(triton_sites) as launches:
+        imf_kernels.group_norm_act(x, 2, backend="triton")
+    assert launches == ["triton:_gn_fwd_kernel"]
+    assert triton_sites[0].startswith("group_norm.py:"), triton_sites
+
+
+def test_a_negative_site_count_is_refused():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--sites", "-1"], capture_output=True, text=True)
+    assert done.returncode == 2 and "--sites must be a count >= 0, got -1" in done.stderr

@@ -12,6 +12,7 @@ tests/test_cuda_emulated.py (cuda, whose kernels the emulator records) list each
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -48,22 +49,43 @@ NO_KERNEL = {
 }
 
 
+def call_site() -> str:
+    """Where a launch comes from: "file.py:line function" of the innermost frame in this repository's packages
+    (imf, imf_kernels; a Triton kernel's launcher, not their shared launch helper), else "backward: <autograd
+    node>" inside a backward pass, else the innermost frame outside torch (e.g. the caller's `loss.backward()`: its
+    gradient seed), else "?"."""
+    frame, outside = sys._getframe(1), None
+    while frame is not None:
+        path = frame.f_code.co_filename.replace("\\", "/")
+        where = f"{path.rsplit('/', 1)[-1]}:{frame.f_lineno} {frame.f_code.co_name}"
+        if ("/imf/" in path or "/imf_kernels/" in path) and not path.endswith("/triton/_launch.py"):
+            return where  # (the Triton launchers' shared helper is not a site: its caller is)
+        if outside is None and "/torch/" not in path and path != __file__.replace("\\", "/"):
+            outside = where
+        frame = frame.f_back
+    node = torch._C._current_autograd_node()
+    return f"backward: {node.name()}" if node is not None else outside or "?"
+
+
 class _Recorder(TorchDispatchMode):
-    def __init__(self, launches: list[str]):
+    def __init__(self, launches: list[str], sites: list[str] | None):
         super().__init__()
-        self.launches = launches
+        self.launches, self.sites = launches, sites
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name not in NO_KERNEL:
             self.launches.append(name)
+            if self.sites is not None:
+                self.sites.append(call_site())
         return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
-def recorded() -> Iterator[list[str]]:
+def recorded(sites: list[str] | None = None) -> Iterator[list[str]]:
     """The launches made inside the block, in order: "triton:<kernel>" for a Triton kernel (run by the
-    interpreter, whose own torch calls are not counted) and the name of every torch op that runs a kernel."""
+    interpreter, whose own torch calls are not counted) and the name of every torch op that runs a kernel.
+    `sites`: a list to which each launch's `call_site` is appended, in the same order."""
     launches: list[str] = []
     patched = None
     try:
@@ -74,6 +96,8 @@ def recorded() -> Iterator[list[str]]:
 
         def run(self, *args, **kwargs):
             launches.append(f"triton:{self.fn.__name__}")
+            if sites is not None:
+                sites.append(call_site())
             with _disable_current_modes():
                 return original(self, *args, **kwargs)
 
@@ -81,7 +105,7 @@ def recorded() -> Iterator[list[str]]:
     except ImportError:
         pass
     try:
-        with _Recorder(launches):
+        with _Recorder(launches, sites):
             yield launches
     finally:
         if patched is not None:
