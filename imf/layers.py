@@ -11,7 +11,8 @@ are (`imf_kernels`: one call on backends with TANGENT_ROWS, else the op splits t
 - linear / conv: y = W x + b, dy = W dx (no bias on the tangent); FiLM's linear as two contiguous halves, and
   the FiLM layers of every block of a pass from one matmul (`film_bank`);
 - GroupNorm + modulation + SiLU and attention: the fused `imf_kernels` ops (backend by `imf_kernels` dispatch);
-- LayerNorm: dy = weight * rstd * (dx - mean(dx) - xh mean(xh dx)), written by hand (the context norm);
+- LayerNorm: dy = weight * rstd * (dx - mean(dx) - xh mean(xh dx)) (the context norm), and SiLU's tangent: aten's
+  backward kernels applied to the tangent (both Jacobians are symmetric);
 - sinusoidal embedding: d/dx [cos(f x), sin(f x)] = [-f sin(f x), f cos(f x)] dx (tangent only).
 
 Under bf16 autocast, linear and conv outputs are bf16; the kernels get weights cast to the activations' dtype.

@@ -281,8 +281,8 @@ class Conditioning(nn.Module):
         return self.norm(torch.cat(parts, dim=1))
 
     def fused(self, cond: Cond, dcond: CondTangent | None = None):
-        """(ctx, dctx): only the h and t tokens have a tangent; LayerNorm's tangent by hand (imf.layers). The scalar
-        tokens from one `scalar_tokens_bank` where the blocks can be stacked, else each block's own call."""
+        """(ctx, dctx): only the h and t tokens have a tangent; LayerNorm's tangent from `imf.layers.layer_norm`. The
+        scalar tokens from one `scalar_tokens_bank` where the blocks can be stacked, else each block's own call."""
         if self.t_tokens is not None and cond.t is None:
             raise ValueError("model: this model has condition_on_t=True, so Cond.t must be given")
         fixed = [(self.omega_tokens, 1.0 - cond.omega.reciprocal()), (self.t_min_tokens, cond.t_min)]
