@@ -107,16 +107,15 @@ def main() -> None:
     print(f"{label}, {'bf16 targets' if args.bf16 else 'fp32'}: {len(launched)} launches a step")
     for name, count in counts.most_common(args.top):
         print(f"  {count:5d}  {name}")
-    by_site = collections.Counter(zip(launched, sites, strict=True)) if sites else collections.Counter()
+    report = {"total": len(launched), "counts": dict(counts)}
     if sites:
+        by_site = collections.Counter(zip(launched, sites, strict=True))
         print("by call site (the innermost frame in imf / imf_kernels, or the backward's autograd node):")
         for (name, site), count in by_site.most_common(args.sites):
             print(f"  {count:5d}  {name:28s} {site}")
+        report["sites"] = [{"op": name, "site": site, "count": n} for (name, site), n in by_site.most_common()]
     print(f"({time.perf_counter() - start:.0f} s)")
     if args.json:
-        report = {"total": len(launched), "counts": dict(counts)}
-        if sites:
-            report["sites"] = [{"op": name, "site": site, "count": n} for (name, site), n in by_site.most_common()]
         Path(args.json).write_text(json.dumps(report, indent=1))
 
 

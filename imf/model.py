@@ -223,12 +223,11 @@ def scalar_tokens_bank(
     counts = tuple(p.shape[0] for p in token_params)
     gathered = out.index_select(0, _token_scalars(counts, out.device))  # (K, B, D): each token's block's output
     tokens = (gathered + torch.cat(token_params)[:, None]).transpose(0, 1)
-    moving = [i for i, dv in enumerate(dvalues, start=count - len(dvalues)) if dv is not None]
-    if not moving:
+    given = [dv for dv in dvalues if dv is not None]
+    if not given:
         return tokens, None
     with torch.no_grad():
-        start = count - len(dvalues)
-        rows = dvalues[moving[0] - start].shape[0]
+        start, rows = count - len(dvalues), given[0].shape[0]
         dv_moving = [dv if dv is not None else stacked.new_zeros(rows) for dv in dvalues]
         dv_moving = dv_moving[0][None] if len(dv_moving) == 1 else torch.stack(dv_moving)
         demb = layers.sinusoidal_embedding_tangent(stacked[start:], dv_moving, emb=emb[start:])  # (M, m, 256)
