@@ -186,6 +186,25 @@ def test_torch_forward_on_each_cpu_path(monkeypatch, limit):
         test_strided_inputs_match_the_reference("torch", with_tangent=False, kv_layout=kv_layout)
 
 
+def test_torch_cpu_flash_kernel_gets_rows_with_a_contiguous_last_dim(monkeypatch):
+    """ATen's CPU flash kernel read a transposed k or v (the channels-first self-attention block's) as if its last
+    dim were contiguous in torch 2.11 and 2.13 (o off by ~2; torch 2.14 reads it right) and writes o as if q's were:
+    the torch backend hands it q, k and v with a contiguous last dim only, on every layout of the strided test."""
+    from imf_kernels.torch_ops import attention as torch_attention
+
+    seen = []
+
+    def flash(q, k, v, scale):
+        seen.append(tuple(t.stride(-1) for t in (q, k, v)))
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(q, k, v, scale=scale)
+
+    monkeypatch.setattr(torch_attention, "_flash_cpu", flash)
+    monkeypatch.setattr(torch_attention, "FLASH_CPU_MAX_WORK", 1 << 40)
+    for kv_layout in ("tokens", "channels"):
+        test_strided_inputs_match_the_reference("torch", with_tangent=False, kv_layout=kv_layout)
+    assert len(seen) == 2 and all(strides == (1, 1, 1) for strides in seen), seen
+
+
 def first_rows_cases():
     for case in cases((torch.float32, torch.float16)):
         backend, shape, variant, dtype = case.values

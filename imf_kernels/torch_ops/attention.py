@@ -64,8 +64,15 @@ FLASH_CPU_MAX_WORK = 1 << 18
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     if q.device.type == "cpu" and q.numel() * k.shape[-2] <= FLASH_CPU_MAX_WORK:
+        # torch 2.11 read k and v as if their last dim were contiguous (a transposed k or v, the channels-first
+        # self-attention block's, gave wrong values; 2.14 reads them right): such a k or v is copied (Lk rows).
+        k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
         if q.stride(-1) == 1:  # o is laid out like q
             return _flash_cpu(q, k, v, scale=scale)
         # ATen allocates o with q's strides but writes it as if its last dim were contiguous (torch 2.14: a
