@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -22,6 +24,9 @@ SOURCES = [
     for name in ("group_norm", "attention", "loss", "selftest", "bindings")
 ]
 BUILD_DIR = REPO_ROOT / "build" / "cuda_emulator"
+# torch.utils.cpp_extension.load's lock file in a build folder: left behind by a build that was killed, it makes every
+# later load wait for it forever. A build takes about a minute; a lock this old is such a leftover.
+STALE_LOCK_SECONDS = 15 * 60
 # an H100's 132 SMs would make every test-size attention backward a single split; 4 makes several
 MULTIPROCESSORS = 4
 
@@ -51,20 +56,46 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def build_dir() -> Path:
+    """build/cuda_emulator/torch-<version>/: a module built against one torch fails to import under another
+    (undefined symbols), and load() rebuilds only when a source changes."""
+    import torch
+
+    return BUILD_DIR / f"torch-{torch.__version__}"
+
+
+def remove_stale_lock(directory: Path, now: float | None = None) -> bool:
+    """Removes load()'s lock file in `directory` if it is older than STALE_LOCK_SECONDS (a killed build's); True if
+    it did."""
+    lock = directory / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= STALE_LOCK_SECONDS:
+        return False
+    message = f"cuda_emulator: removing {lock}, left {age / 60:.0f} minutes ago by a build that did not finish"
+    warnings.warn(message, stacklevel=2)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def build(verbose: bool = False) -> ModuleType:
     """The emulated extension, compiled on first use (about a minute: torch/extension.h), then cached in
-    build/cuda_emulator/ until a source changes."""
+    build/cuda_emulator/torch-<version>/ until a source changes."""
     global _module
     if _module is None:
         from torch.utils.cpp_extension import load
 
-        BUILD_DIR.mkdir(parents=True, exist_ok=True)
+        directory = build_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_lock(directory)
         _module = load(
             name="imf_kernels_cuda_emulated",
             sources=[str(path) for path in SOURCES],
             extra_cflags=["-O2", "-DIMF_EMULATE", "-Wno-unknown-pragmas", "-fno-fast-math"],
             extra_include_paths=[str(REPO_ROOT / "csrc"), *cuda_include_dirs()],
-            build_directory=str(BUILD_DIR),
+            build_directory=str(directory),
             verbose=verbose,
         )
     return _module

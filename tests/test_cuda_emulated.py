@@ -392,3 +392,19 @@ def test_misuses_are_errors(emulated):
     assert emulated.emulator_shared_memory(64 * 1024, 64 * 1024) == [1.0] * 32  # after opting in
     with pytest.raises(RuntimeError, match="more than the 232448 an H100 allows"):
         emulated.emulator_shared_memory(64 * 1024, 300 * 1024)
+
+
+def test_a_killed_builds_lock_is_removed_a_running_builds_is_kept(tmp_path):
+    """torch's load() waits forever on a lock file a killed build left behind; build() removes one older than
+    STALE_LOCK_SECONDS and leaves a younger one (a build running beside it) alone. Each torch version builds in its
+    own folder (a module built against another torch does not import)."""
+    lock = tmp_path / "lock"
+    assert not cuda_emulator.remove_stale_lock(tmp_path)  # no lock
+    lock.touch()
+    now = lock.stat().st_mtime
+    assert not cuda_emulator.remove_stale_lock(tmp_path, now=now + cuda_emulator.STALE_LOCK_SECONDS)
+    assert lock.exists()
+    with pytest.warns(UserWarning, match="left 16 minutes ago by a build that did not finish"):
+        assert cuda_emulator.remove_stale_lock(tmp_path, now=now + cuda_emulator.STALE_LOCK_SECONDS + 60)
+    assert not lock.exists()
+    assert cuda_emulator.build_dir() == cuda_emulator.BUILD_DIR / f"torch-{torch.__version__}"
