@@ -312,9 +312,22 @@ class Conditioning(nn.Module):
         return layers.layer_norm(tokens, self.norm, torch.cat(dtokens, dim=1))
 
 
+# torch 2.11-2.13 under torch.func.jvp: GroupNorm's forward-mode derivative viewed a channels-last map as if it were
+# contiguous and failed ("view size is not compatible with input tensor's size and stride"): the plain path hands
+# it a contiguous copy there (2.14 takes the map as it is).
+_GROUP_NORM_INPUT_CONTIGUOUS = torch.torch_version.TorchVersion(torch.__version__) < (2, 14)
+
+
+def group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """F.group_norm with norm's groups, affine and eps (the plain path's; `F` is looked up on each call)."""
+    if _GROUP_NORM_INPUT_CONTIGUOUS:
+        x = x.contiguous()
+    return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, scale=None, shift=None) -> torch.Tensor:
     """y = silu((GN(x) * weight + bias) * (1 + scale) + shift), the op `imf_kernels.group_norm_act` fuses."""
-    h = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    h = group_norm(x, norm)
     if scale is not None:
         h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
     return F.silu(h)
@@ -346,7 +359,7 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, ctx_pooled: torch.Tensor) -> torch.Tensor:
         scale, shift = self.film(ctx_pooled).chunk(2, dim=1)
         h = self.conv1(group_norm_silu(x, self.norm1, scale, shift))
-        h = self.conv2(F.silu(F.group_norm(h, self.norm2.num_groups, self.norm2.weight, self.norm2.bias)))
+        h = self.conv2(F.silu(group_norm(h, self.norm2)))
         return self.skip(x) + h
 
     def fused(self, x, pooled, dx=None, dpooled=None, film: layers.FiLMOutputs | None = None):
@@ -381,7 +394,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
         b, c, hh, ww = x.shape
-        tokens = F.group_norm(x, self.norm.num_groups, self.norm.weight, self.norm.bias).flatten(2).transpose(1, 2)
+        tokens = group_norm(x, self.norm).flatten(2).transpose(1, 2)
         source = tokens if ctx is None else ctx
         q = self.to_q(tokens).view(b, hh * ww, self.heads, -1).transpose(1, 2)
         k, v = self.to_kv(source).view(b, source.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)

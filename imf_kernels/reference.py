@@ -28,9 +28,11 @@ def group_norm_act(
     """y = act((GN(x) * weight + bias) * (1 + scale) + shift)."""
     # The ATen op behind F.group_norm, without its training-mode refusal of one value per group at batch 1
     # ("Expected more than 1 value per channel"): GN of a single value is 0 (variance 0), so y = act(beta).
-    # A bias without a weight is added after the op: torch 2.11's backward through torch.func.jvp of the op with
-    # a bias and no weight failed ("tensor does not have a device"); the same sum.
-    h = torch.group_norm(x, num_groups, weight, bias if weight is not None else None, eps, torch.backends.cudnn.enabled)
+    # Under torch.func.jvp torch 2.11-2.13 failed on a channels-last x ("view size is not compatible with input
+    # tensor's size and stride") and, in the backward, on a bias without a weight ("tensor does not have a
+    # device"): the op takes x contiguous (a no-op for a contiguous map) and such a bias is added after it.
+    bias_inside = bias if weight is not None else None
+    h = torch.group_norm(x.contiguous(), num_groups, weight, bias_inside, eps, torch.backends.cudnn.enabled)
     if weight is None and bias is not None:
         h = h + bias[:, None, None]
     if scale is not None:

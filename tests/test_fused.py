@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+import imf.model
 import imf_kernels
 from imf.config import get_preset
 from imf.gauss import GaussClasses, one_step_error
@@ -600,6 +601,15 @@ def test_channels_last_model_matches_reference_float64(config, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * want.abs().max().item(), msg=name)
 
     assert_imf_step_matches_reference(cl_net, net, cfg, 4, seed=7, rtol=1e-9, what="grad")
+
+    # the reference path (torch.func.jvp over the plain ops) of the channels-last model itself, with its GroupNorm
+    # input as it comes and made contiguous (imf.model.group_norm: what torch 2.11-2.13's forward-mode GroupNorm needed)
+    # (as it comes only on a torch that takes it: where the flag is False)
+    for contiguous in sorted({imf.model._GROUP_NORM_INPUT_CONTIGUOUS, True}):
+        monkeypatch.setattr(imf.model, "_GROUP_NORM_INPUT_CONTIGUOUS", contiguous)
+        got = model_jvp_with_v(cl_net, z, cond, dz)
+        for name, out, want in zip(("u", "du", "v"), got, (u_ref, du_ref, v_ref), strict=True):
+            torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9 * want.abs().max().item(), msg=name)
 
 
 @pytest.mark.gpu
