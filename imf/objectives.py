@@ -153,10 +153,7 @@ def model_jvp_with_v(model: nn.Module, z: Tensor, cond: Cond, dz: Tensor) -> tup
         features = model.trunk(z_, cond._replace(h=h_, t=t_ if with_t else cond.t))
         return model.u_head(features), features
 
-    # t is a view of the draws' one host-to-device copy (`to_device_together`): torch 2.11-2.13's dynamo failed on
-    # such a view as a torch.func.jvp primal (the compiled official-style step with bf16 targets on the CPU, an
-    # internal assert on the tangent's layout), so the JVP gets its own copy (B floats).
-    t_in = cond.t.clone() if cond.t is not None else torch.zeros_like(cond.h)
+    t_in = cond.t.clone() if cond.t is not None else torch.zeros_like(cond.h)  # a copy of t: see model_jvp
     u, du, features = torch.func.jvp(f, (z, cond.h, t_in), (dz, ones, ones), has_aux=True)
     return u, du, model.v_head(features)
 

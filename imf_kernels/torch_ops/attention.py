@@ -70,7 +70,7 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     if q.device.type == "cpu" and q.numel() * k.shape[-2] <= FLASH_CPU_MAX_WORK:
-        # torch 2.11 read k and v as if their last dim were contiguous (a transposed k or v, the channels-first
+        # torch 2.11-2.13 read k and v as if their last dim were contiguous (a transposed k or v, the channels-first
         # self-attention block's, gave wrong values; 2.14 reads them right): such a k or v is copied (Lk rows).
         k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
         if q.stride(-1) == 1:  # o is laid out like q
