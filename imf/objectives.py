@@ -127,34 +127,37 @@ def sample_logit_normal_pair(x: Tensor, p_mean: float, p_std: float, generator) 
     return torch.maximum(a, c), torch.minimum(a, c)
 
 
-def model_jvp(model: nn.Module, z: Tensor, cond: Cond, dz: Tensor) -> tuple[Tensor, Tensor]:
-    """(u, du): u and its derivative along the tangent (dz, dh = 1, dt = 1 when the model takes t), i.e. the time
-    derivative d/dt u(z_t, r, t) with r fixed, through `torch.func.jvp` (the reference path)."""
+def _jvp_in_time(model: nn.Module, z: Tensor, cond: Cond, dz: Tensor, fn, has_aux: bool = False):
+    """torch.func.jvp of fn(z, cond) along (dz, dh = 1, dt = 1 when the model takes t): the time derivative
+    d/dt with r fixed (the reference path's JVP; `model_jvp`, `model_jvp_with_v`)."""
     ones = torch.ones_like(cond.h)
     with_t = model.cfg.condition_on_t
 
     def f(z_, h_, t_):
-        return model.u(z_, cond._replace(h=h_, t=t_ if with_t else cond.t))
+        return fn(z_, cond._replace(h=h_, t=t_ if with_t else cond.t))
 
     # t is a view of the draws' one host-to-device copy (`to_device_together`): torch 2.11-2.13's dynamo failed on
     # such a view as a torch.func.jvp primal (the compiled official-style step with bf16 targets on the CPU, an
     # internal assert on the tangent's layout), so the JVP gets its own copy (B floats).
     t_in = cond.t.clone() if cond.t is not None else torch.zeros_like(cond.h)
-    return torch.func.jvp(f, (z, cond.h, t_in), (dz, ones, ones))
+    return torch.func.jvp(f, (z, cond.h, t_in), (dz, ones, ones), has_aux=has_aux)
+
+
+def model_jvp(model: nn.Module, z: Tensor, cond: Cond, dz: Tensor) -> tuple[Tensor, Tensor]:
+    """(u, du): u and its derivative along the tangent (dz, dh = 1, dt = 1 when the model takes t), i.e. the time
+    derivative d/dt u(z_t, r, t) with r fixed, through `torch.func.jvp` (the reference path)."""
+    return _jvp_in_time(model, z, cond, dz, model.u)
 
 
 def model_jvp_with_v(model: nn.Module, z: Tensor, cond: Cond, dz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(u, du, v): as `model_jvp`, plus the aux v-head's primal output from the same trunk pass (no tangent is
     computed for the v-head: nothing needs it)."""
-    ones = torch.ones_like(cond.h)
-    with_t = model.cfg.condition_on_t
 
-    def f(z_, h_, t_):
-        features = model.trunk(z_, cond._replace(h=h_, t=t_ if with_t else cond.t))
+    def u_and_features(z_, cond_):
+        features = model.trunk(z_, cond_)
         return model.u_head(features), features
 
-    t_in = cond.t.clone() if cond.t is not None else torch.zeros_like(cond.h)  # a copy of t: see model_jvp
-    u, du, features = torch.func.jvp(f, (z, cond.h, t_in), (dz, ones, ones), has_aux=True)
+    u, du, features = _jvp_in_time(model, z, cond, dz, u_and_features, has_aux=True)
     return u, du, model.v_head(features)
 
 
