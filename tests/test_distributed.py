@@ -236,6 +236,36 @@ def test_ddp_wrapper_exposes_no_grad_targets_and_refuses_graded_bypass(one_proce
         wrapped.trunk  # noqa: B018 (the reference path's pieces are not forwarded)
 
 
+# DDP models freed after `shutdown`, as a run's trainer is when `imf train` returns: torch 2.11 and 2.13 hung within
+# the first ~50 of these groups before shutdown kept the group's Python handle (the Reducer destroyed the group with
+# the GIL held while a gloo thread waited for it; imf.distributed.shutdown). A group of one process stands in for
+# the job's: shutdown acts on a DistInfo of several.
+FREED_AFTER_SHUTDOWN = """
+import faulthandler, torch, torch.distributed as dist
+from imf.distributed import DistInfo, all_mean, any_rank, shutdown, wrap_ddp
+info = DistInfo(rank=0, world_size=2, backend="gloo")
+for _ in range(GROUPS):
+    faulthandler.dump_traceback_later(20, exit=True)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    model = wrap_ddp(torch.nn.Linear(4, 4), info, find_unused_parameters=False)
+    model(torch.randn(2, 4)).sum().backward()
+    all_mean(torch.randn(()), info)
+    any_rank(False, info)
+    shutdown(info)
+    del model
+print("freed", GROUPS)
+"""
+
+
+def test_ddp_models_freed_after_shutdown_do_not_hang_the_process():
+    groups = 500
+    script = FREED_AFTER_SHUTDOWN.replace("GROUPS", str(groups))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["freed", str(groups)]
+
+
 def test_slices_and_batch_check():
     dist = DistInfo(rank=1, world_size=4)
     assert dist.rows(12) == slice(3, 6)
