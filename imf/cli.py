@@ -13,6 +13,7 @@ SIGINT/SIGTERM finish the current step, write a checkpoint, print where, and exi
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -207,15 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _positive(name: str, value, allow_zero: bool = False) -> None:
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise CLIError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+def _positive(name: str, value, allow_zero: bool = False, finite: bool = False) -> None:
+    """value > 0 (>= 0 with allow_zero; NaN is neither), and not infinite with `finite`."""
+    if value is None:
+        return
+    if not (value >= 0 if allow_zero else value > 0) or (finite and value == math.inf):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise CLIError(f"--{name} must be {'a finite number ' + bound if finite else bound}, got {value}")
 
 
 def _check_guidance(omegas: Sequence[float], interval: Sequence[float], steps: int) -> tuple[float, float]:
     for omega in omegas:
-        if not omega >= 1.0:
-            raise CLIError(f"--omega must be >= 1 (1 = no guidance), got {omega:g}")
+        if not 1.0 <= omega < math.inf:
+            raise CLIError(f"--omega must be a finite number >= 1 (1 = no guidance), got {omega:g}")
     t_min, t_max = interval
     if t_min > t_max:
         raise CLIError(f"--interval: t_min {t_min:g} is greater than t_max {t_max:g}")
@@ -268,8 +273,9 @@ def _preset_with_overrides(args: argparse.Namespace):
     except ValueError as error:
         raise CLIError(str(error)) from None
     t, m = preset.train, preset.model
-    for name in ("steps", "batch_size", "minutes", "lr", "grad_clip", "width", "channels", "image_size", "num_classes"):
+    for name in ("steps", "batch_size", "minutes", "grad_clip", "width", "channels", "image_size", "num_classes"):
         _positive(name.replace("_", "-"), getattr(args, name))
+    _positive("lr", args.lr, finite=True)  # (an infinite --minutes or --grad-clip means no limit)
     for name in ("warmup_steps", "sample_every", "checkpoint_every"):
         _positive(name.replace("_", "-"), getattr(args, name), allow_zero=True)
     if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:

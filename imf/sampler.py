@@ -11,6 +11,8 @@ loop for one batch shape as a CUDA graph and replays it; omega and the interval 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -20,8 +22,8 @@ DEFAULT_INTERVAL = (0.4, 0.65)  # interior: rows with r != t never saw (0, 1) in
 
 
 def check_guidance(omega: float, interval: tuple[float, float]) -> None:
-    if not omega >= 1.0:
-        raise ValueError(f"omega must be >= 1 (1 = no guidance), got {omega}")
+    if not 1.0 <= omega < math.inf:
+        raise ValueError(f"omega must be a finite number >= 1 (1 = no guidance), got {omega}")
     t_min, t_max = interval
     if not (0.0 <= t_min <= t_max <= 1.0):
         raise ValueError(f"interval must satisfy 0 <= t_min <= t_max <= 1, got ({t_min}, {t_max})")

@@ -653,6 +653,11 @@ def make_stream(
 
     generator = torch.Generator().manual_seed(preset.train.seed + 1)
     m = preset.model
+    if data_path is not None and preset.data in ("gauss", "digits"):
+        raise DataError(
+            f"--data {data_path}: the {preset.name!r} preset trains on its built-in {preset.data} data; --data is "
+            "read by the presets that load files (cifar: an image folder, latent-b: an .npz or .safetensors file)"
+        )
     if preset.data == "gauss":
         return DataStream(GaussBatches(preset.train.batch_size, generator), m.num_classes, device)
     x, y = data if data is not None else load_training_data(preset.data, data_path)

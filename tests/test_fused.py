@@ -3,6 +3,7 @@ the same weights and inputs: u, du, v, the loss and every parameter gradient, pe
 fused sampler; the bf16 option; and a short training run through each path on `gauss`."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -636,6 +637,26 @@ def test_fused_sampler_matches_reference_loop():
         with torch.no_grad():
             want = want - (t - r) * net.u(want, cond)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # times are float32 in both (sampler's convention)
+
+
+OMEGA, INTERVAL = "omega must be a finite number >= 1", "interval must satisfy 0 <= t_min <= t_max <= 1"
+BAD_GUIDANCE = [
+    (0.5, (0.3, 0.7), OMEGA),
+    (math.inf, (0.3, 0.7), OMEGA),
+    (math.nan, (0.3, 0.7), OMEGA),
+    (2.0, (0.7, 0.3), INTERVAL),
+    (2.0, (-0.1, 0.5), INTERVAL),
+    (2.0, (math.nan, 0.5), INTERVAL),
+]
+
+
+@pytest.mark.parametrize("omega, interval, message", BAD_GUIDANCE)
+def test_sampler_refuses_guidance_outside_its_range(omega, interval, message):
+    cfg = tiny_config(head_dim=8)
+    net = randomised(cfg)
+    z, _, _ = inputs(cfg, 2)
+    with pytest.raises(ValueError, match=message):
+        sample(net, z, torch.tensor([0, 1]), omega=omega, interval=interval, steps=1)
 
 
 def test_bf16_targets_run_in_bf16_and_stay_close():
