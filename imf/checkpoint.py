@@ -102,8 +102,22 @@ def save_checkpoint(
     history: list[dict[str, float]] | None = None,
 ) -> Path:
     """Writes `Trainer.state_dict()` plus the run config (JSON-able) and loss history to `folder`; returns the
-    manifest path."""
+    manifest path. Checks its arguments before it writes anything."""
+    needed = ("step_count", "model", "ema", "optimizer", "generator", "global_rng")
+    missing = [key for key in needed if key not in trainer_state]
+    if missing:
+        raise CheckpointError(
+            f"save_checkpoint: trainer_state must be Trainer.state_dict(); it has no {', '.join(missing)}"
+        )
+    try:
+        json.dumps({"config": config, "history": history or []})
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"save_checkpoint: config and history must be JSON-able (imf.train.preset_to_dict(preset)): {error}"
+        ) from None
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"save_checkpoint: {folder} exists and is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
     step = int(trainer_state["step_count"])
     opt_tensors, param_groups = _flatten_optimizer(trainer_state["optimizer"])
@@ -165,6 +179,8 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
 def load_checkpoint(folder: str | os.PathLike, parts: tuple[str, ...] = _PARTS) -> tuple[dict[str, Any], dict]:
     """(manifest, trainer_state): the manifest and the tensors of the requested parts, assembled in the form
     `Trainer.load_state_dict` takes (parts not requested are left out)."""
+    if isinstance(parts, str) or not set(parts) <= set(_PARTS):
+        raise ValueError(f"load_checkpoint: parts must be a tuple of {', '.join(map(repr, _PARTS))}, got {parts!r}")
     folder = Path(folder)
     manifest = read_manifest(folder)
     loaded = {part: _load_tensors(folder / manifest["files"][part]) for part in parts}

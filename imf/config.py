@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from imf.model import ModelConfig
@@ -24,6 +26,39 @@ class TrainConfig:
     pipelined: bool = False  # read each step's numbers after queuing the next step's loss and backward (Trainer)
     sample_every: int = 0  # steps between sample grids written during training (0: only at the end)
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """A ValueError naming the first knob out of its range (the Trainer checks its config again: the CLI and
+        users set knobs after construction)."""
+        for name, low in (
+            ("batch_size", 1),
+            ("steps", 1),
+            ("warmup_steps", 0),
+            ("sample_every", 0),
+            ("checkpoint_every", 0),
+        ):
+            value = getattr(self, name)
+            if type(value) is not int or value < low:
+                raise ValueError(f"TrainConfig: {name} must be an int >= {low}, got {value!r}")
+        if type(self.seed) is not int:
+            raise ValueError(f"TrainConfig: seed must be an int, got {self.seed!r}")
+        _check_real("lr", self.lr, lambda v: 0 < v < math.inf, "a finite number > 0")
+        _check_real("ema_decay", self.ema_decay, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        _check_real("grad_clip", self.grad_clip, lambda v: v > 0, "a number > 0 (inf: no clipping)")
+        _check_real("cooldown", self.cooldown, lambda v: 0 <= v <= 1, "a fraction of the steps in [0, 1]")
+        if self.minutes is not None:
+            _check_real("minutes", self.minutes, lambda v: v > 0, "a number > 0 or None (inf: no limit)")
+        for name in ("bf16", "cuda_graph", "pipelined"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"TrainConfig: {name} must be True or False, got {getattr(self, name)!r}")
+
+
+def _check_real(name: str, value, accepts, what: str) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not accepts(value):  # NaN accepts nothing
+        raise ValueError(f"TrainConfig: {name} must be {what}, got {value!r}")
 
 
 @dataclass

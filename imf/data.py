@@ -203,33 +203,40 @@ def load_tensor_file(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tenso
     tensors = _read_tensor_file(file)
     if "x" not in tensors:
         raise DataError(f"load_tensor_file: {file} has no key 'x'; keys found: {sorted(tensors) or 'none'}")
-    x = tensors["x"]
+    return check_data(tensors["x"], tensors.get("y"), f"load_tensor_file: {file}")
+
+
+def check_data(x, y, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Training tensors as a data source must hold them: x (N, C, H, W) floating, N >= 1, finite, returned as
+    float32 (values as they are); y None or (N,) integer class ids >= 0, returned as int64. `where` starts each
+    error (the file, or the call that passed the tensors)."""
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"{where}: x must be a torch.Tensor (N, C, H, W), got {type(x).__name__}")
     if x.dim() != 4:
-        raise DataError(f"load_tensor_file: {file}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        raise DataError(f"{where}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise DataError(
-            f"load_tensor_file: {file}: x must be a float tensor, got {x.dtype}; "
-            "store images scaled to [-1, 1] (e.g. uint8 / 127.5 - 1)"
+            f"{where}: x must be a float tensor, got {x.dtype}; store images scaled to [-1, 1] (e.g. uint8 / 127.5 - 1)"
         )
     if x.shape[0] == 0:
-        raise DataError(f"load_tensor_file: {file}: x is empty (shape {tuple(x.shape)})")
+        raise DataError(f"{where}: x is empty (shape {tuple(x.shape)})")
     x = x.to(torch.float32)
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
-        raise DataError(f"load_tensor_file: {file}: x has {bad} non-finite values (NaN or inf)")
-    if "y" not in tensors:
+        raise DataError(f"{where}: x has {bad} non-finite values (NaN or inf)")
+    if y is None:
         return x.contiguous(), None
-    y = tensors["y"]
+    if not isinstance(y, torch.Tensor):
+        raise DataError(f"{where}: y must be a torch.Tensor of class ids or None, got {type(y).__name__}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise DataError(
-            f"load_tensor_file: {file}: y must be 1-D with one label per row of x ({x.shape[0]}), "
-            f"got shape {tuple(y.shape)}"
+            f"{where}: y must be 1-D with one label per row of x ({x.shape[0]}), got shape {tuple(y.shape)}"
         )
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise DataError(f"load_tensor_file: {file}: y must be an integer tensor of class ids, got {y.dtype}")
+        raise DataError(f"{where}: y must be an integer tensor of class ids, got {y.dtype}")
     y = y.to(torch.int64)
     if int(y.min()) < 0:
-        raise DataError(f"load_tensor_file: {file}: y must be class ids >= 0, got min {int(y.min())}")
+        raise DataError(f"{where}: y must be class ids >= 0, got min {int(y.min())}")
     return x.contiguous(), y.contiguous()
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from imf.model import Cond
-from imf.sampler import DEFAULT_INTERVAL, check_guidance, sample
+from imf.sampler import DEFAULT_INTERVAL, check_guidance, check_noise_and_labels, check_steps, sample
 
 DEFAULT_OMEGAS = (1.0, 2.0, 4.0, 8.0)
 
@@ -31,8 +31,8 @@ def sample_v_head(
     """Euler steps z <- z - (t - r) v(z, t) of the v-head from t = 1 to 0, at h = 0. The default interval is
     (0, 1), the one the training targets ask the v-head for (v_c, v_u, v_c' are all evaluated there)."""
     check_guidance(omega, interval)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_steps(steps)
+    check_noise_and_labels(model, noise, y)
     b, dev = noise.shape[0], noise.device
     full = lambda value: torch.full((b,), float(value), device=dev)
     t_steps = torch.linspace(1.0, 0.0, steps + 1).tolist()
@@ -55,6 +55,12 @@ def class_omega_samples(
 ) -> torch.Tensor:
     """Samples (len(omegas), len(classes), per_class, C, H, W) with `noise` (len(classes) * per_class, C, H, W):
     the same noise in every omega column, so a grid shows what the slider alone changes."""
+    if not classes or not omegas:
+        raise ValueError(f"class_omega_samples: classes and omegas must not be empty, got {classes!r} and {omegas!r}")
+    if noise.shape[0] < len(classes):
+        raise ValueError(
+            f"class_omega_samples: noise needs a row per class at least, got {noise.shape[0]} for {len(classes)}"
+        )
     dev = next(model.parameters()).device
     per_class = noise.shape[0] // len(classes)
     y = torch.tensor(list(classes), device=dev).repeat_interleave(per_class)
@@ -65,6 +71,27 @@ def class_omega_samples(
 
 def _balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
+
+
+def _check_evaluation(
+    name: str, model: nn.Module, image_shape: tuple, num_classes: int, omegas: Sequence[float], n: int
+) -> None:
+    """The model fits the evaluation's data (its image shape, at least its classes), n >= 2, omegas given."""
+    cfg = model.cfg
+    got = (cfg.image_channels, cfg.image_size, cfg.image_size)
+    if got != tuple(image_shape) or cfg.num_classes < num_classes:
+        raise ValueError(
+            f"{name}: the model must take images of shape {tuple(image_shape)} and at least {num_classes} classes "
+            f"(the data's), got {got} and {cfg.num_classes}"
+        )
+    if type(n) is not int or n < 2:
+        raise ValueError(f"{name}: n must be an int >= 2 (a covariance needs two samples), got {n!r}")
+    try:
+        count = len(omegas)
+    except TypeError:
+        count = 0
+    if not count:
+        raise ValueError(f"{name}: omegas must be a non-empty sequence of guidance scales, got {omegas!r}")
 
 
 def evaluate_digits(
@@ -83,6 +110,7 @@ def evaluate_digits(
     from imf.data import load_digits_tensor
     from imf.metrics import DigitsClassifier, digits_metrics, real_data_floor
 
+    _check_evaluation("evaluate_digits", model, (1, 8, 8), 10, omegas, n)
     for omega in omegas:
         check_guidance(omega, interval)
     classifier = classifier if classifier is not None else DigitsClassifier.pretrained()
@@ -129,9 +157,10 @@ def evaluate_gauss(
     as returning the class mean), the relative error of u over random (z, r, t), and the v-head's Euler error."""
     from imf.gauss import GaussClasses, one_step_error, relative_error, u_error
 
+    data = GaussClasses.from_digits()
+    _check_evaluation("evaluate_gauss", model, data.image_shape, data.num_classes, omegas, n)
     for omega in omegas:
         check_guidance(omega, interval)
-    data = GaussClasses.from_digits()
     per_omega = [
         {"omega": float(omega), "sample_error": one_step_error(model, data, n, omega, interval, steps, seed=seed)}
         for omega in omegas

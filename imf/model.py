@@ -63,6 +63,20 @@ class ModelConfig:
         self.channel_mult = tuple(self.channel_mult)
         self.cross_attn_resolutions = tuple(self.cross_attn_resolutions)
         self.self_attn_resolutions = tuple(self.self_attn_resolutions)
+        for name in (
+            "image_channels",
+            "image_size",
+            "width",
+            "num_res_blocks",
+            "head_dim",
+            "context_dim",
+            "num_classes",
+        ):
+            _check_count(name, getattr(self, name))
+        if not self.channel_mult:
+            raise ValueError("ModelConfig: channel_mult needs at least one level, got ()")
+        for m in self.channel_mult:
+            _check_count("channel_mult's entries", m)
         if self.v_head not in ("aux", "boundary"):
             raise ValueError(f"ModelConfig: v_head must be 'aux' or 'boundary', got {self.v_head!r}")
         if self.image_size % (2 ** (len(self.channel_mult) - 1)) != 0:
@@ -70,6 +84,41 @@ class ModelConfig:
                 f"ModelConfig: image_size {self.image_size} must be divisible by 2^(levels - 1) = "
                 f"{2 ** (len(self.channel_mult) - 1)}"
             )
+        resolutions = [self.image_size // 2**i for i in range(len(self.channel_mult))]
+        if not set(self.cross_attn_resolutions) <= set(resolutions):
+            raise ValueError(
+                f"ModelConfig: cross_attn_resolutions {self.cross_attn_resolutions} must be among the levels' "
+                f"feature-map sizes {tuple(resolutions)}"
+            )
+        if not set(self.self_attn_resolutions) <= {resolutions[-1]}:
+            raise ValueError(
+                f"ModelConfig: self_attn_resolutions {self.self_attn_resolutions} can only hold the lowest "
+                f"feature-map size, {resolutions[-1]} (self-attention runs in the middle block)"
+            )
+        needed = ["class", "omega", "t_min", "t_max", "h"] + (["t"] if self.condition_on_t else [])
+        missing = [key for key in needed if key not in self.tokens]
+        if missing:
+            raise ValueError(f"ModelConfig: tokens needs a count for {', '.join(missing)}; got {self.tokens}")
+        for key, count in self.tokens.items():
+            _check_count(f"tokens[{key!r}]", count)
+        # the attention blocks' channels: every level with cross-attention, and the middle block's
+        channels = {self.width * self.channel_mult[-1]}
+        channels |= {
+            self.width * m
+            for m, res in zip(self.channel_mult, resolutions, strict=True)
+            if res in self.cross_attn_resolutions
+        }
+        for c in sorted(channels):
+            if c > self.head_dim and c % self.head_dim:
+                raise ValueError(
+                    f"ModelConfig: head_dim {self.head_dim} must divide the attention blocks' channels ({c}) or "
+                    "be at least as large (one head of all the channels)"
+                )
+
+
+def _check_count(name: str, value) -> None:
+    if type(value) is not int or value < 1:
+        raise ValueError(f"ModelConfig: {name} must be an int >= 1, got {value!r}")
 
 
 class Cond(NamedTuple):
@@ -104,6 +153,54 @@ class Features(NamedTuple):
     pooled: torch.Tensor
     dpooled: torch.Tensor | None
     banked: dict = {}  # block -> its FiLM (ResBlock) or keys and values (cross-attention), `IMFNet._banks`
+
+
+def check_batch(
+    cfg: ModelConfig,
+    x,
+    y,
+    *,
+    dtype: torch.dtype | None = None,
+    names: tuple[str, str] = ("x", "y"),
+    class_range: bool = False,
+) -> None:
+    """Clear errors for a batch of images and its class ids against a model's config (the entry points call it:
+    the sampler, the objectives' losses): x a tensor (B, C, H, W) of the config's channels and size, B >= 1, of
+    `dtype` (the model's parameters') where given, else floating; y an integer tensor (B,) on x's device. With
+    `class_range`, also the ids in [0, num_classes] (num_classes is the null class: unconditional), which reads
+    y's extremes on the host: the training step leaves that to its data's checks (`imf.data.check_data`) rather
+    than synchronise every step."""
+    x_name, y_name = names
+    want = (cfg.image_channels, cfg.image_size, cfg.image_size)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{x_name} must be a torch.Tensor of shape (B, {', '.join(map(str, want))}), got {type(x)}")
+    if x.dim() != 4 or tuple(x.shape[1:]) != want:
+        raise ValueError(
+            f"{x_name} must have shape (B, {', '.join(map(str, want))}) (the model's image_channels, image_size), "
+            f"got {tuple(x.shape)}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{x_name} must hold at least one image, got batch 0")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{x_name} must be {dtype} (the model's parameters' dtype), got {x.dtype}")
+    if not x.is_floating_point():
+        raise TypeError(f"{x_name} must be a floating tensor, got {x.dtype}")
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        got = y.dtype if isinstance(y, torch.Tensor) else type(y)
+        raise TypeError(f"{y_name} must be an integer tensor of class ids, got {got}")
+    if tuple(y.shape) != (x.shape[0],):
+        raise ValueError(
+            f"{y_name} must have shape (B,) = ({x.shape[0]},), one class id per image, got {tuple(y.shape)}"
+        )
+    if y.device != x.device:
+        raise ValueError(f"{y_name} is on {y.device} but {x_name} on {x.device}")
+    if class_range:
+        low, high = torch.stack(torch.aminmax(y)).tolist()  # one read
+        if low < 0 or high > cfg.num_classes:
+            raise ValueError(
+                f"{y_name} must hold class ids in [0, {cfg.num_classes}] ({cfg.num_classes} = the null class, "
+                f"unconditional), got min {low}, max {high}"
+            )
 
 
 def num_groups_for(channels: int) -> int:
@@ -485,6 +582,9 @@ class IMFNet(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            hint = " (a preset's model config is preset.model)" if hasattr(cfg, "model") else ""
+            raise TypeError(f"IMFNet takes a ModelConfig{hint}, got {type(cfg).__name__}")
         self.cfg = cfg
         d, hd = cfg.context_dim, cfg.head_dim
         chs = [cfg.width * m for m in cfg.channel_mult]

@@ -22,6 +22,8 @@ same inputs (the same values, without a second evaluation).
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +31,7 @@ import torch.nn as nn
 
 import imf_kernels
 from imf import layers
-from imf.model import Cond, CondTangent, bf16_parameters
+from imf.model import Cond, CondTangent, ModelConfig, bf16_parameters, check_batch
 
 Tensor = torch.Tensor
 
@@ -54,6 +56,31 @@ JVP_PATHS = ("fused", "reference")
 def check_jvp_path(owner: str, jvp: str) -> None:
     if jvp not in JVP_PATHS:
         raise ValueError(f"{owner}: jvp must be one of {', '.join(map(repr, JVP_PATHS))}, got {jvp!r}")
+
+
+def check_setting(owner: str, name: str, value, low: float, high: float = math.inf, *, open_low=False, open_high=False):
+    """A finite real `value` in [low, high] (an open end with open_low / open_high), or a ValueError naming it."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (above and below and math.isfinite(value)):
+        bounds = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high or high == math.inf else ']'}"
+        raise ValueError(f"{owner}: {name} must be a finite number in {bounds}, got {value!r}")
+
+
+def check_flags(owner: str, **flags) -> None:
+    for name, value in flags.items():
+        if type(value) is not bool:
+            raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
+
+
+def check_model_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """`imf.model.check_batch` of a loss's inputs against the model's config and dtype (shapes and dtypes only:
+    the class ids' range would cost a synchronisation every step; the training data's checks hold it)."""
+    cfg = getattr(model, "cfg", None)
+    if isinstance(cfg, ModelConfig):
+        check_batch(cfg, x, y, dtype=next(model.parameters()).dtype)
 
 
 def runs_fused(model: nn.Module, jvp: str) -> bool:
@@ -238,7 +265,16 @@ class IMFObjective:
     static_rows: bool = False
 
     def __post_init__(self) -> None:
-        check_jvp_path("IMFObjective", self.jvp)
+        owner = "IMFObjective"
+        check_jvp_path(owner, self.jvp)
+        check_setting(owner, "p_mean", self.p_mean, -math.inf)
+        check_setting(owner, "p_std", self.p_std, 0.0, open_low=True)
+        check_setting(owner, "fm_fraction", self.fm_fraction, 0.0, 1.0)
+        check_setting(owner, "omega_max", self.omega_max, 1.0)
+        check_setting(owner, "class_dropout", self.class_dropout, 0.0, 1.0, open_high=True)
+        check_setting(owner, "c", self.c, 0.0)
+        check_setting(owner, "p", self.p, 0.0)
+        check_flags(owner, bf16=self.bf16, static_rows=self.static_rows)
 
     def draw(self, x: Tensor, generator: torch.Generator | None = None) -> IMFDraws:
         b = x.shape[0]
@@ -258,6 +294,7 @@ class IMFObjective:
         return IMFDraws(t_d, r_d, e, omega_d, t_min_d, t_max_d, to_device(drop, x.device), host)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
+        check_model_inputs(model, x, y)
         return self.loss_from_draws(model, x, y, self.draw(x, generator))
 
     @torch.no_grad()
@@ -349,6 +386,7 @@ class IMFObjective:
         return v_g
 
     def loss_from_draws(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws):
+        check_model_inputs(model, x, y)
         if runs_fused(model, self.jvp):  # the fused loss kernel on the fused pass's outputs, du where h != 0
             _, _, v_g, _, _, u, du, v = self.outputs(model, x, y, d, du_everywhere=self.static_rows)
             loss, stats = imf_kernels.imf_loss(u, du, v, v_g, d.t, d.r, c=self.c, p=self.p)
@@ -438,7 +476,19 @@ class MeanFlowObjective:
     static_rows: bool = False  # du on every row: the same shapes every step (IMFObjective's)
 
     def __post_init__(self) -> None:
-        check_jvp_path("MeanFlowObjective", self.jvp)
+        owner = "MeanFlowObjective"
+        check_jvp_path(owner, self.jvp)
+        check_setting(owner, "p_mean", self.p_mean, -math.inf)
+        check_setting(owner, "p_std", self.p_std, 0.0, open_low=True)
+        check_setting(owner, "fm_fraction", self.fm_fraction, 0.0, 1.0)
+        check_setting(owner, "cfg_omega", self.cfg_omega, 0.0, open_low=True)
+        check_setting(owner, "cfg_kappa", self.cfg_kappa, 0.0, 1.0, open_high=True)
+        check_setting(owner, "cfg_t_min", self.cfg_t_min, 0.0, 1.0)
+        check_setting(owner, "cfg_t_max", self.cfg_t_max, self.cfg_t_min, 1.0)
+        check_setting(owner, "class_dropout", self.class_dropout, 0.0, 1.0, open_high=True)
+        check_setting(owner, "c", self.c, 0.0)
+        check_setting(owner, "p", self.p, 0.0)
+        check_flags(owner, bf16=self.bf16, static_rows=self.static_rows)
 
     def draw(self, x: Tensor, generator: torch.Generator | None = None) -> MFDraws:
         b = x.shape[0]
@@ -452,9 +502,11 @@ class MeanFlowObjective:
         return MFDraws(t_d, r_d, e, to_device(drop, x.device), host)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
+        check_model_inputs(model, x, y)
         return self.loss_from_draws(model, x, y, self.draw(x, generator))
 
     def loss_from_draws(self, model: nn.Module, x: Tensor, y: Tensor, d: MFDraws):
+        check_model_inputs(model, x, y)
         b = x.shape[0]
         tb = _col(d.t, x)
         z = (1 - tb) * x + tb * d.e
@@ -510,9 +562,14 @@ class FlowMatchingObjective:
     name: str = "fm"
 
     def __post_init__(self) -> None:
-        check_jvp_path("FlowMatchingObjective", self.jvp)
+        owner = "FlowMatchingObjective"
+        check_jvp_path(owner, self.jvp)
+        check_setting(owner, "p_mean", self.p_mean, -math.inf)
+        check_setting(owner, "p_std", self.p_std, 0.0, open_low=True)
+        check_setting(owner, "class_dropout", self.class_dropout, 0.0, 1.0, open_high=True)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
+        check_model_inputs(model, x, y)
         b, dev = x.shape[0], x.device
         t = torch.sigmoid(self.p_mean + self.p_std * torch.randn(b, generator=generator)).to(dev, time_dtype(x))
         e = torch.randn(x.shape, generator=generator).to(dev, x.dtype)

@@ -12,16 +12,23 @@ loop for one batch shape as a CUDA graph and replays it; omega and the interval 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn as nn
 
-from imf.model import Cond
+from imf.model import Cond, ModelConfig, check_batch
 
 DEFAULT_INTERVAL = (0.4, 0.65)  # interior: rows with r != t never saw (0, 1) in training (DESIGN 2.4)
 
 
 def check_guidance(omega: float, interval: tuple[float, float]) -> None:
+    if not isinstance(omega, numbers.Real) or isinstance(omega, bool):
+        raise TypeError(f"omega must be a number (one guidance scale for the batch), got {type(omega).__name__}")
+    if not (isinstance(interval, (tuple, list)) and len(interval) == 2):
+        raise TypeError(f"interval must be a pair (t_min, t_max), got {interval!r}")
+    if not all(isinstance(t, numbers.Real) and not isinstance(t, bool) for t in interval):
+        raise TypeError(f"interval must be a pair of numbers (t_min, t_max), got {interval!r}")
     if not 1.0 <= omega < math.inf:
         raise ValueError(f"omega must be a finite number >= 1 (1 = no guidance), got {omega}")
     t_min, t_max = interval
@@ -57,9 +64,18 @@ def _steps(
     return z
 
 
-def _check_steps(steps: int) -> None:
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+def check_steps(steps: int) -> None:
+    if type(steps) is not int or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+
+
+def check_noise_and_labels(model: nn.Module, noise: torch.Tensor, y: torch.Tensor) -> None:
+    """`imf.model.check_batch` of the sampler's inputs, class ids' range included, for a model with a config (a
+    stand-in model without one, e.g. a test's, is taken as it is)."""
+    cfg = getattr(model, "cfg", None)
+    if isinstance(cfg, ModelConfig):
+        dtype = next(model.parameters()).dtype
+        check_batch(cfg, noise, y, dtype=dtype, names=("noise", "y"), class_range=True)
 
 
 @torch.no_grad()
@@ -76,7 +92,8 @@ def sample(
 ) -> torch.Tensor:
     """Samples from noise e ~ N(0, I) of shape (B, C, H, W) with class ids y (B,)."""
     check_guidance(omega, interval)
-    _check_steps(steps)
+    check_steps(steps)
+    check_noise_and_labels(model, noise, y)
     full = lambda value: torch.full((noise.shape[0],), float(value), device=noise.device)
     return _steps(model, noise, y, full(omega), full(interval[0]), full(interval[1]), steps, euler, bf16)
 
@@ -111,11 +128,18 @@ class CudaGraphSampler:
         bf16: bool = False,
         warmup: int = 3,
     ):
-        _check_steps(steps)
+        check_steps(steps)
         device = next(model.parameters()).device
         if device.type != "cuda":
             raise ValueError(f"CudaGraphSampler: the model must be on a CUDA device, got {device}")
+        self.model = model
         self.shape = tuple(shape)
+        cfg = getattr(model, "cfg", None)
+        want = None if cfg is None else (cfg.image_channels, cfg.image_size, cfg.image_size)
+        if len(self.shape) != 4 or self.shape[0] < 1 or (want is not None and self.shape[1:] != want):
+            raise ValueError(
+                f"CudaGraphSampler: shape must be (B >= 1, {', '.join(map(str, want or 'CHW'))}), got {shape}"
+            )
         b = self.shape[0]
         self.noise = torch.randn(self.shape, device=device)
         self.y = torch.zeros(b, dtype=torch.long, device=device)
@@ -139,6 +163,7 @@ class CudaGraphSampler:
         if tuple(noise.shape) != self.shape:
             got = tuple(noise.shape)
             raise ValueError(f"CudaGraphSampler: noise must have the captured shape {self.shape}, got {got}")
+        check_noise_and_labels(self.model, noise, y)  # y copied as it is into the graph's ids: checked first
         self.noise.copy_(noise)
         self.y.copy_(y)
         self.omega.fill_(omega)

@@ -308,6 +308,19 @@ class Trainer:
     ):
         from imf.distributed import PARALLEL_MODES, shard_fsdp, wrap_ddp
 
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"Trainer: cfg must be a TrainConfig (a preset's .train), got {type(cfg).__name__}")
+        cfg.check()  # again: knobs may have been set after construction
+        if not callable(getattr(objective, "loss", None)):
+            raise TypeError(
+                f"Trainer: objective must be an objective object (imf.make_objective(name)), got {objective!r}"
+            )
+        if not callable(next_batch):
+            raise TypeError(f"Trainer: next_batch must be a function returning (x, y), got {type(next_batch).__name__}")
+        if parallel not in PARALLEL_MODES:
+            raise ValueError(f"Trainer: parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}")
+        if type(skip_nonfinite) is not bool:
+            raise ValueError(f"Trainer: skip_nonfinite must be True or False, got {skip_nonfinite!r}")
         if cfg.cuda_graph:
             self._check_cuda_graph(model, objective, dist if dist is not None else DistInfo())
         if cfg.pipelined and dist is not None and dist.enabled and parallel == "fsdp":
@@ -322,8 +335,6 @@ class Trainer:
         self.ema = EMA(model, cfg.ema_decay)  # a full copy on every rank, also under FSDP
         self.train_model = model  # what the objective calls: the module, or its DDP / FSDP2 wrapper
         if self.dist.enabled:
-            if parallel not in PARALLEL_MODES:
-                raise ValueError(f"Trainer: parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}")
             self.dist.check_batch(cfg.batch_size)
             if not hasattr(objective, "draw"):
                 raise ValueError(
@@ -567,8 +578,18 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from imf.checkpoint import load_weights
+        """The whole state `state_dict` returns (`imf.checkpoint.load_checkpoint` with every part); nothing is
+        changed when a part is missing."""
+        from imf.checkpoint import CheckpointError, load_weights
 
+        needed = ("model", "ema", "optimizer", "step_count", "generator", "global_rng")
+        missing = [key for key in needed if key not in state]
+        if missing:
+            raise CheckpointError(
+                f"Trainer.load_state_dict: the state has no {', '.join(missing)}: it takes the whole state "
+                "(Trainer.state_dict(), or load_checkpoint(folder) with every part); for the weights alone, "
+                "load_checkpoint(folder, parts=('model',)) and model.load_state_dict(state['model'])"
+            )
         load_weights(self.model, shard_like(state["model"], self.model.state_dict()), "model weights")
         load_weights(self.ema.model, state["ema"], "EMA weights")
         optimizer = shard_optimizer_state(state["optimizer"], list(self.model.parameters()))
@@ -648,8 +669,9 @@ def make_stream(
     data: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> DataStream:
     """The preset's training stream, seeded from `preset.train.seed` (its own generator). Checks that the
-    data's shape and labels fit the model."""
-    from imf.data import DataError, InfiniteLoader
+    data's shape and labels fit the model; `data` (x, y) in memory is checked as a file's tensors are
+    (`imf.data.check_data`: floating x, returned as float32; integer class ids >= 0)."""
+    from imf.data import DataError, InfiniteLoader, check_data
 
     generator = torch.Generator().manual_seed(preset.train.seed + 1)
     m = preset.model
@@ -659,8 +681,15 @@ def make_stream(
             "read by the presets that load files (cifar: an image folder, latent-b: an .npz or .safetensors file)"
         )
     if preset.data == "gauss":
+        if data is not None:
+            raise DataError(f"data: the {preset.name!r} preset generates its gauss data; pass no data to it")
         return DataStream(GaussBatches(preset.train.batch_size, generator), m.num_classes, device)
-    x, y = data if data is not None else load_training_data(preset.data, data_path)
+    if data is not None:
+        if not (isinstance(data, (tuple, list)) and len(data) == 2):
+            raise DataError(f"data must be a pair (x, y) of tensors (y may be None), got {type(data).__name__}")
+        x, y = check_data(*data, "data (in memory)")
+    else:
+        x, y = load_training_data(preset.data, data_path)
     want = (m.image_channels, m.image_size, m.image_size)
     if tuple(x.shape[1:]) != want:
         raise DataError(

@@ -26,10 +26,10 @@ def classifier(tmp_path_factory):
 class FieldModel(nn.Module):
     """A stand-in network with given u and v fields; records the conditions it was called with."""
 
-    def __init__(self, u=None, v=None, num_classes: int = 10):
+    def __init__(self, u=None, v=None, num_classes: int = 10, dtype=torch.float32):
         super().__init__()
         self.cfg = ModelConfig(num_classes=num_classes)
-        self.anchor = nn.Parameter(torch.zeros(()))  # for next(model.parameters()).device
+        self.anchor = nn.Parameter(torch.zeros((), dtype=dtype))  # the device and dtype the sampler checks against
         self.u_field, self.v_field, self.calls = u, v, []
         self.v_level = None if v is None else nn.Identity()
 
@@ -45,10 +45,10 @@ class FieldModel(nn.Module):
 def test_v_head_euler_matches_closed_forms():
     z = torch.randn(3, 1, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 4, 9])
-    constant = FieldModel(v=lambda z, c: torch.full_like(z, 0.25))
+    constant = FieldModel(v=lambda z, c: torch.full_like(z, 0.25), dtype=torch.float64)
     assert torch.allclose(sample_v_head(constant, z, y, steps=7), z - 0.25, atol=1e-14)
     # v = z: every step multiplies by (1 - 1/N)
-    linear = FieldModel(v=lambda z, c: z)
+    linear = FieldModel(v=lambda z, c: z, dtype=torch.float64)
     assert torch.allclose(sample_v_head(linear, z, y, steps=32), z * (1 - 1 / 32) ** 32, atol=1e-14)
     ts = [c.t[0].item() for _, c in linear.calls]
     assert ts == pytest.approx([1 - k / 32 for k in range(32)])

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import imf.train
 from imf.checkpoint import load_checkpoint
 from imf.config import get_preset
+from imf.data import DataError
 from imf.train import NonFiniteLossError, build_trainer, make_stream, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,36 +41,68 @@ def tensor_preset():
     return preset
 
 
-def data_with_nan_at_step(step: int):
-    """40 random rows, 5 batches per epoch; the first row of the batch that `step` draws is NaN."""
+def clean_data():
+    """40 random rows, 5 batches of 8 per epoch."""
     generator = torch.Generator().manual_seed(3)
-    x, y = torch.randn(40, 1, 8, 8, generator=generator), torch.randint(0, 10, (40,), generator=generator)
-    stream = make_stream(tensor_preset(), data=(x, y))
-    for _ in range(step):
-        batch, _ = stream()
-    row = int(((x - batch[0]).flatten(1).abs().sum(1) == 0).nonzero()[0, 0])
-    x[row, 0, 3, 5] = float("nan")
-    return x, y
+    return torch.randn(40, 1, 8, 8, generator=generator), torch.randint(0, 10, (40,), generator=generator)
 
 
-def test_nan_data_stops_with_step_and_last_good_checkpoint(tmp_path):
+class NaNAtStep:
+    """A data stream whose batch of step `step` has a NaN in its first row (data with a NaN is refused before
+    training, in memory as in a file, so the NaN comes in on the way)."""
+
+    def __init__(self, stream, step: int):
+        self.stream, self.step, self.drawn = stream, step, 0
+
+    def __call__(self):
+        x, y = self.stream()
+        self.drawn += 1
+        if self.drawn == self.step:
+            x = x.clone()
+            x[0, 0, 3, 5] = float("nan")
+        return x, y
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state):
+        self.stream.load_state_dict(state)
+
+
+def nan_at_step(monkeypatch, step: int):
+    """The clean data, and `train`'s stream wrapped in NaNAtStep."""
+    made = imf.train.make_stream
+    monkeypatch.setattr(imf.train, "make_stream", lambda *args, **kwargs: NaNAtStep(made(*args, **kwargs), step))
+    return clean_data()
+
+
+def test_in_memory_data_with_a_nan_is_refused_before_training(tmp_path):
+    x, y = clean_data()
+    x[7, 0, 3, 5] = float("nan")
+    with pytest.raises(DataError, match=r"^data \(in memory\): x has 1 non-finite values \(NaN or inf\)$"):
+        train(tensor_preset(), tmp_path / "run", data=(x, y), progress=False, log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_nan_data_stops_with_step_and_last_good_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError) as caught:
-        train(tensor_preset(), out, data=data_with_nan_at_step(3), progress=False, log=lambda m: None)
+        train(tensor_preset(), out, data=nan_at_step(monkeypatch, 3), progress=False, log=lambda m: None)
     assert str(caught.value) == f"loss is NaN at step 3; last good checkpoint: {out} (step 2)"
     manifest, state = load_checkpoint(out)
     assert manifest["step"] == state["step_count"] == 2
     assert all(torch.isfinite(w).all() for w in state["model"].values())
 
 
-def test_nan_on_the_first_step_says_no_checkpoint_exists(tmp_path):
+def test_nan_on_the_first_step_says_no_checkpoint_exists(tmp_path, monkeypatch):
+    data = nan_at_step(monkeypatch, 1)
     with pytest.raises(NonFiniteLossError, match=r"^loss is NaN at step 1; last good checkpoint: none \(no check"):
-        train(tensor_preset(), tmp_path / "run", data=data_with_nan_at_step(1), progress=False, log=lambda m: None)
+        train(tensor_preset(), tmp_path / "run", data=data, progress=False, log=lambda m: None)
 
 
 def test_skip_nonfinite_skips_exactly_the_nan_step():
     preset = tensor_preset()
-    stream = make_stream(preset, data=data_with_nan_at_step(3))
+    stream = NaNAtStep(make_stream(preset, data=clean_data()), 3)
     trainer = build_trainer(preset, stream, skip_nonfinite=True)
     trainer.run(steps=2)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -88,12 +122,12 @@ def test_skip_nonfinite_skips_exactly_the_nan_step():
     assert any(not torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
 
 
-def test_skip_nonfinite_run_finishes_and_logs_the_skip(tmp_path):
+def test_skip_nonfinite_run_finishes_and_logs_the_skip(tmp_path, monkeypatch):
     messages = []
     result = train(
         tensor_preset(),
         tmp_path / "run",
-        data=data_with_nan_at_step(3),
+        data=nan_at_step(monkeypatch, 3),
         progress=False,
         log=messages.append,
         skip_nonfinite=True,
