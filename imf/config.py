@@ -142,6 +142,6 @@ PRESET_NAMES = tuple(_presets())
 def get_preset(name: str) -> Preset:
     """A fresh copy of a preset (safe to modify)."""
     presets = _presets()
-    if name not in presets:
+    if not isinstance(name, str) or name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
     return dataclasses.replace(presets[name])

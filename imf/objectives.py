@@ -587,6 +587,6 @@ OBJECTIVES = {"imf": IMFObjective, "mf": MeanFlowObjective, "fm": FlowMatchingOb
 
 
 def make_objective(name: str, **kwargs):
-    if name not in OBJECTIVES:
+    if not isinstance(name, str) or name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name](**kwargs)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -75,18 +76,17 @@ def _check_tensor(
         _fail(op, f"{name} must have dtype {accepted}, got {str(dtype).removeprefix('torch.')}")
     if value.numel() == 0:
         _fail(op, f"{name} must not be empty, got shape {tuple(value.shape)}")
+    if like is not None:  # what the tensor must be before how it is laid out
+        anchor_name, anchor_dtype, anchor_device = like
+        if value.shape != shape:
+            _fail(op, f"{name} must have shape {layout} = {shape}, got {tuple(value.shape)}")
+        if dtype != anchor_dtype:
+            _fail(op, f"{name} must have the dtype of {anchor_name} ({anchor_dtype}), got {dtype}")
+        device = value.device
+        if device != anchor_device:
+            _fail(op, f"{name} must be on the device of {anchor_name} ({anchor_device}), got {device}")
     if contiguous and not value.is_contiguous():
         _fail(op, f"{name} must be contiguous (call .contiguous()), got strides {value.stride()}")
-    if like is None:
-        return value
-    anchor_name, anchor_dtype, anchor_device = like
-    if value.shape != shape:
-        _fail(op, f"{name} must have shape {layout} = {shape}, got {tuple(value.shape)}")
-    if dtype != anchor_dtype:
-        _fail(op, f"{name} must have the dtype of {anchor_name} ({anchor_dtype}), got {dtype}")
-    device = value.device
-    if device != anchor_device:
-        _fail(op, f"{name} must be on the device of {anchor_name} ({anchor_device}), got {device}")
     return value
 
 
@@ -96,8 +96,8 @@ def _check_flag(op: str, name: str, value: Any) -> None:
 
 
 def _check_number(op: str, name: str, value: Any, minimum: float, strict: bool) -> float:
-    """A finite real number >= minimum (> minimum when strict)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A finite real number >= minimum (> minimum when strict); NumPy's scalars are real numbers too."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         _fail(op, f"{name} must be a finite number, got {value!r}")
     if value < minimum or (strict and value == minimum):
         _fail(op, f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
@@ -137,8 +137,9 @@ def _check_group_norm(op: str, args: dict[str, Any]) -> None:
     _check_map(op, "x", x)
     batch, channels = x.shape[:2]
     num_groups = args["num_groups"]
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
         _fail(op, f"num_groups must be a positive int, got {num_groups!r}")
+    num_groups = args["num_groups"] = int(num_groups)
     if channels % num_groups:
         _fail(op, f"num_groups={num_groups} must divide the {channels} channels of x")
     per_channel, per_sample, like = (channels,), (batch, channels), ("x", x.dtype, x.device)
@@ -196,7 +197,7 @@ def _check_loss(op: str, args: dict[str, Any], names: tuple[str, ...]) -> None:
     for name in ("t", "r"):
         time = args[name]
         if not isinstance(time, Tensor) or time.shape != (batch,) or not time.is_floating_point():
-            got = tuple(time.shape) if isinstance(time, Tensor) else type(time).__name__
+            got = f"{tuple(time.shape)} {time.dtype}" if isinstance(time, Tensor) else type(time).__name__
             _fail(op, f"{name} must be a floating tensor of shape (B,) = ({batch},), got {got}")
         if time.device != device:
             _fail(op, f"{name} must be on the device of u ({device}), got {time.device}")
@@ -658,7 +659,7 @@ def group_norm_act(
     _check_flag(op, "return_input", return_input)
     _, family = dispatch.select(op, args, backend)
     x, _, relaid = _maps_for(family, x)
-    inputs = (family, x, num_groups, weight, bias, scale, shift, args["eps"], act)
+    inputs = (family, x, args["num_groups"], weight, bias, scale, shift, args["eps"], act)
     if return_input:
         y, _, _, x_out = _input_output(_GroupNormAct, *inputs)
         return _as_channels_last(relaid, y, x_out)
@@ -707,7 +708,7 @@ def group_norm_act_jvp(
     _check_flag(op, "return_input", return_input)
     _, family = dispatch.select(op, args, backend)
     x, dx, relaid = _maps_for(family, x, dx)
-    eps, rows = args["eps"], dx.shape[0]
+    eps, rows, num_groups = args["eps"], dx.shape[0], args["num_groups"]
     if rows == x.shape[0] or getattr(family, "TANGENT_ROWS", False):
         inputs = (family, x, dx, num_groups, weight, bias, scale, shift, dscale, dshift, eps, act)
         if return_input:

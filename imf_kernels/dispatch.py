@@ -83,7 +83,7 @@ class BackendStatus:
 
 
 def _check_name(name: str, source: str) -> str:
-    if name != AUTO and name not in BACKENDS:
+    if not isinstance(name, str) or (name != AUTO and name not in BACKENDS):
         accepted = ", ".join([AUTO, *BACKENDS])
         raise ValueError(f"{source}: unknown backend {name!r}; accepted: {accepted}")
     return name

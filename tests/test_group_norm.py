@@ -7,6 +7,7 @@ Memory the launchers allocate with `empty` is NaN-filled (deterministic mode), s
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -592,6 +593,11 @@ BAD_CALLS = [
         "x must have dtype float16, bfloat16, float32, float64",
     ),
     ("act", lambda: imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2, act="gelu"), "act must be one of"),
+    (
+        "weight length before layout",
+        lambda: imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2, weight=torch.randn(6, 2)[:, 0]),
+        "weight must have shape (C,) = (8,), got (6,)",
+    ),
     ("eps", lambda: imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2, eps=0.0), "eps must be > 0"),
     (
         "dx shape",
@@ -630,6 +636,12 @@ def test_bad_input_raises_a_clear_value_error(case, bad_call, message):
     op = "group_norm_act_jvp" if case.startswith(("dx", "dscale")) else "group_norm_act"
     with pytest.raises(ValueError, match="^" + re.escape(f"{op}: {message}")):
         bad_call()
+
+
+def test_a_numpy_group_count_is_an_int():
+    x = torch.randn(2, 8, 3, 3)
+    got = imf_kernels.group_norm_act(x, np.int64(4), backend="torch")
+    assert torch.equal(got, imf_kernels.group_norm_act(x, 4, backend="torch"))
 
 
 # ------------------------------------------------------------------------------------------------------ GPU

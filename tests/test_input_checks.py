@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+import imf_kernels
 from imf import IMFNet, get_preset, make_objective, sample
 from imf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from imf.config import TrainConfig
@@ -273,3 +274,12 @@ def test_evaluations_check_the_model_fits_their_data():
         evaluate_digits(digits_model(), omegas=(), n=4)
     with pytest.raises(ValueError, match="class_omega_samples: classes and omegas must not be empty"):
         class_omega_samples(digits_model(), torch.randn(4, 1, 8, 8), [], [1.0])
+
+
+def test_names_that_are_not_strings_are_refused_in_words():
+    with pytest.raises(ValueError, match=r"unknown preset \['digits'\]; choose one of gauss, digits"):
+        get_preset(["digits"])
+    with pytest.raises(ValueError, match=r"unknown objective \['imf'\]; choose one of imf, mf, fm"):
+        make_objective(["imf"])
+    with pytest.raises(ValueError, match=r"unknown backend \['torch'\]; accepted: auto"):
+        imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2, backend=["torch"])

@@ -7,6 +7,7 @@ get no gradient.
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -183,7 +184,24 @@ BAD_CALLS = [
     ("t shape", lambda: imf_kernels.imf_loss(**loss_inputs(t=torch.rand(3))), "t must be a floating tensor of shape"),
     ("r type", lambda: imf_kernels.imf_loss(**loss_inputs(r=0.5)), "r must be a floating tensor of shape (B,)"),
     ("c", lambda: imf_kernels.imf_loss(**loss_inputs(), c=-1.0), "c must be >= 0"),
+    (
+        "integer t",
+        lambda: imf_kernels.imf_loss(**loss_inputs(t=torch.ones(2, dtype=torch.int64))),
+        "t must be a floating tensor of shape (B,) = (2,), got (2,) torch.int64",
+    ),
+    (  # the shape is the mistake to name, not the layout a slice of the right shape would have
+        "du shape before layout",
+        lambda: imf_kernels.imf_loss(**loss_inputs(du=torch.randn(2, 3, 4)[:, :2])),
+        "du must have shape (B, ...) like u = (2, 3, 4), got (2, 2, 4)",
+    ),
 ]
+
+
+def test_numpy_scalars_are_numbers():
+    tensors = loss_inputs()
+    got, _ = imf_kernels.imf_loss(**tensors, c=np.float32(0.01), p=np.float64(1.0), backend="torch")
+    want, _ = imf_kernels.imf_loss(**tensors, c=0.01, p=1.0, backend="torch")
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize(("case", "bad_call", "message"), BAD_CALLS, ids=[case for case, _, _ in BAD_CALLS])
