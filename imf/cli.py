@@ -313,12 +313,7 @@ def _load_model(ckpt: str, weights: str, device):
     from imf.train import preset_from_dict
 
     manifest, state = load_checkpoint(ckpt, parts=(weights,))
-    try:
-        preset = preset_from_dict(manifest["config"])
-    except (KeyError, TypeError, ValueError) as error:
-        from imf.checkpoint import CheckpointError
-
-        raise CheckpointError(f"checkpoint: {ckpt}/checkpoint.json has an unreadable config: {error}") from None
+    preset = preset_from_dict(manifest["config"], f"checkpoint: {ckpt}/checkpoint.json's config")
     model = IMFNet(preset.model)
     load_weights(model, state[weights], f"{ckpt} ({weights} weights)")
     return model.to(device).eval(), preset, manifest

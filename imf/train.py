@@ -712,14 +712,21 @@ def preset_to_dict(preset: Preset) -> dict[str, Any]:
     return dataclasses.asdict(preset)
 
 
-def preset_from_dict(data: dict[str, Any]) -> Preset:
-    return Preset(
-        name=data["name"],
-        data=data["data"],
-        model=ModelConfig(**data["model"]),
-        train=TrainConfig(**data["train"]),
-        objective=data["objective"],
-    )
+def preset_from_dict(data: dict[str, Any], source: str = "config") -> Preset:
+    """The preset `preset_to_dict` wrote (a checkpoint's config); a CheckpointError naming `source` when it is not
+    one, or holds a knob out of range."""
+    from imf.checkpoint import CheckpointError
+
+    try:
+        return Preset(
+            name=data["name"],
+            data=data["data"],
+            model=ModelConfig(**data["model"]),
+            train=TrainConfig(**data["train"]),
+            objective=data["objective"],
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{source} is not a preset this version reads: {error!r}") from None
 
 
 def cudnn_benchmark_pays(objective: str, cuda_graph: bool) -> bool:
@@ -829,7 +836,7 @@ def train(
     last_good: tuple[Path, int] | None = None
     if resume:
         manifest, state = load_checkpoint(out)
-        saved = preset_from_dict(manifest["config"])
+        saved = preset_from_dict(manifest["config"], f"checkpoint: {out}/checkpoint.json's config")
         # The run's identity comes from the checkpoint; only the stopping rule and how a step runs may change on
         # resume (with or without a CUDA graph, pipelined or not, the maps channels-last or not: the same loss from
         # the same draws).

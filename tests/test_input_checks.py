@@ -2,6 +2,7 @@
 any write (the kernels' own argument checks are tested with each op)."""
 
 import dataclasses
+import json
 import math
 import re
 
@@ -15,7 +16,7 @@ from imf.config import TrainConfig
 from imf.data import DataError
 from imf.evaluate import class_omega_samples, evaluate_digits, evaluate_gauss
 from imf.model import ModelConfig
-from imf.train import Trainer, build_trainer, make_stream, preset_to_dict
+from imf.train import Trainer, build_trainer, make_stream, preset_to_dict, train
 
 
 def digits_model() -> IMFNet:
@@ -283,3 +284,13 @@ def test_names_that_are_not_strings_are_refused_in_words():
         make_objective(["imf"])
     with pytest.raises(ValueError, match=r"unknown backend \['torch'\]; accepted: auto"):
         imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2), 2, backend=["torch"])
+
+
+def test_a_checkpoint_config_out_of_range_is_a_checkpoint_error(saved):
+    _, preset, folder = saved
+    manifest = json.loads((folder / "checkpoint.json").read_text())
+    manifest["config"]["model"]["head_dim"] = 0
+    (folder / "checkpoint.json").write_text(json.dumps(manifest))
+    message = r"checkpoint: .*checkpoint.json's config is not a preset this version reads: .*head_dim must be an int"
+    with pytest.raises(CheckpointError, match=message):
+        train(preset, folder, resume=True, progress=False, log=lambda m: None)
