@@ -163,13 +163,14 @@ def check_batch(
     dtype: torch.dtype | None = None,
     names: tuple[str, str] = ("x", "y"),
     class_range: bool = False,
+    same_device: bool = True,
 ) -> None:
     """Clear errors for a batch of images and its class ids against a model's config (the entry points call it:
     the sampler, the objectives' losses): x a tensor (B, C, H, W) of the config's channels and size, B >= 1, of
-    `dtype` (the model's parameters') where given, else floating; y an integer tensor (B,) on x's device. With
-    `class_range`, also the ids in [0, num_classes] (num_classes is the null class: unconditional), which reads
-    y's extremes on the host: the training step leaves that to its data's checks (`imf.data.check_data`) rather
-    than synchronise every step."""
+    `dtype` (the model's parameters') where given, else floating; y an integer tensor (B,), on x's device with
+    `same_device`. With `class_range`, also the ids in [0, num_classes] (num_classes is the null class:
+    unconditional) where y is on the CPU: on a GPU reading them would wait for all the queued work (a sampling loop
+    would lose its overlap), so there an id out of range is the embedding's device-side assert, as in PyTorch."""
     x_name, y_name = names
     want = (cfg.image_channels, cfg.image_size, cfg.image_size)
     if not isinstance(x, torch.Tensor):
@@ -192,9 +193,9 @@ def check_batch(
         raise ValueError(
             f"{y_name} must have shape (B,) = ({x.shape[0]},), one class id per image, got {tuple(y.shape)}"
         )
-    if y.device != x.device:
+    if same_device and y.device != x.device:
         raise ValueError(f"{y_name} is on {y.device} but {x_name} on {x.device}")
-    if class_range:
+    if class_range and y.device.type == "cpu":
         low, high = torch.stack(torch.aminmax(y)).tolist()  # one read
         if low < 0 or high > cfg.num_classes:
             raise ValueError(

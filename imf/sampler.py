@@ -69,13 +69,13 @@ def check_steps(steps: int) -> None:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
 
 
-def check_noise_and_labels(model: nn.Module, noise: torch.Tensor, y: torch.Tensor) -> None:
-    """`imf.model.check_batch` of the sampler's inputs, class ids' range included, for a model with a config (a
-    stand-in model without one, e.g. a test's, is taken as it is)."""
+def check_noise_and_labels(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, same_device: bool = True) -> None:
+    """`imf.model.check_batch` of the sampler's inputs, the class ids' range included where y is on the CPU, for a
+    model with a config (a stand-in model without one, e.g. a test's, is taken as it is)."""
     cfg = getattr(model, "cfg", None)
     if isinstance(cfg, ModelConfig):
         dtype = next(model.parameters()).dtype
-        check_batch(cfg, noise, y, dtype=dtype, names=("noise", "y"), class_range=True)
+        check_batch(cfg, noise, y, dtype=dtype, names=("noise", "y"), class_range=True, same_device=same_device)
 
 
 @torch.no_grad()
@@ -163,7 +163,7 @@ class CudaGraphSampler:
         if tuple(noise.shape) != self.shape:
             got = tuple(noise.shape)
             raise ValueError(f"CudaGraphSampler: noise must have the captured shape {self.shape}, got {got}")
-        check_noise_and_labels(self.model, noise, y)  # y copied as it is into the graph's ids: checked first
+        check_noise_and_labels(self.model, noise, y, same_device=False)  # copied into the graph's inputs
         self.noise.copy_(noise)
         self.y.copy_(y)
         self.omega.fill_(omega)
