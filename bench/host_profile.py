@@ -82,12 +82,18 @@ def stubbed_triton_kernels() -> Iterator[dict[str, _StubKernel]]:
 
 def build_step(preset: str, width: int, resolution: int, batch: int, objective: str, seed: int = 0):
     """step(): one fused training step (zero_grad, loss, backward) of the preset's structure at `width` channels and
-    `resolution` pixels, on fixed random inputs and draws."""
+    `resolution` pixels (its attention at the same levels: the attention resolutions scaled alike), on fixed random
+    inputs and draws."""
     from imf.config import get_preset
     from imf.model import IMFNet
     from imf.objectives import make_objective
 
     cfg = get_preset(preset).model
+    scaled = lambda sizes: tuple(size * resolution // cfg.image_size for size in sizes)  # noqa: E731
+    cfg.cross_attn_resolutions, cfg.self_attn_resolutions = (
+        scaled(cfg.cross_attn_resolutions),
+        scaled(cfg.self_attn_resolutions),
+    )
     cfg.width, cfg.image_size = width, resolution
     cfg.__post_init__()
     torch.manual_seed(seed)

@@ -46,7 +46,7 @@ class ModelConfig:
         4,
     )  # feature-map sizes with a CrossAttnBlock after each ResBlock
     self_attn_resolutions: tuple[int, ...] = ()  # feature-map sizes with self-attention (lowest ones)
-    head_dim: int = 32
+    head_dim: int = 32  # the heads' target size: an attention block of C channels has max(1, C // head_dim) heads
     context_dim: int = 128
     num_classes: int = 10
     condition_on_t: bool = False  # also feed t as tokens (needed for low-dimensional data, DESIGN 2.1)
@@ -101,7 +101,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: tokens needs a count for {', '.join(missing)}; got {self.tokens}")
         for key, count in self.tokens.items():
             _check_count(f"tokens[{key!r}]", count)
-        # the attention blocks' channels: every level with cross-attention, and the middle block's
+        # the attention blocks' channels: every level with cross-attention, and the middle block's; head_dim is the
+        # heads' target size: C // head_dim heads (at least one), which must split C evenly
         channels = {self.width * self.channel_mult[-1]}
         channels |= {
             self.width * m
@@ -109,10 +110,11 @@ class ModelConfig:
             if res in self.cross_attn_resolutions
         }
         for c in sorted(channels):
-            if c > self.head_dim and c % self.head_dim:
+            heads = max(1, c // self.head_dim)
+            if c % heads:
                 raise ValueError(
-                    f"ModelConfig: head_dim {self.head_dim} must divide the attention blocks' channels ({c}) or "
-                    "be at least as large (one head of all the channels)"
+                    f"ModelConfig: head_dim {self.head_dim} gives {heads} heads for an attention block's {c} channels, "
+                    f"which they do not split evenly; choose a head_dim that divides {c}"
                 )
 
 

@@ -40,7 +40,7 @@ BAD_MODEL_CONFIGS = [
         "cross_attn_resolutions (16,) must be among the levels' feature-map sizes (8, 4)",
     ),
     ({"self_attn_resolutions": (8,)}, "self_attn_resolutions (8,) can only hold the lowest feature-map size, 4"),
-    ({"width": 64, "head_dim": 24}, "head_dim 24 must divide the attention blocks' channels (64)"),
+    ({"width": 7, "head_dim": 2}, "head_dim 2 gives 3 heads for an attention block's 7 channels, which they do not"),
     ({"tokens": {"class": 8, "omega": 4}}, "tokens needs a count for t_min, t_max, h"),
     ({"tokens": {"class": 8, "omega": 0, "t_min": 2, "t_max": 2, "h": 4}}, "tokens['omega'] must be an int >= 1"),
 ]
@@ -52,8 +52,13 @@ def test_model_config_refuses_what_would_build_a_wrong_model(overrides, message)
         ModelConfig(**overrides)
 
 
-def test_model_config_takes_one_head_of_all_channels_when_head_dim_exceeds_them():
+def test_head_dim_is_the_heads_target_size():
+    """C // head_dim heads, at least one, of C / heads channels each (bench/compare_objectives.py's width-48 gauss
+    model runs one head of 48 at head_dim 32)."""
     assert IMFNet(ModelConfig(width=8, context_dim=16, head_dim=32)).mid_cross_attn.heads == 1
+    assert IMFNet(ModelConfig(width=48, context_dim=16, head_dim=32)).mid_cross_attn.heads == 3  # 96 channels
+    one_level = ModelConfig(width=32, context_dim=16, head_dim=12, channel_mult=(1,), cross_attn_resolutions=(8,))
+    assert IMFNet(one_level).down[0].attn[0].heads == 2  # of 16 channels each
 
 
 def test_imfnet_names_the_preset_mistake():

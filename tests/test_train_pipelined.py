@@ -11,6 +11,7 @@ import torch
 from test_train import tiny_digits as plain_tiny_digits
 
 from imf.config import TrainConfig
+from imf.objectives import make_objective
 from imf.train import NonFiniteLossError, Trainer, _HostRead, build_trainer, make_stream, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -182,8 +183,9 @@ def test_pipelined_refuses_fsdp_by_name():
     from imf.distributed import DistInfo
 
     dist = DistInfo(rank=0, world_size=2, local_rank=0)
+    objective = make_objective("imf")
     with pytest.raises(ValueError, match="pipelined takes one process or parallel='ddp'"):
-        Trainer(torch.nn.Linear(2, 2), object(), lambda: None, TrainConfig(pipelined=True), dist=dist, parallel="fsdp")
+        Trainer(torch.nn.Linear(2, 2), objective, lambda: None, TrainConfig(pipelined=True), dist=dist, parallel="fsdp")
 
 
 def test_a_checkpoint_moves_between_the_plain_and_the_pipelined_loop():
