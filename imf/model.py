@@ -172,7 +172,8 @@ def check_batch(
     `dtype` (the model's parameters') where given, else floating; y an integer tensor (B,), on x's device with
     `same_device`. With `class_range`, also the ids in [0, num_classes] (num_classes is the null class:
     unconditional) where y is on the CPU: on a GPU reading them would wait for all the queued work (a sampling loop
-    would lose its overlap), so there an id out of range is the embedding's device-side assert, as in PyTorch."""
+    would lose its overlap), so there an id out of range is the embedding's device-side assert, as in PyTorch. The
+    losses leave it off (a read every training step; the training data's own checks hold the ids' range)."""
     x_name, y_name = names
     want = (cfg.image_channels, cfg.image_size, cfg.image_size)
     if not isinstance(x, torch.Tensor):
@@ -204,6 +205,14 @@ def check_batch(
                 f"{y_name} must hold class ids in [0, {cfg.num_classes}] ({cfg.num_classes} = the null class, "
                 f"unconditional), got min {low}, max {high}"
             )
+
+
+def check_model_batch(model: nn.Module, x, y, **options) -> None:
+    """`check_batch` against `model`'s own config and its parameters' dtype, for a model with a ModelConfig (a
+    stand-in without one, e.g. a test's, is taken as it is); `options` as check_batch's."""
+    cfg = getattr(model, "cfg", None)
+    if isinstance(cfg, ModelConfig):
+        check_batch(cfg, x, y, dtype=next(model.parameters()).dtype, **options)
 
 
 def num_groups_for(channels: int) -> int:

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 import imf_kernels
 from imf import layers
-from imf.model import Cond, CondTangent, ModelConfig, bf16_parameters, check_batch
+from imf.model import Cond, CondTangent, bf16_parameters, check_model_batch
 
 Tensor = torch.Tensor
 
@@ -73,14 +73,6 @@ def check_flags(owner: str, **flags) -> None:
     for name, value in flags.items():
         if type(value) is not bool:
             raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
-
-
-def check_model_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
-    """`imf.model.check_batch` of a loss's inputs against the model's config and dtype (shapes and dtypes only:
-    the class ids' range would cost a synchronisation every step; the training data's checks hold it)."""
-    cfg = getattr(model, "cfg", None)
-    if isinstance(cfg, ModelConfig):
-        check_batch(cfg, x, y, dtype=next(model.parameters()).dtype)
 
 
 def runs_fused(model: nn.Module, jvp: str) -> bool:
@@ -294,7 +286,7 @@ class IMFObjective:
         return IMFDraws(t_d, r_d, e, omega_d, t_min_d, t_max_d, to_device(drop, x.device), host)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
-        check_model_inputs(model, x, y)
+        check_model_batch(model, x, y)
         return self.loss_from_draws(model, x, y, self.draw(x, generator))
 
     @torch.no_grad()
@@ -386,7 +378,7 @@ class IMFObjective:
         return v_g
 
     def loss_from_draws(self, model: nn.Module, x: Tensor, y: Tensor, d: IMFDraws):
-        check_model_inputs(model, x, y)
+        check_model_batch(model, x, y)
         if runs_fused(model, self.jvp):  # the fused loss kernel on the fused pass's outputs, du where h != 0
             _, _, v_g, _, _, u, du, v = self.outputs(model, x, y, d, du_everywhere=self.static_rows)
             loss, stats = imf_kernels.imf_loss(u, du, v, v_g, d.t, d.r, c=self.c, p=self.p)
@@ -502,11 +494,11 @@ class MeanFlowObjective:
         return MFDraws(t_d, r_d, e, to_device(drop, x.device), host)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
-        check_model_inputs(model, x, y)
+        check_model_batch(model, x, y)
         return self.loss_from_draws(model, x, y, self.draw(x, generator))
 
     def loss_from_draws(self, model: nn.Module, x: Tensor, y: Tensor, d: MFDraws):
-        check_model_inputs(model, x, y)
+        check_model_batch(model, x, y)
         b = x.shape[0]
         tb = _col(d.t, x)
         z = (1 - tb) * x + tb * d.e
@@ -569,7 +561,7 @@ class FlowMatchingObjective:
         check_setting(owner, "class_dropout", self.class_dropout, 0.0, 1.0, open_high=True)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None):
-        check_model_inputs(model, x, y)
+        check_model_batch(model, x, y)
         b, dev = x.shape[0], x.device
         t = torch.sigmoid(self.p_mean + self.p_std * torch.randn(b, generator=generator)).to(dev, time_dtype(x))
         e = torch.randn(x.shape, generator=generator).to(dev, x.dtype)

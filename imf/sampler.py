@@ -17,7 +17,7 @@ import numbers
 import torch
 import torch.nn as nn
 
-from imf.model import Cond, ModelConfig, check_batch
+from imf.model import Cond, check_model_batch
 
 DEFAULT_INTERVAL = (0.4, 0.65)  # interior: rows with r != t never saw (0, 1) in training (DESIGN 2.4)
 
@@ -70,12 +70,8 @@ def check_steps(steps: int) -> None:
 
 
 def check_noise_and_labels(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, same_device: bool = True) -> None:
-    """`imf.model.check_batch` of the sampler's inputs, the class ids' range included where y is on the CPU, for a
-    model with a config (a stand-in model without one, e.g. a test's, is taken as it is)."""
-    cfg = getattr(model, "cfg", None)
-    if isinstance(cfg, ModelConfig):
-        dtype = next(model.parameters()).dtype
-        check_batch(cfg, noise, y, dtype=dtype, names=("noise", "y"), class_range=True, same_device=same_device)
+    """`imf.model.check_model_batch` of the sampler's inputs, the class ids' range included where y is on the CPU."""
+    check_model_batch(model, noise, y, names=("noise", "y"), class_range=True, same_device=same_device)
 
 
 @torch.no_grad()
