@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass, field
 
+from imf.checks import check_flags, check_int, check_real
 from imf.model import ModelConfig
+
+_OWNER = "TrainConfig"  # the checks' messages name it
 
 
 @dataclass
@@ -40,25 +42,16 @@ class TrainConfig:
             ("sample_every", 0),
             ("checkpoint_every", 0),
         ):
-            value = getattr(self, name)
-            if type(value) is not int or value < low:
-                raise ValueError(f"TrainConfig: {name} must be an int >= {low}, got {value!r}")
+            check_int(_OWNER, name, getattr(self, name), low)
         if type(self.seed) is not int:
             raise ValueError(f"TrainConfig: seed must be an int, got {self.seed!r}")
-        _check_real("lr", self.lr, lambda v: 0 < v < math.inf, "a finite number > 0")
-        _check_real("ema_decay", self.ema_decay, lambda v: 0 <= v < 1, "a number in [0, 1)")
-        _check_real("grad_clip", self.grad_clip, lambda v: v > 0, "a number > 0 (inf: no clipping)")
-        _check_real("cooldown", self.cooldown, lambda v: 0 <= v <= 1, "a fraction of the steps in [0, 1]")
+        check_real(_OWNER, "lr", self.lr, lambda v: 0 < v < math.inf, "a finite number > 0")
+        check_real(_OWNER, "ema_decay", self.ema_decay, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        check_real(_OWNER, "grad_clip", self.grad_clip, lambda v: v > 0, "a number > 0 (inf: no clipping)")
+        check_real(_OWNER, "cooldown", self.cooldown, lambda v: 0 <= v <= 1, "a fraction of the steps in [0, 1]")
         if self.minutes is not None:
-            _check_real("minutes", self.minutes, lambda v: v > 0, "a number > 0 or None (inf: no limit)")
-        for name in ("bf16", "cuda_graph", "pipelined"):
-            if type(getattr(self, name)) is not bool:
-                raise ValueError(f"TrainConfig: {name} must be True or False, got {getattr(self, name)!r}")
-
-
-def _check_real(name: str, value, accepts, what: str) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not accepts(value):  # NaN accepts nothing
-        raise ValueError(f"TrainConfig: {name} must be {what}, got {value!r}")
+            check_real(_OWNER, "minutes", self.minutes, lambda v: v > 0, "a number > 0 or None (inf: no limit)")
+        check_flags(_OWNER, bf16=self.bf16, cuda_graph=self.cuda_graph, pipelined=self.pipelined)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from imf.checks import check_int
 from imf.model import Cond
 from imf.sampler import DEFAULT_INTERVAL, check_guidance, check_noise_and_labels, check_steps, sample
 
@@ -84,8 +85,7 @@ def _check_evaluation(
             f"{name}: the model must take images of shape {tuple(image_shape)} and at least {num_classes} classes "
             f"(the data's), got {got} and {cfg.num_classes}"
         )
-    if type(n) is not int or n < 2:
-        raise ValueError(f"{name}: n must be an int >= 2 (a covariance needs two samples), got {n!r}")
+    check_int(name, "n", n, 2, " (a covariance needs two samples)")
     try:
         count = len(omegas)
     except TypeError:

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from imf import layers
+from imf.checks import check_int
 
 try:  # FSDP2's units (imf.distributed.shard_fsdp); absent from torch builds without torch.distributed
     from torch.distributed.fsdp import FSDPModule as _FSDPModule
@@ -72,11 +73,11 @@ class ModelConfig:
             "context_dim",
             "num_classes",
         ):
-            _check_count(name, getattr(self, name))
+            check_int("ModelConfig", name, getattr(self, name), 1)
         if not self.channel_mult:
             raise ValueError("ModelConfig: channel_mult needs at least one level, got ()")
         for m in self.channel_mult:
-            _check_count("channel_mult's entries", m)
+            check_int("ModelConfig", "channel_mult's entries", m, 1)
         if self.v_head not in ("aux", "boundary"):
             raise ValueError(f"ModelConfig: v_head must be 'aux' or 'boundary', got {self.v_head!r}")
         if self.image_size % (2 ** (len(self.channel_mult) - 1)) != 0:
@@ -100,7 +101,7 @@ class ModelConfig:
         if missing:
             raise ValueError(f"ModelConfig: tokens needs a count for {', '.join(missing)}; got {self.tokens}")
         for key, count in self.tokens.items():
-            _check_count(f"tokens[{key!r}]", count)
+            check_int("ModelConfig", f"tokens[{key!r}]", count, 1)
         # the attention blocks' channels: every level with cross-attention, and the middle block's; head_dim is the
         # heads' target size: C // head_dim heads (at least one), which must split C evenly
         channels = {self.width * self.channel_mult[-1]}
@@ -116,11 +117,6 @@ class ModelConfig:
                     f"ModelConfig: head_dim {self.head_dim} gives {heads} heads for an attention block's {c} channels, "
                     f"which they do not split evenly; choose a head_dim that divides {c}"
                 )
-
-
-def _check_count(name: str, value) -> None:
-    if type(value) is not int or value < 1:
-        raise ValueError(f"ModelConfig: {name} must be an int >= 1, got {value!r}")
 
 
 class Cond(NamedTuple):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn as nn
 
 import imf_kernels
 from imf import layers
+from imf.checks import check_flags, check_setting
 from imf.model import Cond, CondTangent, bf16_parameters, check_model_batch
 
 Tensor = torch.Tensor
@@ -56,23 +56,6 @@ JVP_PATHS = ("fused", "reference")
 def check_jvp_path(owner: str, jvp: str) -> None:
     if jvp not in JVP_PATHS:
         raise ValueError(f"{owner}: jvp must be one of {', '.join(map(repr, JVP_PATHS))}, got {jvp!r}")
-
-
-def check_setting(owner: str, name: str, value, low: float, high: float = math.inf, *, open_low=False, open_high=False):
-    """A finite real `value` in [low, high] (an open end with open_low / open_high), or a ValueError naming it."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
-    above = value > low if open_low else value >= low
-    below = value < high if open_high else value <= high
-    if not (above and below and math.isfinite(value)):
-        bounds = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high or high == math.inf else ']'}"
-        raise ValueError(f"{owner}: {name} must be a finite number in {bounds}, got {value!r}")
-
-
-def check_flags(owner: str, **flags) -> None:
-    for name, value in flags.items():
-        if type(value) is not bool:
-            raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
 
 
 def runs_fused(model: nn.Module, jvp: str) -> bool:

@@ -12,22 +12,22 @@ loop for one batch shape as a CUDA graph and replays it; omega and the interval 
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn as nn
 
+from imf.checks import check_int, is_real
 from imf.model import Cond, check_model_batch
 
 DEFAULT_INTERVAL = (0.4, 0.65)  # interior: rows with r != t never saw (0, 1) in training (DESIGN 2.4)
 
 
 def check_guidance(omega: float, interval: tuple[float, float]) -> None:
-    if not isinstance(omega, numbers.Real) or isinstance(omega, bool):
+    if not is_real(omega):
         raise TypeError(f"omega must be a number (one guidance scale for the batch), got {type(omega).__name__}")
     if not (isinstance(interval, (tuple, list)) and len(interval) == 2):
         raise TypeError(f"interval must be a pair (t_min, t_max), got {interval!r}")
-    if not all(isinstance(t, numbers.Real) and not isinstance(t, bool) for t in interval):
+    if not all(is_real(t) for t in interval):
         raise TypeError(f"interval must be a pair of numbers (t_min, t_max), got {interval!r}")
     if not 1.0 <= omega < math.inf:
         raise ValueError(f"omega must be a finite number >= 1 (1 = no guidance), got {omega}")
@@ -65,8 +65,7 @@ def _steps(
 
 
 def check_steps(steps: int) -> None:
-    if type(steps) is not int or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    check_int(None, "steps", steps, 1)
 
 
 def check_noise_and_labels(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, same_device: bool = True) -> None:

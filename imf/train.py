@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from imf.checks import check_flag
 from imf.config import Preset, TrainConfig
 from imf.distributed import DistInfo, all_mean, any_rank, full_tensors, shard_like, shard_optimizer_state, slice_rows
 from imf.model import Cond, IMFNet, ModelConfig, bf16_parameters
@@ -319,8 +320,7 @@ class Trainer:
             raise TypeError(f"Trainer: next_batch must be a function returning (x, y), got {type(next_batch).__name__}")
         if parallel not in PARALLEL_MODES:
             raise ValueError(f"Trainer: parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}")
-        if type(skip_nonfinite) is not bool:
-            raise ValueError(f"Trainer: skip_nonfinite must be True or False, got {skip_nonfinite!r}")
+        check_flag("Trainer", "skip_nonfinite", skip_nonfinite)
         if cfg.cuda_graph:
             self._check_cuda_graph(model, objective, dist if dist is not None else DistInfo())
         if cfg.pipelined and dist is not None and dist.enabled and parallel == "fsdp":

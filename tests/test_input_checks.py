@@ -12,6 +12,7 @@ import torch
 import imf_kernels
 from imf import IMFNet, get_preset, make_objective, sample
 from imf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from imf.checks import check_flags, check_int, check_real, check_setting, is_real
 from imf.config import TrainConfig
 from imf.data import DataError
 from imf.evaluate import class_omega_samples, evaluate_digits, evaluate_gauss
@@ -195,6 +196,8 @@ def test_trainer_checks_a_config_changed_after_construction_and_its_own_options(
         Trainer(model, "fm", stream, preset.train)
     with pytest.raises(TypeError, match="Trainer: cfg must be a TrainConfig"):
         Trainer(model, objective, stream, {"lr": 1e-3})
+    with pytest.raises(ValueError, match="Trainer: skip_nonfinite must be True or False, got 1"):
+        Trainer(model, objective, stream, preset.train, skip_nonfinite=1)
 
 
 def tensor_preset():
@@ -299,3 +302,42 @@ def test_a_checkpoint_config_out_of_range_is_a_checkpoint_error(saved):
     message = r"checkpoint: .*checkpoint.json's config is not a preset this version reads: .*head_dim must be an int"
     with pytest.raises(CheckpointError, match=message):
         train(preset, folder, resume=True, progress=False, log=lambda m: None)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: check_setting("O", "a", 1.0, 0.0, 1.0, open_high=True),
+            r"O: a must be a finite number in \[0, 1\), got 1.0",
+        ),
+        (
+            lambda: check_setting("O", "a", 0.0, 0.0, open_low=True),
+            r"O: a must be a finite number in \(0, inf\), got 0.0",
+        ),
+        (
+            lambda: check_setting("O", "a", math.nan, -math.inf),
+            r"O: a must be a finite number in \[-inf, inf\), got nan",
+        ),
+        (lambda: check_setting("O", "a", True, 0.0), "O: a must be a number, got True"),
+        (
+            lambda: check_real(None, "b", math.nan, lambda v: v >= 0, "a number >= 0"),
+            "^b must be a number >= 0, got nan",
+        ),
+        (lambda: check_int("O", "n", 3.0, 1), r"O: n must be an int >= 1, got 3.0"),
+        (lambda: check_int("O", "n", False, 0, " (why)"), r"O: n must be an int >= 0 \(why\), got False"),
+        (lambda: check_flags("O", x=True, y=0), "O: y must be True or False, got 0"),
+    ],
+)
+def test_the_shared_checks_name_the_argument_and_its_range(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_the_shared_checks_accept_the_ends_they_include():
+    check_setting("O", "a", 0.0, 0.0, 1.0)
+    check_setting("O", "a", 1, 0.0, 1.0)  # ints are numbers
+    check_int("O", "n", 0, 0)
+    check_flags("O", x=False, y=True)
+    check_real("O", "b", math.inf, lambda v: v > 0, "a number > 0 (inf: none)")
+    assert not is_real(True) and is_real(2) and is_real(0.5)
