@@ -25,7 +25,10 @@ from imf.sampler import CudaGraphSampler, sample
 from imf_kernels import dispatch, reference
 
 FLOAT64_RTOL = 1e-9  # the two float64 paths differ by rounding only
-FLOOR = 1e-5  # float32 atol floor relative to max(1, max |expected|), as the op tests
+# relative to max |expected|, as the op tests, at 10x their float32 floor: the whole model's parameter gradients are
+# sums over the batch and the positions through every layer (a bias's terms cancel), which reached 0.9 of the ops'
+# floor in one run
+FLOOR = 10 * reference.FLOOR[torch.float32]
 
 
 def randomised(cfg: ModelConfig, dtype=torch.float64, seed: int = 0) -> IMFNet:

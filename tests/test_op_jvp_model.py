@@ -16,7 +16,7 @@ from imf_kernels import dispatch, reference
 BACKENDS = list(dispatch.BACKENDS)
 BATCH, CHANNELS, HEIGHT, WIDTH, GROUPS = 2, 40, 5, 7, 8
 CONTEXT_TOKENS, CONTEXT_DIM, HEADS, HEAD_DIM = 20, 24, 2, 32
-FLOOR = 1e-5  # float32
+FLOOR = reference.FLOOR[torch.float32]
 
 
 class TinyAttentionBlock(nn.Module):

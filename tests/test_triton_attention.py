@@ -31,6 +31,8 @@ CASES = [
     (1, 1, 65, 77, 32, "loop"),
     (2, 1, 37, 20, 64, "loop16"),
     (1, 2, 65, 24, 32, "loop16"),
+    (1, 1, 37, 20, 16, "single"),  # the smallest head dim (its own tiles' dot K = 16)
+    (1, 1, 33, 77, 128, "loop"),  # the largest: its own tile table; the jvp loops at any context
 ]
 FORCED_LOOP = attn.BlockConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
 
