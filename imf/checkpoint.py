@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -38,10 +39,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     try:
         write(temp_name)
         os.chmod(temp_name, 0o644)  # mkstemp creates 0600
+        _fsync(temp_name)  # the data on disk before the name: a machine crash after the rename keeps it
         os.replace(temp_name, path)
+        _fsync(path.parent)  # the rename itself
     finally:
         if os.path.exists(temp_name):
             os.remove(temp_name)
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -146,13 +157,22 @@ def save_checkpoint(
     }
     write_json(folder / MANIFEST, manifest)  # the commit point
     keep = set(files.values())
-    for stale in folder.glob("*.safetensors"):
-        if stale.name not in keep and stale.name.split("-")[0] in _PARTS:
+    for stale in folder.iterdir():  # only names this function writes: a user's own files stay
+        if stale.name not in keep and is_checkpoint_file(stale.name) and stale.name != MANIFEST:
             stale.unlink()
-    for temp in folder.glob(".*.tmp"):  # atomic_write's temporaries, e.g. `.model-00000004.safetensors.x1y2.tmp`
-        if temp.name[1:].split("-")[0] in _PARTS or temp.name.startswith(f".{MANIFEST}."):
-            temp.unlink()
     return folder / MANIFEST
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether a file name is one save_checkpoint writes: the manifest, a part (`model-00000400.safetensors`) or
+    atomic_write's temporary of either (`.model-00000400.safetensors.x1y2.tmp`, `.checkpoint.json.x1y2.tmp`)."""
+    return name == MANIFEST or bool(_PART_FILE.fullmatch(name) or _TEMP_FILE.fullmatch(name))
+
+
+# The files save_checkpoint writes (`model-00000400.safetensors`) and atomic_write's temporaries of them and of the
+# manifest (`.model-00000400.safetensors.x1y2.tmp`, `.checkpoint.json.x1y2.tmp`).
+_PART_FILE = re.compile(rf"(?:{'|'.join(_PARTS)})-\d{{8,}}\.safetensors")
+_TEMP_FILE = re.compile(rf"\.(?:{_PART_FILE.pattern}|{re.escape(MANIFEST)})\.[^.]+\.tmp")
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:

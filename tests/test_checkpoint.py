@@ -2,6 +2,8 @@
 uninterrupted run's), crash safety of the write, and one-line errors for missing, corrupt or mismatched files."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +89,35 @@ def test_new_checkpoint_replaces_old_files(tmp_path):
     save_checkpoint(tmp_path, trainer.state_dict(), preset_to_dict(preset))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(["checkpoint.json"] + [f"{part}-00000002.safetensors" for part in checkpoint._PARTS])
+
+
+def test_a_new_checkpoint_leaves_the_users_own_files(tmp_path):
+    """Only the names save_checkpoint writes are replaced: a user's `model-best.safetensors` beside them stays."""
+    preset = tiny_preset()
+    trainer = new_trainer(preset)
+    own = ["model-best.safetensors", "state-of-the-art.safetensors", ".model-notes.tmp", "notes.txt"]
+    for name in own:
+        (tmp_path / name).write_text("mine")
+    trainer.step()
+    save_checkpoint(tmp_path, trainer.state_dict(), preset_to_dict(preset))
+    trainer.step()
+    save_checkpoint(tmp_path, trainer.state_dict(), preset_to_dict(preset))
+    parts = [f"{part}-00000002.safetensors" for part in checkpoint._PARTS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint.json", *parts, *own])
+    assert all((tmp_path / name).read_text() == "mine" for name in own)
+
+
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """A machine crash (not only a process's) keeps the old file or the whole new one: the data reaches the disk
+    before the new name does, and the rename is synced too."""
+    events = []
+    monkeypatch.setattr(checkpoint, "_fsync", lambda path: events.append(("fsync", Path(path))))
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", Path(b))), real_replace(a, b)))
+    checkpoint.write_json(tmp_path / "x.json", {"a": 1})
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].parent == tmp_path and events[0][1].name.startswith(".x.json.")  # the temporary
+    assert events[2][1] == tmp_path  # the folder
 
 
 def test_crash_mid_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
