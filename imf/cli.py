@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -132,10 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
         "-m imf.cli train ... (DDP, or FSDP2 with --parallel fsdp; NCCL on GPUs, gloo on the CPU). SIGINT/SIGTERM "
         "write a checkpoint and exit 0; a NaN or inf loss exits 1 naming the last good checkpoint.",
     )
-    p.add_argument("--preset", default="digits", help="gauss, digits, cifar or latent-b (default digits)")
+    p.add_argument("--preset", help="gauss, digits, cifar or latent-b (default digits; with --resume, the run's)")
     p.add_argument("--data", help="image folder (cifar) or .npz/.safetensors file with x and y (latent-b)")
     p.add_argument("--out", help="checkpoint folder (default runs/PRESET)")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the checkpoint in --out exactly: its preset, model and knobs (flags that would change them "
+        "are refused); --steps, --minutes and the file and step-running flags may change",
+    )
     p.add_argument("--channels", type=int, help="image channels of the model (user data)")
     p.add_argument("--image-size", type=int, help="image height = width of the model (user data)")
     p.add_argument("--num-classes", type=int, help="number of classes of the model (user data)")
@@ -324,6 +330,20 @@ def _load_model(ckpt: str, weights: str, device):
 # --------------------------------------------------------------------------------------------------------
 
 
+def _check_writable(flag: str, folder: Path) -> None:
+    """Make `folder` and write a file in it before any work, so a path that cannot hold the output fails in one
+    line now, not in a traceback after the training or sampling it would have lost."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix=".imf-write-check.", dir=folder)
+        os.close(descriptor)
+        os.remove(probe)
+    except OSError as error:
+        raise CLIError(f"{flag} {folder}: cannot write there ({error.strerror or error})") from None
+
+
 def _cudnn_benchmark(choice: str, device, preset) -> bool:
     """--cudnn-benchmark: on / off as asked, on a GPU; auto: where the search pays (imf.train.cudnn_benchmark_pays:
     every step the same shapes)."""
@@ -334,6 +354,55 @@ def _cudnn_benchmark(choice: str, device, preset) -> bool:
     return choice == "on" or cudnn_benchmark_pays(preset.objective, preset.train.cuda_graph)
 
 
+DEFAULT_PRESET = "digits"
+# imf train's flags that set what a run is (its model, objective, data order, optimisation) -> the preset's field:
+# --resume continues the run its checkpoint describes, so one that differs from it is refused rather than ignored
+RUN_FLAGS = {
+    "batch_size": "train.batch_size", "lr": "train.lr", "warmup_steps": "train.warmup_steps",
+    "ema_decay": "train.ema_decay", "grad_clip": "train.grad_clip", "seed": "train.seed", "bf16": "train.bf16",
+    "width": "model.width", "channels": "model.image_channels", "image_size": "model.image_size",
+    "num_classes": "model.num_classes", "objective": "objective",
+}  # fmt: skip
+
+
+def _saved_run(args: argparse.Namespace, out: Path):
+    """The preset a checkpoint in `out` was trained with (--resume), after refusing a --preset that differs."""
+    from imf.checkpoint import MANIFEST, read_manifest
+    from imf.train import preset_from_dict
+
+    saved = preset_from_dict(read_manifest(out)["config"], f"checkpoint: {out}/{MANIFEST}'s config")
+    if args.preset is not None and args.preset != saved.name:
+        raise CLIError(f"--preset {args.preset}: the checkpoint in {out} is a {saved.name} run; --resume continues it")
+    return saved
+
+
+def _resumed_preset(args: argparse.Namespace, saved, flags):
+    """The saved run with what may change on --resume: when it stops (--steps, default the run's own; --minutes),
+    how often it writes files, and how a step runs (--cuda-graph, --pipelined, --channels-last: the same loss)."""
+
+    def value(preset, path: str):
+        for part in path.split("."):
+            preset = getattr(preset, part)
+        return preset
+
+    changed = [
+        f"--{name.replace('_', '-')} ({value(saved, path)!r} -> {value(flags, path)!r})"
+        for name, path in RUN_FLAGS.items()
+        if getattr(args, name) not in (None, False) and value(flags, path) != value(saved, path)
+    ]
+    if changed:
+        raise CLIError(
+            f"--resume continues the run as its checkpoint describes it; {', '.join(changed)} would change it "
+            "(leave them out, or start a new run in another --out)"
+        )
+    for name in ("steps", "minutes", "sample_every", "checkpoint_every"):
+        if getattr(args, name) is not None:
+            setattr(saved.train, name, getattr(flags.train, name))
+    saved.train.cuda_graph, saved.train.pipelined = flags.train.cuda_graph, flags.train.pipelined
+    saved.model.channels_last = flags.model.channels_last
+    return saved
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -341,16 +410,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     from imf.distributed import init_distributed, shutdown
     from imf.train import train
 
+    out = Path(args.out or f"runs/{args.preset or DEFAULT_PRESET}")
+    saved = _saved_run(args, out) if args.resume else None
+    args.preset = saved.name if saved is not None else args.preset or DEFAULT_PRESET
     preset = _preset_with_overrides(args)
+    if saved is not None:
+        preset = _resumed_preset(args, saved, preset)
     device = _runtime(args)
     torch.backends.cudnn.benchmark = _cudnn_benchmark(args.cudnn_benchmark, device, preset)
-    out = Path(args.out or f"runs/{preset.name}")
     if not args.resume and (out / MANIFEST).exists():
         raise CLIError(f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out")
     if preset.train.cuda_graph and preset.objective not in ("imf", "mf"):
         raise CLIError(f"--cuda-graph takes the imf or mf objective, got {preset.objective!r}")
     if preset.train.cuda_graph and device.type != "cuda":
         raise CLIError(f"--cuda-graph needs --device cuda, got {device}")
+    _check_writable("--out", out)
     dist = init_distributed(device)
     try:
         if dist.enabled:
@@ -402,6 +476,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for c in classes:
         if not 0 <= c < k:
             raise CLIError(f"--classes: class id {c} is out of range; this model has {k} classes (0..{k - 1})")
+    _check_writable("--out's folder", Path(args.out).parent)
     noise = torch.randn(
         len(classes) * args.per_class, model.cfg.image_channels, model.cfg.image_size, model.cfg.image_size,
         generator=torch.Generator().manual_seed(args.seed),
@@ -426,6 +501,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, preset, manifest = _load_model(args.ckpt, args.weights, device)
     if preset.data not in ("digits", "gauss"):
         raise CLIError(f"imf eval has metrics for the digits and gauss presets only, not {preset.name!r}")
+    out = Path(args.out or Path(args.ckpt) / "eval")
+    _check_writable("--out", out)
     result = evaluate(
         model,
         preset.data,
@@ -437,7 +514,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     result.update(checkpoint=str(args.ckpt), step=manifest["step"], weights=args.weights)
-    out = Path(args.out or Path(args.ckpt) / "eval")
     write_json(out / "metrics.json", result)
     save_quality_plot(result, out / "quality.png")
     print(format_summary(result))
@@ -477,6 +553,25 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+DEMO_FILES = ("checkpoint.json", "metrics.json", "samples.png", "loss.png", "quality.png")
+
+
+def _is_demo_output(out: Path) -> bool:
+    """Whether a folder holds what `imf demo` writes and nothing else: its files (metrics.json among them, which
+    `imf train` does not write), the checkpoint's parts and the training's sample grids."""
+    from imf.checkpoint import is_checkpoint_file
+
+    if not (out / "metrics.json").is_file():
+        return False
+    for entry in out.iterdir():
+        if entry.name == "samples" and entry.is_dir():
+            if not all(re.fullmatch(r"step_\d+\.png", grid.name) for grid in entry.iterdir()):
+                return False
+        elif not (entry.name in DEMO_FILES or is_checkpoint_file(entry.name)):
+            return False
+    return True
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import shutil
 
@@ -504,9 +599,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     device = _runtime(args)
     out = Path(args.out)
     if out.exists():
-        if not (out / "checkpoint.json").exists() and any(out.iterdir()):
-            raise CLIError(f"{out} exists and is not a demo output folder; choose another --out")
+        if not out.is_dir():
+            raise CLIError(f"--out {out} is a file, not a folder")
+        if any(out.iterdir()) and not _is_demo_output(out):
+            raise CLIError(
+                f"--out {out} holds files the demo did not write (a training run's, or your own), and a rerun "
+                "replaces the folder: choose another --out"
+            )
         shutil.rmtree(out)  # a rerun starts from scratch
+    _check_writable("--out", out)
 
     started = time.perf_counter()
     print(

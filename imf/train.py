@@ -837,10 +837,12 @@ def train(
     if resume:
         manifest, state = load_checkpoint(out)
         saved = preset_from_dict(manifest["config"], f"checkpoint: {out}/checkpoint.json's config")
-        # The run's identity comes from the checkpoint; only the stopping rule and how a step runs may change on
-        # resume (with or without a CUDA graph, pipelined or not, the maps channels-last or not: the same loss from
-        # the same draws).
+        # The run's identity comes from the checkpoint; only the stopping rule, how often files are written and
+        # how a step runs may change on resume (with or without a CUDA graph, pipelined or not, the maps
+        # channels-last or not: the same loss from the same draws).
         saved.train.steps, saved.train.minutes = preset.train.steps, preset.train.minutes
+        saved.train.checkpoint_every = preset.train.checkpoint_every
+        saved.train.sample_every = preset.train.sample_every
         saved.train.cuda_graph, saved.train.pipelined = preset.train.cuda_graph, preset.train.pipelined
         saved.model.channels_last = preset.model.channels_last
         preset = saved

@@ -83,6 +83,19 @@ def test_train_sample_eval_chain(env, ckpt, tmp_path):
     assert manifest["config"]["model"]["channels_last"] is True
 
 
+def test_resume_keeps_the_runs_own_step_target_and_honours_file_flags(env, tmp_path):
+    """--resume without --steps continues to the run's own target (not the preset's default), and --checkpoint-every
+    (how often files are written) applies."""
+    out = tmp_path / "run"
+    done = imf(env, "train", "--steps", 2, "--checkpoint-every", 1, *TINY, "--out", out, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    done = imf(env, "train", "--resume", "--checkpoint-every", 7, "--out", out, "--threads", 1, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "trained to step 2" in done.stdout
+    train = json.loads((out / "checkpoint.json").read_text())["config"]["train"]
+    assert train["steps"] == 2 and train["checkpoint_every"] == 7 and train["batch_size"] == 8
+
+
 def test_demo_smoke(env, tmp_path):
     out = tmp_path / "demo"
     done = imf(env, "demo", "--steps", 2, *TINY, "--n", 20, "--out", out, "--no-progress")
@@ -119,6 +132,17 @@ BAD_INPUT = [
     ("t_min > t_max", ["eval", "--ckpt", "{ckpt}", "--interval", "0.7", "0.3", "--out", "{tmp}"], "t_min 0.7 is"),
     ("mixed image sizes", ["train", "--preset", "cifar", "--data", "{tmp}/mixed", "--out", "{tmp}/run"], "differ"),
     ("existing run", ["train", "--out", "{ckpt}", "--steps", "9"], "already holds a checkpoint"),
+    (
+        "resume changing the run",
+        ["train", "--out", "{ckpt}", "--resume", "--lr", "0.5", "--width", "16"],
+        "--lr (0.001 -> 0.5), --width (8 -> 16) would change it",
+    ),
+    ("resume as another preset", ["train", "--preset", "gauss", "--out", "{ckpt}", "--resume"], "is a digits run"),
+    ("train under a file", ["train", "--steps", "1", "--out", "{tmp}/grid.png/run"], "grid.png/run: cannot write"),
+    ("sample under a file", ["sample", "--ckpt", "{ckpt}", "--out", "{tmp}/grid.png/x.png"], "cannot write there"),
+    ("eval under a file", ["eval", "--ckpt", "{ckpt}", "--n", "4", "--out", "{tmp}/grid.png/e"], "cannot write there"),
+    ("demo over a file", ["demo", "--out", "{tmp}/grid.png"], "is a file, not a folder"),
+    ("demo over a training run", ["demo", "--out", "{ckpt}"], "holds files the demo did not write"),
     ("graph on a cpu", ["train", "--cuda-graph", "--device", "cpu", "--out", "{tmp}/run"], "needs --device cuda"),
     (
         "graph of fm",
