@@ -223,10 +223,12 @@ def _positive(name: str, value, allow_zero: bool = False, finite: bool = False) 
         raise CLIError(f"--{name} must be {'a finite number ' + bound if finite else bound}, got {value}")
 
 
-def _check_guidance(omegas: Sequence[float], interval: Sequence[float], steps: int) -> tuple[float, float]:
+def _check_guidance(
+    omegas: Sequence[float], interval: Sequence[float], steps: int, flag: str = "--omega"
+) -> tuple[float, float]:
     for omega in omegas:
         if not 1.0 <= omega < math.inf:
-            raise CLIError(f"--omega must be a finite number >= 1 (1 = no guidance), got {omega:g}")
+            raise CLIError(f"{flag} must be a finite number >= 1 (1 = no guidance), got {omega:g}")
     t_min, t_max = interval
     if t_min > t_max:
         raise CLIError(f"--interval: t_min {t_min:g} is greater than t_max {t_max:g}")
@@ -370,9 +372,15 @@ def _saved_run(args: argparse.Namespace, out: Path):
     from imf.checkpoint import MANIFEST, read_manifest
     from imf.train import preset_from_dict
 
-    saved = preset_from_dict(read_manifest(out)["config"], f"checkpoint: {out}/{MANIFEST}'s config")
+    manifest = read_manifest(out)
+    saved = preset_from_dict(manifest["config"], f"checkpoint: {out}/{MANIFEST}'s config")
     if args.preset is not None and args.preset != saved.name:
         raise CLIError(f"--preset {args.preset}: the checkpoint in {out} is a {saved.name} run; --resume continues it")
+    if args.steps is not None and args.steps < manifest["step"]:
+        raise CLIError(
+            f"--steps {args.steps}: the checkpoint in {out} is at step {manifest['step']} already; --steps is the "
+            "total to reach"
+        )
     return saved
 
 
@@ -401,6 +409,14 @@ def _resumed_preset(args: argparse.Namespace, saved, flags):
     saved.train.cuda_graph, saved.train.pipelined = flags.train.cuda_graph, flags.train.pipelined
     saved.model.channels_last = flags.model.channels_last
     return saved
+
+
+def _last_losses(record: dict[str, float]) -> str:
+    """The last step's loss and, where the objective has them, its u and v terms (fm has neither)."""
+    if not record:
+        return "(no step taken)"
+    terms = [f"{name} {record[name]:.4g}" for name in ("loss_u", "loss_v") if name in record]
+    return f"{record['loss']:.4g}" + (f" ({', '.join(terms)})" if terms else "")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -454,7 +470,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if dist.is_main:
         print(
             f"trained to step {result.trainer.step_count} in {result.seconds:.0f} s (stopped by {result.stopped_by}); "
-            f"last loss_u {last.get('loss_u', float('nan')):.4g}; checkpoint: {out}"
+            f"last loss {_last_losses(last)}; checkpoint: {out}"
         )
     return 0
 
@@ -493,7 +509,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from imf.evaluate import evaluate
     from imf.plots import save_quality_plot
 
-    interval = _check_guidance(args.omegas, args.interval, args.sample_steps)
+    interval = _check_guidance(args.omegas, args.interval, args.sample_steps, flag="--omegas")
     if args.n is not None and args.n < 2:
         raise CLIError(f"--n must be >= 2 (a Frechet distance needs a covariance), got {args.n}")
     _positive("v-head-steps", args.v_head_steps, allow_zero=True)

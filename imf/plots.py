@@ -80,7 +80,7 @@ def save_sample_grid(
 
 def save_loss_curve(history: Sequence[dict], path: str | os.PathLike) -> None:
     """The raw loss terms (per-sample sums, before the adaptive weighting that makes the total ~2) against the
-    step, with a running mean over 50 steps, on a log scale."""
+    step, with a running mean over 50 steps (over a fifth of a shorter run), on a log scale."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = np.array([h["step"] for h in history])
@@ -88,7 +88,7 @@ def save_loss_curve(history: Sequence[dict], path: str | os.PathLike) -> None:
     keys = [k for k in ("loss_u", "loss_v") if history and k in history[0]] or ["loss"]
     for key in keys:
         values = np.array([h[key] for h in history], dtype=np.float64)
-        window = min(50, len(values))
+        window = max(1, min(50, len(values) // 5))  # a curve of at least ~5 windows on a short run
         smooth = np.convolve(values, np.ones(window) / window, mode="valid")
         line = ax.plot(steps, values, alpha=0.25, lw=0.8)[0]
         ax.plot(steps[window - 1 :], smooth, color=line.get_color(), label=f"{key} (mean of {window})")

@@ -120,7 +120,8 @@ BAD_INPUT = [
     ("unknown preset", ["train", "--preset", "mnist", "--out", "{tmp}/run"], "unknown preset 'mnist'"),
     ("class out of range", ["sample", "--ckpt", "{ckpt}", "--classes", "3", "12", *GRID], "class id 12"),
     ("omega below 1", ["sample", "--ckpt", "{ckpt}", "--omega", "0.5", *GRID], "--omega must be a finite number >= 1"),
-    ("infinite omega", ["eval", "--ckpt", "{ckpt}", "--omegas", "1", "inf", "--out", "{tmp}"], "got inf"),
+    ("infinite omega", ["eval", "--ckpt", "{ckpt}", "--omegas", "1", "inf", "--out", "{tmp}"], "--omegas must be a"),
+    ("resume below its step", ["train", "--out", "{ckpt}", "--resume", "--steps", "1"], "--steps 1: the checkpoint"),
     ("NaN learning rate", ["train", "--lr", "nan", "--out", "{tmp}/run"], "--lr must be a finite number > 0, got nan"),
     ("infinite learning rate", ["train", "--lr", "inf", "--out", "{tmp}/run"], "--lr must be a finite number > 0"),
     ("NaN minutes", ["train", "--minutes", "nan", "--out", "{tmp}/run"], "--minutes must be > 0, got nan"),
@@ -217,3 +218,11 @@ def test_cudnn_benchmark_follows_the_flag_and_the_objective():
     assert not any(chosen(c, cpu, preset("fm", True)) for c in ("auto", "on", "off"))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--cudnn-benchmark", "yes"])
+
+
+def test_the_closing_line_names_the_losses_the_objective_has():
+    from imf.cli import _last_losses
+
+    assert _last_losses({"loss": 2.0, "loss_u": 31.5, "loss_v": 40.25}) == "2 (loss_u 31.5, loss_v 40.25)"
+    assert _last_losses({"loss": 0.51}) == "0.51"  # flow matching: no u term, not "nan"
+    assert _last_losses({}) == "(no step taken)"
