@@ -17,6 +17,7 @@ import test_attention as attention_tests
 import test_cuda_ops as cuda_tests
 import test_fused as fused_tests
 import test_group_norm as group_norm_tests
+import test_loss as loss_tests
 import torch
 
 from imf_kernels import dispatch
@@ -311,6 +312,43 @@ def test_attention_public_ops(shape, variant, dtype, with_tangent, emulated_back
 @pytest.mark.parametrize("variant", attention_tests.VARIANTS)
 def test_attention_tangent_on_the_first_rows(variant, rows, emulated_backend):
     attention_tests.check_first_rows("cuda", (3, *attention_tests.SHAPES[0][1:]), variant, torch.float32, rows)
+
+
+# The public-op tests of tests/test_group_norm.py, test_attention.py and test_loss.py that build CPU tensors, on the
+# emulated cuda backend: inside torch.func.jvp and forward AD, one value per group, a large mean, and the losses
+# through their autograd Function (on a GPU only the GPU-shape tests reach it).
+
+
+@pytest.mark.parametrize("mode", ["torch_func_jvp", "forward_ad"])
+@pytest.mark.parametrize("tests", [group_norm_tests, attention_tests], ids=["group_norm", "attention"])
+def test_primal_ops_under_forward_mode_ad(tests, mode, emulated_backend):
+    getattr(tests, f"test_tangent_of_the_primal_op_under_{mode}")("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("shape", group_norm_tests.ONE_VALUE_SHAPES, ids=str)
+def test_group_norm_one_value_per_group(shape, dtype, emulated_backend):
+    group_norm_tests.test_one_value_per_group_on_each_backend("cuda", shape, dtype)
+    if dtype == torch.float32:
+        group_norm_tests.test_one_value_per_group_without_modulation("cuda", shape)
+
+
+@pytest.mark.parametrize("with_tangent", [False, True], ids=["primal", "jvp"])
+def test_group_norm_large_mean_and_return_input_without_a_graph(with_tangent, emulated_backend):
+    group_norm_tests.test_statistics_survive_a_large_mean("cuda", with_tangent)
+    if not with_tangent:
+        group_norm_tests.test_return_input_without_a_graph_returns_x_itself("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("op", ["imf_loss", "meanflow_loss"])
+def test_losses_through_the_public_op(op, dtype, emulated_backend):
+    """The losses' autograd Function on the cuda backend: loss, stats, every gradient and none on the constants."""
+    for shape in loss_tests.SHAPES:
+        for c, p in loss_tests.WEIGHTINGS:
+            loss_tests.check_against_reference(op, "cuda", shape, c, p, dtype)
+    for shape in loss_tests.TOTALS_SHAPES:
+        loss_tests.test_loss_and_stats_are_the_float64_batch_means(op, "cuda", shape)
 
 
 # kernels each public op launches on backend="cuda" (tests/launches.py: and no torch op that runs a kernel)
