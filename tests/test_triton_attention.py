@@ -15,8 +15,10 @@ from imf_kernels.triton import attention as attn
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-# Fixed floors added to 2x PyTorch's same-dtype error (max abs error; inputs and outputs are O(1)).
-ATOL = {torch.float32: 1e-2 if ON_GPU else 5e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# Fixed floors added to 2x PyTorch's same-dtype error (max abs error; inputs and outputs are O(1)). float32 runs
+# fp32-accurate tf32x3 dots on a GPU (the module's DOT_PRECISION; 1e-2 here assumed one TF32 pass): the public-op
+# GPU tests of these kernels passed the H200 leases at 1e-5 (tests/test_attention.py before its relative floors).
+ATOL = {torch.float32: 1e-5 if ON_GPU else 5e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 CPU_DTYPES = [torch.float32, torch.float16]
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPES = GPU_DTYPES if ON_GPU else CPU_DTYPES
