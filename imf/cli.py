@@ -533,6 +533,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     write_json(out / "metrics.json", result)
     save_quality_plot(result, out / "quality.png")
     print(format_summary(result))
+    if preset.objective == "fm":
+        print(
+            "note: this is a flow-matching run, which trains the v-head only: the rows above sample its untrained "
+            "u-head; its v-head row (--v-head-steps) is what it learned"
+        )
     print(f"wrote {out / 'metrics.json'} and {out / 'quality.png'}")
     return 0
 

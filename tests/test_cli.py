@@ -226,3 +226,13 @@ def test_the_closing_line_names_the_losses_the_objective_has():
     assert _last_losses({"loss": 2.0, "loss_u": 31.5, "loss_v": 40.25}) == "2 (loss_u 31.5, loss_v 40.25)"
     assert _last_losses({"loss": 0.51}) == "0.51"  # flow matching: no u term, not "nan"
     assert _last_losses({}) == "(no step taken)"
+
+
+def test_eval_of_a_flow_matching_run_says_which_rows_it_learned(env, tmp_path):
+    out = tmp_path / "fm"
+    done = imf(env, "train", "--objective", "fm", "--steps", 1, *TINY, "--out", out, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "last loss" in done.stdout and "nan" not in done.stdout
+    done = imf(env, "eval", "--ckpt", out, "--omegas", 1, "--n", 4, "--v-head-steps", 2, "--out", tmp_path / "e")
+    assert done.returncode == 0, done.stderr
+    assert "note: this is a flow-matching run, which trains the v-head only" in done.stdout
