@@ -396,3 +396,16 @@ GPU_SHAPES = [(8, 4, 1024, 24, 64), (8, 4, 1024, 20, 64), (8, 4, 256, 256, 64), 
 @pytest.mark.parametrize("with_tangent", [False, True], ids=["primal", "jvp"])
 def test_attention_on_gpu(backend, shape, dtype, with_tangent):
     check_against_reference(backend, shape, "default", dtype, with_tangent, device="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tangent_inputs_get_no_gradient(backend):
+    """The stop-gradient contract: dq, dk and dv that require grad get none through o, and do is not
+    differentiable."""
+    inputs = make_inputs(INTERPRETED_SHAPES[0], torch.float32)
+    skip_unless_runs(backend, "attention_jvp", {**inputs, "scale": None})
+    leaves = {name: value.clone().requires_grad_() for name, value in inputs.items()}
+    o, do = imf_kernels.attention_jvp(*(leaves[name] for name in ("q", "k", "v", "dq", "dk", "dv")), backend=backend)
+    assert o.requires_grad and not do.requires_grad
+    tangents = [leaves[name] for name in ("dq", "dk", "dv")]
+    assert torch.autograd.grad(o.sum(), tangents, allow_unused=True) == (None, None, None)

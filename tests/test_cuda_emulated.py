@@ -325,6 +325,11 @@ def test_primal_ops_under_forward_mode_ad(tests, mode, emulated_backend):
     getattr(tests, f"test_tangent_of_the_primal_op_under_{mode}")("cuda")
 
 
+@pytest.mark.parametrize("tests", [group_norm_tests, attention_tests], ids=["group_norm", "attention"])
+def test_tangent_inputs_get_no_gradient(tests, emulated_backend):
+    tests.test_tangent_inputs_get_no_gradient("cuda")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("shape", group_norm_tests.ONE_VALUE_SHAPES, ids=str)
 def test_group_norm_one_value_per_group(shape, dtype, emulated_backend):

@@ -714,3 +714,17 @@ GPU_SHAPES = [(8, 256, 32, 32, 32), (8, 192, 16, 16, 32), (1, 40, 5, 7, 8)]
 @pytest.mark.parametrize("with_tangent", [False, True], ids=["primal", "jvp"])
 def test_group_norm_act_on_gpu(backend, shape, dtype, with_tangent):
     check_against_reference(backend, shape, "modulated", dtype, with_tangent, device="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tangent_inputs_get_no_gradient(backend):
+    """The stop-gradient contract: dx, dscale and dshift that require grad get none through y, and dy is not
+    differentiable (the tangent half never reaches a weight gradient)."""
+    inputs, num_groups, act = make_inputs(SHAPES[0], "modulated", torch.float32)
+    args = {name: inputs[name] for name in ("x", "dx", *PARAMETER_NAMES, "dscale", "dshift")}
+    skip_unless_runs(backend, "group_norm_act_jvp", {**args, "num_groups": num_groups, "eps": 1e-5, "act": act})
+    leaves = {name: value.clone().requires_grad_() for name, value in args.items()}
+    y, dy = call(imf_kernels.group_norm_act_jvp, leaves, num_groups, act, True, backend=backend)
+    assert y.requires_grad and not dy.requires_grad
+    tangents = [leaves[name] for name in ("dx", "dscale", "dshift")]
+    assert torch.autograd.grad(y.sum(), tangents, allow_unused=True) == (None, None, None)
