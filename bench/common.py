@@ -31,6 +31,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,9 +39,13 @@ from typing import Any
 
 import torch
 
-from imf.checkpoint import atomic_write
-
 REPO = Path(__file__).resolve().parent.parent
+# This checkout's imf and imf_kernels, whatever the editable install points at: the rows are stamped with its commit
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from imf.checkpoint import atomic_write  # noqa: E402
+
 RESULTS_DIR = REPO / "bench" / "results"
 
 # Larger than any GPU's L2 (H100: 50 MB, H200: 50 MB), so each repetition reads its inputs from HBM.

@@ -297,6 +297,27 @@ def print_report(result: dict, device_label: str, top: int) -> None:
             console.print(f"  {syncs.count(where)}x {where}")
 
 
+PLAIN_VARIANTS = (
+    "reference", "trainer", "trainer-pipelined", "fm", "mf", "fwd-bwd", "fwd-tan-bwd", "ref-fwd-bwd",
+    "ref-fwd-tan-bwd", "compiled", "compiled-modules",
+)  # fmt: skip
+
+
+def check_variant(parser: argparse.ArgumentParser, variant: str, usable: list[str], on_gpu: bool) -> None:
+    """One line for a variant this machine cannot run, before the model is built (bench/step.py's names)."""
+    match = re.fullmatch(r"(fused|graph)-(\w+?)(-cl|-jit)?", variant)
+    if variant not in PLAIN_VARIANTS and match is None:
+        names = ", ".join((*PLAIN_VARIANTS, "fused-BACKEND[-cl]", "graph-BACKEND[-cl]"))
+        parser.error(f"--variant {variant}: not a bench/step.py variant ({names})")
+    if match is None:
+        return
+    kind, backend = match.group(1), match.group(2)
+    if kind == "graph" and not on_gpu:
+        parser.error(f"--variant {variant}: a CUDA graph needs a GPU")
+    if backend not in usable:
+        parser.error(f"--variant {variant}: the {backend} backend does not run here (usable: {', '.join(usable)})")
+
+
 def main(argv: list[str] | None = None) -> dict:
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
@@ -331,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     usable = usable_backends(device)
     variant = args.variant or f"fused-{next(name for name in dispatch.auto_order(on_gpu) if name in usable)}"
+    check_variant(parser, variant, usable, on_gpu)
     batch = args.batch or (GPU_BATCH if on_gpu else 128)
     result = profile(args.preset, variant, batch, args.steps, args.bf16, device, args.trace)
     torch_device = torch.device(device)

@@ -759,7 +759,19 @@ def write_results(path: Path, results: dict) -> None:
     """The results file, replaced atomically (a temporary file renamed over it)."""
     from imf.checkpoint import atomic_write
 
-    atomic_write(path, lambda name: Path(name).write_text(json.dumps(results, indent=2)))
+    atomic_write(path, lambda name: Path(name).write_text(json.dumps(_nan_to_none(results), indent=2)))
+
+
+def _nan_to_none(value):
+    """NaN (a ratio whose variant did not run) as JSON's null: `json.dumps` writes a bare NaN, which strict parsers
+    refuse."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(item) for item in value]
+    return value
 
 
 def _spread_ms(row: dict, key: str) -> str:
@@ -794,15 +806,18 @@ def print_table(results: dict, run: dict) -> None:
     basis = "CPU time" if results["ratio_time"] == "cpu_median_s" else "wall-clock"
     rounds = len(run["rounds"])
     over = f", each over {rounds} rounds; in brackets each round's own ratio, lowest-highest" if rounds > 1 else ""
-    ratio_table = Table(title=f"ratios of {basis} medians{over} (target)")
-    ratio_table.add_column("backend")
+    ratio_table = Table(title=f"ratios of {basis} medians{over}")
+    backends = list(run["ratios"])
+    ratio_table.add_column("ratio")
+    ratio_table.add_column("target", justify="right")
+    for backend in backends:
+        ratio_table.add_column(backend, justify="right")
+    not_timed = []
     for key in RATIO_KEYS:
-        ratio_table.add_column(f"{key} ({'<= ' + str(targets[key]) if key in targets else '-'})", justify="right")
-    for backend, values in run["ratios"].items():
         cells = []
-        for key in RATIO_KEYS:
-            value = values[key]
-            if math.isnan(value):  # a variant it needs failed (its row says why)
+        for backend in backends:
+            value = run["ratios"][backend][key]
+            if math.isnan(value):  # a variant it needs was not timed or failed (its row says why)
                 cells.append("n/a")
                 continue
             met = "" if key not in targets else (" ok" if value <= targets[key] else " MISSED")
@@ -811,8 +826,13 @@ def print_table(results: dict, run: dict) -> None:
             if len(per_round) > 1:
                 cell += f" [{min(per_round):.3f}-{max(per_round):.3f}]"
             cells.append(cell)
-        ratio_table.add_row(backend, *cells)
+        if all(cell == "n/a" for cell in cells):
+            not_timed.append(key)
+            continue
+        ratio_table.add_row(key, f"<= {targets[key]}" if key in targets else "-", *cells)
     console.print(ratio_table)
+    if not_timed:
+        console.print(f"not timed in this run (their variants were not asked for or failed): {', '.join(not_timed)}")
     if not run["sampling"]:  # --no-sampling
         return
     sampling = Table(title="1-NFE sampling (fused/reference: of CPU time on a CPU, wall-clock on a GPU)")

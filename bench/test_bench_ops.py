@@ -484,3 +484,10 @@ def test_a_run_cut_short_keeps_the_rows_of_every_shape_it_finished(tmp_path, mon
         f"{family}.{p}" for family in ("gn", "attn") for p in ("fwd", "jvp", "bwd")
     } | {"gn.jvp.cl", "gn.bwd.cl", "gn.jvp.half"}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("backend, reason", [("cuda", "cuda ("), ("bogus", "bogus (no such backend)")])
+def test_a_backend_that_does_not_run_here_is_refused_before_any_timing(backend, reason, capsys, tmp_path):
+    out = tmp_path / "rows.json"
+    assert ops.main(["--quick", "--backends", backend, "--out", str(out)]) == 2
+    assert f"ops.py: error: --backends: {reason}" in capsys.readouterr().err and not out.exists()

@@ -229,3 +229,17 @@ def test_step_syncs_lists_where_the_sync_debug_mode_warned():
 def test_bad_arguments_are_refused(args, message):
     done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr
+
+
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        ("bogus", "--variant bogus: not a bench/step.py variant"),
+        ("graph-torch", "--variant graph-torch: a CUDA graph needs a GPU"),
+        ("fused-cuda", "--variant fused-cuda: the cuda backend does not run here (usable: torch)"),
+    ],
+)
+def test_a_variant_this_machine_cannot_run_is_one_line(variant, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        profile_step.main(["--variant", variant])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -18,13 +18,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-import torch
-import triton
+# --smoke runs the kernels under Triton's interpreter, which reads TRITON_INTERPRET when triton is imported
+if __name__ == "__main__" and "--smoke" in sys.argv[1:]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_name, launch_config, measure  # noqa: E402
