@@ -64,6 +64,7 @@ step_first=0
 profile_variant=""
 for arg in "$@"; do
     case "$arg" in
+        -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;  # the comment block above is the usage
         --skip-tests) skip_tests=1 ;;
         --quick) ops_args+=(--quick); step_args+=(--reps 3) ;;
         --gpu-tests-only) test_args+=(-m gpu); gpu_tests_only=1 ;;

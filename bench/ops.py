@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -868,6 +869,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.markdown:
+        if not os.path.isfile(args.markdown):
+            print(f"ops.py: error: --markdown {args.markdown}: no such file", file=sys.stderr)
+            return 2
         print(markdown_summary(read_results(args.markdown)), end="")
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")

@@ -24,7 +24,7 @@ Variants:
               device work) captured whole, loss and backward, in one CUDA graph and replayed: no host time per
               kernel. The capture (after 3 eager steps on a side stream) is its warm-up; its peak memory counts
               from before the warm-up (the graph's pool holds the step's memory)
-  <v>-cl      GPU: variant <v> (fused-triton, graph-triton; any fused or graph variant by name) with the model's
+  <v>-cl      GPU: variant <v> (fused-triton, graph-triton: the two this script runs) with the model's
               feature maps channels-last (ModelConfig.channels_last: cuDNN's NHWC convolutions without their layout
               transposes, 661 a step of 10.4 ms device time in the eighth lease's profile; the triton GroupNorm
               kernels read the maps as they are)
@@ -599,8 +599,8 @@ def main() -> None:
         help=f"default: 128 on CPU, {GPU_BATCH} on GPU (the eager reference step at latent-b's training batch 256 "
         "needs more than an H200's 139 GB)",
     )
-    parser.add_argument("--threads", default="1,2", help="CPU thread counts, comma-separated")
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--threads", default=None, help="CPU thread counts, comma-separated (default 1,2)")
+    parser.add_argument("--reps", type=int, default=None, help="timed steps a variant and round (default 7)")
     parser.add_argument(
         "--rounds",
         type=int,
@@ -614,7 +614,7 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: batch 16, 2 reps, 1 thread, no compile unless --variants names one",
+        help="smoke run: batch 16, 2 reps, 1 thread (each unless given), no compile unless --variants names one",
     )
     parser.add_argument("--out", default=None, help="default: bench/results/<device>-step.json")
     parser.add_argument(
@@ -644,14 +644,16 @@ def main() -> None:
     device = "cuda" if on_gpu else "cpu"
     if not on_gpu:  # Inductor compiles in this process's thread, not a worker pool beside the timed ones
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    if args.quick:  # the smoke run's sizes where the flags do not give them
+        args.batch, args.reps = args.batch or 16, args.reps or 2
+        args.threads, args.no_compile = args.threads or "1", True
     if args.batch is None:
         args.batch = GPU_BATCH if on_gpu else 128
+    args.reps, args.threads = args.reps or 7, args.threads or "1,2"
     if args.rounds is None:
         args.rounds = 1 if on_gpu or args.quick else 3
     if args.rounds < 1:
         parser.error(f"--rounds: at least 1, got {args.rounds}")
-    if args.quick:
-        args.batch, args.reps, args.threads, args.no_compile = 16, 2, "1", True
     thread_counts = [int(n) for n in args.threads.split(",")] if device == "cpu" else [torch.get_num_threads()]
     backends = usable_backends(device)
     compiled = ["compiled", "compiled-modules"]
@@ -830,7 +832,8 @@ def print_table(results: dict, run: dict) -> None:
             not_timed.append(key)
             continue
         ratio_table.add_row(key, f"<= {targets[key]}" if key in targets else "-", *cells)
-    console.print(ratio_table)
+    if ratio_table.row_count:
+        console.print(ratio_table)
     if not_timed:
         console.print(f"not timed in this run (their variants were not asked for or failed): {', '.join(not_timed)}")
     if not run["sampling"]:  # --no-sampling

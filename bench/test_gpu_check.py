@@ -199,6 +199,14 @@ def test_bad_arguments_are_named(tmp_path, args, message):
     assert commands == []
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_usage_and_runs_nothing(tmp_path, flag):
+    proc, commands = run_script(tmp_path, flag)
+    assert proc.returncode == 0 and commands == []
+    assert proc.stdout.startswith("The one command for a GPU machine") and "--deadline=540" in proc.stdout
+    assert not any(line.startswith("#") for line in proc.stdout.splitlines())
+
+
 def test_copy_to_gets_the_log_and_one_archive_of_the_results(tmp_path):
     """A lease returns at most 8 files from $OUT: the run's result files travel as one tar, the log beside it."""
     import tarfile
