@@ -880,9 +880,12 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[dtype_name]
     # The Triton interpreter is for tests, not timings: on a CPU only the torch backend runs.
     backends = args.backends or ([s.name for s in dispatch.backends() if s.usable] if on_gpu else ["torch"])
-    unusable = {s.name: s.reason for s in dispatch.backends() if not s.usable}
-    refused = [f"{name} ({unusable.get(name, 'no such backend')})" for name in backends if name in unusable]
-    refused += [f"{name} (no such backend)" for name in backends if name not in {s.name for s in dispatch.backends()}]
+    statuses = {status.name: status for status in dispatch.backends()}
+    refused = [
+        f"{name} ({statuses[name].reason if name in statuses else 'no such backend'})"
+        for name in backends
+        if name not in statuses or not statuses[name].usable
+    ]
     if refused:
         print(f"ops.py: error: --backends: {'; '.join(refused)}", file=sys.stderr)
         return 2
