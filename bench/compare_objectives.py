@@ -377,6 +377,10 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.table:
+        try:
+            read_records(args.table)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            ap.error(f"--table {args.table}: not a results file of this script ({error})")
         print_table(args.table, args.markdown)
         return
     if args.eval_every < 1:

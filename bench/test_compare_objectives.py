@@ -66,3 +66,10 @@ def test_defaults_are_the_benchmarked_shared_settings(tmp_path):
     table = run_script("--table", str(out))
     assert table.returncode == 0 and "gauss (width 24)" in table.stdout
     assert "cool-down over the last 30%" in table.stdout
+
+
+def test_table_of_a_file_that_is_not_its_results_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("not json\n")
+    for path, reason in ((tmp_path / "none.jsonl", "No such file"), (tmp_path / "notes.txt", "Expecting value")):
+        done = run_script("--table", str(path))
+        assert done.returncode == 2 and "not a results file of this script" in done.stderr and reason in done.stderr
