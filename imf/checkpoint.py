@@ -23,6 +23,8 @@ import torch
 MANIFEST = "checkpoint.json"
 FORMAT_VERSION = 1
 _PARTS = ("model", "ema", "optimizer", "state")
+# What Trainer.state_dict() holds: what save_checkpoint writes and Trainer.load_state_dict takes, whole
+TRAINER_STATE_KEYS = ("step_count", "model", "ema", "optimizer", "generator", "global_rng")
 
 
 class CheckpointError(ValueError):
@@ -114,8 +116,7 @@ def save_checkpoint(
 ) -> Path:
     """Writes `Trainer.state_dict()` plus the run config (JSON-able) and loss history to `folder`; returns the
     manifest path. Checks its arguments before it writes anything."""
-    needed = ("step_count", "model", "ema", "optimizer", "generator", "global_rng")
-    missing = [key for key in needed if key not in trainer_state]
+    missing = [key for key in TRAINER_STATE_KEYS if key not in trainer_state]
     if missing:
         raise CheckpointError(
             f"save_checkpoint: trainer_state must be Trainer.state_dict(); it has no {', '.join(missing)}"

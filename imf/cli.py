@@ -385,8 +385,9 @@ def _saved_run(args: argparse.Namespace, out: Path):
 
 
 def _resumed_preset(args: argparse.Namespace, saved, flags):
-    """The saved run with what may change on --resume: when it stops (--steps, default the run's own; --minutes),
-    how often it writes files, and how a step runs (--cuda-graph, --pipelined, --channels-last: the same loss)."""
+    """The saved run with what may change on --resume (imf.train.RESUMABLE: when it stops, --steps defaulting to
+    the run's own; how often it writes files; how a step runs), after refusing a flag that would change the run."""
+    from imf.train import resumed_preset
 
     def value(preset, path: str):
         for part in path.split("."):
@@ -403,12 +404,10 @@ def _resumed_preset(args: argparse.Namespace, saved, flags):
             f"--resume continues the run as its checkpoint describes it; {', '.join(changed)} would change it "
             "(leave them out, or start a new run in another --out)"
         )
-    for name in ("steps", "minutes", "sample_every", "checkpoint_every"):
-        if getattr(args, name) is not None:
-            setattr(saved.train, name, getattr(flags.train, name))
-    saved.train.cuda_graph, saved.train.pipelined = flags.train.cuda_graph, flags.train.pipelined
-    saved.model.channels_last = flags.model.channels_last
-    return saved
+    for name in ("steps", "minutes", "sample_every", "checkpoint_every"):  # the run's own unless given
+        if getattr(args, name) is None:
+            setattr(flags.train, name, getattr(saved.train, name))
+    return resumed_preset(saved, flags)
 
 
 def _last_losses(record: dict[str, float]) -> str:

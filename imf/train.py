@@ -580,10 +580,9 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The whole state `state_dict` returns (`imf.checkpoint.load_checkpoint` with every part); nothing is
         changed when a part is missing."""
-        from imf.checkpoint import CheckpointError, load_weights
+        from imf.checkpoint import TRAINER_STATE_KEYS, CheckpointError, load_weights
 
-        needed = ("model", "ema", "optimizer", "step_count", "generator", "global_rng")
-        missing = [key for key in needed if key not in state]
+        missing = [key for key in TRAINER_STATE_KEYS if key not in state]
         if missing:
             raise CheckpointError(
                 f"Trainer.load_state_dict: the state has no {', '.join(missing)}: it takes the whole state "
@@ -799,6 +798,22 @@ class _SignalFlag:
             signal.signal(signum, handler)
 
 
+# What may change when a run resumes (`train(resume=True)`, `imf train --resume`): the run's identity comes from its
+# checkpoint; only the stopping rule, how often files are written and how a step runs (with or without a CUDA graph,
+# pipelined or not, the maps channels-last or not: the same loss from the same draws).
+RESUMABLE = (
+    ("train", "steps"), ("train", "minutes"), ("train", "checkpoint_every"), ("train", "sample_every"),
+    ("train", "cuda_graph"), ("train", "pipelined"), ("model", "channels_last"),
+)  # fmt: skip
+
+
+def resumed_preset(saved: Preset, preset: Preset) -> Preset:
+    """`saved` (a checkpoint's preset) with the RESUMABLE knobs taken from `preset`."""
+    for part, name in RESUMABLE:
+        setattr(getattr(saved, part), name, getattr(getattr(preset, part), name))
+    return saved
+
+
 def train(
     preset: Preset,
     out: str | os.PathLike,
@@ -837,15 +852,7 @@ def train(
     if resume:
         manifest, state = load_checkpoint(out)
         saved = preset_from_dict(manifest["config"], f"checkpoint: {out}/checkpoint.json's config")
-        # The run's identity comes from the checkpoint; only the stopping rule, how often files are written and
-        # how a step runs may change on resume (with or without a CUDA graph, pipelined or not, the maps
-        # channels-last or not: the same loss from the same draws).
-        saved.train.steps, saved.train.minutes = preset.train.steps, preset.train.minutes
-        saved.train.checkpoint_every = preset.train.checkpoint_every
-        saved.train.sample_every = preset.train.sample_every
-        saved.train.cuda_graph, saved.train.pipelined = preset.train.cuda_graph, preset.train.pipelined
-        saved.model.channels_last = preset.model.channels_last
-        preset = saved
+        preset = resumed_preset(saved, preset)
         history = list(manifest.get("history", []))
         last_good = (out, int(manifest["step"]))
     stream = make_stream(preset, data_path, device, data=data)

@@ -27,6 +27,7 @@ from imf_kernels.cuda import attention as cuda_attention
 from imf_kernels.cuda import group_norm as cuda_group_norm
 from imf_kernels.cuda import loss as cuda_loss
 from imf_kernels.reference import FLOOR as REFERENCE_FLOOR
+from imf_kernels.reference import check_parity
 
 pytestmark = pytest.mark.gpu
 
@@ -79,15 +80,16 @@ def allowed_error(torch_value, reference, dtype, floors) -> float:
 
 
 def assert_close(name, value, torch_value, reference, dtype, relative=False):
-    """`relative`: the floor is relative to max |reference| itself (`imf_kernels.reference.check_parity`'s rule,
-    no max(1, .)): the losses' outputs, whose weights (~1e-4) and gradients (~1e-5) a floor of 1 would let be 0."""
+    """`relative`: `imf_kernels.reference.check_parity`'s rule, the floor relative to max |reference| itself (no
+    max(1, .)): the losses' outputs, whose weights (~1e-4) and gradients (~1e-5) a floor of 1 would let be 0."""
     assert value.shape == reference.shape, f"{name}: shape {tuple(value.shape)} != {tuple(reference.shape)}"
     assert torch.isfinite(value).all(), f"{name}: non-finite values (a poisoned output left unwritten?)"
-    error = max_error(value, reference)
     if relative:
-        bound = 2 * max_error(torch_value, reference) + LOSS_FLOOR[dtype] * reference.abs().max().item()
-    else:
-        bound = allowed_error(torch_value, reference, dtype, ATOL)
+        on_cpu = lambda t: t.detach().cpu()  # noqa: E731
+        check_parity(f"{name} ({dtype_id(dtype)})", on_cpu(value), reference, on_cpu(torch_value), LOSS_FLOOR[dtype])
+        return
+    error = max_error(value, reference)
+    bound = allowed_error(torch_value, reference, dtype, ATOL)
     assert error <= bound, f"{name}: error {error:.3g} > allowed {bound:.3g} ({dtype_id(dtype)})"
 
 
