@@ -88,12 +88,27 @@ __device__ __forceinline__ void write_chunk(const GroupNormFwdParams& p, int64_t
   store_from_float<T, kWidth>(y, yv);
 }
 
+// The corrected two-pass moments (Bjorck): from the first mean m0 = sum x / n and the sums over the deviations
+// d = x - m0 (sum d^2, sum d dx, sum d), the correction c = sum d / n recovers the rounding of the first sum, which at
+// a large mean (|mean| >> std) is most of the error: mean = m0 + c, M2 = sum d^2 - c sum d, and
+// sum (x - mean) dx = sum d dx - c sum dx. (The streaming kernel keeps sum d second: with it third, ptxas spilled
+// its float32 no-tangent variant.)
+struct Moments {
+  float mean, rstd, mean_xh_dx;
+};
+__device__ __forceinline__ Moments corrected_moments(float first_mean, float sum_dx, float sum_d2, float sum_d_dx,
+                                                     float sum_d, float inv_size, float eps) {
+  const float correction = sum_d * inv_size;
+  const float rstd = rsqrtf((sum_d2 - correction * sum_d) * inv_size + eps);
+  return {first_mean + correction, rstd, (sum_d_dx - correction * sum_dx) * inv_size * rstd};
+}
+
 // One block per (sample, group); the group's elements are chunks of kWidth (a chunk never crosses a channel:
 // the vector path needs hw % kWidth == 0). Pass 1: sums of x and dx; pass 2: centred moments
-// sum (x - mean)^2 and sum (x - mean) dx; pass 3: normalise, modulate, activate and write.
+// sum (x - mean)^2 and sum (x - mean) dx (corrected_moments); pass 3: normalise, modulate, activate and write.
 template <typename T, int kWidth, bool kTangent>
 __global__ void __launch_bounds__(kThreads) group_norm_act_fwd_kernel(const GroupNormFwdParams p) {
-  __shared__ float scratch[2 * kWarpSize];
+  __shared__ float scratch[3 * kWarpSize];
   const int64_t group_index = blockIdx.x;  // n * G + g
   const int64_t n = group_index / p.groups;
   const int64_t g = group_index % p.groups;
@@ -119,25 +134,29 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_fwd_kernel(const Grou
   }
   block_sum(sums, scratch);
   const float inv_size = 1.f / static_cast<float>(group_size);
-  const float mean = sums[0] * inv_size;
+  const float first_mean = sums[0] * inv_size;
   const float mean_dx = sums[1] * inv_size;
 
-  float moments[2] = {0.f, 0.f};
+  float moments[3] = {0.f, 0.f, 0.f};  // sum (x - first_mean)^2, sum (x - first_mean), sum (x - first_mean) dx
   for (int64_t chunk = threadIdx.x; chunk < num_chunks; chunk += kThreads) {
     float xv[kWidth];
     load_as_float<T, kWidth>(x + chunk * kWidth, xv);
 #pragma unroll
-    for (int i = 0; i < kWidth; ++i) moments[0] += (xv[i] - mean) * (xv[i] - mean);
+    for (int i = 0; i < kWidth; ++i) {
+      xv[i] -= first_mean;
+      moments[0] += xv[i] * xv[i];
+      moments[1] += xv[i];
+    }
     if constexpr (kTangent) {
       float dxv[kWidth];
       load_as_float<T, kWidth>(dx + chunk * kWidth, dxv);
 #pragma unroll
-      for (int i = 0; i < kWidth; ++i) moments[1] += (xv[i] - mean) * dxv[i];
+      for (int i = 0; i < kWidth; ++i) moments[2] += xv[i] * dxv[i];
     }
   }
   block_sum(moments, scratch);
-  const float rstd = rsqrtf(moments[0] * inv_size + p.eps);
-  const float mean_xh_dx = moments[1] * inv_size * rstd;  // mean_g(xh * dx)
+  const Moments stats = corrected_moments(first_mean, sums[1], moments[0], moments[2], moments[1], inv_size, p.eps);
+  const float mean = stats.mean, rstd = stats.rstd, mean_xh_dx = stats.mean_xh_dx;  // mean_g(xh * dx)
   if (threadIdx.x == 0) {
     p.mean[group_index] = mean;
     p.rstd[group_index] = rstd;
@@ -201,7 +220,7 @@ template <typename T, int kItems, bool kTangent, bool kWarp>
 __global__ void __launch_bounds__(kResidentMaxThreads, 1)
     group_norm_act_fwd_resident_kernel(const GroupNormFwdParams p) {
   constexpr int kWidth = kVec16<T>;
-  __shared__ float scratch[2 * kWarpSize];
+  __shared__ float scratch[3 * kWarpSize];
   const GroupThread<kWarp> self(p.groups, p.channels, p.hw);
   if (kWarp && self.group_index >= p.batch * p.groups) return;  // (no block barrier follows in warp mode)
   const int64_t group_index = self.group_index, n = self.n, g = self.g, offset = self.offset;
@@ -232,23 +251,24 @@ __global__ void __launch_bounds__(kResidentMaxThreads, 1)
   }
   group_sum<kWarp>(sums, scratch);
   const float inv_size = 1.f / static_cast<float>(group_size);
-  const float mean = sums[0] * inv_size;
+  const float first_mean = sums[0] * inv_size;
   const float mean_dx = sums[1] * inv_size;
 
-  float moments[2] = {0.f, 0.f};
+  float moments[3] = {0.f, 0.f, 0.f};  // sum (x - first_mean)^2, sum (x - first_mean) dx, sum (x - first_mean)
 #pragma unroll
   for (int item = 0; item < kItems; ++item) {
     if (self.rank + item * self.threads >= num_chunks) continue;  // its zeros are not x - mean = 0
 #pragma unroll
     for (int i = 0; i < kWidth; ++i) {
-      const float centred = xv[item][i] - mean;
+      const float centred = xv[item][i] - first_mean;
       moments[0] += centred * centred;
+      moments[2] += centred;
       if constexpr (kTangent) moments[1] += centred * dxv[item][i];
     }
   }
   group_sum<kWarp>(moments, scratch);
-  const float rstd = rsqrtf(moments[0] * inv_size + p.eps);
-  const float mean_xh_dx = moments[1] * inv_size * rstd;
+  const Moments stats = corrected_moments(first_mean, sums[1], moments[0], moments[1], moments[2], inv_size, p.eps);
+  const float mean = stats.mean, rstd = stats.rstd, mean_xh_dx = stats.mean_xh_dx;
   if (self.rank == 0) {
     p.mean[group_index] = mean;
     p.rstd[group_index] = rstd;

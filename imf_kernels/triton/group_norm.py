@@ -434,15 +434,26 @@ def _moments(
         dx_mean = sum_dx / count
     x_centered = tl.where(mask, x - _per_group(mean, GROUPS), 0.0)
     m2 = _group_sum(x_centered * x_centered, GROUPS)
+    # the corrected two-pass mean (Bjorck): the sum of the deviations from the first mean recovers the rounding of
+    # the first sum, which at a large mean (|mean| >> std) is most of the error of mean, M2 and the co-moment
+    deviation = _group_sum(x_centered, GROUPS)
     x2_centered = x_centered  # unused without a second tile
     if BLOCK_C2 > 0:
         x2_centered = tl.where(mask2, x2 - mean, 0.0)
         m2 += tl.sum(x2_centered * x2_centered)
+        deviation += tl.sum(x2_centered)
+    correction = deviation / count
+    m2 -= deviation * correction
     comoment = mean * 0.0
     if WITH_TANGENT:
         comoment = _group_sum(x_centered * dx, GROUPS)
         if BLOCK_C2 > 0:
             comoment += tl.sum(x2_centered * dx2)
+        comoment -= correction * dx_mean * count
+    mean += correction
+    x_centered = tl.where(mask, x_centered - _per_group(correction, GROUPS), 0.0)
+    if BLOCK_C2 > 0:
+        x2_centered = tl.where(mask2, x2_centered - correction, 0.0)
     return mean, m2, dx_mean, comoment, x_centered, x2_centered
 
 
