@@ -1,11 +1,16 @@
 """Checkpoints: a folder holding safetensors weights (model, EMA, optimizer, RNG and data-loader state) and one
-JSON manifest, `checkpoint.json`, with the run's config, step count and loss history.
+JSON manifest, `checkpoint.json`, with the run's config and step count; the loss history, one JSON row per logged
+step, is `history-<step>.jsonl` (<step>: the checkpoint that started the file), where the manifest records its rows
+and byte length.
 
 Crash safety: every file is written to a temporary name and renamed into place (`os.replace` is atomic), the
 tensor files carry the step in their names, and the manifest that points at them is written last. A crash at
 any moment leaves either the previous manifest with its files, or the new one with its files; files that no
 manifest points at, and the temporary files a killed writer left behind, are removed after the new manifest is
-in place.
+in place. The history file is the exception to write-then-rename: a checkpoint that continues the history the
+folder's manifest records appends its new rows past the recorded length (a whole history rewritten at every
+checkpoint was ~40-55 MB and seconds of JSON at latent-b's 400k steps), and readers read only that length, so
+rows a crashed writer appended after it are never seen and are cut off by the next save.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Any
 import torch
 
 MANIFEST = "checkpoint.json"
-FORMAT_VERSION = 1
+# 2: the loss history in its own file (`history`: a record of it); 1: the history inline in the manifest, still read
+FORMAT_VERSION = 2
+READ_FORMATS = (1, 2)
 _PARTS = ("model", "ema", "optimizer", "state")
 # What Trainer.state_dict() holds: what save_checkpoint writes and Trainer.load_state_dict takes, whole
 TRAINER_STATE_KEYS = ("step_count", "model", "ema", "optimizer", "generator", "global_rng")
@@ -121,8 +128,10 @@ def save_checkpoint(
         raise CheckpointError(
             f"save_checkpoint: trainer_state must be Trainer.state_dict(); it has no {', '.join(missing)}"
         )
+    history = list(history or [])
     try:
-        json.dumps({"config": config, "history": history or []})
+        json.dumps(config)
+        rows = [_history_line(row) for row in history]
     except (TypeError, ValueError) as error:
         raise CheckpointError(
             f"save_checkpoint: config and history must be JSON-able (imf.train.preset_to_dict(preset)): {error}"
@@ -132,6 +141,7 @@ def save_checkpoint(
         raise CheckpointError(f"save_checkpoint: {folder} exists and is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
     step = int(trainer_state["step_count"])
+    previous = _previous_history(folder)
     opt_tensors, param_groups = _flatten_optimizer(trainer_state["optimizer"])
     rng = {"generator": trainer_state["generator"], "global": trainer_state["global_rng"]}
     data_state = dict(trainer_state.get("data") or {})
@@ -147,6 +157,7 @@ def save_checkpoint(
     for part, tensors in parts.items():
         files[part] = f"{part}-{step:08d}.safetensors"
         _save_tensors(folder / files[part], tensors)
+    history_record = _write_history(folder, previous, rows, step)
     manifest = {
         "format": FORMAT_VERSION,
         "step": step,
@@ -154,10 +165,10 @@ def save_checkpoint(
         "config": config,
         "optimizer_param_groups": param_groups,
         "data_state": {k: v for k, v in data_state.items() if not torch.is_tensor(v)},
-        "history": history or [],
+        "history": history_record,
     }
     write_json(folder / MANIFEST, manifest)  # the commit point
-    keep = set(files.values())
+    keep = {*files.values(), history_record["file"]}
     for stale in folder.iterdir():  # only names this function writes: a user's own files stay
         if stale.name not in keep and is_checkpoint_file(stale.name) and stale.name != MANIFEST:
             stale.unlink()
@@ -165,15 +176,108 @@ def save_checkpoint(
 
 
 def is_checkpoint_file(name: str) -> bool:
-    """Whether a file name is one save_checkpoint writes: the manifest, a part (`model-00000400.safetensors`) or
-    atomic_write's temporary of either (`.model-00000400.safetensors.x1y2.tmp`, `.checkpoint.json.x1y2.tmp`)."""
+    """Whether a file name is one save_checkpoint writes: the manifest, a part (`model-00000400.safetensors`), a
+    history (`history-00000400.jsonl`) or atomic_write's temporary of any (`.model-00000400.safetensors.x1y2.tmp`,
+    `.checkpoint.json.x1y2.tmp`)."""
     return name == MANIFEST or bool(_PART_FILE.fullmatch(name) or _TEMP_FILE.fullmatch(name))
 
 
-# The files save_checkpoint writes (`model-00000400.safetensors`) and atomic_write's temporaries of them and of the
-# manifest (`.model-00000400.safetensors.x1y2.tmp`, `.checkpoint.json.x1y2.tmp`).
-_PART_FILE = re.compile(rf"(?:{'|'.join(_PARTS)})-\d{{8,}}\.safetensors")
+# The files save_checkpoint writes (`model-00000400.safetensors`, `history-00000400.jsonl`) and atomic_write's
+# temporaries of them and of the manifest (`.model-00000400.safetensors.x1y2.tmp`, `.checkpoint.json.x1y2.tmp`).
+_PART_FILE = re.compile(rf"(?:(?:{'|'.join(_PARTS)})-\d{{8,}}\.safetensors|history-\d{{8,}}\.jsonl)")
 _TEMP_FILE = re.compile(rf"\.(?:{_PART_FILE.pattern}|{re.escape(MANIFEST)})\.[^.]+\.tmp")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The loss history: one JSON row a line, appended checkpoint by checkpoint
+# --------------------------------------------------------------------------------------------------------
+
+
+def _history_line(row: dict[str, float]) -> bytes:
+    if not isinstance(row, dict):
+        raise TypeError(f"a history row must be a dict of numbers, got {type(row).__name__}")
+    return (json.dumps(row) + "\n").encode()
+
+
+def _previous_history(folder: Path) -> dict | None:
+    """The history record of the folder's current manifest (format 2), or None (no checkpoint, an older format,
+    or a manifest that cannot be read: the history is then written whole)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        record = manifest["history"]
+        if manifest["format"] == 2 and _HISTORY_FILE_NAME.fullmatch(record["file"]):
+            return record
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+_HISTORY_FILE_NAME = re.compile(r"history-\d{8,}\.jsonl")
+
+
+def _write_history(folder: Path, previous: dict | None, rows: list[bytes], step: int) -> dict:
+    """Writes the history's rows (encoded lines) and returns the manifest's record of them: {file, rows, bytes,
+    last} (`last`: the last row's line, how the next save tells that its history continues this one). When the
+    rows continue the previous record's (as many rows or more, the same row at its end), the new rows are
+    appended past its recorded length (cutting whatever a crashed save appended there); otherwise the whole
+    history goes to a new file, `history-<step>.jsonl`, written and renamed."""
+    last = rows[-1].decode() if rows else ""
+    if previous is not None:
+        path = folder / previous["file"]
+        count, length = previous.get("rows"), previous.get("bytes")
+        continues = (
+            isinstance(count, int)
+            and isinstance(length, int)
+            and 0 <= count <= len(rows)
+            and (rows[count - 1].decode() if count else "") == previous.get("last")
+            and path.is_file()
+            and path.stat().st_size >= length
+        )
+        if continues:
+            with open(path, "r+b") as handle:
+                handle.truncate(length)
+                handle.seek(length)
+                handle.write(b"".join(rows[count:]))
+                handle.flush()
+                os.fsync(handle.fileno())
+                size = handle.tell()
+            return {"file": previous["file"], "rows": len(rows), "bytes": size, "last": last}
+    name = f"history-{step:08d}.jsonl"
+    data = b"".join(rows)
+
+    def write(temp: str) -> None:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+
+    atomic_write(folder / name, write)
+    return {"file": name, "rows": len(rows), "bytes": len(data), "last": last}
+
+
+def read_history(folder: str | os.PathLike, manifest: dict[str, Any] | None = None) -> list[dict[str, float]]:
+    """The loss history a checkpoint records: one dict per logged step (`manifest`: the folder's, read if not
+    given). Reads the recorded length of the history file only (rows past it belong to no checkpoint)."""
+    folder = Path(folder)
+    if manifest is None:
+        manifest = read_manifest(folder)
+    record = manifest.get("history", [])
+    if isinstance(record, list):  # format 1: inline
+        return record
+    try:
+        path = folder / record["file"]
+        count, length = int(record["rows"]), int(record["bytes"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"checkpoint: {folder / MANIFEST}'s history record is malformed: {record!r}") from None
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: {path} is missing (the manifest points at it)")
+    with open(path, "rb") as handle:
+        data = handle.read(length)
+    lines = data.splitlines()
+    try:
+        if len(data) != length or len(lines) != count:
+            raise ValueError(f"{len(lines)} rows in {len(data)} bytes, the manifest records {count} in {length}")
+        return [json.loads(line) for line in lines]
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint: {path} is corrupt: {error}") from None
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
@@ -190,9 +294,10 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in ("format", "step", "files", "config") if not isinstance(manifest, dict) or k not in manifest]
     if missing:
         raise CheckpointError(f"checkpoint: {path} lacks {', '.join(missing)}")
-    if manifest["format"] != FORMAT_VERSION:
+    if manifest["format"] not in READ_FORMATS:
         raise CheckpointError(
-            f"checkpoint: {path} has format {manifest['format']}, this version reads {FORMAT_VERSION}"
+            f"checkpoint: {path} has format {manifest['format']}, this version reads "
+            f"{' and '.join(map(str, READ_FORMATS))}"
         )
     return manifest
 

@@ -837,7 +837,7 @@ def train(
     A NaN or inf loss raises `NonFiniteLossError` naming the step and the last good checkpoint, unless
     `skip_nonfinite`; SIGINT/SIGTERM end the run after the current step with a checkpoint (`stopped_by` says
     which signal)."""
-    from imf.checkpoint import load_checkpoint, save_checkpoint
+    from imf.checkpoint import load_checkpoint, read_history, save_checkpoint
     from imf.distributed import init_distributed, rank_device
     from imf.evaluate import class_omega_samples
     from imf.plots import save_sample_grid
@@ -853,7 +853,7 @@ def train(
         manifest, state = load_checkpoint(out)
         saved = preset_from_dict(manifest["config"], f"checkpoint: {out}/checkpoint.json's config")
         preset = resumed_preset(saved, preset)
-        history = list(manifest.get("history", []))
+        history = read_history(out, manifest)
         last_good = (out, int(manifest["step"]))
     stream = make_stream(preset, data_path, device, data=data)
     trainer = build_trainer(preset, stream, device, dist=dist, parallel=parallel, skip_nonfinite=skip_nonfinite)

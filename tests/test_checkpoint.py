@@ -9,7 +9,14 @@ import pytest
 import torch
 
 import imf.checkpoint as checkpoint
-from imf.checkpoint import CheckpointError, atomic_write, load_checkpoint, read_manifest, save_checkpoint
+from imf.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    read_history,
+    read_manifest,
+    save_checkpoint,
+)
 from imf.config import get_preset
 from imf.train import build_trainer, make_stream, preset_to_dict
 
@@ -44,7 +51,7 @@ def test_round_trip_restores_every_tensor_and_rng(tmp_path):
     save_checkpoint(tmp_path, saved, preset_to_dict(preset), history=[{"step": 1, "loss": 2.0}])
 
     manifest, state = load_checkpoint(tmp_path)
-    assert manifest["step"] == 2 and manifest["history"] == [{"step": 1, "loss": 2.0}]
+    assert manifest["step"] == 2 and read_history(tmp_path, manifest) == [{"step": 1, "loss": 2.0}]
     assert manifest["config"] == json.loads(json.dumps(preset_to_dict(preset)))
     fresh = new_trainer(preset)
     fresh.load_state_dict(state)
@@ -88,14 +95,15 @@ def test_new_checkpoint_replaces_old_files(tmp_path):
     trainer.step()
     save_checkpoint(tmp_path, trainer.state_dict(), preset_to_dict(preset))
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted(["checkpoint.json"] + [f"{part}-00000002.safetensors" for part in checkpoint._PARTS])
+    parts = [f"{part}-00000002.safetensors" for part in checkpoint._PARTS]
+    assert names == sorted(["checkpoint.json", "history-00000001.jsonl", *parts])  # the history file continues
 
 
 def test_a_new_checkpoint_leaves_the_users_own_files(tmp_path):
     """Only the names save_checkpoint writes are replaced: a user's `model-best.safetensors` beside them stays."""
     preset = tiny_preset()
     trainer = new_trainer(preset)
-    own = ["model-best.safetensors", "state-of-the-art.safetensors", ".model-notes.tmp", "notes.txt"]
+    own = ["model-best.safetensors", "state-of-the-art.safetensors", ".model-notes.tmp", "notes.txt", "history.jsonl"]
     for name in own:
         (tmp_path / name).write_text("mine")
     trainer.step()
@@ -103,7 +111,8 @@ def test_a_new_checkpoint_leaves_the_users_own_files(tmp_path):
     trainer.step()
     save_checkpoint(tmp_path, trainer.state_dict(), preset_to_dict(preset))
     parts = [f"{part}-00000002.safetensors" for part in checkpoint._PARTS]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint.json", *parts, *own])
+    names = ["checkpoint.json", "history-00000001.jsonl", *parts, *own]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     assert all((tmp_path / name).read_text() == "mine" for name in own)
 
 
@@ -195,3 +204,94 @@ def test_weights_of_another_model_are_rejected(tmp_path):
     _, state = load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="has shape"):
         new_trainer(big).load_state_dict(state)
+
+
+def rows(steps, loss: float = 1.0):
+    return [{"loss": loss / step, "grad_norm": 0.5, "step": step} for step in steps]
+
+
+@pytest.fixture(scope="module")
+def saved_state():
+    preset = tiny_preset()
+    return new_trainer(preset).state_dict(), preset_to_dict(preset)
+
+
+def save_at(folder, saved_state, step: int, history) -> dict:
+    state, config = saved_state
+    save_checkpoint(folder, {**state, "step_count": step}, config, history)
+    return read_manifest(folder)
+
+
+def test_history_is_appended_checkpoint_by_checkpoint(tmp_path, saved_state):
+    """Each checkpoint appends the rows logged since the last one to the same file (not the whole history again,
+    ~40-55 MB at latent-b's 400k steps); the manifest records rows and bytes and stays small."""
+    first = rows(range(1, 501))
+    first[-1]["loss"] = float("nan")  # a skipped step's row where the next save looks for the continuation
+    save_at(tmp_path, saved_state, 500, first)
+    path = tmp_path / "history-00000500.jsonl"
+    before = path.read_bytes()
+    history = first + rows(range(501, 1001))
+    manifest = save_at(tmp_path, saved_state, 1000, history)
+    after = path.read_bytes()
+    assert after.startswith(before) and len(after.splitlines()) == 1000
+    assert manifest["history"]["file"] == path.name
+    assert manifest["history"]["rows"] == 1000 and manifest["history"]["bytes"] == len(after)
+    got = read_history(tmp_path)
+    assert json.dumps(got) == json.dumps(history)  # NaN included
+    assert (tmp_path / "checkpoint.json").stat().st_size < 4096
+    assert sorted(p.name for p in tmp_path.glob("history-*")) == [path.name]
+
+
+def test_rows_a_crashed_save_appended_are_not_read_and_are_cut_by_the_next(tmp_path, saved_state, monkeypatch):
+    save_at(tmp_path, saved_state, 3, rows(range(1, 4)))
+    monkeypatch.setattr(checkpoint, "write_json", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):  # the rows of steps 4, 5 appended, the manifest not written
+        save_at(tmp_path, saved_state, 5, rows(range(1, 6)))
+    monkeypatch.undo()
+    assert len((tmp_path / "history-00000003.jsonl").read_bytes().splitlines()) == 5
+    manifest, state = load_checkpoint(tmp_path)
+    assert state["step_count"] == 3 and read_history(tmp_path, manifest) == rows(range(1, 4))
+    # the run resumed from step 3 logs other values for step 4: its save cuts the crashed rows first
+    resumed = rows(range(1, 4)) + rows([4], loss=7.0)
+    save_at(tmp_path, saved_state, 4, resumed)
+    assert read_history(tmp_path) == resumed
+    assert len((tmp_path / "history-00000003.jsonl").read_bytes().splitlines()) == 4
+
+
+def test_a_history_that_does_not_continue_the_saved_one_is_written_whole(tmp_path, saved_state):
+    save_at(tmp_path, saved_state, 3, rows(range(1, 4)))
+    other = rows(range(1, 3), loss=5.0)  # another run saved into the folder: fewer rows, other values
+    manifest = save_at(tmp_path, saved_state, 2, other)
+    assert manifest["history"]["file"] == "history-00000002.jsonl" and read_history(tmp_path) == other
+    assert not (tmp_path / "history-00000003.jsonl").exists()  # no manifest points at it
+    changed = rows(range(1, 5), loss=5.0)
+    changed[1]["loss"] = 9.0  # as many rows and more, but the last saved one differs
+    manifest = save_at(tmp_path, saved_state, 4, changed)
+    assert manifest["history"]["file"] == "history-00000004.jsonl" and read_history(tmp_path) == changed
+
+
+def test_a_format_1_checkpoint_with_the_history_inline_still_loads(tmp_path, saved_state):
+    manifest = save_at(tmp_path, saved_state, 2, rows([1, 2]))
+    (tmp_path / manifest["history"]["file"]).unlink()
+    manifest.update(format=1, history=rows([1, 2]))
+    (tmp_path / "checkpoint.json").write_text(json.dumps(manifest))
+    loaded, state = load_checkpoint(tmp_path)
+    assert state["step_count"] == 2 and read_history(tmp_path, loaded) == rows([1, 2])
+    save_at(tmp_path, saved_state, 3, rows([1, 2, 3]))  # saved over: the new format, written whole
+    assert read_manifest(tmp_path)["format"] == 2 and read_history(tmp_path) == rows([1, 2, 3])
+
+
+def test_history_errors_name_the_file(tmp_path, saved_state):
+    manifest = save_at(tmp_path, saved_state, 2, rows([1, 2]))
+    path = tmp_path / manifest["history"]["file"]
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(CheckpointError, match=f"{path.name} is corrupt: 2 rows in .* bytes, the manifest records 2"):
+        read_history(tmp_path)
+    path.unlink()
+    with pytest.raises(CheckpointError, match=f"{path.name} is missing"):
+        read_history(tmp_path)
+    with pytest.raises(CheckpointError, match="history must be JSON-able"):
+        save_at(tmp_path, saved_state, 3, [{"loss": object()}])
+    (tmp_path / "checkpoint.json").write_text(json.dumps({**manifest, "format": 3}))
+    with pytest.raises(CheckpointError, match="has format 3, this version reads 1 and 2"):
+        read_manifest(tmp_path)

@@ -5,7 +5,6 @@ that would bypass the gradient all-reduce.
 This file is also the worker torchrun launches: `python -m torch.distributed.run ... tests/test_distributed.py OUT`.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imf.checkpoint import load_checkpoint
+from imf.checkpoint import load_checkpoint, read_history
 from imf.config import get_preset
 from imf.distributed import DistInfo, init_distributed, shutdown, slice_rows
 from imf.model import Cond, IMFNet
@@ -197,7 +196,7 @@ def test_cli_under_torchrun_matches_one_process_and_resumes_on_another_world_siz
     _, state = load_checkpoint(two)
     # float32: Adam amplifies the round-off of near-zero gradients; measured 3.6e-5 against a 6e-3 update
     assert max_difference(state["model"], one.trainer.model.state_dict()) < 3e-4
-    history = json.loads((two / "checkpoint.json").read_text())["history"]
+    history = read_history(two)
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in one.history], rel=1e-5)
 
     preset.train.steps = STEPS + 2
