@@ -128,20 +128,21 @@ def save_checkpoint(
         raise CheckpointError(
             f"save_checkpoint: trainer_state must be Trainer.state_dict(); it has no {', '.join(missing)}"
         )
-    history = list(history or [])
+    history = history or []
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"save_checkpoint: {folder} exists and is not a folder")
     try:
         json.dumps(config)
-        rows = [_history_line(row) for row in history]
+        # only the rows this save writes are encoded: those since the last checkpoint, when the history continues it
+        previous, start = _continuation(folder, history)
+        rows = [_history_line(row) for row in history[start:]]
     except (TypeError, ValueError) as error:
         raise CheckpointError(
             f"save_checkpoint: config and history must be JSON-able (imf.train.preset_to_dict(preset)): {error}"
         ) from None
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise CheckpointError(f"save_checkpoint: {folder} exists and is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
     step = int(trainer_state["step_count"])
-    previous = _previous_history(folder)
     opt_tensors, param_groups = _flatten_optimizer(trainer_state["optimizer"])
     rng = {"generator": trainer_state["generator"], "global": trainer_state["global_rng"]}
     data_state = dict(trainer_state.get("data") or {})
@@ -157,7 +158,7 @@ def save_checkpoint(
     for part, tensors in parts.items():
         files[part] = f"{part}-{step:08d}.safetensors"
         _save_tensors(folder / files[part], tensors)
-    history_record = _write_history(folder, previous, rows, step)
+    history_record = _write_history(folder, previous, rows, len(history), step)
     manifest = {
         "format": FORMAT_VERSION,
         "step": step,
@@ -199,49 +200,51 @@ def _history_line(row: dict[str, float]) -> bytes:
     return (json.dumps(row) + "\n").encode()
 
 
-def _previous_history(folder: Path) -> dict | None:
-    """The history record of the folder's current manifest (format 2), or None (no checkpoint, an older format,
-    or a manifest that cannot be read: the history is then written whole)."""
+def _continuation(folder: Path, history: list[dict]) -> tuple[dict | None, int]:
+    """(the history record of the folder's current manifest, its row count) when `history` continues it (at least
+    as many rows, the same row at its end), else (None, 0): the history is then written whole. An older format or
+    a manifest that cannot be read counts as no history."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         record = manifest["history"]
-        if manifest["format"] == 2 and _HISTORY_FILE_NAME.fullmatch(record["file"]):
-            return record
+        count, length, last = record["rows"], record["bytes"], record["last"]
+        path = folder / record["file"]
+        if not (
+            manifest["format"] == 2
+            and _HISTORY_FILE_NAME.fullmatch(record["file"])
+            and isinstance(count, int)
+            and isinstance(length, int)
+            and 0 < count <= len(history)
+            and path.is_file()
+            and path.stat().st_size >= length
+        ):
+            return None, 0
     except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+        return None, 0
+    if _history_line(history[count - 1]).decode() != last:
+        return None, 0
+    return record, count
 
 
 _HISTORY_FILE_NAME = re.compile(r"history-\d{8,}\.jsonl")
 
 
-def _write_history(folder: Path, previous: dict | None, rows: list[bytes], step: int) -> dict:
-    """Writes the history's rows (encoded lines) and returns the manifest's record of them: {file, rows, bytes,
-    last} (`last`: the last row's line, how the next save tells that its history continues this one). When the
-    rows continue the previous record's (as many rows or more, the same row at its end), the new rows are
-    appended past its recorded length (cutting whatever a crashed save appended there); otherwise the whole
-    history goes to a new file, `history-<step>.jsonl`, written and renamed."""
-    last = rows[-1].decode() if rows else ""
+def _write_history(folder: Path, previous: dict | None, rows: list[bytes], total: int, step: int) -> dict:
+    """Writes the history's rows (encoded lines: all of them, or with `previous` those past its rows) and returns
+    the manifest's record of the `total` rows: {file, rows, bytes, last} (`last`: the last row's line, how the
+    next save tells that its history continues this one). With `previous`, the rows are appended past its
+    recorded length, cutting whatever a crashed save appended there; without, the whole history goes to a new
+    file, `history-<step>.jsonl`, written and renamed."""
     if previous is not None:
-        path = folder / previous["file"]
-        count, length = previous.get("rows"), previous.get("bytes")
-        continues = (
-            isinstance(count, int)
-            and isinstance(length, int)
-            and 0 <= count <= len(rows)
-            and (rows[count - 1].decode() if count else "") == previous.get("last")
-            and path.is_file()
-            and path.stat().st_size >= length
-        )
-        if continues:
-            with open(path, "r+b") as handle:
-                handle.truncate(length)
-                handle.seek(length)
-                handle.write(b"".join(rows[count:]))
-                handle.flush()
-                os.fsync(handle.fileno())
-                size = handle.tell()
-            return {"file": previous["file"], "rows": len(rows), "bytes": size, "last": last}
+        with open(folder / previous["file"], "r+b") as handle:
+            handle.truncate(previous["bytes"])
+            handle.seek(previous["bytes"])
+            handle.write(b"".join(rows))
+            handle.flush()
+            os.fsync(handle.fileno())
+            size = handle.tell()
+        last = rows[-1].decode() if rows else previous["last"]
+        return {"file": previous["file"], "rows": total, "bytes": size, "last": last}
     name = f"history-{step:08d}.jsonl"
     data = b"".join(rows)
 
@@ -250,7 +253,7 @@ def _write_history(folder: Path, previous: dict | None, rows: list[bytes], step:
             handle.write(data)
 
     atomic_write(folder / name, write)
-    return {"file": name, "rows": len(rows), "bytes": len(data), "last": last}
+    return {"file": name, "rows": total, "bytes": len(data), "last": rows[-1].decode() if rows else ""}
 
 
 def read_history(folder: str | os.PathLike, manifest: dict[str, Any] | None = None) -> list[dict[str, float]]:

@@ -96,7 +96,7 @@ def test_new_checkpoint_replaces_old_files(tmp_path):
     save_checkpoint(tmp_path, trainer.state_dict(), preset_to_dict(preset))
     names = sorted(p.name for p in tmp_path.iterdir())
     parts = [f"{part}-00000002.safetensors" for part in checkpoint._PARTS]
-    assert names == sorted(["checkpoint.json", "history-00000001.jsonl", *parts])  # the history file continues
+    assert names == sorted(["checkpoint.json", "history-00000002.jsonl", *parts])  # an empty history: written whole
 
 
 def test_a_new_checkpoint_leaves_the_users_own_files(tmp_path):
@@ -111,7 +111,7 @@ def test_a_new_checkpoint_leaves_the_users_own_files(tmp_path):
     trainer.step()
     save_checkpoint(tmp_path, trainer.state_dict(), preset_to_dict(preset))
     parts = [f"{part}-00000002.safetensors" for part in checkpoint._PARTS]
-    names = ["checkpoint.json", "history-00000001.jsonl", *parts, *own]
+    names = ["checkpoint.json", "history-00000002.jsonl", *parts, *own]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     assert all((tmp_path / name).read_text() == "mine" for name in own)
 
@@ -295,3 +295,16 @@ def test_history_errors_name_the_file(tmp_path, saved_state):
     (tmp_path / "checkpoint.json").write_text(json.dumps({**manifest, "format": 3}))
     with pytest.raises(CheckpointError, match="has format 3, this version reads 1 and 2"):
         read_manifest(tmp_path)
+
+
+def test_a_save_encodes_only_the_rows_since_the_last(tmp_path, saved_state, monkeypatch):
+    """The cost of a save does not grow with the run: the rows already in the file are not encoded again (one, the
+    last saved, is compared)."""
+    history = rows(range(1, 1001))
+    save_at(tmp_path, saved_state, 1000, history)
+    encoded = []
+    real = checkpoint._history_line
+    monkeypatch.setattr(checkpoint, "_history_line", lambda row: (encoded.append(row["step"]), real(row))[1])
+    save_at(tmp_path, saved_state, 1010, history + rows(range(1001, 1011)))
+    assert encoded == [1000, *range(1001, 1011)]
+    assert read_history(tmp_path) == history + rows(range(1001, 1011))
