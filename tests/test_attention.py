@@ -311,6 +311,35 @@ def test_tangent_of_the_primal_op_under_forward_ad(backend):
     reference.check_parity("do", do, truth[1], baseline[1], FLOOR[torch.float32])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_a_nan_input_comes_out_nan_where_the_reference_has_it(monkeypatch, backend, where):
+    """A NaN in one query row makes that row of o (and do) NaN, one in a key or value every row, as in the
+    reference; everything else is unchanged. ATen's CPU flash kernel, which the torch backend calls for small
+    calls, returned o = 0 for a query row holding a NaN (a silent zero); such a q now takes the written-out path."""
+    from imf_kernels.torch_ops import attention as torch_attention
+
+    monkeypatch.setattr(torch_attention, "FLASH_CPU_MAX_WORK", 1 << 40)  # every call a flash candidate
+    inputs = make_inputs((1, 2, 24, 4, 32), torch.float32)  # 4 keys: the flash kernel's zeros (20 gave NaN)
+    skip_unless_runs(backend, "attention", {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"], "scale": None})
+    inputs[where][0, 1, 3, 5] = float("nan")
+    q, k, v, dq, dk, dv = (inputs[name] for name in ("q", "k", "v", "dq", "dk", "dv"))
+    truth = reference.attention_jvp(*(t.double() for t in (q, k, v, dq, dk, dv)))
+    baseline = reference.attention_jvp(q, k, v, dq, dk, dv)
+    got = {
+        "attention": (imf_kernels.attention(q, k, v, backend=backend),),
+        "attention_jvp": imf_kernels.attention_jvp(q, k, v, dq, dk, dv, backend=backend),
+    }
+    for op, outputs in got.items():
+        for name, out, want, base in zip(("o", "do"), outputs, truth, baseline, strict=False):
+            nan = want.isnan()
+            assert nan.any() and torch.equal(out.isnan(), nan), (op, name, out.isnan().sum().item(), nan.sum().item())
+            if not nan.all():
+                keep = ~nan.flatten(0, 2).any(-1)  # the rows without a NaN
+                out, want, base = (t.flatten(0, 2)[keep] for t in (out, want, base))
+                reference.check_parity(f"{op} {name}", out, want, base, FLOOR[torch.float32])
+
+
 def test_torch_backend_takes_any_context_length():
     """The CPU path materialises the scores, so a context past every kernel's limit (4096) still runs."""
     q, k, v = torch.randn(1, 1, 3, 16), torch.randn(1, 1, 5000, 16), torch.randn(1, 1, 5000, 16)

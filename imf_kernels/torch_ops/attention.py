@@ -9,6 +9,7 @@ over a strided dimension, vectorised across queries, where ATen's last-dimension
 Lk = 24 keys, amax over the last dimension took 16x the time); the matmuls take the transposed views as they are.
 """
 
+import math
 from typing import Any
 
 import torch
@@ -68,8 +69,24 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _flash_takes(q: Tensor, k: Tensor) -> bool:
+    """Whether ATen's CPU flash kernel computes this call: a CPU call of at most FLASH_CPU_MAX_WORK, outside a
+    torch.compile trace (which the data-dependent check below would break), with no NaN in q. The kernel returns
+    o = 0 and lse = 0 for a query row holding a NaN at a short context (torch 2.14, 4 keys; 20 or more gave NaN; a
+    NaN in k or v, an inf anywhere come out NaN as in the reference): a silent zero a NaN check on the activations
+    misses. A NaN in q is seen in q's sum (~2 us
+    at the sizes the kernel takes; 5-20 us for isnan().any()); an inf + -inf sum sends a call to the written-out
+    path, which is right for any input."""
+    return (
+        q.device.type == "cpu"
+        and q.numel() * k.shape[-2] <= FLASH_CPU_MAX_WORK
+        and not torch.compiler.is_compiling()
+        and not math.isnan(q.sum().item())
+    )
+
+
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    if q.device.type == "cpu" and q.numel() * k.shape[-2] <= FLASH_CPU_MAX_WORK:
+    if _flash_takes(q, k):
         # torch 2.11-2.13 read k and v as if their last dim were contiguous (a transposed k or v, the channels-first
         # self-attention block's, gave wrong values; 2.14 reads them right): such a k or v is copied (Lk rows).
         k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
