@@ -146,8 +146,14 @@ def gn_act_fwd(
     count = x.numel() // (batch * channels)
     xc = _as(x, dtype)
     if rows * count > groups:
-        # ATen reads x as (n, rows, count) from these sizes (and checks that they cover it): no view in or out
-        h, mean, rstd = torch.native_group_norm(xc, w, b, n, rows, count, groups, eps)
+        # ATen's CPU and CUDA kernels read x as (n, rows, count) from these sizes: no view in or out. Its shape
+        # function (meta, fake tensors: torch.compile's trace) broadcasts the weight over x's own dim 1, so the
+        # per-sample layout of several samples is viewed as (1, B * C, count) there.
+        if n != batch:
+            h, mean, rstd = torch.native_group_norm(xc.view(n, rows, count), w, b, n, rows, count, groups, eps)
+            h = h.view(x.shape)
+        else:
+            h, mean, rstd = torch.native_group_norm(xc, w, b, n, rows, count, groups, eps)
     else:  # one value per group (see _group_norm)
         h, mean, rstd = _group_norm(_Layout(xc.view(n, rows, count), groups, w, b, None), True, eps)
         h = h.view(x.shape)
