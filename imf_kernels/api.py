@@ -194,6 +194,7 @@ def _check_loss(op: str, args: dict[str, Any], names: tuple[str, ...]) -> None:
     like = ("u", u.dtype, device)
     for name in names[1:]:
         _check_tensor(op, name, args[name], "(B, ...) like u", shape=shape, like=like)
+    times_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     for name in ("t", "r"):
         time = args[name]
         if not isinstance(time, Tensor) or time.shape != (batch,) or not time.is_floating_point():
@@ -201,9 +202,9 @@ def _check_loss(op: str, args: dict[str, Any], names: tuple[str, ...]) -> None:
             _fail(op, f"{name} must be a floating tensor of shape (B,) = ({batch},), got {got}")
         if time.device != device:
             _fail(op, f"{name} must be on the device of u ({device}), got {time.device}")
-        time = time.detach()  # a constant of the loss
-        if time.dtype != torch.float32:
-            time = time.to(torch.float32)
+        time = time.detach()  # a constant of the loss, in the accumulation dtype (float64 for float64 u)
+        if time.dtype != times_dtype:
+            time = time.to(times_dtype)
         args[name] = time.contiguous()
     args["c"] = _check_number(op, "c", args["c"], 0.0, strict=False)
     args["p"] = _check_number(op, "p", args["p"], 0.0, strict=False)

@@ -121,15 +121,24 @@ def test_loss_and_stats_come_in_the_accumulation_dtype(op, dtype, loss_dtype):
     float32; the values match the float64 reference (2x the same-dtype reference's error plus a floor)."""
     names = ("u", "du", "v", "v_target") if op == "imf_loss" else ("u", "du", "v_target")
     inputs, t, r = make_inputs((3, 4, 5, 7), dtype)
-    tensors = [inputs[name] for name in names]
+    if dtype == torch.float64:  # times float32 cannot hold: they were rounded to float32 (a 1e-7 relative loss)
+        t = torch.rand(3, dtype=dtype)
+        r = t * torch.rand(3, dtype=dtype)
+    inputs["du"] = 100 * inputs["du"]  # (t - r) du weighs in V
+    tensors = [inputs[name].requires_grad_() for name in names]
     loss, stats = getattr(imf_kernels, op)(*tensors, t, r, backend="torch")
-    truth = getattr(reference, op)(*(tensor.double() for tensor in tensors), t.double(), r.double())
+    (grad_u,) = torch.autograd.grad(loss, tensors[0])
+    tensors64 = [tensor.detach().double().requires_grad_() for tensor in tensors]
+    truth = getattr(reference, op)(*tensors64, t.double(), r.double())
+    (truth_grad_u,) = torch.autograd.grad(truth[0], tensors64[0])
     baseline = getattr(reference, op)(*tensors, t, r)
+    (baseline_grad_u,) = torch.autograd.grad(baseline[0], tensors[0])
     floor = {torch.float64: 1e-12, torch.bfloat16: FLOOR[torch.bfloat16]}[dtype]
     assert loss.dtype == loss_dtype and all(value.dtype == loss_dtype for value in stats.values())
     reference.check_parity("loss", loss, truth[0], baseline[0], floor)
     for name, value in stats.items():
         reference.check_parity(f"stats[{name}]", value, truth[1][name], baseline[1][name], floor)
+    reference.check_parity("grad_u", grad_u, truth_grad_u, baseline_grad_u, floor)
 
 
 # A batch above the Triton finish program's 256 samples (it loops), and samples of several chunks (17500 elements:
