@@ -69,6 +69,20 @@ def test_torch_and_triton_actually_run_here():
         assert dispatch.not_supported_reasons("triton", op, args) == [], family
 
 
+@pytest.mark.parametrize("family", list(SMALL_CALLS))
+def test_triton_refuses_a_device_it_cannot_run_in_words(family):
+    """A tensor on neither CUDA nor (with the interpreter) the CPU, e.g. the meta device, is refused by each
+    family's reasons (the attention family let meta tensors into the interpreter, which failed copying them)."""
+    op, args = SMALL_CALLS[family]
+    if importlib.util.find_spec(f"imf_kernels.triton.{family}") is None:
+        pytest.skip(f"no imf_kernels.triton.{family}")
+    meta = {name: value.to("meta") if isinstance(value, torch.Tensor) else value for name, value in args.items()}
+    reasons = dispatch.not_supported_reasons("triton", op, meta)
+    assert any("device meta needs CUDA" in reason for reason in reasons), reasons
+    with pytest.raises(ValueError, match="device meta needs CUDA"):
+        getattr(imf_kernels, op)(**meta, backend="triton")
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without a GPU")
 def test_a_gpu_only_backend_refuses_cpu_tensors_in_words():
     reason = dispatch.unavailable_reason("cuda")

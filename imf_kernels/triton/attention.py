@@ -594,7 +594,7 @@ def not_supported_reasons(op: str, args: dict) -> list[str]:
     if q.dtype not in dtypes:
         where = "the Triton interpreter" if interpreted else "triton"
         reasons.append(f"{op}: dtype {q.dtype} not supported by {where} (accepts {', '.join(map(str, dtypes))})")
-    if q.device.type != "cuda" and not interpreted:
+    if q.device.type != "cuda" and not (interpreted and q.device.type == "cpu"):
         reasons.append(f"{op}: device {q.device} needs CUDA (or TRITON_INTERPRET=1 for CPU tensors)")
     if q.shape[-1] not in HEAD_DIMS:
         reasons.append(f"{op}: head dim D={q.shape[-1]} not in {HEAD_DIMS} supported by triton")
