@@ -8,7 +8,11 @@ family module as their first argument, so the contract is written once:
 - `group_norm_act` and `attention` are ctx-free Functions (`forward`, `setup_context`, `jvp`), so they also
   work inside `torch.func.jvp` and `torch.autograd.forward_ad`;
 - the fused `*_jvp` ops save what the primal backward needs (x or q, k, v and mean/rstd or o/lse), nothing
-  for the tangent.
+  for the tangent;
+- first derivatives only: a backward runs the kernels once and records no graph, so a gradient taken with
+  create_graph=True cannot be differentiated again (GroupNorm's backward is `once_differentiable`);
+- under torch.compile each op runs inside the compiled function but breaks its graph (backend selection is
+  Python that dynamo does not trace: `tests/test_torch_compile.py`).
 A call with nothing for autograd to record (e.g. sampling under torch.no_grad) runs the Function's forward
 directly (`_apply`): the same outputs without Function.apply's per-call Python. The checks build no message
 unless one fails, and dispatch caches its selections, so a call costs microseconds before its launcher.
@@ -733,10 +737,11 @@ def group_norm_act_jvp(
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str | None = None) -> Tensor:
     """o = softmax(scale q k^T) v, q (B, H, Lq, D), k and v (B, H, Lk, D); scale 1/sqrt(D) by default.
 
-    q, k, v may have any strides: backends with STRIDED_INPUTS read them as they are (and lay o out like q),
-    the others get contiguous copies.
+    q, k, v may have any strides: backends with STRIDED_INPUTS read them as they are, the others get contiguous
+    copies. o is laid out like a contiguous q or a (B, H, D, Lq)-major one (a transposed view of a channels-first
+    map's pixels), which every backend keeps; for other layouts it may come contiguous.
 
-    Works under autograd, torch.func.jvp and torch.autograd.forward_ad.
+    Works under autograd (first derivatives), torch.func.jvp and torch.autograd.forward_ad.
     """
     op = "attention"
     args = dict(q=q, k=k, v=v, scale=scale)
