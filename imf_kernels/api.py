@@ -738,8 +738,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, ba
     """o = softmax(scale q k^T) v, q (B, H, Lq, D), k and v (B, H, Lk, D); scale 1/sqrt(D) by default.
 
     q, k, v may have any strides: backends with STRIDED_INPUTS read them as they are, the others get contiguous
-    copies. o is laid out like a contiguous q or a (B, H, D, Lq)-major one (a transposed view of a channels-first
-    map's pixels), which every backend keeps; for other layouts it may come contiguous.
+    copies. o is contiguous, or on backends with STRIDED_INPUTS laid out like a (B, H, D, Lq)-major q (a
+    transposed view of a channels-first map's pixels; triton keeps any layout of q).
 
     Works under autograd (first derivatives), torch.func.jvp and torch.autograd.forward_ad.
     """
