@@ -70,6 +70,8 @@ def _check_tensor(
         return value  # the anchor's dtype was accepted, and its shape is non-empty
     if not isinstance(value, Tensor):
         _fail(op, f"{name} must be a tensor {layout}, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        _fail(op, f"{name} must be a dense (strided) tensor, got layout {value.layout} (call .to_dense())")
     if shape is not None:
         ndim = len(shape)
     if ndim is not None and value.dim() != ndim:

@@ -364,6 +364,7 @@ def qkv(len_q=5, len_k=4, head_dim=8, **overrides):
 
 BAD_CALLS = [
     ("q rank", lambda: imf_kernels.attention(**qkv(q=torch.randn(3, 5, 8))), "q must be 4-D (B, H, Lq, D)"),
+    ("sparse k", lambda: imf_kernels.attention(**qkv(k=torch.randn(2, 3, 4, 8).to_sparse())), "k must be a dense"),
     ("k head dim", lambda: imf_kernels.attention(**qkv(k=torch.randn(2, 3, 4, 16))), "k must have shape"),
     ("v length", lambda: imf_kernels.attention(**qkv(v=torch.randn(2, 3, 6, 8))), "v must have shape"),
     (

@@ -615,6 +615,11 @@ BAD_CALLS = [
     ),
     ("x rank", lambda: imf_kernels.group_norm_act(torch.randn(3, 5), 1), "x must be 4-D (B, C, H, W)"),
     (
+        "sparse x",
+        lambda: imf_kernels.group_norm_act(torch.randn(1, 8, 2, 2).to_sparse(), 2),
+        "x must be a dense (strided) tensor, got layout torch.sparse_coo (call .to_dense())",
+    ),
+    (
         "groups",
         lambda: imf_kernels.group_norm_act(torch.randn(1, 40, 2, 2), 7),
         "num_groups=7 must divide the 40",
