@@ -593,6 +593,10 @@ class IMFNet(nn.Module):
         if not isinstance(cfg, ModelConfig):
             hint = " (a preset's model config is preset.model)" if hasattr(cfg, "model") else ""
             raise TypeError(f"IMFNet takes a ModelConfig{hint}, got {type(cfg).__name__}")
+        # its own copy, checked again: a preset's config may have been changed since it was made (get_preset's
+        # copies are the user's to modify), and changing it after this must not change the built model's
+        cfg = copy.deepcopy(cfg)
+        cfg.__post_init__()
         self.cfg = cfg
         d, hd = cfg.context_dim, cfg.head_dim
         chs = [cfg.width * m for m in cfg.channel_mult]

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from imf.checks import check_flag
-from imf.config import Preset, TrainConfig
+from imf.checks import check_flag, check_flags
+from imf.config import Preset, TrainConfig, get_preset
 from imf.distributed import DistInfo, all_mean, any_rank, full_tensors, shard_like, shard_optimizer_state, slice_rows
 from imf.model import Cond, IMFNet, ModelConfig, bf16_parameters
 from imf.objectives import to_device
@@ -814,35 +814,76 @@ def resumed_preset(saved: Preset, preset: Preset) -> Preset:
     return saved
 
 
+def check_resumed_preset(saved: Preset, preset: Preset, source: str) -> None:
+    """A CheckpointError naming every field of `preset` outside RESUMABLE that differs from the checkpoint's run
+    `saved` (old -> new): a resumed run continues the run the checkpoint describes."""
+    from imf.checkpoint import CheckpointError
+
+    resumable = {f"{part}.{name}" for part, name in RESUMABLE}
+
+    def fields(p: Preset) -> dict[str, Any]:
+        flat = {}
+        for key, value in preset_to_dict(p).items():
+            for name, inner in value.items() if isinstance(value, dict) else [(None, value)]:
+                flat[key if name is None else f"{key}.{name}"] = inner
+        return {key: value for key, value in flat.items() if key not in resumable}
+
+    old, new = fields(saved), fields(preset)
+    changed = [f"{key} ({old[key]!r} -> {new[key]!r})" for key in old if old[key] != new.get(key)]
+    if changed:
+        raise CheckpointError(
+            f"train: resume=True continues the run {source} describes; the preset's {', '.join(changed)} would "
+            "change it (pass preset=None to continue it as saved, or start a new run in another folder)"
+        )
+
+
 def train(
-    preset: Preset,
+    preset: Preset | str | None,
     out: str | os.PathLike,
     *,
     data_path: str | os.PathLike | None = None,
     data: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
     parallel: str = "ddp",
     skip_nonfinite: bool = False,
 ) -> RunResult:
-    """Trains `preset` until `preset.train.steps` total steps or `preset.train.minutes` of wall-clock, writing
-    checkpoints to `out` (every `checkpoint_every` steps and at the end) and sample grids to `out/samples`
-    (every `sample_every` steps and at the end). `resume` continues the checkpoint in `out` exactly. `data` gives
-    the (x, y) tensors in memory instead of reading `data_path`.
+    """Trains `preset` (a Preset or a preset's name) until `preset.train.steps` total steps or
+    `preset.train.minutes` of wall-clock, writing checkpoints to `out` (every `checkpoint_every` steps and at the
+    end) and sample grids to `out/samples` (every `sample_every` steps and at the end). `data` gives the (x, y)
+    tensors in memory instead of reading `data_path`.
+
+    `resume` continues the checkpoint in `out` exactly: with preset=None as saved (its own steps and minutes),
+    with a preset the knobs of imf.train.RESUMABLE (when it stops, how often it writes, how a step runs) from it,
+    and a CheckpointError if it differs from the saved run in any other field. Without `resume`, a folder that
+    holds a checkpoint is refused unless `overwrite` (which replaces the run's files there).
 
     Under `torchrun` every rank runs this: it joins the process group, trains its slice of each global batch
     (`parallel` "ddp" or "fsdp"), and only rank 0 logs and writes files. A checkpoint resumes on any world size.
     A NaN or inf loss raises `NonFiniteLossError` naming the step and the last good checkpoint, unless
     `skip_nonfinite`; SIGINT/SIGTERM end the run after the current step with a checkpoint (`stopped_by` says
     which signal)."""
-    from imf.checkpoint import load_checkpoint, read_history, save_checkpoint
+    from imf.checkpoint import MANIFEST, CheckpointError, load_checkpoint, read_history, save_checkpoint
     from imf.distributed import init_distributed, rank_device
     from imf.evaluate import class_omega_samples
     from imf.plots import save_sample_grid
 
     out = Path(out)
+    check_flags("train", resume=resume, overwrite=overwrite)
+    if isinstance(preset, str):
+        preset = get_preset(preset)
+    elif preset is None and not resume:
+        raise ValueError("train: preset is required (a Preset or a preset's name) unless resume=True")
+    elif preset is not None and not isinstance(preset, Preset):
+        raise TypeError(f"train: preset must be a Preset, a preset's name or None, got {type(preset).__name__}")
+    if not resume and not overwrite and (out / MANIFEST).is_file():
+        raise CheckpointError(
+            f"train: {out} already holds a checkpoint; pass resume=True to continue it, overwrite=True to replace "
+            "it, or another folder"
+        )
     dist = init_distributed(device)
     device = rank_device(device, dist)
     if not dist.is_main:
@@ -851,8 +892,18 @@ def train(
     last_good: tuple[Path, int] | None = None
     if resume:
         manifest, state = load_checkpoint(out)
-        saved = preset_from_dict(manifest["config"], f"checkpoint: {out}/checkpoint.json's config")
-        preset = resumed_preset(saved, preset)
+        source = f"checkpoint: {out}/checkpoint.json's config"
+        saved = preset_from_dict(manifest["config"], source)
+        if preset is None:
+            preset = saved
+        else:
+            check_resumed_preset(saved, preset, f"the checkpoint in {out}")
+            if preset.train.steps > saved.train.steps and saved.train.cooldown > 0:
+                log(
+                    f"note: steps {saved.train.steps} -> {preset.train.steps} with cooldown {saved.train.cooldown:g}: "
+                    "the learning rate follows the new schedule from here (a run past its cooldown rises again)"
+                )
+            preset = resumed_preset(saved, preset)
         history = read_history(out, manifest)
         last_good = (out, int(manifest["step"]))
     stream = make_stream(preset, data_path, device, data=data)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from imf.checkpoint import read_history
+from imf.checkpoint import CheckpointError, read_history, read_manifest
 from imf.config import TrainConfig, get_preset
 from imf.model import Cond, IMFNet
 from imf.objectives import IMFObjective, MeanFlowObjective
@@ -342,6 +342,70 @@ def test_train_writes_files_and_resumes_exactly_from_disk(tmp_path):
     assert resumed.history == whole.history  # every logged loss of steps 1..4, bit for bit
     for name, tensor in whole.trainer.ema.model.state_dict().items():
         assert torch.equal(resumed.trainer.ema.model.state_dict()[name], tensor), name
+
+
+def test_train_refuses_a_folder_with_a_checkpoint_unless_told(tmp_path):
+    """train() into a folder that holds a run replaced its checkpoint (the CLI refused; the library did not)."""
+    quiet = dict(progress=False, log=lambda _: None)
+    preset = tiny_digits()
+    preset.train.steps = 2
+    train(preset, tmp_path, **quiet)
+    before = (tmp_path / "model-00000002.safetensors").read_bytes()
+    preset.train.steps = 1
+    with pytest.raises(CheckpointError, match="already holds a checkpoint; pass resume=True .* overwrite=True"):
+        train(preset, tmp_path, **quiet)
+    assert (tmp_path / "model-00000002.safetensors").read_bytes() == before
+    result = train(preset, tmp_path, overwrite=True, **quiet)
+    assert result.trainer.step_count == 1 and read_manifest(tmp_path)["step"] == 1
+    assert not (tmp_path / "model-00000002.safetensors").exists()
+
+
+def test_resume_continues_the_saved_run_and_refuses_a_changed_one(tmp_path):
+    quiet = dict(progress=False, log=lambda _: None)
+    preset = tiny_digits()
+    preset.train.steps = 2
+    train(preset, tmp_path, **quiet)
+    preset.train.steps = 3  # as the preset: its own steps (resume=True with preset None: the saved run's)
+    assert train(preset, tmp_path, resume=True, **quiet).trainer.step_count == 3
+    result = train(None, tmp_path, resume=True, **quiet)  # finished at its own 3 steps: no step more
+    assert result.trainer.step_count == 3 and result.trainer.cfg.steps == 3
+    changed = tiny_digits()
+    changed.train.lr, changed.model.width = 5.0, 16
+    with pytest.raises(CheckpointError, match=r"model\.width \(8 -> 16\), train\.lr \(0\.001 -> 5\.0\)"):
+        train(changed, tmp_path, resume=True, **quiet)
+    with pytest.raises(ValueError, match="preset is required"):
+        train(None, tmp_path / "new", **quiet)
+
+
+def test_more_steps_after_a_cooldown_are_said(tmp_path):
+    """Resuming with more steps moves the cooldown: the learning rate rises from where it was (0 at the end of
+    a finished run), which the log says."""
+    preset = tiny_digits()
+    preset.train.steps, preset.train.cooldown = 2, 0.5
+    train(preset, tmp_path, progress=False, log=lambda _: None)
+    said = []
+    preset.train.steps = 4
+    train(preset, tmp_path, resume=True, progress=False, log=said.append)
+    assert any(line.startswith("note: steps 2 -> 4 with cooldown 0.5: the learning rate follows") for line in said)
+
+
+def test_train_takes_a_presets_name_and_checks_its_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset"):
+        train("nope", tmp_path, progress=False, log=lambda _: None)
+    with pytest.raises(TypeError, match="preset must be a Preset, a preset's name or None, got ModelConfig"):
+        train(tiny_digits().model, tmp_path, progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="resume must be True or False"):
+        train("digits", tmp_path, resume="yes", progress=False, log=lambda _: None)
+
+
+def test_imfnet_keeps_its_own_checked_copy_of_the_config():
+    preset = tiny_digits()
+    model = IMFNet(preset.model)
+    preset.model.num_classes = 3  # a second variant from the same preset must not change the first model
+    assert model.cfg.num_classes == 10 and model.cfg is not preset.model
+    preset.model.cross_attn_resolutions = (16,)  # set after construction: checked when a model is built
+    with pytest.raises(ValueError, match="cross_attn_resolutions"):
+        IMFNet(preset.model)
 
 
 def test_train_stops_at_the_wall_clock_limit(tmp_path):
