@@ -21,7 +21,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -328,6 +328,31 @@ def load_checkpoint(folder: str | os.PathLike, parts: tuple[str, ...] = _PARTS) 
         data.update({k[len("data.") :]: v for k, v in rng.items() if k.startswith("data.")})
         state["data"] = data or None
     return manifest, state
+
+
+class LoadedModel(NamedTuple):
+    model: torch.nn.Module  # an imf.model.IMFNet in eval mode
+    preset: Any  # the run's imf.config.Preset
+    manifest: dict[str, Any]
+
+
+WEIGHTS = ("ema", "model")
+
+
+def load_model(folder: str | os.PathLike, weights: str = "ema", device: torch.device | str = "cpu") -> LoadedModel:
+    """(model, preset, manifest) from a checkpoint folder: an IMFNet of the run's config holding its `weights`
+    ("ema", the averaged weights sampling and evaluation use, or "model", the raw trained ones), on `device`, in
+    eval mode. Reads only that weights file."""
+    from imf.model import IMFNet
+    from imf.train import preset_from_dict
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"load_model: weights must be one of {', '.join(map(repr, WEIGHTS))}, got {weights!r}")
+    manifest, state = load_checkpoint(folder, parts=(weights,))
+    preset = preset_from_dict(manifest["config"], f"checkpoint: {folder}/{MANIFEST}'s config")
+    model = IMFNet(preset.model)
+    load_weights(model, state[weights], f"{folder} ({weights} weights)")
+    return LoadedModel(model.to(device).eval(), preset, manifest)
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:

@@ -316,15 +316,9 @@ def _preset_with_overrides(args: argparse.Namespace):
 
 def _load_model(ckpt: str, weights: str, device):
     """(model on device in eval mode, preset, manifest) from a checkpoint folder."""
-    from imf.checkpoint import load_checkpoint, load_weights
-    from imf.model import IMFNet
-    from imf.train import preset_from_dict
+    from imf.checkpoint import load_model
 
-    manifest, state = load_checkpoint(ckpt, parts=(weights,))
-    preset = preset_from_dict(manifest["config"], f"checkpoint: {ckpt}/checkpoint.json's config")
-    model = IMFNet(preset.model)
-    load_weights(model, state[weights], f"{ckpt} ({weights} weights)")
-    return model.to(device).eval(), preset, manifest
+    return load_model(ckpt, weights, device)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -308,3 +308,20 @@ def test_a_save_encodes_only_the_rows_since_the_last(tmp_path, saved_state, monk
     save_at(tmp_path, saved_state, 1010, history + rows(range(1001, 1011)))
     assert encoded == [1000, *range(1001, 1011)]
     assert read_history(tmp_path) == history + rows(range(1001, 1011))
+
+
+def test_load_model_gives_the_runs_model_with_the_chosen_weights(tmp_path):
+    from imf.checkpoint import load_model
+
+    preset = tiny_preset()
+    trainer = new_trainer(preset)
+    trainer.step()
+    save_checkpoint(tmp_path, trainer.state_dict(), preset_to_dict(preset))
+    for weights, source in (("ema", trainer.ema.model), ("model", trainer.model)):
+        model, loaded_preset, manifest = load_model(tmp_path, weights)
+        assert not model.training and manifest["step"] == 1 and loaded_preset == preset
+        assert_same_tensors(model.state_dict(), source.state_dict())
+    ema, raw = (load_model(tmp_path, w).model.state_dict() for w in ("ema", "model"))
+    assert any(not torch.equal(ema[name], raw[name]) for name in ema)  # one step: the EMA lags the weights
+    with pytest.raises(ValueError, match="weights must be one of 'ema', 'model', got 'best'"):
+        load_model(tmp_path, "best")
