@@ -477,12 +477,16 @@ class Trainer:
         progress: bool = False,
         stop: Callable[[], bool] | None = None,
     ) -> list[dict]:
-        """Steps until `steps` more steps or `seconds` of wall-clock have passed (whichever comes first), or until
-        `stop()` (asked after each step) says so. `progress` shows a tqdm bar (rank 0 only) with the loss terms and
-        the throughput in images per second. `callback(trainer, metrics)` sees the trainer as that step left it
-        (pipelined too: the next step's loss and backward may be queued, its draws are not in `state_dict`)."""
+        """Steps until `steps` more steps (None: until `cfg.steps` in all) or `seconds` of wall-clock (None: no
+        limit) have passed, whichever comes first, or until `stop()` (asked after each step) says so. Writes no
+        files: `imf.train.train` adds checkpoints, sample grids and `cfg.minutes`. `progress` shows a tqdm bar
+        (rank 0 only) with the loss terms and the throughput in images per second. `callback(trainer, metrics)`
+        sees the trainer as that step left it (pipelined too: the next step's loss and backward may be queued, its
+        draws are not in `state_dict`)."""
         from tqdm.auto import tqdm
 
+        if steps is None:
+            steps = max(0, self.cfg.steps - self.step_count)
         history, start, done = [], time.perf_counter(), 0
         bar = tqdm(total=steps, disable=not progress or not self.dist.is_main, unit="step", dynamic_ncols=True)
 
@@ -565,7 +569,9 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything the next step depends on: weights, EMA, optimizer, step count, the objective's generator,
         the global RNG and the data stream's position (pipelined, inside `run`'s callback: before the draws of the
-        step whose loss and backward are queued, which a resume draws again)."""
+        step whose loss and backward are queued, which a resume draws again). The weight, EMA and optimizer
+        tensors are the trainer's own (as `nn.Module.state_dict`'s), the rest copies: save it (`save_checkpoint`)
+        or clone it before the next step to keep this step's state."""
         draws = self._in_flight_draws if self._in_flight_draws is not None else self._draw_state()
         return {  # under FSDP2 the shards are gathered into whole tensors (call on every rank)
             "model": full_tensors(self.model.state_dict()),
@@ -884,6 +890,14 @@ def train(
             f"train: {out} already holds a checkpoint; pass resume=True to continue it, overwrite=True to replace "
             "it, or another folder"
         )
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"train: device must be a torch device or its name (cpu, cuda, cuda:1), got {device!r}"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train: device {device}, but no CUDA device is visible here (torch.cuda.is_available())")
     dist = init_distributed(device)
     device = rank_device(device, dist)
     if not dist.is_main:

@@ -277,6 +277,9 @@ def test_run_stops_at_steps_or_seconds():
     assert [h["step"] for h in history] == [1, 2, 3]
     history = trainer.run(steps=100, seconds=1e-9)  # the clock is checked before each step
     assert history == [] and trainer.step_count == 3
+    trainer.cfg.steps = 5
+    assert [h["step"] for h in trainer.run()] == [4, 5]  # no steps given: to cfg.steps in all (it ran forever)
+    assert trainer.run() == [] and trainer.step_count == 5
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
@@ -574,3 +577,12 @@ def test_cuda_graph_training_follows_the_eager_static_rows_training(backend, bf1
     assert len(set(losses)) == 5  # each step its own batch and draws
     moved = max(((p.detach() - s).norm() / s.norm()).item() for p, s in zip(model.parameters(), start, strict=True))
     assert moved > 1e-3  # the replays ran on weights well away from those at the capture
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_train_names_a_device_it_cannot_use(tmp_path):
+    with pytest.raises(ValueError, match="device cuda, but no CUDA device is visible here"):
+        train(tiny_digits(), tmp_path, device="cuda", progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="device must be a torch device or its name .* got 'gpu'"):
+        train(tiny_digits(), tmp_path, device="gpu", progress=False, log=lambda _: None)
+    assert not (tmp_path / "checkpoint.json").exists()
