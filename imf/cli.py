@@ -531,6 +531,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "note: this is a flow-matching run, which trains the v-head only: the rows above sample its untrained "
             "u-head; its v-head row (--v-head-steps) is what it learned"
         )
+    if preset.objective == "mf" and "v_head_euler" in result:
+        print("note: a MeanFlow run trains u only: the v-head row samples its untrained aux v-head")
     print(f"wrote {out / 'metrics.json'} and {out / 'quality.png'}")
     return 0
 

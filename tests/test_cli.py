@@ -236,3 +236,12 @@ def test_eval_of_a_flow_matching_run_says_which_rows_it_learned(env, tmp_path):
     done = imf(env, "eval", "--ckpt", out, "--omegas", 1, "--n", 4, "--v-head-steps", 2, "--out", tmp_path / "e")
     assert done.returncode == 0, done.stderr
     assert "note: this is a flow-matching run, which trains the v-head only" in done.stdout
+
+
+def test_eval_of_a_meanflow_run_says_its_v_head_is_untrained(env, tmp_path):
+    out = tmp_path / "mf"
+    done = imf(env, "train", "--objective", "mf", "--steps", 1, *TINY, "--out", out, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    done = imf(env, "eval", "--ckpt", out, "--omegas", 1, "--n", 4, "--v-head-steps", 2, "--out", tmp_path / "e")
+    assert done.returncode == 0, done.stderr
+    assert "note: a MeanFlow run trains u only: the v-head row samples its untrained aux v-head" in done.stdout

@@ -94,6 +94,15 @@ def test_digits_metrics_of_known_samples(classifier):
     assert "v_head_euler" not in result
 
 
+def test_a_model_of_more_classes_is_asked_for_the_digits_classes_only(classifier):
+    """A model of 12 classes: its samples are drawn for classes 0-9 (ids 10, 11 were scored against the digits
+    classifier's 10 classes)."""
+    seen = []
+    model = FieldModel(u=lambda z, c: (seen.append(c.y.clone()), z)[1], num_classes=12)
+    evaluate_digits(model, omegas=[1.0], n=24, v_head_steps=0, classifier=classifier)
+    assert torch.equal(seen[0], torch.arange(24) % 10)
+
+
 def test_digits_v_head_sample_is_evaluated(classifier):
     x_test, _ = load_digits_tensor("test")
     n = 40
