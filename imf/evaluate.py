@@ -76,9 +76,10 @@ def _balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 
 
 def _check_evaluation(
-    name: str, model: nn.Module, image_shape: tuple, num_classes: int, omegas: Sequence[float], n: int
+    name: str, model: nn.Module, image_shape: tuple, num_classes: int, omegas: Sequence[float], n: int, seed: int
 ) -> None:
-    """The model fits the evaluation's data (its image shape, at least its classes), n >= 2, omegas given."""
+    """The model fits the evaluation's data (its image shape, at least its classes), n >= 2, omegas given, an int
+    seed."""
     cfg = model.cfg
     got = (cfg.image_channels, cfg.image_size, cfg.image_size)
     if got != tuple(image_shape) or cfg.num_classes < num_classes:
@@ -87,6 +88,8 @@ def _check_evaluation(
             f"(the data's), got {got} and {cfg.num_classes}"
         )
     check_int(name, "n", n, 2, " (a covariance needs two samples)")
+    if type(seed) is not int:
+        raise ValueError(f"{name}: seed must be an int, got {seed!r}")
     try:
         count = len(omegas)
     except TypeError:
@@ -111,7 +114,7 @@ def evaluate_digits(
     from imf.data import load_digits_tensor
     from imf.metrics import DigitsClassifier, digits_metrics, real_data_floor
 
-    _check_evaluation("evaluate_digits", model, (1, 8, 8), 10, omegas, n)
+    _check_evaluation("evaluate_digits", model, (1, 8, 8), 10, omegas, n, seed)
     for omega in omegas:
         check_guidance(omega, interval)
     classifier = classifier if classifier is not None else DigitsClassifier.pretrained()
@@ -159,7 +162,7 @@ def evaluate_gauss(
     from imf.gauss import GaussClasses, one_step_error, relative_error, u_error
 
     data = GaussClasses.from_digits()
-    _check_evaluation("evaluate_gauss", model, data.image_shape, data.num_classes, omegas, n)
+    _check_evaluation("evaluate_gauss", model, data.image_shape, data.num_classes, omegas, n, seed)
     for omega in omegas:
         check_guidance(omega, interval)
     per_omega = [

@@ -316,6 +316,8 @@ class Trainer:
             raise TypeError(
                 f"Trainer: objective must be an objective object (imf.make_objective(name)), got {objective!r}"
             )
+        if dataclasses.is_dataclass(objective) and callable(getattr(objective, "__post_init__", None)):
+            objective.__post_init__()  # its settings' checks again: they may have been set after construction
         if not callable(next_batch):
             raise TypeError(f"Trainer: next_batch must be a function returning (x, y), got {type(next_batch).__name__}")
         if parallel not in PARALLEL_MODES:
@@ -429,7 +431,14 @@ class Trainer:
         """A step's first half: its batch and learning rate, the loss (averaged over the ranks) and the backward. It
         draws the step's data and randomness and updates no state."""
         self.train_model.train()
-        x, y = self.next_batch()
+        batch = self.next_batch()
+        if type(batch) is not tuple or len(batch) != 2:  # a bare tensor of 2 rows would unpack into "x" and "y"
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise TypeError(
+                    f"Trainer: next_batch() must return a pair (x, y), got {type(batch).__name__}"
+                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                )
+        x, y = batch
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step_count)
         if self.graphed is not None:  # zero_grad, the loss and the backward, replayed
@@ -659,7 +668,7 @@ def load_training_data(kind: str, path: str | os.PathLike | None = None, image_s
     if kind == "digits":
         return load_digits_tensor("train")
     if path is None:
-        raise DataError(f"data {kind!r} needs a path: pass --data PATH")
+        raise DataError(f"data {kind!r} needs a path: data_path (imf train --data PATH)")
     if kind == "folder":
         return load_image_folder(path, size=image_size)
     if kind == "tensors":
@@ -685,6 +694,8 @@ def make_stream(
             f"--data {data_path}: the {preset.name!r} preset trains on its built-in {preset.data} data; --data is "
             "read by the presets that load files (cifar: an image folder, latent-b: an .npz or .safetensors file)"
         )
+    if data is not None and data_path is not None:
+        raise DataError(f"pass data (tensors in memory) or data_path ({data_path}), not both")
     if preset.data == "gauss":
         if data is not None:
             raise DataError(f"data: the {preset.name!r} preset generates its gauss data; pass no data to it")
@@ -699,11 +710,12 @@ def make_stream(
     if tuple(x.shape[1:]) != want:
         raise DataError(
             f"data has shape (C, H, W) = {tuple(x.shape[1:])} but the {preset.name!r} model takes {want}; "
-            "use --channels/--image-size or another preset"
+            "set preset.model.image_channels / image_size (imf train --channels / --image-size) or use another preset"
         )
     if y is not None and int(y.max()) >= m.num_classes:
         raise DataError(
-            f"data has class id {int(y.max())} but the model has {m.num_classes} classes; pass --num-classes"
+            f"data has class id {int(y.max())} but the model has {m.num_classes} classes; set "
+            "preset.model.num_classes (imf train --num-classes)"
         )
     return DataStream(InfiniteLoader(x, y, preset.train.batch_size, generator), m.num_classes, device)
 

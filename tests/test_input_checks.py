@@ -200,6 +200,22 @@ def test_trainer_checks_a_config_changed_after_construction_and_its_own_options(
         Trainer(model, objective, stream, preset.train, skip_nonfinite=1)
 
 
+def test_trainer_checks_settings_changed_after_construction_and_what_next_batch_returns():
+    preset = get_preset("digits")
+    preset.model.width, preset.model.context_dim, preset.train.batch_size = 8, 16, 4
+    objective = make_objective("imf")
+    objective.omega_max = 0.5  # the sampler refuses omega < 1: training on it was silent
+    with pytest.raises(ValueError, match="IMFObjective: omega_max"):
+        Trainer(IMFNet(preset.model), objective, make_stream(preset), preset.train)
+    x = torch.randn(2, 1, 8, 8)
+    trainer = Trainer(IMFNet(preset.model), make_objective("imf"), lambda: x, preset.train)
+    with pytest.raises(TypeError, match=r"next_batch\(\) must return a pair \(x, y\), got Tensor"):
+        trainer.step()  # two rows: unpacked as "x" and "y" before
+    trainer = Trainer(IMFNet(preset.model), make_objective("imf"), lambda: (x, x, x), preset.train)
+    with pytest.raises(TypeError, match="got tuple of length 3"):
+        trainer.step()
+
+
 def tensor_preset():
     preset = get_preset("digits")
     preset.data = "tensors"
@@ -233,6 +249,18 @@ def test_in_memory_data_of_another_float_dtype_trains_as_float32():
 def test_the_gauss_preset_refuses_data_it_would_ignore():
     with pytest.raises(DataError, match="the 'gauss' preset generates its gauss data"):
         make_stream(get_preset("gauss"), data=(torch.randn(8, 1, 8, 8), torch.arange(8)))
+
+
+def test_data_that_does_not_fit_the_model_names_the_presets_fields(tmp_path):
+    x, y = torch.randn(16, 1, 8, 8), torch.arange(16) % 10
+    with pytest.raises(DataError, match=r"pass data \(tensors in memory\) or data_path .*, not both"):
+        make_stream(tensor_preset(), tmp_path / "x.npz", data=(x, y))  # the path was silently ignored
+    with pytest.raises(DataError, match="set preset.model.image_channels / image_size"):
+        make_stream(tensor_preset(), data=(torch.randn(16, 3, 8, 8), y))
+    with pytest.raises(DataError, match="class id 11 but the model has 10 classes; set preset.model.num_classes"):
+        make_stream(tensor_preset(), data=(x, y + 2))
+    with pytest.raises(DataError, match="needs a path: data_path"):
+        make_stream(tensor_preset())
 
 
 @pytest.fixture
@@ -281,6 +309,8 @@ def test_evaluations_check_the_model_fits_their_data():
         evaluate_digits(digits_model(), n=0)
     with pytest.raises(ValueError, match="evaluate_digits: omegas must be a non-empty sequence"):
         evaluate_digits(digits_model(), omegas=(), n=4)
+    with pytest.raises(ValueError, match="evaluate_digits: seed must be an int, got 'a'"):
+        evaluate_digits(digits_model(), n=4, seed="a")
     with pytest.raises(ValueError, match="class_omega_samples: classes and omegas must not be empty"):
         class_omega_samples(digits_model(), torch.randn(4, 1, 8, 8), [], [1.0])
 
