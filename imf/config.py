@@ -61,6 +61,8 @@ class Preset:
     model: ModelConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: str = "imf"
+    # settings of the objective (imf.make_objective(objective, **objective_options)), e.g. {"fm_fraction": 0.5}
+    objective_options: dict = field(default_factory=dict)
 
 
 def _presets() -> dict[str, Preset]:

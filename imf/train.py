@@ -741,6 +741,7 @@ def preset_from_dict(data: dict[str, Any], source: str = "config") -> Preset:
             model=ModelConfig(**data["model"]),
             train=TrainConfig(**data["train"]),
             objective=data["objective"],
+            objective_options=dict(data.get("objective_options", {})),  # absent before 2026-11-28: none
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{source} is not a preset this version reads: {error!r}") from None
@@ -763,6 +764,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_preset_objective(preset: Preset):
+    """The preset's objective with its settings (`Preset.objective_options`); a ValueError naming an option the
+    objective does not have or a value out of its range."""
+    from imf.objectives import make_objective
+
+    options = preset.objective_options
+    if not isinstance(options, dict):
+        raise ValueError(f"Preset: objective_options must be a dict of settings, got {type(options).__name__}")
+    try:
+        return make_objective(preset.objective, **options)
+    except TypeError:
+        from imf.objectives import OBJECTIVES
+
+        known = [f.name for f in dataclasses.fields(OBJECTIVES[preset.objective]) if f.name != "name"]
+        unknown = sorted(set(options) - set(known))
+        raise ValueError(
+            f"Preset: objective_options {unknown} are not settings of the {preset.objective!r} objective "
+            f"({', '.join(known)})"
+        ) from None
+
+
 def build_trainer(
     preset: Preset,
     stream: DataStream,
@@ -772,11 +794,9 @@ def build_trainer(
     parallel: str = "ddp",
     skip_nonfinite: bool = False,
 ) -> Trainer:
-    from imf.objectives import make_objective
-
     seed_everything(preset.train.seed)  # the same initial weights on every rank
     model = IMFNet(preset.model).to(device)
-    objective = make_objective(preset.objective)
+    objective = make_preset_objective(preset)
     generator = torch.Generator().manual_seed(preset.train.seed)
     return Trainer(
         model, objective, stream, preset.train, generator, dist=dist, parallel=parallel, skip_nonfinite=skip_nonfinite
@@ -847,7 +867,9 @@ def check_resumed_preset(saved: Preset, preset: Preset, source: str) -> None:
         return {key: value for key, value in flat.items() if key not in resumable}
 
     old, new = fields(saved), fields(preset)
-    changed = [f"{key} ({old[key]!r} -> {new[key]!r})" for key in old if old[key] != new.get(key)]
+    changed = [
+        f"{key} ({old.get(key)!r} -> {new.get(key)!r})" for key in {**old, **new} if old.get(key) != new.get(key)
+    ]
     if changed:
         raise CheckpointError(
             f"train: resume=True continues the run {source} describes; the preset's {', '.join(changed)} would "

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from imf.checkpoint import CheckpointError, read_history, read_manifest
+from imf.checkpoint import CheckpointError, load_model, read_history, read_manifest
 from imf.config import TrainConfig, get_preset
 from imf.model import Cond, IMFNet
 from imf.objectives import IMFObjective, MeanFlowObjective
-from imf.train import EMA, BF16Targets, Trainer, train
+from imf.train import EMA, BF16Targets, Trainer, build_trainer, make_stream, preset_from_dict, preset_to_dict, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -378,6 +378,35 @@ def test_resume_continues_the_saved_run_and_refuses_a_changed_one(tmp_path):
         train(changed, tmp_path, resume=True, **quiet)
     with pytest.raises(ValueError, match="preset is required"):
         train(None, tmp_path / "new", **quiet)
+
+
+def test_a_presets_objective_options_reach_the_trainer_and_the_checkpoint(tmp_path):
+    preset = tiny_digits()
+    preset.train.steps = 1
+    preset.objective_options = {"fm_fraction": 0.75, "omega_max": 4.0}
+    result = train(preset, tmp_path, progress=False, log=lambda _: None)
+    objective = result.trainer.objective
+    assert (objective.fm_fraction, objective.omega_max) == (0.75, 4.0)
+    assert read_manifest(tmp_path)["config"]["objective_options"] == {"fm_fraction": 0.75, "omega_max": 4.0}
+    loaded = load_model(tmp_path).preset
+    assert loaded.objective_options == preset.objective_options
+    changed = tiny_digits()
+    changed.train.steps, changed.objective_options = 2, {"fm_fraction": 0.5, "omega_max": 4.0}
+    with pytest.raises(CheckpointError, match=r"objective_options.fm_fraction \(0.75 -> 0.5\)"):
+        train(changed, tmp_path, resume=True, progress=False, log=lambda _: None)
+    bad = tiny_digits()
+    bad.objective_options = {"fm_fraction": 0.5, "cfg_omega": 2.0}
+    with pytest.raises(ValueError, match=r"objective_options \['cfg_omega'\] are not settings of the 'imf' objective"):
+        build_trainer(bad, make_stream(bad))
+    bad.objective_options = {"omega_max": 0.5}
+    with pytest.raises(ValueError, match="IMFObjective: omega_max"):
+        build_trainer(bad, make_stream(bad))
+
+
+def test_a_checkpoint_from_before_objective_options_reads_as_none():
+    config = preset_to_dict(tiny_digits())
+    del config["objective_options"]
+    assert preset_from_dict(config).objective_options == {}
 
 
 def test_more_steps_after_a_cooldown_are_said(tmp_path):
