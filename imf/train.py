@@ -432,12 +432,9 @@ class Trainer:
         draws the step's data and randomness and updates no state."""
         self.train_model.train()
         batch = self.next_batch()
-        if type(batch) is not tuple or len(batch) != 2:  # a bare tensor of 2 rows would unpack into "x" and "y"
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise TypeError(
-                    f"Trainer: next_batch() must return a pair (x, y), got {type(batch).__name__}"
-                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-                )
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):  # a bare 2-row tensor unpacks as x and y
+            length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+            raise TypeError(f"Trainer: next_batch() must return a pair (x, y), got {type(batch).__name__}{length}")
         x, y = batch
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step_count)
@@ -767,22 +764,20 @@ def seed_everything(seed: int) -> None:
 def make_preset_objective(preset: Preset):
     """The preset's objective with its settings (`Preset.objective_options`); a ValueError naming an option the
     objective does not have or a value out of its range."""
-    from imf.objectives import make_objective
+    from imf.objectives import OBJECTIVES, make_objective
 
     options = preset.objective_options
     if not isinstance(options, dict):
         raise ValueError(f"Preset: objective_options must be a dict of settings, got {type(options).__name__}")
-    try:
-        return make_objective(preset.objective, **options)
-    except TypeError:
-        from imf.objectives import OBJECTIVES
-
+    if preset.objective in OBJECTIVES:  # else make_objective names the objective
         known = [f.name for f in dataclasses.fields(OBJECTIVES[preset.objective]) if f.name != "name"]
         unknown = sorted(set(options) - set(known))
-        raise ValueError(
-            f"Preset: objective_options {unknown} are not settings of the {preset.objective!r} objective "
-            f"({', '.join(known)})"
-        ) from None
+        if unknown:
+            raise ValueError(
+                f"Preset: objective_options {unknown} are not settings of the {preset.objective!r} objective "
+                f"({', '.join(known)})"
+            )
+    return make_objective(preset.objective, **options)
 
 
 def build_trainer(
