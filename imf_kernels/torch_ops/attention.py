@@ -130,6 +130,10 @@ def attention_jvp_fwd(
     do.addcmul_(p_ds_t.sum(-2)[..., None], o_rows, value=-1)
     if dv is not None:
         do.add_(_times(p_t, dv.to(dtype), d_major))
+    if o.dtype == q.dtype:
+        # o itself, not o.to(q.dtype): torch 2.11's trace of the Function (torch.compile) took the no-op .to as an
+        # alias of the intermediate o and gave the alias o's gradient (compiled grad_q, grad_k, grad_v all zero)
+        return o, do, lse
     return o.to(q.dtype), do.to(q.dtype), lse
 
 

@@ -245,7 +245,12 @@ def gn_act_jvp_fwd(
     else:
         y, dy = h, dh
     stats = mean.view(batch, num_groups), rstd.view(batch, num_groups)
-    return _as(y.view(x.shape), x.dtype), _as(dy.view(dx.shape), x.dtype), *stats
+    dy = _as(dy.view(dx.shape), x.dtype)
+    if torch.compiler.is_compiling():
+        # torch 2.11 (fixed by 2.14): a traced autograd.Function whose non-differentiable output is a view of an
+        # intermediate failed in AOTAutograd ("element 1 of tensors does not require grad"): a fresh tensor
+        dy = dy.clone()
+    return _as(y.view(x.shape), x.dtype), dy, *stats
 
 
 def _unmodulated_bwd(
