@@ -640,10 +640,12 @@ class GaussBatches:
 
 class DataStream:
     """`stream()` -> (x, y) on `device`; rows without labels get the null class. Delegates its state to the
-    underlying `InfiniteLoader` or `GaussBatches`."""
+    underlying `InfiniteLoader` or `GaussBatches`, and says in it whether the data was given `in_memory`
+    (`train(..., data=...)`): a resume without those tensors would read the preset's own data instead."""
 
-    def __init__(self, source, num_classes: int, device: torch.device | str = "cpu"):
+    def __init__(self, source, num_classes: int, device: torch.device | str = "cpu", in_memory: bool = False):
         self.source, self.num_classes, self.device = source, num_classes, torch.device(device)
+        self.in_memory = in_memory
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = next(self.source)
@@ -652,9 +654,17 @@ class DataStream:
         return to_device(x, self.device), to_device(y, self.device)  # the host does not wait for the device
 
     def state_dict(self) -> dict[str, Any]:
-        return self.source.state_dict()
+        return {**self.source.state_dict(), "in_memory": self.in_memory}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from imf.data import DataError
+
+        state = dict(state)
+        if state.pop("in_memory", False) and not self.in_memory:  # absent in checkpoints before 2026-11-28
+            raise DataError(
+                "the checkpoint's run trained on tensors given in memory (train(..., data=(x, y))); pass the same "
+                "data to resume it (without them it would train on the preset's own data)"
+            )
         self.source.load_state_dict(state)
 
 
@@ -714,7 +724,8 @@ def make_stream(
             f"data has class id {int(y.max())} but the model has {m.num_classes} classes; set "
             "preset.model.num_classes (imf train --num-classes)"
         )
-    return DataStream(InfiniteLoader(x, y, preset.train.batch_size, generator), m.num_classes, device)
+    loader = InfiniteLoader(x, y, preset.train.batch_size, generator)
+    return DataStream(loader, m.num_classes, device, in_memory=data is not None)
 
 
 # --------------------------------------------------------------------------------------------------------

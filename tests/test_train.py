@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from imf.checkpoint import CheckpointError, load_model, read_history, read_manifest
 from imf.config import TrainConfig, get_preset
+from imf.data import DataError
 from imf.model import Cond, IMFNet
 from imf.objectives import IMFObjective, MeanFlowObjective
 from imf.train import EMA, BF16Targets, Trainer, build_trainer, make_stream, preset_from_dict, preset_to_dict, train
@@ -407,6 +408,24 @@ def test_a_checkpoint_from_before_objective_options_reads_as_none():
     config = preset_to_dict(tiny_digits())
     del config["objective_options"]
     assert preset_from_dict(config).objective_options == {}
+
+
+def test_a_run_on_tensors_in_memory_resumes_only_with_them(tmp_path):
+    """A run trained on data=(x, y) resumed without them read the preset's own data (digits: 1437 rows, as many as
+    these, so the loader's row-count check let it through): refused now, and resumed exactly with them."""
+    quiet = dict(progress=False, log=lambda _: None)
+    generator = torch.Generator().manual_seed(3)
+    data = (torch.rand(1437, 1, 8, 8, generator=generator) * 2 - 1, torch.randint(0, 10, (1437,), generator=generator))
+    preset = tiny_digits()
+    preset.train.steps = 2
+    whole = train(preset, tmp_path / "whole", data=data, **quiet)
+    preset.train.steps = 1
+    train(preset, tmp_path / "part", data=data, **quiet)
+    with pytest.raises(DataError, match=r"trained on tensors given in memory .* pass the same data to resume it"):
+        train(None, tmp_path / "part", resume=True, **quiet)
+    preset.train.steps = 2
+    resumed = train(preset, tmp_path / "part", resume=True, data=data, **quiet)
+    assert resumed.history == whole.history
 
 
 def test_more_steps_after_a_cooldown_are_said(tmp_path):
