@@ -185,7 +185,8 @@ def is_checkpoint_file(name: str) -> bool:
 
 # The files save_checkpoint writes (`model-00000400.safetensors`, `history-00000400.jsonl`) and atomic_write's
 # temporaries of them and of the manifest (`.model-00000400.safetensors.x1y2.tmp`, `.checkpoint.json.x1y2.tmp`).
-_PART_FILE = re.compile(rf"(?:(?:{'|'.join(_PARTS)})-\d{{8,}}\.safetensors|history-\d{{8,}}\.jsonl)")
+_HISTORY_FILE_NAME = re.compile(r"history-\d{8,}\.jsonl")
+_PART_FILE = re.compile(rf"(?:(?:{'|'.join(_PARTS)})-\d{{8,}}\.safetensors|{_HISTORY_FILE_NAME.pattern})")
 _TEMP_FILE = re.compile(rf"\.(?:{_PART_FILE.pattern}|{re.escape(MANIFEST)})\.[^.]+\.tmp")
 
 
@@ -224,9 +225,6 @@ def _continuation(folder: Path, history: list[dict]) -> tuple[dict | None, int]:
     if _history_line(history[count - 1]).decode() != last:
         return None, 0
     return record, count
-
-
-_HISTORY_FILE_NAME = re.compile(r"history-\d{8,}\.jsonl")
 
 
 def _write_history(folder: Path, previous: dict | None, rows: list[bytes], total: int, step: int) -> dict:

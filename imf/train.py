@@ -946,8 +946,7 @@ def train(
     last_good: tuple[Path, int] | None = None
     if resume:
         manifest, state = load_checkpoint(out)
-        source = f"checkpoint: {out}/checkpoint.json's config"
-        saved = preset_from_dict(manifest["config"], source)
+        saved = preset_from_dict(manifest["config"], f"checkpoint: {out}/{MANIFEST}'s config")
         if preset is None:
             preset = saved
         else:

@@ -74,9 +74,8 @@ def _flash_takes(q: Tensor, k: Tensor) -> bool:
     torch.compile trace (which the data-dependent check below would break), with no NaN in q. The kernel returns
     o = 0 and lse = 0 for a query row holding a NaN at a short context (torch 2.14, 4 keys; 20 or more gave NaN; a
     NaN in k or v, an inf anywhere come out NaN as in the reference): a silent zero a NaN check on the activations
-    misses. A NaN in q is seen in q's sum (~2 us
-    at the sizes the kernel takes; 5-20 us for isnan().any()); an inf + -inf sum sends a call to the written-out
-    path, which is right for any input."""
+    misses. A NaN in q is seen in q's sum (~2 us at the sizes the kernel takes; 5-20 us for isnan().any()); an
+    inf + -inf sum sends a call to the written-out path, which is right for any input."""
     return (
         q.device.type == "cpu"
         and q.numel() * k.shape[-2] <= FLASH_CPU_MAX_WORK
